@@ -1,0 +1,126 @@
+//! `LlamaAttention`: q/k/v projections, rotary embeddings, grouped KV heads (repeat_kv), causal
+//! scaled dot-product attention with a max-subtracted softmax, o_proj.
+//!
+//! Masking is causal only. That equals transformers with an `attention_mask` for RIGHT-padded
+//! batches: pads come after every real token, so no real position ever attends to a pad and the
+//! logits at real positions are identical (logits at pad positions differ and must be ignored;
+//! the loss ignores them through labels = -100). Left padding is not supported.
+
+use candle_core::{Device, Tensor, D};
+
+use crate::error::Result;
+use crate::mlp::Linear;
+use crate::rope::Rope;
+
+/// Keys and values of the positions seen so far, per layer: [b, kv_heads, past, head_dim].
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    pub kv: Option<(Tensor, Tensor)>,
+}
+
+impl LayerCache {
+    pub fn len(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear, // [heads * head_dim, hidden]
+    pub k_proj: Linear, // [kv_heads * head_dim, hidden]
+    pub v_proj: Linear, // [kv_heads * head_dim, hidden]
+    pub o_proj: Linear, // [hidden, heads * head_dim]
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// x: [b, t, hidden] at positions offset..offset+t (offset = tokens already in `cache`);
+    /// cos/sin: [t, head_dim]. Returns [b, t, hidden]. With a cache, the new k/v are appended.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        // [b, t, n*d] -> [b, n, t, d]; contiguous because candle's matmul wants plain strides.
+        let split = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(self.q_proj.forward(x)?, self.heads)?;
+        let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
+        let v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        let q = Rope::apply(&q, cos, sin)?;
+        let k = Rope::apply(&k, cos, sin)?;
+
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(cache) => {
+                let kv = match cache.kv.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                cache.kv = Some(kv.clone());
+                kv
+            }
+        };
+        let total = k.dim(2)?;
+        let k = repeat_kv(&k, self.heads / self.kv_heads)?; // [b, heads, total, d]
+        let v = repeat_kv(&v, self.heads / self.kv_heads)?;
+
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [b, heads, t, total]
+        let scores = scores.broadcast_add(&causal_mask(t, total, x.device())?)?;
+        let probs = softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // [b, heads, t, d]
+        let out = out.transpose(1, 2)?.contiguous()?.reshape((b, t, ()))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// [b, kv, T, d] -> [b, kv * n_rep, T, d], each kv head repeated n_rep times consecutively
+/// (query head h uses kv head h / n_rep), as transformers' `repeat_kv`.
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, t, d))?
+        .reshape((b, kv * n_rep, t, d))?)
+}
+
+/// [t, total] additive mask for t queries at positions total-t..total: -inf where key > query.
+fn causal_mask(t: usize, total: usize, device: &Device) -> Result<Tensor> {
+    let offset = total - t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j > i + offset {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, total), device)?)
+}
+
+/// Softmax over the last dim from primitives (candle-nn's fused softmax has no backward).
+/// The row max is subtracted for stability and detached: softmax is invariant to it, so it needs
+/// no gradient (and max's backward would otherwise route gradient to ties).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}

@@ -1,0 +1,372 @@
+//! `LlamaForCausalLM`: embed_tokens -> N x decoder layer -> norm -> lm_head, in f32.
+//!
+//! Parameters are `candle_core::Var`s named exactly as in the HF checkpoint and listed in HF
+//! `named_parameters()` order; the modules hold clones of the vars' tensors (same tensor ids), so
+//! `loss.backward()` yields a `GradStore` keyed by those vars, and optimizer updates through
+//! `Var::set` are seen by the next forward.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::attention::{Attention, LayerCache};
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::init::SplitMix64;
+use crate::mlp::{Linear, Mlp};
+use crate::norm::RmsNorm;
+use crate::rope::Rope;
+use crate::weights;
+
+/// transformers' default `max_shard_size` ("5GB", decimal).
+pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
+
+/// `LlamaDecoderLayer`: pre-norm residual blocks around attention and the MLP.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// x: [b, t, hidden] -> [b, t, hidden]
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let h =
+            (x + self
+                .self_attn
+                .forward(&self.input_layernorm.forward(x)?, cos, sin, cache)?)?;
+        Ok((&h
+            + self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+}
+
+/// The network over some set of weight tensors: the trainable vars, or detached copies for
+/// inference (see `generate`).
+#[derive(Debug, Clone)]
+pub struct Net {
+    embed_tokens: Tensor, // [vocab, hidden]
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear, // [vocab, hidden]; embed_tokens itself when tied
+    rope: Rope,
+}
+
+impl Net {
+    fn build(cfg: &LlamaConfig, get: &dyn Fn(&str) -> Tensor) -> Self {
+        let opt = |name: String, present: bool| present.then(|| get(&name));
+        let linear = |p: &str, bias: bool| {
+            Linear::new(get(&format!("{p}.weight")), opt(format!("{p}.bias"), bias))
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                let ab = cfg.attention_bias;
+                let mb = cfg.mlp_bias;
+                DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: linear(&format!("{p}.self_attn.q_proj"), ab),
+                        k_proj: linear(&format!("{p}.self_attn.k_proj"), ab),
+                        v_proj: linear(&format!("{p}.self_attn.v_proj"), ab),
+                        o_proj: linear(&format!("{p}.self_attn.o_proj"), ab),
+                        heads: cfg.num_attention_heads,
+                        kv_heads: cfg.kv_heads(),
+                        head_dim: cfg.head_dim(),
+                    },
+                    mlp: Mlp {
+                        gate_proj: linear(&format!("{p}.mlp.gate_proj"), mb),
+                        up_proj: linear(&format!("{p}.mlp.up_proj"), mb),
+                        down_proj: linear(&format!("{p}.mlp.down_proj"), mb),
+                    },
+                    input_layernorm: RmsNorm::new(
+                        get(&format!("{p}.input_layernorm.weight")),
+                        cfg.rms_norm_eps,
+                    ),
+                    post_attention_layernorm: RmsNorm::new(
+                        get(&format!("{p}.post_attention_layernorm.weight")),
+                        cfg.rms_norm_eps,
+                    ),
+                }
+            })
+            .collect();
+        let embed_tokens = get("model.embed_tokens.weight");
+        let head_name = if cfg.tie_word_embeddings {
+            "model.embed_tokens.weight"
+        } else {
+            "lm_head.weight"
+        };
+        Self {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::new(get("model.norm.weight"), cfg.rms_norm_eps),
+            lm_head: Linear::new(get(head_name), None),
+            rope: Rope::new(cfg),
+        }
+    }
+
+    /// input_ids: [b, t] (u32) at positions offset..offset+t, offset = length of `caches` (one per
+    /// layer) or 0 without. Returns logits [b, t, vocab].
+    pub fn forward(&self, input_ids: &Tensor, caches: Option<&mut [LayerCache]>) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let offset = caches
+            .as_ref()
+            .and_then(|c| c.first())
+            .map_or(0, |c| c.len());
+        // Embedding lookup as index_select, whose backward (index_add) candle records.
+        let ids = input_ids.flatten_all()?.to_dtype(DType::U32)?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, t, ()))?;
+        let (cos, sin) = self.rope.cos_sin(offset, t, input_ids.device())?;
+        match caches {
+            Some(caches) => {
+                for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+                    x = layer.forward(&x, &cos, &sin, Some(cache))?;
+                }
+            }
+            None => {
+                for layer in &self.layers {
+                    x = layer.forward(&x, &cos, &sin, None)?;
+                }
+            }
+        }
+        self.lm_head.forward(&self.norm.forward(&x)?)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+}
+
+/// Names and shapes of every parameter in HF `named_parameters()` order (lm_head omitted when
+/// tied: transformers lists a shared parameter once).
+pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (q, kv) = (
+        cfg.num_attention_heads * cfg.head_dim(),
+        cfg.kv_heads() * cfg.head_dim(),
+    );
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    let linear = |out: &mut Vec<_>, name: String, o: usize, inp: usize, bias: bool| {
+        out.push((format!("{name}.weight"), vec![o, inp]));
+        if bias {
+            out.push((format!("{name}.bias"), vec![o]));
+        }
+    };
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+        linear(&mut out, format!("{p}.self_attn.q_proj"), q, h, ab);
+        linear(&mut out, format!("{p}.self_attn.k_proj"), kv, h, ab);
+        linear(&mut out, format!("{p}.self_attn.v_proj"), kv, h, ab);
+        linear(&mut out, format!("{p}.self_attn.o_proj"), h, q, ab);
+        linear(&mut out, format!("{p}.mlp.gate_proj"), i, h, mb);
+        linear(&mut out, format!("{p}.mlp.up_proj"), i, h, mb);
+        linear(&mut out, format!("{p}.mlp.down_proj"), h, i, mb);
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    vars: Vec<(String, Var)>,
+    net: Net,
+}
+
+impl Llama {
+    /// Fresh weights from `seed`: normal(0, initializer_range) for every linear and embedding
+    /// weight, 1 for norm weights, 0 for biases (transformers' `_init_weights`). Parameters are
+    /// drawn in `named_parameters()` order, so the result depends only on (config, seed).
+    pub fn random(cfg: LlamaConfig, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        let mut rng = SplitMix64::new(seed);
+        let std = cfg.initializer_range;
+        let mut tensors = BTreeMap::new();
+        for (name, shape) in parameter_shapes(&cfg) {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else if name.ends_with(".bias") {
+                vec![0.0; n]
+            } else {
+                (0..n).map(|_| (rng.next_normal() * std) as f32).collect()
+            };
+            tensors.insert(name, Tensor::from_vec(values, shape, &Device::Cpu)?);
+        }
+        Self::from_tensors(cfg, tensors)
+    }
+
+    /// `dir/config.json` plus the safetensors checkpoint in `dir`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let (tensors, sources) = weights::load_dir_sourced(dir)?;
+        Self::from_tensors_at(cfg, tensors, dir, &sources)
+    }
+
+    /// Builds the model from named tensors (any float dtype; stored as f32 vars). Every expected
+    /// parameter must be present with its shape; unknown names are errors, except a tied
+    /// `lm_head.weight` and legacy `rotary_emb.inv_freq` buffers, which transformers also ignores.
+    pub fn from_tensors(cfg: LlamaConfig, tensors: BTreeMap<String, Tensor>) -> Result<Self> {
+        Self::from_tensors_at(cfg, tensors, Path::new("<tensors>"), &BTreeMap::new())
+    }
+
+    fn from_tensors_at(
+        cfg: LlamaConfig,
+        mut tensors: BTreeMap<String, Tensor>,
+        origin: &Path,
+        sources: &BTreeMap<String, PathBuf>,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        let file_of = |name: &str| sources.get(name).cloned().unwrap_or_else(|| origin.into());
+        let mut vars = Vec::new();
+        for (name, shape) in parameter_shapes(&cfg) {
+            let t = tensors.remove(&name).ok_or_else(|| Error::MissingTensor {
+                path: origin.to_path_buf(),
+                name: name.clone(),
+            })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    path: file_of(&name),
+                    name,
+                    expected: shape,
+                    found: t.dims().to_vec(),
+                });
+            }
+            let t = t
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?
+                .contiguous()?;
+            // detach: a fresh leaf, never sharing storage with the caller's tensor.
+            vars.push((name, Var::from_tensor(&t.detach())?));
+        }
+        if cfg.tie_word_embeddings {
+            tensors.remove("lm_head.weight");
+        }
+        tensors.retain(|name, _| !name.ends_with("rotary_emb.inv_freq"));
+        if let Some(name) = tensors.into_keys().next() {
+            return Err(Error::UnexpectedTensor {
+                path: file_of(&name),
+                name,
+            });
+        }
+        let net = build_net(&cfg, &vars, false);
+        Ok(Self { cfg, vars, net })
+    }
+
+    /// Writes `config.json` and the weights in `dtype`, sharded at transformers' default 5 GB.
+    pub fn save(&self, dir: &Path, dtype: DType) -> Result<()> {
+        self.save_sharded(dir, dtype, Some(DEFAULT_MAX_SHARD_BYTES))
+    }
+
+    pub fn save_sharded(
+        &self,
+        dir: &Path,
+        dtype: DType,
+        max_shard_bytes: Option<usize>,
+    ) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+        let tensors: Vec<(String, Tensor)> = self
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
+        weights::save_dir(dir, &tensors, dtype, max_shard_bytes)?;
+        // Like transformers, record the dtype the weights were saved in.
+        let mut cfg = self.cfg.clone();
+        let name = match dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        };
+        cfg.extra.insert("torch_dtype".into(), name.into());
+        cfg.save(dir)
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// (HF name, var) in `named_parameters()` order.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.vars.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// input_ids: [b, t] (u32, right-padded) -> logits [b, t, vocab] f32, recording the graph for
+    /// `backward`. Causal mask only; see `attention` for why that is exact for right padding.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.net.forward(input_ids, None)
+    }
+
+    /// The network over detached copies of the weights (shared storage, no graph): inference
+    /// builds no backward graph and keeps no activations alive.
+    pub fn inference_net(&self) -> Net {
+        build_net(&self.cfg, &self.vars, true)
+    }
+
+    /// Grows (or truncates) the vocabulary as train.py's `smart_tokenizer_and_embedding_resize`:
+    /// each new row of embed_tokens is the mean of its old rows, and likewise, separately, for
+    /// lm_head (tied: only embed_tokens, which is also the head).
+    pub fn resize_token_embeddings(&mut self, new_vocab: usize) -> Result<()> {
+        let old_vocab = self.cfg.vocab_size;
+        if new_vocab == 0 {
+            return Err(Error::InvalidArgument("vocabulary size 0".into()));
+        }
+        if new_vocab == old_vocab {
+            return Ok(());
+        }
+        for (name, var) in self.vars.iter_mut() {
+            if name != "model.embed_tokens.weight" && name != "lm_head.weight" {
+                continue;
+            }
+            let old = var.as_tensor().detach();
+            let resized = if new_vocab < old_vocab {
+                old.narrow(0, 0, new_vocab)?.contiguous()?
+            } else {
+                let hidden = old.dim(1)?;
+                let mean = old.mean_keepdim(0)?; // [1, hidden]
+                let extra = mean.broadcast_as((new_vocab - old_vocab, hidden))?;
+                Tensor::cat(&[&old, &extra], 0)?.contiguous()?
+            };
+            *var = Var::from_tensor(&resized)?;
+        }
+        self.cfg.vocab_size = new_vocab;
+        self.net = build_net(&self.cfg, &self.vars, false);
+        Ok(())
+    }
+}
+
+fn build_net(cfg: &LlamaConfig, vars: &[(String, Var)], detached: bool) -> Net {
+    let by_name: BTreeMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    Net::build(cfg, &|name| {
+        let t = by_name
+            .get(name)
+            .unwrap_or_else(|| panic!("parameter {name} exists"))
+            .as_tensor();
+        if detached {
+            t.detach()
+        } else {
+            t.clone()
+        }
+    })
+}

@@ -1,0 +1,105 @@
+//! Config parsing, deterministic init, resize and loss edge cases.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use herd_model::loss::causal_lm_loss_sum;
+use herd_model::{Llama, LlamaConfig};
+
+#[test]
+fn config_accepts_legacy_and_list_forms() {
+    let json = r#"{"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "eos_token_id": [7, 8, 9],
+        "rope_scaling": {"type": "linear", "rope_type": "linear", "factor": 2.0}, "odd": 1}"#;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), json).unwrap();
+    let cfg = LlamaConfig::from_file(&dir.path().join("config.json")).unwrap();
+    assert_eq!(
+        (cfg.eos_token_id, cfg.kv_heads(), cfg.head_dim()),
+        (Some(7), 2, 4)
+    );
+    assert_eq!(cfg.rope_scaling.as_ref().unwrap().kind(), "linear");
+    cfg.save(dir.path()).unwrap();
+    let again = LlamaConfig::from_file(&dir.path().join("config.json")).unwrap();
+    assert_eq!(again, cfg);
+    assert_eq!(again.extra["odd"], 1);
+
+    let bad = json.replace("\"linear\"", "\"yarn\"");
+    std::fs::write(dir.path().join("config.json"), bad).unwrap();
+    assert!(LlamaConfig::from_file(&dir.path().join("config.json")).is_err());
+}
+
+#[test]
+fn random_init_is_deterministic_and_scaled() {
+    let a = Llama::random(common::tiny_config(false), 5).unwrap();
+    let b = Llama::random(common::tiny_config(false), 5).unwrap();
+    let c = Llama::random(common::tiny_config(false), 6).unwrap();
+    for (((name, va), (_, vb)), (_, vc)) in a.vars().iter().zip(b.vars()).zip(c.vars()) {
+        assert_eq!(common::max_abs_diff(va, vb), 0.0, "{name}");
+        let values: Vec<f32> = va.flatten_all().unwrap().to_vec1().unwrap();
+        if name.ends_with("norm.weight") {
+            assert!(values.iter().all(|&v| v == 1.0));
+        } else {
+            assert!(common::max_abs_diff(va, vc) > 0.0);
+            let n = values.len() as f64;
+            let std = (values.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n).sqrt();
+            assert!((std - 0.2).abs() < 0.03, "{name}: std {std}");
+        }
+    }
+}
+
+#[test]
+fn resize_appends_mean_rows() {
+    for tied in [false, true] {
+        let mut model = Llama::random(common::tiny_config(tied), 9).unwrap();
+        let before: Vec<Tensor> = model
+            .vars()
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        model.resize_token_embeddings(53).unwrap();
+        assert_eq!(model.config().vocab_size, 53);
+        for ((name, var), old) in model.vars().iter().zip(&before) {
+            if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+                assert_eq!(var.dims(), [53, 32]);
+                let mean = old.mean_keepdim(0).unwrap();
+                for row in 50..53 {
+                    let r = var.narrow(0, row, 1).unwrap();
+                    assert!(common::max_abs_diff(&r, &mean) < 1e-7, "{name} row {row}");
+                }
+                assert_eq!(
+                    common::max_abs_diff(&var.narrow(0, 0, 50).unwrap(), old),
+                    0.0
+                );
+            } else {
+                assert_eq!(common::max_abs_diff(var, old), 0.0, "{name}");
+            }
+        }
+        let logits = model.forward(&common::ids(&[&[1, 52, 51]])).unwrap();
+        assert_eq!(logits.dims(), [1, 3, 53]);
+    }
+}
+
+#[test]
+fn loss_ignores_masked_labels_and_counts() {
+    // Uniform logits: every counted token costs ln(vocab).
+    let logits = Tensor::zeros((2, 4, 10), DType::F32, &Device::Cpu).unwrap();
+    let labels = Tensor::new(&[[5i64, -100, 3, 4], [1, 2, -100, -100]], &Device::Cpu).unwrap();
+    let (sum, count) = causal_lm_loss_sum(&logits, &labels).unwrap();
+    assert_eq!(count, 3); // labels[:, 1:] != -100: 3, 4, 2
+    let sum = sum.to_scalar::<f32>().unwrap();
+    assert!((sum - 3.0 * (10f32).ln()).abs() < 1e-5);
+    let all_ignored = Tensor::new(&[[-100i64, -100]], &Device::Cpu).unwrap();
+    let (sum, count) = causal_lm_loss_sum(
+        &Tensor::zeros((1, 2, 10), DType::F32, &Device::Cpu).unwrap(),
+        &all_ignored,
+    )
+    .unwrap();
+    assert_eq!((sum.to_scalar::<f32>().unwrap(), count), (0.0, 0));
+    let out_of_range = Tensor::new(&[[0i64, 10]], &Device::Cpu).unwrap();
+    assert!(causal_lm_loss_sum(
+        &Tensor::zeros((1, 2, 10), DType::F32, &Device::Cpu).unwrap(),
+        &out_of_range
+    )
+    .is_err());
+}

@@ -1,0 +1,378 @@
+//! The job file schema. Keys are HF `TrainingArguments` names with HF's defaults, so a user moving
+//! from `torchrun train.py --learning_rate 2e-5 ...` writes the same names in YAML.
+//!
+//! Unknown keys and wrong types are errors with line and column (serde_yaml reports them; we add
+//! the file name). Values that parse but make no sense (batch size 0, negative lr) are rejected by
+//! [`JobSpec::validate`] with the key's name.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: key `{key}`: {reason}")]
+    Invalid { file: String, key: &'static str, reason: String },
+    #[error("{file}: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SchedulerType {
+    #[default]
+    Linear,
+    Cosine,
+    Constant,
+    ConstantWithWarmup,
+}
+
+impl SchedulerType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SchedulerType::Linear => "linear",
+            SchedulerType::Cosine => "cosine",
+            SchedulerType::Constant => "constant",
+            SchedulerType::ConstantWithWarmup => "constant_with_warmup",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SaveStrategy {
+    /// Save every `save_steps` optimizer steps (HF's default).
+    #[default]
+    Steps,
+    /// Never save intermediate checkpoints (the final model is still written).
+    No,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalStrategy {
+    #[default]
+    No,
+}
+
+fn d_epochs() -> f64 {
+    3.0
+}
+fn d_max_steps() -> i64 {
+    -1
+}
+fn d_batch() -> usize {
+    8
+}
+fn d_one() -> usize {
+    1
+}
+fn d_lr() -> f64 {
+    5e-5
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_grad_norm() -> f64 {
+    1.0
+}
+fn d_500() -> u64 {
+    500
+}
+fn d_max_len() -> usize {
+    512
+}
+fn d_seed() -> u64 {
+    42
+}
+
+/// One training job. Field names and defaults follow `transformers.TrainingArguments`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// A directory in HF layout: config.json, model.safetensors (or an index), tokenizer files.
+    pub model_name_or_path: PathBuf,
+    /// Alpaca-style JSON array or JSONL file.
+    pub data_path: PathBuf,
+    pub output_dir: PathBuf,
+    /// Tokenizer directory when it is not the model directory.
+    #[serde(default)]
+    pub tokenizer_name: Option<PathBuf>,
+    #[serde(default = "d_epochs")]
+    pub num_train_epochs: f64,
+    /// A positive value overrides `num_train_epochs` (HF: -1 means unset).
+    #[serde(default = "d_max_steps")]
+    pub max_steps: i64,
+    #[serde(default = "d_batch")]
+    pub per_device_train_batch_size: usize,
+    #[serde(default = "d_batch")]
+    pub per_device_eval_batch_size: usize,
+    #[serde(default = "d_one")]
+    pub gradient_accumulation_steps: usize,
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "d_eps")]
+    pub adam_epsilon: f64,
+    #[serde(default = "d_grad_norm")]
+    pub max_grad_norm: f64,
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default)]
+    pub lr_scheduler_type: SchedulerType,
+    #[serde(default = "d_500")]
+    pub logging_steps: u64,
+    #[serde(default)]
+    pub save_strategy: SaveStrategy,
+    #[serde(default = "d_500")]
+    pub save_steps: u64,
+    #[serde(default)]
+    pub save_total_limit: Option<usize>,
+    #[serde(default, alias = "evaluation_strategy")]
+    pub eval_strategy: EvalStrategy,
+    /// Alpaca train.py's maximum sequence length (tokens, bos included).
+    #[serde(default = "d_max_len")]
+    pub model_max_length: usize,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Train in bf16 with f32 master weights (GPU workers); the final model is written in bf16.
+    #[serde(default)]
+    pub bf16: bool,
+    #[serde(default)]
+    pub fp16: bool,
+    /// Skip (and count) malformed data records instead of failing the job.
+    #[serde(default)]
+    pub skip_bad_records: bool,
+    /// How many workers (ranks) the job runs on; `herd train` runs it in one process.
+    #[serde(default = "d_one")]
+    pub world_size: usize,
+    /// Restarts allowed after a rank failure (orchestrator).
+    #[serde(default = "d_max_restarts")]
+    pub max_restarts: u32,
+}
+
+fn d_max_restarts() -> u32 {
+    3
+}
+
+impl JobSpec {
+    /// Parse and validate YAML text. `file` names the source in messages.
+    pub fn from_yaml_str(text: &str, file: &str) -> Result<Self, JobError> {
+        let spec: JobSpec = serde_yaml::from_str(text).map_err(|e| JobError::Parse {
+            file: file.to_string(),
+            message: e.to_string(),
+        })?;
+        spec.validate(file)?;
+        Ok(spec)
+    }
+
+    /// Read, parse and validate a job file. Relative paths inside the job are resolved against
+    /// the current directory, as `torchrun train.py --data_path ...` would.
+    pub fn from_file(path: &Path) -> Result<Self, JobError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::from_yaml_str(&text, &file)
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("a JobSpec always serializes")
+    }
+
+    /// Checks that need no disk access.
+    pub fn validate(&self, file: &str) -> Result<(), JobError> {
+        let bad = |key: &'static str, reason: String| {
+            Err(JobError::Invalid { file: file.to_string(), key, reason })
+        };
+        let pos_finite = |x: f64| x.is_finite() && x > 0.0;
+        if self.per_device_train_batch_size == 0 {
+            return bad("per_device_train_batch_size", "must be at least 1".into());
+        }
+        if self.per_device_eval_batch_size == 0 {
+            return bad("per_device_eval_batch_size", "must be at least 1".into());
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad("gradient_accumulation_steps", "must be at least 1".into());
+        }
+        if self.world_size == 0 {
+            return bad("world_size", "must be at least 1".into());
+        }
+        if self.max_steps <= 0 && !pos_finite(self.num_train_epochs) {
+            return bad(
+                "num_train_epochs",
+                format!("must be a positive number when max_steps is unset, got {}", self.num_train_epochs),
+            );
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
+            return bad("learning_rate", format!("must be a finite number >= 0, got {}", self.learning_rate));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay", format!("must be >= 0, got {}", self.weight_decay));
+        }
+        for (key, v) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(key, format!("must be in [0, 1), got {v}"));
+            }
+        }
+        if !pos_finite(self.adam_epsilon) {
+            return bad("adam_epsilon", format!("must be > 0, got {}", self.adam_epsilon));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            return bad("max_grad_norm", format!("must be >= 0 (0 disables clipping), got {}", self.max_grad_norm));
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad("warmup_ratio", format!("must be in [0, 1], got {}", self.warmup_ratio));
+        }
+        if self.logging_steps == 0 {
+            return bad("logging_steps", "must be at least 1".into());
+        }
+        if self.save_strategy == SaveStrategy::Steps && self.save_steps == 0 {
+            return bad("save_steps", "must be at least 1 with save_strategy: steps".into());
+        }
+        if self.save_total_limit == Some(0) {
+            return bad("save_total_limit", "must be at least 1 (leave it out to keep every checkpoint)".into());
+        }
+        if self.model_max_length < 2 {
+            return bad("model_max_length", "must be at least 2 tokens".into());
+        }
+        if self.bf16 && self.fp16 {
+            return bad("fp16", "bf16 and fp16 cannot both be true".into());
+        }
+        Ok(())
+    }
+
+    /// Examples consumed by one optimizer step across all ranks.
+    pub fn global_batch_size(&self) -> usize {
+        self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+    }
+
+    /// HF's `TrainingArguments.get_warmup_steps`.
+    pub fn warmup_steps_for(&self, total_steps: u64) -> u64 {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (total_steps as f64 * self.warmup_ratio).ceil() as u64
+        }
+    }
+
+    /// Resolve the job's relative paths against `base` (the directory the job was submitted from).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for p in [&mut self.model_name_or_path, &mut self.data_path, &mut self.output_dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(t) = self.tokenizer_name.as_mut() {
+            if t.is_relative() {
+                *t = base.join(&*t);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "model_name_or_path: m\ndata_path: d.json\noutput_dir: out\n";
+
+    #[test]
+    fn defaults_follow_training_arguments() {
+        let j = JobSpec::from_yaml_str(MIN, "job.yaml").unwrap();
+        assert_eq!(j.num_train_epochs, 3.0);
+        assert_eq!(j.max_steps, -1);
+        assert_eq!(j.per_device_train_batch_size, 8);
+        assert_eq!(j.learning_rate, 5e-5);
+        assert_eq!((j.adam_beta1, j.adam_beta2, j.adam_epsilon), (0.9, 0.999, 1e-8));
+        assert_eq!(j.max_grad_norm, 1.0);
+        assert_eq!(j.lr_scheduler_type, SchedulerType::Linear);
+        assert_eq!(j.model_max_length, 512);
+        assert_eq!(j.seed, 42);
+        assert_eq!(j.save_total_limit, None);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let text = format!("{MIN}learning_rat: 2e-5\n");
+        let err = JobSpec::from_yaml_str(&text, "job.yaml").unwrap_err().to_string();
+        assert!(err.starts_with("job.yaml: "), "{err}");
+        assert!(err.contains("unknown field `learning_rat`"), "{err}");
+        assert!(err.contains("line 4 column 1"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_column() {
+        let text = format!("{MIN}per_device_train_batch_size: four\n");
+        let err = JobSpec::from_yaml_str(&text, "j.yaml").unwrap_err().to_string();
+        assert!(err.contains("per_device_train_batch_size"), "{err}");
+        assert!(err.contains("line 4 column"), "{err}");
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let err = JobSpec::from_yaml_str("data_path: d\noutput_dir: o\n", "j.yaml").unwrap_err().to_string();
+        assert!(err.contains("missing field `model_name_or_path`"), "{err}");
+    }
+
+    #[test]
+    fn nonsense_values_are_refused_with_the_key() {
+        for (extra, key) in [
+            ("per_device_train_batch_size: 0", "per_device_train_batch_size"),
+            ("world_size: 0", "world_size"),
+            ("learning_rate: -1.0", "learning_rate"),
+            ("warmup_ratio: 1.5", "warmup_ratio"),
+            ("save_total_limit: 0", "save_total_limit"),
+            ("adam_beta2: 1.0", "adam_beta2"),
+            ("num_train_epochs: 0", "num_train_epochs"),
+        ] {
+            let err = JobSpec::from_yaml_str(&format!("{MIN}{extra}\n"), "j.yaml").unwrap_err();
+            assert!(matches!(err, JobError::Invalid { key: k, .. } if k == key), "{extra}");
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn scheduler_names_are_hf_names() {
+        for name in ["linear", "cosine", "constant", "constant_with_warmup"] {
+            let j = JobSpec::from_yaml_str(&format!("{MIN}lr_scheduler_type: {name}\n"), "j").unwrap();
+            assert_eq!(j.lr_scheduler_type.as_str(), name);
+        }
+        assert!(JobSpec::from_yaml_str(&format!("{MIN}lr_scheduler_type: cosine_with_restarts\n"), "j").is_err());
+    }
+
+    #[test]
+    fn warmup_ratio_rounds_up_like_hf() {
+        let j = JobSpec::from_yaml_str(&format!("{MIN}warmup_ratio: 0.03\n"), "j").unwrap();
+        assert_eq!(j.warmup_steps_for(100), 3);
+        assert_eq!(j.warmup_steps_for(2436), 74);
+        let j = JobSpec::from_yaml_str(&format!("{MIN}warmup_ratio: 0.03\nwarmup_steps: 5\n"), "j").unwrap();
+        assert_eq!(j.warmup_steps_for(100), 5);
+    }
+
+    #[test]
+    fn yaml_round_trip() {
+        let j = JobSpec::from_yaml_str(&format!("{MIN}evaluation_strategy: \"no\"\nbf16: true\n"), "j").unwrap();
+        let back = JobSpec::from_yaml_str(&j.to_yaml(), "j").unwrap();
+        assert_eq!(j, back);
+    }
+}

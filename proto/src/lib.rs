@@ -1,0 +1,11 @@
+//! `herd-proto`: what crosses a process boundary in herd. Today that is the job file: one YAML
+//! document per job whose keys are named as Hugging Face `TrainingArguments` (plus Alpaca
+//! `train.py`'s `model_max_length`). With the orchestrator it also holds the gRPC messages, so the
+//! coordinator, the workers and the CLI validate a job the same way.
+//!
+//! Invariant: parsing and validation here are pure (no file system access beyond reading the job
+//! text the caller hands in); checks that need the disk (does `data_path` exist?) belong to callers.
+
+pub mod job;
+
+pub use job::{JobError, JobSpec, SaveStrategy, SchedulerType};

@@ -1,0 +1,73 @@
+//! `herd generate --model DIR`: answer an instruction with the Alpaca template.
+
+use anyhow::{Context, Result};
+use herd_model::generate::{generate, GenerateOptions};
+use herd_model::{Llama, Tokenizer};
+use herd_worker::data::{source_text, AlpacaRecord};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// A model directory in HF layout: an output_dir or a checkpoint-<step> folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The instruction; without it, one instruction per line is read from standard input.
+    #[arg(long)]
+    pub instruction: Option<String>,
+    /// Optional input (context) for the instruction.
+    #[arg(long)]
+    pub input: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// A model and its tokenizer, loaded for inference.
+pub struct Generator {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+}
+
+impl Generator {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let tokenizer = Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+        let model = Llama::load(dir).with_context(|| format!("loading the model in {}", dir.display()))?;
+        Ok(Generator { model, tokenizer })
+    }
+
+    /// The model's answer to an Alpaca record's instruction (and input).
+    pub fn answer(&self, rec: &AlpacaRecord, opts: &GenerateOptions) -> Result<String> {
+        let prompt = self.tokenizer.encode(&source_text(rec))?;
+        let ids = generate(&self.model, &prompt, self.tokenizer.eos_id(), opts)?;
+        Ok(self.tokenizer.decode(&ids, true)?.trim().to_string())
+    }
+}
+
+pub fn run(a: &GenerateArgs) -> Result<()> {
+    let g = Generator::load(&a.model)?;
+    let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed };
+    let ask = |instruction: String| -> Result<()> {
+        let rec = AlpacaRecord { instruction, input: a.input.clone(), output: String::new() };
+        println!("{}", g.answer(&rec, &opts)?);
+        Ok(())
+    };
+    match &a.instruction {
+        Some(i) => ask(i.clone()),
+        None => {
+            for line in std::io::stdin().lock().lines() {
+                let line = line.context("reading standard input")?;
+                if !line.trim().is_empty() {
+                    ask(line)?;
+                }
+            }
+            Ok(())
+        }
+    }
+}

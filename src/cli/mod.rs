@@ -1,0 +1,5 @@
+pub mod data;
+pub mod demo;
+pub mod generate;
+pub mod progress;
+pub mod train;

@@ -1,0 +1,54 @@
+//! `herd train JOB.yaml`: one process, rank 0 of 1. Ctrl-C or SIGTERM finishes the current step,
+//! writes a checkpoint and exits; running the same command again resumes there.
+
+use super::progress::Progress;
+use anyhow::{Context, Result};
+use herd_proto::JobSpec;
+use herd_worker::collective::SingleProcess;
+use herd_worker::trainer::{self, Outcome, RunOptions};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+pub fn load_job(path: &Path) -> Result<JobSpec> {
+    let job = JobSpec::from_file(path)?;
+    check_paths(&job)?;
+    Ok(job)
+}
+
+/// The checks that need the disk, done before any work so bad input costs nothing.
+pub fn check_paths(job: &JobSpec) -> Result<()> {
+    let cfg = job.model_name_or_path.join("config.json");
+    anyhow::ensure!(
+        cfg.is_file(),
+        "model_name_or_path {}: no config.json there (expected a model directory in Hugging Face layout)",
+        job.model_name_or_path.display()
+    );
+    anyhow::ensure!(
+        job.data_path.is_file(),
+        "data_path {}: no such file (expected an Alpaca JSON or JSONL file)",
+        job.data_path.display()
+    );
+    Ok(())
+}
+
+pub fn run(job_path: &Path, until_step: Option<u64>, progress: bool) -> Result<Outcome> {
+    let job = load_job(job_path)?;
+    run_job(&job, until_step, progress)
+}
+
+pub fn run_job(job: &JobSpec, until_step: Option<u64>, progress: bool) -> Result<Outcome> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
+    }
+    let opts = RunOptions { until_step, stop: Some(stop) };
+    let mut observer = Progress::new(progress);
+    let span = tracing::info_span!("job", output_dir = %job.output_dir.display(), rank = 0);
+    let _g = span.enter();
+    let outcome = trainer::run(job, &opts, &mut SingleProcess, &mut observer)?;
+    if let Outcome::Paused { step } = outcome {
+        eprintln!("stopped at step {step} with a checkpoint; run the same command to resume");
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,270 @@
+//! Checkpoints that describe themselves. A checkpoint is built in a staging directory, every file
+//! fsynced, then a manifest (files, sizes, sha256, step, world size) is written last and the
+//! directory renamed to `checkpoint-<step>`. "Latest" is the highest step whose manifest is valid,
+//! never the newest mtime; rotation (`save_total_limit`) runs only after a save succeeded and never
+//! deletes the newest complete checkpoint.
+
+use crate::error::{io_err, Error, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+pub const PREFIX: &str = "checkpoint-";
+pub const MANIFEST: &str = "herd_manifest.json";
+const FORMAT: &str = "herd-checkpoint-v1";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub step: u64,
+    pub world_size: usize,
+    pub files: Vec<FileEntry>,
+}
+
+pub fn checkpoint_dir(output_dir: &Path, step: u64) -> PathBuf {
+    output_dir.join(format!("{PREFIX}{step}"))
+}
+
+fn staging_dir(output_dir: &Path, step: u64) -> PathBuf {
+    output_dir.join(format!(".{PREFIX}{step}.partial"))
+}
+
+/// Write `bytes` to `path` atomically: temporary name beside it, fsync, rename, fsync the dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(bytes).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    sync_dir(dir)
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// Start a checkpoint: a fresh, empty staging directory (any leftover of a crashed save is removed).
+pub fn begin(output_dir: &Path, step: u64) -> Result<PathBuf> {
+    fs::create_dir_all(output_dir).map_err(io_err(output_dir))?;
+    let staging = staging_dir(output_dir, step);
+    if staging.exists() {
+        fs::remove_dir_all(&staging).map_err(io_err(&staging))?;
+    }
+    fs::create_dir_all(&staging).map_err(io_err(&staging))?;
+    Ok(staging)
+}
+
+fn sha256_file(path: &Path) -> Result<(u64, String)> {
+    let mut f = fs::File::open(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).map_err(io_err(path))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    let hex = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((n, hex))
+}
+
+/// Seal a staging directory: fsync its files, write the manifest last, rename into place.
+pub fn commit(output_dir: &Path, staging: &Path, step: u64, world_size: usize) -> Result<PathBuf> {
+    let mut names: Vec<String> = fs::read_dir(staging)
+        .map_err(io_err(staging))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != MANIFEST && !n.starts_with('.'))
+        .collect();
+    names.sort();
+    let mut files = Vec::with_capacity(names.len());
+    for name in names {
+        let p = staging.join(&name);
+        fs::File::open(&p).and_then(|f| f.sync_all()).map_err(io_err(&p))?;
+        let (bytes, sha256) = sha256_file(&p)?;
+        files.push(FileEntry { path: name, bytes, sha256 });
+    }
+    let manifest = Manifest { format: FORMAT.into(), step, world_size, files };
+    let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+    write_atomic(&staging.join(MANIFEST), &json)?;
+    let dest = checkpoint_dir(output_dir, step);
+    if dest.exists() {
+        // An earlier, possibly incomplete, save of the same step: the new one replaces it.
+        fs::remove_dir_all(&dest).map_err(io_err(&dest))?;
+    }
+    fs::rename(staging, &dest).map_err(io_err(&dest))?;
+    sync_dir(output_dir)?;
+    Ok(dest)
+}
+
+/// Read a checkpoint's manifest and check that every file it lists is there with its size;
+/// with `hashes`, also that the contents hash as recorded.
+pub fn verify(dir: &Path, hashes: bool) -> Result<Manifest> {
+    let bad = |reason: String| Error::Checkpoint { path: dir.to_path_buf(), reason };
+    let mpath = dir.join(MANIFEST);
+    let text = fs::read(&mpath).map_err(|e| bad(format!("no readable {MANIFEST} ({e}): the save did not complete")))?;
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| bad(format!("{MANIFEST} is not valid: {e}")))?;
+    if m.format != FORMAT {
+        return Err(bad(format!("unknown format {:?}", m.format)));
+    }
+    for f in &m.files {
+        let p = dir.join(&f.path);
+        let len = fs::metadata(&p).map_err(|e| bad(format!("{} is missing: {e}", f.path)))?.len();
+        if len != f.bytes {
+            return Err(bad(format!("{} has {len} bytes, the manifest says {}", f.path, f.bytes)));
+        }
+        if hashes {
+            let (_, h) = sha256_file(&p)?;
+            if h != f.sha256 {
+                return Err(bad(format!("{} does not match its sha256 in the manifest", f.path)));
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// Parse `checkpoint-<step>` names.
+pub fn parse_step(name: &str) -> Option<u64> {
+    name.strip_prefix(PREFIX)?.parse().ok()
+}
+
+/// Every `checkpoint-<step>` directory under `output_dir` with its step, ascending, complete or not.
+pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    if !output_dir.exists() {
+        return Ok(vec![]);
+    }
+    let mut out: Vec<(u64, PathBuf)> = fs::read_dir(output_dir)
+        .map_err(io_err(output_dir))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .filter_map(|e| parse_step(&e.file_name().to_string_lossy()).map(|s| (s, e.path())))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint (highest step with a valid manifest; contents hashed), skipping
+/// incomplete or corrupt ones with a warning.
+pub fn latest_complete(output_dir: &Path) -> Result<Option<(u64, PathBuf, Manifest)>> {
+    for (step, dir) in list(output_dir)?.into_iter().rev() {
+        match verify(&dir, true) {
+            Ok(m) if m.step == step => return Ok(Some((step, dir, m))),
+            Ok(m) => tracing::warn!(dir = %dir.display(), "manifest says step {}, skipping", m.step),
+            Err(e) => tracing::warn!("skipping incomplete checkpoint: {e}"),
+        }
+    }
+    Ok(None)
+}
+
+/// Which complete checkpoints `save_total_limit` removes: all but the newest `limit`. Pure; the
+/// newest is never among them.
+pub fn rotation_victims(complete_steps: &[u64], limit: Option<usize>) -> Vec<u64> {
+    let Some(limit) = limit else { return vec![] };
+    let mut steps = complete_steps.to_vec();
+    steps.sort_unstable();
+    steps.dedup();
+    let keep = limit.max(1);
+    let cut = steps.len().saturating_sub(keep);
+    steps[..cut].to_vec()
+}
+
+/// Apply `save_total_limit` after a successful save. Incomplete checkpoints older than the newest
+/// complete one are leftovers of crashes and are removed too.
+pub fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<Vec<u64>> {
+    let all = list(output_dir)?;
+    let complete: Vec<u64> = all.iter().filter(|(_, d)| verify(d, false).is_ok()).map(|(s, _)| *s).collect();
+    let Some(&newest) = complete.iter().max() else { return Ok(vec![]) };
+    let mut removed = vec![];
+    let victims = rotation_victims(&complete, limit);
+    for (step, dir) in &all {
+        let stale = !complete.contains(step) && *step < newest;
+        if victims.contains(step) || stale {
+            fs::remove_dir_all(dir).map_err(io_err(dir))?;
+            removed.push(*step);
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_the_newest_n() {
+        assert_eq!(rotation_victims(&[200, 400, 600], Some(1)), vec![200, 400]);
+        assert_eq!(rotation_victims(&[600, 200, 400], Some(2)), vec![200]);
+        assert_eq!(rotation_victims(&[200], Some(1)), Vec::<u64>::new());
+        assert_eq!(rotation_victims(&[200, 400], None), Vec::<u64>::new());
+        // Numeric, not lexicographic: checkpoint-1000 is newer than checkpoint-999.
+        assert_eq!(rotation_victims(&[999, 1000], Some(1)), vec![999]);
+    }
+
+    fn save(out: &Path, step: u64, body: &[u8]) -> PathBuf {
+        let st = begin(out, step).unwrap();
+        fs::write(st.join("model.safetensors"), body).unwrap();
+        commit(out, &st, step, 1).unwrap()
+    }
+
+    #[test]
+    fn latest_skips_incomplete_and_corrupt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path();
+        save(out, 2, b"two");
+        let four = save(out, 4, b"four");
+        // A crash mid-save of step 6: directory without manifest.
+        fs::create_dir_all(out.join("checkpoint-6")).unwrap();
+        fs::write(out.join("checkpoint-6/model.safetensors"), b"half").unwrap();
+        assert_eq!(latest_complete(out).unwrap().unwrap().0, 4);
+        // Bit rot in step 4: same size, other contents.
+        fs::write(four.join("model.safetensors"), b"FOUR").unwrap();
+        assert_eq!(latest_complete(out).unwrap().unwrap().0, 2);
+        // Truncation is caught without hashing.
+        fs::write(out.join("checkpoint-2/model.safetensors"), b"tw").unwrap();
+        assert!(verify(&out.join("checkpoint-2"), false).is_err());
+        assert!(latest_complete(out).unwrap().is_none());
+    }
+
+    #[test]
+    fn rotate_never_deletes_newest_and_cleans_stale() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path();
+        save(out, 1, b"a");
+        fs::create_dir_all(out.join("checkpoint-2")).unwrap(); // crashed save
+        save(out, 3, b"c");
+        let removed = rotate(out, Some(1)).unwrap();
+        assert_eq!(removed, vec![1, 2]);
+        assert_eq!(list(out).unwrap().iter().map(|x| x.0).collect::<Vec<_>>(), vec![3]);
+        // A crashed save newer than the newest complete one is left for resume to skip.
+        fs::create_dir_all(out.join("checkpoint-9")).unwrap();
+        assert_eq!(rotate(out, Some(1)).unwrap(), Vec::<u64>::new());
+        assert!(out.join("checkpoint-3").exists());
+    }
+
+    #[test]
+    fn manifest_lists_sizes_and_hashes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = save(tmp.path(), 7, b"abc");
+        let m = verify(&dir, true).unwrap();
+        assert_eq!(m.step, 7);
+        assert_eq!(m.files[0].bytes, 3);
+        assert_eq!(m.files[0].sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert!(!tmp.path().join(".checkpoint-7.partial").exists());
+    }
+}

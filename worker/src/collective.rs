@@ -1,0 +1,34 @@
+//! The gradient collective: how ranks combine what they computed. It works over flat f32 buffers
+//! so backends stay simple (single process now; a TCP ring for CPU workers and NCCL for GPUs plug
+//! in behind the same trait). The trainer sums token-NLL gradients and token counts across ranks,
+//! then divides by the global count: N ranks with batch b equal one rank with batch N·b.
+
+use crate::Result;
+
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Element-wise sum of `buf` across all ranks, in a fixed reduction order; every rank ends
+    /// with the same result.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+    fn name(&self) -> &'static str;
+}
+
+/// World size 1: the sum over one rank is the buffer itself.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn name(&self) -> &'static str {
+        "single-process"
+    }
+}

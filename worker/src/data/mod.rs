@@ -1,0 +1,103 @@
+//! The data pipeline of train.py, step by step: records (Alpaca JSON / JSONL) → prompt templates →
+//! token ids with the prompt masked out of the labels → right-padded batches; plus the epoch order
+//! (a pure function of seed and epoch), length statistics and a human-readable preview.
+//!
+//! Everything here is deterministic and free of I/O except [`records::load_records`].
+
+pub mod collate;
+pub mod encode;
+pub mod order;
+pub mod preview;
+pub mod records;
+pub mod stats;
+pub mod template;
+
+use std::path::PathBuf;
+
+pub use collate::{collate, Batch};
+pub use encode::{encode_alpaca, encode_alpaca_with_info, EncodeInfo, Example, IGNORE_INDEX};
+pub use order::epoch_permutation;
+pub use preview::{preview, render_example, PreviewOptions};
+pub use records::{load_records, AlpacaRecord, Loaded};
+pub use stats::{dataset_stats, DatasetStats, LengthStats};
+pub use template::{source_text, target_text, PROMPT_INPUT, PROMPT_NO_INPUT};
+
+/// Where in a data file something went wrong: the file, the 1-based record number and, for
+/// JSONL, the 1-based line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub path: PathBuf,
+    pub record: usize,
+    pub line: Option<usize>,
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: record {}", self.path.display(), self.record)?;
+        if let Some(line) = self.line {
+            write!(f, " (line {line})")?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything that can go wrong in the data pipeline, with enough context to fix the data.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file as a whole is not valid JSON (a JSON array file; JSONL errors are per record).
+    #[error("{path}: invalid JSON at line {line}, column {column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// One JSONL line is not valid JSON.
+    #[error("{at}: invalid JSON at column {column}: {message}")]
+    RecordSyntax {
+        at: Location,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: expected a JSON array of records or JSON Lines (one object per line), found {found}")]
+    NotRecords { path: PathBuf, found: String },
+    #[error("{at}: expected a JSON object with \"instruction\", \"output\" and optional \"input\", found {found}")]
+    NotAnObject { at: Location, found: String },
+    /// A field is missing or has the wrong type.
+    #[error("{at}: field \"{field}\" must be {expected}, found {found}")]
+    BadField {
+        at: Location,
+        field: &'static str,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("{path}: no usable records ({skipped} skipped)")]
+    Empty { path: PathBuf, skipped: usize },
+    #[error("the tokenizer has no eos token; the target text is output + eos (add the missing special tokens first)")]
+    NoEosToken,
+    #[error("max_len must be at least 1")]
+    ZeroMaxLen,
+    /// Tokenizing failed (the model crate's error, normally `Error::Tokenizer`).
+    #[error(transparent)]
+    Model(#[from] herd_model::Error),
+}
+
+impl DataError {
+    /// The location of a per-record error, if this is one.
+    pub fn location(&self) -> Option<&Location> {
+        match self {
+            DataError::RecordSyntax { at, .. }
+            | DataError::NotAnObject { at, .. }
+            | DataError::BadField { at, .. } => Some(at),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, DataError>;
