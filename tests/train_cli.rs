@@ -1,0 +1,110 @@
+//! `herd train` end to end: outputs in HF layout, checkpoint cadence and rotation, and resume
+//! after a stop or a SIGKILL ending with bit-identical weights.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+const STEPS: &str = "max_steps: 6\nsave_steps: 2\nsave_total_limit: 2\n";
+
+#[test]
+fn train_writes_hf_layout_history_and_rotates_checkpoints() {
+    let ws = Workspace::new(48);
+    let job = ws.job("job.yaml", "out", STEPS);
+    let out = ws.train(&job, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("added 1 special token"), "{stderr}");
+    let o = ws.path().join("out");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "trainer_state.json", "training_args.yaml"] {
+        assert!(o.join(f).is_file(), "missing {f}");
+    }
+    // The [PAD] token grew the vocabulary, as train.py's resize does.
+    let cfg: serde_json::Value = serde_json::from_slice(&read(o.join("config.json"))).unwrap();
+    let base: serde_json::Value = serde_json::from_slice(&read(ws.path().join("demo/model/config.json"))).unwrap();
+    assert_eq!(cfg["vocab_size"].as_u64().unwrap(), base["vocab_size"].as_u64().unwrap() + 1);
+    // save_total_limit 2 keeps the newest two of 2, 4, 6.
+    let mut ckpts: Vec<String> = std::fs::read_dir(&o)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    ckpts.sort();
+    assert_eq!(ckpts, vec!["checkpoint-4", "checkpoint-6"]);
+    for f in ["model.safetensors", "optimizer.safetensors", "scheduler.json", "trainer_state.json", "herd_manifest.json", "tokenizer.json"] {
+        assert!(o.join("checkpoint-6").join(f).is_file(), "checkpoint lacks {f}");
+    }
+    // log_history as HF writes it: one entry per logging step, then the summary.
+    let st = trainer_state(&o);
+    let hist = st["log_history"].as_array().unwrap();
+    assert_eq!(hist.len(), 7);
+    for (i, e) in hist[..6].iter().enumerate() {
+        assert_eq!(e["step"].as_u64().unwrap(), i as u64 + 1);
+        for k in ["loss", "learning_rate", "epoch", "grad_norm"] {
+            assert!(e[k].is_number(), "entry {i} lacks {k}: {e}");
+        }
+    }
+    assert_eq!(hist[0]["learning_rate"].as_f64().unwrap(), 0.0, "warmup starts at lr 0");
+    assert!(hist[6]["train_runtime"].is_number());
+    assert_eq!(st["global_step"].as_u64().unwrap(), 6);
+    // Training lowered the loss on this small set.
+    let first = hist[0]["loss"].as_f64().unwrap();
+    let last = hist[5]["loss"].as_f64().unwrap();
+    assert!(last < first, "loss went from {first} to {last}");
+}
+
+#[test]
+fn stop_and_resume_is_bit_identical() {
+    let ws = Workspace::new(48);
+    let full = ws.job("full.yaml", "full", STEPS);
+    ws.train(&full, &[]);
+    let parted = ws.job("parted.yaml", "parted", STEPS);
+    // First run stops after step 3 (a checkpoint is written there), the second resumes.
+    let out = ws.train(&parted, &["--until-step", "3"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped at step 3"));
+    assert!(!ws.path().join("parted/model.safetensors").exists(), "no final model before the end");
+    let out = ws.train(&parted, &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resumed at step 3"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(read(ws.path().join("full/model.safetensors")), read(ws.path().join("parted/model.safetensors")));
+    // The log history carries over the resume.
+    let a = trainer_state(&ws.path().join("full"));
+    let b = trainer_state(&ws.path().join("parted"));
+    let losses = |s: &serde_json::Value| -> Vec<f64> {
+        s["log_history"].as_array().unwrap().iter().filter_map(|e| e["loss"].as_f64()).collect()
+    };
+    assert_eq!(losses(&a), losses(&b));
+}
+
+#[test]
+fn sigkill_mid_run_then_rerun_matches_uninterrupted() {
+    let ws = Workspace::new(48);
+    let steps = "max_steps: 8\nsave_steps: 2\nsave_total_limit: 1\n";
+    let full = ws.job("full.yaml", "full", steps);
+    ws.train(&full, &[]);
+    let killed = ws.job("killed.yaml", "killed", steps);
+    let mut child = herd().current_dir(ws.path()).args(["train", "killed.yaml", "--no-progress"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // Kill it once the first checkpoint exists (mid-run, maybe mid-save).
+    let t0 = Instant::now();
+    while !ws.path().join("killed/checkpoint-2").exists() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!ws.path().join("killed/trainer_state.json").exists() || ws.path().join("killed/checkpoint-8").exists());
+    ws.train(&killed, &[]);
+    assert_eq!(read(ws.path().join("full/model.safetensors")), read(ws.path().join("killed/model.safetensors")));
+}
+
+#[test]
+fn incomplete_checkpoint_is_skipped_on_resume() {
+    let ws = Workspace::new(48);
+    let job = ws.job("job.yaml", "out", "max_steps: 4\nsave_steps: 2\n");
+    ws.train(&job, &["--until-step", "2"]);
+    // A crash while saving step 4 left a directory without a manifest.
+    let bogus = ws.path().join("out/checkpoint-4");
+    std::fs::create_dir_all(&bogus).unwrap();
+    std::fs::write(bogus.join("model.safetensors"), b"half a file").unwrap();
+    let out = ws.train(&job, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("resumed at step 2"), "{stderr}");
+    assert!(ws.path().join("out/model.safetensors").is_file());
+}
