@@ -10,7 +10,7 @@ use std::path::PathBuf;
 #[command(name = "herd", version, about = "Fine-tune LLaMA-family models: trainer, coordinator, workers")]
 struct Args {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG works too.
-    #[arg(long, global = true, default_value = "warn,herd=info,herd_worker=info")]
+    #[arg(long, global = true, default_value = "warn,herd=info,herd_worker=info,herd_coordinator=info")]
     log: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -37,6 +37,57 @@ enum Cmd {
     },
     /// The no-download demo: a tiny LLaMA learns simple instruction tasks on the CPU.
     Demo(cli::demo::DemoArgs),
+    /// Run a job on this machine: a private coordinator and N local workers (like torchrun --standalone).
+    Run(cli::run::RunArgs),
+    /// Serve the job and worker services (SQLite state in --state-dir).
+    Coordinator(cli::coordinator::CoordinatorArgs),
+    /// The worker daemon of one device: registers, heartbeats, runs assigned ranks.
+    Worker(cli::worker::WorkerArgs),
+    /// Submit a job file to the coordinator; prints the job id.
+    Submit {
+        job: PathBuf,
+        /// Override the job's world_size.
+        #[arg(long)]
+        world_size: Option<usize>,
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+    },
+    /// A job's status (all jobs without JOB): progress, ranks, restarts, why it waits.
+    Status {
+        job: Option<String>,
+        /// Follow the job until it ends (exit status: its result).
+        #[arg(long)]
+        watch: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+    },
+    /// List the coordinator's jobs.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+    },
+    /// Cancel a job (its ranks are stopped).
+    Cancel {
+        job: String,
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+    },
+    /// The last log lines of a job's rank.
+    Logs {
+        job: String,
+        #[arg(long, default_value_t = 0)]
+        rank: u32,
+        /// Lines to show.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: u32,
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,9 +120,31 @@ fn main() {
         Cmd::Generate(a) => cli::generate::run(&a),
         Cmd::Data { cmd: DataCmd::Preview { job, examples, tokens, color } } => cli::data::preview(&job, examples, tokens, color),
         Cmd::Demo(a) => cli::demo::run(&a),
+        Cmd::Run(a) => cli::run::run(&a),
+        Cmd::Coordinator(a) => cli::coordinator::run(&a),
+        Cmd::Worker(a) => cli::worker::run(&a),
+        Cmd::Submit { job, world_size, client } => cli::jobs::submit(&client, &job, world_size),
+        Cmd::Status { job, watch, json, client } => cli::jobs::status(&client, job.as_deref(), watch, json),
+        Cmd::List { json, client } => cli::jobs::list(&client, json),
+        Cmd::Cancel { job, client } => cli::jobs::cancel(&client, &job),
+        Cmd::Logs { job, rank, lines, client } => cli::jobs::logs(&client, &job, rank, lines),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", render_chain(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message before it already includes
+/// (library errors often embed their source in their own message).
+fn render_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
 }

@@ -6,6 +6,12 @@
 //! Invariant: parsing and validation here are pure (no file system access beyond reading the job
 //! text the caller hands in); checks that need the disk (does `data_path` exist?) belong to callers.
 
+pub mod auth;
 pub mod job;
 
 pub use job::{JobError, JobSpec, SaveStrategy, SchedulerType};
+
+/// The gRPC messages and services of `proto/herd.proto` (package `herd.v1`).
+pub mod pb {
+    tonic::include_proto!("herd.v1");
+}

@@ -1,5 +1,10 @@
+pub mod client;
+pub mod coordinator;
 pub mod data;
 pub mod demo;
 pub mod generate;
+pub mod jobs;
 pub mod progress;
+pub mod run;
 pub mod train;
+pub mod worker;

@@ -75,3 +75,129 @@ pub fn read(p: impl AsRef<Path>) -> Vec<u8> {
 pub fn trainer_state(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&read(dir.join("trainer_state.json"))).unwrap()
 }
+
+// ---------------------------------------------------------------- orchestrator helpers
+
+/// A `herd` command with no ambient coordinator address or token.
+pub fn herd_clean() -> Command {
+    let mut c = herd();
+    c.env_remove("HERD_TOKEN").env_remove("HERD_COORDINATOR");
+    c
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `herd coordinator` on loopback with short heartbeat timings; `port` 0 picks a free one.
+pub fn start_coordinator(dir: &Path, state: &Path, port: u16, heartbeat_timeout_s: f64) -> (Proc, String) {
+    use std::io::BufRead;
+    let log = dir.join(format!("coordinator-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    let mut child = herd_clean()
+        .current_dir(dir)
+        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
+        .arg(state)
+        .args(["--heartbeat-timeout-s", &heartbeat_timeout_s.to_string(), "--heartbeat-interval-ms", "200"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(a) = l.strip_prefix("herd coordinator listening on ") {
+                    break a.trim().to_string();
+                }
+            }
+            _ => panic!("coordinator did not start: {}", std::fs::read_to_string(&log).unwrap_or_default()),
+        }
+    };
+    (Proc { child, log }, addr)
+}
+
+/// `herd worker` for the coordinator at `addr`, reading the token from `state`.
+pub fn start_worker(dir: &Path, addr: &str, state: &Path, name: &str) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let child = herd_clean()
+        .current_dir(dir)
+        .args(["worker", "--coordinator", addr, "--collective-listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Proc { child, log }
+}
+
+/// A client command (`herd <args> --coordinator addr --state-dir state`).
+pub fn client(dir: &Path, addr: &str, state: &Path, args: &[&str]) -> Command {
+    let mut c = herd_clean();
+    c.current_dir(dir).args(args).args(["--coordinator", addr, "--state-dir"]).arg(state);
+    c
+}
+
+/// `herd status JOB --json` parsed.
+pub fn job_status(dir: &Path, addr: &str, state: &Path, job: &str) -> serde_json::Value {
+    let out = run_ok(&mut client(dir, addr, state, &["status", job, "--json"]));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Poll `cond` every 10 ms until it holds or `timeout` passes (then panic with `what`).
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Every f32 tensor of a safetensors file, by name.
+pub fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = read(path);
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let v = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            (name, v)
+        })
+        .collect()
+}
+
+/// The two models have the same tensors, equal within `rel` of each tensor's largest magnitude.
+pub fn assert_weights_close(a: &Path, b: &Path, rel: f32) {
+    let (ta, tb) = (tensors(a), tensors(b));
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
+    for (name, va) in &ta {
+        let vb = &tb[name];
+        assert_eq!(va.len(), vb.len(), "{name}");
+        let scale = va.iter().chain(vb.iter()).fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let diff = va.iter().zip(vb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= rel * scale, "{name}: max difference {diff} exceeds {rel} x {scale}");
+    }
+}

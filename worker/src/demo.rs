@@ -146,7 +146,9 @@ pub fn demo_config(vocab_size: usize) -> herd_model::Result<LlamaConfig> {
         "max_position_embeddings": 256,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "initializer_range": 0.02,
+        // Wider than HF's 0.02: at hidden 128 attention logits start non-trivial. Measured on the
+        // demo job (1 epoch): last logged loss 2.19 with 0.06 against 2.49 with 0.02.
+        "initializer_range": 0.06,
         "tie_word_embeddings": false,
         "attention_bias": false,
         "mlp_bias": false,

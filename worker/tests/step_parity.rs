@@ -145,3 +145,14 @@ fn lr_schedules_match_transformers() {
     }
     eprintln!("lr schedules: max |Δlr| {worst:.2e}");
 }
+
+#[test]
+fn weight_decay_groups_match_hf_trainer() {
+    let text = std::fs::read_to_string(fixtures().join("versions.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let hf: Vec<String> = serde_json::from_value(v["decay_parameters"].clone()).unwrap();
+    let step = load_step();
+    let model = resized_model(&step);
+    let ours: Vec<String> = model.vars().iter().map(|(n, _)| n.clone()).filter(|n| herd_worker::optim::decays(n)).collect();
+    assert_eq!(ours, hf);
+}

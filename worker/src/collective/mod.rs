@@ -5,6 +5,9 @@
 
 use crate::Result;
 
+mod tcp;
+pub use tcp::TcpRing;
+
 pub trait Collective: Send {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;

@@ -1,0 +1,192 @@
+//! Submit-time checks. A job that fails any of them is refused with INVALID_ARGUMENT naming the
+//! problem, and nothing is stored. They run outside the state lock (loading a data file can take
+//! a moment).
+
+use std::path::Path;
+
+use herd_proto::JobSpec;
+
+/// A job that passed every check: its spec with absolute paths, and that spec as YAML (what the
+/// assignments carry).
+#[derive(Debug, Clone)]
+pub struct ValidatedJob {
+    pub spec: JobSpec,
+    pub yaml: String,
+    pub source_name: String,
+    pub records: usize,
+}
+
+/// Why a job was refused (the message the client sees).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+impl From<Refusal> for tonic::Status {
+    fn from(r: Refusal) -> Self {
+        tonic::Status::invalid_argument(r.0)
+    }
+}
+
+/// Parse, validate, resolve paths against `base_dir`, and check the files the job names.
+pub fn validate_submission(
+    job_yaml: &str,
+    source_name: &str,
+    base_dir: &str,
+) -> Result<ValidatedJob, Refusal> {
+    let source = if source_name.trim().is_empty() {
+        "<submitted job>"
+    } else {
+        source_name
+    };
+    let mut spec = JobSpec::from_yaml_str(job_yaml, source).map_err(|e| Refusal(e.to_string()))?;
+    if !base_dir.is_empty() {
+        spec.resolve_paths(Path::new(base_dir));
+    }
+    let bad = |key: &str, msg: String| Err(Refusal(format!("{source}: `{key}`: {msg}")));
+    let mut paths = vec![
+        ("model_name_or_path", &spec.model_name_or_path),
+        ("data_path", &spec.data_path),
+        ("output_dir", &spec.output_dir),
+    ];
+    if let Some(t) = spec.tokenizer_name.as_ref() {
+        paths.push(("tokenizer_name", t));
+    }
+    for (key, p) in paths {
+        if p.is_relative() {
+            return bad(
+                key,
+                format!(
+                    "{} is relative and the submission has no absolute base_dir ({base_dir:?}) to resolve it against",
+                    p.display()
+                ),
+            );
+        }
+    }
+
+    let model = &spec.model_name_or_path;
+    if !model.is_dir() {
+        return bad(
+            "model_name_or_path",
+            format!("{} is not a directory", model.display()),
+        );
+    }
+    if !model.join("config.json").is_file() {
+        return bad(
+            "model_name_or_path",
+            format!(
+                "{} has no config.json (expected a Hugging Face model directory)",
+                model.display()
+            ),
+        );
+    }
+    if let Some(t) = spec.tokenizer_name.as_ref() {
+        if !t.is_dir() {
+            return bad(
+                "tokenizer_name",
+                format!("{} is not a directory", t.display()),
+            );
+        }
+    }
+    let data = &spec.data_path;
+    if !data.exists() {
+        return bad("data_path", format!("{} does not exist", data.display()));
+    }
+    if !data.is_file() {
+        return bad("data_path", format!("{} is not a file", data.display()));
+    }
+    let loaded = herd_worker::data::records::load_records(data, spec.skip_bad_records)
+        .map_err(|e| Refusal(format!("{source}: `data_path`: {e}")))?;
+    let n = loaded.records.len();
+    if spec.world_size > n {
+        return bad(
+            "world_size",
+            format!(
+                "{} workers are more than the {n} usable records in {}",
+                spec.world_size,
+                data.display()
+            ),
+        );
+    }
+    let global = spec.global_batch_size();
+    if n < global {
+        return bad(
+            "data_path",
+            format!(
+                "{} has {n} usable records, fewer than one global batch of {global} \
+                 (per_device_train_batch_size {} x gradient_accumulation_steps {} x world_size {})",
+                data.display(),
+                spec.per_device_train_batch_size,
+                spec.gradient_accumulation_steps,
+                spec.world_size
+            ),
+        );
+    }
+    if spec.output_dir.is_file() {
+        return bad(
+            "output_dir",
+            format!("{} is a file", spec.output_dir.display()),
+        );
+    }
+    let yaml = spec.to_yaml();
+    Ok(ValidatedJob {
+        spec,
+        yaml,
+        source_name: source.to_string(),
+        records: n,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().to_str().unwrap();
+        let model = dir.path().join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::write(
+            dir.path().join("d.json"),
+            r#"[{"instruction":"a","output":"b"},{"instruction":"c","output":"d"}]"#,
+        )
+        .unwrap();
+        let ok = "model_name_or_path: model\ndata_path: d.json\noutput_dir: out\nper_device_train_batch_size: 1\n";
+
+        let e = validate_submission(ok, "j.yaml", base).unwrap_err();
+        assert!(e.0.contains("no config.json"), "{e}");
+        std::fs::write(model.join("config.json"), "{}").unwrap();
+        let v = validate_submission(ok, "j.yaml", base).unwrap();
+        assert_eq!(v.records, 2);
+        assert!(v.spec.data_path.is_absolute());
+        assert!(v.yaml.contains(base));
+
+        let e = validate_submission(&format!("{ok}bogus: 1\n"), "j.yaml", base).unwrap_err();
+        assert!(
+            e.0.contains("j.yaml") && e.0.contains("bogus") && e.0.contains("line"),
+            "{e}"
+        );
+        let e = validate_submission(&format!("{ok}world_size: 0\n"), "j.yaml", base).unwrap_err();
+        assert!(e.0.contains("world_size"), "{e}");
+        let e = validate_submission(&format!("{ok}world_size: 3\n"), "j.yaml", base).unwrap_err();
+        assert!(
+            e.0.contains("3 workers are more than the 2 usable records"),
+            "{e}"
+        );
+        let e = validate_submission(
+            &format!("{ok}gradient_accumulation_steps: 3\n"),
+            "j.yaml",
+            base,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("fewer than one global batch of 3"), "{e}");
+        let e =
+            validate_submission(&ok.replace("d.json", "missing.json"), "j.yaml", base).unwrap_err();
+        assert!(e.0.contains("missing.json does not exist"), "{e}");
+        let e = validate_submission(ok, "j.yaml", "").unwrap_err();
+        assert!(e.0.contains("relative"), "{e}");
+        std::fs::write(dir.path().join("d.json"), "[{\"instruction\": 1}]").unwrap();
+        let e = validate_submission(ok, "j.yaml", base).unwrap_err();
+        assert!(e.0.contains("data_path"), "{e}");
+    }
+}

@@ -1,0 +1,284 @@
+//! What every client command shares: where the coordinator is, the token, a connected `Jobs`
+//! client, gRPC errors turned into plain messages, and the job status rendered for people.
+
+use anyhow::{anyhow, Context, Result};
+use herd_proto::auth;
+use herd_proto::pb::{self, jobs_client::JobsClient, JobState};
+use herd_worker::daemon::{authed, channel};
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7733";
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// The coordinator's address (host:port or URL).
+    #[arg(long, env = "HERD_COORDINATOR", default_value = DEFAULT_COORDINATOR, global = true)]
+    pub coordinator: String,
+    /// File holding the bearer token (default: env HERD_TOKEN, else <state-dir>/token).
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// A coordinator state directory to read the token from (`<dir>/token`).
+    #[arg(long, global = true)]
+    pub state_dir: Option<PathBuf>,
+    /// PEM CA certificate that signed a TLS coordinator's certificate (for https:// addresses).
+    #[arg(long, global = true)]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// The client token: `--token-file`, else `HERD_TOKEN`, else `<state-dir>/token`, else none
+/// (the call then goes out without one and the coordinator refuses it).
+pub fn client_token(token_file: Option<&std::path::Path>, state_dir: Option<&std::path::Path>) -> Result<Option<String>> {
+    if let Some(t) = auth::try_token_from_env_or_file(token_file).context("reading the token")? {
+        return Ok(Some(t));
+    }
+    if let Some(dir) = state_dir {
+        let p = auth::token_path(dir);
+        return auth::read_token_file(&p).map(Some).context("reading the token");
+    }
+    Ok(None)
+}
+
+pub struct Client {
+    pub jobs: JobsClient<Channel>,
+    pub token: Option<String>,
+    pub addr: String,
+}
+
+impl Client {
+    pub fn connect(args: &ClientArgs) -> Result<Client> {
+        let token = client_token(args.token_file.as_deref(), args.state_dir.as_deref())?;
+        let ca = match &args.tls_ca {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+            None => None,
+        };
+        let ch = channel(&args.coordinator, ca.as_deref())?;
+        Ok(Client { jobs: JobsClient::new(ch), token, addr: args.coordinator.clone() })
+    }
+
+    pub fn req<T>(&self, msg: T) -> Request<T> {
+        authed(self.token.as_deref(), msg)
+    }
+
+    /// Turn a gRPC error into a message that says what went wrong and what to do.
+    pub fn explain(&self, what: &str, s: Status) -> anyhow::Error {
+        explain(&self.addr, what, s)
+    }
+}
+
+pub fn explain(addr: &str, what: &str, s: Status) -> anyhow::Error {
+    let msg = s.message();
+    match s.code() {
+        Code::InvalidArgument => anyhow!("{what}: the coordinator refused it: {msg}"),
+        Code::Unauthenticated => anyhow!(
+            "{what}: unauthenticated: {msg} (pass --token-file, set HERD_TOKEN, or --state-dir of the coordinator)"
+        ),
+        Code::PermissionDenied => anyhow!("{what}: permission denied: {msg}"),
+        Code::NotFound => anyhow!("{what}: not found: {msg}"),
+        Code::Unavailable => anyhow!("{what}: cannot reach the coordinator at {addr}: {msg}"),
+        Code::DeadlineExceeded => anyhow!("{what}: the coordinator at {addr} did not answer in time"),
+        c => anyhow!("{what}: {c:?}: {msg}"),
+    }
+}
+
+pub fn state_name(s: i32) -> &'static str {
+    match JobState::try_from(s).unwrap_or(JobState::Unspecified) {
+        JobState::Unspecified => "UNKNOWN",
+        JobState::Queued => "QUEUED",
+        JobState::Running => "RUNNING",
+        JobState::Restarting => "RESTARTING",
+        JobState::Succeeded => "SUCCEEDED",
+        JobState::Failed => "FAILED",
+        JobState::Cancelled => "CANCELLED",
+    }
+}
+
+pub fn is_terminal(s: i32) -> bool {
+    matches!(
+        JobState::try_from(s).unwrap_or(JobState::Unspecified),
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled
+    )
+}
+
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+pub fn fmt_duration(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "?".into();
+    }
+    let s = secs.round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
+    }
+}
+
+/// Seconds to the end at the rate of the current attempt (None before two points are known).
+pub fn eta_s(st: &pb::JobStatus, now: f64) -> Option<f64> {
+    if st.total_steps == 0 || st.started_unix <= 0.0 || st.step >= st.total_steps {
+        return None;
+    }
+    // The attempt started at the last checkpoint when it is a restart, else at 0.
+    let base = if st.restarts > 0 { st.last_checkpoint_step.min(st.step) } else { 0 };
+    let done = st.step.saturating_sub(base);
+    if done == 0 {
+        return None;
+    }
+    let rate = (now - st.started_unix) / done as f64;
+    Some(rate * (st.total_steps - st.step) as f64)
+}
+
+/// The one-line progress: bar, step/total, loss, lr, tokens/s, ETA.
+pub fn progress_line(st: &pb::JobStatus, now: f64) -> String {
+    const W: usize = 30;
+    let frac = if st.total_steps > 0 { (st.step as f64 / st.total_steps as f64).min(1.0) } else { 0.0 };
+    let fill = (frac * W as f64).round() as usize;
+    let mut s = format!("[{}{}] {}/{}", "#".repeat(fill), "-".repeat(W - fill), st.step, if st.total_steps > 0 { st.total_steps.to_string() } else { "?".into() });
+    if let Some(m) = &st.last_metric {
+        s.push_str(&format!("  loss {:.4}  lr {:.3e}  {:.0} tok/s", m.loss, m.learning_rate, m.tokens_per_sec));
+    }
+    if let Some(eta) = eta_s(st, now) {
+        s.push_str(&format!("  ETA {}", fmt_duration(eta)));
+    }
+    s
+}
+
+/// The full status of a job for `herd status`.
+pub fn render_status(st: &pb::JobStatus, now: f64) -> String {
+    let mut out = format!(
+        "job {}  {}  world_size {}  restarts {}/{}\n",
+        st.job_id,
+        state_name(st.state),
+        st.world_size,
+        st.restarts,
+        st.max_restarts
+    );
+    out.push_str(&format!("  {}\n", progress_line(st, now)));
+    if !st.reason.is_empty() {
+        let label = match JobState::try_from(st.state).unwrap_or(JobState::Unspecified) {
+            JobState::Queued => "waiting",
+            JobState::Restarting => "restarting",
+            JobState::Failed => "failed",
+            _ => "reason",
+        };
+        out.push_str(&format!("  {label}: {}\n", st.reason));
+    }
+    for r in &st.ranks {
+        out.push_str(&format!(
+            "  rank {:>2}  {}  {}  step {}  heartbeat {:.1}s ago\n",
+            r.rank, r.worker_id, r.host, r.last_step, r.heartbeat_age_s
+        ));
+    }
+    for (i, r) in st.restart_reasons.iter().enumerate() {
+        out.push_str(&format!("  restart {}: {r}\n", i + 1));
+    }
+    if st.last_checkpoint_step > 0 {
+        out.push_str(&format!("  last checkpoint: step {}\n", st.last_checkpoint_step));
+    }
+    out.push_str(&format!("  output_dir: {}\n", st.output_dir));
+    if st.finished_unix > 0.0 && st.submitted_unix > 0.0 {
+        out.push_str(&format!("  finished {} after submission\n", fmt_duration(st.finished_unix - st.submitted_unix)));
+    }
+    out
+}
+
+/// A job status as JSON (`--json`), for scripts and tests.
+pub fn status_json(st: &pb::JobStatus) -> serde_json::Value {
+    let m = st.last_metric.as_ref().map(|m| {
+        serde_json::json!({
+            "step": m.step, "epoch": m.epoch, "loss": m.loss, "learning_rate": m.learning_rate,
+            "grad_norm": m.grad_norm, "tokens_per_sec": m.tokens_per_sec, "unix_time": m.unix_time,
+        })
+    });
+    serde_json::json!({
+        "job_id": st.job_id,
+        "state": state_name(st.state),
+        "reason": st.reason,
+        "world_size": st.world_size,
+        "step": st.step,
+        "total_steps": st.total_steps,
+        "restarts": st.restarts,
+        "max_restarts": st.max_restarts,
+        "restart_reasons": st.restart_reasons,
+        "ranks": st.ranks.iter().map(|r| serde_json::json!({
+            "rank": r.rank, "worker_id": r.worker_id, "host": r.host, "last_step": r.last_step,
+            "heartbeat_age_s": r.heartbeat_age_s,
+        })).collect::<Vec<_>>(),
+        "last_metric": m,
+        "last_checkpoint_step": st.last_checkpoint_step,
+        "output_dir": st.output_dir,
+        "submitted_unix": st.submitted_unix,
+        "started_unix": st.started_unix,
+        "finished_unix": st.finished_unix,
+    })
+}
+
+/// A tokio runtime for one command.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st() -> pb::JobStatus {
+        pb::JobStatus {
+            job_id: "j-1".into(),
+            state: JobState::Running as i32,
+            world_size: 2,
+            step: 5,
+            total_steps: 10,
+            started_unix: 100.0,
+            max_restarts: 3,
+            last_metric: Some(pb::Metric { step: 5, loss: 1.5, learning_rate: 1e-3, tokens_per_sec: 1234.0, ..Default::default() }),
+            ranks: vec![pb::RankStatus { rank: 0, worker_id: "w-1".into(), host: "h".into(), last_step: 5, heartbeat_age_s: 0.4 }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn progress_shows_step_loss_lr_tps_eta() {
+        let line = progress_line(&st(), 110.0);
+        assert!(line.contains("5/10"), "{line}");
+        assert!(line.contains("loss 1.5000"), "{line}");
+        assert!(line.contains("lr 1.000e-3"), "{line}");
+        assert!(line.contains("1234 tok/s"), "{line}");
+        assert!(line.contains("ETA 0:10"), "{line}");
+    }
+
+    #[test]
+    fn status_lists_ranks_and_reasons() {
+        let mut s = st();
+        s.restarts = 1;
+        s.restart_reasons = vec!["rank 1 died".into()];
+        s.last_checkpoint_step = 4;
+        let text = render_status(&s, 110.0);
+        assert!(text.contains("rank  0  w-1  h  step 5  heartbeat 0.4s ago"), "{text}");
+        assert!(text.contains("restart 1: rank 1 died"), "{text}");
+        assert!(text.contains("restarts 1/3"), "{text}");
+        let mut q = st();
+        q.state = JobState::Queued as i32;
+        q.reason = "waiting for 4 idle workers (2 idle)".into();
+        assert!(render_status(&q, 0.0).contains("waiting: waiting for 4 idle workers"));
+    }
+
+    #[test]
+    fn eta_needs_progress() {
+        let mut s = st();
+        s.step = 0;
+        assert!(eta_s(&s, 110.0).is_none());
+        assert_eq!(fmt_duration(3725.0), "1:02:05");
+    }
+}

@@ -1,0 +1,230 @@
+//! `herd run JOB.yaml --workers N`: the single-machine command (like `torchrun --standalone`).
+//! Starts a private coordinator and N local worker daemons (this same binary) on loopback,
+//! submits the job with `world_size = N`, follows it, and exits with its result. Every child is
+//! stopped on exit, on error and on Ctrl-C; on Linux they also die with this process
+//! (PR_SET_PDEATHSIG), so nothing is left behind. Ctrl-C lets the workers checkpoint first:
+//! running the same command again resumes from there.
+
+use super::client::{client_token, runtime, Client, ClientArgs};
+use super::jobs::{exit_for, job_text, submit_text, watch_job};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    pub job: PathBuf,
+    /// Worker daemons to start (the job's world_size becomes this).
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// A worker silent for longer than this is dead.
+    #[arg(long, default_value_t = 10.0)]
+    pub heartbeat_timeout_s: f64,
+    /// Keep the private state directory (database, token, logs of the coordinator and workers).
+    #[arg(long)]
+    pub keep_state: bool,
+}
+
+/// The children of this run; dropping it stops them (SIGTERM, then SIGKILL after a grace).
+struct Children {
+    coordinator: Option<Child>,
+    workers: Vec<Child>,
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a pid we own (the child is not reaped yet, so the pid is still ours).
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+fn wait_all(children: &mut [&mut Child], grace: Duration) {
+    let deadline = Instant::now() + grace;
+    loop {
+        let running = children.iter_mut().map(|c| matches!(c.try_wait(), Ok(None))).filter(|r| *r).count();
+        if running == 0 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for c in children.iter_mut() {
+                if matches!(c.try_wait(), Ok(None)) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Children {
+    /// Workers first (SIGTERM: a running rank checkpoints), then the coordinator.
+    fn stop(&mut self, worker_grace: Duration) {
+        for w in &self.workers {
+            signal(w, libc::SIGTERM);
+        }
+        let mut ws: Vec<&mut Child> = self.workers.iter_mut().collect();
+        wait_all(&mut ws, worker_grace);
+        self.workers.clear();
+        if let Some(mut c) = self.coordinator.take() {
+            signal(&c, libc::SIGTERM);
+            wait_all(&mut [&mut c], Duration::from_secs(5));
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+/// A child of this process: its own process group (a terminal's Ctrl-C reaches only `herd run`,
+/// which stops the children in order) and, on Linux, SIGTERM when this process dies.
+fn child_command(exe: &Path) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.env_remove("HERD_TOKEN").env_remove("HERD_COORDINATOR").process_group(0);
+    let parent = std::process::id() as i32;
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            #[cfg(target_os = "linux")]
+            {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
+            }
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
+    let p = dir.join(name);
+    std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn run(a: &RunArgs) -> Result<()> {
+    let t0 = Instant::now();
+    anyhow::ensure!(a.workers >= 1, "--workers must be at least 1");
+    // Check the job here first so a typo costs no processes.
+    let job = super::train::load_job(&a.job)?;
+    let text = job_text(&a.job, Some(a.workers))?;
+    let job_out = job.output_dir.clone();
+
+    let state = tempfile::Builder::new().prefix("herd-run-").tempdir().context("creating the private state directory")?;
+    let state_dir = state.path().to_path_buf();
+    herd_proto::auth::load_or_create_token(&state_dir).context("creating the token")?;
+    let exe = std::env::current_exe().context("locating the herd binary")?;
+    let mut children = Children { coordinator: None, workers: vec![] };
+
+    // Stop cleanly on Ctrl-C / SIGTERM: the flag is checked by the watcher below.
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while stopping exits at once (the children then get SIGTERM from
+        // the kernel through PR_SET_PDEATHSIG).
+        signal_hook::flag::register_conditional_shutdown(sig, 130, interrupted.clone()).context("installing the signal handler")?;
+        signal_hook::flag::register(sig, interrupted.clone()).context("installing the signal handler")?;
+    }
+
+    // The coordinator: port 0, its address read from its first stdout line.
+    let coord_log = state_dir.join("coordinator.log");
+    let mut coord = child_command(&exe)
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(&state_dir)
+        .args(["--heartbeat-timeout-s", &a.heartbeat_timeout_s.to_string(), "--heartbeat-interval-ms", "500"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file(&state_dir, "coordinator.log")?)
+        .spawn()
+        .context("starting the coordinator")?;
+    let stdout = coord.stdout.take().expect("piped");
+    children.coordinator = Some(coord);
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            if let Some(addr) = line.strip_prefix("herd coordinator listening on ") {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(a) => a,
+        Err(_) => bail!("the coordinator did not start; its log ({}):\n{}", coord_log.display(), tail(&coord_log, 20)),
+    };
+
+    for i in 0..a.workers {
+        let w = child_command(&exe)
+            .args(["worker", "--coordinator", &addr, "--collective-listen", "127.0.0.1:0", "--state-dir"])
+            .arg(&state_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(&state_dir, &format!("worker-{i}.log"))?)
+            .spawn()
+            .with_context(|| format!("starting worker {i}"))?;
+        children.workers.push(w);
+    }
+    eprintln!("herd run: coordinator {addr} and {} worker(s) started ({:.1}s); state and logs in {}", a.workers, t0.elapsed().as_secs_f64(), state_dir.display());
+
+    let args = ClientArgs { coordinator: addr.clone(), token_file: None, state_dir: Some(state_dir.clone()), tls_ca: None };
+    let _ = client_token(None, Some(&state_dir))?;
+    let rt = runtime()?;
+    let result: Result<herd_proto::pb::JobStatus> = rt.block_on(async {
+        let mut c = Client::connect(&args)?;
+        let resp = submit_text(&mut c, text, &a.job).await?;
+        let job_id = resp.job_id.clone();
+        eprintln!("herd run: job {job_id} submitted with world_size {}", a.workers);
+        let watch = watch_job(&c, &job_id, false, Some(t0));
+        tokio::pin!(watch);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                r = &mut watch => return r,
+                _ = tick.tick() => {
+                    if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+                        bail!("interrupted; the workers checkpoint before they exit, and `herd run` with the same job resumes from {}", job_out.display());
+                    }
+                    // A worker or the coordinator that exits on its own is an error here.
+                    if let Some(c) = children.coordinator.as_mut() {
+                        if let Ok(Some(s)) = c.try_wait() {
+                            bail!("the coordinator exited ({s}); its log ({}):\n{}", coord_log.display(), tail(&coord_log, 20));
+                        }
+                    }
+                }
+            }
+        }
+    });
+    match result {
+        Ok(st) => {
+            children.stop(Duration::from_secs(10));
+            if a.keep_state || exit_for(&st).is_err() {
+                let kept = state.keep();
+                eprintln!("herd run: state and logs kept in {}", kept.display());
+            }
+            exit_for(&st)
+        }
+        Err(e) => {
+            let interrupted = interrupted.load(std::sync::atomic::Ordering::SeqCst);
+            if interrupted {
+                eprintln!("herd run: stopping; the workers write a checkpoint first (run the same command to resume)");
+            }
+            children.stop(Duration::from_secs(if interrupted { 120 } else { 10 }));
+            let kept = state.keep();
+            eprintln!("herd run: state and logs kept in {}", kept.display());
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The orchestrator end to end on loopback: `herd run` equals one process with the same global
+//! batch, 16 workers on one machine, bad jobs and bad tokens refused with nothing stored.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+
+const STEPS: &str = "max_steps: 6\nsave_steps: 2\n";
+
+/// No process is left whose command line mentions `needle`.
+fn assert_no_process_mentions(needle: &str) {
+    let mut found = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(cmd);
+            }
+        }
+    }
+    assert!(found.is_empty(), "processes left behind: {found:?}");
+}
+
+fn state_dir_of(stderr: &str) -> String {
+    let i = stderr.find("state and logs in ").expect("herd run names its state dir") + "state and logs in ".len();
+    stderr[i..].split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn run_with_two_workers_equals_one_process_with_twice_the_accumulation() {
+    let ws = Workspace::new(48);
+    let job = ws.job("job.yaml", "dp", STEPS);
+    let out = run_ok(herd_clean().current_dir(ws.path()).arg("run").arg(&job).args(["--workers", "2"]));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("SUCCEEDED"), "{stderr}");
+    assert!(stderr.contains("loss"), "progress is shown: {stderr}");
+    assert_no_process_mentions(&state_dir_of(&stderr));
+
+    let single = ws.job("single.yaml", "single", &format!("{STEPS}gradient_accumulation_steps: 2\n"));
+    ws.train(&single, &[]);
+    let (dp, one) = (ws.path().join("dp"), ws.path().join("single"));
+    assert_eq!(trainer_state(&dp)["global_step"], 6);
+    assert_weights_close(&dp.join("model.safetensors"), &one.join("model.safetensors"), 1e-5);
+    // Same loss history (the logged losses are global-batch means).
+    let (h1, h2) = (trainer_state(&dp)["log_history"].clone(), trainer_state(&one)["log_history"].clone());
+    for (a, b) in h1.as_array().unwrap()[..6].iter().zip(&h2.as_array().unwrap()[..6]) {
+        let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((la - lb).abs() <= 1e-4 * la.abs().max(1.0), "{a} vs {b}");
+    }
+    assert!(dp.join("checkpoint-6/herd_manifest.json").is_file());
+}
+
+#[test]
+fn sixteen_workers_on_one_machine_finish_a_tiny_job() {
+    let ws = Workspace::new(64);
+    let job = ws.job("job16.yaml", "w16", "per_device_train_batch_size: 1\nmax_steps: 4\nsave_steps: 2\n");
+    let t0 = Instant::now();
+    let out = run_ok(herd_clean().current_dir(ws.path()).arg("run").arg(&job).args(["--workers", "16"]));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("16 workers: {:.1}s in all; {}", t0.elapsed().as_secs_f64(), stderr.lines().find(|l| l.contains("first step")).unwrap_or("?"));
+    assert!(stderr.contains("world_size 16"), "{stderr}");
+    assert_eq!(trainer_state(&ws.path().join("w16"))["global_step"], 4);
+    assert!(ws.path().join("w16/model.safetensors").is_file());
+    assert_no_process_mentions(&state_dir_of(&stderr));
+}
+
+#[test]
+fn invalid_jobs_are_refused_at_submit_and_nothing_is_queued() {
+    let ws = Workspace::new(48);
+    let state = ws.path().join("state");
+    let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 10.0);
+    let cases: Vec<(std::path::PathBuf, Vec<&str>, &str)> = vec![
+        (ws.job("unknown.yaml", "o1", "learning_rat: 1\n"), vec![], "learning_rat"),
+        (ws.job("type.yaml", "o2", "max_steps: many\n"), vec![], "max_steps"),
+        (ws.job("zero.yaml", "o3", "world_size: 0\n"), vec![], "world_size"),
+        (ws.job("big.yaml", "o4", "max_steps: 2\n"), vec!["--world-size", "100"], "world"),
+        {
+            let p = ws.path().join("nodata.yaml");
+            std::fs::write(&p, "model_name_or_path: demo/model\ndata_path: missing.json\noutput_dir: o5\n").unwrap();
+            (p, vec![], "missing.json")
+        },
+        {
+            let p = ws.path().join("nomodel.yaml");
+            std::fs::write(&p, "model_name_or_path: demo/data\ndata_path: small.json\noutput_dir: o6\n").unwrap();
+            (p, vec![], "config.json")
+        },
+    ];
+    for (job, extra, needle) in cases {
+        let mut args = vec!["submit", job.to_str().unwrap()];
+        args.extend(extra);
+        let err = run_err(&mut client(ws.path(), &addr, &state, &args));
+        assert!(err.contains("refused") || err.contains(needle), "{}: {err}", job.display());
+        assert!(err.contains(needle), "{}: message should mention {needle}: {err}", job.display());
+    }
+    let out = run_ok(&mut client(ws.path(), &addr, &state, &["list"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no jobs");
+    for o in ["o1", "o2", "o3", "o4", "o5", "o6"] {
+        assert!(!ws.path().join(o).exists(), "{o} was written");
+    }
+    // `herd run` checks the job before it starts anything.
+    let err = run_err(herd_clean().current_dir(ws.path()).args(["run", "unknown.yaml", "--workers", "2"]));
+    assert!(err.contains("learning_rat"), "{err}");
+}
+
+#[test]
+fn calls_without_or_with_a_wrong_token_are_refused_and_change_nothing() {
+    let ws = Workspace::new(48);
+    let state = ws.path().join("state");
+    let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 10.0);
+    // The coordinator made a private token.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(state.join("token")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let job = ws.job("job.yaml", "out", STEPS);
+
+    let none = run_err(herd_clean().current_dir(ws.path()).args(["submit", "job.yaml", "--coordinator", &addr]));
+    assert!(none.to_lowercase().contains("unauthenticated"), "{none}");
+    let bad_file = ws.path().join("bad-token");
+    std::fs::write(&bad_file, "not-the-token\n").unwrap();
+    let wrong = run_err(herd_clean().current_dir(ws.path()).args(["submit", "job.yaml", "--coordinator", &addr, "--token-file"]).arg(&bad_file));
+    assert!(wrong.to_lowercase().contains("unauthenticated"), "{wrong}");
+    let wrong_env = run_err(herd_clean().current_dir(ws.path()).env("HERD_TOKEN", "nope").args(["list", "--coordinator", &addr]));
+    assert!(wrong_env.to_lowercase().contains("unauthenticated"), "{wrong_env}");
+    let cancel = run_err(herd_clean().current_dir(ws.path()).env("HERD_TOKEN", "nope").args(["cancel", "job-1", "--coordinator", &addr]));
+    assert!(cancel.to_lowercase().contains("unauthenticated"), "{cancel}");
+
+    // A worker with a wrong token is refused and says so.
+    let t0 = Instant::now();
+    let out = herd_clean()
+        .current_dir(ws.path())
+        .env("HERD_TOKEN", "nope")
+        .args(["worker", "--coordinator", &addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Unauthenticated") || err.contains("unauthenticated"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+
+    // Nothing changed: with the right token there are no jobs (and no workers ran anything).
+    let out = run_ok(&mut client(ws.path(), &addr, &state, &["list"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no jobs");
+    assert!(!ws.path().join("out").exists());
+    let _ = job;
+
+    // The GPU device is refused clearly by this CPU build.
+    let err = run_err(herd_clean().args(["worker", "--coordinator", &addr, "--device", "cuda:0"]));
+    assert!(err.contains("without CUDA support"), "{err}");
+}

@@ -1,0 +1,981 @@
+//! `TcpRing`: the CPU gradient collective over plain TCP (blocking `std::net` sockets).
+//!
+//! Rank r listens on `peers[r]`, connects to its right neighbour `(r+1) mod N` and accepts one
+//! connection from its left neighbour `(r-1) mod N`. Data only ever flows rightwards: rank r
+//! writes to the right and reads from the left.
+//!
+//! **Handshake** (on each link; the connecting side is the client, the accepting side the server;
+//! the job secret never crosses the wire):
+//! 1. client → server: `MAGIC, rank, world, nonce_c[32]`
+//! 2. server checks the claimed rank is its left neighbour and the world size matches, then
+//!    server → client: `0, MAGIC, rank, world, nonce_s[32], HMAC(secret, "server" ‖ transcript)`,
+//!    or `1, len, reason` to reject.
+//! 3. client verifies the server's MAC, then client → server: `HMAC(secret, "client" ‖ transcript)`.
+//! 4. server verifies it and answers one status byte (`0` accepted, `1` + reason rejected).
+//!
+//! The transcript binds both nonces, both ranks and the world size, and the role labels differ,
+//! so a MAC cannot be replayed or reflected. Anything that fails closes the connection and the
+//! constructor returns [`Error::Collective`] saying which neighbour, which address and why.
+//!
+//! **All-reduce** is the bucketed ring: the buffer is cut into buckets (4 MiB by default); each
+//! bucket is split N ways and reduced with N-1 reduce-scatter steps (partial sum arrives from the
+//! left, `partial + own` goes on to the right) and N-1 all-gather steps (finished chunks are
+//! copied around). A dedicated sender thread writes to the right while the caller reads from the
+//! left, so two neighbours sending at once never deadlock on full socket buffers. Chunk c is
+//! always summed in the order `((x[c] + x[c+1]) + x[c+2]) + … + x[c-1]` (ranks mod N), and the
+//! all-gather copies the finished bits, so every rank gets identical bits and the same inputs
+//! give the same bits on every run. Values travel as little-endian f32.
+//!
+//! Every call starts with a header (call number, length, bucket size) checked against the left
+//! neighbour, so ranks that disagree on the buffer get a clear error instead of garbage. Socket
+//! read/write timeouts turn a dead or stalled peer into an error naming its rank and address.
+//! After any failure the ring shuts its sockets (so the neighbours fail fast too) and every later
+//! call returns the same error.
+
+use super::Collective;
+use crate::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const BACKEND: &str = "tcp-ring";
+const MAGIC: &[u8; 8] = b"HERDRNG1";
+const NONCE_LEN: usize = 32;
+const MAC_LEN: usize = 32;
+/// Bytes read from the socket before they are folded into the buffer.
+const RECV_SEGMENT_BYTES: usize = 256 * 1024;
+/// Messages the caller may queue ahead of the sender thread.
+const SEND_QUEUE: usize = 4;
+
+fn err(reason: impl Into<String>) -> Error {
+    Error::Collective {
+        backend: BACKEND,
+        reason: reason.into(),
+    }
+}
+
+/// A ring all-reduce over TCP between N processes (or threads). See the module docs.
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    bucket_elems: usize,
+    calls: u64,
+    links: Option<Links>,
+    /// Set after the first failure; later calls repeat it.
+    broken: Option<String>,
+}
+
+impl std::fmt::Debug for TcpRing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpRing")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("bucket_elems", &self.bucket_elems)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+impl TcpRing {
+    /// Default bucket: 4 MiB of f32 per ring pass.
+    pub const DEFAULT_BUCKET_BYTES: usize = 4 << 20;
+
+    /// Bind `peers[rank]`, then join the ring as [`TcpRing::with_listener`] does. World size 1
+    /// (`peers.len() == 1`) binds nothing and never touches the network.
+    pub fn connect(
+        rank: usize,
+        peers: Vec<SocketAddr>,
+        secret: &[u8],
+        timeout: Duration,
+    ) -> Result<Self> {
+        check_args(rank, &peers, secret, timeout)?;
+        if peers.len() == 1 {
+            return Ok(Self::single(timeout));
+        }
+        let listener = TcpListener::bind(peers[rank]).map_err(|e| {
+            err(format!(
+                "rank {rank}: cannot listen on {}: {e}",
+                peers[rank]
+            ))
+        })?;
+        Self::with_listener(rank, listener, peers, secret, timeout)
+    }
+
+    /// Join the ring using an already-bound listener for this rank (so a caller can bind port 0
+    /// and publish the address without a race). Connects to `peers[(rank+1) % N]` (retrying
+    /// until `timeout`), accepts one authenticated connection from rank `(rank-1) mod N`, and
+    /// uses `timeout` afterwards as the socket read/write timeout.
+    pub fn with_listener(
+        rank: usize,
+        listener: TcpListener,
+        peers: Vec<SocketAddr>,
+        secret: &[u8],
+        timeout: Duration,
+    ) -> Result<Self> {
+        check_args(rank, &peers, secret, timeout)?;
+        let world = peers.len();
+        if world == 1 {
+            return Ok(Self::single(timeout));
+        }
+        let left = (rank + world - 1) % world;
+        let right = (rank + 1) % world;
+        let deadline = Instant::now() + timeout;
+        let abort = Arc::new(Abort::default());
+        let secret: Arc<[u8]> = Arc::from(secret);
+
+        // Accept and connect on two helper threads; whichever fails first ends the
+        // construction and tells the other to stop.
+        enum Side {
+            Left(Result<TcpStream>),
+            Right(Result<TcpStream>),
+        }
+        let (tx, rx) = mpsc::channel::<Side>();
+        {
+            let (abort, secret, tx) = (abort.clone(), secret.clone(), tx.clone());
+            let left_addr = peers[left];
+            std::thread::Builder::new()
+                .name(format!("tcp-ring-accept-{rank}"))
+                .spawn(move || {
+                    let r = accept_left(
+                        &listener, rank, left, left_addr, world, &secret, deadline, timeout, &abort,
+                    );
+                    let _ = tx.send(Side::Left(r));
+                })
+                .map_err(|e| err(format!("cannot spawn the accept thread: {e}")))?;
+        }
+        {
+            let (abort, secret) = (abort.clone(), secret.clone());
+            let right_addr = peers[right];
+            std::thread::Builder::new()
+                .name(format!("tcp-ring-connect-{rank}"))
+                .spawn(move || {
+                    let r = connect_right(
+                        rank, right, right_addr, world, &secret, deadline, timeout, &abort,
+                    );
+                    let _ = tx.send(Side::Right(r));
+                })
+                .map_err(|e| err(format!("cannot spawn the connect thread: {e}")))?;
+        }
+        let (mut left_stream, mut right_stream) = (None, None);
+        while left_stream.is_none() || right_stream.is_none() {
+            let side = rx
+                .recv()
+                .map_err(|_| err(format!("rank {rank}: a connection thread died")))?;
+            let r = match side {
+                Side::Left(r) => r.map(|s| left_stream = Some(s)),
+                Side::Right(r) => r.map(|s| right_stream = Some(s)),
+            };
+            if let Err(e) = r {
+                abort.set(&e);
+                for s in left_stream.iter().chain(right_stream.iter()) {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                return Err(e);
+            }
+        }
+        let (left_stream, right_stream) = (left_stream.unwrap(), right_stream.unwrap());
+
+        let links = Links::new(
+            rank,
+            left,
+            peers[left],
+            right,
+            peers[right],
+            left_stream,
+            right_stream,
+            timeout,
+        )?;
+        Ok(TcpRing {
+            rank,
+            world,
+            timeout,
+            bucket_elems: Self::DEFAULT_BUCKET_BYTES / 4,
+            calls: 0,
+            links: Some(links),
+            broken: None,
+        })
+    }
+
+    fn single(timeout: Duration) -> Self {
+        TcpRing {
+            rank: 0,
+            world: 1,
+            timeout,
+            bucket_elems: Self::DEFAULT_BUCKET_BYTES / 4,
+            calls: 0,
+            links: None,
+            broken: None,
+        }
+    }
+
+    /// Change the bucket size (rounded down to whole f32s, at least one). Every rank must use
+    /// the same value; a mismatch is reported by the next `all_reduce_sum`.
+    pub fn set_bucket_bytes(&mut self, bytes: usize) {
+        self.bucket_elems = (bytes / 4).max(1);
+    }
+
+    pub fn bucket_bytes(&self) -> usize {
+        self.bucket_elems * 4
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn reduce(&mut self, buf: &mut [f32]) -> Result<()> {
+        let (rank, world, bucket) = (self.rank, self.world, self.bucket_elems);
+        let call = self.calls;
+        self.calls += 1;
+        let links = self.links.as_mut().expect("world > 1 has links");
+
+        // Header: every rank must agree on what this call is.
+        let mut header = [0u8; 24];
+        header[..8].copy_from_slice(&call.to_le_bytes());
+        header[8..16].copy_from_slice(&(buf.len() as u64).to_le_bytes());
+        header[16..].copy_from_slice(&(bucket as u64).to_le_bytes());
+        let mut out = links.take_buffer()?;
+        out.extend_from_slice(&header);
+        links.send(out)?;
+        let mut theirs = [0u8; 24];
+        links.recv_exact(&mut theirs)?;
+        if theirs != header {
+            // Make sure our own header reaches the right neighbour before the ring is shut, so
+            // it reports the disagreement too rather than a bare hang-up.
+            let _ = links.flush();
+            let f = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
+            return Err(err(format!(
+                "rank {rank}: rank {} ({}) disagrees on all-reduce call {call}: \
+                 here {} elements in buckets of {}, there call {} with {} elements in buckets of {}",
+                links.left,
+                links.left_addr,
+                buf.len(),
+                bucket,
+                f(&theirs[..8]),
+                f(&theirs[8..16]),
+                f(&theirs[16..])
+            )));
+        }
+
+        for bucket_buf in buf.chunks_mut(bucket) {
+            let n = bucket_buf.len();
+            let bounds = |i: usize| (i * n / world)..((i + 1) * n / world);
+            // Reduce-scatter: at step s send chunk r-s, receive chunk r-s-1 and add.
+            for s in 0..world - 1 {
+                let send_c = (rank + world - s) % world;
+                let recv_c = (rank + 2 * world - s - 1) % world;
+                links.send_f32(&bucket_buf[bounds(send_c)])?;
+                links.recv_f32(&mut bucket_buf[bounds(recv_c)], true)?;
+            }
+            // All-gather: rank r now owns the finished chunk r+1; pass finished chunks on.
+            for s in 0..world - 1 {
+                let send_c = (rank + 1 + world - s) % world;
+                let recv_c = (rank + world - s) % world;
+                links.send_f32(&bucket_buf[bounds(send_c)])?;
+                links.recv_f32(&mut bucket_buf[bounds(recv_c)], false)?;
+            }
+        }
+        links.flush()
+    }
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        if let Some(reason) = &self.broken {
+            return Err(err(format!(
+                "the ring is broken by an earlier failure: {reason}"
+            )));
+        }
+        let r = self.reduce(buf);
+        if let Err(e) = &r {
+            self.broken = Some(match e {
+                Error::Collective { reason, .. } => reason.clone(),
+                other => other.to_string(),
+            });
+            if let Some(links) = &self.links {
+                links.shutdown();
+            }
+        }
+        r
+    }
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+}
+
+fn check_args(rank: usize, peers: &[SocketAddr], secret: &[u8], timeout: Duration) -> Result<()> {
+    if peers.is_empty() {
+        return Err(err("the peer list is empty"));
+    }
+    if peers.len() > u32::MAX as usize {
+        return Err(err("too many peers"));
+    }
+    if rank >= peers.len() {
+        return Err(err(format!(
+            "rank {rank} is outside a world of {} ranks",
+            peers.len()
+        )));
+    }
+    if secret.is_empty() {
+        return Err(err("the job secret is empty"));
+    }
+    if timeout.is_zero() {
+        return Err(err("the timeout is zero"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The two links and the sender thread.
+
+enum Msg {
+    Data(Vec<u8>),
+    Flush,
+}
+
+enum Event {
+    Returned(Vec<u8>),
+    Flushed,
+    Failed(io::Error),
+}
+
+struct Links {
+    rank: usize,
+    left: usize,
+    left_addr: SocketAddr,
+    right: usize,
+    right_addr: SocketAddr,
+    timeout: Duration,
+    recv: TcpStream,
+    /// A handle on the right stream, only to shut it down.
+    send_ctl: TcpStream,
+    to_sender: Option<SyncSender<Msg>>,
+    events: Receiver<Event>,
+    sender: Option<JoinHandle<()>>,
+    pool: Vec<Vec<u8>>,
+    recv_buf: Vec<u8>,
+}
+
+impl Links {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        rank: usize,
+        left: usize,
+        left_addr: SocketAddr,
+        right: usize,
+        right_addr: SocketAddr,
+        recv: TcpStream,
+        send: TcpStream,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let send_ctl = send.try_clone().map_err(|e| {
+            err(format!(
+                "rank {rank}: cannot clone the socket to rank {right}: {e}"
+            ))
+        })?;
+        let (to_sender, msgs) = mpsc::sync_channel::<Msg>(SEND_QUEUE);
+        let (ev_tx, events) = mpsc::channel::<Event>();
+        let sender = std::thread::Builder::new()
+            .name(format!("tcp-ring-send-{rank}"))
+            .spawn(move || {
+                let mut stream = send;
+                while let Ok(msg) = msgs.recv() {
+                    let ev = match msg {
+                        Msg::Data(v) => match stream.write_all(&v) {
+                            Ok(()) => Event::Returned(v),
+                            Err(e) => {
+                                let _ = ev_tx.send(Event::Failed(e));
+                                return;
+                            }
+                        },
+                        Msg::Flush => Event::Flushed,
+                    };
+                    if ev_tx.send(ev).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| err(format!("cannot spawn the sender thread: {e}")))?;
+        Ok(Links {
+            rank,
+            left,
+            left_addr,
+            right,
+            right_addr,
+            timeout,
+            recv,
+            send_ctl,
+            to_sender: Some(to_sender),
+            events,
+            sender: Some(sender),
+            pool: Vec::new(),
+            recv_buf: vec![0u8; RECV_SEGMENT_BYTES],
+        })
+    }
+
+    fn send_error(&self, e: &io::Error) -> Error {
+        err(format!(
+            "rank {}: sending to rank {} ({}) failed: {}",
+            self.rank,
+            self.right,
+            self.right_addr,
+            describe_io(e, self.timeout)
+        ))
+    }
+
+    fn recv_error(&self, e: &io::Error) -> Error {
+        err(format!(
+            "rank {}: receiving from rank {} ({}) failed: {}",
+            self.rank,
+            self.left,
+            self.left_addr,
+            describe_io(e, self.timeout)
+        ))
+    }
+
+    fn sender_gone(&self) -> Error {
+        // The thread only exits early after reporting a failure; find it.
+        loop {
+            match self.events.try_recv() {
+                Ok(Event::Failed(e)) => return self.send_error(&e),
+                Ok(_) => continue,
+                Err(_) => {
+                    return err(format!(
+                        "rank {}: the sender thread to rank {} ({}) stopped",
+                        self.rank, self.right, self.right_addr
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Collect buffers the sender has finished with (and any failure it reported).
+    fn drain_events(&mut self) -> Result<()> {
+        loop {
+            match self.events.try_recv() {
+                Ok(Event::Returned(v)) => self.pool.push(v),
+                Ok(Event::Flushed) => {}
+                Ok(Event::Failed(e)) => return Err(self.send_error(&e)),
+                Err(TryRecvError::Empty) => return Ok(()),
+                Err(TryRecvError::Disconnected) => return Err(self.sender_gone()),
+            }
+        }
+    }
+
+    fn take_buffer(&mut self) -> Result<Vec<u8>> {
+        self.drain_events()?;
+        let mut v = self.pool.pop().unwrap_or_default();
+        v.clear();
+        Ok(v)
+    }
+
+    fn send(&mut self, v: Vec<u8>) -> Result<()> {
+        let tx = self.to_sender.as_ref().expect("sender channel is open");
+        if tx.send(Msg::Data(v)).is_err() {
+            return Err(self.sender_gone());
+        }
+        Ok(())
+    }
+
+    fn send_f32(&mut self, xs: &[f32]) -> Result<()> {
+        if xs.is_empty() {
+            return Ok(());
+        }
+        let mut v = self.take_buffer()?;
+        v.resize(xs.len() * 4, 0);
+        for (d, x) in v.chunks_exact_mut(4).zip(xs) {
+            d.copy_from_slice(&x.to_le_bytes());
+        }
+        self.send(v)
+    }
+
+    fn recv_exact(&mut self, buf: &mut [u8]) -> Result<()> {
+        match self.recv.read_exact(buf) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.recv_error(&e)),
+        }
+    }
+
+    /// Receive `dst.len()` f32s from the left; add them (`received + dst`) or copy them.
+    fn recv_f32(&mut self, dst: &mut [f32], add: bool) -> Result<()> {
+        let per_seg = RECV_SEGMENT_BYTES / 4;
+        for seg in dst.chunks_mut(per_seg) {
+            let bytes = seg.len() * 4;
+            let mut tmp = std::mem::take(&mut self.recv_buf);
+            let r = self.recv.read_exact(&mut tmp[..bytes]);
+            if let Err(e) = r {
+                self.recv_buf = tmp;
+                return Err(self.recv_error(&e));
+            }
+            let src = tmp[..bytes]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            if add {
+                for (d, x) in seg.iter_mut().zip(src) {
+                    *d += x; // partial-so-far + own: addition commutes, so the bits are fixed
+                }
+            } else {
+                for (d, x) in seg.iter_mut().zip(src) {
+                    *d = x;
+                }
+            }
+            self.recv_buf = tmp;
+        }
+        Ok(())
+    }
+
+    /// Wait until everything queued has been written to the socket.
+    fn flush(&mut self) -> Result<()> {
+        let tx = self.to_sender.as_ref().expect("sender channel is open");
+        if tx.send(Msg::Flush).is_err() {
+            return Err(self.sender_gone());
+        }
+        // The sender's writes time out on their own; this bound is only a backstop.
+        let limit = self.timeout * 2 + Duration::from_secs(1);
+        loop {
+            match self.events.recv_timeout(limit) {
+                Ok(Event::Returned(v)) => self.pool.push(v),
+                Ok(Event::Flushed) => return Ok(()),
+                Ok(Event::Failed(e)) => return Err(self.send_error(&e)),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(err(format!(
+                        "rank {}: sending to rank {} ({}) did not finish within {:?}",
+                        self.rank, self.right, self.right_addr, limit
+                    )))
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(self.sender_gone()),
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        let _ = self.recv.shutdown(Shutdown::Both);
+        let _ = self.send_ctl.shutdown(Shutdown::Both);
+    }
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        // Closing the channel ends the sender thread once its queue is written; if the ring
+        // broke, the sockets are already shut so pending writes fail at once.
+        self.to_sender = None;
+        if let Some(h) = self.sender.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn describe_io(e: &io::Error, timeout: Duration) -> String {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            format!("timed out after {timeout:?} (peer dead or stalled?)")
+        }
+        io::ErrorKind::UnexpectedEof => "the connection was closed by the peer".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection set-up and authentication.
+
+#[allow(clippy::too_many_arguments)]
+fn connect_right(
+    rank: usize,
+    right: usize,
+    addr: SocketAddr,
+    world: usize,
+    secret: &[u8],
+    deadline: Instant,
+    timeout: Duration,
+    abort: &Abort,
+) -> Result<TcpStream> {
+    let mut backoff = Duration::from_millis(10);
+    let stream = loop {
+        let now = Instant::now();
+        if abort.is_set() {
+            return Err(err(format!(
+                "rank {rank}: connecting to rank {right} ({addr}) was abandoned"
+            )));
+        }
+        let left_time = deadline.saturating_duration_since(now);
+        let attempt = left_time.min(Duration::from_secs(2));
+        let last = if attempt.is_zero() {
+            None
+        } else {
+            match TcpStream::connect_timeout(&addr, attempt) {
+                Ok(s) => break s,
+                Err(e) => Some(e),
+            }
+        };
+        if Instant::now() + backoff >= deadline {
+            return Err(err(format!(
+                "rank {rank}: could not connect to rank {right} at {addr} within {timeout:?}{}",
+                last.map(|e| format!(": {e}")).unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    };
+    let ctx = |what: &str| format!("rank {rank}: handshake with rank {right} ({addr}): {what}");
+    configure(&stream, timeout).map_err(|e| err(ctx(&e.to_string())))?;
+    client_handshake(stream, rank, right, world, secret, timeout)
+        .map_err(|reason| err(ctx(&reason)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn accept_left(
+    listener: &TcpListener,
+    rank: usize,
+    left: usize,
+    left_addr: SocketAddr,
+    world: usize,
+    secret: &[u8],
+    deadline: Instant,
+    timeout: Duration,
+    abort: &Abort,
+) -> Result<TcpStream> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| err(format!("rank {rank}: cannot configure the listener: {e}")))?;
+    let (stream, from) = loop {
+        if let Some((reason, since)) = abort.get() {
+            // This rank is not joining after all. For a short while, answer a neighbour that
+            // is (or is about to be) connecting with the reason, instead of a bare reset.
+            let grace_end = (since + ABORT_GRACE).min(deadline);
+            while Instant::now() < grace_end {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(ABORT_GRACE));
+                        let _ = s.set_write_timeout(Some(ABORT_GRACE));
+                        let mut hello = [0u8; 16 + NONCE_LEN];
+                        if s.read_exact(&mut hello).is_ok() {
+                            reject(
+                                &mut s,
+                                &format!("rank {rank} is not joining the ring: {reason}"),
+                            );
+                        }
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            return Err(err(format!(
+                "rank {rank}: waiting for rank {left} was abandoned"
+            )));
+        }
+        match listener.accept() {
+            Ok(pair) => break pair,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                if Instant::now() >= deadline {
+                    return Err(err(format!(
+                        "rank {rank}: rank {left} (expected from {left_addr}) did not connect within {timeout:?}"
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                return Err(err(format!(
+                    "rank {rank}: accepting rank {left} failed: {e}"
+                )))
+            }
+        }
+    };
+    let ctx = |what: &str| {
+        format!("rank {rank}: handshake with rank {left} (connected from {from}): {what}")
+    };
+    stream
+        .set_nonblocking(false)
+        .map_err(|e| err(ctx(&e.to_string())))?;
+    configure(&stream, timeout).map_err(|e| err(ctx(&e.to_string())))?;
+    server_handshake(stream, rank, left, world, secret, timeout).map_err(|reason| err(ctx(&reason)))
+}
+
+/// How long a rank that gave up joining keeps answering its left neighbour with the reason.
+const ABORT_GRACE: Duration = Duration::from_millis(500);
+
+/// Set when one side of the set-up failed: the other side stops waiting.
+#[derive(Default)]
+struct Abort(Mutex<Option<(String, Instant)>>);
+
+impl Abort {
+    fn set(&self, e: &Error) {
+        let reason = match e {
+            Error::Collective { reason, .. } => reason.clone(),
+            other => other.to_string(),
+        };
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.get_or_insert((reason, Instant::now()));
+    }
+    fn get(&self) -> Option<(String, Instant)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    fn is_set(&self) -> bool {
+        self.get().is_some()
+    }
+}
+
+fn configure(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    Ok(())
+}
+
+fn transcript(client_rank: u32, server_rank: u32, world: u32, nc: &[u8], ns: &[u8]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(8 + 12 + 2 * NONCE_LEN);
+    t.extend_from_slice(MAGIC);
+    t.extend_from_slice(&client_rank.to_le_bytes());
+    t.extend_from_slice(&server_rank.to_le_bytes());
+    t.extend_from_slice(&world.to_le_bytes());
+    t.extend_from_slice(nc);
+    t.extend_from_slice(ns);
+    t
+}
+
+fn nonce() -> std::result::Result<[u8; NONCE_LEN], String> {
+    let mut n = [0u8; NONCE_LEN];
+    getrandom::fill(&mut n).map_err(|e| format!("no randomness for a nonce: {e}"))?;
+    Ok(n)
+}
+
+fn io_reason(what: &str, e: io::Error, timeout: Duration) -> String {
+    format!("{what}: {}", describe_io(&e, timeout))
+}
+
+fn read_reason(s: &mut TcpStream) -> String {
+    let mut len = [0u8; 2];
+    if s.read_exact(&mut len).is_err() {
+        return "(no reason given)".into();
+    }
+    let mut r = vec![0u8; u16::from_le_bytes(len) as usize];
+    if s.read_exact(&mut r).is_err() {
+        return "(reason cut short)".into();
+    }
+    String::from_utf8_lossy(&r).into_owned()
+}
+
+fn reject(s: &mut TcpStream, reason: &str) -> String {
+    let r = reason.as_bytes();
+    let r = &r[..r.len().min(1024)];
+    let mut msg = vec![1u8];
+    msg.extend_from_slice(&(r.len() as u16).to_le_bytes());
+    msg.extend_from_slice(r);
+    let _ = s.write_all(&msg);
+    let _ = s.shutdown(Shutdown::Both);
+    reason.to_string()
+}
+
+/// The connecting side: we are `rank`, the server should be `right`.
+fn client_handshake(
+    mut s: TcpStream,
+    rank: usize,
+    right: usize,
+    world: usize,
+    secret: &[u8],
+    timeout: Duration,
+) -> std::result::Result<TcpStream, String> {
+    let nc = nonce()?;
+    let mut hello = Vec::with_capacity(16 + NONCE_LEN);
+    hello.extend_from_slice(MAGIC);
+    hello.extend_from_slice(&(rank as u32).to_le_bytes());
+    hello.extend_from_slice(&(world as u32).to_le_bytes());
+    hello.extend_from_slice(&nc);
+    s.write_all(&hello)
+        .map_err(|e| io_reason("sending hello", e, timeout))?;
+
+    let mut status = [0u8; 1];
+    s.read_exact(&mut status)
+        .map_err(|e| io_reason("waiting for the peer's answer", e, timeout))?;
+    if status[0] != 0 {
+        return Err(format!("rejected by the peer: {}", read_reason(&mut s)));
+    }
+    let mut reply = [0u8; 16 + NONCE_LEN + MAC_LEN];
+    s.read_exact(&mut reply)
+        .map_err(|e| io_reason("reading the peer's answer", e, timeout))?;
+    if &reply[..8] != MAGIC {
+        let _ = s.shutdown(Shutdown::Both);
+        return Err("the peer does not speak the herd ring protocol".into());
+    }
+    let their_rank = u32::from_le_bytes(reply[8..12].try_into().unwrap());
+    let their_world = u32::from_le_bytes(reply[12..16].try_into().unwrap());
+    let ns = &reply[16..16 + NONCE_LEN];
+    let their_mac = &reply[16 + NONCE_LEN..];
+    let t = transcript(rank as u32, their_rank, world as u32, &nc, ns);
+    if !ct_eq(&hmac_sha256(secret, &[b"server", &t]), their_mac) {
+        let _ = s.shutdown(Shutdown::Both);
+        return Err(
+            "authentication failed: the peer could not prove it holds the job secret \
+                    (wrong secret, or not a herd rank of this job)"
+                .into(),
+        );
+    }
+    if their_rank as usize != right || their_world as usize != world {
+        let _ = s.shutdown(Shutdown::Both);
+        return Err(format!(
+            "the peer claims to be rank {their_rank} of {their_world}, expected rank {right} of {world}"
+        ));
+    }
+    let mac = hmac_sha256(secret, &[b"client", &t]);
+    s.write_all(&mac)
+        .map_err(|e| io_reason("sending our proof", e, timeout))?;
+    s.read_exact(&mut status).map_err(|e| {
+        io_reason(
+            "authentication not confirmed by the peer (wrong secret?)",
+            e,
+            timeout,
+        )
+    })?;
+    if status[0] != 0 {
+        return Err(format!("rejected by the peer: {}", read_reason(&mut s)));
+    }
+    Ok(s)
+}
+
+/// The accepting side: we are `rank`, the client should be `left`.
+fn server_handshake(
+    mut s: TcpStream,
+    rank: usize,
+    left: usize,
+    world: usize,
+    secret: &[u8],
+    timeout: Duration,
+) -> std::result::Result<TcpStream, String> {
+    let mut hello = [0u8; 16 + NONCE_LEN];
+    s.read_exact(&mut hello)
+        .map_err(|e| io_reason("reading hello", e, timeout))?;
+    if &hello[..8] != MAGIC {
+        return Err(reject(
+            &mut s,
+            "the peer does not speak the herd ring protocol",
+        ));
+    }
+    let their_rank = u32::from_le_bytes(hello[8..12].try_into().unwrap());
+    let their_world = u32::from_le_bytes(hello[12..16].try_into().unwrap());
+    let nc = &hello[16..];
+    if their_world as usize != world {
+        return Err(reject(
+            &mut s,
+            &format!("world size mismatch: rank {their_rank} says {their_world}, rank {rank} says {world}"),
+        ));
+    }
+    if their_rank as usize != left {
+        return Err(reject(
+            &mut s,
+            &format!("unexpected rank: rank {rank} expects its left neighbour rank {left}, got rank {their_rank}"),
+        ));
+    }
+    let ns = nonce()?;
+    let t = transcript(their_rank, rank as u32, world as u32, nc, &ns);
+    let mut reply = Vec::with_capacity(1 + 16 + NONCE_LEN + MAC_LEN);
+    reply.push(0);
+    reply.extend_from_slice(MAGIC);
+    reply.extend_from_slice(&(rank as u32).to_le_bytes());
+    reply.extend_from_slice(&(world as u32).to_le_bytes());
+    reply.extend_from_slice(&ns);
+    reply.extend_from_slice(&hmac_sha256(secret, &[b"server", &t]));
+    s.write_all(&reply)
+        .map_err(|e| io_reason("sending our answer", e, timeout))?;
+
+    let mut their_mac = [0u8; MAC_LEN];
+    if let Err(e) = s.read_exact(&mut their_mac) {
+        let _ = s.shutdown(Shutdown::Both);
+        return Err(io_reason(
+            "authentication failed: the peer hung up instead of proving it holds the job secret \
+             (wrong secret?)",
+            e,
+            timeout,
+        ));
+    }
+    if !ct_eq(&hmac_sha256(secret, &[b"client", &t]), &their_mac) {
+        return Err(reject(
+            &mut s,
+            "authentication failed: the peer could not prove it holds the job secret (wrong secret?)",
+        ));
+    }
+    s.write_all(&[0u8])
+        .map_err(|e| io_reason("confirming authentication", e, timeout))?;
+    Ok(s)
+}
+
+/// HMAC-SHA256 (RFC 2104) over the concatenation of `parts`.
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    for p in parts {
+        inner.update(p);
+    }
+    let mut outer = Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+/// Comparison whose time does not depend on where the inputs differ.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn hmac_matches_rfc4231() {
+        // Test case 1.
+        let mac = hmac_sha256(&[0x0b; 20], &[b"Hi There"]);
+        assert_eq!(
+            hex(&mac),
+            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
+        );
+        // Test case 2, split across parts.
+        let mac = hmac_sha256(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
+        assert_eq!(
+            hex(&mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a key longer than the block is hashed first.
+        let mac = hmac_sha256(
+            &[0xaa; 131],
+            &[b"Test Using Larger Than Block-Size Key - Hash Key First"],
+        );
+        assert_eq!(
+            hex(&mac),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+    }
+
+    #[test]
+    fn ct_eq_works() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"ab"));
+    }
+}

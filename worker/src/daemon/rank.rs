@@ -1,0 +1,286 @@
+//! One assigned rank: the trainer on its own thread, its events turned into reports.
+
+use super::reporter::Report;
+use crate::collective::{Collective, SingleProcess, TcpRing};
+use crate::trainer::{self, Event, Outcome, RunOptions};
+use herd_proto::{pb, JobSpec};
+use std::collections::VecDeque;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Log lines a rank keeps for its failure report.
+const TAIL_LINES: usize = 30;
+
+pub(super) struct RankCtx {
+    pub worker_id: String,
+    pub host: String,
+    pub listener: Option<TcpListener>,
+    pub timeout: Duration,
+    pub reports: UnboundedSender<Report>,
+    pub finished: UnboundedSender<(String, u32)>,
+}
+
+/// The daemon's view of a running rank.
+pub(super) struct RankHandle {
+    pub job_id: String,
+    pub attempt: u32,
+    pub stop: Arc<AtomicBool>,
+    /// Steps completed (for heartbeats).
+    pub step: Arc<AtomicU64>,
+    /// The signal that stopped the rank (SIGTERM → reported with the PAUSED done).
+    pub signal: Arc<AtomicI32>,
+    /// The trainer thread returned and its done report is queued.
+    pub finished: bool,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RankHandle {
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Parse the assignment's peers (collective addresses by rank).
+pub fn peers_from(peers: &[String], world_size: usize) -> Result<Vec<SocketAddr>, String> {
+    if peers.len() != world_size {
+        return Err(format!("the assignment lists {} peers for world size {world_size}", peers.len()));
+    }
+    peers
+        .iter()
+        .enumerate()
+        .map(|(r, p)| p.parse::<SocketAddr>().map_err(|e| format!("peer of rank {r} `{p}`: {e}")))
+        .collect()
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+pub(super) fn start(a: pb::Assignment, ctx: RankCtx) -> RankHandle {
+    let stop = Arc::new(AtomicBool::new(false));
+    let step = Arc::new(AtomicU64::new(a.start_step));
+    let signal = Arc::new(AtomicI32::new(0));
+    let (job_id, attempt) = (a.job_id.clone(), a.attempt);
+    let thread = {
+        let (stop, step, signal) = (stop.clone(), step.clone(), signal.clone());
+        std::thread::Builder::new()
+            .name(format!("rank-{}-{}", a.job_id, a.rank))
+            .spawn(move || {
+                let finished = ctx.finished.clone();
+                let reports = ctx.reports.clone();
+                let key = (a.job_id.clone(), a.attempt);
+                let done = run_rank(&a, ctx, stop, step, signal);
+                let _ = reports.send(Report::Done(done));
+                let _ = finished.send(key);
+            })
+            .expect("spawning the rank thread")
+    };
+    RankHandle { job_id, attempt, stop, step, signal, finished: false, thread: Some(thread) }
+}
+
+/// Collects a rank's log lines: new ones for the next progress report, a tail for failures.
+struct Lines {
+    new: Vec<String>,
+    tail: VecDeque<String>,
+}
+
+impl Lines {
+    fn push(&mut self, line: String) {
+        tracing::debug!(target: "herd::rank", "{line}");
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.clone());
+        self.new.push(line);
+    }
+}
+
+fn run_rank(a: &pb::Assignment, ctx: RankCtx, stop: Arc<AtomicBool>, step: Arc<AtomicU64>, signal: Arc<AtomicI32>) -> pb::DoneReport {
+    let span = tracing::info_span!("rank", job = %a.job_id, attempt = a.attempt, rank = a.rank);
+    let _g = span.enter();
+    let lines = std::cell::RefCell::new(Lines { new: vec![], tail: VecDeque::new() });
+    let progress = |total_steps: u64, metric: Option<pb::Metric>| pb::ProgressReport {
+        worker_id: ctx.worker_id.clone(),
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank: a.rank,
+        total_steps,
+        metric,
+        log_lines: std::mem::take(&mut lines.borrow_mut().new),
+    };
+    let mut done = pb::DoneReport {
+        worker_id: ctx.worker_id.clone(),
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank: a.rank,
+        kind: pb::DoneKind::FailedRank as i32,
+        step: step.load(Ordering::Relaxed),
+        error: String::new(),
+        host: ctx.host.clone(),
+        exit_code: 0,
+        signal: 0,
+    };
+
+    let mut total_steps = 0u64;
+    let mut last_tps = 0.0f64;
+    let reports = ctx.reports.clone();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Outcome, String> {
+        let mut job = JobSpec::from_yaml_str(&a.job_yaml, &format!("job {}", a.job_id)).map_err(|e| e.to_string())?;
+        let world = a.world_size as usize;
+        job.world_size = world;
+        if a.rank as usize >= world {
+            return Err(format!("rank {} is outside world size {world}", a.rank));
+        }
+        let mut collective: Box<dyn Collective> = if world == 1 {
+            Box::new(SingleProcess)
+        } else {
+            let peers = peers_from(&a.peers, world)?;
+            let listener = ctx.listener.ok_or("the collective listener is unavailable")?;
+            lines.borrow_mut().push(format!("rank {} joining the ring of {world} ({})", a.rank, a.peers.join(", ")));
+            let ring = TcpRing::with_listener(a.rank as usize, listener, peers, &a.job_secret, ctx.timeout)
+                .map_err(|e| e.to_string())?;
+            Box::new(ring)
+        };
+        let until_step = (a.end_step > 0).then_some(a.end_step);
+        let opts = RunOptions { until_step, stop: Some(stop.clone()) };
+        let mut observer = |e: &Event| match e {
+            Event::Started { start_step, total_steps: t, examples, parameters, resumed_from, .. } => {
+                total_steps = *t;
+                step.store(*start_step, Ordering::Relaxed);
+                let mut line = format!("rank {} training {parameters} parameters on {examples} examples, steps {start_step}..{t}", a.rank);
+                if let Some(d) = resumed_from {
+                    line.push_str(&format!("; resumed from {}", d.display()));
+                }
+                lines.borrow_mut().push(line);
+                let _ = reports.send(Report::Progress(progress(total_steps, None)));
+            }
+            Event::Step { step: s, total_steps: t, tokens_per_sec, .. } => {
+                total_steps = *t;
+                step.store(*s, Ordering::Relaxed);
+                last_tps = *tokens_per_sec;
+            }
+            Event::Logged(entry) => {
+                lines.borrow_mut().push(entry.to_string());
+                let f = |k: &str| entry.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+                let metric = pb::Metric {
+                    step: entry.get("step").and_then(|v| v.as_u64()).unwrap_or(step.load(Ordering::Relaxed)),
+                    epoch: f("epoch"),
+                    loss: f("loss"),
+                    learning_rate: f("learning_rate"),
+                    grad_norm: f("grad_norm"),
+                    tokens_per_sec: last_tps,
+                    unix_time: now_unix(),
+                };
+                let _ = reports.send(Report::Progress(progress(total_steps, Some(metric))));
+            }
+            Event::Saved { step: s, path, rotated } => {
+                let mut line = format!("saved checkpoint-{s} at {}", path.display());
+                if !rotated.is_empty() {
+                    line.push_str(&format!(" (removed {rotated:?} per save_total_limit)"));
+                }
+                lines.borrow_mut().push(line);
+                let _ = reports.send(Report::Checkpoint(pb::CheckpointReport {
+                    worker_id: ctx.worker_id.clone(),
+                    job_id: a.job_id.clone(),
+                    attempt: a.attempt,
+                    step: *s,
+                    path: path.display().to_string(),
+                    rotated: rotated.clone(),
+                }));
+            }
+            Event::Finished { output_dir, train_loss, runtime_s } => {
+                lines.borrow_mut().push(format!(
+                    "rank {} done in {runtime_s:.1}s, mean logged loss {train_loss:.4}; final model in {}",
+                    a.rank,
+                    output_dir.display()
+                ));
+            }
+        };
+        let outcome = trainer::run(&job, &opts, collective.as_mut(), &mut observer).map_err(|e| render(&e));
+        drop(collective);
+        outcome
+    }));
+    done.step = step.load(Ordering::Relaxed);
+    match result {
+        Ok(Ok(Outcome::Completed { steps })) => {
+            done.kind = pb::DoneKind::Completed as i32;
+            done.step = steps;
+        }
+        Ok(Ok(Outcome::Paused { step: s })) => {
+            done.kind = pb::DoneKind::Paused as i32;
+            done.step = s;
+            done.signal = signal.load(Ordering::SeqCst);
+            lines.borrow_mut().push(format!("rank {} paused at step {s}", a.rank));
+        }
+        Ok(Err(e)) => {
+            lines.borrow_mut().push(format!("error: {e}"));
+            done.exit_code = 1;
+            done.error = failure_text(&e, &lines.borrow().tail);
+        }
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let e = format!("the rank panicked: {msg}");
+            lines.borrow_mut().push(format!("error: {e}"));
+            done.exit_code = 101;
+            done.error = failure_text(&e, &lines.borrow().tail);
+        }
+    }
+    if done.kind == pb::DoneKind::FailedRank as i32 {
+        tracing::error!("rank {} failed on {}: {}", a.rank, ctx.host, done.error.lines().next().unwrap_or(""));
+    }
+    // Flush the last lines before the done report.
+    let last = progress(total_steps, None);
+    if !last.log_lines.is_empty() {
+        let _ = ctx.reports.send(Report::Progress(last));
+    }
+    done
+}
+
+fn failure_text(error: &str, tail: &VecDeque<String>) -> String {
+    let mut s = error.to_string();
+    if !tail.is_empty() {
+        s.push_str("\n--- last log lines ---\n");
+        for l in tail {
+            s.push_str(l);
+            s.push('\n');
+        }
+    }
+    s
+}
+
+fn render(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_count() {
+        let p = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        assert_eq!(peers_from(&p, 2).unwrap().len(), 2);
+        assert!(peers_from(&p, 3).unwrap_err().contains("2 peers for world size 3"));
+        assert!(peers_from(&["nope".to_string()], 1).unwrap_err().contains("rank 0"));
+    }
+}
