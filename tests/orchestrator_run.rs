@@ -146,3 +146,24 @@ fn calls_without_or_with_a_wrong_token_are_refused_and_change_nothing() {
     let err = run_err(herd_clean().args(["worker", "--coordinator", &addr, "--device", "cuda:0"]));
     assert!(err.contains("without CUDA support"), "{err}");
 }
+
+#[test]
+fn a_job_resumed_at_another_world_size_continues_exactly() {
+    // The same global batch of 4: one process with accumulation 2 for steps 1-3, then two
+    // workers with accumulation 1 from checkpoint-3, against one process for all 6 steps.
+    let ws = Workspace::new(48);
+    let steps = "per_device_train_batch_size: 2\nmax_steps: 6\nsave_steps: 3\n";
+    let full = ws.job("full.yaml", "full", &format!("{steps}gradient_accumulation_steps: 2\n"));
+    ws.train(&full, &[]);
+    let first = ws.job("first.yaml", "moved", &format!("{steps}gradient_accumulation_steps: 2\n"));
+    ws.train(&first, &["--until-step", "3"]);
+    let second = ws.job("second.yaml", "moved", steps);
+    let out = run_ok(herd_clean().current_dir(ws.path()).arg("run").arg(&second).args(["--workers", "2"]));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SUCCEEDED"));
+    let st = trainer_state(&ws.path().join("moved"));
+    assert_eq!(st["global_step"], 6);
+    assert!(ws.path().join("moved/checkpoint-6/herd_manifest.json").is_file());
+    let manifest: serde_json::Value = serde_json::from_slice(&read(ws.path().join("moved/checkpoint-6/herd_manifest.json"))).unwrap();
+    assert_eq!(manifest["world_size"], 2, "the second part ran on two ranks");
+    assert_weights_close(&ws.path().join("full/model.safetensors"), &ws.path().join("moved/model.safetensors"), 1e-5);
+}

@@ -26,6 +26,10 @@ pub struct DemoArgs {
     /// Evaluate on at most this many held-out records.
     #[arg(long, default_value_t = 200, global = true)]
     eval_limit: usize,
+    /// Train with this many local worker daemons through `herd run` (coordinator + workers on
+    /// loopback) instead of in this process. The global batch stays that of configs/demo.yaml.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
 }
 
 #[derive(clap::Subcommand)]
@@ -112,8 +116,10 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let t_train = Instant::now();
     if job.output_dir.join("trainer_state.json").is_file() {
         eprintln!("{} already holds a finished run; evaluating it (delete it to train again)", job.output_dir.display());
-    } else {
+    } else if a.workers <= 1 {
         super::train::run_job(&job, None, true)?;
+    } else {
+        train_with_workers(&a.dir, job.clone(), a.workers)?;
     }
     let train_s = t_train.elapsed().as_secs_f64();
     let (after, answers_after) = evaluate(&job.output_dir, &recs)?;
@@ -127,6 +133,24 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     println!("\ntraining took {train_s:.0}s, the whole demo {:.0}s", t0.elapsed().as_secs_f64());
     println!("try: herd generate --model {} --instruction \"What is 3 + 4?\"", job.output_dir.display());
     Ok(())
+}
+
+/// The demo job through `herd run` with `workers` ranks: per-device batch divided so the global
+/// batch (and so every update) equals the single-process job's.
+fn train_with_workers(dir: &Path, mut job: JobSpec, workers: usize) -> Result<()> {
+    let global = job.per_device_train_batch_size * job.gradient_accumulation_steps;
+    anyhow::ensure!(
+        global % workers == 0,
+        "--workers {workers} does not divide the demo's global batch of {global}"
+    );
+    job.per_device_train_batch_size = global / workers;
+    job.gradient_accumulation_steps = 1;
+    job.world_size = workers;
+    let cwd = std::env::current_dir().context("reading the current directory")?;
+    job.resolve_paths(&cwd);
+    let path = dir.join("job.yaml");
+    std::fs::write(&path, job.to_yaml()).with_context(|| format!("writing {}", path.display()))?;
+    super::run::run(&super::run::RunArgs { job: path, workers, heartbeat_timeout_s: 10.0, keep_state: false })
 }
 
 fn pick_one_per_task(recs: &[DemoRecord]) -> Vec<usize> {

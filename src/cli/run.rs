@@ -106,6 +106,12 @@ fn child_command(exe: &Path) -> Command {
     cmd
 }
 
+/// Compute threads per local worker: the machine's cores split evenly, at least one.
+pub fn worker_threads(workers: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (cores / workers.max(1)).max(1)
+}
+
 fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
     let p = dir.join(name);
     std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))
@@ -166,8 +172,15 @@ pub fn run(a: &RunArgs) -> Result<()> {
         Err(_) => bail!("the coordinator did not start; its log ({}):\n{}", coord_log.display(), tail(&coord_log, 20)),
     };
 
+    // Like torchrun's OMP_NUM_THREADS=1: split the cores between the local workers so N
+    // processes don't each start (and spin) a thread per core.
+    let threads = worker_threads(a.workers);
     for i in 0..a.workers {
-        let w = child_command(&exe)
+        let mut cmd = child_command(&exe);
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            cmd.env("RAYON_NUM_THREADS", threads.to_string());
+        }
+        let w = cmd
             .args(["worker", "--coordinator", &addr, "--collective-listen", "127.0.0.1:0", "--state-dir"])
             .arg(&state_dir)
             .stdin(Stdio::null())

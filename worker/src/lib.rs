@@ -3,7 +3,8 @@
 //! the training loop, checkpoints, and the gradient collective it averages through.
 //!
 //! Invariants: the order of examples is a pure function of (seed, epoch); the global batch of step
-//! s is a fixed slice of that order; nothing here listens on the network.
+//! s is a fixed slice of that order. The only listening socket is the collective's (`TcpRing`),
+//! which accepts only peers that prove the job secret; the daemon only dials the coordinator.
 
 pub mod checkpoint;
 pub mod collective;

@@ -296,7 +296,7 @@ fn a_stalled_peer_gives_an_error_within_the_timeout() {
         start.wait();
         if rank == 2 {
             // Alive (sockets open) but never takes part again.
-            thread::sleep(Duration::from_secs(5));
+            thread::sleep(Duration::from_secs(3));
             return Ok(Duration::ZERO);
         }
         let t0 = Instant::now();
@@ -372,4 +372,31 @@ fn bad_arguments_are_rejected() {
     assert!(TcpRing::connect(0, vec![], SECRET, t).is_err());
     assert!(TcpRing::connect(2, vec![a, a], SECRET, t).is_err());
     assert!(TcpRing::connect(0, vec![a], b"", t).is_err());
+}
+
+#[test]
+fn a_stray_connection_does_not_break_the_ring() {
+    // A leftover connection from an earlier attempt (or a stranger) reaches rank 1 before rank
+    // 0 does: rank 1 drops it and keeps waiting for its real neighbour.
+    let (mut ls, addrs) = listeners(2);
+    let l1 = ls.remove(1);
+    let l0 = ls.remove(0);
+    {
+        use std::io::Write;
+        let mut stray = std::net::TcpStream::connect(addrs[1]).unwrap();
+        stray.write_all(b"not a herd peer, just some bytes").unwrap();
+    }
+    let a1 = addrs.clone();
+    let r1 = thread::spawn(move || {
+        let mut ring = TcpRing::with_listener(1, l1, a1, SECRET, Duration::from_secs(5)).unwrap();
+        let mut v = vec![2.0f32, 3.0];
+        ring.all_reduce_sum(&mut v).unwrap();
+        v
+    });
+    thread::sleep(Duration::from_millis(200));
+    let mut ring = TcpRing::with_listener(0, l0, addrs, SECRET, Duration::from_secs(5)).unwrap();
+    let mut v = vec![1.0f32, 1.0];
+    ring.all_reduce_sum(&mut v).unwrap();
+    assert_eq!(v, vec![3.0, 4.0]);
+    assert_eq!(r1.join().unwrap(), vec![3.0, 4.0]);
 }

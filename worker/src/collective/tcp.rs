@@ -647,6 +647,10 @@ fn accept_left(
     timeout: Duration,
     abort: &Abort,
 ) -> Result<TcpStream> {
+    // A connection that fails the handshake (a stale one from an earlier attempt, a stranger)
+    // does not break the ring: keep accepting until the deadline, then report the last failure.
+    let mut last_failure: Option<String> = None;
+    loop {
     listener
         .set_nonblocking(true)
         .map_err(|e| err(format!("rank {rank}: cannot configure the listener: {e}")))?;
@@ -684,9 +688,12 @@ fn accept_left(
                     || e.kind() == io::ErrorKind::Interrupted =>
             {
                 if Instant::now() >= deadline {
-                    return Err(err(format!(
-                        "rank {rank}: rank {left} (expected from {left_addr}) did not connect within {timeout:?}"
-                    )));
+                    return Err(err(match &last_failure {
+                        Some(reason) => reason.clone(),
+                        None => format!(
+                            "rank {rank}: rank {left} (expected from {left_addr}) did not connect within {timeout:?}"
+                        ),
+                    }));
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -704,7 +711,18 @@ fn accept_left(
         .set_nonblocking(false)
         .map_err(|e| err(ctx(&e.to_string())))?;
     configure(&stream, timeout).map_err(|e| err(ctx(&e.to_string())))?;
-    server_handshake(stream, rank, left, world, secret, timeout).map_err(|reason| err(ctx(&reason)))
+    match server_handshake(stream, rank, left, world, secret, timeout) {
+        Ok(s) => return Ok(s),
+        Err(reason) => {
+            let reason = ctx(&reason);
+            if Instant::now() >= deadline {
+                return Err(err(reason));
+            }
+            tracing::warn!("{reason}; still waiting for rank {left}");
+            last_failure = Some(reason);
+        }
+    }
+    }
 }
 
 /// How long a rank that gave up joining keeps answering its left neighbour with the reason.
