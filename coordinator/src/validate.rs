@@ -87,6 +87,7 @@ pub fn validate_submission(
             );
         }
     }
+    herd_worker::trainer::check_supported(&spec).map_err(|e| Refusal(format!("{source}: {e}")))?;
     let data = &spec.data_path;
     if !data.exists() {
         return bad("data_path", format!("{} does not exist", data.display()));

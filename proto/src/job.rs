@@ -58,6 +58,26 @@ pub enum SaveStrategy {
 pub enum EvalStrategy {
     #[default]
     No,
+    /// Evaluate on `eval_data_path` every `eval_steps` optimizer steps.
+    Steps,
+}
+
+/// What the job trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Instruction tuning: next-token loss on the response (Alpaca's train.py).
+    #[default]
+    CausalLm,
+    /// A reward model on comparison pairs: loss -log σ(r(x, y_a) - r(x, y_b)).
+    Reward,
+}
+
+fn d_lora_alpha() -> f64 {
+    8.0
+}
+fn d_lora_targets() -> Vec<String> {
+    vec!["q_proj".into(), "v_proj".into()]
 }
 
 fn d_epochs() -> f64 {
@@ -148,6 +168,25 @@ pub struct JobSpec {
     pub save_total_limit: Option<usize>,
     #[serde(default, alias = "evaluation_strategy")]
     pub eval_strategy: EvalStrategy,
+    /// Evaluate every N steps with `eval_strategy: steps` (HF: defaults to logging_steps).
+    #[serde(default)]
+    pub eval_steps: Option<u64>,
+    /// Held-out data for `eval_strategy: steps` (same formats as `data_path`).
+    #[serde(default)]
+    pub eval_data_path: Option<PathBuf>,
+    #[serde(default)]
+    pub task: Task,
+    /// LoRA rank (PEFT's `r`); set to train low-rank adapters with the base frozen.
+    #[serde(default)]
+    pub lora_r: Option<usize>,
+    /// PEFT's `lora_alpha` (scaling = alpha / r).
+    #[serde(default = "d_lora_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// Module names (last path component) that get adapters, PEFT's `target_modules`.
+    #[serde(default = "d_lora_targets")]
+    pub lora_target_modules: Vec<String>,
     /// Alpaca train.py's maximum sequence length (tokens, bos included).
     #[serde(default = "d_max_len")]
     pub model_max_length: usize,
@@ -255,6 +294,25 @@ impl JobSpec {
         if self.model_max_length < 2 {
             return bad("model_max_length", "must be at least 2 tokens".into());
         }
+        if self.lora_r == Some(0) {
+            return bad("lora_r", "must be at least 1 (leave it out for full fine-tuning)".into());
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad("lora_dropout", format!("must be in [0, 1), got {}", self.lora_dropout));
+        }
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return bad("lora_alpha", format!("must be > 0, got {}", self.lora_alpha));
+        }
+        const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+        if let Some(t) = self.lora_target_modules.iter().find(|t| !TARGETS.contains(&t.as_str())) {
+            return bad("lora_target_modules", format!("unknown module `{t}`, expected some of {TARGETS:?}"));
+        }
+        if self.eval_strategy == EvalStrategy::Steps && self.eval_data_path.is_none() {
+            return bad("eval_data_path", "is required with eval_strategy: steps".into());
+        }
+        if self.eval_steps == Some(0) {
+            return bad("eval_steps", "must be at least 1".into());
+        }
         if self.bf16 && self.fp16 {
             return bad("fp16", "bf16 and fp16 cannot both be true".into());
         }
@@ -280,6 +338,11 @@ impl JobSpec {
         for p in [&mut self.model_name_or_path, &mut self.data_path, &mut self.output_dir] {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        }
+        if let Some(t) = self.eval_data_path.as_mut() {
+            if t.is_relative() {
+                *t = base.join(&*t);
             }
         }
         if let Some(t) = self.tokenizer_name.as_mut() {

@@ -29,6 +29,8 @@ pub enum Error {
     Collective { backend: &'static str, reason: String },
     #[error("training diverged at step {step}: loss is {loss}")]
     NonFiniteLoss { step: u64, loss: f32 },
+    #[error("`{key}` is not supported yet: {reason}")]
+    Unsupported { key: &'static str, reason: String },
     #[error("stopped by request at step {step}")]
     Interrupted { step: u64 },
 }

@@ -79,6 +79,7 @@ pub struct Prepared {
 /// Load tokenizer, model and data the way Alpaca's train.py does: add missing special tokens,
 /// grow the embeddings (new rows = mean of old), encode every record with the prompt masked.
 pub fn prepare(job: &JobSpec) -> Result<Prepared> {
+    check_supported(job)?;
     let tok_dir = job.tokenizer_name.as_deref().unwrap_or(&job.model_name_or_path);
     let mut tokenizer = Tokenizer::from_dir(tok_dir)?;
     let added_tokens = tokenizer.add_missing_special_tokens();
@@ -93,6 +94,21 @@ pub fn prepare(job: &JobSpec) -> Result<Prepared> {
         .map(|r| encode_alpaca(&tokenizer, r, job.model_max_length))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(Prepared { tokenizer, model, examples, skipped_records: loaded.skipped, added_tokens })
+}
+
+/// Job keys that parse but that this trainer does not implement yet are refused, never ignored.
+pub fn check_supported(job: &JobSpec) -> Result<()> {
+    let no = |key: &'static str, reason: &str| Err(crate::Error::Unsupported { key, reason: reason.into() });
+    if job.lora_r.is_some() {
+        return no("lora_r", "LoRA training is not in this build");
+    }
+    if job.task != herd_proto::Task::CausalLm {
+        return no("task", "only causal_lm training is in this build");
+    }
+    if job.eval_strategy != herd_proto::EvalStrategy::No {
+        return no("eval_strategy", "evaluation during training is not in this build");
+    }
+    Ok(())
 }
 
 pub fn adam_config(job: &JobSpec) -> AdamWConfig {
