@@ -30,6 +30,12 @@ enum Cmd {
     },
     /// Answer an instruction with a trained model (Alpaca template, KV cache).
     Generate(cli::generate::GenerateArgs),
+    /// Generate an answer for every record of an instruction file (JSONL out, record fields + "prediction").
+    Predict(cli::eval::PredictArgs),
+    /// Eval loss, ROUGE-L and exact match of a model on reference answers, by reference length.
+    Eval(cli::eval::EvalArgs),
+    /// Fold a LoRA adapter into its base model and write a plain HF model.
+    Merge(cli::merge::MergeArgs),
     /// Inspect a job's data as the model sees it.
     Data {
         #[command(subcommand)]
@@ -118,6 +124,9 @@ fn main() {
     let result = match args.cmd {
         Cmd::Train { job, until_step, no_progress } => cli::train::run(&job, until_step, !no_progress).map(|_| ()),
         Cmd::Generate(a) => cli::generate::run(&a),
+        Cmd::Merge(a) => cli::merge::run(&a),
+        Cmd::Predict(a) => cli::eval::predict(&a),
+        Cmd::Eval(a) => cli::eval::run_eval(&a),
         Cmd::Data { cmd: DataCmd::Preview { job, examples, tokens, color } } => cli::data::preview(&job, examples, tokens, color),
         Cmd::Demo(a) => cli::demo::run(&a),
         Cmd::Run(a) => cli::run::run(&a),

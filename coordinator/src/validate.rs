@@ -43,13 +43,15 @@ pub fn validate_submission(
         spec.resolve_paths(Path::new(base_dir));
     }
     let bad = |key: &str, msg: String| Err(Refusal(format!("{source}: `{key}`: {msg}")));
-    let mut paths = vec![
-        ("model_name_or_path", &spec.model_name_or_path),
-        ("data_path", &spec.data_path),
-        ("output_dir", &spec.output_dir),
+    let mut paths: Vec<(&str, &Path)> = vec![
+        ("model_name_or_path", spec.model_name_or_path.as_path()),
+        ("output_dir", spec.output_dir.as_path()),
     ];
+    for p in spec.data_path.paths() {
+        paths.push(("data_path", p));
+    }
     if let Some(t) = spec.tokenizer_name.as_ref() {
-        paths.push(("tokenizer_name", t));
+        paths.push(("tokenizer_name", t.as_path()));
     }
     for (key, p) in paths {
         if p.is_relative() {
@@ -88,15 +90,18 @@ pub fn validate_submission(
         }
     }
     herd_worker::trainer::check_supported(&spec).map_err(|e| Refusal(format!("{source}: {e}")))?;
-    let data = &spec.data_path;
-    if !data.exists() {
-        return bad("data_path", format!("{} does not exist", data.display()));
+    for data in spec.data_path.paths() {
+        if !data.exists() {
+            return bad("data_path", format!("{} does not exist", data.display()));
+        }
+        if !data.is_file() {
+            return bad("data_path", format!("{} is not a file", data.display()));
+        }
     }
-    if !data.is_file() {
-        return bad("data_path", format!("{} is not a file", data.display()));
-    }
-    let loaded = herd_worker::data::records::load_records(data, spec.skip_bad_records)
+    // Every file is read (format, records) and the mixture built, as the trainer will.
+    let loaded = herd_worker::data::mixture::load_mixture(&spec.data_path, spec.seed, spec.skip_bad_records)
         .map_err(|e| Refusal(format!("{source}: `data_path`: {e}")))?;
+    let data = &spec.data_path;
     let n = loaded.records.len();
     if spec.world_size > n {
         return bad(
@@ -104,7 +109,7 @@ pub fn validate_submission(
             format!(
                 "{} workers are more than the {n} usable records in {}",
                 spec.world_size,
-                data.display()
+                data
             ),
         );
     }
@@ -115,7 +120,7 @@ pub fn validate_submission(
             format!(
                 "{} has {n} usable records, fewer than one global batch of {global} \
                  (per_device_train_batch_size {} x gradient_accumulation_steps {} x world_size {})",
-                data.display(),
+                data,
                 spec.per_device_train_batch_size,
                 spec.gradient_accumulation_steps,
                 spec.world_size
@@ -159,7 +164,7 @@ mod tests {
         std::fs::write(model.join("config.json"), "{}").unwrap();
         let v = validate_submission(ok, "j.yaml", base).unwrap();
         assert_eq!(v.records, 2);
-        assert!(v.spec.data_path.is_absolute());
+        assert!(v.spec.data_path.paths()[0].is_absolute());
         assert!(v.yaml.contains(base));
 
         let e = validate_submission(&format!("{ok}bogus: 1\n"), "j.yaml", base).unwrap_err();
@@ -186,6 +191,22 @@ mod tests {
         assert!(e.0.contains("missing.json does not exist"), "{e}");
         let e = validate_submission(ok, "j.yaml", "").unwrap_err();
         assert!(e.0.contains("relative"), "{e}");
+        // Every file of a mixture is checked: a bad second file is named.
+        std::fs::write(
+            dir.path().join("c.jsonl"),
+            "{\"conversations\": [{\"from\": \"gpt\", \"value\": \"a\"}]}\n",
+        )
+        .unwrap();
+        let mixed = ok.replace("data_path: d.json", "data_path: [d.json, {path: c.jsonl, weight: 2}]");
+        let e = validate_submission(&mixed, "j.yaml", base).unwrap_err();
+        assert!(e.0.contains("c.jsonl: record 1 (line 1): turn 1"), "{e}");
+        std::fs::write(
+            dir.path().join("c.jsonl"),
+            "{\"conversations\": [{\"from\": \"human\", \"value\": \"q\"}, {\"from\": \"gpt\", \"value\": \"a\"}]}\n",
+        )
+        .unwrap();
+        let v = validate_submission(&mixed, "j.yaml", base).unwrap();
+        assert_eq!(v.records, 4);
         std::fs::write(dir.path().join("d.json"), "[{\"instruction\": 1}]").unwrap();
         let e = validate_submission(ok, "j.yaml", base).unwrap_err();
         assert!(e.0.contains("data_path"), "{e}");

@@ -11,6 +11,7 @@ pub mod error;
 pub mod generate;
 pub mod init;
 pub mod llama;
+pub mod lora;
 pub mod loss;
 pub mod mlp;
 pub mod norm;

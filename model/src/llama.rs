@@ -14,6 +14,7 @@ use crate::attention::{Attention, LayerCache};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::init::SplitMix64;
+use crate::lora::{self, Lora, LoraConfig};
 use crate::mlp::{Linear, Mlp};
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
@@ -63,10 +64,14 @@ pub struct Net {
 }
 
 impl Net {
-    fn build(cfg: &LlamaConfig, get: &dyn Fn(&str) -> Tensor) -> Self {
+    fn build(cfg: &LlamaConfig, get: &dyn Fn(&str) -> Tensor, adapter: &Adapter) -> Self {
         let opt = |name: String, present: bool| present.then(|| get(&name));
         let linear = |p: &str, bias: bool| {
-            Linear::new(get(&format!("{p}.weight")), opt(format!("{p}.bias"), bias))
+            let l = Linear::new(get(&format!("{p}.weight")), opt(format!("{p}.bias"), bias));
+            match adapter(p) {
+                Some((a, b, scale)) => l.with_lora(a, b, scale),
+                None => l,
+            }
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
@@ -184,10 +189,18 @@ pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+/// Looks up the LoRA (A, B, scale) of a module path such as `model.layers.0.self_attn.q_proj`.
+type Adapter<'a> = dyn Fn(&str) -> Option<(Tensor, Tensor, f64)> + 'a;
+
 pub struct Llama {
     cfg: LlamaConfig,
     vars: Vec<(String, Var)>,
     net: Net,
+    /// With LoRA the base weights are frozen (the net sees detached copies, so backward computes
+    /// no gradient for them) and only the adapter vars are trainable.
+    lora: Option<Lora>,
+    /// vocab_size as loaded, before any resize (an adapter saves the embeddings when it differs).
+    base_vocab: usize,
 }
 
 impl Llama {
@@ -214,7 +227,18 @@ impl Llama {
     }
 
     /// `dir/config.json` plus the safetensors checkpoint in `dir`.
+    /// A PEFT adapter directory (`adapter_config.json`, no `config.json`) loads its base model from
+    /// `base_model_name_or_path` and applies the adapter.
     pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.join("config.json").exists() && dir.join(lora::ADAPTER_CONFIG).exists() {
+            let (_, base) = LoraConfig::from_file(&dir.join(lora::ADAPTER_CONFIG))?;
+            let base = base.ok_or_else(|| {
+                Error::Config(format!("{}: no base_model_name_or_path", dir.join(lora::ADAPTER_CONFIG).display()))
+            })?;
+            let mut model = Self::load(&lora::resolve_base(dir, &base))?;
+            model.load_adapter(dir)?;
+            return Ok(model);
+        }
         let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
         let (tensors, sources) = weights::load_dir_sourced(dir)?;
         Self::from_tensors_at(cfg, tensors, dir, &sources)
@@ -266,8 +290,9 @@ impl Llama {
                 name,
             });
         }
-        let net = build_net(&cfg, &vars, false);
-        Ok(Self { cfg, vars, net })
+        let net = build_net(&cfg, &vars, None, false);
+        let base_vocab = cfg.vocab_size;
+        Ok(Self { cfg, vars, net, lora: None, base_vocab })
     }
 
     /// Writes `config.json` and the weights in `dtype`, sharded at transformers' default 5 GB.
@@ -321,7 +346,107 @@ impl Llama {
     /// The network over detached copies of the weights (shared storage, no graph): inference
     /// builds no backward graph and keeps no activations alive.
     pub fn inference_net(&self) -> Net {
-        build_net(&self.cfg, &self.vars, true)
+        build_net(&self.cfg, &self.vars, self.lora.as_ref(), true)
+    }
+
+    /// Freezes the base and adds fresh LoRA adapters (PEFT init from `seed`).
+    pub fn enable_lora(&mut self, config: LoraConfig, seed: u64) -> Result<()> {
+        self.lora = Some(Lora::init(&self.cfg, config, seed)?);
+        self.rebuild();
+        Ok(())
+    }
+
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    /// The parameters that get gradients and optimizer state: the adapters with LoRA, else all.
+    pub fn trainable(&self) -> &[(String, Var)] {
+        match &self.lora {
+            Some(l) => &l.vars,
+            None => &self.vars,
+        }
+    }
+
+    pub fn num_trainable_parameters(&self) -> usize {
+        self.trainable().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    fn rebuild(&mut self) {
+        self.net = build_net(&self.cfg, &self.vars, self.lora.as_ref(), false);
+    }
+
+    /// Writes the adapter in PEFT's layout: `adapter_config.json` and `adapter_model.safetensors`
+    /// (f32), plus the resized embedding rows when the vocabulary differs from the base model's.
+    pub fn save_adapter(&self, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
+        let l = self.lora.as_ref().ok_or_else(|| Error::InvalidArgument("the model has no LoRA adapter".into()))?;
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+        let mut tensors: Vec<(String, Tensor)> =
+            l.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+        if self.cfg.vocab_size != self.base_vocab {
+            for (hf, peft) in lora::embed_names(self.cfg.tie_word_embeddings) {
+                let v = self.vars.iter().find(|(n, _)| n == hf).expect("embedding var exists");
+                tensors.push((peft, v.1.as_tensor().detach()));
+            }
+        }
+        let refs: Vec<&(String, Tensor)> = tensors.iter().collect();
+        weights::write_safetensors(&dir.join(lora::ADAPTER_WEIGHTS), &refs, DType::F32)?;
+        let text = serde_json::to_string_pretty(&l.config.to_json(base_model_name_or_path))
+            .expect("json values serialize");
+        weights::write_atomic(&dir.join(lora::ADAPTER_CONFIG), text.as_bytes())
+    }
+
+    /// Applies the PEFT adapter in `dir` (replacing any adapter this model has). Saved embedding
+    /// layers (a resized vocabulary) replace the base's embed_tokens / lm_head.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let (config, _) = LoraConfig::from_file(&dir.join(lora::ADAPTER_CONFIG))?;
+        let path = dir.join(lora::ADAPTER_WEIGHTS);
+        let mut tensors = lora::read_adapter_tensors(dir)?;
+        let embeds = lora::embed_names(self.cfg.tie_word_embeddings);
+        if let Some(e) = tensors.get(&embeds[0].1) {
+            let rows = e.dim(0)?;
+            if rows != self.cfg.vocab_size {
+                self.resize_token_embeddings(rows)?;
+            }
+            for (hf, peft) in &embeds {
+                let t = tensors.remove(peft).ok_or_else(|| Error::MissingTensor { path: path.clone(), name: peft.clone() })?;
+                let var = &mut self.vars.iter_mut().find(|(n, _)| n == hf).expect("embedding var exists").1;
+                if t.dims() != var.dims() {
+                    return Err(Error::ShapeMismatch { path, name: peft.clone(), expected: var.dims().to_vec(), found: t.dims().to_vec() });
+                }
+                *var = Var::from_tensor(&t.contiguous()?.detach())?;
+            }
+        }
+        let mut vars = vec![];
+        for (name, shape) in Lora::shapes(&self.cfg, &config) {
+            let t = tensors.remove(&name).ok_or_else(|| Error::MissingTensor { path: path.clone(), name: name.clone() })?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::ShapeMismatch { path, name, expected: shape, found: t.dims().to_vec() });
+            }
+            vars.push((name, Var::from_tensor(&t.contiguous()?.detach())?));
+        }
+        if let Some(name) = tensors.into_keys().next() {
+            return Err(Error::UnexpectedTensor { path, name });
+        }
+        self.lora = Some(Lora { config, vars });
+        self.rebuild();
+        Ok(())
+    }
+
+    /// A plain model with every adapter folded in: W + B A * scale.
+    pub fn merged(&self) -> Result<Llama> {
+        let Some(l) = &self.lora else {
+            return Self::from_tensors(self.cfg.clone(), self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect());
+        };
+        let mut tensors = BTreeMap::new();
+        for (name, v) in &self.vars {
+            let mut t = v.as_tensor().detach();
+            if let Some((a, b)) = name.strip_suffix(".weight").and_then(|p| l.get(p)) {
+                t = (t + (b.as_tensor().matmul(a.as_tensor())? * l.config.scale())?)?;
+            }
+            tensors.insert(name.clone(), t);
+        }
+        Self::from_tensors(self.cfg.clone(), tensors)
     }
 
     /// Grows (or truncates) the vocabulary as train.py's `smart_tokenizer_and_embedding_resize`:
@@ -351,22 +476,24 @@ impl Llama {
             *var = Var::from_tensor(&resized)?;
         }
         self.cfg.vocab_size = new_vocab;
-        self.net = build_net(&self.cfg, &self.vars, false);
+        self.rebuild();
         Ok(())
     }
 }
 
-fn build_net(cfg: &LlamaConfig, vars: &[(String, Var)], detached: bool) -> Net {
+fn build_net(cfg: &LlamaConfig, vars: &[(String, Var)], lora: Option<&Lora>, detached: bool) -> Net {
     let by_name: BTreeMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
-    Net::build(cfg, &|name| {
-        let t = by_name
-            .get(name)
-            .unwrap_or_else(|| panic!("parameter {name} exists"))
-            .as_tensor();
-        if detached {
-            t.detach()
-        } else {
-            t.clone()
-        }
-    })
+    let take = |v: &Var, detach: bool| if detach { v.as_tensor().detach() } else { v.as_tensor().clone() };
+    // With LoRA the base is always detached: frozen, no gradient computed for it.
+    let base_detached = detached || lora.is_some();
+    let adapter = |p: &str| {
+        let l = lora?;
+        let (a, b) = l.get(p)?;
+        Some((take(a, detached), take(b, detached), l.config.scale()))
+    };
+    Net::build(
+        cfg,
+        &|name| take(by_name.get(name).unwrap_or_else(|| panic!("parameter {name} exists")), base_detached),
+        &adapter,
+    )
 }

@@ -4,28 +4,76 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 
-/// y = x W^T (+ b), W: [out, in] as in torch.nn.Linear.
+/// y = x W^T (+ b), W: [out, in] as in torch.nn.Linear; with a LoRA adapter (PEFT's
+/// `lora.Linear`, dropout 0) y += (x A^T) B^T * scale.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<(Tensor, Tensor, f64)>, // A [r, in], B [out, r], scale = alpha / r
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight, bias, lora: None }
+    }
+
+    pub fn with_lora(mut self, a: Tensor, b: Tensor, scale: f64) -> Self {
+        self.lora = Some((a, b, scale));
+        self
     }
 
     /// x: [b, t, in] -> [b, t, out]. Flattening to 2-D keeps it one plain matmul (whose backward
     /// candle records) instead of a broadcast matmul that copies W per batch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
-        let y = x.reshape((b * t, d_in))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((b * t, d_in))?;
+        let y = if !self.weight.is_variable() && x2.track_op() {
+            // A frozen weight under a graph that needs d/dx (LoRA): candle's matmul backward
+            // would also compute d/dW, a weight-sized matmul and buffer per layer for nothing.
+            x2.apply_op1(FrozenMatmul(self.weight.clone()))?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
         };
+        let y = match &self.lora {
+            Some((a, bm, scale)) => (y + (x2.matmul(&a.t()?)?.matmul(&bm.t()?)? * *scale)?)?,
+            None => y,
+        };
         Ok(y.reshape((b, t, ()))?)
+    }
+}
+
+/// x W^T for a frozen W: forward as the plain matmul, backward only dx = dy W.
+struct FrozenMatmul(Tensor);
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: non-contiguous input".into()))?;
+        let candle_core::CpuStorage::F32(v) = s else {
+            return Err(candle_core::Error::Msg("frozen-matmul: f32 only".into()));
+        };
+        let x = Tensor::from_slice(&v[start..end], l.shape(), &candle_core::Device::Cpu)?;
+        let y = x.matmul(&self.0.t()?)?;
+        let shape = y.shape().clone();
+        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.0)?))
     }
 }
 

@@ -117,14 +117,196 @@ fn d_seed() -> u64 {
     42
 }
 
+/// How a data file's records are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// Decided by the first record's keys: `conversations` → ShareGPT, `instruction` → Alpaca.
+    #[default]
+    Auto,
+    /// `{instruction, input?, output}` (Alpaca's train.py).
+    Alpaca,
+    /// `{id?, conversations: [{from, value}, ...]}` (ShareGPT / Vicuna).
+    Sharegpt,
+}
+
+impl DataFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataFormat::Auto => "auto",
+            DataFormat::Alpaca => "alpaca",
+            DataFormat::Sharegpt => "sharegpt",
+        }
+    }
+}
+
+fn d_weight() -> f64 {
+    1.0
+}
+
+/// One file of a data mixture with its weight and format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataFile {
+    pub path: PathBuf,
+    /// Take round(weight × usable records) examples: < 1 subsamples, > 1 repeats.
+    #[serde(default = "d_weight")]
+    pub weight: f64,
+    #[serde(default)]
+    pub format: DataFormat,
+}
+
+impl DataFile {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DataFile { path: path.into(), weight: 1.0, format: DataFormat::Auto }
+    }
+}
+
+/// An entry of a `data_path` list: a bare path (weight 1, format auto) or a map.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum DataEntry {
+    Path(PathBuf),
+    File(DataFile),
+}
+
+/// `data_path`: one path (as train.py's `--data_path`) or a list of entries mixed into one
+/// training set. Kept as written so that [`JobSpec::to_yaml`] round-trips.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum DataPath {
+    Single(PathBuf),
+    List(Vec<DataEntry>),
+}
+
+impl DataPath {
+    /// The files with defaults filled in, in order.
+    pub fn files(&self) -> Vec<DataFile> {
+        match self {
+            DataPath::Single(p) => vec![DataFile::new(p.clone())],
+            DataPath::List(v) => v
+                .iter()
+                .map(|e| match e {
+                    DataEntry::Path(p) => DataFile::new(p.clone()),
+                    DataEntry::File(f) => f.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn paths(&self) -> Vec<&Path> {
+        match self {
+            DataPath::Single(p) => vec![p.as_path()],
+            DataPath::List(v) => v
+                .iter()
+                .map(|e| match e {
+                    DataEntry::Path(p) => p.as_path(),
+                    DataEntry::File(f) => f.path.as_path(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        match self {
+            DataPath::Single(p) => vec![p],
+            DataPath::List(v) => v
+                .iter_mut()
+                .map(|e| match e {
+                    DataEntry::Path(p) => p,
+                    DataEntry::File(f) => &mut f.path,
+                })
+                .collect(),
+        }
+    }
+
+    /// Value checks: at least one file, weights finite and > 0.
+    pub fn check(&self) -> Result<(), String> {
+        let files = self.files();
+        if files.is_empty() {
+            return Err("the list names no file".into());
+        }
+        for (i, f) in files.iter().enumerate() {
+            if !(f.weight.is_finite() && f.weight > 0.0) {
+                return Err(format!("entry {} ({}): weight must be a number > 0, got {}", i + 1, f.path.display(), f.weight));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl From<PathBuf> for DataPath {
+    fn from(p: PathBuf) -> Self {
+        DataPath::Single(p)
+    }
+}
+
+impl From<&str> for DataPath {
+    fn from(p: &str) -> Self {
+        DataPath::Single(p.into())
+    }
+}
+
+impl std::fmt::Display for DataPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let paths: Vec<String> = self.paths().iter().map(|p| p.display().to_string()).collect();
+        write!(f, "{}", paths.join(", "))
+    }
+}
+
+// Hand-written so that errors inside a map entry (unknown key, wrong type) keep serde_yaml's
+// message and position instead of "did not match any variant".
+impl<'de> Deserialize<'de> for DataEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DataEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a path or a map {path, weight, format}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DataEntry, E> {
+                Ok(DataEntry::Path(v.into()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<DataEntry, A::Error> {
+                DataFile::deserialize(serde::de::value::MapAccessDeserializer::new(m)).map(DataEntry::File)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for DataPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = DataPath;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a path or a list of paths / {path, weight, format} maps")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DataPath, E> {
+                Ok(DataPath::Single(v.into()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<DataPath, A::Error> {
+                let mut out = Vec::new();
+                while let Some(e) = s.next_element::<DataEntry>()? {
+                    out.push(e);
+                }
+                Ok(DataPath::List(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// One training job. Field names and defaults follow `transformers.TrainingArguments`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// A directory in HF layout: config.json, model.safetensors (or an index), tokenizer files.
     pub model_name_or_path: PathBuf,
-    /// Alpaca-style JSON array or JSONL file.
-    pub data_path: PathBuf,
+    /// The training data: one file (Alpaca or ShareGPT JSON/JSONL, format detected) or a list of
+    /// files, each a path or `{path, weight, format}`, mixed into one set (see [`DataPath`]).
+    pub data_path: DataPath,
     pub output_dir: PathBuf,
     /// Tokenizer directory when it is not the model directory.
     #[serde(default)]
@@ -313,6 +495,9 @@ impl JobSpec {
         if self.eval_steps == Some(0) {
             return bad("eval_steps", "must be at least 1".into());
         }
+        if let Err(reason) = self.data_path.check() {
+            return bad("data_path", reason);
+        }
         if self.bf16 && self.fp16 {
             return bad("fp16", "bf16 and fp16 cannot both be true".into());
         }
@@ -335,7 +520,12 @@ impl JobSpec {
 
     /// Resolve the job's relative paths against `base` (the directory the job was submitted from).
     pub fn resolve_paths(&mut self, base: &Path) {
-        for p in [&mut self.model_name_or_path, &mut self.data_path, &mut self.output_dir] {
+        for p in self.data_path.paths_mut() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        for p in [&mut self.model_name_or_path, &mut self.output_dir] {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -430,6 +620,49 @@ mod tests {
         assert_eq!(j.warmup_steps_for(2436), 74);
         let j = JobSpec::from_yaml_str(&format!("{MIN}warmup_ratio: 0.03\nwarmup_steps: 5\n"), "j").unwrap();
         assert_eq!(j.warmup_steps_for(100), 5);
+    }
+
+    #[test]
+    fn data_path_forms() {
+        let base = "model_name_or_path: m\noutput_dir: out\n";
+        let j = JobSpec::from_yaml_str(&format!("{base}data_path: d.json\n"), "j").unwrap();
+        assert_eq!(j.data_path, DataPath::Single("d.json".into()));
+        assert_eq!(j.data_path.files(), vec![DataFile::new("d.json")]);
+        let j = JobSpec::from_yaml_str(&format!("{base}data_path: [a.json, b.jsonl]\n"), "j").unwrap();
+        assert_eq!(j.data_path.paths(), vec![Path::new("a.json"), Path::new("b.jsonl")]);
+        let text = format!(
+            "{base}data_path:\n  - a.json\n  - path: c.json\n    weight: 0.5\n    format: sharegpt\n  - {{path: d.json, format: alpaca}}\n"
+        );
+        let j = JobSpec::from_yaml_str(&text, "j").unwrap();
+        let f = j.data_path.files();
+        assert_eq!(f[0], DataFile::new("a.json"));
+        assert_eq!(f[1], DataFile { path: "c.json".into(), weight: 0.5, format: DataFormat::Sharegpt });
+        assert_eq!(f[2], DataFile { path: "d.json".into(), weight: 1.0, format: DataFormat::Alpaca });
+        // Round trip through to_yaml keeps the form.
+        let back = JobSpec::from_yaml_str(&j.to_yaml(), "j").unwrap();
+        assert_eq!(j, back);
+        let mut r = j.clone();
+        r.resolve_paths(Path::new("/base"));
+        assert!(r.data_path.paths().iter().all(|p| p.starts_with("/base")));
+    }
+
+    #[test]
+    fn data_path_errors() {
+        let base = "model_name_or_path: m\noutput_dir: out\n";
+        let text = format!("{base}data_path:\n  - a.json\n  - path: c.json\n    wieght: 2\n");
+        let err = JobSpec::from_yaml_str(&text, "j.yaml").unwrap_err().to_string();
+        assert!(err.contains("unknown field `wieght`"), "{err}");
+        assert!(err.contains("data_path[1]") && err.contains("line 6 column 5"), "{err}");
+        let text = format!("{base}data_path:\n  - path: c.json\n    format: csv\n");
+        let err = JobSpec::from_yaml_str(&text, "j.yaml").unwrap_err().to_string();
+        assert!(err.contains("csv") && err.contains("line 5"), "{err}");
+        let text = format!("{base}data_path:\n  - path: c.json\n    weight: 0\n");
+        let err = JobSpec::from_yaml_str(&text, "j.yaml").unwrap_err();
+        assert!(matches!(err, JobError::Invalid { key: "data_path", .. }), "{err}");
+        let err = JobSpec::from_yaml_str(&format!("{base}data_path: []\n"), "j.yaml").unwrap_err();
+        assert!(matches!(err, JobError::Invalid { key: "data_path", .. }), "{err}");
+        let err = JobSpec::from_yaml_str(&format!("{base}data_path: 3\n"), "j.yaml").unwrap_err().to_string();
+        assert!(err.contains("data_path") && err.contains("line 3"), "{err}");
     }
 
     #[test]

@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 use herd_model::Tokenizer;
-use herd_worker::data::preview::{preview as render, PreviewOptions};
-use herd_worker::data::records::load_records;
+use herd_worker::data::mixture::load_mixture;
+use herd_worker::data::preview::{preview_mixture, PreviewOptions};
 use std::path::Path;
 
 pub fn preview(job_path: &Path, examples: usize, show_tokens: bool, color: bool) -> Result<()> {
@@ -11,8 +11,8 @@ pub fn preview(job_path: &Path, examples: usize, show_tokens: bool, color: bool)
     let tok_dir = job.tokenizer_name.as_deref().unwrap_or(&job.model_name_or_path);
     let mut tok = Tokenizer::from_dir(tok_dir)?;
     tok.add_missing_special_tokens();
-    let loaded = load_records(&job.data_path, job.skip_bad_records)?;
+    let mix = load_mixture(&job.data_path, job.seed, job.skip_bad_records)?;
     let opts = PreviewOptions { examples, max_len: job.model_max_length, color, show_tokens };
-    print!("{}", render(&tok, &loaded, &opts)?);
+    print!("{}", preview_mixture(&tok, &mix, &opts)?);
     Ok(())
 }

@@ -50,7 +50,7 @@ enum DemoCmd {
 pub fn demo_job(dir: &Path) -> Result<JobSpec> {
     let mut job = JobSpec::from_yaml_str(DEMO_JOB, "configs/demo.yaml")?;
     job.model_name_or_path = dir.join("model");
-    job.data_path = dir.join("data/train.json");
+    job.data_path = dir.join("data/train.json").into();
     job.output_dir = dir.join("output");
     Ok(job)
 }

@@ -64,7 +64,7 @@ impl Observer for Progress {
                     ));
                 }
             }
-            Event::Logged(entry) => self.println(entry.to_string()),
+            Event::Logged(entry) | Event::Evaluated(entry) => self.println(entry.to_string()),
             Event::Saved { step, path, rotated } => {
                 let mut line = format!("saved checkpoint-{step} at {}", path.display());
                 if !rotated.is_empty() {

@@ -24,11 +24,13 @@ pub fn check_paths(job: &JobSpec) -> Result<()> {
         "model_name_or_path {}: no config.json there (expected a model directory in Hugging Face layout)",
         job.model_name_or_path.display()
     );
-    anyhow::ensure!(
-        job.data_path.is_file(),
-        "data_path {}: no such file (expected an Alpaca JSON or JSONL file)",
-        job.data_path.display()
-    );
+    for p in job.data_path.paths() {
+        anyhow::ensure!(
+            p.is_file(),
+            "data_path {}: no such file (expected an Alpaca or ShareGPT JSON or JSONL file)",
+            p.display()
+        );
+    }
     Ok(())
 }
 

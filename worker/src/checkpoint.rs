@@ -8,7 +8,7 @@ use crate::error::{io_err, Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub const PREFIX: &str = "checkpoint-";
@@ -39,16 +39,9 @@ fn staging_dir(output_dir: &Path, step: u64) -> PathBuf {
 }
 
 /// Write `bytes` to `path` atomically: temporary name beside it, fsync, rename, fsync the dir.
+/// (One implementation for the whole project: the model crate's.)
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    sync_dir(dir)
+    Ok(herd_model::weights::write_atomic(path, bytes)?)
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {

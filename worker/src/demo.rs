@@ -8,6 +8,12 @@
 //! - `DIR/data/train.json`, `DIR/data/eval.json`: Alpaca JSON arrays; every record also has a
 //!   `"task"` key (ignored by training, used by [`exact_match_by_task`]). Train and eval are
 //!   disjoint in (instruction, input).
+//! - `DIR/data/conversations.json`: ShareGPT records (Vicuna format), each a chat of 2–3 tasks from
+//!   the same families (`"tasks"` lists them), for conversation training (`configs/demo-chat.yaml`).
+//! - `DIR/data/comparisons.json`: `{user_input, completion_a, completion_b, task}` pairs, a the
+//!   correct answer and b a wrong one of the same family, for reward-model training.
+//!
+//! All of it is a pure function of the seed.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -17,11 +23,14 @@ use herd_model::init::SplitMix64;
 use herd_model::{Llama, LlamaConfig, Tokenizer};
 use serde::{Deserialize, Serialize};
 
+use crate::data::chat::{VICUNA_ASSISTANT, VICUNA_SYSTEM, VICUNA_USER};
 use crate::data::{AlpacaRecord, DataError, PROMPT_INPUT, PROMPT_NO_INPUT};
 use crate::error::{Error, Result};
 
 pub const DEMO_TRAIN_RECORDS: usize = 4000;
 pub const DEMO_EVAL_RECORDS: usize = 200;
+pub const DEMO_CHAT_RECORDS: usize = 1000;
+pub const DEMO_COMPARISONS: usize = 600;
 /// The demo tokenizer's model_max_length; every demo example is far shorter.
 pub const DEMO_MAX_LEN: usize = 128;
 
@@ -78,8 +87,12 @@ pub struct DemoSummary {
     pub model_dir: PathBuf,
     pub train_path: PathBuf,
     pub eval_path: PathBuf,
+    pub conversations_path: PathBuf,
+    pub comparisons_path: PathBuf,
     pub train_records: usize,
     pub eval_records: usize,
+    pub conversations: usize,
+    pub comparisons: usize,
     /// `len(tokenizer)` before the `[PAD]` addition (= config.json vocab_size).
     pub vocab_size: usize,
     pub num_parameters: usize,
@@ -119,6 +132,12 @@ pub fn demo_vocab_words() -> Vec<String> {
     for w in WORDS {
         add(&w.to_uppercase());
     }
+    // The Vicuna template's words, appended last so the ids above stay put.
+    for w in VICUNA_SYSTEM.split_whitespace() {
+        add(w);
+    }
+    add(&format!("{VICUNA_USER}:"));
+    add(&format!("{VICUNA_ASSISTANT}:"));
     out
 }
 
@@ -258,7 +277,95 @@ pub fn generate_records(
     (train, eval)
 }
 
-fn write_json(path: &Path, records: &[DemoRecord]) -> Result<()> {
+/// One demo conversation in ShareGPT form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DemoConversation {
+    pub id: String,
+    pub tasks: Vec<String>,
+    pub conversations: Vec<DemoTurn>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DemoTurn {
+    pub from: String,
+    pub value: String,
+}
+
+/// One comparison pair (GPT-4-LLM's comparison-data keys): a is right, b is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DemoComparison {
+    pub task: String,
+    pub user_input: String,
+    pub completion_a: String,
+    pub completion_b: String,
+}
+
+/// The user's message for a record: the instruction, then the input on its own line.
+pub fn user_text(r: &DemoRecord) -> String {
+    match &r.input {
+        Some(i) if !i.is_empty() => format!("{}\n{i}", r.instruction),
+        _ => r.instruction.clone(),
+    }
+}
+
+/// `n` conversations of 2–3 tasks each (distinct families within a conversation).
+pub fn generate_conversations(seed: u64, n: usize) -> Vec<DemoConversation> {
+    let mut rng = SplitMix64::new(seed ^ 0x6865_7264_6368_6174); // "herdchat"
+    (0..n)
+        .map(|i| {
+            let turns = 2 + (rng.next_u64() % 2) as usize;
+            let mut tasks: Vec<&str> = Vec::new();
+            while tasks.len() < turns {
+                let t = pick(&mut rng, &TASKS);
+                if !tasks.contains(&t) {
+                    tasks.push(t);
+                }
+            }
+            let mut conversations = Vec::new();
+            for t in &tasks {
+                let r = make_record(t, &mut rng);
+                conversations.push(DemoTurn { from: "human".into(), value: user_text(&r) });
+                conversations.push(DemoTurn { from: "gpt".into(), value: r.output });
+            }
+            DemoConversation {
+                id: format!("demo-chat-{i}"),
+                tasks: tasks.iter().map(|t| t.to_string()).collect(),
+                conversations,
+            }
+        })
+        .collect()
+}
+
+/// `n` comparison pairs, families in rotation; b is the answer to another prompt of the same
+/// family that differs from a.
+pub fn generate_comparisons(seed: u64, n: usize) -> Vec<DemoComparison> {
+    let mut rng = SplitMix64::new(seed ^ 0x6865_7264_7061_6972); // "herdpair"
+    (0..n)
+        .map(|i| {
+            let task = TASKS[i % TASKS.len()];
+            let r = make_record(task, &mut rng);
+            let mut wrong = String::new();
+            for _ in 0..64 {
+                let o = make_record(task, &mut rng).output;
+                if o != r.output {
+                    wrong = o;
+                    break;
+                }
+            }
+            if wrong.is_empty() {
+                wrong = format!("{} {}", r.output, WORDS[0]);
+            }
+            DemoComparison {
+                task: task.to_string(),
+                user_input: user_text(&r),
+                completion_a: r.output,
+                completion_b: wrong,
+            }
+        })
+        .collect()
+}
+
+fn write_json<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
     let mut text = serde_json::to_string_pretty(records).map_err(|e| Error::Io {
         path: path.to_path_buf(),
         source: std::io::Error::other(e),
@@ -289,13 +396,23 @@ pub fn write_demo_assets(dir: &Path, seed: u64) -> Result<DemoSummary> {
     let eval_path = data_dir.join("eval.json");
     write_json(&train_path, &train)?;
     write_json(&eval_path, &eval)?;
+    let conversations = generate_conversations(seed, DEMO_CHAT_RECORDS);
+    let comparisons = generate_comparisons(seed, DEMO_COMPARISONS);
+    let conversations_path = data_dir.join("conversations.json");
+    let comparisons_path = data_dir.join("comparisons.json");
+    write_json(&conversations_path, &conversations)?;
+    write_json(&comparisons_path, &comparisons)?;
     Ok(DemoSummary {
         dir: dir.to_path_buf(),
         model_dir,
         train_path,
         eval_path,
+        conversations_path,
+        comparisons_path,
         train_records: train.len(),
         eval_records: eval.len(),
+        conversations: conversations.len(),
+        comparisons: comparisons.len(),
         vocab_size: tok.len(),
         num_parameters: model.num_parameters(),
         tasks: TASKS.iter().map(|s| s.to_string()).collect(),
@@ -415,6 +532,40 @@ mod tests {
     }
 
     #[test]
+    fn conversations_and_comparisons() {
+        use crate::data::{encode_record, load_file, Record};
+        let c = generate_conversations(3, 200);
+        assert_eq!(c, generate_conversations(3, 200));
+        assert_ne!(c, generate_conversations(4, 200));
+        let p = generate_comparisons(3, 70);
+        assert_eq!(p, generate_comparisons(3, 70));
+        for x in &p {
+            assert_ne!(x.completion_a, x.completion_b);
+        }
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("c.json");
+        write_json(&path, &c).unwrap();
+        let l = load_file(&path, herd_proto::DataFormat::Auto, false).unwrap();
+        assert_eq!(l.format, herd_proto::DataFormat::Sharegpt);
+        assert_eq!(l.records.len(), 200);
+        let mut tok = demo_tokenizer().unwrap();
+        tok.add_missing_special_tokens();
+        for (r, dc) in l.records.iter().zip(&c) {
+            let Record::Chat(conv) = r else { panic!() };
+            assert!(dc.tasks.len() == 2 || dc.tasks.len() == 3);
+            assert_eq!(conv.messages.len(), 2 * dc.tasks.len());
+            let ex = encode_record(&tok, r, 100_000).unwrap();
+            assert!(ex.len() < DEMO_MAX_LEN, "conversation of {} tokens", ex.len());
+            // Template words stay whole: no byte or single-character pieces for the system prompt.
+            assert!(ex.len() < 110);
+            // Trained tokens decode to the answers, each followed by </s>.
+            let trained: Vec<u32> = ex.input_ids.iter().zip(&ex.labels).filter(|(_, &l)| l >= 0).map(|(&i, _)| i).collect();
+            let answers: String = dc.conversations.iter().filter(|t| t.from == "gpt").map(|t| format!(" {}</s>", t.value)).collect();
+            assert_eq!(tok.decode(&trained, false).unwrap(), answers.trim_start());
+        }
+    }
+
+    #[test]
     fn exact_match() {
         let (_, eval) = generate_records(3, 0, 14);
         let mut preds: Vec<String> = eval.iter().map(|r| format!(" {}\n", r.output)).collect();
@@ -432,6 +583,8 @@ mod tests {
         let s = write_demo_assets(d.path(), 7).unwrap();
         assert_eq!(s.train_records, DEMO_TRAIN_RECORDS);
         assert_eq!(s.eval_records, DEMO_EVAL_RECORDS);
+        assert_eq!((s.conversations, s.comparisons), (DEMO_CHAT_RECORDS, DEMO_COMPARISONS));
+        assert!(s.conversations_path.is_file() && s.comparisons_path.is_file());
         for f in [
             "config.json",
             "model.safetensors",

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod data;
 pub mod demo;
 pub mod error;
+pub mod eval;
 pub mod optim;
 pub mod schedule;
 pub mod trainer;

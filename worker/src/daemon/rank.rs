@@ -179,6 +179,7 @@ fn run_rank(a: &pb::Assignment, ctx: RankCtx, stop: Arc<AtomicBool>, step: Arc<A
                 };
                 let _ = reports.send(Report::Progress(progress(total_steps, Some(metric))));
             }
+            Event::Evaluated(entry) => lines.borrow_mut().push(entry.to_string()),
             Event::Saved { step: s, path, rotated } => {
                 let mut line = format!("saved checkpoint-{s} at {}", path.display());
                 if !rotated.is_empty() {

@@ -1,11 +1,15 @@
-//! The data pipeline of train.py, step by step: records (Alpaca JSON / JSONL) → prompt templates →
+//! The data pipeline of train.py, step by step: records (Alpaca or ShareGPT JSON / JSONL, one file
+//! or a weighted mixture, see [`mixture`]) → prompt templates (Alpaca's, or Vicuna v1.1 in [`chat`]) →
 //! token ids with the prompt masked out of the labels → right-padded batches; plus the epoch order
 //! (a pure function of seed and epoch), length statistics and a human-readable preview.
 //!
-//! Everything here is deterministic and free of I/O except [`records::load_records`].
+//! Everything here is deterministic and free of I/O except the loaders ([`records::load_records`],
+//! [`mixture::load_file`], [`mixture::load_mixture`]).
 
+pub mod chat;
 pub mod collate;
 pub mod encode;
+pub mod mixture;
 pub mod order;
 pub mod preview;
 pub mod records;
@@ -14,12 +18,14 @@ pub mod template;
 
 use std::path::PathBuf;
 
+pub use chat::{encode_conversation, render as render_conversation, Conversation, Message, Role, VICUNA_SYSTEM};
 pub use collate::{collate, Batch};
+pub use mixture::{encode_record, encode_record_with_info, load_file, load_mixture, Mixture, MixtureFile, Record};
 pub use encode::{encode_alpaca, encode_alpaca_with_info, EncodeInfo, Example, IGNORE_INDEX};
 pub use order::epoch_permutation;
-pub use preview::{preview, render_example, PreviewOptions};
+pub use preview::{preview, preview_mixture, render_example, PreviewOptions};
 pub use records::{load_records, AlpacaRecord, Loaded};
-pub use stats::{dataset_stats, DatasetStats, LengthStats};
+pub use stats::{dataset_stats, dataset_stats_records, DatasetStats, LengthStats};
 pub use template::{source_text, target_text, PROMPT_INPUT, PROMPT_NO_INPUT};
 
 /// Where in a data file something went wrong: the file, the 1-based record number and, for
@@ -77,6 +83,17 @@ pub enum DataError {
         expected: &'static str,
         found: String,
     },
+    #[error("{at}: expected a JSON object with \"conversations\" (ShareGPT), found {found}")]
+    NotAChat { at: Location, found: String },
+    /// A conversation turn is malformed or out of order (`turn` is 1-based, system turn included).
+    #[error("{at}: turn {turn}: {reason}")]
+    BadTurn { at: Location, turn: usize, reason: String },
+    #[error("{path}: cannot tell the format from the first record ({found}): an Alpaca record has \"instruction\" and \"output\", a ShareGPT record has \"conversations\"; or declare `format:` in data_path")]
+    UnknownFormat { path: PathBuf, found: String },
+    #[error("{path}: declared {declared} but the first record does not have that shape ({found})")]
+    WrongFormat { path: PathBuf, declared: &'static str, found: String },
+    #[error("data_path ({files}): the weights select no examples")]
+    EmptyMixture { files: String },
     #[error("{path}: no usable records ({skipped} skipped)")]
     Empty { path: PathBuf, skipped: usize },
     #[error("the tokenizer has no eos token; the target text is output + eos (add the missing special tokens first)")]
@@ -94,7 +111,9 @@ impl DataError {
         match self {
             DataError::RecordSyntax { at, .. }
             | DataError::NotAnObject { at, .. }
-            | DataError::BadField { at, .. } => Some(at),
+            | DataError::BadField { at, .. }
+            | DataError::NotAChat { at, .. }
+            | DataError::BadTurn { at, .. } => Some(at),
             _ => None,
         }
     }

@@ -7,8 +7,9 @@ use std::fmt::Write;
 use herd_model::Tokenizer;
 
 use super::encode::{encode_alpaca_with_info, Example, IGNORE_INDEX};
+use super::mixture::{encode_record_with_info, Mixture, Record};
 use super::records::Loaded;
-use super::stats::dataset_stats;
+use super::stats::{dataset_stats, dataset_stats_records};
 use super::Result;
 
 pub const MASK_OPEN: &str = "«";
@@ -160,6 +161,65 @@ pub fn preview(tok: &Tokenizer, loaded: &Loaded, opts: &PreviewOptions) -> Resul
     Ok(s)
 }
 
+/// The preview of a `data_path` mixture: one line per file (format, weight, records, skipped,
+/// examples taken), the first `opts.examples` examples of each file, then the statistics of the
+/// whole training set.
+pub fn preview_mixture(tok: &Tokenizer, mix: &Mixture, opts: &PreviewOptions) -> Result<String> {
+    let mut s = String::new();
+    writeln!(
+        s,
+        "{} examples from {} file(s); max_len {}; {} marks what is not trained (label -100)",
+        mix.records.len(),
+        mix.files.len(),
+        opts.max_len,
+        if opts.color { "dim text" } else { "«…»" }
+    )
+    .unwrap();
+    for f in &mix.files {
+        writeln!(
+            s,
+            "  {}: {}, weight {}, {} records{}, {} examples",
+            f.path.display(),
+            f.format.as_str(),
+            f.weight,
+            f.records,
+            if f.skipped > 0 { format!(" ({} skipped)", f.skipped) } else { String::new() },
+            f.taken
+        )
+        .unwrap();
+    }
+    for r in &mix.skip_reasons {
+        writeln!(s, "  skipped: {r}").unwrap();
+    }
+    for (fi, f) in mix.files.iter().enumerate() {
+        let range = mix.file_range(fi);
+        for (k, rec) in mix.records[range.clone()].iter().take(opts.examples).enumerate() {
+            let (ex, info) = encode_record_with_info(tok, rec, opts.max_len)?;
+            let trained = ex.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count();
+            let kind = match rec {
+                Record::Alpaca(_) => "alpaca",
+                Record::Chat(_) => "conversation",
+            };
+            writeln!(
+                s,
+                "\n── {} example {} of {} ({kind}): {} tokens, {} masked, {} trained{} ──",
+                f.path.display(),
+                k + 1,
+                range.len(),
+                ex.len(),
+                info.masked,
+                trained,
+                if info.truncated(opts.max_len) { format!(", truncated from {}", info.full_len) } else { String::new() }
+            )
+            .unwrap();
+            writeln!(s, "{}", render_example(tok, &ex, opts.color, opts.show_tokens)?).unwrap();
+        }
+    }
+    let st = dataset_stats_records(tok, &mix.records, opts.max_len)?;
+    writeln!(s, "\n── statistics ──\n{st}").unwrap();
+    Ok(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +247,35 @@ mod tests {
         let p = render_example(&t, &ex, false, true).unwrap();
         assert!(p.contains("tokens: «1:<s> "), "{p}");
         assert!(p.contains("» "), "{p}");
+    }
+
+    #[test]
+    fn mixture_preview_counts_files() {
+        use crate::data::mixture::MixtureFile;
+        use crate::data::Conversation;
+        use herd_proto::DataFormat;
+        let mut words: Vec<&str> = PROMPT_INPUT.split_whitespace().collect();
+        words.extend(["USER:", "ASSISTANT:", "cat", "sun"]);
+        let mut t = Tokenizer::demo(&words).unwrap();
+        t.add_missing_special_tokens();
+        let mix = Mixture {
+            records: vec![
+                Record::Alpaca(AlpacaRecord::new("Say the word.", None, "cat")),
+                Record::Chat(Conversation::from_pairs(&[("cat", "sun"), ("sun", "cat")])),
+            ],
+            files: vec![
+                MixtureFile { path: "a.json".into(), format: DataFormat::Alpaca, weight: 1.0, records: 1, skipped: 0, taken: 1 },
+                MixtureFile { path: "c.jsonl".into(), format: DataFormat::Sharegpt, weight: 0.5, records: 2, skipped: 1, taken: 1 },
+            ],
+            skipped: 1,
+            skip_reasons: vec![],
+        };
+        let s = preview_mixture(&t, &mix, &PreviewOptions::default()).unwrap();
+        assert!(s.contains("2 examples from 2 file(s)"), "{s}");
+        assert!(s.contains("c.jsonl: sharegpt, weight 0.5, 2 records (1 skipped), 1 examples"), "{s}");
+        assert!(s.contains("(conversation)"), "{s}");
+        assert!(s.contains("ASSISTANT:» sun</s>«"), "{s}");
+        assert!(s.contains("examples:        2"), "{s}");
     }
 
     #[test]

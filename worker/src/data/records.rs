@@ -45,7 +45,7 @@ pub struct Loaded {
 
 pub const MAX_SKIP_REASONS: usize = 10;
 
-fn describe(v: Option<&Value>) -> String {
+pub(crate) fn describe(v: Option<&Value>) -> String {
     match v {
         None => "nothing (the key is missing)".into(),
         Some(Value::Null) => "null".into(),
@@ -95,7 +95,7 @@ pub fn record_from_value(v: &Value, at: &Location) -> Result<AlpacaRecord> {
     })
 }
 
-fn is_jsonl(path: &Path, text: &str) -> bool {
+pub(crate) fn is_jsonl(path: &Path, text: &str) -> bool {
     match path.extension().and_then(|e| e.to_str()) {
         Some("jsonl") | Some("ndjson") => true,
         _ => !text
@@ -117,23 +117,22 @@ pub fn load_records(path: &Path, skip_bad: bool) -> Result<Loaded> {
 
 /// [`load_records`] on text already read; `path` is used in messages only.
 pub fn parse_records(path: &Path, text: &str, skip_bad: bool) -> Result<Loaded> {
+    let values = read_values(path, text)?;
+    let (records, skipped, skip_reasons) =
+        convert_values(path, values, skip_bad, record_from_value)?;
+    Ok(Loaded {
+        records,
+        skipped,
+        skip_reasons,
+    })
+}
+
+/// The records of a file as JSON values, each with its location; a JSONL line that is not valid
+/// JSON is an `Err` in its place (a JSON array file that does not parse fails as a whole).
+pub fn read_values(path: &Path, text: &str) -> Result<Vec<(Location, Result<Value>)>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut loaded = Loaded::default();
-    let take = |r: Result<AlpacaRecord>, loaded: &mut Loaded| -> Result<()> {
-        match r {
-            Ok(rec) => loaded.records.push(rec),
-            Err(e) if skip_bad && e.location().is_some() => {
-                tracing::warn!("skipping bad record: {e}");
-                loaded.skipped += 1;
-                if loaded.skip_reasons.len() < MAX_SKIP_REASONS {
-                    loaded.skip_reasons.push(e.to_string());
-                }
-            }
-            Err(e) => return Err(e),
-        }
-        Ok(())
-    };
     let pathbuf: PathBuf = path.to_path_buf();
+    let mut out = Vec::new();
     if is_jsonl(path, text) {
         let mut record = 0;
         for (i, line) in text.lines().enumerate() {
@@ -147,14 +146,14 @@ pub fn parse_records(path: &Path, text: &str, skip_bad: bool) -> Result<Loaded> 
                 line: Some(i + 1),
             };
             let r = match serde_json::from_str::<Value>(line) {
-                Ok(v) => record_from_value(&v, &at),
+                Ok(v) => Ok(v),
                 Err(e) => Err(DataError::RecordSyntax {
-                    at,
+                    at: at.clone(),
                     column: e.column(),
                     message: strip_position(&e),
                 }),
             };
-            take(r, &mut loaded)?;
+            out.push((at, r));
         }
     } else {
         let v: Value = serde_json::from_str(text).map_err(|e| DataError::Syntax {
@@ -169,22 +168,49 @@ pub fn parse_records(path: &Path, text: &str, skip_bad: bool) -> Result<Loaded> 
                 found: describe(Some(&v)),
             });
         };
-        for (i, item) in items.iter().enumerate() {
+        for (i, item) in items.into_iter().enumerate() {
             let at = Location {
                 path: pathbuf.clone(),
                 record: i + 1,
                 line: None,
             };
-            take(record_from_value(item, &at), &mut loaded)?;
+            out.push((at, Ok(item)));
         }
     }
-    if loaded.records.is_empty() {
+    Ok(out)
+}
+
+/// Convert every value with `f`; bad records fail the file or, with `skip_bad`, are skipped and
+/// counted. A file with no usable record is an error. Returns (records, skipped, skip reasons).
+pub fn convert_values<T>(
+    path: &Path,
+    values: Vec<(Location, Result<Value>)>,
+    skip_bad: bool,
+    f: impl Fn(&Value, &Location) -> Result<T>,
+) -> Result<(Vec<T>, usize, Vec<String>)> {
+    let mut records = Vec::with_capacity(values.len());
+    let mut skipped = 0;
+    let mut reasons = Vec::new();
+    for (at, v) in values {
+        match v.and_then(|v| f(&v, &at)) {
+            Ok(rec) => records.push(rec),
+            Err(e) if skip_bad && e.location().is_some() => {
+                tracing::warn!("skipping bad record: {e}");
+                skipped += 1;
+                if reasons.len() < MAX_SKIP_REASONS {
+                    reasons.push(e.to_string());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if records.is_empty() {
         return Err(DataError::Empty {
-            path: pathbuf,
-            skipped: loaded.skipped,
+            path: path.to_path_buf(),
+            skipped,
         });
     }
-    Ok(loaded)
+    Ok((records, skipped, reasons))
 }
 
 /// serde_json's message without its " at line L column C" suffix (we print our own).

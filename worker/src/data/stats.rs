@@ -4,7 +4,8 @@ use std::fmt;
 
 use herd_model::Tokenizer;
 
-use super::encode::encode_alpaca_with_info;
+use super::encode::{encode_alpaca_with_info, EncodeInfo, Example};
+use super::mixture::{encode_record_with_info, Record};
 use super::records::AlpacaRecord;
 use super::Result;
 
@@ -74,14 +75,23 @@ pub fn dataset_stats(
     records: &[AlpacaRecord],
     max_len: usize,
 ) -> Result<DatasetStats> {
-    let mut full = Vec::with_capacity(records.len());
-    let mut source = Vec::with_capacity(records.len());
+    stats_of(records.iter().map(|r| encode_alpaca_with_info(tok, r, max_len)), max_len)
+}
+
+/// [`dataset_stats`] for records of either format (a mixture); "prompt" counts every untrained token.
+pub fn dataset_stats_records(tok: &Tokenizer, records: &[Record], max_len: usize) -> Result<DatasetStats> {
+    stats_of(records.iter().map(|r| encode_record_with_info(tok, r, max_len)), max_len)
+}
+
+fn stats_of(encoded: impl Iterator<Item = Result<(Example, EncodeInfo)>>, max_len: usize) -> Result<DatasetStats> {
+    let mut full = Vec::new();
+    let mut source = Vec::new();
     let mut st = DatasetStats {
         max_len,
         ..Default::default()
     };
-    for rec in records {
-        let (ex, info) = encode_alpaca_with_info(tok, rec, max_len)?;
+    for r in encoded {
+        let (ex, info) = r?;
         full.push(info.full_len);
         source.push(info.source_len);
         if info.truncated(max_len) {

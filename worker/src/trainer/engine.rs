@@ -12,7 +12,8 @@ use herd_model::{loss::causal_lm_loss_sum, Llama};
 pub struct Engine {
     pub model: Llama,
     pub optimizer: AdamW,
-    /// Flat gradient of every parameter, in `model.vars()` order.
+    /// Flat gradient of every trainable parameter, in `model.trainable()` order (all parameters,
+    /// or only the LoRA adapters: the frozen base gets no gradient and no optimizer state).
     grad: Vec<f32>,
     offsets: Vec<usize>,
     loss_sum: f64,
@@ -33,7 +34,7 @@ pub struct StepStats {
 
 impl Engine {
     pub fn new(model: Llama, adam: AdamWConfig, max_grad_norm: f64) -> Self {
-        let sizes: Vec<(String, usize)> = model.vars().iter().map(|(n, v)| (n.clone(), v.elem_count())).collect();
+        let sizes: Vec<(String, usize)> = model.trainable().iter().map(|(n, v)| (n.clone(), v.elem_count())).collect();
         let mut offsets = Vec::with_capacity(sizes.len() + 1);
         let mut total = 0;
         for (_, n) in &sizes {
@@ -64,7 +65,7 @@ impl Engine {
             return Ok((0.0, 0));
         }
         let grads = sum.backward()?;
-        for (i, (name, var)) in self.model.vars().iter().enumerate() {
+        for (i, (name, var)) in self.model.trainable().iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
                 tracing::warn!(param = %name, "parameter received no gradient");
                 continue;
@@ -96,7 +97,7 @@ impl Engine {
             self.grad.iter_mut().for_each(|g| *g *= scale);
         }
         let grad_norm = clip_grad_norm(&mut self.grad, self.max_grad_norm);
-        for (i, (_, var)) in self.model.vars().iter().enumerate() {
+        for (i, (_, var)) in self.model.trainable().iter().enumerate() {
             let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             self.optimizer.update_param(i, &mut p, &self.grad[self.offsets[i]..self.offsets[i + 1]], lr);
             var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu)?)?;

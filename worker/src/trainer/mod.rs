@@ -12,9 +12,9 @@ pub mod state;
 use crate::checkpoint;
 use crate::collective::Collective;
 use crate::data::collate::collate;
-use crate::data::encode::{encode_alpaca, Example};
+use crate::data::encode::Example;
+use crate::data::mixture::{encode_record, load_mixture};
 use crate::data::order::epoch_permutation;
-use crate::data::records::load_records;
 use crate::error::{io_err, Result};
 use crate::optim::AdamWConfig;
 use crate::schedule::LrSchedule;
@@ -45,6 +45,8 @@ pub enum Event {
     Started { start_step: u64, total_steps: u64, examples: usize, skipped_records: usize, parameters: usize, resumed_from: Option<PathBuf>, added_tokens: usize },
     Step { step: u64, total_steps: u64, stats: StepStats, tokens_per_sec: f64 },
     Logged(serde_json::Value),
+    /// An eval entry of the log history (`eval_loss`, `step`, `epoch`, ...), rank 0 only.
+    Evaluated(serde_json::Value),
     Saved { step: u64, path: PathBuf, rotated: Vec<u64> },
     Finished { output_dir: PathBuf, train_loss: f64, runtime_s: f64 },
 }
@@ -87,11 +89,18 @@ pub fn prepare(job: &JobSpec) -> Result<Prepared> {
     if tokenizer.len() > model.config().vocab_size {
         model.resize_token_embeddings(tokenizer.len())?;
     }
-    let loaded = load_records(&job.data_path, job.skip_bad_records)?;
+    if let Some(r) = job.lora_r {
+        let cfg = herd_model::lora::LoraConfig::new(r, job.lora_alpha, job.lora_dropout, job.lora_target_modules.clone());
+        model.enable_lora(cfg, job.seed)?;
+    }
+    let loaded = load_mixture(&job.data_path, job.seed, job.skip_bad_records)?;
+    for f in &loaded.files {
+        tracing::info!(path = %f.path.display(), format = f.format.as_str(), records = f.records, skipped = f.skipped, taken = f.taken, "data file");
+    }
     let examples = loaded
         .records
         .iter()
-        .map(|r| encode_alpaca(&tokenizer, r, job.model_max_length))
+        .map(|r| encode_record(&tokenizer, r, job.model_max_length))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(Prepared { tokenizer, model, examples, skipped_records: loaded.skipped, added_tokens })
 }
@@ -99,14 +108,11 @@ pub fn prepare(job: &JobSpec) -> Result<Prepared> {
 /// Job keys that parse but that this trainer does not implement yet are refused, never ignored.
 pub fn check_supported(job: &JobSpec) -> Result<()> {
     let no = |key: &'static str, reason: &str| Err(crate::Error::Unsupported { key, reason: reason.into() });
-    if job.lora_r.is_some() {
-        return no("lora_r", "LoRA training is not in this build");
+    if job.lora_r.is_some() && job.lora_dropout != 0.0 {
+        return no("lora_dropout", "LoRA dropout is not in this build; use lora_dropout: 0");
     }
     if job.task != herd_proto::Task::CausalLm {
         return no("task", "only causal_lm training is in this build");
-    }
-    if job.eval_strategy != herd_proto::EvalStrategy::No {
-        return no("eval_strategy", "evaluation during training is not in this build");
     }
     Ok(())
 }
@@ -142,18 +148,34 @@ pub fn run(job: &JobSpec, opts: &RunOptions, collective: &mut dyn Collective, ob
     let mut trainer_state = None;
     let mut resumed_from = None;
     if let Some((step, dir, _)) = checkpoint::latest_complete(&job.output_dir)? {
-        model = Llama::load(&dir)?;
+        if model.lora().is_some() {
+            model.load_adapter(&dir)?; // the frozen base is the job's model, prepared above
+        } else {
+            model = Llama::load(&dir)?;
+        }
         start_step = step;
         trainer_state = Some(TrainerState::load(&dir)?);
         resumed_from = Some(dir);
     }
     let parameters = model.num_parameters();
+    if model.lora().is_some() {
+        tracing::info!(trainable = model.num_trainable_parameters(), total = parameters, "LoRA: only the adapters train");
+    }
     let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm);
     if let Some(dir) = &resumed_from {
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
     }
     let mut ts = trainer_state.unwrap_or_else(|| new_trainer_state(job, &plan));
+    // eval_strategy: steps — only rank 0 evaluates; the others go straight on to the next
+    // collective, where they wait for it.
+    let eval_every = job.eval_steps.unwrap_or(job.logging_steps);
+    let eval_examples = match (&job.eval_data_path, job.eval_strategy) {
+        (Some(path), herd_proto::EvalStrategy::Steps) if rank == 0 => {
+            Some(crate::eval::load_eval_examples(&tokenizer, path, job.model_max_length)?)
+        }
+        _ => None,
+    };
     observer.event(&Event::Started {
         start_step,
         total_steps: plan.total_steps,
@@ -217,6 +239,14 @@ pub fn run(job: &JobSpec, opts: &RunOptions, collective: &mut dyn Collective, ob
             ts.log_history.push(entry.clone());
             observer.event(&Event::Logged(entry));
         }
+        if let Some(eval_examples) = &eval_examples {
+            if step % eval_every == 0 || step == plan.total_steps {
+                let entry = evaluate(job, &engine.model, eval_examples, pad_id, ts.epoch, step)?;
+                tracing::info!(target: "herd::log", "{entry}");
+                ts.log_history.push(entry.clone());
+                observer.event(&Event::Evaluated(entry));
+            }
+        }
         let stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
         let cadence = job.save_strategy == SaveStrategy::Steps && step % job.save_steps == 0;
         let range_end = step == end && step < plan.total_steps;
@@ -254,6 +284,22 @@ pub fn run(job: &JobSpec, opts: &RunOptions, collective: &mut dyn Collective, ob
     Ok(Outcome::Completed { steps: step })
 }
 
+/// One HF-style eval entry of the log history.
+fn evaluate(job: &JobSpec, model: &Llama, examples: &[Example], pad_id: u32, epoch: f64, step: u64) -> Result<serde_json::Value> {
+    let t = Instant::now();
+    let batch = job.per_device_eval_batch_size;
+    let l = crate::eval::eval_loss(model, examples, batch, pad_id)?;
+    let dt = t.elapsed().as_secs_f64().max(1e-9);
+    Ok(json!({
+        "epoch": round4(epoch),
+        "eval_loss": l.loss,
+        "eval_runtime": round4(dt),
+        "eval_samples_per_second": round4(examples.len() as f64 / dt),
+        "eval_steps_per_second": round4(examples.len().div_ceil(batch.max(1)) as f64 / dt),
+        "step": step,
+    }))
+}
+
 fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
@@ -263,7 +309,7 @@ fn new_trainer_state(job: &JobSpec, plan: &Plan) -> TrainerState {
         best_metric: None,
         best_model_checkpoint: None,
         epoch: 0.0,
-        eval_steps: job.save_steps,
+        eval_steps: job.eval_steps.unwrap_or(job.logging_steps),
         global_step: 0,
         is_hyper_param_search: false,
         is_local_process_zero: true,
@@ -292,7 +338,7 @@ fn save_checkpoint(
     world: usize,
 ) -> Result<(PathBuf, Vec<u64>)> {
     let staging = checkpoint::begin(&job.output_dir, step)?;
-    engine.model.save(&staging, DType::F32)?;
+    save_weights(job, &engine.model, &staging, DType::F32)?;
     tokenizer.save(&staging)?;
     state::save_optimizer(&staging, &engine.optimizer)?;
     state::save_scheduler(&staging, schedule, step)?;
@@ -309,11 +355,21 @@ fn save_final(job: &JobSpec, engine: &Engine, tokenizer: &Tokenizer, ts: &Traine
     let out = &job.output_dir;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let dtype = if job.bf16 { DType::BF16 } else { DType::F32 };
-    engine.model.save(out, dtype)?;
+    save_weights(job, &engine.model, out, dtype)?;
     tokenizer.save(out)?;
     ts.save(out)?;
     checkpoint::write_atomic(&out.join("training_args.yaml"), job.to_yaml().as_bytes())?;
     Ok(())
+}
+
+/// The full model in HF layout, or with LoRA the PEFT adapter (always f32, as PEFT saves it) whose
+/// `base_model_name_or_path` is the job's model as an absolute path.
+fn save_weights(job: &JobSpec, model: &Llama, dir: &Path, dtype: DType) -> Result<()> {
+    if model.lora().is_none() {
+        return Ok(model.save(dir, dtype)?);
+    }
+    let base = std::path::absolute(&job.model_name_or_path).unwrap_or_else(|_| job.model_name_or_path.clone());
+    Ok(model.save_adapter(dir, &base.to_string_lossy())?)
 }
 
 /// Path helper for callers that want the final model of a job.

@@ -1,0 +1,175 @@
+//! `herd predict` (Alpaca-CoT's predict: an answer for every record of an instruction file) and
+//! `herd eval` (eval loss as HF's Trainer computes it, ROUGE-L as `rouge-score` computes it, and
+//! exact match, overall and by reference length in words as GPT-4-LLM reports them).
+//!
+//! Generation is sequential: one record at a time with a KV cache (`herd_model::generate`).
+
+use super::generate::Generator;
+use anyhow::{bail, Context, Result};
+use herd_model::generate::GenerateOptions;
+use herd_worker::eval::{self, EvalLoss, GenerationScores, RawRecord};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct SamplingArgs {
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Sampling seed (record i uses seed + i, so results do not depend on the batch size).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    fn options(&self, i: usize) -> GenerateOptions {
+        GenerateOptions { max_new_tokens: self.max_new_tokens, temperature: self.temperature, top_p: self.top_p, seed: self.seed.wrapping_add(i as u64) }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// A model directory in HF layout (an output_dir or a checkpoint-<step> folder).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Alpaca records (JSON array or JSONL); `output` is optional.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// JSONL: every record with all its fields plus "prediction" (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Records per progress report. Generation itself is sequential (KV cache, one record at a time).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Only the first N records.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Alpaca records with reference `output`s (JSON array or JSONL).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Only the first N records (for both the loss and the generations).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Batch size of the eval-loss forward passes (HF: per_device_eval_batch_size).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Truncation of prompt + answer for the eval loss (train.py's model_max_length).
+    #[arg(long, default_value_t = 512)]
+    pub model_max_length: usize,
+    /// Also write the predictions (JSONL, as `herd predict`).
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+fn load(data: &Path, limit: Option<usize>) -> Result<Vec<RawRecord>> {
+    let mut records = eval::read_records(data).with_context(|| format!("reading {}", data.display()))?;
+    if let Some(n) = limit {
+        records.truncate(n);
+    }
+    Ok(records)
+}
+
+/// Predictions for `records`, in order.
+fn predict_all(g: &Generator, records: &[RawRecord], s: &SamplingArgs, every: usize) -> Result<Vec<String>> {
+    let mut out = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        out.push(g.answer(&r.alpaca, &s.options(i)).with_context(|| format!("record {}", i + 1))?);
+        if (i + 1) % every.max(1) == 0 || i + 1 == records.len() {
+            tracing::info!("generated {}/{}", i + 1, records.len());
+        }
+    }
+    Ok(out)
+}
+
+fn write_predictions(path: &Path, records: &[RawRecord], predictions: &[String]) -> Result<()> {
+    let mut text = String::new();
+    for (r, p) in records.iter().zip(predictions) {
+        let mut fields = r.fields.clone();
+        fields.insert("prediction".into(), Value::String(p.clone()));
+        text.push_str(&serde_json::to_string(&Value::Object(fields))?);
+        text.push('\n');
+    }
+    // A bare file name has an empty parent, which write_atomic cannot fsync: anchor it at ".".
+    let path = &if path.parent().is_some_and(|d| d.as_os_str().is_empty()) { Path::new(".").join(path) } else { path.to_path_buf() };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    herd_worker::checkpoint::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub fn predict(a: &PredictArgs) -> Result<()> {
+    let records = load(&a.data, a.limit)?;
+    let g = Generator::load(&a.model)?;
+    let predictions = predict_all(&g, &records, &a.sampling, a.batch_size)?;
+    write_predictions(&a.out, &records, &predictions)?;
+    eprintln!("wrote {} predictions to {}", predictions.len(), a.out.display());
+    Ok(())
+}
+
+pub fn run_eval(a: &EvalArgs) -> Result<()> {
+    let records = load(&a.data, a.limit)?;
+    if let Some(i) = records.iter().position(|r| !r.has_output) {
+        bail!("{}: record {} has no \"output\" to compare with", a.data.display(), i + 1);
+    }
+    let g = Generator::load(&a.model)?;
+    let alpaca: Vec<_> = records.iter().map(|r| r.alpaca.clone()).collect();
+    let examples = eval::encode_records(&g.tokenizer, &alpaca, a.model_max_length)?;
+    let pad_id = g.tokenizer.pad_id().or(g.tokenizer.eos_id()).unwrap_or(0);
+    let loss = eval::eval_loss(&g.model, &examples, a.batch_size, pad_id)?;
+    let predictions = predict_all(&g, &records, &a.sampling, 50)?;
+    if let Some(p) = &a.predictions {
+        write_predictions(p, &records, &predictions)?;
+    }
+    let pairs: Vec<(String, String)> = alpaca.iter().map(|r| r.output.clone()).zip(predictions).collect();
+    let scores = eval::score_generations(&pairs);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report_json(&a.model, &a.data, &loss, &scores))?);
+    } else {
+        print!("{}", report_text(&loss, &scores));
+    }
+    Ok(())
+}
+
+fn report_json(model: &Path, data: &Path, loss: &EvalLoss, s: &GenerationScores) -> Value {
+    let buckets: serde_json::Map<String, Value> = s.by_reference_length.iter().map(|(k, g)| (k.clone(), json!(g))).collect();
+    json!({
+        "model": model,
+        "data": data,
+        "records": s.overall.count,
+        "eval_loss": loss.loss,
+        "eval_token_loss": loss.token_loss,
+        "eval_tokens": loss.tokens,
+        "rouge_l": s.overall.rouge_l,
+        "exact_match": s.overall.exact_match,
+        "by_reference_length": buckets,
+    })
+}
+
+fn report_text(loss: &EvalLoss, s: &GenerationScores) -> String {
+    let mut out = format!(
+        "eval_loss {:.4} (token-weighted {:.4} over {} tokens)\n{:<12} {:>6} {:>8} {:>8}\n",
+        loss.loss, loss.token_loss, loss.tokens, "ref words", "count", "rougeL", "exact"
+    );
+    for (name, g) in s.by_reference_length.iter().map(|(k, g)| (k.as_str(), g)).chain([("all", &s.overall)]) {
+        out.push_str(&format!("{:<12} {:>6} {:>8.4} {:>8.4}\n", name, g.count, g.rouge_l, g.exact_match));
+    }
+    out
+}
