@@ -7,10 +7,18 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "herd", version, about = "Fine-tune LLaMA-family models: trainer, coordinator, workers")]
+#[command(
+    name = "herd",
+    version,
+    about = "Fine-tune LLaMA-family models: trainer, coordinator, workers"
+)]
 struct Args {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG works too.
-    #[arg(long, global = true, default_value = "warn,herd=info,herd_worker=info,herd_coordinator=info")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "warn,herd=info,herd_worker=info,herd_coordinator=info"
+    )]
     log: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -122,21 +130,47 @@ fn main() {
         .with_target(false)
         .init();
     let result = match args.cmd {
-        Cmd::Train { job, until_step, no_progress } => cli::train::run(&job, until_step, !no_progress).map(|_| ()),
+        Cmd::Train {
+            job,
+            until_step,
+            no_progress,
+        } => cli::train::run(&job, until_step, !no_progress).map(|_| ()),
         Cmd::Generate(a) => cli::generate::run(&a),
         Cmd::Merge(a) => cli::merge::run(&a),
         Cmd::Predict(a) => cli::eval::predict(&a),
         Cmd::Eval(a) => cli::eval::run_eval(&a),
-        Cmd::Data { cmd: DataCmd::Preview { job, examples, tokens, color } } => cli::data::preview(&job, examples, tokens, color),
+        Cmd::Data {
+            cmd:
+                DataCmd::Preview {
+                    job,
+                    examples,
+                    tokens,
+                    color,
+                },
+        } => cli::data::preview(&job, examples, tokens, color),
         Cmd::Demo(a) => cli::demo::run(&a),
         Cmd::Run(a) => cli::run::run(&a),
         Cmd::Coordinator(a) => cli::coordinator::run(&a),
         Cmd::Worker(a) => cli::worker::run(&a),
-        Cmd::Submit { job, world_size, client } => cli::jobs::submit(&client, &job, world_size),
-        Cmd::Status { job, watch, json, client } => cli::jobs::status(&client, job.as_deref(), watch, json),
+        Cmd::Submit {
+            job,
+            world_size,
+            client,
+        } => cli::jobs::submit(&client, &job, world_size),
+        Cmd::Status {
+            job,
+            watch,
+            json,
+            client,
+        } => cli::jobs::status(&client, job.as_deref(), watch, json),
         Cmd::List { json, client } => cli::jobs::list(&client, json),
         Cmd::Cancel { job, client } => cli::jobs::cancel(&client, &job),
-        Cmd::Logs { job, rank, lines, client } => cli::jobs::logs(&client, &job, rank, lines),
+        Cmd::Logs {
+            job,
+            rank,
+            lines,
+            client,
+        } => cli::jobs::logs(&client, &job, rank, lines),
     };
     if let Err(e) = result {
         eprintln!("error: {}", render_chain(&e));

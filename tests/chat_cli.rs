@@ -7,7 +7,11 @@ use common::*;
 fn chats(ws: &Workspace, n: usize) {
     let all: Vec<serde_json::Value> =
         serde_json::from_slice(&read(ws.path().join("demo/data/conversations.json"))).unwrap();
-    std::fs::write(ws.path().join("chats.json"), serde_json::to_string(&all[..n]).unwrap()).unwrap();
+    std::fs::write(
+        ws.path().join("chats.json"),
+        serde_json::to_string(&all[..n]).unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -22,20 +26,39 @@ fn mixture_job_previews_and_trains() {
     );
     std::fs::write(&job, text).unwrap();
 
-    let out = run_ok(herd().current_dir(ws.path()).args(["data", "preview"]).arg(&job).args(["-n", "1"]));
+    let out = run_ok(
+        herd()
+            .current_dir(ws.path())
+            .args(["data", "preview"])
+            .arg(&job)
+            .args(["-n", "1"]),
+    );
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("44 examples from 2 file(s)"), "{s}");
-    assert!(s.contains("small.json: alpaca, weight 0.5, 40 records, 20 examples"), "{s}");
-    assert!(s.contains("chats.json: sharegpt, weight 1, 24 records, 24 examples"), "{s}");
-    assert!(s.contains("(conversation)") && s.contains("ASSISTANT:»"), "{s}");
+    assert!(
+        s.contains("small.json: alpaca, weight 0.5, 40 records, 20 examples"),
+        "{s}"
+    );
+    assert!(
+        s.contains("chats.json: sharegpt, weight 1, 24 records, 24 examples"),
+        "{s}"
+    );
+    assert!(
+        s.contains("(conversation)") && s.contains("ASSISTANT:»"),
+        "{s}"
+    );
 
     ws.train(&job, &[]);
     let st = trainer_state(&ws.path().join("out"));
     assert_eq!(st["global_step"].as_u64().unwrap(), 4);
     assert!(ws.path().join("out/model.safetensors").is_file());
     // The saved training args keep the list form.
-    let args = String::from_utf8_lossy(&read(ws.path().join("out/training_args.yaml"))).into_owned();
-    assert!(args.contains("chats.json") && args.contains("sharegpt"), "{args}");
+    let args =
+        String::from_utf8_lossy(&read(ws.path().join("out/training_args.yaml"))).into_owned();
+    assert!(
+        args.contains("chats.json") && args.contains("sharegpt"),
+        "{args}"
+    );
 }
 
 #[test]
@@ -48,15 +71,34 @@ fn bad_conversation_names_file_and_record() {
     )
     .unwrap();
     let job = ws.job("job.yaml", "out", "max_steps: 1\n");
-    let text = std::fs::read_to_string(&job).unwrap().replace("data_path: small.json\n", "data_path: [small.json, bad.jsonl]\n");
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "data_path: small.json\n",
+        "data_path: [small.json, bad.jsonl]\n",
+    );
     std::fs::write(&job, text).unwrap();
-    let err = run_err(herd().current_dir(ws.path()).arg("train").arg(&job).arg("--no-progress"));
-    assert!(err.contains("bad.jsonl: record 2 (line 2): turn 2: expected a gpt turn"), "{err}");
+    let err = run_err(
+        herd()
+            .current_dir(ws.path())
+            .arg("train")
+            .arg(&job)
+            .arg("--no-progress"),
+    );
+    assert!(
+        err.contains("bad.jsonl: record 2 (line 2): turn 2: expected a gpt turn"),
+        "{err}"
+    );
     // A file declared with the wrong format is named.
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace("data_path: [small.json, bad.jsonl]\n", "data_path: [{path: small.json, format: sharegpt}]\n");
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "data_path: [small.json, bad.jsonl]\n",
+        "data_path: [{path: small.json, format: sharegpt}]\n",
+    );
     std::fs::write(&job, text).unwrap();
-    let err = run_err(herd().current_dir(ws.path()).arg("train").arg(&job).arg("--no-progress"));
+    let err = run_err(
+        herd()
+            .current_dir(ws.path())
+            .arg("train")
+            .arg(&job)
+            .arg("--no-progress"),
+    );
     assert!(err.contains("small.json: declared sharegpt"), "{err}");
 }

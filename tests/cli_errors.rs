@@ -5,7 +5,10 @@ mod common;
 use common::*;
 
 fn assert_nothing_written(ws: &Workspace) {
-    assert!(!ws.path().join("out").exists(), "output_dir was created for a refused job");
+    assert!(
+        !ws.path().join("out").exists(),
+        "output_dir was created for a refused job"
+    );
 }
 
 #[test]
@@ -13,10 +16,24 @@ fn unknown_key_and_wrong_type_name_line_and_column() {
     let ws = Workspace::new(16);
     let job = ws.job("job.yaml", "out", "learning_rat: 1.0\n");
     let err = run_err(herd().current_dir(ws.path()).args(["train", "job.yaml"]));
-    assert!(err.contains("job.yaml") && err.contains("unknown field `learning_rat`") && err.contains("line 11 column 1"), "{err}");
-    std::fs::write(&job, std::fs::read_to_string(&job).unwrap().replace("learning_rat: 1.0", "max_steps: many")).unwrap();
+    assert!(
+        err.contains("job.yaml")
+            && err.contains("unknown field `learning_rat`")
+            && err.contains("line 11 column 1"),
+        "{err}"
+    );
+    std::fs::write(
+        &job,
+        std::fs::read_to_string(&job)
+            .unwrap()
+            .replace("learning_rat: 1.0", "max_steps: many"),
+    )
+    .unwrap();
     let err = run_err(herd().current_dir(ws.path()).args(["train", "job.yaml"]));
-    assert!(err.contains("max_steps") && err.contains("line 11 column"), "{err}");
+    assert!(
+        err.contains("max_steps") && err.contains("line 11 column"),
+        "{err}"
+    );
     assert_nothing_written(&ws);
 }
 
@@ -24,15 +41,30 @@ fn unknown_key_and_wrong_type_name_line_and_column() {
 fn missing_paths_are_named() {
     let ws = Workspace::new(16);
     ws.job("nodata.yaml", "out", "");
-    let text = std::fs::read_to_string(ws.path().join("nodata.yaml")).unwrap().replace("small.json", "missing.json");
+    let text = std::fs::read_to_string(ws.path().join("nodata.yaml"))
+        .unwrap()
+        .replace("small.json", "missing.json");
     std::fs::write(ws.path().join("nodata.yaml"), text).unwrap();
     let err = run_err(herd().current_dir(ws.path()).args(["train", "nodata.yaml"]));
-    assert!(err.contains("missing.json") && err.contains("no such file"), "{err}");
+    assert!(
+        err.contains("missing.json") && err.contains("no such file"),
+        "{err}"
+    );
     std::fs::create_dir_all(ws.path().join("empty")).unwrap();
-    let text = std::fs::read_to_string(ws.path().join("nodata.yaml")).unwrap().replace("demo/model", "empty").replace("missing.json", "small.json");
+    let text = std::fs::read_to_string(ws.path().join("nodata.yaml"))
+        .unwrap()
+        .replace("demo/model", "empty")
+        .replace("missing.json", "small.json");
     std::fs::write(ws.path().join("nomodel.yaml"), text).unwrap();
-    let err = run_err(herd().current_dir(ws.path()).args(["train", "nomodel.yaml"]));
-    assert!(err.contains("empty") && err.contains("no config.json"), "{err}");
+    let err = run_err(
+        herd()
+            .current_dir(ws.path())
+            .args(["train", "nomodel.yaml"]),
+    );
+    assert!(
+        err.contains("empty") && err.contains("no config.json"),
+        "{err}"
+    );
     let err = run_err(herd().current_dir(ws.path()).args(["train", "absent.yaml"]));
     assert!(err.contains("absent.yaml"), "{err}");
     assert_nothing_written(&ws);
@@ -41,16 +73,28 @@ fn missing_paths_are_named() {
 #[test]
 fn malformed_record_is_named_or_skipped_on_request() {
     let ws = Workspace::new(16);
-    let mut recs: Vec<serde_json::Value> = serde_json::from_slice(&read(ws.path().join("small.json"))).unwrap();
+    let mut recs: Vec<serde_json::Value> =
+        serde_json::from_slice(&read(ws.path().join("small.json"))).unwrap();
     recs[6] = serde_json::json!({"instruction": "Say hi.", "output": 5});
-    std::fs::write(ws.path().join("small.json"), serde_json::to_string(&recs).unwrap()).unwrap();
+    std::fs::write(
+        ws.path().join("small.json"),
+        serde_json::to_string(&recs).unwrap(),
+    )
+    .unwrap();
     ws.job("job.yaml", "out", "max_steps: 1\n");
     let err = run_err(herd().current_dir(ws.path()).args(["train", "job.yaml"]));
-    assert!(err.contains("small.json") && err.contains("record 7") && err.contains("output"), "{err}");
+    assert!(
+        err.contains("small.json") && err.contains("record 7") && err.contains("output"),
+        "{err}"
+    );
     assert_nothing_written(&ws);
     ws.job("skip.yaml", "out", "max_steps: 1\nskip_bad_records: true\n");
     let out = ws.train(&ws.path().join("skip.yaml"), &[]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("1 malformed records skipped"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 malformed records skipped"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -58,17 +102,27 @@ fn batch_larger_than_data_is_refused() {
     let ws = Workspace::new(6);
     ws.job("job.yaml", "out", "per_device_train_batch_size: 8\n");
     let err = run_err(herd().current_dir(ws.path()).args(["train", "job.yaml"]));
-    assert!(err.contains("6 usable examples") && err.contains("global batch of 8"), "{err}");
+    assert!(
+        err.contains("6 usable examples") && err.contains("global batch of 8"),
+        "{err}"
+    );
 }
 
 #[test]
 fn data_preview_marks_the_prompt_and_reports_lengths() {
     let ws = Workspace::new(16);
     ws.job("job.yaml", "out", "");
-    let out = run_ok(herd().current_dir(ws.path()).args(["data", "preview", "job.yaml", "-n", "1"]));
+    let out = run_ok(
+        herd()
+            .current_dir(ws.path())
+            .args(["data", "preview", "job.yaml", "-n", "1"]),
+    );
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("«<s>") && s.contains("### Response:»"), "{s}");
-    assert!(s.contains("median") && s.contains("p95") && s.contains("truncated"), "{s}");
+    assert!(
+        s.contains("median") && s.contains("p95") && s.contains("truncated"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -76,8 +130,24 @@ fn generate_answers_from_a_trained_model() {
     let ws = Workspace::new(16);
     let job = ws.job("job.yaml", "out", "max_steps: 2\n");
     ws.train(&job, &[]);
-    let out = run_ok(herd().current_dir(ws.path()).args(["generate", "--model", "out", "--instruction", "Repeat the words.", "--input", "cat dog", "--max-new-tokens", "5"]));
+    let out = run_ok(herd().current_dir(ws.path()).args([
+        "generate",
+        "--model",
+        "out",
+        "--instruction",
+        "Repeat the words.",
+        "--input",
+        "cat dog",
+        "--max-new-tokens",
+        "5",
+    ]));
     assert!(!out.stdout.is_empty());
-    let err = run_err(herd().current_dir(ws.path()).args(["generate", "--model", "nowhere", "--instruction", "x"]));
+    let err = run_err(herd().current_dir(ws.path()).args([
+        "generate",
+        "--model",
+        "nowhere",
+        "--instruction",
+        "x",
+    ]));
     assert!(err.contains("nowhere"), "{err}");
 }

@@ -8,8 +8,13 @@ use common::*;
 #[test]
 fn eval_during_training_predict_and_eval() {
     let ws = Workspace::new(48);
-    let eval_all: Vec<serde_json::Value> = serde_json::from_slice(&read(ws.path().join("demo/data/eval.json"))).unwrap();
-    std::fs::write(ws.path().join("heldout.json"), serde_json::to_string(&eval_all[..12]).unwrap()).unwrap();
+    let eval_all: Vec<serde_json::Value> =
+        serde_json::from_slice(&read(ws.path().join("demo/data/eval.json"))).unwrap();
+    std::fs::write(
+        ws.path().join("heldout.json"),
+        serde_json::to_string(&eval_all[..12]).unwrap(),
+    )
+    .unwrap();
     let job = ws.job(
         "job.yaml",
         "out",
@@ -23,13 +28,23 @@ fn eval_during_training_predict_and_eval() {
     let o = ws.path().join("out");
     let st = trainer_state(&o);
     assert_eq!(st["eval_steps"].as_u64().unwrap(), 2);
-    let evals: Vec<&serde_json::Value> = st["log_history"].as_array().unwrap().iter().filter(|e| e.get("eval_loss").is_some()).collect();
+    let evals: Vec<&serde_json::Value> = st["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("eval_loss").is_some())
+        .collect();
     let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, vec![2, 4, 5]);
     for e in &evals {
         let l = e["eval_loss"].as_f64().unwrap();
         assert!(l.is_finite() && l > 0.0, "{e}");
-        for k in ["epoch", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"] {
+        for k in [
+            "epoch",
+            "eval_runtime",
+            "eval_samples_per_second",
+            "eval_steps_per_second",
+        ] {
             assert!(e[k].is_number(), "{e} lacks {k}");
         }
     }
@@ -37,9 +52,26 @@ fn eval_during_training_predict_and_eval() {
 
     // herd predict: one JSONL line per record, the record's fields kept, plus "prediction".
     let preds = ws.path().join("preds/p.jsonl");
-    run_ok(herd().current_dir(ws.path()).args(["predict", "--model", "out", "--data", "heldout.json", "--max-new-tokens", "8", "--out"]).arg(&preds));
+    run_ok(
+        herd()
+            .current_dir(ws.path())
+            .args([
+                "predict",
+                "--model",
+                "out",
+                "--data",
+                "heldout.json",
+                "--max-new-tokens",
+                "8",
+                "--out",
+            ])
+            .arg(&preds),
+    );
     let text = String::from_utf8(read(&preds)).unwrap();
-    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 12);
     for (l, r) in lines.iter().zip(&eval_all) {
         assert!(l["prediction"].is_string(), "{l}");
@@ -47,15 +79,34 @@ fn eval_during_training_predict_and_eval() {
             assert_eq!(&l[k], v, "field {k}");
         }
     }
-    assert!(!std::fs::read_dir(ws.path().join("preds")).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.')), "temp file left");
+    assert!(
+        !std::fs::read_dir(ws.path().join("preds"))
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with('.')),
+        "temp file left"
+    );
 
     // herd eval --json: the trainer's eval loss on the same model, ROUGE-L in [0, 1], all buckets.
     let out = run_ok(herd().current_dir(ws.path()).args([
-        "eval", "--model", "out", "--data", "heldout.json", "--max-new-tokens", "8", "--batch-size", "4", "--model-max-length", "64", "--json",
+        "eval",
+        "--model",
+        "out",
+        "--data",
+        "heldout.json",
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "4",
+        "--model-max-length",
+        "64",
+        "--json",
     ]));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let l = r["eval_loss"].as_f64().unwrap();
-    assert!((l - final_eval).abs() <= 1e-5 * final_eval, "herd eval {l} vs trainer {final_eval}");
+    assert!(
+        (l - final_eval).abs() <= 1e-5 * final_eval,
+        "herd eval {l} vs trainer {final_eval}"
+    );
     assert_eq!(r["records"].as_u64().unwrap(), 12);
     let rouge = r["rouge_l"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&rouge), "{r}");
@@ -70,35 +121,83 @@ fn eval_during_training_predict_and_eval() {
     assert_eq!(total, 12);
 
     // The text report and --limit.
-    let out = run_ok(herd().current_dir(ws.path()).args(["eval", "--model", "out", "--data", "heldout.json", "--max-new-tokens", "4", "--limit", "3"]));
+    let out = run_ok(herd().current_dir(ws.path()).args([
+        "eval",
+        "--model",
+        "out",
+        "--data",
+        "heldout.json",
+        "--max-new-tokens",
+        "4",
+        "--limit",
+        "3",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("eval_loss") && text.contains(">10") && text.contains("all"), "{text}");
+    assert!(
+        text.contains("eval_loss") && text.contains(">10") && text.contains("all"),
+        "{text}"
+    );
 
     // A file without reference outputs is refused by eval, accepted by predict.
-    std::fs::write(ws.path().join("noref.jsonl"), "{\"instruction\": \"Say hi\"}\n").unwrap();
-    let err = run_err(herd().current_dir(ws.path()).args(["eval", "--model", "out", "--data", "noref.jsonl"]));
+    std::fs::write(
+        ws.path().join("noref.jsonl"),
+        "{\"instruction\": \"Say hi\"}\n",
+    )
+    .unwrap();
+    let err = run_err(herd().current_dir(ws.path()).args([
+        "eval",
+        "--model",
+        "out",
+        "--data",
+        "noref.jsonl",
+    ]));
     assert!(err.contains("record 1") && err.contains("output"), "{err}");
-    run_ok(herd().current_dir(ws.path()).args(["predict", "--model", "out", "--data", "noref.jsonl", "--out", "noref.out", "--max-new-tokens", "2"]));
+    run_ok(herd().current_dir(ws.path()).args([
+        "predict",
+        "--model",
+        "out",
+        "--data",
+        "noref.jsonl",
+        "--out",
+        "noref.out",
+        "--max-new-tokens",
+        "2",
+    ]));
 }
 
 #[test]
 fn eval_with_two_workers_runs_on_rank_zero() {
     let ws = Workspace::new(48);
-    let eval_all: Vec<serde_json::Value> = serde_json::from_slice(&read(ws.path().join("demo/data/eval.json"))).unwrap();
-    std::fs::write(ws.path().join("heldout.json"), serde_json::to_string(&eval_all[..8]).unwrap()).unwrap();
+    let eval_all: Vec<serde_json::Value> =
+        serde_json::from_slice(&read(ws.path().join("demo/data/eval.json"))).unwrap();
+    std::fs::write(
+        ws.path().join("heldout.json"),
+        serde_json::to_string(&eval_all[..8]).unwrap(),
+    )
+    .unwrap();
     let job = ws.job(
         "job.yaml",
         "w2",
         "per_device_train_batch_size: 2\nmax_steps: 4\nsave_steps: 100\neval_strategy: steps\neval_steps: 2\neval_data_path: heldout.json\n",
     );
-    let out = run_ok(herd_clean().current_dir(ws.path()).arg("run").arg(&job).args(["--workers", "2"]));
+    let out = run_ok(
+        herd_clean()
+            .current_dir(ws.path())
+            .arg("run")
+            .arg(&job)
+            .args(["--workers", "2"]),
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("SUCCEEDED"));
     let st = trainer_state(&ws.path().join("w2"));
     let steps: Vec<u64> = st["log_history"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["eval_loss"].as_f64().is_some_and(|l| l.is_finite() && l > 0.0))
+        .filter(|e| {
+            e["eval_loss"]
+                .as_f64()
+                .is_some_and(|l| l.is_finite() && l > 0.0)
+        })
         .map(|e| e["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, vec![2, 4]);

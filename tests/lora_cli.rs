@@ -11,7 +11,12 @@ use herd_model::Llama;
 const LORA: &str = "lora_r: 4\nlora_alpha: 16\nlora_target_modules: [q_proj, v_proj, down_proj]\nmax_steps: 8\nseed: 7\n";
 
 fn losses(dir: &std::path::Path) -> Vec<f64> {
-    trainer_state(dir)["log_history"].as_array().unwrap().iter().filter_map(|e| e.get("loss").and_then(|l| l.as_f64())).collect()
+    trainer_state(dir)["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e.get("loss").and_then(|l| l.as_f64()))
+        .collect()
 }
 
 #[test]
@@ -24,13 +29,29 @@ fn lora_job_trains_adapter_only_resumes_and_merges() {
     let out = ws.path().join("out");
 
     // PEFT layout, no full model.
-    for f in ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "trainer_state.json"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "trainer_state.json",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
     assert!(!out.join("model.safetensors").exists() && !out.join("config.json").exists());
-    let cfg: serde_json::Value = serde_json::from_slice(&read(out.join("adapter_config.json"))).unwrap();
-    assert_eq!((cfg["peft_type"].as_str(), cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some("LORA"), Some(4), Some(16.0)));
-    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj", "down_proj"]));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&read(out.join("adapter_config.json"))).unwrap();
+    assert_eq!(
+        (
+            cfg["peft_type"].as_str(),
+            cfg["r"].as_u64(),
+            cfg["lora_alpha"].as_f64()
+        ),
+        (Some("LORA"), Some(4), Some(16.0))
+    );
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj", "down_proj"])
+    );
 
     // Loss goes down.
     let l = losses(&out);
@@ -43,19 +64,37 @@ fn lora_job_trains_adapter_only_resumes_and_merges() {
     let t = tensors(&out.join("adapter_model.safetensors"));
     let base = Llama::load(&ws.path().join("demo/model")).unwrap();
     let layers = base.config().num_hidden_layers;
-    assert_eq!(t.len(), layers * 3 * 2 + 2, "{:?}", t.keys().collect::<Vec<_>>());
+    assert_eq!(
+        t.len(),
+        layers * 3 * 2 + 2,
+        "{:?}",
+        t.keys().collect::<Vec<_>>()
+    );
     for (name, v) in &t {
         if name.contains("lora_B") {
             assert!(v.iter().any(|x| *x != 0.0), "{name} did not train");
         } else if name.ends_with("embed_tokens.weight") {
-            let b: Vec<f32> = base.vars()[0].1.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = base.vars()[0]
+                .1
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             assert_eq!(&v[..b.len()], &b[..], "embedding rows of the base changed");
         }
     }
     let trained = Llama::load(&out).unwrap(); // base from base_model_name_or_path + adapter
     for ((n, a), (_, b)) in trained.vars().iter().zip(base.vars()) {
         if a.dims() == b.dims() {
-            let d = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d = (a.as_tensor() - b.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert_eq!(d, 0.0, "frozen {n} changed");
         }
     }
@@ -63,16 +102,40 @@ fn lora_job_trains_adapter_only_resumes_and_merges() {
     // Stop at step 3, resume: bit-identical adapter.
     let job2 = ws.job("lora2.yaml", "out2", LORA);
     ws.train(&job2, &["--until-step", "3"]);
-    assert!(ws.path().join("out2/checkpoint-3/adapter_model.safetensors").exists());
+    assert!(ws
+        .path()
+        .join("out2/checkpoint-3/adapter_model.safetensors")
+        .exists());
     assert!(!ws.path().join("out2/adapter_model.safetensors").exists());
-    let ckpt_opt = tensors(&ws.path().join("out2/checkpoint-3").join("optimizer.safetensors")).into_keys().collect::<Vec<_>>();
-    assert!(!ckpt_opt.is_empty() && ckpt_opt.iter().all(|n| n.contains(".lora_")), "optimizer state only for adapters: {ckpt_opt:?}");
+    let ckpt_opt = tensors(
+        &ws.path()
+            .join("out2/checkpoint-3")
+            .join("optimizer.safetensors"),
+    )
+    .into_keys()
+    .collect::<Vec<_>>();
+    assert!(
+        !ckpt_opt.is_empty() && ckpt_opt.iter().all(|n| n.contains(".lora_")),
+        "optimizer state only for adapters: {ckpt_opt:?}"
+    );
     ws.train(&job2, &[]);
-    assert_eq!(read(out.join("adapter_model.safetensors")), read(ws.path().join("out2/adapter_model.safetensors")), "resume is not bit-identical");
+    assert_eq!(
+        read(out.join("adapter_model.safetensors")),
+        read(ws.path().join("out2/adapter_model.safetensors")),
+        "resume is not bit-identical"
+    );
     assert_eq!(losses(&out), losses(&ws.path().join("out2")));
 
     // Merge: plain HF model, same logits as base + adapter.
-    let o = run_ok(herd().current_dir(ws.path()).args(["merge", "--base", "demo/model", "--adapter", "out", "--out", "merged"]));
+    let o = run_ok(herd().current_dir(ws.path()).args([
+        "merge",
+        "--base",
+        "demo/model",
+        "--adapter",
+        "out",
+        "--out",
+        "merged",
+    ]));
     assert!(String::from_utf8_lossy(&o.stdout).contains("merged"));
     let merged_dir = ws.path().join("merged");
     assert!(merged_dir.join("config.json").exists() && merged_dir.join("tokenizer.json").exists());
@@ -80,14 +143,43 @@ fn lora_job_trains_adapter_only_resumes_and_merges() {
     assert!(merged.lora().is_none());
     assert_eq!(merged.num_parameters(), trained.num_parameters());
     let ids = Tensor::new(&[[1u32, 10, 20, 30, 40, 50, 60, 70]], &Device::Cpu).unwrap();
-    let (a, b) = (trained.forward(&ids).unwrap(), merged.forward(&ids).unwrap());
-    let scale = b.abs().unwrap().max_all().unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
-    let diff = (a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff <= 1e-5 * scale.max(1.0), "merged logits differ by {diff}");
+    let (a, b) = (
+        trained.forward(&ids).unwrap(),
+        merged.forward(&ids).unwrap(),
+    );
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let diff = (a - &b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff <= 1e-5 * scale.max(1.0),
+        "merged logits differ by {diff}"
+    );
 
     // generate: an adapter dir and the merged model answer alike (greedy).
     let gen = |m: &str| {
-        let o = run_ok(herd().current_dir(ws.path()).args(["generate", "--model", m, "--instruction", "Name a color.", "--max-new-tokens", "12"]));
+        let o = run_ok(herd().current_dir(ws.path()).args([
+            "generate",
+            "--model",
+            m,
+            "--instruction",
+            "Name a color.",
+            "--max-new-tokens",
+            "12",
+        ]));
         String::from_utf8_lossy(&o.stdout).into_owned()
     };
     assert_eq!(gen("out"), gen("merged"));
@@ -96,7 +188,17 @@ fn lora_job_trains_adapter_only_resumes_and_merges() {
 #[test]
 fn lora_dropout_is_refused_clearly() {
     let ws = Workspace::new(4);
-    let job = ws.job("j.yaml", "o", "lora_r: 4\nlora_dropout: 0.05\nmax_steps: 1\n");
-    let err = run_err(herd().current_dir(ws.path()).arg("train").arg(&job).arg("--no-progress"));
+    let job = ws.job(
+        "j.yaml",
+        "o",
+        "lora_r: 4\nlora_dropout: 0.05\nmax_steps: 1\n",
+    );
+    let err = run_err(
+        herd()
+            .current_dir(ws.path())
+            .arg("train")
+            .arg(&job)
+            .arg("--no-progress"),
+    );
     assert!(err.contains("lora_dropout"), "{err}");
 }

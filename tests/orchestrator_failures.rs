@@ -10,18 +10,32 @@ const STEPS: &str = "max_steps: 12\nsave_steps: 2\nsave_total_limit: 2\n";
 
 /// The uninterrupted reference: one process with the same global batch as 2 workers.
 fn reference(ws: &Workspace, name: &str) -> std::path::PathBuf {
-    let job = ws.job(&format!("{name}.yaml"), name, &format!("{STEPS}gradient_accumulation_steps: 2\n"));
+    let job = ws.job(
+        &format!("{name}.yaml"),
+        name,
+        &format!("{STEPS}gradient_accumulation_steps: 2\n"),
+    );
     ws.train(&job, &[]);
     ws.path().join(name)
 }
 
 fn submit(ws: &Workspace, addr: &str, state: &Path, job: &Path) -> String {
-    let out = run_ok(&mut client(ws.path(), addr, state, &["submit", job.to_str().unwrap()]));
+    let out = run_ok(&mut client(
+        ws.path(),
+        addr,
+        state,
+        &["submit", job.to_str().unwrap()],
+    ));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn watch_to_end(ws: &Workspace, addr: &str, state: &Path, job: &str) -> serde_json::Value {
-    run_ok(&mut client(ws.path(), addr, state, &["status", job, "--watch"]));
+    run_ok(&mut client(
+        ws.path(),
+        addr,
+        state,
+        &["status", job, "--watch"],
+    ));
     job_status(ws.path(), addr, state, job)
 }
 
@@ -35,21 +49,42 @@ fn a_worker_killed_mid_job_restarts_from_the_checkpoint_with_the_same_result() {
     let job = ws.job("job.yaml", "out", &format!("{STEPS}world_size: 2\n"));
     let id = submit(&ws, &addr, &state, &job);
     let out = ws.path().join("out");
-    wait_until("the first checkpoint", Duration::from_secs(60), || out.join("checkpoint-2/herd_manifest.json").is_file());
+    wait_until("the first checkpoint", Duration::from_secs(60), || {
+        out.join("checkpoint-2/herd_manifest.json").is_file()
+    });
     w0.kill();
     let st = job_status(ws.path(), &addr, &state, &id);
-    assert_ne!(st["state"], "SUCCEEDED", "the job ended before the kill; make it longer: {st}");
+    assert_ne!(
+        st["state"], "SUCCEEDED",
+        "the job ended before the kill; make it longer: {st}"
+    );
     let _w2 = start_worker(ws.path(), &addr, &state, "w2");
     let st = watch_to_end(&ws, &addr, &state, &id);
     assert_eq!(st["state"], "SUCCEEDED", "{st}");
     assert!(st["restarts"].as_u64().unwrap() >= 1, "{st}");
-    assert!(!st["restart_reasons"].as_array().unwrap().is_empty(), "{st}");
-    let logs = run_ok(&mut client(ws.path(), &addr, &state, &["logs", &id, "--rank", "0"]));
-    assert!(String::from_utf8_lossy(&logs.stdout).contains("resumed from"), "{}", String::from_utf8_lossy(&logs.stdout));
+    assert!(
+        !st["restart_reasons"].as_array().unwrap().is_empty(),
+        "{st}"
+    );
+    let logs = run_ok(&mut client(
+        ws.path(),
+        &addr,
+        &state,
+        &["logs", &id, "--rank", "0"],
+    ));
+    assert!(
+        String::from_utf8_lossy(&logs.stdout).contains("resumed from"),
+        "{}",
+        String::from_utf8_lossy(&logs.stdout)
+    );
 
     let reference = reference(&ws, "reference");
     assert_eq!(trainer_state(&out)["global_step"], 12);
-    assert_weights_close(&out.join("model.safetensors"), &reference.join("model.safetensors"), 1e-5);
+    assert_weights_close(
+        &out.join("model.safetensors"),
+        &reference.join("model.safetensors"),
+        1e-5,
+    );
 }
 
 #[test]
@@ -65,7 +100,9 @@ fn a_coordinator_restart_loses_no_job_and_the_running_job_finishes() {
     let queued = ws.job("later.yaml", "later", "max_steps: 2\nworld_size: 2\n");
     let later = submit(&ws, &addr, &state, &queued);
     let out = ws.path().join("out");
-    wait_until("the first checkpoint", Duration::from_secs(60), || out.join("checkpoint-2/herd_manifest.json").is_file());
+    wait_until("the first checkpoint", Duration::from_secs(60), || {
+        out.join("checkpoint-2/herd_manifest.json").is_file()
+    });
     coord.kill();
     std::thread::sleep(Duration::from_millis(500));
     let (_coord2, addr2) = start_coordinator(ws.path(), &state, port, 3.0);
@@ -78,7 +115,11 @@ fn a_coordinator_restart_loses_no_job_and_the_running_job_finishes() {
     let st2 = watch_to_end(&ws, &addr, &state, &later);
     assert_eq!(st2["state"], "SUCCEEDED", "{st2}");
     let reference = reference(&ws, "reference");
-    assert_weights_close(&out.join("model.safetensors"), &reference.join("model.safetensors"), 1e-5);
+    assert_weights_close(
+        &out.join("model.safetensors"),
+        &reference.join("model.safetensors"),
+        1e-5,
+    );
 }
 
 #[test]
@@ -89,23 +130,42 @@ fn sigterm_makes_a_worker_checkpoint_report_paused_and_exit() {
     let mut w0 = start_worker(ws.path(), &addr, &state, "w0");
     let job = ws.job("job.yaml", "out", "max_steps: 40\nsave_steps: 100\n");
     let id = submit(&ws, &addr, &state, &job);
-    wait_until("a step", Duration::from_secs(60), || job_status(ws.path(), &addr, &state, &id)["step"].as_u64().unwrap() >= 1);
+    wait_until("a step", Duration::from_secs(60), || {
+        job_status(ws.path(), &addr, &state, &id)["step"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    });
     w0.signal("TERM");
     let t0 = std::time::Instant::now();
     let status = loop {
         if let Some(s) = w0.child.try_wait().unwrap() {
             break s;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "worker did not exit: {}", w0.log_text());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "worker did not exit: {}",
+            w0.log_text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}: {}", w0.log_text());
     let st = job_status(ws.path(), &addr, &state, &id);
     let ckpt = st["last_checkpoint_step"].as_u64().unwrap();
-    assert!(ckpt >= 1 && ckpt < 40, "a checkpoint at the stop step: {st}");
-    assert!(ws.path().join(format!("out/checkpoint-{ckpt}/herd_manifest.json")).is_file());
+    assert!(
+        ckpt >= 1 && ckpt < 40,
+        "a checkpoint at the stop step: {st}"
+    );
+    assert!(ws
+        .path()
+        .join(format!("out/checkpoint-{ckpt}/herd_manifest.json"))
+        .is_file());
     let logs = run_ok(&mut client(ws.path(), &addr, &state, &["logs", &id]));
-    assert!(String::from_utf8_lossy(&logs.stdout).contains("paused at step"), "{}", String::from_utf8_lossy(&logs.stdout));
+    assert!(
+        String::from_utf8_lossy(&logs.stdout).contains("paused at step"),
+        "{}",
+        String::from_utf8_lossy(&logs.stdout)
+    );
     // A new worker picks the job up where it stopped and finishes it.
     let _w1 = start_worker(ws.path(), &addr, &state, "w1");
     let st = watch_to_end(&ws, &addr, &state, &id);

@@ -22,7 +22,10 @@ fn assert_no_process_mentions(needle: &str) {
 }
 
 fn state_dir_of(stderr: &str) -> String {
-    let i = stderr.find("state and logs in ").expect("herd run names its state dir") + "state and logs in ".len();
+    let i = stderr
+        .find("state and logs in ")
+        .expect("herd run names its state dir")
+        + "state and logs in ".len();
     stderr[i..].split_whitespace().next().unwrap().to_string()
 }
 
@@ -30,20 +33,40 @@ fn state_dir_of(stderr: &str) -> String {
 fn run_with_two_workers_equals_one_process_with_twice_the_accumulation() {
     let ws = Workspace::new(48);
     let job = ws.job("job.yaml", "dp", STEPS);
-    let out = run_ok(herd_clean().current_dir(ws.path()).arg("run").arg(&job).args(["--workers", "2"]));
+    let out = run_ok(
+        herd_clean()
+            .current_dir(ws.path())
+            .arg("run")
+            .arg(&job)
+            .args(["--workers", "2"]),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(stderr.contains("SUCCEEDED"), "{stderr}");
     assert!(stderr.contains("loss"), "progress is shown: {stderr}");
     assert_no_process_mentions(&state_dir_of(&stderr));
 
-    let single = ws.job("single.yaml", "single", &format!("{STEPS}gradient_accumulation_steps: 2\n"));
+    let single = ws.job(
+        "single.yaml",
+        "single",
+        &format!("{STEPS}gradient_accumulation_steps: 2\n"),
+    );
     ws.train(&single, &[]);
     let (dp, one) = (ws.path().join("dp"), ws.path().join("single"));
     assert_eq!(trainer_state(&dp)["global_step"], 6);
-    assert_weights_close(&dp.join("model.safetensors"), &one.join("model.safetensors"), 1e-5);
+    assert_weights_close(
+        &dp.join("model.safetensors"),
+        &one.join("model.safetensors"),
+        1e-5,
+    );
     // Same loss history (the logged losses are global-batch means).
-    let (h1, h2) = (trainer_state(&dp)["log_history"].clone(), trainer_state(&one)["log_history"].clone());
-    for (a, b) in h1.as_array().unwrap()[..6].iter().zip(&h2.as_array().unwrap()[..6]) {
+    let (h1, h2) = (
+        trainer_state(&dp)["log_history"].clone(),
+        trainer_state(&one)["log_history"].clone(),
+    );
+    for (a, b) in h1.as_array().unwrap()[..6]
+        .iter()
+        .zip(&h2.as_array().unwrap()[..6])
+    {
         let (la, lb) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
         assert!((la - lb).abs() <= 1e-4 * la.abs().max(1.0), "{a} vs {b}");
     }
@@ -53,11 +76,28 @@ fn run_with_two_workers_equals_one_process_with_twice_the_accumulation() {
 #[test]
 fn sixteen_workers_on_one_machine_finish_a_tiny_job() {
     let ws = Workspace::new(64);
-    let job = ws.job("job16.yaml", "w16", "per_device_train_batch_size: 1\nmax_steps: 4\nsave_steps: 2\n");
+    let job = ws.job(
+        "job16.yaml",
+        "w16",
+        "per_device_train_batch_size: 1\nmax_steps: 4\nsave_steps: 2\n",
+    );
     let t0 = Instant::now();
-    let out = run_ok(herd_clean().current_dir(ws.path()).arg("run").arg(&job).args(["--workers", "16"]));
+    let out = run_ok(
+        herd_clean()
+            .current_dir(ws.path())
+            .arg("run")
+            .arg(&job)
+            .args(["--workers", "16"]),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    eprintln!("16 workers: {:.1}s in all; {}", t0.elapsed().as_secs_f64(), stderr.lines().find(|l| l.contains("first step")).unwrap_or("?"));
+    eprintln!(
+        "16 workers: {:.1}s in all; {}",
+        t0.elapsed().as_secs_f64(),
+        stderr
+            .lines()
+            .find(|l| l.contains("first step"))
+            .unwrap_or("?")
+    );
     assert!(stderr.contains("world_size 16"), "{stderr}");
     assert_eq!(trainer_state(&ws.path().join("w16"))["global_step"], 4);
     assert!(ws.path().join("w16/model.safetensors").is_file());
@@ -70,18 +110,42 @@ fn invalid_jobs_are_refused_at_submit_and_nothing_is_queued() {
     let state = ws.path().join("state");
     let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 10.0);
     let cases: Vec<(std::path::PathBuf, Vec<&str>, &str)> = vec![
-        (ws.job("unknown.yaml", "o1", "learning_rat: 1\n"), vec![], "learning_rat"),
-        (ws.job("type.yaml", "o2", "max_steps: many\n"), vec![], "max_steps"),
-        (ws.job("zero.yaml", "o3", "world_size: 0\n"), vec![], "world_size"),
-        (ws.job("big.yaml", "o4", "max_steps: 2\n"), vec!["--world-size", "100"], "world"),
+        (
+            ws.job("unknown.yaml", "o1", "learning_rat: 1\n"),
+            vec![],
+            "learning_rat",
+        ),
+        (
+            ws.job("type.yaml", "o2", "max_steps: many\n"),
+            vec![],
+            "max_steps",
+        ),
+        (
+            ws.job("zero.yaml", "o3", "world_size: 0\n"),
+            vec![],
+            "world_size",
+        ),
+        (
+            ws.job("big.yaml", "o4", "max_steps: 2\n"),
+            vec!["--world-size", "100"],
+            "world",
+        ),
         {
             let p = ws.path().join("nodata.yaml");
-            std::fs::write(&p, "model_name_or_path: demo/model\ndata_path: missing.json\noutput_dir: o5\n").unwrap();
+            std::fs::write(
+                &p,
+                "model_name_or_path: demo/model\ndata_path: missing.json\noutput_dir: o5\n",
+            )
+            .unwrap();
             (p, vec![], "missing.json")
         },
         {
             let p = ws.path().join("nomodel.yaml");
-            std::fs::write(&p, "model_name_or_path: demo/data\ndata_path: small.json\noutput_dir: o6\n").unwrap();
+            std::fs::write(
+                &p,
+                "model_name_or_path: demo/data\ndata_path: small.json\noutput_dir: o6\n",
+            )
+            .unwrap();
             (p, vec![], "config.json")
         },
     ];
@@ -89,8 +153,16 @@ fn invalid_jobs_are_refused_at_submit_and_nothing_is_queued() {
         let mut args = vec!["submit", job.to_str().unwrap()];
         args.extend(extra);
         let err = run_err(&mut client(ws.path(), &addr, &state, &args));
-        assert!(err.contains("refused") || err.contains(needle), "{}: {err}", job.display());
-        assert!(err.contains(needle), "{}: message should mention {needle}: {err}", job.display());
+        assert!(
+            err.contains("refused") || err.contains(needle),
+            "{}: {err}",
+            job.display()
+        );
+        assert!(
+            err.contains(needle),
+            "{}: message should mention {needle}: {err}",
+            job.display()
+        );
     }
     let out = run_ok(&mut client(ws.path(), &addr, &state, &["list"]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "no jobs");
@@ -98,7 +170,12 @@ fn invalid_jobs_are_refused_at_submit_and_nothing_is_queued() {
         assert!(!ws.path().join(o).exists(), "{o} was written");
     }
     // `herd run` checks the job before it starts anything.
-    let err = run_err(herd_clean().current_dir(ws.path()).args(["run", "unknown.yaml", "--workers", "2"]));
+    let err = run_err(herd_clean().current_dir(ws.path()).args([
+        "run",
+        "unknown.yaml",
+        "--workers",
+        "2",
+    ]));
     assert!(err.contains("learning_rat"), "{err}");
 }
 
@@ -108,20 +185,50 @@ fn calls_without_or_with_a_wrong_token_are_refused_and_change_nothing() {
     let state = ws.path().join("state");
     let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 10.0);
     // The coordinator made a private token.
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(state.join("token")).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(state.join("token"))
+            .unwrap()
+            .permissions(),
+    );
     assert_eq!(mode & 0o777, 0o600);
     let job = ws.job("job.yaml", "out", STEPS);
 
-    let none = run_err(herd_clean().current_dir(ws.path()).args(["submit", "job.yaml", "--coordinator", &addr]));
+    let none = run_err(herd_clean().current_dir(ws.path()).args([
+        "submit",
+        "job.yaml",
+        "--coordinator",
+        &addr,
+    ]));
     assert!(none.to_lowercase().contains("unauthenticated"), "{none}");
     let bad_file = ws.path().join("bad-token");
     std::fs::write(&bad_file, "not-the-token\n").unwrap();
-    let wrong = run_err(herd_clean().current_dir(ws.path()).args(["submit", "job.yaml", "--coordinator", &addr, "--token-file"]).arg(&bad_file));
+    let wrong = run_err(
+        herd_clean()
+            .current_dir(ws.path())
+            .args(["submit", "job.yaml", "--coordinator", &addr, "--token-file"])
+            .arg(&bad_file),
+    );
     assert!(wrong.to_lowercase().contains("unauthenticated"), "{wrong}");
-    let wrong_env = run_err(herd_clean().current_dir(ws.path()).env("HERD_TOKEN", "nope").args(["list", "--coordinator", &addr]));
-    assert!(wrong_env.to_lowercase().contains("unauthenticated"), "{wrong_env}");
-    let cancel = run_err(herd_clean().current_dir(ws.path()).env("HERD_TOKEN", "nope").args(["cancel", "job-1", "--coordinator", &addr]));
-    assert!(cancel.to_lowercase().contains("unauthenticated"), "{cancel}");
+    let wrong_env = run_err(
+        herd_clean()
+            .current_dir(ws.path())
+            .env("HERD_TOKEN", "nope")
+            .args(["list", "--coordinator", &addr]),
+    );
+    assert!(
+        wrong_env.to_lowercase().contains("unauthenticated"),
+        "{wrong_env}"
+    );
+    let cancel = run_err(
+        herd_clean()
+            .current_dir(ws.path())
+            .env("HERD_TOKEN", "nope")
+            .args(["cancel", "job-1", "--coordinator", &addr]),
+    );
+    assert!(
+        cancel.to_lowercase().contains("unauthenticated"),
+        "{cancel}"
+    );
 
     // A worker with a wrong token is refused and says so.
     let t0 = Instant::now();
@@ -133,7 +240,10 @@ fn calls_without_or_with_a_wrong_token_are_refused_and_change_nothing() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("Unauthenticated") || err.contains("unauthenticated"), "{err}");
+    assert!(
+        err.contains("Unauthenticated") || err.contains("unauthenticated"),
+        "{err}"
+    );
     assert!(t0.elapsed() < Duration::from_secs(20));
 
     // Nothing changed: with the right token there are no jobs (and no workers ran anything).
@@ -153,17 +263,44 @@ fn a_job_resumed_at_another_world_size_continues_exactly() {
     // workers with accumulation 1 from checkpoint-3, against one process for all 6 steps.
     let ws = Workspace::new(48);
     let steps = "per_device_train_batch_size: 2\nmax_steps: 6\nsave_steps: 3\n";
-    let full = ws.job("full.yaml", "full", &format!("{steps}gradient_accumulation_steps: 2\n"));
+    let full = ws.job(
+        "full.yaml",
+        "full",
+        &format!("{steps}gradient_accumulation_steps: 2\n"),
+    );
     ws.train(&full, &[]);
-    let first = ws.job("first.yaml", "moved", &format!("{steps}gradient_accumulation_steps: 2\n"));
+    let first = ws.job(
+        "first.yaml",
+        "moved",
+        &format!("{steps}gradient_accumulation_steps: 2\n"),
+    );
     ws.train(&first, &["--until-step", "3"]);
     let second = ws.job("second.yaml", "moved", steps);
-    let out = run_ok(herd_clean().current_dir(ws.path()).arg("run").arg(&second).args(["--workers", "2"]));
+    let out = run_ok(
+        herd_clean()
+            .current_dir(ws.path())
+            .arg("run")
+            .arg(&second)
+            .args(["--workers", "2"]),
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("SUCCEEDED"));
     let st = trainer_state(&ws.path().join("moved"));
     assert_eq!(st["global_step"], 6);
-    assert!(ws.path().join("moved/checkpoint-6/herd_manifest.json").is_file());
-    let manifest: serde_json::Value = serde_json::from_slice(&read(ws.path().join("moved/checkpoint-6/herd_manifest.json"))).unwrap();
-    assert_eq!(manifest["world_size"], 2, "the second part ran on two ranks");
-    assert_weights_close(&ws.path().join("full/model.safetensors"), &ws.path().join("moved/model.safetensors"), 1e-5);
+    assert!(ws
+        .path()
+        .join("moved/checkpoint-6/herd_manifest.json")
+        .is_file());
+    let manifest: serde_json::Value = serde_json::from_slice(&read(
+        ws.path().join("moved/checkpoint-6/herd_manifest.json"),
+    ))
+    .unwrap();
+    assert_eq!(
+        manifest["world_size"], 2,
+        "the second part ran on two ranks"
+    );
+    assert_weights_close(
+        &ws.path().join("full/model.safetensors"),
+        &ws.path().join("moved/model.safetensors"),
+        1e-5,
+    );
 }

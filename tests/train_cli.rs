@@ -15,13 +15,25 @@ fn train_writes_hf_layout_history_and_rotates_checkpoints() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("added 1 special token"), "{stderr}");
     let o = ws.path().join("out");
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "trainer_state.json", "training_args.yaml"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "trainer_state.json",
+        "training_args.yaml",
+    ] {
         assert!(o.join(f).is_file(), "missing {f}");
     }
     // The [PAD] token grew the vocabulary, as train.py's resize does.
     let cfg: serde_json::Value = serde_json::from_slice(&read(o.join("config.json"))).unwrap();
-    let base: serde_json::Value = serde_json::from_slice(&read(ws.path().join("demo/model/config.json"))).unwrap();
-    assert_eq!(cfg["vocab_size"].as_u64().unwrap(), base["vocab_size"].as_u64().unwrap() + 1);
+    let base: serde_json::Value =
+        serde_json::from_slice(&read(ws.path().join("demo/model/config.json"))).unwrap();
+    assert_eq!(
+        cfg["vocab_size"].as_u64().unwrap(),
+        base["vocab_size"].as_u64().unwrap() + 1
+    );
     // save_total_limit 2 keeps the newest two of 2, 4, 6.
     let mut ckpts: Vec<String> = std::fs::read_dir(&o)
         .unwrap()
@@ -30,8 +42,18 @@ fn train_writes_hf_layout_history_and_rotates_checkpoints() {
         .collect();
     ckpts.sort();
     assert_eq!(ckpts, vec!["checkpoint-4", "checkpoint-6"]);
-    for f in ["model.safetensors", "optimizer.safetensors", "scheduler.json", "trainer_state.json", "herd_manifest.json", "tokenizer.json"] {
-        assert!(o.join("checkpoint-6").join(f).is_file(), "checkpoint lacks {f}");
+    for f in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "scheduler.json",
+        "trainer_state.json",
+        "herd_manifest.json",
+        "tokenizer.json",
+    ] {
+        assert!(
+            o.join("checkpoint-6").join(f).is_file(),
+            "checkpoint lacks {f}"
+        );
     }
     // log_history as HF writes it: one entry per logging step, then the summary.
     let st = trainer_state(&o);
@@ -43,7 +65,11 @@ fn train_writes_hf_layout_history_and_rotates_checkpoints() {
             assert!(e[k].is_number(), "entry {i} lacks {k}: {e}");
         }
     }
-    assert_eq!(hist[0]["learning_rate"].as_f64().unwrap(), 0.0, "warmup starts at lr 0");
+    assert_eq!(
+        hist[0]["learning_rate"].as_f64().unwrap(),
+        0.0,
+        "warmup starts at lr 0"
+    );
     assert!(hist[6]["train_runtime"].is_number());
     assert_eq!(st["global_step"].as_u64().unwrap(), 6);
     // Training lowered the loss on this small set.
@@ -61,15 +87,30 @@ fn stop_and_resume_is_bit_identical() {
     // First run stops after step 3 (a checkpoint is written there), the second resumes.
     let out = ws.train(&parted, &["--until-step", "3"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped at step 3"));
-    assert!(!ws.path().join("parted/model.safetensors").exists(), "no final model before the end");
+    assert!(
+        !ws.path().join("parted/model.safetensors").exists(),
+        "no final model before the end"
+    );
     let out = ws.train(&parted, &[]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("resumed at step 3"), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(read(ws.path().join("full/model.safetensors")), read(ws.path().join("parted/model.safetensors")));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("resumed at step 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        read(ws.path().join("full/model.safetensors")),
+        read(ws.path().join("parted/model.safetensors"))
+    );
     // The log history carries over the resume.
     let a = trainer_state(&ws.path().join("full"));
     let b = trainer_state(&ws.path().join("parted"));
     let losses = |s: &serde_json::Value| -> Vec<f64> {
-        s["log_history"].as_array().unwrap().iter().filter_map(|e| e["loss"].as_f64()).collect()
+        s["log_history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["loss"].as_f64())
+            .collect()
     };
     assert_eq!(losses(&a), losses(&b));
 }
@@ -81,17 +122,29 @@ fn sigkill_mid_run_then_rerun_matches_uninterrupted() {
     let full = ws.job("full.yaml", "full", steps);
     ws.train(&full, &[]);
     let killed = ws.job("killed.yaml", "killed", steps);
-    let mut child = herd().current_dir(ws.path()).args(["train", "killed.yaml", "--no-progress"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = herd()
+        .current_dir(ws.path())
+        .args(["train", "killed.yaml", "--no-progress"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     // Kill it once the first checkpoint exists (mid-run, maybe mid-save).
     let t0 = Instant::now();
-    while !ws.path().join("killed/checkpoint-2").exists() && t0.elapsed() < Duration::from_secs(120) {
+    while !ws.path().join("killed/checkpoint-2").exists() && t0.elapsed() < Duration::from_secs(120)
+    {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!ws.path().join("killed/trainer_state.json").exists() || ws.path().join("killed/checkpoint-8").exists());
+    assert!(
+        !ws.path().join("killed/trainer_state.json").exists()
+            || ws.path().join("killed/checkpoint-8").exists()
+    );
     ws.train(&killed, &[]);
-    assert_eq!(read(ws.path().join("full/model.safetensors")), read(ws.path().join("killed/model.safetensors")));
+    assert_eq!(
+        read(ws.path().join("full/model.safetensors")),
+        read(ws.path().join("killed/model.safetensors"))
+    );
 }
 
 #[test]

@@ -99,8 +99,9 @@ pub fn validate_submission(
         }
     }
     // Every file is read (format, records) and the mixture built, as the trainer will.
-    let loaded = herd_worker::data::mixture::load_mixture(&spec.data_path, spec.seed, spec.skip_bad_records)
-        .map_err(|e| Refusal(format!("{source}: `data_path`: {e}")))?;
+    let loaded =
+        herd_worker::data::mixture::load_mixture(&spec.data_path, spec.seed, spec.skip_bad_records)
+            .map_err(|e| Refusal(format!("{source}: `data_path`: {e}")))?;
     let data = &spec.data_path;
     let n = loaded.records.len();
     if spec.world_size > n {
@@ -108,8 +109,7 @@ pub fn validate_submission(
             "world_size",
             format!(
                 "{} workers are more than the {n} usable records in {}",
-                spec.world_size,
-                data
+                spec.world_size, data
             ),
         );
     }
@@ -197,7 +197,10 @@ mod tests {
             "{\"conversations\": [{\"from\": \"gpt\", \"value\": \"a\"}]}\n",
         )
         .unwrap();
-        let mixed = ok.replace("data_path: d.json", "data_path: [d.json, {path: c.jsonl, weight: 2}]");
+        let mixed = ok.replace(
+            "data_path: d.json",
+            "data_path: [d.json, {path: c.jsonl, weight: 2}]",
+        );
         let e = validate_submission(&mixed, "j.yaml", base).unwrap_err();
         assert!(e.0.contains("c.jsonl: record 1 (line 1): turn 1"), "{e}");
         std::fs::write(

@@ -351,7 +351,11 @@ async fn fake_worker_runs_a_job_to_success() {
     assert_eq!(a.job_secret.len(), 32);
     assert_eq!(a.resume_checkpoint, "");
     let spec = herd_proto::JobSpec::from_yaml_str(&a.job_yaml, "assignment").unwrap();
-    assert!(spec.data_path.paths().iter().all(|p| p.is_absolute() && p.is_file()));
+    assert!(spec
+        .data_path
+        .paths()
+        .iter()
+        .all(|p| p.is_absolute() && p.is_file()));
 
     let r = hb(&mut w, &wid, &id, 1, 0).await;
     assert!(r.assignment.is_none() && r.stop.is_none());

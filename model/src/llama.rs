@@ -233,7 +233,10 @@ impl Llama {
         if !dir.join("config.json").exists() && dir.join(lora::ADAPTER_CONFIG).exists() {
             let (_, base) = LoraConfig::from_file(&dir.join(lora::ADAPTER_CONFIG))?;
             let base = base.ok_or_else(|| {
-                Error::Config(format!("{}: no base_model_name_or_path", dir.join(lora::ADAPTER_CONFIG).display()))
+                Error::Config(format!(
+                    "{}: no base_model_name_or_path",
+                    dir.join(lora::ADAPTER_CONFIG).display()
+                ))
             })?;
             let mut model = Self::load(&lora::resolve_base(dir, &base))?;
             model.load_adapter(dir)?;
@@ -292,7 +295,13 @@ impl Llama {
         }
         let net = build_net(&cfg, &vars, None, false);
         let base_vocab = cfg.vocab_size;
-        Ok(Self { cfg, vars, net, lora: None, base_vocab })
+        Ok(Self {
+            cfg,
+            vars,
+            net,
+            lora: None,
+            base_vocab,
+        })
     }
 
     /// Writes `config.json` and the weights in `dtype`, sharded at transformers' default 5 GB.
@@ -379,13 +388,23 @@ impl Llama {
     /// Writes the adapter in PEFT's layout: `adapter_config.json` and `adapter_model.safetensors`
     /// (f32), plus the resized embedding rows when the vocabulary differs from the base model's.
     pub fn save_adapter(&self, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
-        let l = self.lora.as_ref().ok_or_else(|| Error::InvalidArgument("the model has no LoRA adapter".into()))?;
+        let l = self
+            .lora
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("the model has no LoRA adapter".into()))?;
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-        let mut tensors: Vec<(String, Tensor)> =
-            l.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+        let mut tensors: Vec<(String, Tensor)> = l
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+            .collect();
         if self.cfg.vocab_size != self.base_vocab {
             for (hf, peft) in lora::embed_names(self.cfg.tie_word_embeddings) {
-                let v = self.vars.iter().find(|(n, _)| n == hf).expect("embedding var exists");
+                let v = self
+                    .vars
+                    .iter()
+                    .find(|(n, _)| n == hf)
+                    .expect("embedding var exists");
                 tensors.push((peft, v.1.as_tensor().detach()));
             }
         }
@@ -409,19 +428,40 @@ impl Llama {
                 self.resize_token_embeddings(rows)?;
             }
             for (hf, peft) in &embeds {
-                let t = tensors.remove(peft).ok_or_else(|| Error::MissingTensor { path: path.clone(), name: peft.clone() })?;
-                let var = &mut self.vars.iter_mut().find(|(n, _)| n == hf).expect("embedding var exists").1;
+                let t = tensors.remove(peft).ok_or_else(|| Error::MissingTensor {
+                    path: path.clone(),
+                    name: peft.clone(),
+                })?;
+                let var = &mut self
+                    .vars
+                    .iter_mut()
+                    .find(|(n, _)| n == hf)
+                    .expect("embedding var exists")
+                    .1;
                 if t.dims() != var.dims() {
-                    return Err(Error::ShapeMismatch { path, name: peft.clone(), expected: var.dims().to_vec(), found: t.dims().to_vec() });
+                    return Err(Error::ShapeMismatch {
+                        path,
+                        name: peft.clone(),
+                        expected: var.dims().to_vec(),
+                        found: t.dims().to_vec(),
+                    });
                 }
                 *var = Var::from_tensor(&t.contiguous()?.detach())?;
             }
         }
         let mut vars = vec![];
         for (name, shape) in Lora::shapes(&self.cfg, &config) {
-            let t = tensors.remove(&name).ok_or_else(|| Error::MissingTensor { path: path.clone(), name: name.clone() })?;
+            let t = tensors.remove(&name).ok_or_else(|| Error::MissingTensor {
+                path: path.clone(),
+                name: name.clone(),
+            })?;
             if t.dims() != shape.as_slice() {
-                return Err(Error::ShapeMismatch { path, name, expected: shape, found: t.dims().to_vec() });
+                return Err(Error::ShapeMismatch {
+                    path,
+                    name,
+                    expected: shape,
+                    found: t.dims().to_vec(),
+                });
             }
             vars.push((name, Var::from_tensor(&t.contiguous()?.detach())?));
         }
@@ -436,7 +476,13 @@ impl Llama {
     /// A plain model with every adapter folded in: W + B A * scale.
     pub fn merged(&self) -> Result<Llama> {
         let Some(l) = &self.lora else {
-            return Self::from_tensors(self.cfg.clone(), self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect());
+            return Self::from_tensors(
+                self.cfg.clone(),
+                self.vars
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+                    .collect(),
+            );
         };
         let mut tensors = BTreeMap::new();
         for (name, v) in &self.vars {
@@ -481,9 +527,20 @@ impl Llama {
     }
 }
 
-fn build_net(cfg: &LlamaConfig, vars: &[(String, Var)], lora: Option<&Lora>, detached: bool) -> Net {
+fn build_net(
+    cfg: &LlamaConfig,
+    vars: &[(String, Var)],
+    lora: Option<&Lora>,
+    detached: bool,
+) -> Net {
     let by_name: BTreeMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
-    let take = |v: &Var, detach: bool| if detach { v.as_tensor().detach() } else { v.as_tensor().clone() };
+    let take = |v: &Var, detach: bool| {
+        if detach {
+            v.as_tensor().detach()
+        } else {
+            v.as_tensor().clone()
+        }
+    };
     // With LoRA the base is always detached: frozen, no gradient computed for it.
     let base_detached = detached || lora.is_some();
     let adapter = |p: &str| {
@@ -493,7 +550,14 @@ fn build_net(cfg: &LlamaConfig, vars: &[(String, Var)], lora: Option<&Lora>, det
     };
     Net::build(
         cfg,
-        &|name| take(by_name.get(name).unwrap_or_else(|| panic!("parameter {name} exists")), base_detached),
+        &|name| {
+            take(
+                by_name
+                    .get(name)
+                    .unwrap_or_else(|| panic!("parameter {name} exists")),
+                base_detached,
+            )
+        },
         &adapter,
     )
 }

@@ -22,7 +22,13 @@ use crate::init::SplitMix64;
 
 /// The projection names LoRA may target, in HF module order within a decoder layer.
 pub const TARGETS: [&str; 7] = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -41,7 +47,13 @@ pub struct LoraConfig {
 
 impl LoraConfig {
     pub fn new(r: usize, alpha: f64, dropout: f64, target_modules: Vec<String>) -> Self {
-        Self { r, alpha, dropout, target_modules, use_rslora: false }
+        Self {
+            r,
+            alpha,
+            dropout,
+            target_modules,
+            use_rslora: false,
+        }
     }
 
     pub fn scale(&self) -> f64 {
@@ -57,9 +69,15 @@ impl LoraConfig {
             return Err(Error::InvalidArgument("LoRA r must be > 0".into()));
         }
         if self.target_modules.is_empty() {
-            return Err(Error::InvalidArgument("LoRA target_modules is empty".into()));
+            return Err(Error::InvalidArgument(
+                "LoRA target_modules is empty".into(),
+            ));
         }
-        if let Some(m) = self.target_modules.iter().find(|m| !TARGETS.contains(&m.as_str())) {
+        if let Some(m) = self
+            .target_modules
+            .iter()
+            .find(|m| !TARGETS.contains(&m.as_str()))
+        {
             return Err(Error::InvalidArgument(format!(
                 "LoRA target module `{m}` is not one of {TARGETS:?}"
             )));
@@ -126,35 +144,68 @@ impl LoraConfig {
             Some(Value::String(s)) => !(k == "bias" && s == "none"),
             Some(_) => true,
         };
-        for k in ["use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "layers_to_transform",
-            "modules_to_save", "bias", "lora_bias", "layer_replication", "trainable_token_indices",
-            "target_parameters", "exclude_modules"]
-        {
+        for k in [
+            "use_dora",
+            "fan_in_fan_out",
+            "rank_pattern",
+            "alpha_pattern",
+            "layers_to_transform",
+            "modules_to_save",
+            "bias",
+            "lora_bias",
+            "layer_replication",
+            "trainable_token_indices",
+            "target_parameters",
+            "exclude_modules",
+        ] {
             if is_set(k) {
                 return Err(bad(format!("`{k}` is not supported")));
             }
         }
-        let r = v.get("r").and_then(Value::as_u64).ok_or_else(|| bad("no integer `r`".into()))? as usize;
+        let r = v
+            .get("r")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("no integer `r`".into()))? as usize;
         let alpha = v.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
         let dropout = v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
         let target_modules = match v.get("target_modules") {
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|m| m.as_str().map(str::to_string).ok_or_else(|| bad("target_modules entry is not a string".into())))
+                .map(|m| {
+                    m.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad("target_modules entry is not a string".into()))
+                })
                 .collect::<Result<Vec<_>>>()?,
             _ => return Err(bad("target_modules must be a list of module names".into())),
         };
-        let use_rslora = v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
-        let cfg = Self { r, alpha, dropout, target_modules, use_rslora };
+        let use_rslora = v
+            .get("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let cfg = Self {
+            r,
+            alpha,
+            dropout,
+            target_modules,
+            use_rslora,
+        };
         cfg.validate().map_err(|e| bad(e.to_string()))?;
-        let base = v.get("base_model_name_or_path").and_then(Value::as_str).map(str::to_string);
+        let base = v
+            .get("base_model_name_or_path")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         Ok((cfg, base))
     }
 }
 
 /// `model.layers.{layer}.{self_attn|mlp}.{module}`
 pub fn module_path(layer: usize, module: &str) -> String {
-    let block = if matches!(module, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
+    let block = if matches!(module, "gate_proj" | "up_proj" | "down_proj") {
+        "mlp"
+    } else {
+        "self_attn"
+    };
     format!("model.layers.{layer}.{block}.{module}")
 }
 
@@ -204,11 +255,16 @@ impl Lora {
             let n: usize = shape.iter().product();
             let values: Vec<f32> = if name.ends_with("lora_A.weight") {
                 let bound = 1.0 / (shape[1] as f64).sqrt();
-                (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect()
+                (0..n)
+                    .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
+                    .collect()
             } else {
                 vec![0.0; n]
             };
-            vars.push((name, Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu)?)?));
+            vars.push((
+                name,
+                Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu)?)?,
+            ));
         }
         Ok(Self { config, vars })
     }
@@ -241,7 +297,10 @@ pub fn resolve_base(adapter_dir: &Path, base: &str) -> PathBuf {
 }
 
 pub(crate) fn embed_names(tied: bool) -> Vec<(&'static str, String)> {
-    let mut v = vec![("model.embed_tokens.weight", format!("{PREFIX}model.embed_tokens.weight"))];
+    let mut v = vec![(
+        "model.embed_tokens.weight",
+        format!("{PREFIX}model.embed_tokens.weight"),
+    )];
     if !tied {
         v.push(("lm_head.weight", format!("{PREFIX}lm_head.weight")));
     }

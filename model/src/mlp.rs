@@ -15,7 +15,11 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, lora: None }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     pub fn with_lora(mut self, a: Tensor, b: Tensor, scale: f64) -> Self {
@@ -69,10 +73,18 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         let x = Tensor::from_slice(&v[start..end], l.shape(), &candle_core::Device::Cpu)?;
         let y = x.matmul(&self.0.t()?)?;
         let shape = y.shape().clone();
-        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            shape,
+        ))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.0)?))
     }
 }

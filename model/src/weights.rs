@@ -192,7 +192,11 @@ pub fn save_dir(
 
 /// One safetensors file, streamed: 8-byte little-endian header length, JSON header padded with
 /// spaces to a multiple of 8, then the tensors' bytes back to back in header order.
-pub(crate) fn write_safetensors(path: &Path, tensors: &[&(String, Tensor)], dtype: DType) -> Result<()> {
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: &[&(String, Tensor)],
+    dtype: DType,
+) -> Result<()> {
     let (st_dtype, elem_bytes) = match dtype {
         DType::F32 => ("F32", 4),
         DType::BF16 => ("BF16", 2),

@@ -48,13 +48,24 @@ fn masked_rel_max(a: &Tensor, b: &Tensor, mask: &Tensor) -> f64 {
 fn peft_adapter_logits_loss_and_gradients_match() {
     let st = step();
     let model = peft_model();
-    assert_eq!(model.config().vocab_size, 308, "saved embedding layers resize the base");
+    assert_eq!(
+        model.config().vocab_size,
+        308,
+        "saved embedding layers resize the base"
+    );
     let l = model.lora().unwrap();
-    assert_eq!((l.config.r, l.config.alpha, l.config.scale()), (4, 8.0, 2.0));
+    assert_eq!(
+        (l.config.r, l.config.alpha, l.config.scale()),
+        (4, 8.0, 2.0)
+    );
     assert_eq!(model.trainable().len(), 8);
     assert_eq!(model.num_trainable_parameters(), 1792); // PEFT's count
     for (name, v) in model.trainable() {
-        assert_eq!(common::max_abs_diff(v.as_tensor(), &st[&format!("adapter.{name}")]), 0.0, "{name}");
+        assert_eq!(
+            common::max_abs_diff(v.as_tensor(), &st[&format!("adapter.{name}")]),
+            0.0,
+            "{name}"
+        );
     }
     let ids = st["input_ids"].to_dtype(DType::U32).unwrap();
     let logits = model.forward(&ids).unwrap();
@@ -67,13 +78,18 @@ fn peft_adapter_logits_loss_and_gradients_match() {
     let grads = loss.backward().unwrap();
     let mut worst = 0f64;
     for (name, v) in model.trainable() {
-        let g = grads.get(v).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let g = grads
+            .get(v)
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
         let err = common::rel_l2(g, &st[&format!("grad.{name}")]);
         worst = worst.max(err);
         assert!(err < 1e-3, "{name}: gradient rel err {err:e}");
     }
     for (name, v) in model.vars() {
-        assert!(grads.get(v).is_none(), "frozen base weight {name} got a gradient");
+        assert!(
+            grads.get(v).is_none(),
+            "frozen base weight {name} got a gradient"
+        );
     }
     eprintln!("lora parity: logits max rel err {logits_err:.3e}, loss {ours} vs {reference} (rel {loss_err:.3e}), worst adapter grad rel err {worst:.3e}");
     assert!(logits_err < 1e-4, "logits rel err {logits_err:e}");
@@ -89,24 +105,46 @@ fn adapter_round_trips_and_merges() {
     let dir = tempfile::tempdir().unwrap();
     model.save_adapter(dir.path(), "base").unwrap();
     let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join(ADAPTER_CONFIG)).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(ADAPTER_CONFIG)).unwrap())
+            .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
-    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
-    let names: Vec<String> = weights::load_file(&dir.path().join(ADAPTER_WEIGHTS)).unwrap().into_keys().collect();
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["q_proj", "v_proj"])
+    );
+    let names: Vec<String> = weights::load_file(&dir.path().join(ADAPTER_WEIGHTS))
+        .unwrap()
+        .into_keys()
+        .collect();
     assert!(names.contains(&"base_model.model.model.embed_tokens.weight".to_string()));
     assert!(names.contains(&"base_model.model.lm_head.weight".to_string()));
-    assert!(names.contains(&"base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight".to_string()));
+    assert!(names
+        .contains(&"base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight".to_string()));
     let mut again = Llama::load(&fixtures().join("model")).unwrap();
     again.load_adapter(dir.path()).unwrap();
-    assert_eq!(common::max_abs_diff(&again.forward(&ids).unwrap(), &logits), 0.0);
+    assert_eq!(
+        common::max_abs_diff(&again.forward(&ids).unwrap(), &logits),
+        0.0
+    );
 
     let merged = model.merged().unwrap();
     assert!(merged.lora().is_none());
     let diff = common::max_abs_diff(&merged.forward(&ids).unwrap(), &logits);
     assert!(diff < 1e-5, "merged logits differ by {diff:e}");
     let base = Llama::load(&fixtures().join("model")).unwrap();
-    let q = |m: &Llama| m.vars().iter().find(|(n, _)| n == "model.layers.0.self_attn.q_proj.weight").unwrap().1.as_tensor().clone();
-    assert!(common::max_abs_diff(&q(&merged), &q(&base)) > 1e-4, "merge changed q_proj");
+    let q = |m: &Llama| {
+        m.vars()
+            .iter()
+            .find(|(n, _)| n == "model.layers.0.self_attn.q_proj.weight")
+            .unwrap()
+            .1
+            .as_tensor()
+            .clone()
+    };
+    assert!(
+        common::max_abs_diff(&q(&merged), &q(&base)) > 1e-4,
+        "merge changed q_proj"
+    );
 }
 
 #[test]
@@ -116,10 +154,20 @@ fn fresh_adapter_is_peft_init_and_identity() {
     let before = model.forward(&ids).unwrap();
     let cfg = LoraConfig::new(8, 16.0, 0.0, vec!["v_proj".into(), "down_proj".into()]);
     model.enable_lora(cfg, 42).unwrap();
-    assert_eq!(common::max_abs_diff(&model.forward(&ids).unwrap(), &before), 0.0, "B = 0: no change");
+    assert_eq!(
+        common::max_abs_diff(&model.forward(&ids).unwrap(), &before),
+        0.0,
+        "B = 0: no change"
+    );
     let names: Vec<&str> = model.trainable().iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names[0], "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight");
-    assert_eq!(names[3], "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight");
+    assert_eq!(
+        names[0],
+        "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
+    );
+    assert_eq!(
+        names[3],
+        "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+    );
     for (name, v) in model.trainable() {
         let x: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         if name.contains("lora_A") {
@@ -131,5 +179,7 @@ fn fresh_adapter_is_peft_init_and_identity() {
     }
     // (in, r) shapes: down_proj A is [r, intermediate].
     assert_eq!(model.trainable()[2].1.dims(), &[8, 160]);
-    assert!(LoraConfig::new(4, 8.0, 0.0, vec!["wq".into()]).validate().is_err());
+    assert!(LoraConfig::new(4, 8.0, 0.0, vec!["wq".into()])
+        .validate()
+        .is_err());
 }

@@ -13,7 +13,11 @@ pub enum JobError {
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
     #[error("{file}: key `{key}`: {reason}")]
-    Invalid { file: String, key: &'static str, reason: String },
+    Invalid {
+        file: String,
+        key: &'static str,
+        reason: String,
+    },
     #[error("{file}: {source}")]
     Read {
         file: String,
@@ -158,7 +162,11 @@ pub struct DataFile {
 
 impl DataFile {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        DataFile { path: path.into(), weight: 1.0, format: DataFormat::Auto }
+        DataFile {
+            path: path.into(),
+            weight: 1.0,
+            format: DataFormat::Auto,
+        }
     }
 }
 
@@ -228,7 +236,12 @@ impl DataPath {
         }
         for (i, f) in files.iter().enumerate() {
             if !(f.weight.is_finite() && f.weight > 0.0) {
-                return Err(format!("entry {} ({}): weight must be a number > 0, got {}", i + 1, f.path.display(), f.weight));
+                return Err(format!(
+                    "entry {} ({}): weight must be a number > 0, got {}",
+                    i + 1,
+                    f.path.display(),
+                    f.weight
+                ));
             }
         }
         Ok(())
@@ -249,7 +262,11 @@ impl From<&str> for DataPath {
 
 impl std::fmt::Display for DataPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let paths: Vec<String> = self.paths().iter().map(|p| p.display().to_string()).collect();
+        let paths: Vec<String> = self
+            .paths()
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         write!(f, "{}", paths.join(", "))
     }
 }
@@ -268,7 +285,8 @@ impl<'de> Deserialize<'de> for DataEntry {
                 Ok(DataEntry::Path(v.into()))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, m: A) -> Result<DataEntry, A::Error> {
-                DataFile::deserialize(serde::de::value::MapAccessDeserializer::new(m)).map(DataEntry::File)
+                DataFile::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(DataEntry::File)
             }
         }
         d.deserialize_any(V)
@@ -286,7 +304,10 @@ impl<'de> Deserialize<'de> for DataPath {
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DataPath, E> {
                 Ok(DataPath::Single(v.into()))
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<DataPath, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<DataPath, A::Error> {
                 let mut out = Vec::new();
                 while let Some(e) = s.next_element::<DataEntry>()? {
                     out.push(e);
@@ -423,7 +444,11 @@ impl JobSpec {
     /// Checks that need no disk access.
     pub fn validate(&self, file: &str) -> Result<(), JobError> {
         let bad = |key: &'static str, reason: String| {
-            Err(JobError::Invalid { file: file.to_string(), key, reason })
+            Err(JobError::Invalid {
+                file: file.to_string(),
+                key,
+                reason,
+            })
         };
         let pos_finite = |x: f64| x.is_finite() && x > 0.0;
         if self.per_device_train_batch_size == 0 {
@@ -441,56 +466,113 @@ impl JobSpec {
         if self.max_steps <= 0 && !pos_finite(self.num_train_epochs) {
             return bad(
                 "num_train_epochs",
-                format!("must be a positive number when max_steps is unset, got {}", self.num_train_epochs),
+                format!(
+                    "must be a positive number when max_steps is unset, got {}",
+                    self.num_train_epochs
+                ),
             );
         }
         if !(self.learning_rate.is_finite() && self.learning_rate >= 0.0) {
-            return bad("learning_rate", format!("must be a finite number >= 0, got {}", self.learning_rate));
+            return bad(
+                "learning_rate",
+                format!("must be a finite number >= 0, got {}", self.learning_rate),
+            );
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return bad("weight_decay", format!("must be >= 0, got {}", self.weight_decay));
+            return bad(
+                "weight_decay",
+                format!("must be >= 0, got {}", self.weight_decay),
+            );
         }
-        for (key, v) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+        for (key, v) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
             if !(0.0..1.0).contains(&v) {
                 return bad(key, format!("must be in [0, 1), got {v}"));
             }
         }
         if !pos_finite(self.adam_epsilon) {
-            return bad("adam_epsilon", format!("must be > 0, got {}", self.adam_epsilon));
+            return bad(
+                "adam_epsilon",
+                format!("must be > 0, got {}", self.adam_epsilon),
+            );
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            return bad("max_grad_norm", format!("must be >= 0 (0 disables clipping), got {}", self.max_grad_norm));
+            return bad(
+                "max_grad_norm",
+                format!(
+                    "must be >= 0 (0 disables clipping), got {}",
+                    self.max_grad_norm
+                ),
+            );
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            return bad("warmup_ratio", format!("must be in [0, 1], got {}", self.warmup_ratio));
+            return bad(
+                "warmup_ratio",
+                format!("must be in [0, 1], got {}", self.warmup_ratio),
+            );
         }
         if self.logging_steps == 0 {
             return bad("logging_steps", "must be at least 1".into());
         }
         if self.save_strategy == SaveStrategy::Steps && self.save_steps == 0 {
-            return bad("save_steps", "must be at least 1 with save_strategy: steps".into());
+            return bad(
+                "save_steps",
+                "must be at least 1 with save_strategy: steps".into(),
+            );
         }
         if self.save_total_limit == Some(0) {
-            return bad("save_total_limit", "must be at least 1 (leave it out to keep every checkpoint)".into());
+            return bad(
+                "save_total_limit",
+                "must be at least 1 (leave it out to keep every checkpoint)".into(),
+            );
         }
         if self.model_max_length < 2 {
             return bad("model_max_length", "must be at least 2 tokens".into());
         }
         if self.lora_r == Some(0) {
-            return bad("lora_r", "must be at least 1 (leave it out for full fine-tuning)".into());
+            return bad(
+                "lora_r",
+                "must be at least 1 (leave it out for full fine-tuning)".into(),
+            );
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return bad("lora_dropout", format!("must be in [0, 1), got {}", self.lora_dropout));
+            return bad(
+                "lora_dropout",
+                format!("must be in [0, 1), got {}", self.lora_dropout),
+            );
         }
         if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
-            return bad("lora_alpha", format!("must be > 0, got {}", self.lora_alpha));
+            return bad(
+                "lora_alpha",
+                format!("must be > 0, got {}", self.lora_alpha),
+            );
         }
-        const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-        if let Some(t) = self.lora_target_modules.iter().find(|t| !TARGETS.contains(&t.as_str())) {
-            return bad("lora_target_modules", format!("unknown module `{t}`, expected some of {TARGETS:?}"));
+        const TARGETS: [&str; 7] = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        if let Some(t) = self
+            .lora_target_modules
+            .iter()
+            .find(|t| !TARGETS.contains(&t.as_str()))
+        {
+            return bad(
+                "lora_target_modules",
+                format!("unknown module `{t}`, expected some of {TARGETS:?}"),
+            );
         }
         if self.eval_strategy == EvalStrategy::Steps && self.eval_data_path.is_none() {
-            return bad("eval_data_path", "is required with eval_strategy: steps".into());
+            return bad(
+                "eval_data_path",
+                "is required with eval_strategy: steps".into(),
+            );
         }
         if self.eval_steps == Some(0) {
             return bad("eval_steps", "must be at least 1".into());
@@ -556,7 +638,10 @@ mod tests {
         assert_eq!(j.max_steps, -1);
         assert_eq!(j.per_device_train_batch_size, 8);
         assert_eq!(j.learning_rate, 5e-5);
-        assert_eq!((j.adam_beta1, j.adam_beta2, j.adam_epsilon), (0.9, 0.999, 1e-8));
+        assert_eq!(
+            (j.adam_beta1, j.adam_beta2, j.adam_epsilon),
+            (0.9, 0.999, 1e-8)
+        );
         assert_eq!(j.max_grad_norm, 1.0);
         assert_eq!(j.lr_scheduler_type, SchedulerType::Linear);
         assert_eq!(j.model_max_length, 512);
@@ -567,7 +652,9 @@ mod tests {
     #[test]
     fn unknown_key_names_line_and_column() {
         let text = format!("{MIN}learning_rat: 2e-5\n");
-        let err = JobSpec::from_yaml_str(&text, "job.yaml").unwrap_err().to_string();
+        let err = JobSpec::from_yaml_str(&text, "job.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("job.yaml: "), "{err}");
         assert!(err.contains("unknown field `learning_rat`"), "{err}");
         assert!(err.contains("line 4 column 1"), "{err}");
@@ -576,21 +663,28 @@ mod tests {
     #[test]
     fn wrong_type_names_line_and_column() {
         let text = format!("{MIN}per_device_train_batch_size: four\n");
-        let err = JobSpec::from_yaml_str(&text, "j.yaml").unwrap_err().to_string();
+        let err = JobSpec::from_yaml_str(&text, "j.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("per_device_train_batch_size"), "{err}");
         assert!(err.contains("line 4 column"), "{err}");
     }
 
     #[test]
     fn missing_required_key_is_named() {
-        let err = JobSpec::from_yaml_str("data_path: d\noutput_dir: o\n", "j.yaml").unwrap_err().to_string();
+        let err = JobSpec::from_yaml_str("data_path: d\noutput_dir: o\n", "j.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing field `model_name_or_path`"), "{err}");
     }
 
     #[test]
     fn nonsense_values_are_refused_with_the_key() {
         for (extra, key) in [
-            ("per_device_train_batch_size: 0", "per_device_train_batch_size"),
+            (
+                "per_device_train_batch_size: 0",
+                "per_device_train_batch_size",
+            ),
             ("world_size: 0", "world_size"),
             ("learning_rate: -1.0", "learning_rate"),
             ("warmup_ratio: 1.5", "warmup_ratio"),
@@ -599,7 +693,10 @@ mod tests {
             ("num_train_epochs: 0", "num_train_epochs"),
         ] {
             let err = JobSpec::from_yaml_str(&format!("{MIN}{extra}\n"), "j.yaml").unwrap_err();
-            assert!(matches!(err, JobError::Invalid { key: k, .. } if k == key), "{extra}");
+            assert!(
+                matches!(err, JobError::Invalid { key: k, .. } if k == key),
+                "{extra}"
+            );
             assert!(err.to_string().contains(key), "{err}");
         }
     }
@@ -607,10 +704,15 @@ mod tests {
     #[test]
     fn scheduler_names_are_hf_names() {
         for name in ["linear", "cosine", "constant", "constant_with_warmup"] {
-            let j = JobSpec::from_yaml_str(&format!("{MIN}lr_scheduler_type: {name}\n"), "j").unwrap();
+            let j =
+                JobSpec::from_yaml_str(&format!("{MIN}lr_scheduler_type: {name}\n"), "j").unwrap();
             assert_eq!(j.lr_scheduler_type.as_str(), name);
         }
-        assert!(JobSpec::from_yaml_str(&format!("{MIN}lr_scheduler_type: cosine_with_restarts\n"), "j").is_err());
+        assert!(JobSpec::from_yaml_str(
+            &format!("{MIN}lr_scheduler_type: cosine_with_restarts\n"),
+            "j"
+        )
+        .is_err());
     }
 
     #[test]
@@ -618,7 +720,8 @@ mod tests {
         let j = JobSpec::from_yaml_str(&format!("{MIN}warmup_ratio: 0.03\n"), "j").unwrap();
         assert_eq!(j.warmup_steps_for(100), 3);
         assert_eq!(j.warmup_steps_for(2436), 74);
-        let j = JobSpec::from_yaml_str(&format!("{MIN}warmup_ratio: 0.03\nwarmup_steps: 5\n"), "j").unwrap();
+        let j = JobSpec::from_yaml_str(&format!("{MIN}warmup_ratio: 0.03\nwarmup_steps: 5\n"), "j")
+            .unwrap();
         assert_eq!(j.warmup_steps_for(100), 5);
     }
 
@@ -628,16 +731,34 @@ mod tests {
         let j = JobSpec::from_yaml_str(&format!("{base}data_path: d.json\n"), "j").unwrap();
         assert_eq!(j.data_path, DataPath::Single("d.json".into()));
         assert_eq!(j.data_path.files(), vec![DataFile::new("d.json")]);
-        let j = JobSpec::from_yaml_str(&format!("{base}data_path: [a.json, b.jsonl]\n"), "j").unwrap();
-        assert_eq!(j.data_path.paths(), vec![Path::new("a.json"), Path::new("b.jsonl")]);
+        let j =
+            JobSpec::from_yaml_str(&format!("{base}data_path: [a.json, b.jsonl]\n"), "j").unwrap();
+        assert_eq!(
+            j.data_path.paths(),
+            vec![Path::new("a.json"), Path::new("b.jsonl")]
+        );
         let text = format!(
             "{base}data_path:\n  - a.json\n  - path: c.json\n    weight: 0.5\n    format: sharegpt\n  - {{path: d.json, format: alpaca}}\n"
         );
         let j = JobSpec::from_yaml_str(&text, "j").unwrap();
         let f = j.data_path.files();
         assert_eq!(f[0], DataFile::new("a.json"));
-        assert_eq!(f[1], DataFile { path: "c.json".into(), weight: 0.5, format: DataFormat::Sharegpt });
-        assert_eq!(f[2], DataFile { path: "d.json".into(), weight: 1.0, format: DataFormat::Alpaca });
+        assert_eq!(
+            f[1],
+            DataFile {
+                path: "c.json".into(),
+                weight: 0.5,
+                format: DataFormat::Sharegpt
+            }
+        );
+        assert_eq!(
+            f[2],
+            DataFile {
+                path: "d.json".into(),
+                weight: 1.0,
+                format: DataFormat::Alpaca
+            }
+        );
         // Round trip through to_yaml keeps the form.
         let back = JobSpec::from_yaml_str(&j.to_yaml(), "j").unwrap();
         assert_eq!(j, back);
@@ -650,24 +771,55 @@ mod tests {
     fn data_path_errors() {
         let base = "model_name_or_path: m\noutput_dir: out\n";
         let text = format!("{base}data_path:\n  - a.json\n  - path: c.json\n    wieght: 2\n");
-        let err = JobSpec::from_yaml_str(&text, "j.yaml").unwrap_err().to_string();
+        let err = JobSpec::from_yaml_str(&text, "j.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `wieght`"), "{err}");
-        assert!(err.contains("data_path[1]") && err.contains("line 6 column 5"), "{err}");
+        assert!(
+            err.contains("data_path[1]") && err.contains("line 6 column 5"),
+            "{err}"
+        );
         let text = format!("{base}data_path:\n  - path: c.json\n    format: csv\n");
-        let err = JobSpec::from_yaml_str(&text, "j.yaml").unwrap_err().to_string();
+        let err = JobSpec::from_yaml_str(&text, "j.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("csv") && err.contains("line 5"), "{err}");
         let text = format!("{base}data_path:\n  - path: c.json\n    weight: 0\n");
         let err = JobSpec::from_yaml_str(&text, "j.yaml").unwrap_err();
-        assert!(matches!(err, JobError::Invalid { key: "data_path", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                JobError::Invalid {
+                    key: "data_path",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let err = JobSpec::from_yaml_str(&format!("{base}data_path: []\n"), "j.yaml").unwrap_err();
-        assert!(matches!(err, JobError::Invalid { key: "data_path", .. }), "{err}");
-        let err = JobSpec::from_yaml_str(&format!("{base}data_path: 3\n"), "j.yaml").unwrap_err().to_string();
+        assert!(
+            matches!(
+                err,
+                JobError::Invalid {
+                    key: "data_path",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = JobSpec::from_yaml_str(&format!("{base}data_path: 3\n"), "j.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("data_path") && err.contains("line 3"), "{err}");
     }
 
     #[test]
     fn yaml_round_trip() {
-        let j = JobSpec::from_yaml_str(&format!("{MIN}evaluation_strategy: \"no\"\nbf16: true\n"), "j").unwrap();
+        let j = JobSpec::from_yaml_str(
+            &format!("{MIN}evaluation_strategy: \"no\"\nbf16: true\n"),
+            "j",
+        )
+        .unwrap();
         let back = JobSpec::from_yaml_str(&j.to_yaml(), "j").unwrap();
         assert_eq!(j, back);
     }

@@ -9,7 +9,10 @@
 pub mod auth;
 pub mod job;
 
-pub use job::{DataEntry, DataFile, DataFormat, DataPath, EvalStrategy, JobError, JobSpec, SaveStrategy, SchedulerType, Task};
+pub use job::{
+    DataEntry, DataFile, DataFormat, DataPath, EvalStrategy, JobError, JobSpec, SaveStrategy,
+    SchedulerType, Task,
+};
 
 /// The gRPC messages and services of `proto/herd.proto` (package `herd.v1`).
 pub mod pb {

@@ -30,13 +30,18 @@ pub struct ClientArgs {
 
 /// The client token: `--token-file`, else `HERD_TOKEN`, else `<state-dir>/token`, else none
 /// (the call then goes out without one and the coordinator refuses it).
-pub fn client_token(token_file: Option<&std::path::Path>, state_dir: Option<&std::path::Path>) -> Result<Option<String>> {
+pub fn client_token(
+    token_file: Option<&std::path::Path>,
+    state_dir: Option<&std::path::Path>,
+) -> Result<Option<String>> {
     if let Some(t) = auth::try_token_from_env_or_file(token_file).context("reading the token")? {
         return Ok(Some(t));
     }
     if let Some(dir) = state_dir {
         let p = auth::token_path(dir);
-        return auth::read_token_file(&p).map(Some).context("reading the token");
+        return auth::read_token_file(&p)
+            .map(Some)
+            .context("reading the token");
     }
     Ok(None)
 }
@@ -55,7 +60,11 @@ impl Client {
             None => None,
         };
         let ch = channel(&args.coordinator, ca.as_deref())?;
-        Ok(Client { jobs: JobsClient::new(ch), token, addr: args.coordinator.clone() })
+        Ok(Client {
+            jobs: JobsClient::new(ch),
+            token,
+            addr: args.coordinator.clone(),
+        })
     }
 
     pub fn req<T>(&self, msg: T) -> Request<T> {
@@ -103,7 +112,10 @@ pub fn is_terminal(s: i32) -> bool {
 }
 
 pub fn now_unix() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 pub fn fmt_duration(secs: f64) -> String {
@@ -124,7 +136,11 @@ pub fn eta_s(st: &pb::JobStatus, now: f64) -> Option<f64> {
         return None;
     }
     // The attempt started at the last checkpoint when it is a restart, else at 0.
-    let base = if st.restarts > 0 { st.last_checkpoint_step.min(st.step) } else { 0 };
+    let base = if st.restarts > 0 {
+        st.last_checkpoint_step.min(st.step)
+    } else {
+        0
+    };
     let done = st.step.saturating_sub(base);
     if done == 0 {
         return None;
@@ -136,11 +152,28 @@ pub fn eta_s(st: &pb::JobStatus, now: f64) -> Option<f64> {
 /// The one-line progress: bar, step/total, loss, lr, tokens/s, ETA.
 pub fn progress_line(st: &pb::JobStatus, now: f64) -> String {
     const W: usize = 30;
-    let frac = if st.total_steps > 0 { (st.step as f64 / st.total_steps as f64).min(1.0) } else { 0.0 };
+    let frac = if st.total_steps > 0 {
+        (st.step as f64 / st.total_steps as f64).min(1.0)
+    } else {
+        0.0
+    };
     let fill = (frac * W as f64).round() as usize;
-    let mut s = format!("[{}{}] {}/{}", "#".repeat(fill), "-".repeat(W - fill), st.step, if st.total_steps > 0 { st.total_steps.to_string() } else { "?".into() });
+    let mut s = format!(
+        "[{}{}] {}/{}",
+        "#".repeat(fill),
+        "-".repeat(W - fill),
+        st.step,
+        if st.total_steps > 0 {
+            st.total_steps.to_string()
+        } else {
+            "?".into()
+        }
+    );
     if let Some(m) = &st.last_metric {
-        s.push_str(&format!("  loss {:.4}  lr {:.3e}  {:.0} tok/s", m.loss, m.learning_rate, m.tokens_per_sec));
+        s.push_str(&format!(
+            "  loss {:.4}  lr {:.3e}  {:.0} tok/s",
+            m.loss, m.learning_rate, m.tokens_per_sec
+        ));
     }
     if let Some(eta) = eta_s(st, now) {
         s.push_str(&format!("  ETA {}", fmt_duration(eta)));
@@ -178,11 +211,17 @@ pub fn render_status(st: &pb::JobStatus, now: f64) -> String {
         out.push_str(&format!("  restart {}: {r}\n", i + 1));
     }
     if st.last_checkpoint_step > 0 {
-        out.push_str(&format!("  last checkpoint: step {}\n", st.last_checkpoint_step));
+        out.push_str(&format!(
+            "  last checkpoint: step {}\n",
+            st.last_checkpoint_step
+        ));
     }
     out.push_str(&format!("  output_dir: {}\n", st.output_dir));
     if st.finished_unix > 0.0 && st.submitted_unix > 0.0 {
-        out.push_str(&format!("  finished {} after submission\n", fmt_duration(st.finished_unix - st.submitted_unix)));
+        out.push_str(&format!(
+            "  finished {} after submission\n",
+            fmt_duration(st.finished_unix - st.submitted_unix)
+        ));
     }
     out
 }
@@ -242,8 +281,20 @@ mod tests {
             total_steps: 10,
             started_unix: 100.0,
             max_restarts: 3,
-            last_metric: Some(pb::Metric { step: 5, loss: 1.5, learning_rate: 1e-3, tokens_per_sec: 1234.0, ..Default::default() }),
-            ranks: vec![pb::RankStatus { rank: 0, worker_id: "w-1".into(), host: "h".into(), last_step: 5, heartbeat_age_s: 0.4 }],
+            last_metric: Some(pb::Metric {
+                step: 5,
+                loss: 1.5,
+                learning_rate: 1e-3,
+                tokens_per_sec: 1234.0,
+                ..Default::default()
+            }),
+            ranks: vec![pb::RankStatus {
+                rank: 0,
+                worker_id: "w-1".into(),
+                host: "h".into(),
+                last_step: 5,
+                heartbeat_age_s: 0.4,
+            }],
             ..Default::default()
         }
     }
@@ -265,7 +316,10 @@ mod tests {
         s.restart_reasons = vec!["rank 1 died".into()];
         s.last_checkpoint_step = 4;
         let text = render_status(&s, 110.0);
-        assert!(text.contains("rank  0  w-1  h  step 5  heartbeat 0.4s ago"), "{text}");
+        assert!(
+            text.contains("rank  0  w-1  h  step 5  heartbeat 0.4s ago"),
+            "{text}"
+        );
         assert!(text.contains("restart 1: rank 1 died"), "{text}");
         assert!(text.contains("restarts 1/3"), "{text}");
         let mut q = st();

@@ -44,33 +44,50 @@ pub fn run(a: &CoordinatorArgs) -> Result<()> {
         a.heartbeat_timeout_s.is_finite() && a.heartbeat_timeout_s > 0.0,
         "--heartbeat-timeout-s must be a positive number of seconds"
     );
-    let token = herd_proto::auth::try_token_from_env_or_file(a.token_file.as_deref()).context("reading the token")?;
+    let token = herd_proto::auth::try_token_from_env_or_file(a.token_file.as_deref())
+        .context("reading the token")?;
     let mut opts = CoordinatorOptions::new(a.listen, &a.state_dir);
     opts.token = token;
     opts.heartbeat_timeout = Duration::from_secs_f64(a.heartbeat_timeout_s);
     opts.heartbeat_interval = Duration::from_millis(a.heartbeat_interval_ms.max(10));
     opts.tls = a.tls_cert.clone().zip(a.tls_key.clone());
     opts.tls_client_ca = a.tls_client_ca.clone();
-    std::fs::create_dir_all(&a.state_dir).with_context(|| format!("creating {}", a.state_dir.display()))?;
-    let token_note = if opts.token.is_some() { "the given token".to_string() } else { format!("the token in {}", herd_proto::auth::token_path(&a.state_dir).display()) };
+    std::fs::create_dir_all(&a.state_dir)
+        .with_context(|| format!("creating {}", a.state_dir.display()))?;
+    let token_note = if opts.token.is_some() {
+        "the given token".to_string()
+    } else {
+        format!(
+            "the token in {}",
+            herd_proto::auth::token_path(&a.state_dir).display()
+        )
+    };
     // Resolve (and on first start create) the token before announcing the address, so a
     // client that reads <state-dir>/token after the announcement finds it.
     opts.token = Some(herd_coordinator::resolve_token(&opts)?);
     let rt = super::client::runtime()?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("cannot listen on {}", a.listen))?;
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", a.listen))?;
         let addr = listener.local_addr()?;
         let scheme = if opts.tls.is_some() { "https" } else { "http" };
         if let Some(f) = &a.addr_file {
             let tmp = f.with_extension("tmp");
-            std::fs::write(&tmp, format!("{scheme}://{addr}\n")).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::write(&tmp, format!("{scheme}://{addr}\n"))
+                .with_context(|| format!("writing {}", tmp.display()))?;
             std::fs::rename(&tmp, f).with_context(|| format!("writing {}", f.display()))?;
         }
         println!("herd coordinator listening on {scheme}://{addr}");
         let _ = std::io::stdout().flush();
-        eprintln!("herd coordinator: state in {}, clients authenticate with {token_note}", a.state_dir.display());
+        eprintln!(
+            "herd coordinator: state in {}, clients authenticate with {token_note}",
+            a.state_dir.display()
+        );
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

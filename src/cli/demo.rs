@@ -56,7 +56,8 @@ pub fn demo_job(dir: &Path) -> Result<JobSpec> {
 }
 
 fn init(dir: &Path, seed: u64) -> Result<()> {
-    let s = write_demo_assets(dir, seed).with_context(|| format!("writing the demo into {}", dir.display()))?;
+    let s = write_demo_assets(dir, seed)
+        .with_context(|| format!("writing the demo into {}", dir.display()))?;
     eprintln!(
         "demo written to {}: model {} parameters (vocab {}), {} train / {} eval records, tasks {:?}",
         s.dir.display(),
@@ -70,23 +71,44 @@ fn init(dir: &Path, seed: u64) -> Result<()> {
 }
 
 /// Greedy answers for `records` and exact match per task.
-pub fn evaluate(model_dir: &Path, records: &[DemoRecord]) -> Result<(BTreeMap<String, (usize, usize)>, Vec<String>)> {
+pub fn evaluate(
+    model_dir: &Path,
+    records: &[DemoRecord],
+) -> Result<(BTreeMap<String, (usize, usize)>, Vec<String>)> {
     let g = Generator::load(model_dir)?;
-    let opts = GenerateOptions { max_new_tokens: 24, temperature: 0.0, top_p: 1.0, seed: 0 };
-    let answers = records.iter().map(|r| g.answer(&r.alpaca(), &opts)).collect::<Result<Vec<_>>>()?;
+    let opts = GenerateOptions {
+        max_new_tokens: 24,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+    };
+    let answers = records
+        .iter()
+        .map(|r| g.answer(&r.alpaca(), &opts))
+        .collect::<Result<Vec<_>>>()?;
     Ok((exact_match_by_task(records, &answers), answers))
 }
 
 fn print_table(title: &str, scores: &BTreeMap<String, (usize, usize)>) {
-    let (c, t) = scores.values().fold((0, 0), |(a, b), (c, t)| (a + c, b + t));
-    println!("{title}: exact match {c}/{t} ({:.1}%)", 100.0 * c as f64 / t.max(1) as f64);
+    let (c, t) = scores
+        .values()
+        .fold((0, 0), |(a, b), (c, t)| (a + c, b + t));
+    println!(
+        "{title}: exact match {c}/{t} ({:.1}%)",
+        100.0 * c as f64 / t.max(1) as f64
+    );
     for (task, (c, t)) in scores {
-        println!("  {task:<14} {c:>4}/{t:<4} {:>5.1}%", 100.0 * *c as f64 / (*t).max(1) as f64);
+        println!(
+            "  {task:<14} {c:>4}/{t:<4} {:>5.1}%",
+            100.0 * *c as f64 / (*t).max(1) as f64
+        );
     }
 }
 
 fn eval_records(dir: &Path, data: Option<&Path>, limit: usize) -> Result<Vec<DemoRecord>> {
-    let path = data.map(Path::to_path_buf).unwrap_or_else(|| dir.join("data/eval.json"));
+    let path = data
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| dir.join("data/eval.json"));
     let mut recs = load_demo_records(&path)?;
     recs.truncate(limit);
     Ok(recs)
@@ -115,7 +137,10 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     print_table("before training", &before);
     let t_train = Instant::now();
     if job.output_dir.join("trainer_state.json").is_file() {
-        eprintln!("{} already holds a finished run; evaluating it (delete it to train again)", job.output_dir.display());
+        eprintln!(
+            "{} already holds a finished run; evaluating it (delete it to train again)",
+            job.output_dir.display()
+        );
     } else if a.workers <= 1 {
         super::train::run_job(&job, None, true)?;
     } else {
@@ -127,11 +152,24 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     println!("\nexamples (before → after):");
     for &i in &shown {
         let r = &recs[i];
-        let input = r.input.as_deref().map(|s| format!(" [{s}]")).unwrap_or_default();
-        println!("  {}{input}\n    expected {:?}; before {:?}; after {:?}", r.instruction, r.output, answers_before[i], answers_after[i]);
+        let input = r
+            .input
+            .as_deref()
+            .map(|s| format!(" [{s}]"))
+            .unwrap_or_default();
+        println!(
+            "  {}{input}\n    expected {:?}; before {:?}; after {:?}",
+            r.instruction, r.output, answers_before[i], answers_after[i]
+        );
     }
-    println!("\ntraining took {train_s:.0}s, the whole demo {:.0}s", t0.elapsed().as_secs_f64());
-    println!("try: herd generate --model {} --instruction \"What is 3 + 4?\"", job.output_dir.display());
+    println!(
+        "\ntraining took {train_s:.0}s, the whole demo {:.0}s",
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "try: herd generate --model {} --instruction \"What is 3 + 4?\"",
+        job.output_dir.display()
+    );
     Ok(())
 }
 
@@ -150,10 +188,17 @@ fn train_with_workers(dir: &Path, mut job: JobSpec, workers: usize) -> Result<()
     job.resolve_paths(&cwd);
     let path = dir.join("job.yaml");
     std::fs::write(&path, job.to_yaml()).with_context(|| format!("writing {}", path.display()))?;
-    super::run::run(&super::run::RunArgs { job: path, workers, heartbeat_timeout_s: 10.0, keep_state: false })
+    super::run::run(&super::run::RunArgs {
+        job: path,
+        workers,
+        heartbeat_timeout_s: 10.0,
+        keep_state: false,
+    })
 }
 
 fn pick_one_per_task(recs: &[DemoRecord]) -> Vec<usize> {
     let mut seen = std::collections::BTreeSet::new();
-    (0..recs.len()).filter(|&i| seen.insert(recs[i].task.clone())).collect()
+    (0..recs.len())
+        .filter(|&i| seen.insert(recs[i].task.clone()))
+        .collect()
 }

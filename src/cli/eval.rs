@@ -27,7 +27,12 @@ pub struct SamplingArgs {
 
 impl SamplingArgs {
     fn options(&self, i: usize) -> GenerateOptions {
-        GenerateOptions { max_new_tokens: self.max_new_tokens, temperature: self.temperature, top_p: self.top_p, seed: self.seed.wrapping_add(i as u64) }
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed.wrapping_add(i as u64),
+        }
     }
 }
 
@@ -79,7 +84,8 @@ pub struct EvalArgs {
 }
 
 fn load(data: &Path, limit: Option<usize>) -> Result<Vec<RawRecord>> {
-    let mut records = eval::read_records(data).with_context(|| format!("reading {}", data.display()))?;
+    let mut records =
+        eval::read_records(data).with_context(|| format!("reading {}", data.display()))?;
     if let Some(n) = limit {
         records.truncate(n);
     }
@@ -87,10 +93,18 @@ fn load(data: &Path, limit: Option<usize>) -> Result<Vec<RawRecord>> {
 }
 
 /// Predictions for `records`, in order.
-fn predict_all(g: &Generator, records: &[RawRecord], s: &SamplingArgs, every: usize) -> Result<Vec<String>> {
+fn predict_all(
+    g: &Generator,
+    records: &[RawRecord],
+    s: &SamplingArgs,
+    every: usize,
+) -> Result<Vec<String>> {
     let mut out = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
-        out.push(g.answer(&r.alpaca, &s.options(i)).with_context(|| format!("record {}", i + 1))?);
+        out.push(
+            g.answer(&r.alpaca, &s.options(i))
+                .with_context(|| format!("record {}", i + 1))?,
+        );
         if (i + 1) % every.max(1) == 0 || i + 1 == records.len() {
             tracing::info!("generated {}/{}", i + 1, records.len());
         }
@@ -107,11 +121,16 @@ fn write_predictions(path: &Path, records: &[RawRecord], predictions: &[String])
         text.push('\n');
     }
     // A bare file name has an empty parent, which write_atomic cannot fsync: anchor it at ".".
-    let path = &if path.parent().is_some_and(|d| d.as_os_str().is_empty()) { Path::new(".").join(path) } else { path.to_path_buf() };
+    let path = &if path.parent().is_some_and(|d| d.as_os_str().is_empty()) {
+        Path::new(".").join(path)
+    } else {
+        path.to_path_buf()
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    herd_worker::checkpoint::write_atomic(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    herd_worker::checkpoint::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -120,14 +139,22 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
     let g = Generator::load(&a.model)?;
     let predictions = predict_all(&g, &records, &a.sampling, a.batch_size)?;
     write_predictions(&a.out, &records, &predictions)?;
-    eprintln!("wrote {} predictions to {}", predictions.len(), a.out.display());
+    eprintln!(
+        "wrote {} predictions to {}",
+        predictions.len(),
+        a.out.display()
+    );
     Ok(())
 }
 
 pub fn run_eval(a: &EvalArgs) -> Result<()> {
     let records = load(&a.data, a.limit)?;
     if let Some(i) = records.iter().position(|r| !r.has_output) {
-        bail!("{}: record {} has no \"output\" to compare with", a.data.display(), i + 1);
+        bail!(
+            "{}: record {} has no \"output\" to compare with",
+            a.data.display(),
+            i + 1
+        );
     }
     let g = Generator::load(&a.model)?;
     let alpaca: Vec<_> = records.iter().map(|r| r.alpaca.clone()).collect();
@@ -138,10 +165,17 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
     if let Some(p) = &a.predictions {
         write_predictions(p, &records, &predictions)?;
     }
-    let pairs: Vec<(String, String)> = alpaca.iter().map(|r| r.output.clone()).zip(predictions).collect();
+    let pairs: Vec<(String, String)> = alpaca
+        .iter()
+        .map(|r| r.output.clone())
+        .zip(predictions)
+        .collect();
     let scores = eval::score_generations(&pairs);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report_json(&a.model, &a.data, &loss, &scores))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report_json(&a.model, &a.data, &loss, &scores))?
+        );
     } else {
         print!("{}", report_text(&loss, &scores));
     }
@@ -149,7 +183,11 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
 }
 
 fn report_json(model: &Path, data: &Path, loss: &EvalLoss, s: &GenerationScores) -> Value {
-    let buckets: serde_json::Map<String, Value> = s.by_reference_length.iter().map(|(k, g)| (k.clone(), json!(g))).collect();
+    let buckets: serde_json::Map<String, Value> = s
+        .by_reference_length
+        .iter()
+        .map(|(k, g)| (k.clone(), json!(g)))
+        .collect();
     json!({
         "model": model,
         "data": data,
@@ -168,8 +206,16 @@ fn report_text(loss: &EvalLoss, s: &GenerationScores) -> String {
         "eval_loss {:.4} (token-weighted {:.4} over {} tokens)\n{:<12} {:>6} {:>8} {:>8}\n",
         loss.loss, loss.token_loss, loss.tokens, "ref words", "count", "rougeL", "exact"
     );
-    for (name, g) in s.by_reference_length.iter().map(|(k, g)| (k.as_str(), g)).chain([("all", &s.overall)]) {
-        out.push_str(&format!("{:<12} {:>6} {:>8.4} {:>8.4}\n", name, g.count, g.rouge_l, g.exact_match));
+    for (name, g) in s
+        .by_reference_length
+        .iter()
+        .map(|(k, g)| (k.as_str(), g))
+        .chain([("all", &s.overall)])
+    {
+        out.push_str(&format!(
+            "{:<12} {:>6} {:>8.4} {:>8.4}\n",
+            name, g.count, g.rouge_l, g.exact_match
+        ));
     }
     out
 }

@@ -37,8 +37,10 @@ pub struct Generator {
 
 impl Generator {
     pub fn load(dir: &Path) -> Result<Self> {
-        let tokenizer = Tokenizer::from_dir(dir).with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-        let model = Llama::load(dir).with_context(|| format!("loading the model in {}", dir.display()))?;
+        let tokenizer = Tokenizer::from_dir(dir)
+            .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+        let model =
+            Llama::load(dir).with_context(|| format!("loading the model in {}", dir.display()))?;
         Ok(Generator { model, tokenizer })
     }
 
@@ -52,9 +54,18 @@ impl Generator {
 
 pub fn run(a: &GenerateArgs) -> Result<()> {
     let g = Generator::load(&a.model)?;
-    let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_p: a.top_p, seed: a.seed };
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
     let ask = |instruction: String| -> Result<()> {
-        let rec = AlpacaRecord { instruction, input: a.input.clone(), output: String::new() };
+        let rec = AlpacaRecord {
+            instruction,
+            input: a.input.clone(),
+            output: String::new(),
+        };
         println!("{}", g.answer(&rec, &opts)?);
         Ok(())
     };

@@ -1,30 +1,46 @@
 //! The client commands: `herd submit`, `status`, `list`, `cancel`, `logs`.
 
-use super::client::{is_terminal, now_unix, progress_line, render_status, runtime, state_name, status_json, Client, ClientArgs, CALL_TIMEOUT};
+use super::client::{
+    is_terminal, now_unix, progress_line, render_status, runtime, state_name, status_json, Client,
+    ClientArgs, CALL_TIMEOUT,
+};
 use anyhow::{bail, Context, Result};
 use herd_proto::pb;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::Path;
 use tokio_stream::StreamExt;
 
-async fn timed<T>(c: &Client, what: &str, f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Result<T> {
+async fn timed<T>(
+    c: &Client,
+    what: &str,
+    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
     match tokio::time::timeout(CALL_TIMEOUT, f).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(c.explain(what, s)),
-        Err(_) => bail!("{what}: the coordinator at {} did not answer within {:?}", c.addr, CALL_TIMEOUT),
+        Err(_) => bail!(
+            "{what}: the coordinator at {} did not answer within {:?}",
+            c.addr,
+            CALL_TIMEOUT
+        ),
     }
 }
 
 /// The job file's text with `world_size` replaced (the other keys as the user wrote them).
 pub fn job_text(path: &Path, world_size: Option<usize>) -> Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let Some(n) = world_size else { return Ok(text) };
     let mut spec = herd_proto::JobSpec::from_yaml_str(&text, &path.display().to_string())?;
     spec.world_size = n;
     Ok(spec.to_yaml())
 }
 
-pub async fn submit_text(c: &mut Client, text: String, source: &Path) -> Result<pb::SubmitResponse> {
+pub async fn submit_text(
+    c: &mut Client,
+    text: String,
+    source: &Path,
+) -> Result<pb::SubmitResponse> {
     let base = std::env::current_dir().context("the current directory")?;
     let req = pb::SubmitRequest {
         job_yaml: text,
@@ -42,8 +58,16 @@ pub fn submit(args: &ClientArgs, job: &Path, world_size: Option<usize>) -> Resul
     runtime()?.block_on(async {
         let mut c = Client::connect(args)?;
         let resp = submit_text(&mut c, text, job).await?;
-        let state = resp.status.as_ref().map(|s| state_name(s.state)).unwrap_or("QUEUED");
-        eprintln!("submitted {} as job {} ({state})", job.display(), resp.job_id);
+        let state = resp
+            .status
+            .as_ref()
+            .map(|s| state_name(s.state))
+            .unwrap_or("QUEUED");
+        eprintln!(
+            "submitted {} as job {} ({state})",
+            job.display(),
+            resp.job_id
+        );
         println!("{}", resp.job_id);
         Ok(())
     })
@@ -56,7 +80,12 @@ pub fn status(args: &ClientArgs, job: Option<&str>, watch: bool, json: bool) -> 
             let id = match job {
                 Some(j) => j.to_string(),
                 None => {
-                    let list = timed(&c, "listing jobs", c.jobs.clone().list_jobs(c.req(pb::ListJobsRequest {}))).await?;
+                    let list = timed(
+                        &c,
+                        "listing jobs",
+                        c.jobs.clone().list_jobs(c.req(pb::ListJobsRequest {})),
+                    )
+                    .await?;
                     match list.jobs.last() {
                         Some(j) => j.job_id.clone(),
                         None => bail!("no jobs"),
@@ -67,12 +96,33 @@ pub fn status(args: &ClientArgs, job: Option<&str>, watch: bool, json: bool) -> 
             return exit_for(&last);
         }
         let jobs = match job {
-            Some(j) => vec![timed(&c, &format!("job {j}"), c.jobs.clone().get_job(c.req(pb::JobRef { job_id: j.into() }))).await?],
-            None => timed(&c, "listing jobs", c.jobs.clone().list_jobs(c.req(pb::ListJobsRequest {}))).await?.jobs,
+            Some(j) => vec![
+                timed(
+                    &c,
+                    &format!("job {j}"),
+                    c.jobs
+                        .clone()
+                        .get_job(c.req(pb::JobRef { job_id: j.into() })),
+                )
+                .await?,
+            ],
+            None => {
+                timed(
+                    &c,
+                    "listing jobs",
+                    c.jobs.clone().list_jobs(c.req(pb::ListJobsRequest {})),
+                )
+                .await?
+                .jobs
+            }
         };
         if json {
             let v: Vec<_> = jobs.iter().map(status_json).collect();
-            let v = if job.is_some() { v.into_iter().next().unwrap() } else { serde_json::Value::Array(v) };
+            let v = if job.is_some() {
+                v.into_iter().next().unwrap()
+            } else {
+                serde_json::Value::Array(v)
+            };
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else if jobs.is_empty() {
             println!("no jobs");
@@ -91,18 +141,37 @@ pub fn exit_for(st: &pb::JobStatus) -> Result<()> {
     match pb::JobState::try_from(st.state).unwrap_or(pb::JobState::Unspecified) {
         pb::JobState::Succeeded => Ok(()),
         _ if !is_terminal(st.state) => Ok(()),
-        _ => bail!("job {} {}{}", st.job_id, state_name(st.state), if st.reason.is_empty() { String::new() } else { format!(": {}", st.reason) }),
+        _ => bail!(
+            "job {} {}{}",
+            st.job_id,
+            state_name(st.state),
+            if st.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", st.reason)
+            }
+        ),
     }
 }
 
 /// Follow a job until it ends: a progress bar on a terminal, a line per change otherwise.
 /// Reconnects while the coordinator restarts. Returns the last status.
-pub async fn watch_job(c: &Client, job_id: &str, json: bool, started: Option<std::time::Instant>) -> Result<pb::JobStatus> {
+pub async fn watch_job(
+    c: &Client,
+    job_id: &str,
+    json: bool,
+    started: Option<std::time::Instant>,
+) -> Result<pb::JobStatus> {
     let mut first_step_seen = false;
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !json;
     let bar = tty.then(|| {
         let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-        pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("valid template"));
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("valid template"),
+        );
         pb
     });
     let say = |line: String| match &bar {
@@ -112,7 +181,13 @@ pub async fn watch_job(c: &Client, job_id: &str, json: bool, started: Option<std
     let mut last: Option<pb::JobStatus> = None;
     let mut offline_since: Option<std::time::Instant> = None;
     loop {
-        let stream = c.jobs.clone().watch_job(c.req(pb::JobRef { job_id: job_id.into() })).await;
+        let stream = c
+            .jobs
+            .clone()
+            .watch_job(c.req(pb::JobRef {
+                job_id: job_id.into(),
+            }))
+            .await;
         let mut stream = match stream {
             Ok(s) => {
                 if offline_since.take().is_some() {
@@ -120,7 +195,12 @@ pub async fn watch_job(c: &Client, job_id: &str, json: bool, started: Option<std
                 }
                 s.into_inner()
             }
-            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) => {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) =>
+            {
                 let since = *offline_since.get_or_insert_with(std::time::Instant::now);
                 if since.elapsed() > std::time::Duration::from_secs(120) {
                     return Err(c.explain(&format!("watching job {job_id}"), s));
@@ -140,7 +220,10 @@ pub async fn watch_job(c: &Client, job_id: &str, json: bool, started: Option<std
             if !first_step_seen && st.step > 0 {
                 first_step_seen = true;
                 if let Some(t0) = started {
-                    say(format!("first step done {:.1}s after start", t0.elapsed().as_secs_f64()));
+                    say(format!(
+                        "first step done {:.1}s after start",
+                        t0.elapsed().as_secs_f64()
+                    ));
                 }
             }
             if let Some(b) = &bar {
@@ -153,11 +236,21 @@ pub async fn watch_job(c: &Client, job_id: &str, json: bool, started: Option<std
                 b.set_position(st.step);
                 let mut msg = String::new();
                 if let Some(m) = &st.last_metric {
-                    msg = format!("loss {:.4} lr {:.3e} {:.0} tok/s", m.loss, m.learning_rate, m.tokens_per_sec);
+                    msg = format!(
+                        "loss {:.4} lr {:.3e} {:.0} tok/s",
+                        m.loss, m.learning_rate, m.tokens_per_sec
+                    );
                 }
                 if !st.ranks.is_empty() {
-                    let max_age = st.ranks.iter().map(|r| r.heartbeat_age_s).fold(0.0, f64::max);
-                    msg.push_str(&format!("  {} ranks, oldest heartbeat {max_age:.1}s", st.ranks.len()));
+                    let max_age = st
+                        .ranks
+                        .iter()
+                        .map(|r| r.heartbeat_age_s)
+                        .fold(0.0, f64::max);
+                    msg.push_str(&format!(
+                        "  {} ranks, oldest heartbeat {max_age:.1}s",
+                        st.ranks.len()
+                    ));
                 }
                 b.set_message(msg);
             }
@@ -168,7 +261,18 @@ pub async fn watch_job(c: &Client, job_id: &str, json: bool, started: Option<std
                     b.finish_and_clear();
                 }
                 let st = last.unwrap();
-                say(format!("job {} {} at step {}/{}{}", st.job_id, state_name(st.state), st.step, st.total_steps, if st.reason.is_empty() { String::new() } else { format!(": {}", st.reason) }));
+                say(format!(
+                    "job {} {} at step {}/{}{}",
+                    st.job_id,
+                    state_name(st.state),
+                    st.step,
+                    st.total_steps,
+                    if st.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", st.reason)
+                    }
+                ));
                 if !json {
                     eprint!("{}", render_status(&st, now_unix()));
                 }
@@ -181,7 +285,12 @@ pub async fn watch_job(c: &Client, job_id: &str, json: bool, started: Option<std
     }
 }
 
-fn report_change(prev: Option<&pb::JobStatus>, st: &pb::JobStatus, say: &dyn Fn(String), json: bool) {
+fn report_change(
+    prev: Option<&pb::JobStatus>,
+    st: &pb::JobStatus,
+    say: &dyn Fn(String),
+    json: bool,
+) {
     if json {
         println!("{}", status_json(st));
         return;
@@ -198,10 +307,14 @@ fn report_change(prev: Option<&pb::JobStatus>, st: &pb::JobStatus, say: &dyn Fn(
     for r in st.restart_reasons.iter().skip(prev_restarts) {
         say(format!("restart {}/{}: {r}", st.restarts, st.max_restarts));
     }
-    if prev.is_some_and(|p| p.last_checkpoint_step != st.last_checkpoint_step) && st.last_checkpoint_step > 0 {
+    if prev.is_some_and(|p| p.last_checkpoint_step != st.last_checkpoint_step)
+        && st.last_checkpoint_step > 0
+    {
         say(format!("checkpoint at step {}", st.last_checkpoint_step));
     }
-    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) && prev.is_some_and(|p| p.step != st.step) {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && prev.is_some_and(|p| p.step != st.step)
+    {
         say(progress_line(st, now_unix()));
     }
 }
@@ -209,16 +322,28 @@ fn report_change(prev: Option<&pb::JobStatus>, st: &pb::JobStatus, say: &dyn Fn(
 pub fn list(args: &ClientArgs, json: bool) -> Result<()> {
     runtime()?.block_on(async {
         let c = Client::connect(args)?;
-        let jobs = timed(&c, "listing jobs", c.jobs.clone().list_jobs(c.req(pb::ListJobsRequest {}))).await?.jobs;
+        let jobs = timed(
+            &c,
+            "listing jobs",
+            c.jobs.clone().list_jobs(c.req(pb::ListJobsRequest {})),
+        )
+        .await?
+        .jobs;
         if json {
-            println!("{}", serde_json::to_string_pretty(&jobs.iter().map(status_json).collect::<Vec<_>>())?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&jobs.iter().map(status_json).collect::<Vec<_>>())?
+            );
             return Ok(());
         }
         if jobs.is_empty() {
             println!("no jobs");
             return Ok(());
         }
-        println!("{:<12} {:<10} {:>11} {:>5} {:>8}  OUTPUT", "JOB", "STATE", "STEP", "WORLD", "RESTARTS");
+        println!(
+            "{:<12} {:<10} {:>11} {:>5} {:>8}  OUTPUT",
+            "JOB", "STATE", "STEP", "WORLD", "RESTARTS"
+        );
         for j in &jobs {
             println!(
                 "{:<12} {:<10} {:>11} {:>5} {:>8}  {}",
@@ -237,7 +362,14 @@ pub fn list(args: &ClientArgs, json: bool) -> Result<()> {
 pub fn cancel(args: &ClientArgs, job: &str) -> Result<()> {
     runtime()?.block_on(async {
         let c = Client::connect(args)?;
-        let st = timed(&c, &format!("cancelling job {job}"), c.jobs.clone().cancel_job(c.req(pb::JobRef { job_id: job.into() }))).await?;
+        let st = timed(
+            &c,
+            &format!("cancelling job {job}"),
+            c.jobs
+                .clone()
+                .cancel_job(c.req(pb::JobRef { job_id: job.into() })),
+        )
+        .await?;
         println!("job {} {}", st.job_id, state_name(st.state));
         Ok(())
     })
@@ -246,8 +378,17 @@ pub fn cancel(args: &ClientArgs, job: &str) -> Result<()> {
 pub fn logs(args: &ClientArgs, job: &str, rank: u32, lines: u32) -> Result<()> {
     runtime()?.block_on(async {
         let c = Client::connect(args)?;
-        let req = pb::GetLogsRequest { job_id: job.into(), rank, max_lines: lines };
-        let r = timed(&c, &format!("logs of job {job} rank {rank}"), c.jobs.clone().get_logs(c.req(req))).await?;
+        let req = pb::GetLogsRequest {
+            job_id: job.into(),
+            rank,
+            max_lines: lines,
+        };
+        let r = timed(
+            &c,
+            &format!("logs of job {job} rank {rank}"),
+            c.jobs.clone().get_logs(c.req(req)),
+        )
+        .await?;
         for l in r.lines {
             println!("{l}");
         }

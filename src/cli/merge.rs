@@ -24,17 +24,26 @@ pub struct MergeArgs {
 }
 
 pub fn run(a: &MergeArgs) -> Result<()> {
-    let mut model = Llama::load(&a.base).with_context(|| format!("loading the base model in {}", a.base.display()))?;
-    model.load_adapter(&a.adapter).with_context(|| format!("loading the adapter in {}", a.adapter.display()))?;
+    let mut model = Llama::load(&a.base)
+        .with_context(|| format!("loading the base model in {}", a.base.display()))?;
+    model
+        .load_adapter(&a.adapter)
+        .with_context(|| format!("loading the adapter in {}", a.adapter.display()))?;
     let merged = model.merged().context("merging the adapter")?;
     merged
         .save(&a.out, if a.bf16 { DType::BF16 } else { DType::F32 })
         .with_context(|| format!("writing {}", a.out.display()))?;
     // The tokenizer the adapter was trained with (it may have gained [PAD]), else the base's.
-    let tok_dir = if a.adapter.join("tokenizer.json").exists() { &a.adapter } else { &a.base };
+    let tok_dir = if a.adapter.join("tokenizer.json").exists() {
+        &a.adapter
+    } else {
+        &a.base
+    };
     if tok_dir.join("tokenizer.json").exists() {
-        let tok = Tokenizer::from_dir(tok_dir).with_context(|| format!("loading the tokenizer of {}", tok_dir.display()))?;
-        tok.save(&a.out).with_context(|| format!("writing the tokenizer to {}", a.out.display()))?;
+        let tok = Tokenizer::from_dir(tok_dir)
+            .with_context(|| format!("loading the tokenizer of {}", tok_dir.display()))?;
+        tok.save(&a.out)
+            .with_context(|| format!("writing the tokenizer to {}", a.out.display()))?;
     }
     let l = model.lora().expect("adapter loaded");
     println!(

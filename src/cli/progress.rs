@@ -14,12 +14,17 @@ impl Progress {
         let bar = show_bar.then(|| {
             let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
             pb.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                    .expect("valid template"),
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+                )
+                .expect("valid template"),
             );
             pb
         });
-        Progress { bar, tokens_per_sec: 0.0 }
+        Progress {
+            bar,
+            tokens_per_sec: 0.0,
+        }
     }
 
     fn println(&self, line: String) {
@@ -33,7 +38,15 @@ impl Progress {
 impl Observer for Progress {
     fn event(&mut self, e: &Event) {
         match e {
-            Event::Started { start_step, total_steps, examples, skipped_records, parameters, resumed_from, added_tokens } => {
+            Event::Started {
+                start_step,
+                total_steps,
+                examples,
+                skipped_records,
+                parameters,
+                resumed_from,
+                added_tokens,
+            } => {
                 let mut line = format!(
                     "training {parameters} parameters on {examples} examples for {total_steps} steps"
                 );
@@ -41,10 +54,15 @@ impl Observer for Progress {
                     line.push_str(&format!(" ({skipped_records} malformed records skipped)"));
                 }
                 if *added_tokens > 0 {
-                    line.push_str(&format!("; added {added_tokens} special token(s) to the tokenizer"));
+                    line.push_str(&format!(
+                        "; added {added_tokens} special token(s) to the tokenizer"
+                    ));
                 }
                 if let Some(d) = resumed_from {
-                    line.push_str(&format!("; resumed at step {start_step} from {}", d.display()));
+                    line.push_str(&format!(
+                        "; resumed at step {start_step} from {}",
+                        d.display()
+                    ));
                 }
                 self.println(line);
                 if let Some(pb) = &self.bar {
@@ -53,9 +71,18 @@ impl Observer for Progress {
                     pb.reset_eta();
                 }
             }
-            Event::Step { step, stats, tokens_per_sec, .. } => {
+            Event::Step {
+                step,
+                stats,
+                tokens_per_sec,
+                ..
+            } => {
                 // Smooth tokens/s over steps so the display is readable.
-                self.tokens_per_sec = if self.tokens_per_sec == 0.0 { *tokens_per_sec } else { 0.8 * self.tokens_per_sec + 0.2 * tokens_per_sec };
+                self.tokens_per_sec = if self.tokens_per_sec == 0.0 {
+                    *tokens_per_sec
+                } else {
+                    0.8 * self.tokens_per_sec + 0.2 * tokens_per_sec
+                };
                 if let Some(pb) = &self.bar {
                     pb.set_position(*step);
                     pb.set_message(format!(
@@ -65,14 +92,22 @@ impl Observer for Progress {
                 }
             }
             Event::Logged(entry) | Event::Evaluated(entry) => self.println(entry.to_string()),
-            Event::Saved { step, path, rotated } => {
+            Event::Saved {
+                step,
+                path,
+                rotated,
+            } => {
                 let mut line = format!("saved checkpoint-{step} at {}", path.display());
                 if !rotated.is_empty() {
                     line.push_str(&format!(" (removed {rotated:?} per save_total_limit)"));
                 }
                 self.println(line);
             }
-            Event::Finished { output_dir, train_loss, runtime_s } => {
+            Event::Finished {
+                output_dir,
+                train_loss,
+                runtime_s,
+            } => {
                 if let Some(pb) = &self.bar {
                     pb.finish_and_clear();
                 }

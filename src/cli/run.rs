@@ -45,7 +45,11 @@ fn signal(child: &Child, sig: i32) {
 fn wait_all(children: &mut [&mut Child], grace: Duration) {
     let deadline = Instant::now() + grace;
     loop {
-        let running = children.iter_mut().map(|c| matches!(c.try_wait(), Ok(None))).filter(|r| *r).count();
+        let running = children
+            .iter_mut()
+            .map(|c| matches!(c.try_wait(), Ok(None)))
+            .filter(|r| *r)
+            .count();
         if running == 0 {
             return;
         }
@@ -88,14 +92,22 @@ impl Drop for Children {
 /// which stops the children in order) and, on Linux, SIGTERM when this process dies.
 fn child_command(exe: &Path) -> Command {
     let mut cmd = Command::new(exe);
-    cmd.env_remove("HERD_TOKEN").env_remove("HERD_COORDINATOR").process_group(0);
+    cmd.env_remove("HERD_TOKEN")
+        .env_remove("HERD_COORDINATOR")
+        .process_group(0);
     let parent = std::process::id() as i32;
     // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             #[cfg(target_os = "linux")]
             {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGTERM as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
             }
             if libc::getppid() != parent {
                 libc::_exit(1);
@@ -108,7 +120,9 @@ fn child_command(exe: &Path) -> Command {
 
 /// Compute threads per local worker: the machine's cores split evenly, at least one.
 pub fn worker_threads(workers: usize) -> usize {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     (cores / workers.max(1)).max(1)
 }
 
@@ -131,19 +145,27 @@ pub fn run(a: &RunArgs) -> Result<()> {
     let text = job_text(&a.job, Some(a.workers))?;
     let job_out = job.output_dir.clone();
 
-    let state = tempfile::Builder::new().prefix("herd-run-").tempdir().context("creating the private state directory")?;
+    let state = tempfile::Builder::new()
+        .prefix("herd-run-")
+        .tempdir()
+        .context("creating the private state directory")?;
     let state_dir = state.path().to_path_buf();
     herd_proto::auth::load_or_create_token(&state_dir).context("creating the token")?;
     let exe = std::env::current_exe().context("locating the herd binary")?;
-    let mut children = Children { coordinator: None, workers: vec![] };
+    let mut children = Children {
+        coordinator: None,
+        workers: vec![],
+    };
 
     // Stop cleanly on Ctrl-C / SIGTERM: the flag is checked by the watcher below.
     let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while stopping exits at once (the children then get SIGTERM from
         // the kernel through PR_SET_PDEATHSIG).
-        signal_hook::flag::register_conditional_shutdown(sig, 130, interrupted.clone()).context("installing the signal handler")?;
-        signal_hook::flag::register(sig, interrupted.clone()).context("installing the signal handler")?;
+        signal_hook::flag::register_conditional_shutdown(sig, 130, interrupted.clone())
+            .context("installing the signal handler")?;
+        signal_hook::flag::register(sig, interrupted.clone())
+            .context("installing the signal handler")?;
     }
 
     // The coordinator: port 0, its address read from its first stdout line.
@@ -151,7 +173,12 @@ pub fn run(a: &RunArgs) -> Result<()> {
     let mut coord = child_command(&exe)
         .args(["coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
         .arg(&state_dir)
-        .args(["--heartbeat-timeout-s", &a.heartbeat_timeout_s.to_string(), "--heartbeat-interval-ms", "500"])
+        .args([
+            "--heartbeat-timeout-s",
+            &a.heartbeat_timeout_s.to_string(),
+            "--heartbeat-interval-ms",
+            "500",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file(&state_dir, "coordinator.log")?)
@@ -169,7 +196,11 @@ pub fn run(a: &RunArgs) -> Result<()> {
     });
     let addr = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(a) => a,
-        Err(_) => bail!("the coordinator did not start; its log ({}):\n{}", coord_log.display(), tail(&coord_log, 20)),
+        Err(_) => bail!(
+            "the coordinator did not start; its log ({}):\n{}",
+            coord_log.display(),
+            tail(&coord_log, 20)
+        ),
     };
 
     // Like torchrun's OMP_NUM_THREADS=1: split the cores between the local workers so N
@@ -181,7 +212,14 @@ pub fn run(a: &RunArgs) -> Result<()> {
             cmd.env("RAYON_NUM_THREADS", threads.to_string());
         }
         let w = cmd
-            .args(["worker", "--coordinator", &addr, "--collective-listen", "127.0.0.1:0", "--state-dir"])
+            .args([
+                "worker",
+                "--coordinator",
+                &addr,
+                "--collective-listen",
+                "127.0.0.1:0",
+                "--state-dir",
+            ])
             .arg(&state_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -190,9 +228,19 @@ pub fn run(a: &RunArgs) -> Result<()> {
             .with_context(|| format!("starting worker {i}"))?;
         children.workers.push(w);
     }
-    eprintln!("herd run: coordinator {addr} and {} worker(s) started ({:.1}s); state and logs in {}", a.workers, t0.elapsed().as_secs_f64(), state_dir.display());
+    eprintln!(
+        "herd run: coordinator {addr} and {} worker(s) started ({:.1}s); state and logs in {}",
+        a.workers,
+        t0.elapsed().as_secs_f64(),
+        state_dir.display()
+    );
 
-    let args = ClientArgs { coordinator: addr.clone(), token_file: None, state_dir: Some(state_dir.clone()), tls_ca: None };
+    let args = ClientArgs {
+        coordinator: addr.clone(),
+        token_file: None,
+        state_dir: Some(state_dir.clone()),
+        tls_ca: None,
+    };
     let _ = client_token(None, Some(&state_dir))?;
     let rt = runtime()?;
     let result: Result<herd_proto::pb::JobStatus> = rt.block_on(async {

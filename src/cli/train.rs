@@ -44,7 +44,10 @@ pub fn run_job(job: &JobSpec, until_step: Option<u64>, progress: bool) -> Result
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
     }
-    let opts = RunOptions { until_step, stop: Some(stop) };
+    let opts = RunOptions {
+        until_step,
+        stop: Some(stop),
+    };
     let mut observer = Progress::new(progress);
     let span = tracing::info_span!("job", output_dir = %job.output_dir.display(), rank = 0);
     let _g = span.enter();

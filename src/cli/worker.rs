@@ -41,7 +41,10 @@ pub struct WorkerArgs {
 
 pub fn run(a: &WorkerArgs) -> Result<()> {
     daemon::check_device(&a.device)?;
-    anyhow::ensure!(a.collective_timeout_s > 0.0, "--collective-timeout-s must be positive");
+    anyhow::ensure!(
+        a.collective_timeout_s > 0.0,
+        "--collective-timeout-s must be positive"
+    );
     let token = client_token(a.token_file.as_deref(), a.state_dir.as_deref())?;
     if token.is_none() {
         tracing::warn!("no token given (--token-file, HERD_TOKEN or --state-dir): the coordinator will refuse this worker");
@@ -56,7 +59,8 @@ pub fn run(a: &WorkerArgs) -> Result<()> {
         opts.host = h.clone();
     }
     if let Some(p) = &a.tls_ca {
-        opts.tls_ca_pem = Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+        opts.tls_ca_pem =
+            Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
     }
     runtime()?.block_on(async {
         let (tx, rx) = tokio::sync::watch::channel(0i32);

@@ -24,7 +24,11 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 
 pub fn run_err(cmd: &mut Command) -> String {
     let out = cmd.output().expect("herd starts");
-    assert!(!out.status.success(), "{cmd:?} should have failed:\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "{cmd:?} should have failed:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -36,9 +40,15 @@ pub struct Workspace {
 impl Workspace {
     pub fn new(n: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        run_ok(herd().current_dir(dir.path()).args(["demo", "init", "--dir", "demo"]));
-        let all: Vec<serde_json::Value> =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("demo/data/train.json")).unwrap()).unwrap();
+        run_ok(
+            herd()
+                .current_dir(dir.path())
+                .args(["demo", "init", "--dir", "demo"]),
+        );
+        let all: Vec<serde_json::Value> = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("demo/data/train.json")).unwrap(),
+        )
+        .unwrap();
         let small = serde_json::to_string_pretty(&all[..n]).unwrap();
         std::fs::write(dir.path().join("small.json"), small).unwrap();
         Workspace { dir }
@@ -51,7 +61,11 @@ impl Workspace {
     /// Write a job file `name` with the demo model, the small data and `extra` YAML lines.
     pub fn job(&self, name: &str, output_dir: &str, extra: &str) -> PathBuf {
         // `extra` may override the batch size; YAML refuses duplicate keys.
-        let batch = if extra.contains("per_device_train_batch_size") { "" } else { "per_device_train_batch_size: 4\n" };
+        let batch = if extra.contains("per_device_train_batch_size") {
+            ""
+        } else {
+            "per_device_train_batch_size: 4\n"
+        };
         let text = format!(
             "model_name_or_path: demo/model\ndata_path: small.json\noutput_dir: {output_dir}\n\
              {batch}learning_rate: 1.0e-3\nlogging_steps: 1\n\
@@ -63,7 +77,14 @@ impl Workspace {
     }
 
     pub fn train(&self, job: &Path, extra_args: &[&str]) -> Output {
-        run_ok(herd().current_dir(self.path()).arg("train").arg(job).arg("--no-progress").args(extra_args))
+        run_ok(
+            herd()
+                .current_dir(self.path())
+                .arg("train")
+                .arg(job)
+                .arg("--no-progress")
+                .args(extra_args),
+        )
     }
 }
 
@@ -97,7 +118,10 @@ impl Proc {
         let _ = self.child.wait();
     }
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
     pub fn log_text(&self) -> String {
@@ -112,14 +136,35 @@ impl Drop for Proc {
 }
 
 /// `herd coordinator` on loopback with short heartbeat timings; `port` 0 picks a free one.
-pub fn start_coordinator(dir: &Path, state: &Path, port: u16, heartbeat_timeout_s: f64) -> (Proc, String) {
+pub fn start_coordinator(
+    dir: &Path,
+    state: &Path,
+    port: u16,
+    heartbeat_timeout_s: f64,
+) -> (Proc, String) {
     use std::io::BufRead;
-    let log = dir.join(format!("coordinator-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    let log = dir.join(format!(
+        "coordinator-{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
     let mut child = herd_clean()
         .current_dir(dir)
-        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
+        .args([
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--state-dir",
+        ])
         .arg(state)
-        .args(["--heartbeat-timeout-s", &heartbeat_timeout_s.to_string(), "--heartbeat-interval-ms", "200"])
+        .args([
+            "--heartbeat-timeout-s",
+            &heartbeat_timeout_s.to_string(),
+            "--heartbeat-interval-ms",
+            "200",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -133,7 +178,10 @@ pub fn start_coordinator(dir: &Path, state: &Path, port: u16, heartbeat_timeout_
                     break a.trim().to_string();
                 }
             }
-            _ => panic!("coordinator did not start: {}", std::fs::read_to_string(&log).unwrap_or_default()),
+            _ => panic!(
+                "coordinator did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
         }
     };
     (Proc { child, log }, addr)
@@ -144,7 +192,14 @@ pub fn start_worker(dir: &Path, addr: &str, state: &Path, name: &str) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let child = herd_clean()
         .current_dir(dir)
-        .args(["worker", "--coordinator", addr, "--collective-listen", "127.0.0.1:0", "--state-dir"])
+        .args([
+            "worker",
+            "--coordinator",
+            addr,
+            "--collective-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
         .arg(state)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -156,7 +211,10 @@ pub fn start_worker(dir: &Path, addr: &str, state: &Path, name: &str) -> Proc {
 /// A client command (`herd <args> --coordinator addr --state-dir state`).
 pub fn client(dir: &Path, addr: &str, state: &Path, args: &[&str]) -> Command {
     let mut c = herd_clean();
-    c.current_dir(dir).args(args).args(["--coordinator", addr, "--state-dir"]).arg(state);
+    c.current_dir(dir)
+        .args(args)
+        .args(["--coordinator", addr, "--state-dir"])
+        .arg(state);
     c
 }
 
@@ -170,7 +228,10 @@ pub fn job_status(dir: &Path, addr: &str, state: &Path, job: &str) -> serde_json
 pub fn wait_until(what: &str, timeout: std::time::Duration, mut cond: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();
     while !cond() {
-        assert!(t0.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            t0.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
@@ -183,7 +244,11 @@ pub fn tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
         .into_iter()
         .map(|(name, view)| {
             assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-            let v = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+            let v = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
             (name, v)
         })
         .collect()
@@ -196,8 +261,18 @@ pub fn assert_weights_close(a: &Path, b: &Path, rel: f32) {
     for (name, va) in &ta {
         let vb = &tb[name];
         assert_eq!(va.len(), vb.len(), "{name}");
-        let scale = va.iter().chain(vb.iter()).fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
-        let diff = va.iter().zip(vb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff <= rel * scale, "{name}: max difference {diff} exceeds {rel} x {scale}");
+        let scale = va
+            .iter()
+            .chain(vb.iter())
+            .fold(0f32, |m, x| m.max(x.abs()))
+            .max(1e-6);
+        let diff = va
+            .iter()
+            .zip(vb)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            diff <= rel * scale,
+            "{name}: max difference {diff} exceeds {rel} x {scale}"
+        );
     }
 }

@@ -45,7 +45,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 /// Start a checkpoint: a fresh, empty staging directory (any leftover of a crashed save is removed).
@@ -89,11 +91,22 @@ pub fn commit(output_dir: &Path, staging: &Path, step: u64, world_size: usize) -
     let mut files = Vec::with_capacity(names.len());
     for name in names {
         let p = staging.join(&name);
-        fs::File::open(&p).and_then(|f| f.sync_all()).map_err(io_err(&p))?;
+        fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&p))?;
         let (bytes, sha256) = sha256_file(&p)?;
-        files.push(FileEntry { path: name, bytes, sha256 });
+        files.push(FileEntry {
+            path: name,
+            bytes,
+            sha256,
+        });
     }
-    let manifest = Manifest { format: FORMAT.into(), step, world_size, files };
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        step,
+        world_size,
+        files,
+    };
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
     write_atomic(&staging.join(MANIFEST), &json)?;
     let dest = checkpoint_dir(output_dir, step);
@@ -109,23 +122,39 @@ pub fn commit(output_dir: &Path, staging: &Path, step: u64, world_size: usize) -
 /// Read a checkpoint's manifest and check that every file it lists is there with its size;
 /// with `hashes`, also that the contents hash as recorded.
 pub fn verify(dir: &Path, hashes: bool) -> Result<Manifest> {
-    let bad = |reason: String| Error::Checkpoint { path: dir.to_path_buf(), reason };
+    let bad = |reason: String| Error::Checkpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
     let mpath = dir.join(MANIFEST);
-    let text = fs::read(&mpath).map_err(|e| bad(format!("no readable {MANIFEST} ({e}): the save did not complete")))?;
-    let m: Manifest = serde_json::from_slice(&text).map_err(|e| bad(format!("{MANIFEST} is not valid: {e}")))?;
+    let text = fs::read(&mpath).map_err(|e| {
+        bad(format!(
+            "no readable {MANIFEST} ({e}): the save did not complete"
+        ))
+    })?;
+    let m: Manifest =
+        serde_json::from_slice(&text).map_err(|e| bad(format!("{MANIFEST} is not valid: {e}")))?;
     if m.format != FORMAT {
         return Err(bad(format!("unknown format {:?}", m.format)));
     }
     for f in &m.files {
         let p = dir.join(&f.path);
-        let len = fs::metadata(&p).map_err(|e| bad(format!("{} is missing: {e}", f.path)))?.len();
+        let len = fs::metadata(&p)
+            .map_err(|e| bad(format!("{} is missing: {e}", f.path)))?
+            .len();
         if len != f.bytes {
-            return Err(bad(format!("{} has {len} bytes, the manifest says {}", f.path, f.bytes)));
+            return Err(bad(format!(
+                "{} has {len} bytes, the manifest says {}",
+                f.path, f.bytes
+            )));
         }
         if hashes {
             let (_, h) = sha256_file(&p)?;
             if h != f.sha256 {
-                return Err(bad(format!("{} does not match its sha256 in the manifest", f.path)));
+                return Err(bad(format!(
+                    "{} does not match its sha256 in the manifest",
+                    f.path
+                )));
             }
         }
     }
@@ -158,7 +187,9 @@ pub fn latest_complete(output_dir: &Path) -> Result<Option<(u64, PathBuf, Manife
     for (step, dir) in list(output_dir)?.into_iter().rev() {
         match verify(&dir, true) {
             Ok(m) if m.step == step => return Ok(Some((step, dir, m))),
-            Ok(m) => tracing::warn!(dir = %dir.display(), "manifest says step {}, skipping", m.step),
+            Ok(m) => {
+                tracing::warn!(dir = %dir.display(), "manifest says step {}, skipping", m.step)
+            }
             Err(e) => tracing::warn!("skipping incomplete checkpoint: {e}"),
         }
     }
@@ -181,8 +212,14 @@ pub fn rotation_victims(complete_steps: &[u64], limit: Option<usize>) -> Vec<u64
 /// complete one are leftovers of crashes and are removed too.
 pub fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<Vec<u64>> {
     let all = list(output_dir)?;
-    let complete: Vec<u64> = all.iter().filter(|(_, d)| verify(d, false).is_ok()).map(|(s, _)| *s).collect();
-    let Some(&newest) = complete.iter().max() else { return Ok(vec![]) };
+    let complete: Vec<u64> = all
+        .iter()
+        .filter(|(_, d)| verify(d, false).is_ok())
+        .map(|(s, _)| *s)
+        .collect();
+    let Some(&newest) = complete.iter().max() else {
+        return Ok(vec![]);
+    };
     let mut removed = vec![];
     let victims = rotation_victims(&complete, limit);
     for (step, dir) in &all {
@@ -243,7 +280,10 @@ mod tests {
         save(out, 3, b"c");
         let removed = rotate(out, Some(1)).unwrap();
         assert_eq!(removed, vec![1, 2]);
-        assert_eq!(list(out).unwrap().iter().map(|x| x.0).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(
+            list(out).unwrap().iter().map(|x| x.0).collect::<Vec<_>>(),
+            vec![3]
+        );
         // A crashed save newer than the newest complete one is left for resume to skip.
         fs::create_dir_all(out.join("checkpoint-9")).unwrap();
         assert_eq!(rotate(out, Some(1)).unwrap(), Vec::<u64>::new());
@@ -257,7 +297,10 @@ mod tests {
         let m = verify(&dir, true).unwrap();
         assert_eq!(m.step, 7);
         assert_eq!(m.files[0].bytes, 3);
-        assert_eq!(m.files[0].sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            m.files[0].sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert!(!tmp.path().join(".checkpoint-7.partial").exists());
     }
 }

@@ -324,8 +324,14 @@ pub fn generate_conversations(seed: u64, n: usize) -> Vec<DemoConversation> {
             let mut conversations = Vec::new();
             for t in &tasks {
                 let r = make_record(t, &mut rng);
-                conversations.push(DemoTurn { from: "human".into(), value: user_text(&r) });
-                conversations.push(DemoTurn { from: "gpt".into(), value: r.output });
+                conversations.push(DemoTurn {
+                    from: "human".into(),
+                    value: user_text(&r),
+                });
+                conversations.push(DemoTurn {
+                    from: "gpt".into(),
+                    value: r.output,
+                });
             }
             DemoConversation {
                 id: format!("demo-chat-{i}"),
@@ -555,12 +561,27 @@ mod tests {
             assert!(dc.tasks.len() == 2 || dc.tasks.len() == 3);
             assert_eq!(conv.messages.len(), 2 * dc.tasks.len());
             let ex = encode_record(&tok, r, 100_000).unwrap();
-            assert!(ex.len() < DEMO_MAX_LEN, "conversation of {} tokens", ex.len());
+            assert!(
+                ex.len() < DEMO_MAX_LEN,
+                "conversation of {} tokens",
+                ex.len()
+            );
             // Template words stay whole: no byte or single-character pieces for the system prompt.
             assert!(ex.len() < 110);
             // Trained tokens decode to the answers, each followed by </s>.
-            let trained: Vec<u32> = ex.input_ids.iter().zip(&ex.labels).filter(|(_, &l)| l >= 0).map(|(&i, _)| i).collect();
-            let answers: String = dc.conversations.iter().filter(|t| t.from == "gpt").map(|t| format!(" {}</s>", t.value)).collect();
+            let trained: Vec<u32> = ex
+                .input_ids
+                .iter()
+                .zip(&ex.labels)
+                .filter(|(_, &l)| l >= 0)
+                .map(|(&i, _)| i)
+                .collect();
+            let answers: String = dc
+                .conversations
+                .iter()
+                .filter(|t| t.from == "gpt")
+                .map(|t| format!(" {}</s>", t.value))
+                .collect();
             assert_eq!(tok.decode(&trained, false).unwrap(), answers.trim_start());
         }
     }
@@ -583,7 +604,10 @@ mod tests {
         let s = write_demo_assets(d.path(), 7).unwrap();
         assert_eq!(s.train_records, DEMO_TRAIN_RECORDS);
         assert_eq!(s.eval_records, DEMO_EVAL_RECORDS);
-        assert_eq!((s.conversations, s.comparisons), (DEMO_CHAT_RECORDS, DEMO_COMPARISONS));
+        assert_eq!(
+            (s.conversations, s.comparisons),
+            (DEMO_CHAT_RECORDS, DEMO_COMPARISONS)
+        );
         assert!(s.conversations_path.is_file() && s.comparisons_path.is_file());
         for f in [
             "config.json",

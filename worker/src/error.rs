@@ -24,9 +24,15 @@ pub enum Error {
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
     #[error("the data set has {examples} usable examples, fewer than one global batch of {global_batch}")]
-    TooFewExamples { examples: usize, global_batch: usize },
+    TooFewExamples {
+        examples: usize,
+        global_batch: usize,
+    },
     #[error("collective ({backend}) failed: {reason}")]
-    Collective { backend: &'static str, reason: String },
+    Collective {
+        backend: &'static str,
+        reason: String,
+    },
     #[error("training diverged at step {step}: loss is {loss}")]
     NonFiniteLoss { step: u64, loss: f32 },
     #[error("`{key}` is not supported yet: {reason}")]

@@ -44,7 +44,11 @@ impl AdamW {
                 exp_avg_sq: vec![0.0; *len],
             })
             .collect();
-        AdamW { config, states, steps: 0 }
+        AdamW {
+            config,
+            states,
+            steps: 0,
+        }
     }
 
     /// One update of parameter `i` (call for every parameter, then [`AdamW::finish_step`]).
@@ -53,7 +57,12 @@ impl AdamW {
         let c = self.config;
         let t = (self.steps + 1) as i32;
         let st = &mut self.states[i];
-        assert_eq!(param.len(), grad.len(), "parameter {} and its gradient differ in size", st.name);
+        assert_eq!(
+            param.len(),
+            grad.len(),
+            "parameter {} and its gradient differ in size",
+            st.name
+        );
         let wd = if st.decay { c.weight_decay } else { 0.0 };
         // Python-float scalars, used as f32 by torch's kernels.
         let decay_mul = (1.0 - lr * wd) as f32;
@@ -63,7 +72,12 @@ impl AdamW {
         let step_size = (lr / (1.0 - c.beta1.powi(t))) as f32;
         let bc2_sqrt = ((1.0 - c.beta2.powi(t)).sqrt()) as f32;
         let eps = c.eps as f32;
-        for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(st.exp_avg.iter_mut()).zip(st.exp_avg_sq.iter_mut()) {
+        for (((p, &g), m), v) in param
+            .iter_mut()
+            .zip(grad)
+            .zip(st.exp_avg.iter_mut())
+            .zip(st.exp_avg_sq.iter_mut())
+        {
             if wd != 0.0 {
                 *p *= decay_mul;
             }
@@ -83,7 +97,11 @@ impl AdamW {
 /// `torch.nn.utils.clip_grad_norm_`: scales all gradients by min(1, max_norm / (norm + 1e-6))
 /// and returns the total L2 norm before clipping. `max_norm` 0 disables clipping.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
-    let total = grads.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt();
+    let total = grads
+        .iter()
+        .map(|&g| (g as f64) * (g as f64))
+        .sum::<f64>()
+        .sqrt();
     if max_norm > 0.0 {
         let coef = (max_norm / (total + 1e-6)).min(1.0) as f32;
         grads.iter_mut().for_each(|g| *g *= coef);
@@ -109,19 +127,35 @@ mod tests {
     #[test]
     fn first_step_moves_by_lr_times_sign() {
         // With bias correction, Adam's first step is lr * g/|g| (up to eps).
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
         let mut opt = AdamW::new(cfg, &[("w".into(), 3)]);
         let mut p = vec![1.0f32, 1.0, 1.0];
         opt.update_param(0, &mut p, &[0.5, -2.0, 0.0], 0.1);
         opt.finish_step();
-        assert!((p[0] - 0.9).abs() < 1e-6 && (p[1] - 1.1).abs() < 1e-6 && p[2] == 1.0, "{p:?}");
+        assert!(
+            (p[0] - 0.9).abs() < 1e-6 && (p[1] - 1.1).abs() < 1e-6 && p[2] == 1.0,
+            "{p:?}"
+        );
         assert_eq!(opt.steps, 1);
     }
 
     #[test]
     fn weight_decay_is_decoupled_and_skips_norms() {
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.5 };
-        let mut opt = AdamW::new(cfg, &[("a.weight".into(), 1), ("model.norm.weight".into(), 1)]);
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.5,
+        };
+        let mut opt = AdamW::new(
+            cfg,
+            &[("a.weight".into(), 1), ("model.norm.weight".into(), 1)],
+        );
         let (mut a, mut n) = (vec![2.0f32], vec![2.0f32]);
         opt.update_param(0, &mut a, &[0.0], 0.1);
         opt.update_param(1, &mut n, &[0.0], 0.1);

@@ -19,7 +19,11 @@ impl LrSchedule {
     }
 
     fn factor(&self, step: u64) -> f64 {
-        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (s, w, t) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         let warming = step < self.warmup_steps;
         let warm = || s / w.max(1.0);
         match self.kind {
@@ -56,12 +60,21 @@ mod tests {
     use super::*;
 
     fn sched(kind: SchedulerType) -> LrSchedule {
-        LrSchedule { kind, base_lr: 1.0, warmup_steps: 4, total_steps: 20 }
+        LrSchedule {
+            kind,
+            base_lr: 1.0,
+            warmup_steps: 4,
+            total_steps: 20,
+        }
     }
 
     #[test]
     fn warmup_starts_at_zero_and_reaches_base() {
-        for kind in [SchedulerType::Linear, SchedulerType::Cosine, SchedulerType::ConstantWithWarmup] {
+        for kind in [
+            SchedulerType::Linear,
+            SchedulerType::Cosine,
+            SchedulerType::ConstantWithWarmup,
+        ] {
             let s = sched(kind);
             assert_eq!(s.lr_at(0), 0.0);
             assert_eq!(s.lr_at(2), 0.5);

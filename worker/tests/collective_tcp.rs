@@ -384,7 +384,9 @@ fn a_stray_connection_does_not_break_the_ring() {
     {
         use std::io::Write;
         let mut stray = std::net::TcpStream::connect(addrs[1]).unwrap();
-        stray.write_all(b"not a herd peer, just some bytes").unwrap();
+        stray
+            .write_all(b"not a herd peer, just some bytes")
+            .unwrap();
     }
     let a1 = addrs.clone();
     let r1 = thread::spawn(move || {

@@ -24,23 +24,51 @@ fn rouge_l_matches_rouge_score() {
     assert!(cases.len() >= 50, "{} cases", cases.len());
     let mut worst = 0.0f64;
     for c in cases {
-        let (reference, prediction) = (c["reference"].as_str().unwrap(), c["prediction"].as_str().unwrap());
-        let toks = |k: &str| c[k].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect::<Vec<_>>();
-        assert_eq!(rouge::tokenize(reference), toks("reference_tokens"), "tokens of {reference:?}");
-        assert_eq!(rouge::tokenize(prediction), toks("prediction_tokens"), "tokens of {prediction:?}");
+        let (reference, prediction) = (
+            c["reference"].as_str().unwrap(),
+            c["prediction"].as_str().unwrap(),
+        );
+        let toks = |k: &str| {
+            c[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            rouge::tokenize(reference),
+            toks("reference_tokens"),
+            "tokens of {reference:?}"
+        );
+        assert_eq!(
+            rouge::tokenize(prediction),
+            toks("prediction_tokens"),
+            "tokens of {prediction:?}"
+        );
         let s = rouge::rouge_l(reference, prediction);
-        for (ours, key) in [(s.precision, "precision"), (s.recall, "recall"), (s.fmeasure, "fmeasure")] {
+        for (ours, key) in [
+            (s.precision, "precision"),
+            (s.recall, "recall"),
+            (s.fmeasure, "fmeasure"),
+        ] {
             let theirs = c[key].as_f64().unwrap();
             let d = (ours - theirs).abs();
-            assert!(d <= 1e-6, "{key} of ({reference:?}, {prediction:?}): {ours} vs {theirs}");
+            assert!(
+                d <= 1e-6,
+                "{key} of ({reference:?}, {prediction:?}): {ours} vs {theirs}"
+            );
             worst = worst.max(d);
         }
     }
-    eprintln!("ROUGE-L: {} cases, max |ours - rouge-score| = {worst:.1e}", cases.len());
+    eprintln!(
+        "ROUGE-L: {} cases, max |ours - rouge-score| = {worst:.1e}",
+        cases.len()
+    );
 }
 
 fn load_step() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("parity/step.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixtures().join("parity/step.safetensors"), &Device::Cpu)
+        .unwrap()
 }
 
 /// The fixture's model with train.py's resized embeddings (as in step_parity.rs).
@@ -87,29 +115,61 @@ fn eval_loss_equals_training_loss() {
     let (batch, examples) = batch_and_examples(&step);
     // Right padding under a causal mask with -100 labels: the pad id changes no counted logit.
     let pad = 0;
-    let torch = step["loss"].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+    let torch = step["loss"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()[0] as f64;
 
     // One batch of all four: HF's eval_loss is the batch's token mean, the fixture's training loss.
     let one = eval_loss(&model, &examples, examples.len(), pad).unwrap();
-    assert_eq!((one.batches, one.examples, one.tokens), (1, 4, batch.label_tokens()));
-    eprintln!("eval_loss {} vs torch {torch}: rel {:.1e}", one.loss, (one.loss - torch).abs() / torch);
-    assert!((one.loss - torch).abs() / torch < 1e-5, "eval {} vs torch {torch}", one.loss);
+    assert_eq!(
+        (one.batches, one.examples, one.tokens),
+        (1, 4, batch.label_tokens())
+    );
+    eprintln!(
+        "eval_loss {} vs torch {torch}: rel {:.1e}",
+        one.loss,
+        (one.loss - torch).abs() / torch
+    );
+    assert!(
+        (one.loss - torch).abs() / torch < 1e-5,
+        "eval {} vs torch {torch}",
+        one.loss
+    );
     assert_eq!(one.loss, one.token_loss);
 
     // The engine's training forward on the same batch gives the same number.
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 };
+    let adam = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
     let mut engine = Engine::new(resized_model(&step), adam, 1.0);
     engine.zero_grad();
     let (sum, count) = engine.accumulate(&batch).unwrap();
     let stats = engine.apply(&mut SingleProcess, 0.0).unwrap();
     assert_eq!(count, one.tokens);
-    assert!((sum / count as f64 - one.loss).abs() < 1e-6 * one.loss, "train {} vs eval {}", sum / count as f64, one.loss);
+    assert!(
+        (sum / count as f64 - one.loss).abs() < 1e-6 * one.loss,
+        "train {} vs eval {}",
+        sum / count as f64,
+        one.loss
+    );
     assert!((stats.loss - one.loss).abs() < 1e-6 * one.loss);
 
     // Batches of one: HF averages the per-example means; the token mean stays the fixture's loss.
     let single = eval_loss(&model, &examples, 1, pad).unwrap();
     assert_eq!(single.batches, 4);
-    let per_example: Vec<f64> = examples.iter().map(|e| eval_loss(&model, std::slice::from_ref(e), 1, pad).unwrap().loss).collect();
+    let per_example: Vec<f64> = examples
+        .iter()
+        .map(|e| {
+            eval_loss(&model, std::slice::from_ref(e), 1, pad)
+                .unwrap()
+                .loss
+        })
+        .collect();
     let mean = per_example.iter().sum::<f64>() / 4.0;
     assert!((single.loss - mean).abs() < 1e-9);
     assert!((single.token_loss - torch).abs() / torch < 1e-5);

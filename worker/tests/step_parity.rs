@@ -54,8 +54,17 @@ fn scalar(step: &HashMap<String, Tensor>, name: &str) -> f64 {
 fn max_weight_diff(engine: &Engine, step: &HashMap<String, Tensor>, prefix: &str) -> (f32, String) {
     let mut worst = (0.0f32, String::new());
     for (name, var) in engine.model.vars() {
-        let ours = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let theirs = step[&format!("{prefix}.{name}")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ours = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let theirs = step[&format!("{prefix}.{name}")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(ours.len(), theirs.len(), "{name}");
         for (a, b) in ours.iter().zip(&theirs) {
             let d = (a - b).abs();
@@ -71,10 +80,21 @@ fn max_weight_diff(engine: &Engine, step: &HashMap<String, Tensor>, prefix: &str
 fn two_adamw_steps_match_pytorch() {
     let step = load_step();
     let model = resized_model(&step);
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+    let adam = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
     let mut engine = Engine::new(model, adam, 1.0);
     let batch = batch(&step);
-    for (k, (loss_name, norm_name, after)) in [("loss", "grad_norm", "after1"), ("loss2", "grad_norm2", "after2")].into_iter().enumerate() {
+    for (k, (loss_name, norm_name, after)) in [
+        ("loss", "grad_norm", "after1"),
+        ("loss2", "grad_norm2", "after2"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         engine.zero_grad();
         engine.accumulate(&batch).unwrap();
         let stats = engine.apply(&mut SingleProcess, 1e-3).unwrap();
@@ -85,7 +105,11 @@ fn two_adamw_steps_match_pytorch() {
         eprintln!("step {}: loss rel {loss_rel:.2e}, grad_norm rel {norm_rel:.2e}, max |Δw| {wdiff:.2e} ({wname})", k + 1);
         assert!(loss_rel < 1e-4, "loss {} vs {loss}", stats.loss);
         assert!(norm_rel < 1e-4, "grad norm {} vs {norm}", stats.grad_norm);
-        assert!(wdiff < 1e-5, "weights after step {} differ by {wdiff} at {wname}", k + 1);
+        assert!(
+            wdiff < 1e-5,
+            "weights after step {} differ by {wdiff} at {wname}",
+            k + 1
+        );
     }
 }
 
@@ -94,12 +118,18 @@ fn gradient_is_the_token_mean_across_micro_batches() {
     // Splitting the batch into two micro-batches (accumulation) gives the same step: gradients
     // are summed and divided by the global count of label tokens, as one big batch would be.
     let step = load_step();
-    let adam = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+    let adam = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
     let whole = batch(&step);
     let half = |rows: std::ops::Range<usize>| Batch {
         input_ids: whole.input_ids[rows.start * whole.seq_len..rows.end * whole.seq_len].to_vec(),
         labels: whole.labels[rows.start * whole.seq_len..rows.end * whole.seq_len].to_vec(),
-        attention_mask: whole.attention_mask[rows.start * whole.seq_len..rows.end * whole.seq_len].to_vec(),
+        attention_mask: whole.attention_mask[rows.start * whole.seq_len..rows.end * whole.seq_len]
+            .to_vec(),
         batch: rows.len(),
         seq_len: whole.seq_len,
     };
@@ -133,7 +163,10 @@ fn lr_schedules_match_transformers() {
         for (i, want) in lrs.iter().enumerate() {
             let got = s.lr_at(i as u64);
             worst = worst.max((got - want).abs());
-            assert!((got - want).abs() <= 1e-7 * want.abs().max(1e-12), "{kind:?} step {i}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-7 * want.abs().max(1e-12),
+                "{kind:?} step {i}: {got} vs {want}"
+            );
         }
         // What HF logs at step s is the lr step s used (transformers 5.x).
         let logged: Vec<f64> = serde_json::from_value(c["logged_learning_rate"].clone()).unwrap();
@@ -153,6 +186,11 @@ fn weight_decay_groups_match_hf_trainer() {
     let hf: Vec<String> = serde_json::from_value(v["decay_parameters"].clone()).unwrap();
     let step = load_step();
     let model = resized_model(&step);
-    let ours: Vec<String> = model.vars().iter().map(|(n, _)| n.clone()).filter(|n| herd_worker::optim::decays(n)).collect();
+    let ours: Vec<String> = model
+        .vars()
+        .iter()
+        .map(|(n, _)| n.clone())
+        .filter(|n| herd_worker::optim::decays(n))
+        .collect();
     assert_eq!(ours, hf);
 }

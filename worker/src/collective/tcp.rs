@@ -651,77 +651,77 @@ fn accept_left(
     // does not break the ring: keep accepting until the deadline, then report the last failure.
     let mut last_failure: Option<String> = None;
     loop {
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| err(format!("rank {rank}: cannot configure the listener: {e}")))?;
-    let (stream, from) = loop {
-        if let Some((reason, since)) = abort.get() {
-            // This rank is not joining after all. For a short while, answer a neighbour that
-            // is (or is about to be) connecting with the reason, instead of a bare reset.
-            let grace_end = (since + ABORT_GRACE).min(deadline);
-            while Instant::now() < grace_end {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(ABORT_GRACE));
-                        let _ = s.set_write_timeout(Some(ABORT_GRACE));
-                        let mut hello = [0u8; 16 + NONCE_LEN];
-                        if s.read_exact(&mut hello).is_ok() {
-                            reject(
-                                &mut s,
-                                &format!("rank {rank} is not joining the ring: {reason}"),
-                            );
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| err(format!("rank {rank}: cannot configure the listener: {e}")))?;
+        let (stream, from) = loop {
+            if let Some((reason, since)) = abort.get() {
+                // This rank is not joining after all. For a short while, answer a neighbour that
+                // is (or is about to be) connecting with the reason, instead of a bare reset.
+                let grace_end = (since + ABORT_GRACE).min(deadline);
+                while Instant::now() < grace_end {
+                    match listener.accept() {
+                        Ok((mut s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(ABORT_GRACE));
+                            let _ = s.set_write_timeout(Some(ABORT_GRACE));
+                            let mut hello = [0u8; 16 + NONCE_LEN];
+                            if s.read_exact(&mut hello).is_ok() {
+                                reject(
+                                    &mut s,
+                                    &format!("rank {rank} is not joining the ring: {reason}"),
+                                );
+                            }
+                            break;
                         }
-                        break;
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
+                return Err(err(format!(
+                    "rank {rank}: waiting for rank {left} was abandoned"
+                )));
             }
-            return Err(err(format!(
-                "rank {rank}: waiting for rank {left} was abandoned"
-            )));
-        }
-        match listener.accept() {
-            Ok(pair) => break pair,
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted =>
-            {
-                if Instant::now() >= deadline {
-                    return Err(err(match &last_failure {
+            match listener.accept() {
+                Ok(pair) => break pair,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    if Instant::now() >= deadline {
+                        return Err(err(match &last_failure {
                         Some(reason) => reason.clone(),
                         None => format!(
                             "rank {rank}: rank {left} (expected from {left_addr}) did not connect within {timeout:?}"
                         ),
                     }));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
                 }
-                std::thread::sleep(Duration::from_millis(5));
+                Err(e) => {
+                    return Err(err(format!(
+                        "rank {rank}: accepting rank {left} failed: {e}"
+                    )))
+                }
             }
-            Err(e) => {
-                return Err(err(format!(
-                    "rank {rank}: accepting rank {left} failed: {e}"
-                )))
+        };
+        let ctx = |what: &str| {
+            format!("rank {rank}: handshake with rank {left} (connected from {from}): {what}")
+        };
+        stream
+            .set_nonblocking(false)
+            .map_err(|e| err(ctx(&e.to_string())))?;
+        configure(&stream, timeout).map_err(|e| err(ctx(&e.to_string())))?;
+        match server_handshake(stream, rank, left, world, secret, timeout) {
+            Ok(s) => return Ok(s),
+            Err(reason) => {
+                let reason = ctx(&reason);
+                if Instant::now() >= deadline {
+                    return Err(err(reason));
+                }
+                tracing::warn!("{reason}; still waiting for rank {left}");
+                last_failure = Some(reason);
             }
         }
-    };
-    let ctx = |what: &str| {
-        format!("rank {rank}: handshake with rank {left} (connected from {from}): {what}")
-    };
-    stream
-        .set_nonblocking(false)
-        .map_err(|e| err(ctx(&e.to_string())))?;
-    configure(&stream, timeout).map_err(|e| err(ctx(&e.to_string())))?;
-    match server_handshake(stream, rank, left, world, secret, timeout) {
-        Ok(s) => return Ok(s),
-        Err(reason) => {
-            let reason = ctx(&reason);
-            if Instant::now() >= deadline {
-                return Err(err(reason));
-            }
-            tracing::warn!("{reason}; still waiting for rank {left}");
-            last_failure = Some(reason);
-        }
-    }
     }
 }
 

@@ -80,12 +80,21 @@ pub enum DaemonError {
         source: std::io::Error,
     },
     #[error("the coordinator at {addr} refused to register this worker: {code:?}: {message}")]
-    Refused { addr: String, code: Code, message: String },
+    Refused {
+        addr: String,
+        code: Code,
+        message: String,
+    },
 }
 
 /// Accept `cpu`; explain that `cuda:N` needs the CUDA build; refuse anything else.
 pub fn check_device(device: &str) -> Result<(), DaemonError> {
-    let bad = |reason: String| Err(DaemonError::Device { device: device.to_string(), reason });
+    let bad = |reason: String| {
+        Err(DaemonError::Device {
+            device: device.to_string(),
+            reason,
+        })
+    };
     if device == "cpu" {
         return Ok(());
     }
@@ -117,7 +126,10 @@ pub fn coordinator_url(addr: &str) -> String {
 /// A lazily connecting channel to the coordinator (calls fail with UNAVAILABLE while it is down).
 pub fn channel(addr: &str, tls_ca_pem: Option<&[u8]>) -> Result<Channel, DaemonError> {
     let url = coordinator_url(addr);
-    let bad = |reason: String| DaemonError::Address { addr: addr.to_string(), reason };
+    let bad = |reason: String| DaemonError::Address {
+        addr: addr.to_string(),
+        reason,
+    };
     let ep = Endpoint::from_shared(url.clone())
         .map_err(|e| bad(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
@@ -166,10 +178,20 @@ fn advertised(bound: SocketAddr, coordinator: &str) -> SocketAddr {
     if !bound.ip().is_unspecified() {
         return bound;
     }
-    let hostport = coordinator.split("://").last().unwrap_or(coordinator).trim_end_matches('/');
+    let hostport = coordinator
+        .split("://")
+        .last()
+        .unwrap_or(coordinator)
+        .trim_end_matches('/');
     let guess = (|| {
-        let target = std::net::ToSocketAddrs::to_socket_addrs(hostport).ok()?.next()?;
-        let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0".parse().ok()? } else { "[::]:0".parse().ok()? };
+        let target = std::net::ToSocketAddrs::to_socket_addrs(hostport)
+            .ok()?
+            .next()?;
+        let any: SocketAddr = if target.is_ipv4() {
+            "0.0.0.0:0".parse().ok()?
+        } else {
+            "[::]:0".parse().ok()?
+        };
         let s = UdpSocket::bind(any).ok()?;
         s.connect(target).ok()?;
         Some(s.local_addr().ok()?.ip())
@@ -179,21 +201,43 @@ fn advertised(bound: SocketAddr, coordinator: &str) -> SocketAddr {
 }
 
 fn retryable(code: Code) -> bool {
-    matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled | Code::Aborted | Code::ResourceExhausted | Code::Internal)
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Internal
+    )
 }
 
 /// The daemon. Returns when `shutdown` turns true (after the running rank paused and reported,
 /// or after a grace period when the coordinator cannot be reached).
-pub async fn run(opts: DaemonOptions, mut shutdown: watch::Receiver<i32>) -> Result<(), DaemonError> {
+pub async fn run(
+    opts: DaemonOptions,
+    mut shutdown: watch::Receiver<i32>,
+) -> Result<(), DaemonError> {
     check_device(&opts.device)?;
     let channel = channel(&opts.coordinator, opts.tls_ca_pem.as_deref())?;
     let mut client = WorkersClient::new(channel.clone());
     let token = opts.token.clone();
 
-    let listener = TcpListener::bind(opts.collective_listen)
-        .map_err(|source| DaemonError::Listen { addr: opts.collective_listen, source })?;
-    let bound = listener.local_addr().map_err(|source| DaemonError::Listen { addr: opts.collective_listen, source })?;
-    let collective_addr = opts.collective_advertise.unwrap_or_else(|| advertised(bound, &opts.coordinator));
+    let listener =
+        TcpListener::bind(opts.collective_listen).map_err(|source| DaemonError::Listen {
+            addr: opts.collective_listen,
+            source,
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: opts.collective_listen,
+            source,
+        })?;
+    let collective_addr = opts
+        .collective_advertise
+        .unwrap_or_else(|| advertised(bound, &opts.coordinator));
     let listener = Some(listener);
 
     let mut register = pb::RegisterRequest {
@@ -203,19 +247,36 @@ pub async fn run(opts: DaemonOptions, mut shutdown: watch::Receiver<i32>) -> Res
         pid: std::process::id(),
         worker_id: String::new(),
     };
-    let Some(reg) = register_until_ok(&mut client, token.as_deref(), &register, &opts.coordinator, &mut shutdown).await? else {
+    let Some(reg) = register_until_ok(
+        &mut client,
+        token.as_deref(),
+        &register,
+        &opts.coordinator,
+        &mut shutdown,
+    )
+    .await?
+    else {
         return Ok(());
     };
     register.worker_id = reg.worker_id.clone();
     let worker_id = reg.worker_id;
     let mut interval = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.max(50)));
     tracing::info!(worker_id = %worker_id, coordinator = %opts.coordinator, collective = %collective_addr, "registered as {worker_id}");
-    eprintln!("herd worker {worker_id} registered with {} (collective {collective_addr}, pid {})", opts.coordinator, std::process::id());
+    eprintln!(
+        "herd worker {worker_id} registered with {} (collective {collective_addr}, pid {})",
+        opts.coordinator,
+        std::process::id()
+    );
 
     let (report_tx, report_rx) = mpsc::unbounded_channel::<Report>();
     let (delivered_tx, mut delivered_rx) = mpsc::unbounded_channel::<(String, u32)>();
     let (finished_tx, mut finished_rx) = mpsc::unbounded_channel::<(String, u32)>();
-    let reporter = Reporter { client: client.clone(), token: token.clone(), rx: report_rx, delivered: delivered_tx };
+    let reporter = Reporter {
+        client: client.clone(),
+        token: token.clone(),
+        rx: report_rx,
+        delivered: delivered_tx,
+    };
     tokio::spawn(reporter.run());
 
     let mut current: Option<RankHandle> = None;
@@ -238,7 +299,10 @@ pub async fn run(opts: DaemonOptions, mut shutdown: watch::Receiver<i32>) -> Res
                     reports: report_tx.clone(),
                     finished: finished_tx.clone(),
                 };
-                eprintln!("herd worker {worker_id}: job {} attempt {} rank {}/{}", a.job_id, a.attempt, a.rank, a.world_size);
+                eprintln!(
+                    "herd worker {worker_id}: job {} attempt {} rank {}/{}",
+                    a.job_id, a.attempt, a.rank, a.world_size
+                );
                 current = Some(rank::start(a, ctx));
             }
         }
@@ -246,7 +310,9 @@ pub async fn run(opts: DaemonOptions, mut shutdown: watch::Receiver<i32>) -> Res
             match &current {
                 None => break,
                 Some(c) if c.finished && since.elapsed() > Duration::from_secs(15) => {
-                    tracing::warn!("could not report the paused rank to the coordinator; exiting anyway");
+                    tracing::warn!(
+                        "could not report the paused rank to the coordinator; exiting anyway"
+                    );
                     break;
                 }
                 _ => {}
@@ -398,18 +464,30 @@ async fn register_until_ok(
     let mut delay = Duration::from_millis(100);
     let mut warned = false;
     loop {
-        let res = tokio::time::timeout(Duration::from_secs(5), client.register(authed(token, req.clone()))).await;
+        let res = tokio::time::timeout(
+            Duration::from_secs(5),
+            client.register(authed(token, req.clone())),
+        )
+        .await;
         let res = res.unwrap_or_else(|_| Err(Status::deadline_exceeded("register timed out")));
         match res {
             Ok(r) => return Ok(Some(r.into_inner())),
             Err(e) if retryable(e.code()) => {
                 if !warned {
-                    tracing::warn!("cannot register with the coordinator at {addr} yet ({}: {}); retrying", e.code(), e.message());
+                    tracing::warn!(
+                        "cannot register with the coordinator at {addr} yet ({}: {}); retrying",
+                        e.code(),
+                        e.message()
+                    );
                     warned = true;
                 }
             }
             Err(e) => {
-                return Err(DaemonError::Refused { addr: addr.to_string(), code: e.code(), message: e.message().to_string() })
+                return Err(DaemonError::Refused {
+                    addr: addr.to_string(),
+                    code: e.code(),
+                    message: e.message().to_string(),
+                })
             }
         }
         tokio::select! {
@@ -429,8 +507,14 @@ mod tests {
         assert!(check_device("cpu").is_ok());
         let e = check_device("cuda:0").unwrap_err().to_string();
         assert!(e.contains("without CUDA support"), "{e}");
-        assert!(check_device("cuda:x").unwrap_err().to_string().contains("cuda:N"));
-        assert!(check_device("tpu").unwrap_err().to_string().contains("unknown device"));
+        assert!(check_device("cuda:x")
+            .unwrap_err()
+            .to_string()
+            .contains("cuda:N"));
+        assert!(check_device("tpu")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown device"));
     }
 
     #[test]

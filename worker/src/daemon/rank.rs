@@ -49,17 +49,26 @@ impl RankHandle {
 /// Parse the assignment's peers (collective addresses by rank).
 pub fn peers_from(peers: &[String], world_size: usize) -> Result<Vec<SocketAddr>, String> {
     if peers.len() != world_size {
-        return Err(format!("the assignment lists {} peers for world size {world_size}", peers.len()));
+        return Err(format!(
+            "the assignment lists {} peers for world size {world_size}",
+            peers.len()
+        ));
     }
     peers
         .iter()
         .enumerate()
-        .map(|(r, p)| p.parse::<SocketAddr>().map_err(|e| format!("peer of rank {r} `{p}`: {e}")))
+        .map(|(r, p)| {
+            p.parse::<SocketAddr>()
+                .map_err(|e| format!("peer of rank {r} `{p}`: {e}"))
+        })
         .collect()
 }
 
 fn now_unix() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 pub(super) fn start(a: pb::Assignment, ctx: RankCtx) -> RankHandle {
@@ -81,7 +90,15 @@ pub(super) fn start(a: pb::Assignment, ctx: RankCtx) -> RankHandle {
             })
             .expect("spawning the rank thread")
     };
-    RankHandle { job_id, attempt, stop, step, signal, finished: false, thread: Some(thread) }
+    RankHandle {
+        job_id,
+        attempt,
+        stop,
+        step,
+        signal,
+        finished: false,
+        thread: Some(thread),
+    }
 }
 
 /// Collects a rank's log lines: new ones for the next progress report, a tail for failures.
@@ -101,10 +118,19 @@ impl Lines {
     }
 }
 
-fn run_rank(a: &pb::Assignment, ctx: RankCtx, stop: Arc<AtomicBool>, step: Arc<AtomicU64>, signal: Arc<AtomicI32>) -> pb::DoneReport {
+fn run_rank(
+    a: &pb::Assignment,
+    ctx: RankCtx,
+    stop: Arc<AtomicBool>,
+    step: Arc<AtomicU64>,
+    signal: Arc<AtomicI32>,
+) -> pb::DoneReport {
     let span = tracing::info_span!("rank", job = %a.job_id, attempt = a.attempt, rank = a.rank);
     let _g = span.enter();
-    let lines = std::cell::RefCell::new(Lines { new: vec![], tail: VecDeque::new() });
+    let lines = std::cell::RefCell::new(Lines {
+        new: vec![],
+        tail: VecDeque::new(),
+    });
     let progress = |total_steps: u64, metric: Option<pb::Metric>| pb::ProgressReport {
         worker_id: ctx.worker_id.clone(),
         job_id: a.job_id.clone(),
@@ -130,83 +156,125 @@ fn run_rank(a: &pb::Assignment, ctx: RankCtx, stop: Arc<AtomicBool>, step: Arc<A
     let mut total_steps = 0u64;
     let mut last_tps = 0.0f64;
     let reports = ctx.reports.clone();
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Outcome, String> {
-        let mut job = JobSpec::from_yaml_str(&a.job_yaml, &format!("job {}", a.job_id)).map_err(|e| e.to_string())?;
-        let world = a.world_size as usize;
-        job.world_size = world;
-        if a.rank as usize >= world {
-            return Err(format!("rank {} is outside world size {world}", a.rank));
-        }
-        let mut collective: Box<dyn Collective> = if world == 1 {
-            Box::new(SingleProcess)
-        } else {
-            let peers = peers_from(&a.peers, world)?;
-            let listener = ctx.listener.ok_or("the collective listener is unavailable")?;
-            lines.borrow_mut().push(format!("rank {} joining the ring of {world} ({})", a.rank, a.peers.join(", ")));
-            let ring = TcpRing::with_listener(a.rank as usize, listener, peers, &a.job_secret, ctx.timeout)
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+        || -> Result<Outcome, String> {
+            let mut job = JobSpec::from_yaml_str(&a.job_yaml, &format!("job {}", a.job_id))
                 .map_err(|e| e.to_string())?;
-            Box::new(ring)
-        };
-        let until_step = (a.end_step > 0).then_some(a.end_step);
-        let opts = RunOptions { until_step, stop: Some(stop.clone()) };
-        let mut observer = |e: &Event| match e {
-            Event::Started { start_step, total_steps: t, examples, parameters, resumed_from, .. } => {
-                total_steps = *t;
-                step.store(*start_step, Ordering::Relaxed);
-                let mut line = format!("rank {} training {parameters} parameters on {examples} examples, steps {start_step}..{t}", a.rank);
-                if let Some(d) = resumed_from {
-                    line.push_str(&format!("; resumed from {}", d.display()));
-                }
-                lines.borrow_mut().push(line);
-                let _ = reports.send(Report::Progress(progress(total_steps, None)));
+            let world = a.world_size as usize;
+            job.world_size = world;
+            if a.rank as usize >= world {
+                return Err(format!("rank {} is outside world size {world}", a.rank));
             }
-            Event::Step { step: s, total_steps: t, tokens_per_sec, .. } => {
-                total_steps = *t;
-                step.store(*s, Ordering::Relaxed);
-                last_tps = *tokens_per_sec;
-            }
-            Event::Logged(entry) => {
-                lines.borrow_mut().push(entry.to_string());
-                let f = |k: &str| entry.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
-                let metric = pb::Metric {
-                    step: entry.get("step").and_then(|v| v.as_u64()).unwrap_or(step.load(Ordering::Relaxed)),
-                    epoch: f("epoch"),
-                    loss: f("loss"),
-                    learning_rate: f("learning_rate"),
-                    grad_norm: f("grad_norm"),
-                    tokens_per_sec: last_tps,
-                    unix_time: now_unix(),
-                };
-                let _ = reports.send(Report::Progress(progress(total_steps, Some(metric))));
-            }
-            Event::Evaluated(entry) => lines.borrow_mut().push(entry.to_string()),
-            Event::Saved { step: s, path, rotated } => {
-                let mut line = format!("saved checkpoint-{s} at {}", path.display());
-                if !rotated.is_empty() {
-                    line.push_str(&format!(" (removed {rotated:?} per save_total_limit)"));
-                }
-                lines.borrow_mut().push(line);
-                let _ = reports.send(Report::Checkpoint(pb::CheckpointReport {
-                    worker_id: ctx.worker_id.clone(),
-                    job_id: a.job_id.clone(),
-                    attempt: a.attempt,
-                    step: *s,
-                    path: path.display().to_string(),
-                    rotated: rotated.clone(),
-                }));
-            }
-            Event::Finished { output_dir, train_loss, runtime_s } => {
+            let mut collective: Box<dyn Collective> = if world == 1 {
+                Box::new(SingleProcess)
+            } else {
+                let peers = peers_from(&a.peers, world)?;
+                let listener = ctx
+                    .listener
+                    .ok_or("the collective listener is unavailable")?;
                 lines.borrow_mut().push(format!(
+                    "rank {} joining the ring of {world} ({})",
+                    a.rank,
+                    a.peers.join(", ")
+                ));
+                let ring = TcpRing::with_listener(
+                    a.rank as usize,
+                    listener,
+                    peers,
+                    &a.job_secret,
+                    ctx.timeout,
+                )
+                .map_err(|e| e.to_string())?;
+                Box::new(ring)
+            };
+            let until_step = (a.end_step > 0).then_some(a.end_step);
+            let opts = RunOptions {
+                until_step,
+                stop: Some(stop.clone()),
+            };
+            let mut observer = |e: &Event| match e {
+                Event::Started {
+                    start_step,
+                    total_steps: t,
+                    examples,
+                    parameters,
+                    resumed_from,
+                    ..
+                } => {
+                    total_steps = *t;
+                    step.store(*start_step, Ordering::Relaxed);
+                    let mut line = format!("rank {} training {parameters} parameters on {examples} examples, steps {start_step}..{t}", a.rank);
+                    if let Some(d) = resumed_from {
+                        line.push_str(&format!("; resumed from {}", d.display()));
+                    }
+                    lines.borrow_mut().push(line);
+                    let _ = reports.send(Report::Progress(progress(total_steps, None)));
+                }
+                Event::Step {
+                    step: s,
+                    total_steps: t,
+                    tokens_per_sec,
+                    ..
+                } => {
+                    total_steps = *t;
+                    step.store(*s, Ordering::Relaxed);
+                    last_tps = *tokens_per_sec;
+                }
+                Event::Logged(entry) => {
+                    lines.borrow_mut().push(entry.to_string());
+                    let f = |k: &str| entry.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+                    let metric = pb::Metric {
+                        step: entry
+                            .get("step")
+                            .and_then(|v| v.as_u64())
+                            .unwrap_or(step.load(Ordering::Relaxed)),
+                        epoch: f("epoch"),
+                        loss: f("loss"),
+                        learning_rate: f("learning_rate"),
+                        grad_norm: f("grad_norm"),
+                        tokens_per_sec: last_tps,
+                        unix_time: now_unix(),
+                    };
+                    let _ = reports.send(Report::Progress(progress(total_steps, Some(metric))));
+                }
+                Event::Evaluated(entry) => lines.borrow_mut().push(entry.to_string()),
+                Event::Saved {
+                    step: s,
+                    path,
+                    rotated,
+                } => {
+                    let mut line = format!("saved checkpoint-{s} at {}", path.display());
+                    if !rotated.is_empty() {
+                        line.push_str(&format!(" (removed {rotated:?} per save_total_limit)"));
+                    }
+                    lines.borrow_mut().push(line);
+                    let _ = reports.send(Report::Checkpoint(pb::CheckpointReport {
+                        worker_id: ctx.worker_id.clone(),
+                        job_id: a.job_id.clone(),
+                        attempt: a.attempt,
+                        step: *s,
+                        path: path.display().to_string(),
+                        rotated: rotated.clone(),
+                    }));
+                }
+                Event::Finished {
+                    output_dir,
+                    train_loss,
+                    runtime_s,
+                } => {
+                    lines.borrow_mut().push(format!(
                     "rank {} done in {runtime_s:.1}s, mean logged loss {train_loss:.4}; final model in {}",
                     a.rank,
                     output_dir.display()
                 ));
-            }
-        };
-        let outcome = trainer::run(&job, &opts, collective.as_mut(), &mut observer).map_err(|e| render(&e));
-        drop(collective);
-        outcome
-    }));
+                }
+            };
+            let outcome = trainer::run(&job, &opts, collective.as_mut(), &mut observer)
+                .map_err(|e| render(&e));
+            drop(collective);
+            outcome
+        },
+    ));
     done.step = step.load(Ordering::Relaxed);
     match result {
         Ok(Ok(Outcome::Completed { steps })) => {
@@ -217,7 +285,9 @@ fn run_rank(a: &pb::Assignment, ctx: RankCtx, stop: Arc<AtomicBool>, step: Arc<A
             done.kind = pb::DoneKind::Paused as i32;
             done.step = s;
             done.signal = signal.load(Ordering::SeqCst);
-            lines.borrow_mut().push(format!("rank {} paused at step {s}", a.rank));
+            lines
+                .borrow_mut()
+                .push(format!("rank {} paused at step {s}", a.rank));
         }
         Ok(Err(e)) => {
             lines.borrow_mut().push(format!("error: {e}"));
@@ -237,7 +307,12 @@ fn run_rank(a: &pb::Assignment, ctx: RankCtx, stop: Arc<AtomicBool>, step: Arc<A
         }
     }
     if done.kind == pb::DoneKind::FailedRank as i32 {
-        tracing::error!("rank {} failed on {}: {}", a.rank, ctx.host, done.error.lines().next().unwrap_or(""));
+        tracing::error!(
+            "rank {} failed on {}: {}",
+            a.rank,
+            ctx.host,
+            done.error.lines().next().unwrap_or("")
+        );
     }
     // Flush the last lines before the done report.
     let last = progress(total_steps, None);
@@ -281,7 +356,11 @@ mod tests {
     fn peers_parse_and_count() {
         let p = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
         assert_eq!(peers_from(&p, 2).unwrap().len(), 2);
-        assert!(peers_from(&p, 3).unwrap_err().contains("2 peers for world size 3"));
-        assert!(peers_from(&["nope".to_string()], 1).unwrap_err().contains("rank 0"));
+        assert!(peers_from(&p, 3)
+            .unwrap_err()
+            .contains("2 peers for world size 3"));
+        assert!(peers_from(&["nope".to_string()], 1)
+            .unwrap_err()
+            .contains("rank 0"));
     }
 }

@@ -31,7 +31,9 @@ impl Report {
 /// Merge `next` into `prev` when both are progress reports of the same rank attempt.
 pub(super) fn merge(prev: &mut Report, next: Report) -> Option<Report> {
     match (prev, next) {
-        (Report::Progress(p), Report::Progress(n)) if p.job_id == n.job_id && p.attempt == n.attempt && p.rank == n.rank => {
+        (Report::Progress(p), Report::Progress(n))
+            if p.job_id == n.job_id && p.attempt == n.attempt && p.rank == n.rank =>
+        {
             p.log_lines.extend(n.log_lines);
             if n.total_steps > 0 {
                 p.total_steps = n.total_steps;
@@ -92,15 +94,26 @@ impl Reporter {
                     // (e.g. it does not know this worker yet after a restart) gets a while to
                     // sort itself out; after that the report is dropped.
                     let keep = retryable(e.code())
-                        || (matches!(e.code(), Code::NotFound | Code::FailedPrecondition) && since.elapsed() < Duration::from_secs(30));
+                        || (matches!(e.code(), Code::NotFound | Code::FailedPrecondition)
+                            && since.elapsed() < Duration::from_secs(30));
                     if failures == 1 {
-                        tracing::warn!("reporting to the coordinator failed ({}: {}); retrying", e.code(), e.message());
+                        tracing::warn!(
+                            "reporting to the coordinator failed ({}: {}); retrying",
+                            e.code(),
+                            e.message()
+                        );
                     }
                     if keep {
-                        let delay = Duration::from_millis(100u64 << failures.min(5)).min(Duration::from_secs(2));
+                        let delay = Duration::from_millis(100u64 << failures.min(5))
+                            .min(Duration::from_secs(2));
                         tokio::time::sleep(delay).await;
                     } else {
-                        tracing::warn!(job = front.key().0, "the coordinator refused a report ({}: {}); dropping it", e.code(), e.message());
+                        tracing::warn!(
+                            job = front.key().0,
+                            "the coordinator refused a report ({}: {}); dropping it",
+                            e.code(),
+                            e.message()
+                        );
                         failures = 0;
                         first_failure = None;
                         self.finish(queue.pop_front().unwrap());
@@ -121,7 +134,11 @@ impl Reporter {
         let call = async {
             match r.clone() {
                 Report::Progress(p) => self.client.report_progress(authed(t, p)).await.map(|_| ()),
-                Report::Checkpoint(c) => self.client.report_checkpoint(authed(t, c)).await.map(|_| ()),
+                Report::Checkpoint(c) => self
+                    .client
+                    .report_checkpoint(authed(t, c))
+                    .await
+                    .map(|_| ()),
                 Report::Done(d) => self.client.report_done(authed(t, d)).await.map(|_| ()),
             }
         };
@@ -140,7 +157,10 @@ mod tests {
             job_id: "j".into(),
             attempt: 1,
             total_steps: 10,
-            metric: step.map(|s| pb::Metric { step: s, ..Default::default() }),
+            metric: step.map(|s| pb::Metric {
+                step: s,
+                ..Default::default()
+            }),
             log_lines: lines.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         })
@@ -159,7 +179,11 @@ mod tests {
     #[test]
     fn other_reports_do_not_merge() {
         let mut a = prog(&["a"], Some(1));
-        let done = Report::Done(pb::DoneReport { job_id: "j".into(), attempt: 1, ..Default::default() });
+        let done = Report::Done(pb::DoneReport {
+            job_id: "j".into(),
+            attempt: 1,
+            ..Default::default()
+        });
         assert!(merge(&mut a, done).is_some());
         let mut other_attempt = prog(&[], None);
         let mut b = prog(&["x"], None);

@@ -75,10 +75,20 @@ impl Conversation {
     pub fn from_pairs<S: AsRef<str>>(pairs: &[(S, S)]) -> Self {
         let mut messages = Vec::new();
         for (q, a) in pairs {
-            messages.push(Message { role: Role::User, value: q.as_ref().to_string() });
-            messages.push(Message { role: Role::Assistant, value: a.as_ref().to_string() });
+            messages.push(Message {
+                role: Role::User,
+                value: q.as_ref().to_string(),
+            });
+            messages.push(Message {
+                role: Role::Assistant,
+                value: a.as_ref().to_string(),
+            });
         }
-        Conversation { id: None, system: None, messages }
+        Conversation {
+            id: None,
+            system: None,
+            messages,
+        }
     }
 }
 
@@ -114,12 +124,19 @@ pub fn render_text(conv: &Conversation) -> String {
 }
 
 fn bad_turn(at: &Location, turn: usize, reason: String) -> DataError {
-    DataError::BadTurn { at: at.clone(), turn, reason }
+    DataError::BadTurn {
+        at: at.clone(),
+        turn,
+        reason,
+    }
 }
 
 /// Turn one parsed JSON value into a conversation, or say precisely what is wrong with it.
 pub fn conversation_from_value(v: &Value, at: &Location) -> Result<Conversation> {
-    let obj = v.as_object().ok_or_else(|| DataError::NotAChat { at: at.clone(), found: describe(Some(v)) })?;
+    let obj = v.as_object().ok_or_else(|| DataError::NotAChat {
+        at: at.clone(),
+        found: describe(Some(v)),
+    })?;
     let turns = match obj.get("conversations") {
         Some(Value::Array(a)) => a,
         other => {
@@ -136,17 +153,42 @@ pub fn conversation_from_value(v: &Value, at: &Location) -> Result<Conversation>
         Some(Value::Number(n)) => Some(n.to_string()),
         _ => None,
     };
-    let mut conv = Conversation { id, system: None, messages: Vec::new() };
+    let mut conv = Conversation {
+        id,
+        system: None,
+        messages: Vec::new(),
+    };
     for (i, t) in turns.iter().enumerate() {
         let n = i + 1;
-        let t = t.as_object().ok_or_else(|| bad_turn(at, n, format!("expected an object {{\"from\", \"value\"}}, found {}", describe(Some(t)))))?;
+        let t = t.as_object().ok_or_else(|| {
+            bad_turn(
+                at,
+                n,
+                format!(
+                    "expected an object {{\"from\", \"value\"}}, found {}",
+                    describe(Some(t))
+                ),
+            )
+        })?;
         let from = match t.get("from") {
             Some(Value::String(s)) => s.as_str(),
-            other => return Err(bad_turn(at, n, format!("\"from\" must be a string, found {}", describe(other)))),
+            other => {
+                return Err(bad_turn(
+                    at,
+                    n,
+                    format!("\"from\" must be a string, found {}", describe(other)),
+                ))
+            }
         };
         let value = match t.get("value") {
             Some(Value::String(s)) => s.clone(),
-            other => return Err(bad_turn(at, n, format!("\"value\" must be a string, found {}", describe(other)))),
+            other => {
+                return Err(bad_turn(
+                    at,
+                    n,
+                    format!("\"value\" must be a string, found {}", describe(other)),
+                ))
+            }
         };
         let role = match from {
             "human" | "user" => Role::User,
@@ -160,7 +202,11 @@ pub fn conversation_from_value(v: &Value, at: &Location) -> Result<Conversation>
                 return Err(bad_turn(at, n, format!("unknown role {other:?} (expected human/user, gpt/assistant or a leading system)")))
             }
         };
-        let expected = if conv.messages.len() % 2 == 0 { Role::User } else { Role::Assistant };
+        let expected = if conv.messages.len() % 2 == 0 {
+            Role::User
+        } else {
+            Role::Assistant
+        };
         if role != expected {
             let (want, got) = match expected {
                 Role::User => ("human", "gpt"),
@@ -182,7 +228,11 @@ pub fn conversation_from_value(v: &Value, at: &Location) -> Result<Conversation>
 }
 
 /// Tokenize a conversation with loss only on the assistant spans (see the module docs).
-pub fn encode_conversation_with_info(tok: &Tokenizer, conv: &Conversation, max_len: usize) -> Result<(Example, EncodeInfo)> {
+pub fn encode_conversation_with_info(
+    tok: &Tokenizer,
+    conv: &Conversation,
+    max_len: usize,
+) -> Result<(Example, EncodeInfo)> {
     if max_len == 0 {
         return Err(DataError::ZeroMaxLen);
     }
@@ -202,10 +252,21 @@ pub fn encode_conversation_with_info(tok: &Tokenizer, conv: &Conversation, max_l
     let input_ids = ids[..keep].to_vec();
     labels.truncate(keep);
     let masked = labels.iter().filter(|&&l| l == IGNORE_INDEX).count();
-    Ok((Example { input_ids, labels }, EncodeInfo { full_len, source_len: untrained, masked }))
+    Ok((
+        Example { input_ids, labels },
+        EncodeInfo {
+            full_len,
+            source_len: untrained,
+            masked,
+        },
+    ))
 }
 
-pub fn encode_conversation(tok: &Tokenizer, conv: &Conversation, max_len: usize) -> Result<Example> {
+pub fn encode_conversation(
+    tok: &Tokenizer,
+    conv: &Conversation,
+    max_len: usize,
+) -> Result<Example> {
     Ok(encode_conversation_with_info(tok, conv, max_len)?.0)
 }
 
@@ -215,7 +276,11 @@ mod tests {
     use std::path::PathBuf;
 
     fn at() -> Location {
-        Location { path: PathBuf::from("chat.jsonl"), record: 3, line: Some(4) }
+        Location {
+            path: PathBuf::from("chat.jsonl"),
+            record: 3,
+            line: Some(4),
+        }
     }
 
     fn tok() -> Tokenizer {
@@ -253,17 +318,47 @@ mod tests {
         assert_eq!(c.id.as_deref(), Some("x1"));
         assert_eq!(c.system.as_deref(), Some("S"));
         assert_eq!(c.messages.len(), 4);
-        assert_eq!(render_text(&c), "S USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>");
+        assert_eq!(
+            render_text(&c),
+            "S USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>"
+        );
         let cases = [
-            (serde_json::json!({"conversations": [{"from": "gpt", "value": "a"}]}), "turn 1: expected a human turn"),
-            (serde_json::json!({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}]}), "turn 2: expected a gpt turn"),
-            (serde_json::json!({"conversations": []}), "\"conversations\" must be at least one human turn"),
-            (serde_json::json!({"conversations": [{"from": "human", "value": "q"}]}), "without an answer"),
-            (serde_json::json!({"conversations": [{"from": "human", "value": 5}]}), "turn 1: \"value\" must be a string, found a number (5)"),
-            (serde_json::json!({"conversations": [{"from": "bot", "value": "x"}]}), "unknown role \"bot\""),
-            (serde_json::json!({"conversations": [{"from": "human", "value": "q"}, {"from": "system", "value": "s"}]}), "may only come first"),
-            (serde_json::json!({"conversations": "hi"}), "\"conversations\" must be an array"),
-            (serde_json::json!([1]), "expected a JSON object with \"conversations\""),
+            (
+                serde_json::json!({"conversations": [{"from": "gpt", "value": "a"}]}),
+                "turn 1: expected a human turn",
+            ),
+            (
+                serde_json::json!({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"}]}),
+                "turn 2: expected a gpt turn",
+            ),
+            (
+                serde_json::json!({"conversations": []}),
+                "\"conversations\" must be at least one human turn",
+            ),
+            (
+                serde_json::json!({"conversations": [{"from": "human", "value": "q"}]}),
+                "without an answer",
+            ),
+            (
+                serde_json::json!({"conversations": [{"from": "human", "value": 5}]}),
+                "turn 1: \"value\" must be a string, found a number (5)",
+            ),
+            (
+                serde_json::json!({"conversations": [{"from": "bot", "value": "x"}]}),
+                "unknown role \"bot\"",
+            ),
+            (
+                serde_json::json!({"conversations": [{"from": "human", "value": "q"}, {"from": "system", "value": "s"}]}),
+                "may only come first",
+            ),
+            (
+                serde_json::json!({"conversations": "hi"}),
+                "\"conversations\" must be an array",
+            ),
+            (
+                serde_json::json!([1]),
+                "expected a JSON object with \"conversations\"",
+            ),
         ];
         for (v, want) in cases {
             let e = conversation_from_value(&v, &at()).unwrap_err();
@@ -289,15 +384,28 @@ mod tests {
         // "hi USER: cat ASSISTANT: dog</s>USER: sun ASSISTANT: cat sun</s>"
         let s = "\u{2581}";
         let expected: Vec<String> = [
-            "<s>", "▁hi", "▁USER:", "▁cat", "▁ASSISTANT:", "▁dog", "</s>",
-            "▁USER:", "▁sun", "▁ASSISTANT:", "▁cat", "▁sun", "</s>",
+            "<s>",
+            "▁hi",
+            "▁USER:",
+            "▁cat",
+            "▁ASSISTANT:",
+            "▁dog",
+            "</s>",
+            "▁USER:",
+            "▁sun",
+            "▁ASSISTANT:",
+            "▁cat",
+            "▁sun",
+            "</s>",
         ]
         .iter()
         .map(|x| x.replace('▁', s))
         .collect();
         assert_eq!(p, expected);
         let trained: Vec<bool> = ex.labels.iter().map(|&l| l != IGNORE_INDEX).collect();
-        let want = [false, false, false, false, false, true, true, false, false, false, true, true, true];
+        let want = [
+            false, false, false, false, false, true, true, false, false, false, true, true, true,
+        ];
         assert_eq!(trained, want);
         for (l, &i) in ex.labels.iter().zip(&ex.input_ids) {
             assert!(*l == IGNORE_INDEX || *l == i as i64);
@@ -323,6 +431,9 @@ mod tests {
         let first = full.labels.iter().position(|&l| l != IGNORE_INDEX).unwrap();
         let ex = encode_conversation(&t, &c, first + 2).unwrap();
         assert_eq!(ex.target_tokens(), 2);
-        assert!(matches!(encode_conversation(&t, &c, 0), Err(DataError::ZeroMaxLen)));
+        assert!(matches!(
+            encode_conversation(&t, &c, 0),
+            Err(DataError::ZeroMaxLen)
+        ));
     }
 }

@@ -34,7 +34,11 @@ pub enum Record {
 }
 
 /// Tokenize a record of either format (both give `Example {input_ids, labels}`).
-pub fn encode_record_with_info(tok: &Tokenizer, rec: &Record, max_len: usize) -> Result<(Example, EncodeInfo)> {
+pub fn encode_record_with_info(
+    tok: &Tokenizer,
+    rec: &Record,
+    max_len: usize,
+) -> Result<(Example, EncodeInfo)> {
     match rec {
         Record::Alpaca(r) => encode_alpaca_with_info(tok, r, max_len),
         Record::Chat(c) => encode_conversation_with_info(tok, c, max_len),
@@ -58,7 +62,13 @@ pub struct LoadedFile {
 
 fn keys_of(v: &Value) -> String {
     match v.as_object() {
-        Some(o) => format!("keys [{}]", o.keys().map(|k| format!("{k:?}")).collect::<Vec<_>>().join(", ")),
+        Some(o) => format!(
+            "keys [{}]",
+            o.keys()
+                .map(|k| format!("{k:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         None => super::records::describe(Some(v)),
     }
 }
@@ -77,7 +87,10 @@ fn shape(v: &Value) -> Option<DataFormat> {
 
 /// Load one file in `format` (Auto: detected from the first record).
 pub fn load_file(path: &Path, format: DataFormat, skip_bad: bool) -> Result<LoadedFile> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let values = read_values(path, &text)?;
     // The first record that parsed decides (or checks) the format.
     let first = values.iter().find_map(|(_, v)| v.as_ref().ok());
@@ -85,29 +98,47 @@ pub fn load_file(path: &Path, format: DataFormat, skip_bad: bool) -> Result<Load
     let format = match (format, first, found) {
         (_, None, _) => {
             if values.is_empty() {
-                return Err(DataError::Empty { path: path.to_path_buf(), skipped: 0 });
+                return Err(DataError::Empty {
+                    path: path.to_path_buf(),
+                    skipped: 0,
+                });
             }
             // Nothing parsed: let the Alpaca reader report the syntax errors.
             DataFormat::Alpaca
         }
         (DataFormat::Auto, Some(v), None) => {
-            return Err(DataError::UnknownFormat { path: path.to_path_buf(), found: keys_of(v) })
+            return Err(DataError::UnknownFormat {
+                path: path.to_path_buf(),
+                found: keys_of(v),
+            })
         }
         (DataFormat::Auto, _, Some(f)) => f,
         (declared, Some(v), found) => {
             if found != Some(declared) {
-                return Err(DataError::WrongFormat { path: path.to_path_buf(), declared: declared.as_str(), found: keys_of(v) });
+                return Err(DataError::WrongFormat {
+                    path: path.to_path_buf(),
+                    declared: declared.as_str(),
+                    found: keys_of(v),
+                });
             }
             declared
         }
     };
     let (records, skipped, skip_reasons) = match format {
-        DataFormat::Sharegpt => {
-            convert_values(path, values, skip_bad, |v, at| conversation_from_value(v, at).map(Record::Chat))?
-        }
-        _ => convert_values(path, values, skip_bad, |v, at| record_from_value(v, at).map(Record::Alpaca))?,
+        DataFormat::Sharegpt => convert_values(path, values, skip_bad, |v, at| {
+            conversation_from_value(v, at).map(Record::Chat)
+        })?,
+        _ => convert_values(path, values, skip_bad, |v, at| {
+            record_from_value(v, at).map(Record::Alpaca)
+        })?,
     };
-    Ok(LoadedFile { path: path.to_path_buf(), format, records, skipped, skip_reasons })
+    Ok(LoadedFile {
+        path: path.to_path_buf(),
+        format,
+        records,
+        skipped,
+        skip_reasons,
+    })
 }
 
 /// The indices of a file of `n` records that weight `weight` selects (see the module docs).
@@ -180,10 +211,13 @@ pub fn load_mixture(data: &DataPath, seed: u64, skip_bad: bool) -> Result<Mixtur
                 mix.skip_reasons.push(r);
             }
         }
-        mix.records.extend(pick.into_iter().map(|j| loaded.records[j].clone()));
+        mix.records
+            .extend(pick.into_iter().map(|j| loaded.records[j].clone()));
     }
     if mix.records.is_empty() {
-        return Err(DataError::EmptyMixture { files: data.to_string() });
+        return Err(DataError::EmptyMixture {
+            files: data.to_string(),
+        });
     }
     Ok(mix)
 }
@@ -200,8 +234,9 @@ mod tests {
     }
 
     fn alpaca_file(dir: &Path, name: &str, n: usize) -> PathBuf {
-        let recs: Vec<Value> =
-            (0..n).map(|i| serde_json::json!({"instruction": format!("i{i}"), "output": format!("o{i}")})).collect();
+        let recs: Vec<Value> = (0..n)
+            .map(|i| serde_json::json!({"instruction": format!("i{i}"), "output": format!("o{i}")}))
+            .collect();
         write(dir, name, &serde_json::to_string(&recs).unwrap())
     }
 
@@ -216,7 +251,11 @@ mod tests {
     }
 
     fn entry(p: &Path, weight: f64, format: DataFormat) -> DataEntry {
-        DataEntry::File(DataFile { path: p.to_path_buf(), weight, format })
+        DataEntry::File(DataFile {
+            path: p.to_path_buf(),
+            weight,
+            format,
+        })
     }
 
     #[test]
@@ -243,23 +282,36 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let a = alpaca_file(d.path(), "a.json", 20);
         let c = chat_file(d.path(), "c.jsonl", 8);
-        let data = DataPath::List(vec![DataEntry::Path(a.clone()), entry(&c, 1.5, DataFormat::Auto)]);
+        let data = DataPath::List(vec![
+            DataEntry::Path(a.clone()),
+            entry(&c, 1.5, DataFormat::Auto),
+        ]);
         let m = load_mixture(&data, 42, false).unwrap();
         assert_eq!(m.records.len(), 20 + 12);
         assert_eq!((m.files[0].taken, m.files[1].taken), (20, 12));
-        assert_eq!((m.files[0].format, m.files[1].format), (DataFormat::Alpaca, DataFormat::Sharegpt));
-        assert!(m.records[..20].iter().all(|r| matches!(r, Record::Alpaca(_))));
+        assert_eq!(
+            (m.files[0].format, m.files[1].format),
+            (DataFormat::Alpaca, DataFormat::Sharegpt)
+        );
+        assert!(m.records[..20]
+            .iter()
+            .all(|r| matches!(r, Record::Alpaca(_))));
         assert!(m.records[20..].iter().all(|r| matches!(r, Record::Chat(_))));
         assert_eq!(m.file_range(1), 20..32);
         // Deterministic from the seed; another seed picks other repeats.
         let again = load_mixture(&data, 42, false).unwrap();
         assert_eq!(m.records, again.records);
-        let data = DataPath::List(vec![entry(&a, 0.25, DataFormat::Alpaca), entry(&c, 1.0, DataFormat::Sharegpt)]);
+        let data = DataPath::List(vec![
+            entry(&a, 0.25, DataFormat::Alpaca),
+            entry(&c, 1.0, DataFormat::Sharegpt),
+        ]);
         let m = load_mixture(&data, 7, false).unwrap();
         assert_eq!(m.records.len(), 5 + 8);
         // A single path is the file itself, in order.
         let m = load_mixture(&DataPath::Single(a.clone()), 7, false).unwrap();
-        let Record::Alpaca(first) = &m.records[0] else { panic!() };
+        let Record::Alpaca(first) = &m.records[0] else {
+            panic!()
+        };
         assert_eq!(first.instruction, "i0");
         assert_eq!(m.records.len(), 20);
     }
@@ -269,12 +321,30 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let a = alpaca_file(d.path(), "alpaca_set.json", 3);
         let c = chat_file(d.path(), "chats.jsonl", 3);
-        let e = load_file(&a, DataFormat::Sharegpt, false).unwrap_err().to_string();
-        assert!(e.contains("alpaca_set.json") && e.contains("declared sharegpt"), "{e}");
-        let e = load_file(&c, DataFormat::Alpaca, false).unwrap_err().to_string();
-        assert!(e.contains("chats.jsonl") && e.contains("declared alpaca") && e.contains("\"conversations\""), "{e}");
-        let u = write(d.path(), "odd.json", r#"[{"prompt": "x", "completion": "y"}]"#);
-        let e = load_file(&u, DataFormat::Auto, false).unwrap_err().to_string();
+        let e = load_file(&a, DataFormat::Sharegpt, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("alpaca_set.json") && e.contains("declared sharegpt"),
+            "{e}"
+        );
+        let e = load_file(&c, DataFormat::Alpaca, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("chats.jsonl")
+                && e.contains("declared alpaca")
+                && e.contains("\"conversations\""),
+            "{e}"
+        );
+        let u = write(
+            d.path(),
+            "odd.json",
+            r#"[{"prompt": "x", "completion": "y"}]"#,
+        );
+        let e = load_file(&u, DataFormat::Auto, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("odd.json") && e.contains("\"prompt\""), "{e}");
     }
 
@@ -288,13 +358,24 @@ mod tests {
             "{\"conversations\": []}\n",
         );
         let p = write(d.path(), "talk.jsonl", text);
-        let e = load_file(&p, DataFormat::Auto, false).unwrap_err().to_string();
+        let e = load_file(&p, DataFormat::Auto, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("talk.jsonl: record 2 (line 3): turn 1"), "{e}");
         let l = load_file(&p, DataFormat::Auto, true).unwrap();
         assert_eq!((l.records.len(), l.skipped), (1, 2));
-        let p = write(d.path(), "talk.json", r#"[{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ["a"]}]}]"#);
-        let e = load_file(&p, DataFormat::Sharegpt, false).unwrap_err().to_string();
-        assert!(e.contains("talk.json: record 1: turn 2: \"value\" must be a string"), "{e}");
+        let p = write(
+            d.path(),
+            "talk.json",
+            r#"[{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ["a"]}]}]"#,
+        );
+        let e = load_file(&p, DataFormat::Sharegpt, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("talk.json: record 1: turn 2: \"value\" must be a string"),
+            "{e}"
+        );
     }
 
     #[test]

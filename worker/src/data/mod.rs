@@ -18,10 +18,14 @@ pub mod template;
 
 use std::path::PathBuf;
 
-pub use chat::{encode_conversation, render as render_conversation, Conversation, Message, Role, VICUNA_SYSTEM};
+pub use chat::{
+    encode_conversation, render as render_conversation, Conversation, Message, Role, VICUNA_SYSTEM,
+};
 pub use collate::{collate, Batch};
-pub use mixture::{encode_record, encode_record_with_info, load_file, load_mixture, Mixture, MixtureFile, Record};
 pub use encode::{encode_alpaca, encode_alpaca_with_info, EncodeInfo, Example, IGNORE_INDEX};
+pub use mixture::{
+    encode_record, encode_record_with_info, load_file, load_mixture, Mixture, MixtureFile, Record,
+};
 pub use order::epoch_permutation;
 pub use preview::{preview, preview_mixture, render_example, PreviewOptions};
 pub use records::{load_records, AlpacaRecord, Loaded};
@@ -87,11 +91,19 @@ pub enum DataError {
     NotAChat { at: Location, found: String },
     /// A conversation turn is malformed or out of order (`turn` is 1-based, system turn included).
     #[error("{at}: turn {turn}: {reason}")]
-    BadTurn { at: Location, turn: usize, reason: String },
+    BadTurn {
+        at: Location,
+        turn: usize,
+        reason: String,
+    },
     #[error("{path}: cannot tell the format from the first record ({found}): an Alpaca record has \"instruction\" and \"output\", a ShareGPT record has \"conversations\"; or declare `format:` in data_path")]
     UnknownFormat { path: PathBuf, found: String },
     #[error("{path}: declared {declared} but the first record does not have that shape ({found})")]
-    WrongFormat { path: PathBuf, declared: &'static str, found: String },
+    WrongFormat {
+        path: PathBuf,
+        declared: &'static str,
+        found: String,
+    },
     #[error("data_path ({files}): the weights select no examples")]
     EmptyMixture { files: String },
     #[error("{path}: no usable records ({skipped} skipped)")]

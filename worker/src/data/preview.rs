@@ -183,7 +183,11 @@ pub fn preview_mixture(tok: &Tokenizer, mix: &Mixture, opts: &PreviewOptions) ->
             f.format.as_str(),
             f.weight,
             f.records,
-            if f.skipped > 0 { format!(" ({} skipped)", f.skipped) } else { String::new() },
+            if f.skipped > 0 {
+                format!(" ({} skipped)", f.skipped)
+            } else {
+                String::new()
+            },
             f.taken
         )
         .unwrap();
@@ -193,9 +197,18 @@ pub fn preview_mixture(tok: &Tokenizer, mix: &Mixture, opts: &PreviewOptions) ->
     }
     for (fi, f) in mix.files.iter().enumerate() {
         let range = mix.file_range(fi);
-        for (k, rec) in mix.records[range.clone()].iter().take(opts.examples).enumerate() {
+        for (k, rec) in mix.records[range.clone()]
+            .iter()
+            .take(opts.examples)
+            .enumerate()
+        {
             let (ex, info) = encode_record_with_info(tok, rec, opts.max_len)?;
-            let trained = ex.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count();
+            let trained = ex
+                .labels
+                .iter()
+                .skip(1)
+                .filter(|&&l| l != IGNORE_INDEX)
+                .count();
             let kind = match rec {
                 Record::Alpaca(_) => "alpaca",
                 Record::Chat(_) => "conversation",
@@ -209,10 +222,19 @@ pub fn preview_mixture(tok: &Tokenizer, mix: &Mixture, opts: &PreviewOptions) ->
                 ex.len(),
                 info.masked,
                 trained,
-                if info.truncated(opts.max_len) { format!(", truncated from {}", info.full_len) } else { String::new() }
+                if info.truncated(opts.max_len) {
+                    format!(", truncated from {}", info.full_len)
+                } else {
+                    String::new()
+                }
             )
             .unwrap();
-            writeln!(s, "{}", render_example(tok, &ex, opts.color, opts.show_tokens)?).unwrap();
+            writeln!(
+                s,
+                "{}",
+                render_example(tok, &ex, opts.color, opts.show_tokens)?
+            )
+            .unwrap();
         }
     }
     let st = dataset_stats_records(tok, &mix.records, opts.max_len)?;
@@ -264,15 +286,32 @@ mod tests {
                 Record::Chat(Conversation::from_pairs(&[("cat", "sun"), ("sun", "cat")])),
             ],
             files: vec![
-                MixtureFile { path: "a.json".into(), format: DataFormat::Alpaca, weight: 1.0, records: 1, skipped: 0, taken: 1 },
-                MixtureFile { path: "c.jsonl".into(), format: DataFormat::Sharegpt, weight: 0.5, records: 2, skipped: 1, taken: 1 },
+                MixtureFile {
+                    path: "a.json".into(),
+                    format: DataFormat::Alpaca,
+                    weight: 1.0,
+                    records: 1,
+                    skipped: 0,
+                    taken: 1,
+                },
+                MixtureFile {
+                    path: "c.jsonl".into(),
+                    format: DataFormat::Sharegpt,
+                    weight: 0.5,
+                    records: 2,
+                    skipped: 1,
+                    taken: 1,
+                },
             ],
             skipped: 1,
             skip_reasons: vec![],
         };
         let s = preview_mixture(&t, &mix, &PreviewOptions::default()).unwrap();
         assert!(s.contains("2 examples from 2 file(s)"), "{s}");
-        assert!(s.contains("c.jsonl: sharegpt, weight 0.5, 2 records (1 skipped), 1 examples"), "{s}");
+        assert!(
+            s.contains("c.jsonl: sharegpt, weight 0.5, 2 records (1 skipped), 1 examples"),
+            "{s}"
+        );
         assert!(s.contains("(conversation)"), "{s}");
         assert!(s.contains("ASSISTANT:» sun</s>«"), "{s}");
         assert!(s.contains("examples:        2"), "{s}");

@@ -75,15 +75,32 @@ pub fn dataset_stats(
     records: &[AlpacaRecord],
     max_len: usize,
 ) -> Result<DatasetStats> {
-    stats_of(records.iter().map(|r| encode_alpaca_with_info(tok, r, max_len)), max_len)
+    stats_of(
+        records
+            .iter()
+            .map(|r| encode_alpaca_with_info(tok, r, max_len)),
+        max_len,
+    )
 }
 
 /// [`dataset_stats`] for records of either format (a mixture); "prompt" counts every untrained token.
-pub fn dataset_stats_records(tok: &Tokenizer, records: &[Record], max_len: usize) -> Result<DatasetStats> {
-    stats_of(records.iter().map(|r| encode_record_with_info(tok, r, max_len)), max_len)
+pub fn dataset_stats_records(
+    tok: &Tokenizer,
+    records: &[Record],
+    max_len: usize,
+) -> Result<DatasetStats> {
+    stats_of(
+        records
+            .iter()
+            .map(|r| encode_record_with_info(tok, r, max_len)),
+        max_len,
+    )
 }
 
-fn stats_of(encoded: impl Iterator<Item = Result<(Example, EncodeInfo)>>, max_len: usize) -> Result<DatasetStats> {
+fn stats_of(
+    encoded: impl Iterator<Item = Result<(Example, EncodeInfo)>>,
+    max_len: usize,
+) -> Result<DatasetStats> {
     let mut full = Vec::new();
     let mut source = Vec::new();
     let mut st = DatasetStats {

@@ -24,7 +24,10 @@ pub struct EvalLoss {
 }
 
 /// Sum of token NLL and counted tokens of one padded batch, without a backward graph.
-pub fn batch_loss_sum(net: &herd_model::llama::Net, batch: &crate::data::Batch) -> Result<(f64, usize)> {
+pub fn batch_loss_sum(
+    net: &herd_model::llama::Net,
+    batch: &crate::data::Batch,
+) -> Result<(f64, usize)> {
     let dev = Device::Cpu;
     let shape = (batch.batch, batch.seq_len);
     let input = Tensor::from_slice(&batch.input_ids, shape, &dev)?;
@@ -35,7 +38,12 @@ pub fn batch_loss_sum(net: &herd_model::llama::Net, batch: &crate::data::Batch) 
 }
 
 /// The eval loss of `model` on `examples` (see the module docs).
-pub fn eval_loss(model: &Llama, examples: &[Example], batch_size: usize, pad_id: u32) -> Result<EvalLoss> {
+pub fn eval_loss(
+    model: &Llama,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+) -> Result<EvalLoss> {
     let net = model.inference_net();
     let batch_size = batch_size.max(1);
     let mut out = EvalLoss::default();

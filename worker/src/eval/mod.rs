@@ -46,17 +46,33 @@ pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
             if line.trim().is_empty() {
                 continue;
             }
-            let at = Location { path: path.to_path_buf(), record: out.len() + 1, line: Some(i + 1) };
-            let v: Value = serde_json::from_str(line).map_err(|e| DataError::RecordSyntax { at, column: e.column(), message: e.to_string() })?;
+            let at = Location {
+                path: path.to_path_buf(),
+                record: out.len() + 1,
+                line: Some(i + 1),
+            };
+            let v: Value = serde_json::from_str(line).map_err(|e| DataError::RecordSyntax {
+                at,
+                column: e.column(),
+                message: e.to_string(),
+            })?;
             out.push((v, Some(i + 1)));
         }
         out
     };
     let mut records = Vec::with_capacity(values.len());
     for (i, (v, line)) in values.into_iter().enumerate() {
-        let at = Location { path: path.to_path_buf(), record: i + 1, line };
+        let at = Location {
+            path: path.to_path_buf(),
+            record: i + 1,
+            line,
+        };
         let Value::Object(fields) = v else {
-            return Err(DataError::NotAnObject { at, found: kind(&v).into() }.into());
+            return Err(DataError::NotAnObject {
+                at,
+                found: kind(&v).into(),
+            }
+            .into());
         };
         let string = |field: &'static str, optional: bool| -> Result<Option<String>> {
             match fields.get(field) {
@@ -75,11 +91,23 @@ pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
         let input = string("input", true)?;
         let output = string("output", true)?;
         let has_output = output.is_some();
-        let alpaca = AlpacaRecord { instruction, input, output: output.unwrap_or_default() };
-        records.push(RawRecord { fields, alpaca, has_output });
+        let alpaca = AlpacaRecord {
+            instruction,
+            input,
+            output: output.unwrap_or_default(),
+        };
+        records.push(RawRecord {
+            fields,
+            alpaca,
+            has_output,
+        });
     }
     if records.is_empty() {
-        return Err(DataError::Empty { path: path.to_path_buf(), skipped: 0 }.into());
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+            skipped: 0,
+        }
+        .into());
     }
     Ok(records)
 }
@@ -96,8 +124,15 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// Examples for the eval loss: every record with the prompt masked, as training encodes them.
-pub fn encode_records(tok: &Tokenizer, records: &[AlpacaRecord], max_len: usize) -> Result<Vec<Example>> {
-    Ok(records.iter().map(|r| encode_alpaca(tok, r, max_len)).collect::<std::result::Result<Vec<_>, _>>()?)
+pub fn encode_records(
+    tok: &Tokenizer,
+    records: &[AlpacaRecord],
+    max_len: usize,
+) -> Result<Vec<Example>> {
+    Ok(records
+        .iter()
+        .map(|r| encode_alpaca(tok, r, max_len))
+        .collect::<std::result::Result<Vec<_>, _>>()?)
 }
 
 /// The eval set of a job (`eval_data_path`), encoded with the training tokenizer.
@@ -144,7 +179,10 @@ pub fn score_generations(pairs: &[(String, String)]) -> GenerationScores {
     for (reference, prediction) in pairs {
         let r = rouge_l(reference, prediction).fmeasure;
         let em = exact_match(reference, prediction) as usize;
-        let b = LENGTH_BUCKETS.iter().position(|x| *x == length_bucket(reference)).unwrap();
+        let b = LENGTH_BUCKETS
+            .iter()
+            .position(|x| *x == length_bucket(reference))
+            .unwrap();
         sums[b].0 += 1;
         sums[b].1 += r;
         sums[b].2 += em;
@@ -158,7 +196,11 @@ pub fn score_generations(pairs: &[(String, String)]) -> GenerationScores {
     };
     GenerationScores {
         overall: group(pairs.len(), total_r, total_em),
-        by_reference_length: LENGTH_BUCKETS.iter().zip(&sums).map(|(name, &(n, r, em))| (name.to_string(), group(n, r, em))).collect(),
+        by_reference_length: LENGTH_BUCKETS
+            .iter()
+            .zip(&sums)
+            .map(|(name, &(n, r, em))| (name.to_string(), group(n, r, em)))
+            .collect(),
     }
 }
 

@@ -38,7 +38,11 @@ pub fn lcs_len<T: PartialEq>(a: &[T], b: &[T]) -> usize {
     let mut cur = vec![0usize; b.len() + 1];
     for x in a {
         for (j, y) in b.iter().enumerate() {
-            cur[j + 1] = if x == y { prev[j] + 1 } else { prev[j + 1].max(cur[j]) };
+            cur[j + 1] = if x == y {
+                prev[j] + 1
+            } else {
+                prev[j + 1].max(cur[j])
+            };
         }
         std::mem::swap(&mut prev, &mut cur);
     }
@@ -55,8 +59,16 @@ pub fn rouge_l(reference: &str, prediction: &str) -> RougeScore {
     let lcs = lcs_len(&r, &p) as f64;
     let precision = lcs / p.len() as f64;
     let recall = lcs / r.len() as f64;
-    let fmeasure = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
-    RougeScore { precision, recall, fmeasure }
+    let fmeasure = if precision + recall > 0.0 {
+        2.0 * precision * recall / (precision + recall)
+    } else {
+        0.0
+    };
+    RougeScore {
+        precision,
+        recall,
+        fmeasure,
+    }
 }
 
 #[cfg(test)]
@@ -65,7 +77,10 @@ mod tests {
 
     #[test]
     fn tokenizer_drops_punctuation_and_non_ascii() {
-        assert_eq!(tokenize("Hello, World! café 42"), vec!["hello", "world", "caf", "42"]);
+        assert_eq!(
+            tokenize("Hello, World! café 42"),
+            vec!["hello", "world", "caf", "42"]
+        );
         assert_eq!(tokenize("  "), Vec::<String>::new());
         assert_eq!(tokenize("\u{212A}elvin"), vec!["kelvin"]);
     }

@@ -34,7 +34,11 @@ pub struct StepStats {
 
 impl Engine {
     pub fn new(model: Llama, adam: AdamWConfig, max_grad_norm: f64) -> Self {
-        let sizes: Vec<(String, usize)> = model.trainable().iter().map(|(n, v)| (n.clone(), v.elem_count())).collect();
+        let sizes: Vec<(String, usize)> = model
+            .trainable()
+            .iter()
+            .map(|(n, v)| (n.clone(), v.elem_count()))
+            .collect();
         let mut offsets = Vec::with_capacity(sizes.len() + 1);
         let mut total = 0;
         for (_, n) in &sizes {
@@ -43,7 +47,15 @@ impl Engine {
         }
         offsets.push(total);
         let optimizer = AdamW::new(adam, &sizes);
-        Engine { model, optimizer, grad: vec![0.0; total], offsets, loss_sum: 0.0, tokens: 0, max_grad_norm }
+        Engine {
+            model,
+            optimizer,
+            grad: vec![0.0; total],
+            offsets,
+            loss_sum: 0.0,
+            tokens: 0,
+            max_grad_norm,
+        }
     }
 
     pub fn zero_grad(&mut self) {
@@ -90,8 +102,16 @@ impl Engine {
             totals = [self.loss_sum as f32, self.tokens as f32];
         }
         let global_tokens = totals[1].round() as usize;
-        let loss = if collective.world_size() > 1 { totals[0] as f64 } else { self.loss_sum };
-        let loss = if global_tokens > 0 { loss / global_tokens as f64 } else { 0.0 };
+        let loss = if collective.world_size() > 1 {
+            totals[0] as f64
+        } else {
+            self.loss_sum
+        };
+        let loss = if global_tokens > 0 {
+            loss / global_tokens as f64
+        } else {
+            0.0
+        };
         if global_tokens > 0 {
             let scale = 1.0 / global_tokens as f32;
             self.grad.iter_mut().for_each(|g| *g *= scale);
@@ -99,11 +119,21 @@ impl Engine {
         let grad_norm = clip_grad_norm(&mut self.grad, self.max_grad_norm);
         for (i, (_, var)) in self.model.trainable().iter().enumerate() {
             let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            self.optimizer.update_param(i, &mut p, &self.grad[self.offsets[i]..self.offsets[i + 1]], lr);
+            self.optimizer.update_param(
+                i,
+                &mut p,
+                &self.grad[self.offsets[i]..self.offsets[i + 1]],
+                lr,
+            );
             var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu)?)?;
         }
         self.optimizer.finish_step();
-        Ok(StepStats { loss, grad_norm, learning_rate: lr, label_tokens: global_tokens })
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            learning_rate: lr,
+            label_tokens: global_tokens,
+        })
     }
 
     /// The flat gradient after [`Engine::apply`]'s normalization and clipping (for tests).

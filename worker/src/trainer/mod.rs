@@ -42,13 +42,34 @@ pub struct RunOptions {
 /// What the loop tells its observer (progress bar, logs, a worker's reports).
 #[derive(Debug, Clone)]
 pub enum Event {
-    Started { start_step: u64, total_steps: u64, examples: usize, skipped_records: usize, parameters: usize, resumed_from: Option<PathBuf>, added_tokens: usize },
-    Step { step: u64, total_steps: u64, stats: StepStats, tokens_per_sec: f64 },
+    Started {
+        start_step: u64,
+        total_steps: u64,
+        examples: usize,
+        skipped_records: usize,
+        parameters: usize,
+        resumed_from: Option<PathBuf>,
+        added_tokens: usize,
+    },
+    Step {
+        step: u64,
+        total_steps: u64,
+        stats: StepStats,
+        tokens_per_sec: f64,
+    },
     Logged(serde_json::Value),
     /// An eval entry of the log history (`eval_loss`, `step`, `epoch`, ...), rank 0 only.
     Evaluated(serde_json::Value),
-    Saved { step: u64, path: PathBuf, rotated: Vec<u64> },
-    Finished { output_dir: PathBuf, train_loss: f64, runtime_s: f64 },
+    Saved {
+        step: u64,
+        path: PathBuf,
+        rotated: Vec<u64>,
+    },
+    Finished {
+        output_dir: PathBuf,
+        train_loss: f64,
+        runtime_s: f64,
+    },
 }
 
 pub trait Observer {
@@ -82,7 +103,10 @@ pub struct Prepared {
 /// grow the embeddings (new rows = mean of old), encode every record with the prompt masked.
 pub fn prepare(job: &JobSpec) -> Result<Prepared> {
     check_supported(job)?;
-    let tok_dir = job.tokenizer_name.as_deref().unwrap_or(&job.model_name_or_path);
+    let tok_dir = job
+        .tokenizer_name
+        .as_deref()
+        .unwrap_or(&job.model_name_or_path);
     let mut tokenizer = Tokenizer::from_dir(tok_dir)?;
     let added_tokens = tokenizer.add_missing_special_tokens();
     let mut model = Llama::load(&job.model_name_or_path)?;
@@ -90,7 +114,12 @@ pub fn prepare(job: &JobSpec) -> Result<Prepared> {
         model.resize_token_embeddings(tokenizer.len())?;
     }
     if let Some(r) = job.lora_r {
-        let cfg = herd_model::lora::LoraConfig::new(r, job.lora_alpha, job.lora_dropout, job.lora_target_modules.clone());
+        let cfg = herd_model::lora::LoraConfig::new(
+            r,
+            job.lora_alpha,
+            job.lora_dropout,
+            job.lora_target_modules.clone(),
+        );
         model.enable_lora(cfg, job.seed)?;
     }
     let loaded = load_mixture(&job.data_path, job.seed, job.skip_bad_records)?;
@@ -102,14 +131,28 @@ pub fn prepare(job: &JobSpec) -> Result<Prepared> {
         .iter()
         .map(|r| encode_record(&tokenizer, r, job.model_max_length))
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    Ok(Prepared { tokenizer, model, examples, skipped_records: loaded.skipped, added_tokens })
+    Ok(Prepared {
+        tokenizer,
+        model,
+        examples,
+        skipped_records: loaded.skipped,
+        added_tokens,
+    })
 }
 
 /// Job keys that parse but that this trainer does not implement yet are refused, never ignored.
 pub fn check_supported(job: &JobSpec) -> Result<()> {
-    let no = |key: &'static str, reason: &str| Err(crate::Error::Unsupported { key, reason: reason.into() });
+    let no = |key: &'static str, reason: &str| {
+        Err(crate::Error::Unsupported {
+            key,
+            reason: reason.into(),
+        })
+    };
     if job.lora_r.is_some() && job.lora_dropout != 0.0 {
-        return no("lora_dropout", "LoRA dropout is not in this build; use lora_dropout: 0");
+        return no(
+            "lora_dropout",
+            "LoRA dropout is not in this build; use lora_dropout: 0",
+        );
     }
     if job.task != herd_proto::Task::CausalLm {
         return no("task", "only causal_lm training is in this build");
@@ -118,7 +161,12 @@ pub fn check_supported(job: &JobSpec) -> Result<()> {
 }
 
 pub fn adam_config(job: &JobSpec) -> AdamWConfig {
-    AdamWConfig { beta1: job.adam_beta1, beta2: job.adam_beta2, eps: job.adam_epsilon, weight_decay: job.weight_decay }
+    AdamWConfig {
+        beta1: job.adam_beta1,
+        beta2: job.adam_beta2,
+        eps: job.adam_epsilon,
+        weight_decay: job.weight_decay,
+    }
 }
 
 pub fn schedule_for(job: &JobSpec, plan: &Plan) -> LrSchedule {
@@ -131,17 +179,30 @@ pub fn schedule_for(job: &JobSpec, plan: &Plan) -> LrSchedule {
 }
 
 /// Run (or resume) `job` on this rank.
-pub fn run(job: &JobSpec, opts: &RunOptions, collective: &mut dyn Collective, observer: &mut dyn Observer) -> Result<Outcome> {
+pub fn run(
+    job: &JobSpec,
+    opts: &RunOptions,
+    collective: &mut dyn Collective,
+    observer: &mut dyn Observer,
+) -> Result<Outcome> {
     let t0 = Instant::now();
     if job.bf16 || job.fp16 {
         tracing::warn!("bf16/fp16 compute needs a GPU worker; this CPU run trains in f32");
     }
     let prepared = prepare(job)?;
-    let Prepared { tokenizer, mut model, examples, skipped_records, added_tokens } = prepared;
+    let Prepared {
+        tokenizer,
+        mut model,
+        examples,
+        skipped_records,
+        added_tokens,
+    } = prepared;
     let (rank, world) = (collective.rank(), collective.world_size());
     let plan = Plan::new(job, examples.len(), world)?;
     let schedule = schedule_for(job, &plan);
-    let pad_id = tokenizer.pad_id().expect("add_missing_special_tokens guarantees a pad token");
+    let pad_id = tokenizer
+        .pad_id()
+        .expect("add_missing_special_tokens guarantees a pad token");
 
     // Resume from the newest complete checkpoint, if any.
     let mut start_step = 0;
@@ -159,7 +220,11 @@ pub fn run(job: &JobSpec, opts: &RunOptions, collective: &mut dyn Collective, ob
     }
     let parameters = model.num_parameters();
     if model.lora().is_some() {
-        tracing::info!(trainable = model.num_trainable_parameters(), total = parameters, "LoRA: only the adapters train");
+        tracing::info!(
+            trainable = model.num_trainable_parameters(),
+            total = parameters,
+            "LoRA: only the adapters train"
+        );
     }
     let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm);
     if let Some(dir) = &resumed_from {
@@ -171,9 +236,9 @@ pub fn run(job: &JobSpec, opts: &RunOptions, collective: &mut dyn Collective, ob
     // collective, where they wait for it.
     let eval_every = job.eval_steps.unwrap_or(job.logging_steps);
     let eval_examples = match (&job.eval_data_path, job.eval_strategy) {
-        (Some(path), herd_proto::EvalStrategy::Steps) if rank == 0 => {
-            Some(crate::eval::load_eval_examples(&tokenizer, path, job.model_max_length)?)
-        }
+        (Some(path), herd_proto::EvalStrategy::Steps) if rank == 0 => Some(
+            crate::eval::load_eval_examples(&tokenizer, path, job.model_max_length)?,
+        ),
         _ => None,
     };
     observer.event(&Event::Started {
@@ -186,7 +251,10 @@ pub fn run(job: &JobSpec, opts: &RunOptions, collective: &mut dyn Collective, ob
         added_tokens,
     });
 
-    let end = opts.until_step.unwrap_or(plan.total_steps).min(plan.total_steps);
+    let end = opts
+        .until_step
+        .unwrap_or(plan.total_steps)
+        .min(plan.total_steps);
     let mut perm_epoch = u64::MAX;
     let mut perm: Vec<usize> = vec![];
     let mut window_loss = 0.0;
@@ -215,14 +283,22 @@ pub fn run(job: &JobSpec, opts: &RunOptions, collective: &mut dyn Collective, ob
         }
         let stats = engine.apply(collective, schedule.lr_at(step))?;
         if !stats.loss.is_finite() {
-            return Err(crate::Error::NonFiniteLoss { step: step + 1, loss: stats.loss as f32 });
+            return Err(crate::Error::NonFiniteLoss {
+                step: step + 1,
+                loss: stats.loss as f32,
+            });
         }
         step += 1;
         ts.global_step = step;
         ts.epoch = plan.epoch_progress(step);
         ts.num_input_tokens_seen += seen_tokens as u64;
         let dt = ts_step.elapsed().as_secs_f64().max(1e-9);
-        observer.event(&Event::Step { step, total_steps: plan.total_steps, stats, tokens_per_sec: seen_tokens as f64 / dt });
+        observer.event(&Event::Step {
+            step,
+            total_steps: plan.total_steps,
+            stats,
+            tokens_per_sec: seen_tokens as f64 / dt,
+        });
         window_loss += stats.loss;
         window_steps += 1;
         if step % job.logging_steps == 0 || step == plan.total_steps {
@@ -251,8 +327,13 @@ pub fn run(job: &JobSpec, opts: &RunOptions, collective: &mut dyn Collective, ob
         let cadence = job.save_strategy == SaveStrategy::Steps && step % job.save_steps == 0;
         let range_end = step == end && step < plan.total_steps;
         if rank == 0 && (cadence || ((range_end || stop_requested) && step < plan.total_steps)) {
-            let (path, rotated) = save_checkpoint(job, &engine, &tokenizer, &schedule, &ts, step, world)?;
-            observer.event(&Event::Saved { step, path, rotated });
+            let (path, rotated) =
+                save_checkpoint(job, &engine, &tokenizer, &schedule, &ts, step, world)?;
+            observer.event(&Event::Saved {
+                step,
+                path,
+                rotated,
+            });
         }
         if stop_requested && step < plan.total_steps {
             return Ok(Outcome::Paused { step });
@@ -266,7 +347,11 @@ pub fn run(job: &JobSpec, opts: &RunOptions, collective: &mut dyn Collective, ob
         .iter()
         .filter_map(|e| e.get("loss").and_then(|l| l.as_f64()))
         .collect::<Vec<_>>();
-    let train_loss = if train_loss.is_empty() { 0.0 } else { train_loss.iter().sum::<f64>() / train_loss.len() as f64 };
+    let train_loss = if train_loss.is_empty() {
+        0.0
+    } else {
+        train_loss.iter().sum::<f64>() / train_loss.len() as f64
+    };
     let runtime = t0.elapsed().as_secs_f64();
     if rank == 0 {
         ts.log_history.push(json!({
@@ -280,12 +365,23 @@ pub fn run(job: &JobSpec, opts: &RunOptions, collective: &mut dyn Collective, ob
         }));
         save_final(job, &engine, &tokenizer, &ts)?;
     }
-    observer.event(&Event::Finished { output_dir: job.output_dir.clone(), train_loss, runtime_s: runtime });
+    observer.event(&Event::Finished {
+        output_dir: job.output_dir.clone(),
+        train_loss,
+        runtime_s: runtime,
+    });
     Ok(Outcome::Completed { steps: step })
 }
 
 /// One HF-style eval entry of the log history.
-fn evaluate(job: &JobSpec, model: &Llama, examples: &[Example], pad_id: u32, epoch: f64, step: u64) -> Result<serde_json::Value> {
+fn evaluate(
+    job: &JobSpec,
+    model: &Llama,
+    examples: &[Example],
+    pad_id: u32,
+    epoch: f64,
+    step: u64,
+) -> Result<serde_json::Value> {
     let t = Instant::now();
     let batch = job.per_device_eval_batch_size;
     let l = crate::eval::eval_loss(model, examples, batch, pad_id)?;
@@ -343,7 +439,10 @@ fn save_checkpoint(
     state::save_optimizer(&staging, &engine.optimizer)?;
     state::save_scheduler(&staging, schedule, step)?;
     ts.save(&staging)?;
-    checkpoint::write_atomic(&staging.join("training_args.yaml"), job.to_yaml().as_bytes())?;
+    checkpoint::write_atomic(
+        &staging.join("training_args.yaml"),
+        job.to_yaml().as_bytes(),
+    )?;
     let path = checkpoint::commit(&job.output_dir, &staging, step, world)?;
     let rotated = checkpoint::rotate(&job.output_dir, job.save_total_limit)?;
     tracing::info!(step, path = %path.display(), ?rotated, "checkpoint saved");
@@ -351,7 +450,12 @@ fn save_checkpoint(
 }
 
 /// The final model in HF layout (bf16 when the job trains in bf16, as HF would save it).
-fn save_final(job: &JobSpec, engine: &Engine, tokenizer: &Tokenizer, ts: &TrainerState) -> Result<()> {
+fn save_final(
+    job: &JobSpec,
+    engine: &Engine,
+    tokenizer: &Tokenizer,
+    ts: &TrainerState,
+) -> Result<()> {
     let out = &job.output_dir;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let dtype = if job.bf16 { DType::BF16 } else { DType::F32 };
@@ -368,7 +472,8 @@ fn save_weights(job: &JobSpec, model: &Llama, dir: &Path, dtype: DType) -> Resul
     if model.lora().is_none() {
         return Ok(model.save(dir, dtype)?);
     }
-    let base = std::path::absolute(&job.model_name_or_path).unwrap_or_else(|_| job.model_name_or_path.clone());
+    let base = std::path::absolute(&job.model_name_or_path)
+        .unwrap_or_else(|_| job.model_name_or_path.clone());
     Ok(model.save_adapter(dir, &base.to_string_lossy())?)
 }
 

@@ -25,7 +25,10 @@ impl Plan {
     pub fn new(job: &JobSpec, examples: usize, world_size: usize) -> Result<Self> {
         let global = job.per_device_train_batch_size * job.gradient_accumulation_steps * world_size;
         if examples < global {
-            return Err(Error::TooFewExamples { examples, global_batch: global });
+            return Err(Error::TooFewExamples {
+                examples,
+                global_batch: global,
+            });
         }
         // The last batch of an epoch may be partial (HF's dataloader keeps it too).
         let steps_per_epoch = examples.div_ceil(global) as u64;
@@ -61,7 +64,12 @@ impl Plan {
 
     /// Positions in the epoch's permutation for micro-batch `micro` of `rank` at `step`.
     /// Empty when the epoch's last, partial batch does not reach this rank's part.
-    pub fn micro_batch_positions(&self, step: u64, rank: usize, micro: usize) -> std::ops::Range<usize> {
+    pub fn micro_batch_positions(
+        &self,
+        step: u64,
+        rank: usize,
+        micro: usize,
+    ) -> std::ops::Range<usize> {
         let global = self.global_batch();
         let start = (step % self.steps_per_epoch) as usize * global;
         let end = (start + global).min(self.examples);
@@ -76,7 +84,9 @@ mod tests {
     use super::*;
 
     fn job(b: usize, k: usize, epochs: f64) -> JobSpec {
-        let mut j = JobSpec::from_yaml_str("model_name_or_path: m\ndata_path: d\noutput_dir: o\n", "t").unwrap();
+        let mut j =
+            JobSpec::from_yaml_str("model_name_or_path: m\ndata_path: d\noutput_dir: o\n", "t")
+                .unwrap();
         j.per_device_train_batch_size = b;
         j.gradient_accumulation_steps = k;
         j.num_train_epochs = epochs;
@@ -117,13 +127,21 @@ mod tests {
             assert_eq!(g, global_positions(&two, step));
         }
         // Every example exactly once per epoch, the tail included.
-        let all: Vec<usize> = (0..one.steps_per_epoch).flat_map(|s| global_positions(&one, s)).collect();
+        let all: Vec<usize> = (0..one.steps_per_epoch)
+            .flat_map(|s| global_positions(&one, s))
+            .collect();
         assert_eq!(all, (0..21).collect::<Vec<_>>());
     }
 
     #[test]
     fn too_few_examples_is_an_error() {
-        assert!(matches!(Plan::new(&job(4, 2, 1.0), 7, 1), Err(Error::TooFewExamples { examples: 7, global_batch: 8 })));
+        assert!(matches!(
+            Plan::new(&job(4, 2, 1.0), 7, 1),
+            Err(Error::TooFewExamples {
+                examples: 7,
+                global_batch: 8
+            })
+        ));
         assert!(Plan::new(&job(1, 1, 1.0), 3, 4).is_err());
     }
 }

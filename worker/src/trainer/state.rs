@@ -40,8 +40,20 @@ impl View for Flat<'_> {
 pub fn save_optimizer(dir: &Path, opt: &AdamW) -> Result<()> {
     let mut views = Vec::with_capacity(opt.states.len() * 2);
     for s in &opt.states {
-        views.push((format!("exp_avg.{}", s.name), Flat { data: &s.exp_avg, shape: [s.exp_avg.len()] }));
-        views.push((format!("exp_avg_sq.{}", s.name), Flat { data: &s.exp_avg_sq, shape: [s.exp_avg_sq.len()] }));
+        views.push((
+            format!("exp_avg.{}", s.name),
+            Flat {
+                data: &s.exp_avg,
+                shape: [s.exp_avg.len()],
+            },
+        ));
+        views.push((
+            format!("exp_avg_sq.{}", s.name),
+            Flat {
+                data: &s.exp_avg_sq,
+                shape: [s.exp_avg_sq.len()],
+            },
+        ));
     }
     let meta = HashMap::from([("step".to_string(), opt.steps.to_string())]);
     let path = dir.join(OPTIMIZER_FILE);
@@ -55,9 +67,13 @@ pub fn save_optimizer(dir: &Path, opt: &AdamW) -> Result<()> {
 /// Restore moments into an optimizer built for the same parameters (names and sizes must match).
 pub fn load_optimizer(dir: &Path, opt: &mut AdamW) -> Result<()> {
     let path = dir.join(OPTIMIZER_FILE);
-    let bad = |reason: String| Error::Checkpoint { path: path.clone(), reason };
+    let bad = |reason: String| Error::Checkpoint {
+        path: path.clone(),
+        reason,
+    };
     let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let step = meta
         .metadata()
@@ -66,11 +82,20 @@ pub fn load_optimizer(dir: &Path, opt: &mut AdamW) -> Result<()> {
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad("metadata has no step".into()))?;
     for s in &mut opt.states {
-        for (prefix, buf) in [("exp_avg", &mut s.exp_avg), ("exp_avg_sq", &mut s.exp_avg_sq)] {
+        for (prefix, buf) in [
+            ("exp_avg", &mut s.exp_avg),
+            ("exp_avg_sq", &mut s.exp_avg_sq),
+        ] {
             let name = format!("{prefix}.{}", s.name);
-            let t = st.tensor(&name).map_err(|_| bad(format!("missing tensor {name}")))?;
+            let t = st
+                .tensor(&name)
+                .map_err(|_| bad(format!("missing tensor {name}")))?;
             if t.dtype() != Dtype::F32 || t.data().len() != buf.len() * 4 {
-                return Err(bad(format!("{name} has {} bytes, expected {} f32 values", t.data().len(), buf.len())));
+                return Err(bad(format!(
+                    "{name} has {} bytes, expected {} f32 values",
+                    t.data().len(),
+                    buf.len()
+                )));
             }
             for (d, c) in buf.iter_mut().zip(t.data().chunks_exact(4)) {
                 *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -98,7 +123,10 @@ pub fn save_scheduler(dir: &Path, s: &LrSchedule, last_step: u64) -> Result<()> 
         num_training_steps: s.total_steps,
         last_step,
     };
-    write_atomic(&dir.join(SCHEDULER_FILE), &serde_json::to_vec_pretty(&st).expect("serializes"))
+    write_atomic(
+        &dir.join(SCHEDULER_FILE),
+        &serde_json::to_vec_pretty(&st).expect("serializes"),
+    )
 }
 
 /// HF's `trainer_state.json`, with the fields HF writes.
@@ -128,10 +156,16 @@ impl TrainerState {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(TRAINER_STATE_FILE);
         let text = std::fs::read(&path).map_err(io_err(&path))?;
-        serde_json::from_slice(&text).map_err(|e| Error::Checkpoint { path, reason: e.to_string() })
+        serde_json::from_slice(&text).map_err(|e| Error::Checkpoint {
+            path,
+            reason: e.to_string(),
+        })
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
-        write_atomic(&dir.join(TRAINER_STATE_FILE), &serde_json::to_vec_pretty(self).expect("serializes"))
+        write_atomic(
+            &dir.join(TRAINER_STATE_FILE),
+            &serde_json::to_vec_pretty(self).expect("serializes"),
+        )
     }
 }
