@@ -45,7 +45,9 @@ pub fn run(a: &MergeArgs) -> Result<()> {
         tok.save(&a.out)
             .with_context(|| format!("writing the tokenizer to {}", a.out.display()))?;
     }
-    let l = model.lora().expect("adapter loaded");
+    let l = model
+        .lora()
+        .context("the adapter directory held no LoRA adapter")?;
     println!(
         "merged {} (r={}, alpha={}, {:?}) into {} -> {} (vocab {})",
         a.adapter.display(),
