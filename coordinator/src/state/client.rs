@@ -1,0 +1,94 @@
+//! Core: what clients ask (submit, cancel, logs).
+use super::*;
+
+impl Core {
+    // ------------------------------------------------------------------ the client side
+
+    pub fn submit(&mut self, v: ValidatedJob) -> Result<pb::JobStatus, Status> {
+        let out = v.spec.output_dir.display().to_string();
+        if let Some(other) = self
+            .jobs
+            .values()
+            .find(|j| !is_terminal(j.rec.state) && j.rec.output_dir == out)
+        {
+            return Err(Status::failed_precondition(format!(
+                "{}: `output_dir`: {out} is the output of {} ({}), which has not ended",
+                v.source_name,
+                other.rec.id,
+                other.rec.state.as_str_name()
+            )));
+        }
+        let seq = self.next_job_seq;
+        let id = format!("job-{seq}");
+        let rec = JobRecord {
+            id: id.clone(),
+            seq,
+            state: JobState::Queued,
+            reason: "waiting to be scheduled".into(),
+            source_name: v.source_name.clone(),
+            spec_yaml: v.yaml,
+            world_size: v.spec.world_size as u32,
+            max_restarts: v.spec.max_restarts,
+            restarts: 0,
+            restart_reasons: Vec::new(),
+            attempt: 0,
+            secret: Vec::new(),
+            step: 0,
+            total_steps: 0,
+            last_metric: None,
+            last_checkpoint_step: 0,
+            last_checkpoint_path: String::new(),
+            output_dir: out,
+            submitted: unix_now(),
+            started: 0.0,
+            finished: 0.0,
+        };
+        self.db.save_job(&rec)?;
+        self.next_job_seq += 1;
+        self.jobs.insert(
+            id.clone(),
+            Job {
+                rec,
+                ranks: Vec::new(),
+            },
+        );
+        self.event(
+            &id,
+            "",
+            "submitted",
+            &format!(
+                "{} ({} records, world_size {})",
+                v.source_name, v.records, v.spec.world_size
+            ),
+        );
+        self.schedule()?;
+        self.job_status(&id)
+    }
+
+    pub fn cancel(&mut self, job_id: &str) -> Result<pb::JobStatus, Status> {
+        let state = self
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| Status::not_found(format!("no job {job_id:?}")))?
+            .rec
+            .state;
+        if is_terminal(state) {
+            return self.job_status(job_id);
+        }
+        self.end_job(job_id, JobState::Cancelled, "cancelled by a client".into())?;
+        self.schedule()?;
+        self.job_status(job_id)
+    }
+
+    pub fn logs(&self, job_id: &str, rank: u32, max_lines: u32) -> Result<Vec<String>, Status> {
+        if !self.jobs.contains_key(job_id) {
+            return Err(Status::not_found(format!("no job {job_id:?}")));
+        }
+        let n = if max_lines == 0 {
+            DEFAULT_LOG_LINES
+        } else {
+            max_lines as usize
+        };
+        Ok(self.db.log_tail(job_id, rank, n)?)
+    }
+}
