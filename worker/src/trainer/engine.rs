@@ -94,21 +94,17 @@ impl Engine {
 
     /// Sum across ranks, normalize by the global token count, clip, and apply AdamW at `lr`.
     pub fn apply(&mut self, collective: &mut dyn Collective, lr: f64) -> Result<StepStats> {
-        let mut totals = [self.loss_sum as f32, self.tokens as f32];
-        if collective.world_size() > 1 {
+        // One rank: the local sums are the global ones (and the loss keeps its f64 sum).
+        let (loss_sum, global_tokens) = if collective.world_size() > 1 {
+            let mut totals = [self.loss_sum as f32, self.tokens as f32];
             collective.all_reduce_sum(&mut self.grad)?;
             collective.all_reduce_sum(&mut totals)?;
+            (totals[0] as f64, totals[1].round() as usize)
         } else {
-            totals = [self.loss_sum as f32, self.tokens as f32];
-        }
-        let global_tokens = totals[1].round() as usize;
-        let loss = if collective.world_size() > 1 {
-            totals[0] as f64
-        } else {
-            self.loss_sum
+            (self.loss_sum, self.tokens)
         };
         let loss = if global_tokens > 0 {
-            loss / global_tokens as f64
+            loss_sum / global_tokens as f64
         } else {
             0.0
         };
@@ -134,10 +130,5 @@ impl Engine {
             learning_rate: lr,
             label_tokens: global_tokens,
         })
-    }
-
-    /// The flat gradient after [`Engine::apply`]'s normalization and clipping (for tests).
-    pub fn grad_of(&self, i: usize) -> &[f32] {
-        &self.grad[self.offsets[i]..self.offsets[i + 1]]
     }
 }

@@ -476,8 +476,3 @@ fn save_weights(job: &JobSpec, model: &Llama, dir: &Path, dtype: DType) -> Resul
         .unwrap_or_else(|_| job.model_name_or_path.clone());
     Ok(model.save_adapter(dir, &base.to_string_lossy())?)
 }
-
-/// Path helper for callers that want the final model of a job.
-pub fn final_model_dir(job: &JobSpec) -> &Path {
-    &job.output_dir
-}
