@@ -20,13 +20,13 @@ pub struct SamplingArgs {
     pub temperature: f64,
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f64,
-    /// Sampling seed (record i uses seed + i, so results do not depend on the batch size).
+    /// Sampling seed (with several records, record i uses seed + i, whatever the batch size).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
 impl SamplingArgs {
-    fn options(&self, i: usize) -> GenerateOptions {
+    pub fn options(&self, i: usize) -> GenerateOptions {
         GenerateOptions {
             max_new_tokens: self.max_new_tokens,
             temperature: self.temperature,

@@ -18,15 +18,8 @@ pub struct GenerateArgs {
     /// Optional input (context) for the instruction.
     #[arg(long)]
     pub input: Option<String>,
-    #[arg(long, default_value_t = 128)]
-    pub max_new_tokens: usize,
-    /// 0 = greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    #[arg(long, default_value_t = 1.0)]
-    pub top_p: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: super::eval::SamplingArgs,
 }
 
 /// A model and its tokenizer, loaded for inference.
@@ -54,12 +47,7 @@ impl Generator {
 
 pub fn run(a: &GenerateArgs) -> Result<()> {
     let g = Generator::load(&a.model)?;
-    let opts = GenerateOptions {
-        max_new_tokens: a.max_new_tokens,
-        temperature: a.temperature,
-        top_p: a.top_p,
-        seed: a.seed,
-    };
+    let opts = a.sampling.options(0);
     let ask = |instruction: String| -> Result<()> {
         let rec = AlpacaRecord {
             instruction,
