@@ -15,6 +15,7 @@ use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::init::SplitMix64;
 use crate::lora::{self, Lora, LoraConfig};
+use crate::mlp::LoraPath;
 use crate::mlp::{Linear, Mlp};
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
@@ -69,7 +70,7 @@ impl Net {
         let linear = |p: &str, bias: bool| {
             let l = Linear::new(get(&format!("{p}.weight")), opt(format!("{p}.bias"), bias));
             match adapter(p) {
-                Some((a, b, scale)) => l.with_lora(a, b, scale),
+                Some(path) => l.with_lora(path),
                 None => l,
             }
         };
@@ -189,8 +190,8 @@ pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
-/// Looks up the LoRA (A, B, scale) of a module path such as `model.layers.0.self_attn.q_proj`.
-type Adapter<'a> = dyn Fn(&str) -> Option<(Tensor, Tensor, f64)> + 'a;
+/// Looks up the LoRA adapter of a module path such as `model.layers.0.self_attn.q_proj`.
+type Adapter<'a> = dyn Fn(&str) -> Option<LoraPath> + 'a;
 
 pub struct Llama {
     cfg: LlamaConfig,
@@ -369,6 +370,19 @@ impl Llama {
         self.lora.as_ref()
     }
 
+    /// Whether training forwards drop adapter inputs (LoRA with lora_dropout > 0).
+    pub fn has_lora_dropout(&self) -> bool {
+        self.lora.as_ref().is_some_and(|l| l.config.dropout > 0.0)
+    }
+
+    /// Turns LoRA dropout on for the next training forwards, one key per batch row (see
+    /// [`lora::dropout_row_key`]), or off with None. No effect without LoRA dropout.
+    pub fn set_lora_dropout_keys(&self, keys: Option<Vec<u64>>) {
+        if let Some(l) = &self.lora {
+            l.dropout_keys.set(keys);
+        }
+    }
+
     /// The parameters that get gradients and optimizer state: the adapters with LoRA, else all.
     pub fn trainable(&self) -> &[(String, Var)] {
         match &self.lora {
@@ -468,7 +482,11 @@ impl Llama {
         if let Some(name) = tensors.into_keys().next() {
             return Err(Error::UnexpectedTensor { path, name });
         }
-        self.lora = Some(Lora { config, vars });
+        self.lora = Some(Lora {
+            config,
+            vars,
+            dropout_keys: Default::default(),
+        });
         self.rebuild();
         Ok(())
     }
@@ -543,10 +561,16 @@ fn build_net(
     };
     // With LoRA the base is always detached: frozen, no gradient computed for it.
     let base_detached = detached || lora.is_some();
+    // Dropout only in the training net: inference (detached) is eval mode.
     let adapter = |p: &str| {
         let l = lora?;
         let (a, b) = l.get(p)?;
-        Some((take(a, detached), take(b, detached), l.config.scale()))
+        Some(LoraPath {
+            a: take(a, detached),
+            b: take(b, detached),
+            scale: l.config.scale(),
+            dropout: if detached { None } else { l.dropout_for(p) },
+        })
     };
     Net::build(
         cfg,

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use candle_core::{Device, Tensor, Var};
 use serde_json::{json, Value};
@@ -229,6 +230,8 @@ pub fn module_dims(cfg: &LlamaConfig, module: &str) -> (usize, usize) {
 pub struct Lora {
     pub config: LoraConfig,
     pub vars: Vec<(String, Var)>,
+    /// Shared with every adapted `Linear` of the training net (see [`LoraDropout`]).
+    pub dropout_keys: DropoutKeys,
 }
 
 impl Lora {
@@ -266,7 +269,20 @@ impl Lora {
                 Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu)?)?,
             ));
         }
-        Ok(Self { config, vars })
+        Ok(Self {
+            config,
+            vars,
+            dropout_keys: DropoutKeys::default(),
+        })
+    }
+
+    /// The dropout of module `module_path` in the training net; None when lora_dropout is 0.
+    pub fn dropout_for(&self, module_path: &str) -> Option<LoraDropout> {
+        (self.config.dropout > 0.0).then(|| LoraDropout {
+            p: self.config.dropout,
+            module: fnv1a(module_path.as_bytes()),
+            keys: self.dropout_keys.clone(),
+        })
     }
 
     /// (A, B) of the module at `module_path`, if targeted.
@@ -309,4 +325,162 @@ pub(crate) fn embed_names(tied: bool) -> Vec<(&'static str, String)> {
 
 pub(crate) fn read_adapter_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     crate::weights::load_file(&dir.join(ADAPTER_WEIGHTS))
+}
+
+/// One key per batch row for the dropout masks of the next training forward; unset (None)
+/// means dropout is the identity, as in eval mode. Shared by all adapted modules of a net.
+#[derive(Debug, Clone, Default)]
+pub struct DropoutKeys(Arc<RwLock<Option<Vec<u64>>>>);
+
+impl DropoutKeys {
+    pub fn set(&self, keys: Option<Vec<u64>>) {
+        // A poisoned lock only means another thread panicked mid-write of a Vec; take it over.
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = keys;
+    }
+
+    fn get(&self) -> Option<Vec<u64>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The key of a training row: (seed, optimizer step, the row's real tokens). Keying masks by what
+/// a row *is*, not where it sits, makes them independent of batch layout, padding, rank count and
+/// resume, so herd's determinism guarantees survive dropout (torch's RNG stream cannot be
+/// reproduced anyway; PEFT parity for lora_dropout > 0 is in distribution, not in values).
+pub fn dropout_row_key(seed: u64, step: u64, tokens: &[u32]) -> u64 {
+    let mut h = mix(seed, step);
+    for &t in tokens {
+        h = mix(h, t as u64);
+    }
+    mix(h, tokens.len() as u64)
+}
+
+/// PEFT's `lora_dropout` on the adapter input only: y = x W^T + (drop(x) A^T) B^T · scale, with
+/// inverted dropout (kept values scaled by 1 / (1 - p)) like `nn.Dropout` in train mode.
+#[derive(Debug, Clone)]
+pub struct LoraDropout {
+    p: f64,
+    /// Hash of the module path, so each module draws its own mask.
+    module: u64,
+    keys: DropoutKeys,
+}
+
+impl LoraDropout {
+    /// The multiplicative mask [b * t, d] for an input [b, t, d] (0 or 1 / (1 - p)), or None
+    /// when no training keys are set. Element (row, pos, i) depends only on (key of row, module,
+    /// pos, i).
+    pub fn mask(&self, b: usize, t: usize, d: usize, device: &Device) -> Result<Option<Tensor>> {
+        let Some(keys) = self.keys.get() else {
+            return Ok(None);
+        };
+        if keys.len() != b {
+            return Err(Error::InvalidArgument(format!(
+                "lora dropout: {} row keys set for a batch of {b} rows",
+                keys.len()
+            )));
+        }
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let mut values = Vec::with_capacity(b * t * d);
+        for key in keys {
+            let row = mix(key, self.module);
+            for pos in 0..t {
+                let mut rng = SplitMix64::new(mix(row, pos as u64));
+                values.extend((0..d).map(|_| if rng.next_f64() < self.p { 0.0 } else { keep }));
+            }
+        }
+        Ok(Some(Tensor::from_vec(values, (b * t, d), device)?))
+    }
+}
+
+/// Two words into one well-mixed word (a SplitMix64 step of their combination).
+fn mix(a: u64, b: u64) -> u64 {
+    SplitMix64::new(a ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03)).next_u64()
+}
+
+/// FNV-1a, 64-bit: a stable hash of a module path (std's hasher may change between releases).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xCBF2_9CE4_8422_2325, |h, &c| {
+        (h ^ c as u64).wrapping_mul(0x0000_0100_0000_01B3)
+    })
+}
+
+#[cfg(test)]
+mod dropout_tests {
+    use super::*;
+
+    fn dropout(p: f64, module: &str, keys: &DropoutKeys) -> LoraDropout {
+        LoraDropout {
+            p,
+            module: fnv1a(module.as_bytes()),
+            keys: keys.clone(),
+        }
+    }
+
+    fn values(m: Option<Tensor>) -> Vec<f32> {
+        m.expect("keys are set")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn identity_without_keys() {
+        let keys = DropoutKeys::default();
+        let d = dropout(0.5, "m", &keys);
+        assert!(d.mask(2, 3, 4, &Device::Cpu).unwrap().is_none());
+        keys.set(Some(vec![1, 2]));
+        assert!(d.mask(2, 3, 4, &Device::Cpu).unwrap().is_some());
+        keys.set(None);
+        assert!(d.mask(2, 3, 4, &Device::Cpu).unwrap().is_none());
+    }
+
+    #[test]
+    fn inverted_dropout_rate_and_scale() {
+        let keys = DropoutKeys::default();
+        keys.set(Some(vec![11, 12, 13, 14]));
+        let v = values(
+            dropout(0.1, "m", &keys)
+                .mask(4, 50, 100, &Device::Cpu)
+                .unwrap(),
+        );
+        let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / v.len() as f64;
+        assert!((dropped - 0.1).abs() < 0.01, "dropped fraction {dropped}");
+        let keep = (1.0 / 0.9) as f32;
+        assert!(v.iter().all(|&x| x == 0.0 || x == keep));
+    }
+
+    #[test]
+    fn masks_follow_row_keys_not_row_positions() {
+        let keys = DropoutKeys::default();
+        let d = dropout(0.5, "model.layers.0.self_attn.q_proj", &keys);
+        keys.set(Some(vec![7, 9]));
+        let a = values(d.mask(2, 3, 8, &Device::Cpu).unwrap());
+        keys.set(Some(vec![9, 7]));
+        let b = values(d.mask(2, 3, 8, &Device::Cpu).unwrap());
+        assert_eq!(a[..24], b[24..]);
+        assert_eq!(a[24..], b[..24]);
+        // A shorter (less padded) row keeps the masks of its first positions.
+        keys.set(Some(vec![7]));
+        let c = values(d.mask(1, 2, 8, &Device::Cpu).unwrap());
+        assert_eq!(c[..], a[..16]);
+        // Another module draws another mask; wrong key count is an error.
+        let other = dropout(0.5, "model.layers.0.self_attn.v_proj", &keys);
+        assert_ne!(values(other.mask(1, 2, 8, &Device::Cpu).unwrap()), c);
+        assert!(d.mask(3, 2, 8, &Device::Cpu).is_err());
+    }
+
+    #[test]
+    fn row_keys_depend_on_seed_step_and_tokens() {
+        let k = dropout_row_key(1, 5, &[3, 4]);
+        assert_eq!(k, dropout_row_key(1, 5, &[3, 4]));
+        for other in [
+            dropout_row_key(2, 5, &[3, 4]),
+            dropout_row_key(1, 6, &[3, 4]),
+            dropout_row_key(1, 5, &[4, 3]),
+            dropout_row_key(1, 5, &[3, 4, 0]),
+        ] {
+            assert_ne!(k, other);
+        }
+    }
 }

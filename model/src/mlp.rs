@@ -3,14 +3,26 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
+use crate::lora::LoraDropout;
 
 /// y = x W^T (+ b), W: [out, in] as in torch.nn.Linear; with a LoRA adapter (PEFT's
-/// `lora.Linear`, dropout 0) y += (x A^T) B^T * scale.
+/// `lora.Linear`) y += (dropout(x) A^T) B^T * scale.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
-    lora: Option<(Tensor, Tensor, f64)>, // A [r, in], B [out, r], scale = alpha / r
+    lora: Option<LoraPath>,
+}
+
+/// The adapter branch of a LoRA `Linear`.
+#[derive(Debug, Clone)]
+pub struct LoraPath {
+    pub a: Tensor, // [r, in]
+    pub b: Tensor, // [out, r]
+    /// alpha / r (alpha / sqrt(r) with rsLoRA).
+    pub scale: f64,
+    /// None when lora_dropout is 0 or in inference nets.
+    pub dropout: Option<LoraDropout>,
 }
 
 impl Linear {
@@ -22,8 +34,8 @@ impl Linear {
         }
     }
 
-    pub fn with_lora(mut self, a: Tensor, b: Tensor, scale: f64) -> Self {
-        self.lora = Some((a, b, scale));
+    pub fn with_lora(mut self, path: LoraPath) -> Self {
+        self.lora = Some(path);
         self
     }
 
@@ -44,7 +56,17 @@ impl Linear {
             None => y,
         };
         let y = match &self.lora {
-            Some((a, bm, scale)) => (y + (x2.matmul(&a.t()?)?.matmul(&bm.t()?)? * *scale)?)?,
+            Some(l) => {
+                let mask = match &l.dropout {
+                    Some(d) => d.mask(b, t, d_in, x.device())?,
+                    None => None,
+                };
+                let xa = match mask {
+                    Some(m) => (&x2 * m)?,
+                    None => x2.clone(),
+                };
+                (y + (xa.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?
+            }
             None => y,
         };
         Ok(y.reshape((b, t, ()))?)

@@ -183,3 +183,45 @@ fn fresh_adapter_is_peft_init_and_identity() {
         .validate()
         .is_err());
 }
+
+/// lora_dropout in the model: the PEFT fixture adapter with dropout 0.5 gives PEFT's eval-mode
+/// logits while no keys are set (and always in the inference net); with row keys set, the adapter
+/// input is dropped, so logits move, identically for the same keys.
+#[test]
+fn dropout_acts_only_while_training_keys_are_set() {
+    let eval = peft_model();
+    // The same adapter values under a config with dropout 0.5.
+    let mut model = peft_model();
+    let mut cfg = eval.lora().unwrap().config.clone();
+    cfg.dropout = 0.5;
+    model.enable_lora(cfg, 0).unwrap();
+    for ((_, dst), (_, src)) in model
+        .lora()
+        .unwrap()
+        .vars
+        .iter()
+        .zip(&eval.lora().unwrap().vars)
+    {
+        dst.set(src.as_tensor()).unwrap();
+    }
+    assert!(model.has_lora_dropout());
+
+    let ids = Tensor::new(&[[1u32, 5, 9, 30], [2, 6, 10, 31]], &Device::Cpu).unwrap();
+    let reference = eval.forward(&ids).unwrap();
+    assert!(common::max_abs_diff(&model.forward(&ids).unwrap(), &reference) < 1e-6);
+
+    model.set_lora_dropout_keys(Some(vec![1, 2]));
+    let dropped = model.forward(&ids).unwrap();
+    assert!(
+        common::max_abs_diff(&dropped, &reference) > 1e-4,
+        "dropout had no effect"
+    );
+    assert_eq!(
+        common::max_abs_diff(&model.forward(&ids).unwrap(), &dropped),
+        0.0
+    );
+    let net = model.inference_net();
+    assert!(common::max_abs_diff(&net.forward(&ids, None).unwrap(), &reference) < 1e-6);
+    model.set_lora_dropout_keys(None);
+    assert!(common::max_abs_diff(&model.forward(&ids).unwrap(), &reference) < 1e-6);
+}

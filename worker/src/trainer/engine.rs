@@ -7,6 +7,7 @@ use crate::data::collate::Batch;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::Result;
 use candle_core::{Device, Tensor};
+use herd_model::lora::dropout_row_key;
 use herd_model::{loss::causal_lm_loss_sum, Llama};
 
 pub struct Engine {
@@ -19,6 +20,8 @@ pub struct Engine {
     loss_sum: f64,
     tokens: usize,
     max_grad_norm: f64,
+    /// Salts the LoRA dropout masks (the job seed); see `herd_model::lora::dropout_row_key`.
+    pub dropout_seed: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,6 +58,7 @@ impl Engine {
             loss_sum: 0.0,
             tokens: 0,
             max_grad_norm,
+            dropout_seed: 0,
         }
     }
 
@@ -67,6 +71,28 @@ impl Engine {
     /// Forward and backward one micro-batch, adding d(sum of token NLL)/dθ into the buffer.
     /// Returns (loss sum, counted tokens) of this micro-batch.
     pub fn accumulate(&mut self, batch: &Batch) -> Result<(f64, usize)> {
+        if self.model.has_lora_dropout() {
+            let keys = (0..batch.batch)
+                .map(|i| {
+                    let mask = &batch.attention_mask[i * batch.seq_len..(i + 1) * batch.seq_len];
+                    let tokens: Vec<u32> = batch
+                        .row(i)
+                        .iter()
+                        .zip(mask)
+                        .filter(|(_, &m)| m == 1)
+                        .map(|(&t, _)| t)
+                        .collect();
+                    dropout_row_key(self.dropout_seed, self.optimizer.steps, &tokens)
+                })
+                .collect();
+            self.model.set_lora_dropout_keys(Some(keys));
+        }
+        let result = self.forward_backward(batch);
+        self.model.set_lora_dropout_keys(None);
+        result
+    }
+
+    fn forward_backward(&mut self, batch: &Batch) -> Result<(f64, usize)> {
         let dev = Device::Cpu;
         let shape = (batch.batch, batch.seq_len);
         let input = Tensor::from_vec(batch.input_ids.clone(), shape, &dev)?;

@@ -148,12 +148,6 @@ pub fn check_supported(job: &JobSpec) -> Result<()> {
             reason: reason.into(),
         })
     };
-    if job.lora_r.is_some() && job.lora_dropout != 0.0 {
-        return no(
-            "lora_dropout",
-            "LoRA dropout is not in this build; use lora_dropout: 0",
-        );
-    }
     if job.task != herd_proto::Task::CausalLm {
         return no("task", "only causal_lm training is in this build");
     }
@@ -227,6 +221,7 @@ pub fn run(
         );
     }
     let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm);
+    engine.dropout_seed = job.seed;
     if let Some(dir) = &resumed_from {
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
