@@ -97,7 +97,11 @@ fn a_coordinator_restart_loses_no_job_and_the_running_job_finishes() {
     let _w1 = start_worker(ws.path(), &addr, &state, "w1");
     let job = ws.job("job.yaml", "out", &format!("{STEPS}world_size: 2\n"));
     let id = submit(&ws, &addr, &state, &job);
-    let queued = ws.job("later.yaml", "later", "max_steps: 2\nworld_size: 2\n");
+    let queued = ws.job(
+        "later.yaml",
+        "later",
+        "max_steps: 2\nworld_size: 2\neval_strategy: steps\neval_steps: 1\neval_data_path: small.json\n",
+    );
     let later = submit(&ws, &addr, &state, &queued);
     let out = ws.path().join("out");
     wait_until("the first checkpoint", Duration::from_secs(60), || {
@@ -114,6 +118,27 @@ fn a_coordinator_restart_loses_no_job_and_the_running_job_finishes() {
     assert_eq!(st["state"], "SUCCEEDED", "{st}");
     let st2 = watch_to_end(&ws, &addr, &state, &later);
     assert_eq!(st2["state"], "SUCCEEDED", "{st2}");
+    // The status carries the newest evaluation, the trainer's last eval entry.
+    let history = trainer_state(&ws.path().join("later"))["log_history"].clone();
+    let last_eval = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e.get("eval_loss").is_some())
+        .expect("eval entries in the log history")
+        .clone();
+    assert_eq!(st2["last_eval"]["step"], last_eval["step"], "{st2}");
+    let (a, b) = (
+        st2["last_eval"]["values"]["eval_loss"].as_f64().unwrap(),
+        last_eval["eval_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-9 * b.abs(), "{a} vs {b}");
+    let text = String::from_utf8_lossy(
+        &run_ok(&mut client(ws.path(), &addr, &state, &["status", &later])).stdout,
+    )
+    .into_owned();
+    assert!(text.contains("eval at step 2: eval_loss"), "{text}");
     let reference = reference(&ws, "reference");
     assert_weights_close(
         &out.join("model.safetensors"),

@@ -12,7 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use crate::error::{Error, Result};
 
 pub const DB_FILE_NAME: &str = "herd.db";
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     step INTEGER NOT NULL,
     total_steps INTEGER NOT NULL,
     last_metric TEXT,
+    last_eval TEXT,
     last_checkpoint_step INTEGER NOT NULL,
     last_checkpoint_path TEXT NOT NULL,
     output_dir TEXT NOT NULL,
@@ -125,6 +126,8 @@ pub struct JobRecord {
     pub step: u64,
     pub total_steps: u64,
     pub last_metric: Option<pb::Metric>,
+    /// The newest evaluation during training (eval_strategy: steps).
+    pub last_eval: Option<pb::EvalMetric>,
     pub last_checkpoint_step: u64,
     pub last_checkpoint_path: String,
     pub output_dir: String,
@@ -205,6 +208,19 @@ fn metric_to_json(m: &pb::Metric) -> String {
     .to_string()
 }
 
+fn eval_to_json(e: &pb::EvalMetric) -> String {
+    serde_json::json!({ "step": e.step, "epoch": e.epoch, "values": e.values }).to_string()
+}
+
+fn eval_from_json(s: &str) -> Option<pb::EvalMetric> {
+    let v: serde_json::Value = serde_json::from_str(s).ok()?;
+    Some(pb::EvalMetric {
+        step: v.get("step")?.as_u64()?,
+        epoch: v.get("epoch")?.as_f64()?,
+        values: serde_json::from_value(v.get("values")?.clone()).ok()?,
+    })
+}
+
 fn metric_from_json(s: &str) -> Option<pb::Metric> {
     let v: serde_json::Value = serde_json::from_str(s).ok()?;
     let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
@@ -263,6 +279,14 @@ impl Db {
                 .map_err(ctx)?;
             }
             Some(v) if v == SCHEMA_VERSION.to_string() => {}
+            // Version 1 had no last_eval column; nothing else changed.
+            Some(v) if v == "1" => {
+                conn.execute_batch(
+                    "BEGIN; ALTER TABLE jobs ADD COLUMN last_eval TEXT;
+                     UPDATE meta SET value = '2' WHERE key = 'schema_version'; COMMIT;",
+                )
+                .map_err(ctx)?;
+            }
             Some(v) => {
                 return Err(Error::Schema {
                     path: path.to_path_buf(),
@@ -294,8 +318,8 @@ impl Db {
             .execute(
                 "INSERT OR REPLACE INTO jobs (id, seq, state, reason, source_name, spec_yaml, world_size,
                  max_restarts, restarts, restart_reasons, attempt, secret, step, total_steps, last_metric,
-                 last_checkpoint_step, last_checkpoint_path, output_dir, submitted, started, finished)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+                 last_checkpoint_step, last_checkpoint_path, output_dir, submitted, started, finished, last_eval)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
                 params![
                     j.id,
                     j.seq as i64,
@@ -318,6 +342,7 @@ impl Db {
                     j.submitted,
                     j.started,
                     j.finished,
+                    j.last_eval.as_ref().map(eval_to_json),
                 ],
             )
             .map_err(self.ctx())?;
@@ -548,7 +573,7 @@ impl Db {
                 .prepare(
                     "SELECT id, seq, state, reason, source_name, spec_yaml, world_size, max_restarts, restarts,
                      restart_reasons, attempt, secret, step, total_steps, last_metric, last_checkpoint_step,
-                     last_checkpoint_path, output_dir, submitted, started, finished FROM jobs ORDER BY seq",
+                     last_checkpoint_path, output_dir, submitted, started, finished, last_eval FROM jobs ORDER BY seq",
                 )
                 .map_err(self.ctx())?;
             let rows = st
@@ -572,6 +597,10 @@ impl Db {
                         step: r.get::<_, i64>(12)? as u64,
                         total_steps: r.get::<_, i64>(13)? as u64,
                         last_metric: metric.as_deref().and_then(metric_from_json),
+                        last_eval: r
+                            .get::<_, Option<String>>(21)?
+                            .as_deref()
+                            .and_then(eval_from_json),
                         last_checkpoint_step: r.get::<_, i64>(15)? as u64,
                         last_checkpoint_path: r.get(16)?,
                         output_dir: r.get(17)?,
@@ -673,6 +702,11 @@ mod tests {
                 grad_norm: 0.7,
                 tokens_per_sec: 1234.0,
                 unix_time: 1.7e9,
+            }),
+            last_eval: Some(pb::EvalMetric {
+                step: 40,
+                epoch: 0.4,
+                values: [("eval_loss".to_string(), 1.75)].into(),
             }),
             last_checkpoint_step: 30,
             last_checkpoint_path: "/out/checkpoint-30".into(),
@@ -779,5 +813,38 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode.to_lowercase(), "wal");
+    }
+
+    /// A state dir written by a version-1 coordinator (no last_eval column) opens, gains the
+    /// column, and keeps its jobs.
+    #[test]
+    fn version_1_database_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = job("job-1", 1);
+        j.last_eval = None;
+        {
+            let db = Db::open_in(dir.path()).unwrap();
+            db.save_job(&j).unwrap();
+            db.conn
+                .execute_batch(
+                    "ALTER TABLE jobs DROP COLUMN last_eval;
+                     UPDATE meta SET value = '1' WHERE key = 'schema_version';",
+                )
+                .unwrap();
+        }
+        let db = Db::open_in(dir.path()).unwrap();
+        assert_eq!(db.load().unwrap().jobs, vec![j.clone()]);
+        j.last_eval = job("job-1", 1).last_eval;
+        db.save_job(&j).unwrap();
+        assert_eq!(db.load().unwrap().jobs, vec![j]);
+        let v: String = db
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(v, "2");
     }
 }

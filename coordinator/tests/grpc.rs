@@ -378,6 +378,7 @@ async fn fake_worker_runs_a_job_to_success() {
         total_steps: 10,
         metric: Some(metric),
         log_lines: vec!["step 5 loss 2.5".into(), "hello".into()],
+        eval: None,
     })
     .await
     .unwrap();
@@ -653,6 +654,7 @@ async fn coordinator_restart_keeps_jobs_and_running_ranks() {
                 ..Default::default()
             }),
             log_lines: vec!["before the restart".into()],
+            eval: None,
         })
         .await
         .unwrap();

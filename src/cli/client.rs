@@ -210,6 +210,18 @@ pub fn render_status(st: &pb::JobStatus, now: f64) -> String {
     for (i, r) in st.restart_reasons.iter().enumerate() {
         out.push_str(&format!("  restart {}: {r}\n", i + 1));
     }
+    if let Some(e) = &st.last_eval {
+        let values: Vec<String> = e
+            .values
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.4}"))
+            .collect();
+        out.push_str(&format!(
+            "  eval at step {}: {}\n",
+            e.step,
+            values.join("  ")
+        ));
+    }
     if st.last_checkpoint_step > 0 {
         out.push_str(&format!(
             "  last checkpoint: step {}\n",
@@ -249,6 +261,9 @@ pub fn status_json(st: &pb::JobStatus) -> serde_json::Value {
             "heartbeat_age_s": r.heartbeat_age_s,
         })).collect::<Vec<_>>(),
         "last_metric": m,
+        "last_eval": st.last_eval.as_ref().map(|e| serde_json::json!({
+            "step": e.step, "epoch": e.epoch, "values": e.values,
+        })),
         "last_checkpoint_step": st.last_checkpoint_step,
         "output_dir": st.output_dir,
         "submitted_unix": st.submitted_unix,

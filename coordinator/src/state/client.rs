@@ -36,6 +36,7 @@ impl Core {
             step: 0,
             total_steps: 0,
             last_metric: None,
+            last_eval: None,
             last_checkpoint_step: 0,
             last_checkpoint_path: String::new(),
             output_dir: out,

@@ -218,6 +218,7 @@ impl Core {
             restart_reasons: r.restart_reasons.clone(),
             ranks,
             last_metric: r.last_metric,
+            last_eval: r.last_eval.clone(),
             last_checkpoint_step: r.last_checkpoint_step,
             output_dir: r.output_dir.clone(),
             submitted_unix: r.submitted,

@@ -257,6 +257,9 @@ impl Core {
             job.rec.step = m.step;
             job.rec.last_metric = Some(*m);
         }
+        if current && req.rank == 0 && job.rec.state == JobState::Running && req.eval.is_some() {
+            job.rec.last_eval = req.eval;
+        }
         let attempt = job.rec.attempt;
         self.db.add_log_lines(
             &req.job_id,

@@ -132,6 +132,7 @@ fn run_rank(
         tail: VecDeque::new(),
     });
     let progress = |total_steps: u64, metric: Option<pb::Metric>| pb::ProgressReport {
+        eval: None,
         worker_id: ctx.worker_id.clone(),
         job_id: a.job_id.clone(),
         attempt: a.attempt,
@@ -237,7 +238,12 @@ fn run_rank(
                     };
                     let _ = reports.send(Report::Progress(progress(total_steps, Some(metric))));
                 }
-                Event::Evaluated(entry) => lines.borrow_mut().push(entry.to_string()),
+                Event::Evaluated(entry) => {
+                    lines.borrow_mut().push(entry.to_string());
+                    let mut report = progress(total_steps, None);
+                    report.eval = Some(eval_metric(entry));
+                    let _ = reports.send(Report::Progress(report));
+                }
                 Event::Saved {
                     step: s,
                     path,
@@ -362,5 +368,23 @@ mod tests {
         assert!(peers_from(&["nope".to_string()], 1)
             .unwrap_err()
             .contains("rank 0"));
+    }
+}
+
+/// The numbers of an HF eval log entry (`eval_loss`, `eval_accuracy`, ...), without the timings.
+fn eval_metric(entry: &serde_json::Value) -> pb::EvalMetric {
+    let values = entry
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| {
+            k.starts_with("eval_") && k.as_str() != "eval_runtime" && !k.ends_with("_per_second")
+        })
+        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+        .collect();
+    pb::EvalMetric {
+        step: entry.get("step").and_then(|v| v.as_u64()).unwrap_or(0),
+        epoch: entry.get("epoch").and_then(|v| v.as_f64()).unwrap_or(0.0),
+        values,
     }
 }

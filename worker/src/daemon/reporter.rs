@@ -41,6 +41,9 @@ pub(super) fn merge(prev: &mut Report, next: Report) -> Option<Report> {
             if n.metric.is_some() {
                 p.metric = n.metric;
             }
+            if n.eval.is_some() {
+                p.eval = n.eval;
+            }
             None
         }
         (_, n) => Some(n),
