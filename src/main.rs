@@ -91,6 +91,12 @@ enum Cmd {
         #[command(flatten)]
         client: cli::client::ClientArgs,
     },
+    /// What happened to a job: state changes, restarts and why (no job: the workers' events).
+    Events {
+        job: Option<String>,
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+    },
     /// The last log lines of a job's rank.
     Logs {
         job: String,
@@ -165,6 +171,7 @@ fn main() {
         } => cli::jobs::status(&client, job.as_deref(), watch, json),
         Cmd::List { json, client } => cli::jobs::list(&client, json),
         Cmd::Cancel { job, client } => cli::jobs::cancel(&client, &job),
+        Cmd::Events { job, client } => cli::jobs::events(&client, job.as_deref().unwrap_or("")),
         Cmd::Logs {
             job,
             rank,

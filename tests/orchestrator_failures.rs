@@ -77,6 +77,25 @@ fn a_worker_killed_mid_job_restarts_from_the_checkpoint_with_the_same_result() {
         "{}",
         String::from_utf8_lossy(&logs.stdout)
     );
+    // The job's events tell the story: running, the restart with its reason, success.
+    let events = run_ok(&mut client(ws.path(), &addr, &state, &["events", &id]));
+    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    let kinds: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.split("  ").nth(1))
+        .collect();
+    let restart = kinds.iter().position(|k| *k == "RESTARTING");
+    assert!(
+        restart.is_some_and(|r| kinds[..r].contains(&"RUNNING"))
+            && kinds.last() == Some(&"SUCCEEDED"),
+        "{events}"
+    );
+    let cluster = run_ok(&mut client(ws.path(), &addr, &state, &["events"]));
+    assert!(
+        String::from_utf8_lossy(&cluster.stdout).contains("worker"),
+        "{}",
+        String::from_utf8_lossy(&cluster.stdout)
+    );
 
     let reference = reference(&ws, "reference");
     assert_eq!(trainer_state(&out)["global_step"], 12);

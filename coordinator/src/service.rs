@@ -114,6 +114,16 @@ impl pb::jobs_server::Jobs for Coordinator {
         ))
     }
 
+    async fn get_events(
+        &self,
+        request: Request<pb::JobRef>,
+    ) -> Result<Response<pb::GetEventsResponse>, Status> {
+        let job = request.into_inner().job_id;
+        Ok(Response::new(pb::GetEventsResponse {
+            events: self.lock().events(&job)?,
+        }))
+    }
+
     async fn get_logs(
         &self,
         request: Request<pb::GetLogsRequest>,

@@ -1,8 +1,8 @@
 //! The client commands: `herd submit`, `status`, `list`, `cancel`, `logs`.
 
 use super::client::{
-    is_terminal, now_unix, progress_line, render_status, runtime, state_name, status_json, Client,
-    ClientArgs, CALL_TIMEOUT,
+    is_terminal, now_unix, progress_line, render_event, render_status, runtime, state_name,
+    status_json, Client, ClientArgs, CALL_TIMEOUT,
 };
 use anyhow::{bail, Context, Result};
 use herd_proto::pb;
@@ -371,6 +371,29 @@ pub fn cancel(args: &ClientArgs, job: &str) -> Result<()> {
         )
         .await?;
         println!("job {} {}", st.job_id, state_name(st.state));
+        Ok(())
+    })
+}
+
+pub fn events(args: &ClientArgs, job: &str) -> Result<()> {
+    runtime()?.block_on(async {
+        let c = Client::connect(args)?;
+        let what = if job.is_empty() {
+            "the cluster's events".to_string()
+        } else {
+            format!("events of job {job}")
+        };
+        let r = timed(
+            &c,
+            &what,
+            c.jobs
+                .clone()
+                .get_events(c.req(pb::JobRef { job_id: job.into() })),
+        )
+        .await?;
+        for e in r.events {
+            println!("{}", render_event(&e));
+        }
         Ok(())
     })
 }

@@ -81,6 +81,25 @@ impl Core {
         self.job_status(job_id)
     }
 
+    /// The stored events of a job ("" = the cluster's), oldest first.
+    pub fn events(&self, job_id: &str) -> Result<Vec<pb::Event>, Status> {
+        if !job_id.is_empty() && !self.jobs.contains_key(job_id) {
+            return Err(Status::not_found(format!("no job {job_id:?}")));
+        }
+        Ok(self
+            .db
+            .events(job_id)?
+            .into_iter()
+            .map(|e| pb::Event {
+                unix_time: e.unix,
+                job_id: e.job_id,
+                worker_id: e.worker_id,
+                kind: e.kind,
+                message: e.message,
+            })
+            .collect())
+    }
+
     pub fn logs(&self, job_id: &str, rank: u32, max_lines: u32) -> Result<Vec<String>, Status> {
         if !self.jobs.contains_key(job_id) {
             return Err(Status::not_found(format!("no job {job_id:?}")));
