@@ -4,7 +4,7 @@
 use anyhow::{anyhow, Context, Result};
 use herd_proto::auth;
 use herd_proto::pb::{self, jobs_client::JobsClient, JobState};
-use herd_worker::daemon::{authed, channel};
+use herd_worker::daemon::{authed, channel, ClientTls};
 use std::path::PathBuf;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -26,6 +26,12 @@ pub struct ClientArgs {
     /// PEM CA certificate that signed a TLS coordinator's certificate (for https:// addresses).
     #[arg(long, global = true)]
     pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a coordinator that requires them (--tls-client-ca).
+    #[arg(long, global = true, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The client token: `--token-file`, else `HERD_TOKEN`, else `<state-dir>/token`, else none
@@ -55,11 +61,11 @@ pub struct Client {
 impl Client {
     pub fn connect(args: &ClientArgs) -> Result<Client> {
         let token = client_token(args.token_file.as_deref(), args.state_dir.as_deref())?;
-        let ca = match &args.tls_ca {
-            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
-            None => None,
-        };
-        let ch = channel(&args.coordinator, ca.as_deref())?;
+        let tls = ClientTls::from_files(
+            args.tls_ca.as_deref(),
+            args.tls_cert.as_deref().zip(args.tls_key.as_deref()),
+        )?;
+        let ch = channel(&args.coordinator, &tls)?;
         Ok(Client {
             jobs: JobsClient::new(ch),
             token,
@@ -88,6 +94,15 @@ pub fn explain(addr: &str, what: &str, s: Status) -> anyhow::Error {
         Code::NotFound => anyhow!("{what}: not found: {msg}"),
         Code::Unavailable => anyhow!("{what}: cannot reach the coordinator at {addr}: {msg}"),
         Code::DeadlineExceeded => anyhow!("{what}: the coordinator at {addr} did not answer in time"),
+        // What a closed connection looks like to tonic, typically a TLS mismatch.
+        Code::Cancelled if addr.starts_with("https://") => anyhow!(
+            "{what}: the coordinator at {addr} closed the connection during the TLS handshake \
+             ({msg}); if it was started with --tls-client-ca, pass --tls-cert and --tls-key"
+        ),
+        Code::Cancelled => anyhow!(
+            "{what}: the coordinator at {addr} closed the connection ({msg}); if it serves TLS \
+             (--tls-cert), use an https:// address and --tls-ca"
+        ),
         c => anyhow!("{what}: {c:?}: {msg}"),
     }
 }

@@ -240,6 +240,8 @@ pub fn run(a: &RunArgs) -> Result<()> {
         token_file: None,
         state_dir: Some(state_dir.clone()),
         tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
     };
     let _ = client_token(None, Some(&state_dir))?;
     let rt = runtime()?;

@@ -2,8 +2,8 @@
 //! checkpoints, reports PAUSED, and the worker exits 0.
 
 use super::client::{client_token, runtime};
-use anyhow::{Context, Result};
-use herd_worker::daemon::{self, DaemonOptions};
+use anyhow::Result;
+use herd_worker::daemon::{self, ClientTls, DaemonOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,6 +34,12 @@ pub struct WorkerArgs {
     /// PEM CA certificate of a TLS coordinator.
     #[arg(long)]
     pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a coordinator that requires them (--tls-client-ca).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Host name to report (default: this machine's).
     #[arg(long)]
     pub host: Option<String>,
@@ -58,10 +64,10 @@ pub fn run(a: &WorkerArgs) -> Result<()> {
     if let Some(h) = &a.host {
         opts.host = h.clone();
     }
-    if let Some(p) = &a.tls_ca {
-        opts.tls_ca_pem =
-            Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
-    }
+    opts.tls = ClientTls::from_files(
+        a.tls_ca.as_deref(),
+        a.tls_cert.as_deref().zip(a.tls_key.as_deref()),
+    )?;
     runtime()?.block_on(async {
         let (tx, rx) = tokio::sync::watch::channel(0i32);
         tokio::spawn(async move {

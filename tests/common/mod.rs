@@ -142,6 +142,17 @@ pub fn start_coordinator(
     port: u16,
     heartbeat_timeout_s: f64,
 ) -> (Proc, String) {
+    start_coordinator_with(dir, state, port, heartbeat_timeout_s, &[])
+}
+
+/// [`start_coordinator`] with more command-line arguments (e.g. TLS files).
+pub fn start_coordinator_with(
+    dir: &Path,
+    state: &Path,
+    port: u16,
+    heartbeat_timeout_s: f64,
+    extra: &[&str],
+) -> (Proc, String) {
     use std::io::BufRead;
     let log = dir.join(format!(
         "coordinator-{}.log",
@@ -165,6 +176,7 @@ pub fn start_coordinator(
             "--heartbeat-interval-ms",
             "200",
         ])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -189,6 +201,11 @@ pub fn start_coordinator(
 
 /// `herd worker` for the coordinator at `addr`, reading the token from `state`.
 pub fn start_worker(dir: &Path, addr: &str, state: &Path, name: &str) -> Proc {
+    start_worker_with(dir, addr, state, name, &[])
+}
+
+/// [`start_worker`] with more command-line arguments.
+pub fn start_worker_with(dir: &Path, addr: &str, state: &Path, name: &str, extra: &[&str]) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let child = herd_clean()
         .current_dir(dir)
@@ -201,6 +218,7 @@ pub fn start_worker(dir: &Path, addr: &str, state: &Path, name: &str) -> Proc {
             "--state-dir",
         ])
         .arg(state)
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

@@ -20,6 +20,7 @@ use herd_proto::pb::workers_client::WorkersClient;
 use rank::{RankCtx, RankHandle};
 use reporter::{Report, Reporter};
 use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -47,8 +48,39 @@ pub struct DaemonOptions {
     pub host: String,
     /// Ring setup deadline and socket timeout of the collective.
     pub collective_timeout: Duration,
-    /// PEM CA certificate for a TLS coordinator (`https://`).
-    pub tls_ca_pem: Option<Vec<u8>>,
+    /// Trust and identity towards a TLS coordinator (`https://`).
+    pub tls: ClientTls,
+}
+
+/// TLS settings of a coordinator client: the CA that signed the coordinator's certificate (else
+/// the system roots), and a client certificate + key (PEM) for a coordinator that requires them
+/// (`herd coordinator --tls-client-ca`).
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    pub ca_pem: Option<Vec<u8>>,
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ClientTls {
+    /// Reads the PEM files given on the command line.
+    pub fn from_files(
+        ca: Option<&Path>,
+        cert_and_key: Option<(&Path, &Path)>,
+    ) -> Result<Self, DaemonError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| DaemonError::Read {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        Ok(ClientTls {
+            ca_pem: ca.map(read).transpose()?,
+            identity_pem: match cert_and_key {
+                Some((c, k)) => Some((read(c)?, read(k)?)),
+                None => None,
+            },
+        })
+    }
 }
 
 impl DaemonOptions {
@@ -61,7 +93,7 @@ impl DaemonOptions {
             collective_advertise: None,
             host: hostname(),
             collective_timeout: Duration::from_secs(120),
-            tls_ca_pem: None,
+            tls: ClientTls::default(),
         }
     }
 }
@@ -84,6 +116,12 @@ pub enum DaemonError {
         addr: String,
         code: Code,
         message: String,
+    },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -124,7 +162,7 @@ pub fn coordinator_url(addr: &str) -> String {
 }
 
 /// A lazily connecting channel to the coordinator (calls fail with UNAVAILABLE while it is down).
-pub fn channel(addr: &str, tls_ca_pem: Option<&[u8]>) -> Result<Channel, DaemonError> {
+pub fn channel(addr: &str, tls: &ClientTls) -> Result<Channel, DaemonError> {
     let url = coordinator_url(addr);
     let bad = |reason: String| DaemonError::Address {
         addr: addr.to_string(),
@@ -136,19 +174,25 @@ pub fn channel(addr: &str, tls_ca_pem: Option<&[u8]>) -> Result<Channel, DaemonE
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));
-    let ep = configure_tls(ep, &url, tls_ca_pem).map_err(bad)?;
+    let ep = configure_tls(ep, &url, tls).map_err(bad)?;
     Ok(ep.connect_lazy())
 }
 
-fn configure_tls(ep: Endpoint, url: &str, ca: Option<&[u8]>) -> Result<Endpoint, String> {
+fn configure_tls(ep: Endpoint, url: &str, tls: &ClientTls) -> Result<Endpoint, String> {
     if !url.starts_with("https://") {
+        if tls.ca_pem.is_some() || tls.identity_pem.is_some() {
+            return Err("TLS files were given but the address is not https://".into());
+        }
         return Ok(ep);
     }
-    let mut tls = tonic::transport::ClientTlsConfig::new().with_enabled_roots();
-    if let Some(ca) = ca {
-        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    let mut cfg = tonic::transport::ClientTlsConfig::new().with_enabled_roots();
+    if let Some(ca) = &tls.ca_pem {
+        cfg = cfg.ca_certificate(tonic::transport::Certificate::from_pem(ca));
     }
-    ep.tls_config(tls).map_err(|e| e.to_string())
+    if let Some((cert, key)) = &tls.identity_pem {
+        cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    ep.tls_config(cfg).map_err(|e| e.to_string())
 }
 
 /// Attach `authorization: Bearer <token>` to a request.
@@ -220,7 +264,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<i32>,
 ) -> Result<(), DaemonError> {
     check_device(&opts.device)?;
-    let channel = channel(&opts.coordinator, opts.tls_ca_pem.as_deref())?;
+    let channel = channel(&opts.coordinator, &opts.tls)?;
     let mut client = WorkersClient::new(channel.clone());
     let token = opts.token.clone();
 
