@@ -73,6 +73,33 @@ fn run_with_two_workers_equals_one_process_with_twice_the_accumulation() {
     assert!(dp.join("checkpoint-6/herd_manifest.json").is_file());
 }
 
+/// LoRA dropout masks are keyed by the example, not by where it sits, so even with dropout on,
+/// 2 workers train the same adapter as 1 process with twice the accumulation.
+#[test]
+fn lora_dropout_gives_the_same_adapter_on_two_workers_and_one_process() {
+    let ws = Workspace::new(16);
+    let lora = "max_steps: 3\nsave_steps: 3\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.2\n";
+    let job = ws.job("job.yaml", "dp", lora);
+    run_ok(
+        herd_clean()
+            .current_dir(ws.path())
+            .arg("run")
+            .arg(&job)
+            .args(["--workers", "2"]),
+    );
+    let single = ws.job(
+        "single.yaml",
+        "single",
+        &format!("{lora}gradient_accumulation_steps: 2\n"),
+    );
+    ws.train(&single, &[]);
+    assert_weights_close(
+        &ws.path().join("dp/adapter_model.safetensors"),
+        &ws.path().join("single/adapter_model.safetensors"),
+        1e-5,
+    );
+}
+
 #[test]
 fn sixteen_workers_on_one_machine_finish_a_tiny_job() {
     let ws = Workspace::new(64);
