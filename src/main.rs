@@ -42,6 +42,8 @@ enum Cmd {
     Predict(cli::eval::PredictArgs),
     /// Eval loss, ROUGE-L and exact match of a model on reference answers, by reference length.
     Eval(cli::eval::EvalArgs),
+    /// A reward model's pairwise accuracy on comparisons, or its reward for each instruction record.
+    Score(cli::score::ScoreArgs),
     /// Fold a LoRA adapter into its base model and write a plain HF model.
     Merge(cli::merge::MergeArgs),
     /// Inspect a job's data as the model sees it.
@@ -145,6 +147,7 @@ fn main() {
         Cmd::Merge(a) => cli::merge::run(&a),
         Cmd::Predict(a) => cli::eval::predict(&a),
         Cmd::Eval(a) => cli::eval::run_eval(&a),
+        Cmd::Score(a) => cli::score::run(&a),
         Cmd::Data {
             cmd:
                 DataCmd::Preview {

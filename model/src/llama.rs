@@ -123,6 +123,17 @@ impl Net {
     /// input_ids: [b, t] (u32) at positions offset..offset+t, offset = length of `caches` (one per
     /// layer) or 0 without. Returns logits [b, t, vocab].
     pub fn forward(&self, input_ids: &Tensor, caches: Option<&mut [LayerCache]>) -> Result<Tensor> {
+        self.lm_head
+            .forward(&self.hidden_states(input_ids, caches)?)
+    }
+
+    /// The final-normed hidden states [b, t, hidden] that `forward` feeds the lm_head (a reward
+    /// model's score head reads them instead).
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        caches: Option<&mut [LayerCache]>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let offset = caches
             .as_ref()
@@ -147,7 +158,7 @@ impl Net {
                 }
             }
         }
-        self.lm_head.forward(&self.norm.forward(&x)?)
+        self.norm.forward(&x)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -255,7 +266,7 @@ impl Llama {
         Self::from_tensors_at(cfg, tensors, Path::new("<tensors>"), &BTreeMap::new())
     }
 
-    fn from_tensors_at(
+    pub(crate) fn from_tensors_at(
         cfg: LlamaConfig,
         mut tensors: BTreeMap<String, Tensor>,
         origin: &Path,
@@ -351,6 +362,11 @@ impl Llama {
     /// `backward`. Causal mask only; see `attention` for why that is exact for right padding.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.net.forward(input_ids, None)
+    }
+
+    /// input_ids: [b, t] -> final-normed hidden states [b, t, hidden], recording the graph.
+    pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.net.hidden_states(input_ids, None)
     }
 
     /// The network over detached copies of the weights (shared storage, no graph): inference

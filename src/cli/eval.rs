@@ -5,8 +5,10 @@
 //! Generation is sequential: one record at a time with a KV cache (`herd_model::generate`).
 
 use super::generate::Generator;
+use super::score::Scorer;
 use anyhow::{bail, Context, Result};
 use herd_model::generate::GenerateOptions;
+use herd_worker::data::comparisons::user_input_of;
 use herd_worker::eval::{self, EvalLoss, GenerationScores, RawRecord};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -79,6 +81,13 @@ pub struct EvalArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Sample N answers per record and keep the one the --reward-model scores highest
+    /// (GPT-4-LLM's best-of-n). N > 1 needs --temperature > 0.
+    #[arg(long, default_value_t = 1)]
+    pub best_of: usize,
+    /// The reward model that ranks the --best-of candidates.
+    #[arg(long)]
+    pub reward_model: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -112,6 +121,37 @@ fn predict_all(
     Ok(out)
 }
 
+/// Best-of-n: `n` samples per record (record i, sample k uses seed + i·n + k, so n = 1 is plain
+/// `predict_all`), each scored by the reward model on (instruction + input, answer); the highest
+/// (the first of ties) is kept. Returns the kept answers and their rewards.
+fn best_of_n(
+    g: &Generator,
+    scorer: &Scorer,
+    records: &[RawRecord],
+    s: &SamplingArgs,
+    n: usize,
+) -> Result<(Vec<String>, Vec<f32>)> {
+    let (mut kept, mut rewards) = (Vec::new(), Vec::new());
+    for (i, r) in records.iter().enumerate() {
+        let user = user_input_of(&r.alpaca);
+        let mut candidates = Vec::with_capacity(n);
+        for k in 0..n {
+            let answer = g
+                .answer(&r.alpaca, &s.options(i * n + k))
+                .with_context(|| format!("record {}, sample {}", i + 1, k + 1))?;
+            candidates.push((user.clone(), answer));
+        }
+        let scores = scorer.score(&candidates, n)?;
+        let best = (0..n).fold(0, |b, k| if scores[k] > scores[b] { k } else { b });
+        kept.push(candidates.swap_remove(best).1);
+        rewards.push(scores[best]);
+        if (i + 1) % 50 == 0 || i + 1 == records.len() {
+            tracing::info!("best-of-{n}: {}/{}", i + 1, records.len());
+        }
+    }
+    Ok((kept, rewards))
+}
+
 fn write_predictions(path: &Path, records: &[RawRecord], predictions: &[String]) -> Result<()> {
     let mut text = String::new();
     for (r, p) in records.iter().zip(predictions) {
@@ -120,6 +160,11 @@ fn write_predictions(path: &Path, records: &[RawRecord], predictions: &[String])
         text.push_str(&serde_json::to_string(&Value::Object(fields))?);
         text.push('\n');
     }
+    write_text(path, &text)
+}
+
+/// Writes `text` to `path` atomically, creating its directory.
+pub fn write_text(path: &Path, text: &str) -> Result<()> {
     // A bare file name has an empty parent, which write_atomic cannot fsync: anchor it at ".".
     let path = &if path.parent().is_some_and(|d| d.as_os_str().is_empty()) {
         Path::new(".").join(path)
@@ -148,6 +193,18 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
 }
 
 pub fn run_eval(a: &EvalArgs) -> Result<()> {
+    if a.best_of == 0 {
+        bail!("--best-of must be at least 1");
+    }
+    if a.best_of > 1 && a.sampling.temperature <= 0.0 {
+        bail!("--best-of {} needs sampling: set --temperature above 0 (greedy decoding gives {} identical answers)", a.best_of, a.best_of);
+    }
+    if a.best_of > 1 && a.reward_model.is_none() {
+        bail!(
+            "--best-of {} needs --reward-model DIR to rank the answers",
+            a.best_of
+        );
+    }
     let records = load(&a.data, a.limit)?;
     if let Some(i) = records.iter().position(|r| !r.has_output) {
         bail!(
@@ -161,7 +218,18 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
     let examples = eval::encode_records(&g.tokenizer, &alpaca, a.model_max_length)?;
     let pad_id = g.tokenizer.pad_id().or(g.tokenizer.eos_id()).unwrap_or(0);
     let loss = eval::eval_loss(&g.model, &examples, a.batch_size, pad_id)?;
-    let predictions = predict_all(&g, &records, &a.sampling, 50)?;
+    let (predictions, rewards) = match &a.reward_model {
+        Some(dir) => {
+            let scorer = Scorer::load(dir, a.model_max_length)?;
+            let (p, r) = best_of_n(&g, &scorer, &records, &a.sampling, a.best_of)?;
+            (p, Some(r))
+        }
+        None => (predict_all(&g, &records, &a.sampling, 50)?, None),
+    };
+    let reward = rewards.map(|r| BestOf {
+        n: a.best_of,
+        mean_reward: r.iter().map(|&x| x as f64).sum::<f64>() / r.len().max(1) as f64,
+    });
     if let Some(p) = &a.predictions {
         write_predictions(p, &records, &predictions)?;
     }
@@ -174,21 +242,40 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report_json(&a.model, &a.data, &loss, &scores))?
+            serde_json::to_string_pretty(&report_json(&a.model, &a.data, &loss, &scores, reward))?
         );
     } else {
         print!("{}", report_text(&loss, &scores));
+        if let Some(b) = reward {
+            println!(
+                "best-of-{}: mean reward of the kept answers {:.4}",
+                b.n, b.mean_reward
+            );
+        }
     }
     Ok(())
 }
 
-fn report_json(model: &Path, data: &Path, loss: &EvalLoss, s: &GenerationScores) -> Value {
+/// What best-of-n reranking adds to the report.
+#[derive(Clone, Copy)]
+struct BestOf {
+    n: usize,
+    mean_reward: f64,
+}
+
+fn report_json(
+    model: &Path,
+    data: &Path,
+    loss: &EvalLoss,
+    s: &GenerationScores,
+    best_of: Option<BestOf>,
+) -> Value {
     let buckets: serde_json::Map<String, Value> = s
         .by_reference_length
         .iter()
         .map(|(k, g)| (k.clone(), json!(g)))
         .collect();
-    json!({
+    let mut v = json!({
         "model": model,
         "data": data,
         "records": s.overall.count,
@@ -198,7 +285,12 @@ fn report_json(model: &Path, data: &Path, loss: &EvalLoss, s: &GenerationScores)
         "rouge_l": s.overall.rouge_l,
         "exact_match": s.overall.exact_match,
         "by_reference_length": buckets,
-    })
+    });
+    if let Some(b) = best_of {
+        v["best_of"] = json!(b.n);
+        v["mean_reward"] = json!(b.mean_reward);
+    }
+    v
 }
 
 fn report_text(loss: &EvalLoss, s: &GenerationScores) -> String {

@@ -8,5 +8,6 @@ pub mod jobs;
 pub mod merge;
 pub mod progress;
 pub mod run;
+pub mod score;
 pub mod train;
 pub mod worker;

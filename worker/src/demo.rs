@@ -11,7 +11,8 @@
 //! - `DIR/data/conversations.json`: ShareGPT records (Vicuna format), each a chat of 2–3 tasks from
 //!   the same families (`"tasks"` lists them), for conversation training (`configs/demo-chat.yaml`).
 //! - `DIR/data/comparisons.json`: `{user_input, completion_a, completion_b, task}` pairs, a the
-//!   correct answer and b a wrong one of the same family, for reward-model training.
+//!   correct answer and b a wrong one of the same family, for reward-model training, and
+//!   `DIR/data/eval_comparisons.json`: held-out pairs whose prompts are not in the training pairs.
 //!
 //! All of it is a pure function of the seed.
 
@@ -31,6 +32,7 @@ pub const DEMO_TRAIN_RECORDS: usize = 4000;
 pub const DEMO_EVAL_RECORDS: usize = 200;
 pub const DEMO_CHAT_RECORDS: usize = 1000;
 pub const DEMO_COMPARISONS: usize = 600;
+pub const DEMO_EVAL_COMPARISONS: usize = 140;
 /// The demo tokenizer's model_max_length; every demo example is far shorter.
 pub const DEMO_MAX_LEN: usize = 128;
 
@@ -89,10 +91,12 @@ pub struct DemoSummary {
     pub eval_path: PathBuf,
     pub conversations_path: PathBuf,
     pub comparisons_path: PathBuf,
+    pub eval_comparisons_path: PathBuf,
     pub train_records: usize,
     pub eval_records: usize,
     pub conversations: usize,
     pub comparisons: usize,
+    pub eval_comparisons: usize,
     /// `len(tokenizer)` before the `[PAD]` addition (= config.json vocab_size).
     pub vocab_size: usize,
     pub num_parameters: usize,
@@ -345,7 +349,30 @@ pub fn generate_conversations(seed: u64, n: usize) -> Vec<DemoConversation> {
 /// `n` comparison pairs, families in rotation; b is the answer to another prompt of the same
 /// family that differs from a.
 pub fn generate_comparisons(seed: u64, n: usize) -> Vec<DemoComparison> {
-    let mut rng = SplitMix64::new(seed ^ 0x6865_7264_7061_6972); // "herdpair"
+    comparisons_from(SplitMix64::new(seed ^ 0x6865_7264_7061_6972), n) // "herdpair"
+}
+
+/// `n` held-out pairs from their own stream, none with a prompt of `train`.
+pub fn generate_eval_comparisons(
+    seed: u64,
+    n: usize,
+    train: &[DemoComparison],
+) -> Vec<DemoComparison> {
+    let seen: HashSet<&str> = train.iter().map(|c| c.user_input.as_str()).collect();
+    let mut rng = SplitMix64::new(seed ^ 0x6865_7264_6576_616c); // "herdeval"
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        // One rotation of the families at a time keeps them balanced.
+        for c in comparisons_from(SplitMix64::new(rng.next_u64()), TASKS.len()) {
+            if out.len() < n && !seen.contains(c.user_input.as_str()) {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+fn comparisons_from(mut rng: SplitMix64, n: usize) -> Vec<DemoComparison> {
     (0..n)
         .map(|i| {
             let task = TASKS[i % TASKS.len()];
@@ -406,8 +433,11 @@ pub fn write_demo_assets(dir: &Path, seed: u64) -> Result<DemoSummary> {
     let comparisons = generate_comparisons(seed, DEMO_COMPARISONS);
     let conversations_path = data_dir.join("conversations.json");
     let comparisons_path = data_dir.join("comparisons.json");
+    let eval_comparisons = generate_eval_comparisons(seed, DEMO_EVAL_COMPARISONS, &comparisons);
+    let eval_comparisons_path = data_dir.join("eval_comparisons.json");
     write_json(&conversations_path, &conversations)?;
     write_json(&comparisons_path, &comparisons)?;
+    write_json(&eval_comparisons_path, &eval_comparisons)?;
     Ok(DemoSummary {
         dir: dir.to_path_buf(),
         model_dir,
@@ -415,10 +445,12 @@ pub fn write_demo_assets(dir: &Path, seed: u64) -> Result<DemoSummary> {
         eval_path,
         conversations_path,
         comparisons_path,
+        eval_comparisons_path,
         train_records: train.len(),
         eval_records: eval.len(),
         conversations: conversations.len(),
         comparisons: comparisons.len(),
+        eval_comparisons: eval_comparisons.len(),
         vocab_size: tok.len(),
         num_parameters: model.num_parameters(),
         tasks: TASKS.iter().map(|s| s.to_string()).collect(),
@@ -548,6 +580,11 @@ mod tests {
         for x in &p {
             assert_ne!(x.completion_a, x.completion_b);
         }
+        let held = generate_eval_comparisons(3, 30, &p);
+        assert_eq!(held.len(), 30);
+        assert_eq!(held, generate_eval_comparisons(3, 30, &p));
+        let train_prompts: HashSet<_> = p.iter().map(|x| &x.user_input).collect();
+        assert!(held.iter().all(|x| !train_prompts.contains(&x.user_input)));
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("c.json");
         write_json(&path, &c).unwrap();

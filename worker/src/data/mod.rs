@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod collate;
+pub mod comparisons;
 pub mod encode;
 pub mod mixture;
 pub mod order;
@@ -87,6 +88,8 @@ pub enum DataError {
         expected: &'static str,
         found: String,
     },
+    #[error("{at}: expected a JSON object with \"user_input\", \"completion_a\" (preferred) and \"completion_b\", found {found}")]
+    NotAComparison { at: Location, found: String },
     #[error("{at}: expected a JSON object with \"conversations\" (ShareGPT), found {found}")]
     NotAChat { at: Location, found: String },
     /// A conversation turn is malformed or out of order (`turn` is 1-based, system turn included).
@@ -125,6 +128,7 @@ impl DataError {
             | DataError::NotAnObject { at, .. }
             | DataError::BadField { at, .. }
             | DataError::NotAChat { at, .. }
+            | DataError::NotAComparison { at, .. }
             | DataError::BadTurn { at, .. } => Some(at),
             _ => None,
         }

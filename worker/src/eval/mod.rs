@@ -3,6 +3,7 @@
 //! the trainer's `eval_strategy: steps` hook are built from these pieces.
 
 pub mod loss;
+pub mod reward;
 pub mod rouge;
 
 use crate::data::encode::{encode_alpaca, Example};

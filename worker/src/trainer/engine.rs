@@ -6,12 +6,34 @@ use crate::collective::Collective;
 use crate::data::collate::Batch;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use herd_model::lora::dropout_row_key;
-use herd_model::{loss::causal_lm_loss_sum, Llama};
+use herd_model::{loss::causal_lm_loss_sum, Llama, RewardModel};
 
-pub struct Engine {
-    pub model: Llama,
+/// A model the engine can train: its parameters that get gradients, in a fixed order.
+pub trait Trainable {
+    /// Whether steps report the fraction of pairs ranked right.
+    const REPORTS_ACCURACY: bool = false;
+    fn trainable(&self) -> &[(String, Var)];
+}
+
+impl Trainable for Llama {
+    fn trainable(&self) -> &[(String, Var)] {
+        Llama::trainable(self)
+    }
+}
+
+impl Trainable for RewardModel {
+    const REPORTS_ACCURACY: bool = true;
+    fn trainable(&self) -> &[(String, Var)] {
+        RewardModel::trainable(self)
+    }
+}
+
+/// The step machinery for any [`Trainable`]; the loss is a sum over counted units (label tokens
+/// of a causal LM, pairs of a reward model) and the step divides by the global count.
+pub struct Engine<M: Trainable = Llama> {
+    pub model: M,
     pub optimizer: AdamW,
     /// Flat gradient of every trainable parameter, in `model.trainable()` order (all parameters,
     /// or only the LoRA adapters: the frozen base gets no gradient and no optimizer state).
@@ -19,6 +41,8 @@ pub struct Engine {
     offsets: Vec<usize>,
     loss_sum: f64,
     tokens: usize,
+    /// Pairs ranked right (reward models; stays 0 for a causal LM).
+    correct: usize,
     max_grad_norm: f64,
     /// Salts the LoRA dropout masks (the job seed); see `herd_model::lora::dropout_row_key`.
     pub dropout_seed: u64,
@@ -31,12 +55,14 @@ pub struct StepStats {
     /// Gradient norm before clipping.
     pub grad_norm: f64,
     pub learning_rate: f64,
-    /// Tokens that counted in the loss, all ranks.
+    /// Tokens (pairs for a reward model) that counted in the loss, all ranks.
     pub label_tokens: usize,
+    /// Reward models: the fraction of the global batch's pairs with r_a > r_b.
+    pub accuracy: Option<f64>,
 }
 
-impl Engine {
-    pub fn new(model: Llama, adam: AdamWConfig, max_grad_norm: f64) -> Self {
+impl<M: Trainable> Engine<M> {
+    pub fn new(model: M, adam: AdamWConfig, max_grad_norm: f64) -> Self {
         let sizes: Vec<(String, usize)> = model
             .trainable()
             .iter()
@@ -57,6 +83,7 @@ impl Engine {
             offsets,
             loss_sum: 0.0,
             tokens: 0,
+            correct: 0,
             max_grad_norm,
             dropout_seed: 0,
         }
@@ -66,8 +93,85 @@ impl Engine {
         self.grad.iter_mut().for_each(|g| *g = 0.0);
         self.loss_sum = 0.0;
         self.tokens = 0;
+        self.correct = 0;
     }
 
+    /// Backward of a micro-batch's loss `sum` over `count` units (`correct` of them pairs ranked
+    /// right), adding d(sum)/dθ into the buffer. Returns the loss sum.
+    pub fn add_loss(&mut self, sum: &Tensor, count: usize, correct: usize) -> Result<f64> {
+        if count == 0 {
+            return Ok(0.0);
+        }
+        let grads = sum.backward()?;
+        for (i, (name, var)) in self.model.trainable().iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                tracing::warn!(param = %name, "parameter received no gradient");
+                continue;
+            };
+            let g = g.flatten_all()?.to_vec1::<f32>()?;
+            let dst = &mut self.grad[self.offsets[i]..self.offsets[i + 1]];
+            dst.iter_mut().zip(&g).for_each(|(d, s)| *d += s);
+        }
+        let s = sum.to_scalar::<f32>()? as f64;
+        self.loss_sum += s;
+        self.tokens += count;
+        self.correct += correct;
+        Ok(s)
+    }
+
+    /// Sum across ranks, normalize by the global token count, clip, and apply AdamW at `lr`.
+    pub fn apply(&mut self, collective: &mut dyn Collective, lr: f64) -> Result<StepStats> {
+        // One rank: the local sums are the global ones (and the loss keeps its f64 sum).
+        let (loss_sum, global_tokens, correct) = if collective.world_size() > 1 {
+            let mut totals = [
+                self.loss_sum as f32,
+                self.tokens as f32,
+                self.correct as f32,
+            ];
+            collective.all_reduce_sum(&mut self.grad)?;
+            collective.all_reduce_sum(&mut totals)?;
+            (
+                totals[0] as f64,
+                totals[1].round() as usize,
+                totals[2].round() as usize,
+            )
+        } else {
+            (self.loss_sum, self.tokens, self.correct)
+        };
+        let loss = if global_tokens > 0 {
+            loss_sum / global_tokens as f64
+        } else {
+            0.0
+        };
+        if global_tokens > 0 {
+            let scale = 1.0 / global_tokens as f32;
+            self.grad.iter_mut().for_each(|g| *g *= scale);
+        }
+        let grad_norm = clip_grad_norm(&mut self.grad, self.max_grad_norm);
+        for (i, (_, var)) in self.model.trainable().iter().enumerate() {
+            let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            self.optimizer.update_param(
+                i,
+                &mut p,
+                &self.grad[self.offsets[i]..self.offsets[i + 1]],
+                lr,
+            );
+            var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu)?)?;
+        }
+        self.optimizer.finish_step();
+        let accuracy = (M::REPORTS_ACCURACY && global_tokens > 0)
+            .then(|| correct as f64 / global_tokens as f64);
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            learning_rate: lr,
+            label_tokens: global_tokens,
+            accuracy,
+        })
+    }
+}
+
+impl Engine<Llama> {
     /// Forward and backward one micro-batch, adding d(sum of token NLL)/dθ into the buffer.
     /// Returns (loss sum, counted tokens) of this micro-batch.
     pub fn accumulate(&mut self, batch: &Batch) -> Result<(f64, usize)> {
@@ -99,62 +203,7 @@ impl Engine {
         let labels = Tensor::from_vec(batch.labels.clone(), shape, &dev)?;
         let logits = self.model.forward(&input)?;
         let (sum, count) = causal_lm_loss_sum(&logits, &labels)?;
-        if count == 0 {
-            return Ok((0.0, 0));
-        }
-        let grads = sum.backward()?;
-        for (i, (name, var)) in self.model.trainable().iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else {
-                tracing::warn!(param = %name, "parameter received no gradient");
-                continue;
-            };
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
-            let dst = &mut self.grad[self.offsets[i]..self.offsets[i + 1]];
-            dst.iter_mut().zip(&g).for_each(|(d, s)| *d += s);
-        }
-        let s = sum.to_scalar::<f32>()? as f64;
-        self.loss_sum += s;
-        self.tokens += count;
+        let s = self.add_loss(&sum, count, 0)?;
         Ok((s, count))
-    }
-
-    /// Sum across ranks, normalize by the global token count, clip, and apply AdamW at `lr`.
-    pub fn apply(&mut self, collective: &mut dyn Collective, lr: f64) -> Result<StepStats> {
-        // One rank: the local sums are the global ones (and the loss keeps its f64 sum).
-        let (loss_sum, global_tokens) = if collective.world_size() > 1 {
-            let mut totals = [self.loss_sum as f32, self.tokens as f32];
-            collective.all_reduce_sum(&mut self.grad)?;
-            collective.all_reduce_sum(&mut totals)?;
-            (totals[0] as f64, totals[1].round() as usize)
-        } else {
-            (self.loss_sum, self.tokens)
-        };
-        let loss = if global_tokens > 0 {
-            loss_sum / global_tokens as f64
-        } else {
-            0.0
-        };
-        if global_tokens > 0 {
-            let scale = 1.0 / global_tokens as f32;
-            self.grad.iter_mut().for_each(|g| *g *= scale);
-        }
-        let grad_norm = clip_grad_norm(&mut self.grad, self.max_grad_norm);
-        for (i, (_, var)) in self.model.trainable().iter().enumerate() {
-            let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            self.optimizer.update_param(
-                i,
-                &mut p,
-                &self.grad[self.offsets[i]..self.offsets[i + 1]],
-                lr,
-            );
-            var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu)?)?;
-        }
-        self.optimizer.finish_step();
-        Ok(StepStats {
-            loss,
-            grad_norm,
-            learning_rate: lr,
-            label_tokens: global_tokens,
-        })
     }
 }

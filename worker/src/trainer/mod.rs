@@ -6,12 +6,13 @@
 //! `checkpoint-<s>` needs only the weights, the optimizer moments and `s`.
 
 pub mod engine;
+pub mod objective;
 pub mod plan;
+pub mod reward;
 pub mod state;
 
 use crate::checkpoint;
 use crate::collective::Collective;
-use crate::data::collate::collate;
 use crate::data::encode::Example;
 use crate::data::mixture::{encode_record, load_mixture};
 use crate::data::order::epoch_permutation;
@@ -21,11 +22,12 @@ use crate::schedule::LrSchedule;
 use candle_core::DType;
 use engine::{Engine, StepStats};
 use herd_model::{Llama, Tokenizer};
-use herd_proto::{JobSpec, SaveStrategy};
+use herd_proto::{JobSpec, SaveStrategy, Task};
+use objective::{CausalLm, Objective};
 pub use plan::Plan;
 use serde_json::json;
 use state::TrainerState;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -99,6 +101,15 @@ pub struct Prepared {
     pub added_tokens: usize,
 }
 
+/// What a run starts from: the tokenizer, the model and the objective with its examples.
+pub struct Setup<O: Objective> {
+    pub tokenizer: Tokenizer,
+    pub model: O::Model,
+    pub objective: O,
+    pub skipped_records: usize,
+    pub added_tokens: usize,
+}
+
 /// Load tokenizer, model and data the way Alpaca's train.py does: add missing special tokens,
 /// grow the embeddings (new rows = mean of old), encode every record with the prompt masked.
 pub fn prepare(job: &JobSpec) -> Result<Prepared> {
@@ -148,8 +159,11 @@ pub fn check_supported(job: &JobSpec) -> Result<()> {
             reason: reason.into(),
         })
     };
-    if job.task != herd_proto::Task::CausalLm {
-        return no("task", "only causal_lm training is in this build");
+    if job.task == Task::Reward && job.lora_r.is_some() {
+        return no(
+            "lora_r",
+            "reward models train all parameters in this build; drop the lora_* keys",
+        );
     }
     Ok(())
 }
@@ -183,43 +197,72 @@ pub fn run(
     if job.bf16 || job.fp16 {
         tracing::warn!("bf16/fp16 compute needs a GPU worker; this CPU run trains in f32");
     }
-    let prepared = prepare(job)?;
-    let Prepared {
+    match job.task {
+        Task::CausalLm => {
+            let p = prepare(job)?;
+            let pad_id = p
+                .tokenizer
+                .pad_id()
+                .expect("add_missing_special_tokens guarantees a pad token");
+            if p.model.lora().is_some() {
+                tracing::info!(
+                    trainable = p.model.num_trainable_parameters(),
+                    total = p.model.num_parameters(),
+                    "LoRA: only the adapters train"
+                );
+            }
+            let setup = Setup {
+                tokenizer: p.tokenizer,
+                model: p.model,
+                objective: CausalLm {
+                    examples: p.examples,
+                    pad_id,
+                    eval: None,
+                },
+                skipped_records: p.skipped_records,
+                added_tokens: p.added_tokens,
+            };
+            run_setup(job, opts, collective, observer, setup, t0)
+        }
+        Task::Reward => {
+            check_supported(job)?;
+            let setup = reward::prepare(job)?;
+            run_setup(job, opts, collective, observer, setup, t0)
+        }
+    }
+}
+
+/// The loop proper, the same for every objective.
+fn run_setup<O: Objective>(
+    job: &JobSpec,
+    opts: &RunOptions,
+    collective: &mut dyn Collective,
+    observer: &mut dyn Observer,
+    setup: Setup<O>,
+    t0: Instant,
+) -> Result<Outcome> {
+    let Setup {
         tokenizer,
         mut model,
-        examples,
+        mut objective,
         skipped_records,
         added_tokens,
-    } = prepared;
+    } = setup;
     let (rank, world) = (collective.rank(), collective.world_size());
-    let plan = Plan::new(job, examples.len(), world)?;
+    let plan = Plan::new(job, objective.len(), world)?;
     let schedule = schedule_for(job, &plan);
-    let pad_id = tokenizer
-        .pad_id()
-        .expect("add_missing_special_tokens guarantees a pad token");
 
     // Resume from the newest complete checkpoint, if any.
     let mut start_step = 0;
     let mut trainer_state = None;
     let mut resumed_from = None;
     if let Some((step, dir, _)) = checkpoint::latest_complete(&job.output_dir)? {
-        if model.lora().is_some() {
-            model.load_adapter(&dir)?; // the frozen base is the job's model, prepared above
-        } else {
-            model = Llama::load(&dir)?;
-        }
+        objective.resume(&mut model, &dir)?;
         start_step = step;
         trainer_state = Some(TrainerState::load(&dir)?);
         resumed_from = Some(dir);
     }
-    let parameters = model.num_parameters();
-    if model.lora().is_some() {
-        tracing::info!(
-            trainable = model.num_trainable_parameters(),
-            total = parameters,
-            "LoRA: only the adapters train"
-        );
-    }
+    let parameters = objective.num_parameters(&model);
     let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm);
     engine.dropout_seed = job.seed;
     if let Some(dir) = &resumed_from {
@@ -230,16 +273,16 @@ pub fn run(
     // eval_strategy: steps — only rank 0 evaluates; the others go straight on to the next
     // collective, where they wait for it.
     let eval_every = job.eval_steps.unwrap_or(job.logging_steps);
-    let eval_examples = match (&job.eval_data_path, job.eval_strategy) {
-        (Some(path), herd_proto::EvalStrategy::Steps) if rank == 0 => Some(
-            crate::eval::load_eval_examples(&tokenizer, path, job.model_max_length)?,
-        ),
-        _ => None,
-    };
+    if let (Some(path), herd_proto::EvalStrategy::Steps) = (&job.eval_data_path, job.eval_strategy)
+    {
+        if rank == 0 {
+            objective.load_eval(&tokenizer, path, job.model_max_length)?;
+        }
+    }
     observer.event(&Event::Started {
         start_step,
         total_steps: plan.total_steps,
-        examples: examples.len(),
+        examples: objective.len(),
         skipped_records,
         parameters,
         resumed_from: resumed_from.clone(),
@@ -253,6 +296,7 @@ pub fn run(
     let mut perm_epoch = u64::MAX;
     let mut perm: Vec<usize> = vec![];
     let mut window_loss = 0.0;
+    let mut window_accuracy = 0.0;
     let mut window_steps = 0u64;
     let mut step = start_step;
     while step < end {
@@ -261,7 +305,7 @@ pub fn run(
         let ts_step = Instant::now();
         let epoch = plan.epoch_of(step);
         if epoch != perm_epoch {
-            perm = epoch_permutation(plan.seed, epoch, examples.len());
+            perm = epoch_permutation(plan.seed, epoch, objective.len());
             perm_epoch = epoch;
         }
         engine.zero_grad();
@@ -271,10 +315,8 @@ pub fn run(
             if positions.is_empty() {
                 continue;
             }
-            let batch_examples: Vec<&Example> = positions.map(|p| &examples[perm[p]]).collect();
-            let batch = collate(&batch_examples, pad_id);
-            seen_tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
-            engine.accumulate(&batch)?;
+            let idx: Vec<usize> = positions.map(|p| perm[p]).collect();
+            seen_tokens += objective.accumulate(&mut engine, &idx)?;
         }
         let stats = engine.apply(collective, schedule.lr_at(step))?;
         if !stats.loss.is_finite() {
@@ -295,24 +337,28 @@ pub fn run(
             tokens_per_sec: seen_tokens as f64 / dt,
         });
         window_loss += stats.loss;
+        window_accuracy += stats.accuracy.unwrap_or(0.0);
         window_steps += 1;
         if step % job.logging_steps == 0 || step == plan.total_steps {
-            let entry = json!({
+            let mut entry = json!({
                 "epoch": round4(ts.epoch),
                 "grad_norm": stats.grad_norm,
                 "learning_rate": stats.learning_rate,
                 "loss": round4(window_loss / window_steps as f64),
                 "step": step,
             });
+            if stats.accuracy.is_some() {
+                entry["accuracy"] = json!(round4(window_accuracy / window_steps as f64));
+            }
             window_loss = 0.0;
+            window_accuracy = 0.0;
             window_steps = 0;
             tracing::info!(target: "herd::log", "{entry}");
             ts.log_history.push(entry.clone());
             observer.event(&Event::Logged(entry));
         }
-        if let Some(eval_examples) = &eval_examples {
-            if step % eval_every == 0 || step == plan.total_steps {
-                let entry = evaluate(job, &engine.model, eval_examples, pad_id, ts.epoch, step)?;
+        if rank == 0 && (step % eval_every == 0 || step == plan.total_steps) {
+            if let Some(entry) = evaluate(job, &objective, &engine.model, ts.epoch, step)? {
                 tracing::info!(target: "herd::log", "{entry}");
                 ts.log_history.push(entry.clone());
                 observer.event(&Event::Evaluated(entry));
@@ -322,8 +368,9 @@ pub fn run(
         let cadence = job.save_strategy == SaveStrategy::Steps && step % job.save_steps == 0;
         let range_end = step == end && step < plan.total_steps;
         if rank == 0 && (cadence || ((range_end || stop_requested) && step < plan.total_steps)) {
-            let (path, rotated) =
-                save_checkpoint(job, &engine, &tokenizer, &schedule, &ts, step, world)?;
+            let (path, rotated) = save_checkpoint(
+                job, &objective, &engine, &tokenizer, &schedule, &ts, step, world,
+            )?;
             observer.event(&Event::Saved {
                 step,
                 path,
@@ -358,7 +405,7 @@ pub fn run(
             "train_samples_per_second": round4((step - start_step) as f64 * plan.global_batch() as f64 / runtime),
             "train_steps_per_second": round4((step - start_step) as f64 / runtime),
         }));
-        save_final(job, &engine, &tokenizer, &ts)?;
+        save_final(job, &objective, &engine, &tokenizer, &ts)?;
     }
     observer.event(&Event::Finished {
         output_dir: job.output_dir.clone(),
@@ -368,27 +415,31 @@ pub fn run(
     Ok(Outcome::Completed { steps: step })
 }
 
-/// One HF-style eval entry of the log history.
-fn evaluate(
+/// One HF-style eval entry of the log history (None without an eval set on this rank).
+fn evaluate<O: Objective>(
     job: &JobSpec,
-    model: &Llama,
-    examples: &[Example],
-    pad_id: u32,
+    objective: &O,
+    model: &O::Model,
     epoch: f64,
     step: u64,
-) -> Result<serde_json::Value> {
+) -> Result<Option<serde_json::Value>> {
     let t = Instant::now();
     let batch = job.per_device_eval_batch_size;
-    let l = crate::eval::eval_loss(model, examples, batch, pad_id)?;
+    let Some((metrics, n)) = objective.evaluate(model, batch)? else {
+        return Ok(None);
+    };
     let dt = t.elapsed().as_secs_f64().max(1e-9);
-    Ok(json!({
+    let mut entry = json!({
         "epoch": round4(epoch),
-        "eval_loss": l.loss,
         "eval_runtime": round4(dt),
-        "eval_samples_per_second": round4(examples.len() as f64 / dt),
-        "eval_steps_per_second": round4(examples.len().div_ceil(batch.max(1)) as f64 / dt),
+        "eval_samples_per_second": round4(n as f64 / dt),
+        "eval_steps_per_second": round4(n.div_ceil(batch.max(1)) as f64 / dt),
         "step": step,
-    }))
+    });
+    for (k, v) in metrics {
+        entry[k] = v;
+    }
+    Ok(Some(entry))
 }
 
 fn round4(x: f64) -> f64 {
@@ -419,9 +470,11 @@ fn new_trainer_state(job: &JobSpec, plan: &Plan) -> TrainerState {
 }
 
 /// Everything `checkpoint-<step>` holds, written by rank 0 into a staging dir and sealed.
-fn save_checkpoint(
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint<O: Objective>(
     job: &JobSpec,
-    engine: &Engine,
+    objective: &O,
+    engine: &Engine<O::Model>,
     tokenizer: &Tokenizer,
     schedule: &LrSchedule,
     ts: &TrainerState,
@@ -429,7 +482,7 @@ fn save_checkpoint(
     world: usize,
 ) -> Result<(PathBuf, Vec<u64>)> {
     let staging = checkpoint::begin(&job.output_dir, step)?;
-    save_weights(job, &engine.model, &staging, DType::F32)?;
+    objective.save(job, &engine.model, &staging, DType::F32)?;
     tokenizer.save(&staging)?;
     state::save_optimizer(&staging, &engine.optimizer)?;
     state::save_scheduler(&staging, schedule, step)?;
@@ -445,29 +498,19 @@ fn save_checkpoint(
 }
 
 /// The final model in HF layout (bf16 when the job trains in bf16, as HF would save it).
-fn save_final(
+fn save_final<O: Objective>(
     job: &JobSpec,
-    engine: &Engine,
+    objective: &O,
+    engine: &Engine<O::Model>,
     tokenizer: &Tokenizer,
     ts: &TrainerState,
 ) -> Result<()> {
     let out = &job.output_dir;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let dtype = if job.bf16 { DType::BF16 } else { DType::F32 };
-    save_weights(job, &engine.model, out, dtype)?;
+    objective.save(job, &engine.model, out, dtype)?;
     tokenizer.save(out)?;
     ts.save(out)?;
     checkpoint::write_atomic(&out.join("training_args.yaml"), job.to_yaml().as_bytes())?;
     Ok(())
-}
-
-/// The full model in HF layout, or with LoRA the PEFT adapter (always f32, as PEFT saves it) whose
-/// `base_model_name_or_path` is the job's model as an absolute path.
-fn save_weights(job: &JobSpec, model: &Llama, dir: &Path, dtype: DType) -> Result<()> {
-    if model.lora().is_none() {
-        return Ok(model.save(dir, dtype)?);
-    }
-    let base = std::path::absolute(&job.model_name_or_path)
-        .unwrap_or_else(|_| job.model_name_or_path.clone());
-    Ok(model.save_adapter(dir, &base.to_string_lossy())?)
 }

@@ -1,0 +1,114 @@
+//! What a job trains, as the run loop sees it: a model type, examples addressed by index, how one
+//! micro-batch of them is forwarded and backpropagated, the eval metrics, and how the model is
+//! saved and resumed. The loop itself (plan, schedule, logging, checkpoints) is shared, so causal
+//! LM and reward training have the same determinism, resume and collective behaviour.
+
+use std::path::Path;
+
+use candle_core::DType;
+use herd_model::{Llama, Tokenizer};
+use herd_proto::JobSpec;
+use serde_json::{json, Map, Value};
+
+use super::engine::{Engine, Trainable};
+use crate::data::collate::collate;
+use crate::data::encode::Example;
+use crate::Result;
+
+pub trait Objective {
+    type Model: Trainable;
+
+    /// Training examples (pairs for a reward model); the plan permutes their indices.
+    fn len(&self) -> usize;
+
+    /// Forward and backward the examples `idx` as one micro-batch into `engine`; returns the
+    /// non-padding tokens fed (for throughput and `num_input_tokens_seen`).
+    fn accumulate(&self, engine: &mut Engine<Self::Model>, idx: &[usize]) -> Result<usize>;
+
+    /// Read the held-out set of `eval_data_path` (rank 0 only).
+    fn load_eval(&mut self, tokenizer: &Tokenizer, path: &Path, max_len: usize) -> Result<()>;
+
+    /// Eval metrics (`eval_loss`, ...) and the number of held-out examples, or None without a set.
+    fn evaluate(
+        &self,
+        model: &Self::Model,
+        batch_size: usize,
+    ) -> Result<Option<(Map<String, Value>, usize)>>;
+
+    /// Replace the model's weights by those of checkpoint `dir`.
+    fn resume(&self, model: &mut Self::Model, dir: &Path) -> Result<()>;
+
+    /// Write the model (what `checkpoint-<s>/` and the final output dir hold besides state).
+    fn save(&self, job: &JobSpec, model: &Self::Model, dir: &Path, dtype: DType) -> Result<()>;
+
+    fn num_parameters(&self, model: &Self::Model) -> usize;
+}
+
+/// Instruction tuning: token NLL of the response (Alpaca's train.py).
+pub struct CausalLm {
+    pub examples: Vec<Example>,
+    pub pad_id: u32,
+    pub eval: Option<Vec<Example>>,
+}
+
+impl Objective for CausalLm {
+    type Model = Llama;
+
+    fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    fn accumulate(&self, engine: &mut Engine<Llama>, idx: &[usize]) -> Result<usize> {
+        let batch_examples: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
+        let batch = collate(&batch_examples, self.pad_id);
+        engine.accumulate(&batch)?;
+        Ok(batch.attention_mask.iter().filter(|&&m| m != 0).count())
+    }
+
+    fn load_eval(&mut self, tokenizer: &Tokenizer, path: &Path, max_len: usize) -> Result<()> {
+        self.eval = Some(crate::eval::load_eval_examples(tokenizer, path, max_len)?);
+        Ok(())
+    }
+
+    fn evaluate(
+        &self,
+        model: &Llama,
+        batch_size: usize,
+    ) -> Result<Option<(Map<String, Value>, usize)>> {
+        let Some(examples) = &self.eval else {
+            return Ok(None);
+        };
+        let l = crate::eval::eval_loss(model, examples, batch_size, self.pad_id)?;
+        let mut m = Map::new();
+        m.insert("eval_loss".into(), json!(l.loss));
+        Ok(Some((m, examples.len())))
+    }
+
+    fn resume(&self, model: &mut Llama, dir: &Path) -> Result<()> {
+        if model.lora().is_some() {
+            model.load_adapter(dir)?; // the frozen base is the job's model, prepared before
+        } else {
+            *model = Llama::load(dir)?;
+        }
+        Ok(())
+    }
+
+    fn save(&self, job: &JobSpec, model: &Llama, dir: &Path, dtype: DType) -> Result<()> {
+        save_weights(job, model, dir, dtype)
+    }
+
+    fn num_parameters(&self, model: &Llama) -> usize {
+        model.num_parameters()
+    }
+}
+
+/// The full model in HF layout, or with LoRA the PEFT adapter (always f32, as PEFT saves it) whose
+/// `base_model_name_or_path` is the job's model as an absolute path.
+fn save_weights(job: &JobSpec, model: &Llama, dir: &Path, dtype: DType) -> Result<()> {
+    if model.lora().is_none() {
+        return Ok(model.save(dir, dtype)?);
+    }
+    let base = std::path::absolute(&job.model_name_or_path)
+        .unwrap_or_else(|_| job.model_name_or_path.clone());
+    Ok(model.save_adapter(dir, &base.to_string_lossy())?)
+}
