@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use herd_proto::JobSpec;
+use herd_proto::{JobSpec, Task};
 
 /// A job that passed every check: its spec with absolute paths, and that spec as YAML (what the
 /// assignments carry).
@@ -99,11 +99,22 @@ pub fn validate_submission(
         }
     }
     // Every file is read (format, records) and the mixture built, as the trainer will.
-    let loaded =
-        herd_worker::data::mixture::load_mixture(&spec.data_path, spec.seed, spec.skip_bad_records)
-            .map_err(|e| Refusal(format!("{source}: `data_path`: {e}")))?;
+    let refuse = |e: herd_worker::Error| Refusal(format!("{source}: `data_path`: {e}"));
+    let n = match spec.task {
+        Task::CausalLm => herd_worker::data::mixture::load_mixture(
+            &spec.data_path,
+            spec.seed,
+            spec.skip_bad_records,
+        )
+        .map_err(|e| refuse(e.into()))?
+        .records
+        .len(),
+        Task::Reward => herd_worker::trainer::reward::comparisons(&spec)
+            .map_err(refuse)?
+            .0
+            .len(),
+    };
     let data = &spec.data_path;
-    let n = loaded.records.len();
     if spec.world_size > n {
         return bad(
             "world_size",

@@ -13,7 +13,9 @@ use serde_json::{json, Map, Value};
 use super::engine::Engine;
 use super::objective::Objective;
 use super::Setup;
-use crate::data::comparisons::{encode_comparison, load_comparisons, pad_rows, PairExample};
+use crate::data::comparisons::{
+    encode_comparison, load_comparisons, pad_rows, Comparison, PairExample,
+};
 use crate::data::mixture::select;
 use crate::eval::reward::score_pairs;
 use crate::{Error, Result};
@@ -22,6 +24,32 @@ pub struct RewardPairs {
     pub pairs: Vec<PairExample>,
     pub pad_id: u32,
     pub eval: Option<Vec<PairExample>>,
+}
+
+/// The comparisons a reward job trains on: every `data_path` file read (format checked, bad
+/// records skipped if allowed) and weighted as a mixture is; with the number of skipped records.
+/// The coordinator calls this at submit, so a job it accepts is one the trainer can read.
+pub fn comparisons(job: &JobSpec) -> Result<(Vec<Comparison>, usize)> {
+    let mut out = Vec::new();
+    let mut skipped = 0;
+    for (i, f) in job.data_path.files().iter().enumerate() {
+        if f.format != DataFormat::Auto {
+            return Err(Error::Unsupported {
+                key: "data_path",
+                reason: format!(
+                    "{}: `format:` names instruction formats; a reward job reads comparison records",
+                    f.path.display()
+                ),
+            });
+        }
+        let loaded = load_comparisons(&f.path, job.skip_bad_records)?;
+        let taken = select(loaded.pairs.len(), f.weight, job.seed, i);
+        tracing::info!(path = %f.path.display(), format = "comparisons", records = loaded.pairs.len(), skipped = loaded.skipped, taken = taken.len(), "data file");
+        skipped += loaded.skipped;
+        // weight > 1 repeats records, so indices may repeat: clone.
+        out.extend(taken.into_iter().map(|j| loaded.pairs[j].clone()));
+    }
+    Ok((out, skipped))
 }
 
 /// Tokenizer (special tokens added as for causal LM), the reward model (from a causal LM or a
@@ -41,30 +69,11 @@ pub fn prepare(job: &JobSpec) -> Result<Setup<RewardPairs>> {
         .pad_id()
         .expect("add_missing_special_tokens guarantees a pad token");
     model.set_pad_token_id(Some(pad_id));
-    let mut pairs = Vec::new();
-    let mut skipped_records = 0;
-    for (i, f) in job.data_path.files().iter().enumerate() {
-        if f.format != DataFormat::Auto {
-            return Err(Error::Unsupported {
-                key: "data_path",
-                reason: format!(
-                    "{}: `format:` names instruction formats; a reward job reads comparison records",
-                    f.path.display()
-                ),
-            });
-        }
-        let loaded = load_comparisons(&f.path, job.skip_bad_records)?;
-        let taken = select(loaded.pairs.len(), f.weight, job.seed, i);
-        tracing::info!(path = %f.path.display(), format = "comparisons", records = loaded.pairs.len(), skipped = loaded.skipped, taken = taken.len(), "data file");
-        skipped_records += loaded.skipped;
-        for j in taken {
-            pairs.push(encode_comparison(
-                &tokenizer,
-                &loaded.pairs[j],
-                job.model_max_length,
-            )?);
-        }
-    }
+    let (comparisons, skipped_records) = comparisons(job)?;
+    let pairs = comparisons
+        .iter()
+        .map(|c| encode_comparison(&tokenizer, c, job.model_max_length))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(Setup {
         tokenizer,
         model,
