@@ -99,11 +99,18 @@ pub fn validate_submission(
         }
     }
     // Every file is read (format, records) and the mixture built, as the trainer will.
-    let loaded =
+    let n = if spec.task == herd_proto::Task::Reward {
+        herd_worker::trainer::reward::load_job_comparisons(&spec)
+            .map_err(|e| Refusal(format!("{source}: `data_path`: {e}")))?
+            .0
+            .len()
+    } else {
         herd_worker::data::mixture::load_mixture(&spec.data_path, spec.seed, spec.skip_bad_records)
-            .map_err(|e| Refusal(format!("{source}: `data_path`: {e}")))?;
+            .map_err(|e| Refusal(format!("{source}: `data_path`: {e}")))?
+            .records
+            .len()
+    };
     let data = &spec.data_path;
-    let n = loaded.records.len();
     if spec.world_size > n {
         return bad(
             "world_size",

@@ -13,7 +13,9 @@ use serde_json::{json, Map, Value};
 use super::engine::Engine;
 use super::objective::Objective;
 use super::Setup;
-use crate::data::comparisons::{encode_comparison, load_comparisons, pad_rows, PairExample};
+use crate::data::comparisons::{
+    encode_comparison, load_comparisons, pad_rows, Comparison, PairExample,
+};
 use crate::data::mixture::select;
 use crate::eval::reward::score_pairs;
 use crate::{Error, Result};
@@ -41,8 +43,29 @@ pub fn prepare(job: &JobSpec) -> Result<Setup<RewardPairs>> {
         .pad_id()
         .expect("add_missing_special_tokens guarantees a pad token");
     model.set_pad_token_id(Some(pad_id));
-    let mut pairs = Vec::new();
-    let mut skipped_records = 0;
+    let (comparisons, skipped_records) = load_job_comparisons(job)?;
+    let pairs = comparisons
+        .iter()
+        .map(|c| encode_comparison(&tokenizer, c, job.model_max_length))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(Setup {
+        tokenizer,
+        model,
+        objective: RewardPairs {
+            pairs,
+            pad_id,
+            eval: None,
+        },
+        skipped_records,
+        added_tokens,
+    })
+}
+
+/// The comparisons of every `data_path` file, weights applied (`select`, as for mixtures), and how
+/// many bad records were skipped. The coordinator validates a reward job with it too.
+pub fn load_job_comparisons(job: &JobSpec) -> Result<(Vec<Comparison>, usize)> {
+    let mut out = Vec::new();
+    let mut skipped = 0;
     for (i, f) in job.data_path.files().iter().enumerate() {
         if f.format != DataFormat::Auto {
             return Err(Error::Unsupported {
@@ -56,26 +79,10 @@ pub fn prepare(job: &JobSpec) -> Result<Setup<RewardPairs>> {
         let loaded = load_comparisons(&f.path, job.skip_bad_records)?;
         let taken = select(loaded.pairs.len(), f.weight, job.seed, i);
         tracing::info!(path = %f.path.display(), format = "comparisons", records = loaded.pairs.len(), skipped = loaded.skipped, taken = taken.len(), "data file");
-        skipped_records += loaded.skipped;
-        for j in taken {
-            pairs.push(encode_comparison(
-                &tokenizer,
-                &loaded.pairs[j],
-                job.model_max_length,
-            )?);
-        }
+        skipped += loaded.skipped;
+        out.extend(taken.into_iter().map(|j| loaded.pairs[j].clone()));
     }
-    Ok(Setup {
-        tokenizer,
-        model,
-        objective: RewardPairs {
-            pairs,
-            pad_id,
-            eval: None,
-        },
-        skipped_records,
-        added_tokens,
-    })
+    Ok((out, skipped))
 }
 
 /// Rows [chosen_1..chosen_n, rejected_1..rejected_n] right-padded: ([2n, t] ids, non-pad tokens).
