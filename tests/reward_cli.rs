@@ -107,6 +107,8 @@ fn reward_model_trains_resumes_scores_and_reranks() {
         "--data",
         "heldout_pairs.json",
         "--json",
+        "--model-max-length",
+        "64",
         "--out",
         "s/pairs.jsonl",
     ]));

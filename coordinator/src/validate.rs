@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use herd_proto::{JobSpec, Task};
+use herd_proto::JobSpec;
 
 /// A job that passed every check: its spec with absolute paths, and that spec as YAML (what the
 /// assignments carry).
@@ -99,20 +99,16 @@ pub fn validate_submission(
         }
     }
     // Every file is read (format, records) and the mixture built, as the trainer will.
-    let refuse = |e: herd_worker::Error| Refusal(format!("{source}: `data_path`: {e}"));
-    let n = match spec.task {
-        Task::CausalLm => herd_worker::data::mixture::load_mixture(
-            &spec.data_path,
-            spec.seed,
-            spec.skip_bad_records,
-        )
-        .map_err(|e| refuse(e.into()))?
-        .records
-        .len(),
-        Task::Reward => herd_worker::trainer::reward::comparisons(&spec)
-            .map_err(refuse)?
+    let n = if spec.task == herd_proto::Task::Reward {
+        herd_worker::trainer::reward::load_job_comparisons(&spec)
+            .map_err(|e| Refusal(format!("{source}: `data_path`: {e}")))?
             .0
-            .len(),
+            .len()
+    } else {
+        herd_worker::data::mixture::load_mixture(&spec.data_path, spec.seed, spec.skip_bad_records)
+            .map_err(|e| Refusal(format!("{source}: `data_path`: {e}")))?
+            .records
+            .len()
     };
     let data = &spec.data_path;
     if spec.world_size > n {

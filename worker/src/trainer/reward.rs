@@ -26,32 +26,6 @@ pub struct RewardPairs {
     pub eval: Option<Vec<PairExample>>,
 }
 
-/// The comparisons a reward job trains on: every `data_path` file read (format checked, bad
-/// records skipped if allowed) and weighted as a mixture is; with the number of skipped records.
-/// The coordinator calls this at submit, so a job it accepts is one the trainer can read.
-pub fn comparisons(job: &JobSpec) -> Result<(Vec<Comparison>, usize)> {
-    let mut out = Vec::new();
-    let mut skipped = 0;
-    for (i, f) in job.data_path.files().iter().enumerate() {
-        if f.format != DataFormat::Auto {
-            return Err(Error::Unsupported {
-                key: "data_path",
-                reason: format!(
-                    "{}: `format:` names instruction formats; a reward job reads comparison records",
-                    f.path.display()
-                ),
-            });
-        }
-        let loaded = load_comparisons(&f.path, job.skip_bad_records)?;
-        let taken = select(loaded.pairs.len(), f.weight, job.seed, i);
-        tracing::info!(path = %f.path.display(), format = "comparisons", records = loaded.pairs.len(), skipped = loaded.skipped, taken = taken.len(), "data file");
-        skipped += loaded.skipped;
-        // weight > 1 repeats records, so indices may repeat: clone.
-        out.extend(taken.into_iter().map(|j| loaded.pairs[j].clone()));
-    }
-    Ok((out, skipped))
-}
-
 /// Tokenizer (special tokens added as for causal LM), the reward model (from a causal LM or a
 /// reward model dir) and the encoded comparisons of every `data_path` file, weights applied.
 pub fn prepare(job: &JobSpec) -> Result<Setup<RewardPairs>> {
@@ -69,7 +43,7 @@ pub fn prepare(job: &JobSpec) -> Result<Setup<RewardPairs>> {
         .pad_id()
         .expect("add_missing_special_tokens guarantees a pad token");
     model.set_pad_token_id(Some(pad_id));
-    let (comparisons, skipped_records) = comparisons(job)?;
+    let (comparisons, skipped_records) = load_job_comparisons(job)?;
     let pairs = comparisons
         .iter()
         .map(|c| encode_comparison(&tokenizer, c, job.model_max_length))
@@ -85,6 +59,30 @@ pub fn prepare(job: &JobSpec) -> Result<Setup<RewardPairs>> {
         skipped_records,
         added_tokens,
     })
+}
+
+/// The comparisons of every `data_path` file, weights applied (`select`, as for mixtures), and how
+/// many bad records were skipped. The coordinator validates a reward job with it too.
+pub fn load_job_comparisons(job: &JobSpec) -> Result<(Vec<Comparison>, usize)> {
+    let mut out = Vec::new();
+    let mut skipped = 0;
+    for (i, f) in job.data_path.files().iter().enumerate() {
+        if f.format != DataFormat::Auto {
+            return Err(Error::Unsupported {
+                key: "data_path",
+                reason: format!(
+                    "{}: `format:` names instruction formats; a reward job reads comparison records",
+                    f.path.display()
+                ),
+            });
+        }
+        let loaded = load_comparisons(&f.path, job.skip_bad_records)?;
+        let taken = select(loaded.pairs.len(), f.weight, job.seed, i);
+        tracing::info!(path = %f.path.display(), format = "comparisons", records = loaded.pairs.len(), skipped = loaded.skipped, taken = taken.len(), "data file");
+        skipped += loaded.skipped;
+        out.extend(taken.into_iter().map(|j| loaded.pairs[j].clone()));
+    }
+    Ok((out, skipped))
 }
 
 /// Rows [chosen_1..chosen_n, rejected_1..rejected_n] right-padded: ([2n, t] ids, non-pad tokens).
