@@ -19,6 +19,9 @@ pub struct Engine {
     loss_sum: f64,
     tokens: usize,
     max_grad_norm: f64,
+    /// Recompute each decoder layer in backward instead of keeping its activations
+    /// (`gradient_checkpointing`): less memory, one more forward.
+    recompute: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,7 +58,14 @@ impl Engine {
             loss_sum: 0.0,
             tokens: 0,
             max_grad_norm,
+            recompute: false,
         }
+    }
+
+    /// With `on`, activations are recomputed layer by layer in backward (same gradients).
+    pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
+        self.recompute = on;
+        self
     }
 
     pub fn zero_grad(&mut self) {
@@ -71,14 +81,17 @@ impl Engine {
         let shape = (batch.batch, batch.seq_len);
         let input = Tensor::from_vec(batch.input_ids.clone(), shape, &dev)?;
         let labels = Tensor::from_vec(batch.labels.clone(), shape, &dev)?;
-        let logits = self.model.forward(&input)?;
-        let (sum, count) = causal_lm_loss_sum(&logits, &labels)?;
-        if count == 0 {
+        if batch.label_tokens() == 0 {
             return Ok((0.0, 0));
         }
-        let grads = sum.backward()?;
-        for (i, (name, var)) in self.model.trainable().iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else {
+        let (sum, count, grads) = self.model.loss_and_gradients(
+            &input,
+            batch.layout.as_ref(),
+            self.recompute,
+            |logits| causal_lm_loss_sum(logits, &labels),
+        )?;
+        for (i, ((name, _), g)) in self.model.trainable().iter().zip(&grads).enumerate() {
+            let Some(g) = g else {
                 tracing::warn!(param = %name, "parameter received no gradient");
                 continue;
             };

@@ -11,10 +11,11 @@ pub mod state;
 
 use crate::checkpoint;
 use crate::collective::Collective;
-use crate::data::collate::collate;
+use crate::data::collate::{collate, Batch};
 use crate::data::encode::Example;
 use crate::data::mixture::{encode_record, load_mixture};
 use crate::data::order::epoch_permutation;
+use crate::data::pack::{collate_packed, pack};
 use crate::error::{io_err, Result};
 use crate::optim::AdamWConfig;
 use crate::schedule::LrSchedule;
@@ -198,7 +199,8 @@ pub fn run(
         added_tokens,
     } = prepared;
     let (rank, world) = (collective.rank(), collective.world_size());
-    let plan = Plan::new(job, examples.len(), world)?;
+    let units = plan_units(job, &examples);
+    let plan = Plan::new(job, units.len(), world)?;
     let schedule = schedule_for(job, &plan);
     let pad_id = tokenizer
         .pad_id()
@@ -226,7 +228,8 @@ pub fn run(
             "LoRA: only the adapters train"
         );
     }
-    let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm);
+    let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm)
+        .with_gradient_checkpointing(job.gradient_checkpointing);
     if let Some(dir) = &resumed_from {
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
@@ -276,8 +279,8 @@ pub fn run(
             if positions.is_empty() {
                 continue;
             }
-            let batch_examples: Vec<&Example> = positions.map(|p| &examples[perm[p]]).collect();
-            let batch = collate(&batch_examples, pad_id);
+            let batch_units: Vec<&[usize]> = positions.map(|p| units[perm[p]].as_slice()).collect();
+            let batch = micro_batch(job.packing, &batch_units, &examples, pad_id);
             seen_tokens += batch.attention_mask.iter().filter(|&&m| m != 0).count();
             engine.accumulate(&batch)?;
         }
@@ -371,6 +374,37 @@ pub fn run(
         runtime_s: runtime,
     });
     Ok(Outcome::Completed { steps: step })
+}
+
+/// What the plan orders and slices: with `packing`, rows of examples packed up to
+/// model_max_length tokens (a pure function of the example lengths); else one example each.
+fn plan_units(job: &JobSpec, examples: &[Example]) -> Vec<Vec<usize>> {
+    if !job.packing {
+        return (0..examples.len()).map(|i| vec![i]).collect();
+    }
+    let lengths: Vec<usize> = examples.iter().map(Example::len).collect();
+    let rows = pack(&lengths, job.model_max_length);
+    tracing::info!(
+        examples = examples.len(),
+        rows = rows.len(),
+        max_len = job.model_max_length,
+        "packing: examples share rows; per_device_train_batch_size counts rows"
+    );
+    rows
+}
+
+/// The micro-batch of `units`: packed rows with their layout, or right-padded examples.
+fn micro_batch(packing: bool, units: &[&[usize]], examples: &[Example], pad_id: u32) -> Batch {
+    if packing {
+        let rows: Vec<Vec<&Example>> = units
+            .iter()
+            .map(|u| u.iter().map(|&i| &examples[i]).collect())
+            .collect();
+        collate_packed(&rows, pad_id)
+    } else {
+        let rows: Vec<&Example> = units.iter().map(|u| &examples[u[0]]).collect();
+        collate(&rows, pad_id)
+    }
 }
 
 /// One HF-style eval entry of the log history.
