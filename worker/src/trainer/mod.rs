@@ -269,7 +269,7 @@ pub fn run(
         let ts_step = Instant::now();
         let epoch = plan.epoch_of(step);
         if epoch != perm_epoch {
-            perm = epoch_permutation(plan.seed, epoch, examples.len());
+            perm = epoch_permutation(plan.seed, epoch, units.len());
             perm_epoch = epoch;
         }
         engine.zero_grad();
@@ -385,10 +385,10 @@ fn plan_units(job: &JobSpec, examples: &[Example]) -> Vec<Vec<usize>> {
     let lengths: Vec<usize> = examples.iter().map(Example::len).collect();
     let rows = pack(&lengths, job.model_max_length);
     tracing::info!(
-        examples = examples.len(),
-        rows = rows.len(),
-        max_len = job.model_max_length,
-        "packing: examples share rows; per_device_train_batch_size counts rows"
+        "packing: {} examples into {} rows of up to {} tokens; per_device_train_batch_size counts rows",
+        examples.len(),
+        rows.len(),
+        job.model_max_length
     );
     rows
 }
