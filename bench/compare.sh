@@ -12,12 +12,11 @@ HERD=${HERD:-$( [ -x target/release/herd ] && echo target/release/herd || echo t
 PYTHON=${PYTHON:-python3}
 ROUNDS=${ROUNDS:-3}
 out=$(mktemp -d)
-# The demo preset's vocabulary is the demo tokenizer's; herd knows it, the script is told it.
-demo_vocab=$("$HERD" bench --json "${ARGS[@]}" --steps 1 --warmup 0 | "$PYTHON" -c '
-import json,sys; j=json.load(sys.stdin); print(j.get("vocab_size", 0))')
 for r in $(seq "$ROUNDS"); do
   "$HERD" bench --json "${ARGS[@]}" | tee -a "$out/herd.jsonl"
-  "$PYTHON" bench/baseline_transformers.py --demo-vocab "$demo_vocab" "${ARGS[@]}" | tee -a "$out/hf.jsonl"
+  # The demo preset's vocabulary is the demo tokenizer's: herd reports it, the baseline is told.
+  vocab=$(tail -n 1 "$out/herd.jsonl" | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["vocab_size"])')
+  "$PYTHON" bench/baseline_transformers.py --demo-vocab "$vocab" "${ARGS[@]}" | tee -a "$out/hf.jsonl"
 done
 "$PYTHON" - "$out" <<'PY'
 import json, statistics, sys
