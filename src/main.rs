@@ -51,6 +51,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DataCmd,
     },
+    /// Training throughput of a model config on random tokens: tokens/s, MFU, peak memory.
+    Bench(cli::bench::BenchArgs),
     /// The no-download demo: a tiny LLaMA learns simple instruction tasks on the CPU.
     Demo(cli::demo::DemoArgs),
     /// Run a job on this machine: a private coordinator and N local workers (like torchrun --standalone).
@@ -158,6 +160,7 @@ fn main() {
                 },
         } => cli::data::preview(&job, examples, tokens, color),
         Cmd::Demo(a) => cli::demo::run(&a),
+        Cmd::Bench(a) => cli::bench::run(&a),
         Cmd::Run(a) => cli::run::run(&a),
         Cmd::Coordinator(a) => cli::coordinator::run(&a),
         Cmd::Worker(a) => cli::worker::run(&a),

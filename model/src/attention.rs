@@ -1,7 +1,10 @@
 //! `LlamaAttention`: q/k/v projections, rotary embeddings, grouped KV heads (repeat_kv), causal
 //! scaled dot-product attention with a max-subtracted softmax, o_proj.
 //!
-//! Masking is causal only. That equals transformers with an `attention_mask` for RIGHT-padded
+//! The additive mask comes from the caller: causal ([`causal_mask`]) for plain batches, or the
+//! block-diagonal causal mask of a packed batch ([`crate::layout::Layout`]).
+//!
+//! Causal masking of a padded batch equals transformers with an `attention_mask` for RIGHT-padded
 //! batches: pads come after every real token, so no real position ever attends to a pad and the
 //! logits at real positions are identical (logits at pad positions differ and must be ignored;
 //! the loss ignores them through labels = -100). Left padding is not supported.
@@ -40,12 +43,14 @@ pub struct Attention {
 
 impl Attention {
     /// x: [b, t, hidden] at positions offset..offset+t (offset = tokens already in `cache`);
-    /// cos/sin: [t, head_dim]. Returns [b, t, hidden]. With a cache, the new k/v are appended.
+    /// cos/sin: [t, head_dim] or [b, 1, t, head_dim]; mask: additive, broadcastable to
+    /// [b, heads, t, total]. Returns [b, t, hidden]. With a cache, the new k/v are appended.
     pub fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        mask: &Tensor,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -72,13 +77,12 @@ impl Attention {
                 kv
             }
         };
-        let total = k.dim(2)?;
         let k = repeat_kv(&k, self.heads / self.kv_heads)?; // [b, heads, total, d]
         let v = repeat_kv(&v, self.heads / self.kv_heads)?;
 
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?; // [b, heads, t, total]
-        let scores = scores.broadcast_add(&causal_mask(t, total, x.device())?)?;
+        let scores = scores.broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // [b, heads, t, d]
         let out = out.transpose(1, 2)?.contiguous()?.reshape((b, t, ()))?;
@@ -99,7 +103,7 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 }
 
 /// [t, total] additive mask for t queries at positions total-t..total: -inf where key > query.
-fn causal_mask(t: usize, total: usize, device: &Device) -> Result<Tensor> {
+pub fn causal_mask(t: usize, total: usize, device: &Device) -> Result<Tensor> {
     let offset = total - t;
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| {

@@ -10,10 +10,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::attention::{Attention, LayerCache};
+use crate::attention::{causal_mask, Attention, LayerCache};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::init::SplitMix64;
+use crate::layout::Layout;
 use crate::lora::{self, Lora, LoraConfig};
 use crate::mlp::LoraPath;
 use crate::mlp::{Linear, Mlp};
@@ -34,18 +35,17 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// x: [b, t, hidden] -> [b, t, hidden]
-    fn forward(
+    /// x: [b, t, hidden] -> [b, t, hidden]; `pos` carries RoPE's cos/sin and the attention mask.
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        pos: &Positions,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let h =
-            (x + self
-                .self_attn
-                .forward(&self.input_layernorm.forward(x)?, cos, sin, cache)?)?;
+        let normed = self.input_layernorm.forward(x)?;
+        let h = (x + self
+            .self_attn
+            .forward(&normed, &pos.cos, &pos.sin, &pos.mask, cache)?)?;
         Ok((&h
             + self
                 .mlp
@@ -53,12 +53,19 @@ impl DecoderLayer {
     }
 }
 
+/// What every decoder layer needs to know about token positions, computed once per forward.
+pub(crate) struct Positions {
+    cos: Tensor,  // [t, head_dim], or [b, 1, t, head_dim] with a layout
+    sin: Tensor,  // same shape as cos
+    mask: Tensor, // additive: [t, total] causal, or [b, 1, t, t] block-diagonal causal
+}
+
 /// The network over some set of weight tensors: the trainable vars, or detached copies for
 /// inference (see `generate`).
 #[derive(Debug, Clone)]
 pub struct Net {
     embed_tokens: Tensor, // [vocab, hidden]
-    layers: Vec<DecoderLayer>,
+    pub(crate) layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear, // [vocab, hidden]; embed_tokens itself when tied
     rope: Rope,
@@ -134,31 +141,89 @@ impl Net {
         input_ids: &Tensor,
         caches: Option<&mut [LayerCache]>,
     ) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
+        let (_, t) = input_ids.dims2()?;
         let offset = caches
             .as_ref()
             .and_then(|c| c.first())
             .map_or(0, |c| c.len());
-        // Embedding lookup as index_select, whose backward (index_add) candle records.
-        let ids = input_ids.flatten_all()?.to_dtype(DType::U32)?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, t, ()))?;
-        let (cos, sin) = self.rope.cos_sin(offset, t, input_ids.device())?;
+        let mut x = self.embed(input_ids)?;
+        let pos = self.causal_positions(offset, t, input_ids.device())?;
         match caches {
             Some(caches) => {
                 for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-                    x = layer.forward(&x, &cos, &sin, Some(cache))?;
+                    x = layer.forward(&x, &pos, Some(cache))?;
                 }
             }
             None => {
                 for layer in &self.layers {
-                    x = layer.forward(&x, &cos, &sin, None)?;
+                    x = layer.forward(&x, &pos, None)?;
                 }
             }
         }
         self.norm.forward(&x)
+    }
+
+    /// input_ids: [b, t] (u32) laid out by `layout` (packed examples: per-token positions and a
+    /// block-diagonal causal mask), or plain causal rows without one. Returns logits [b, t, vocab].
+    pub fn forward_with_layout(
+        &self,
+        input_ids: &Tensor,
+        layout: Option<&Layout>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed(input_ids)?;
+        let pos = self.positions(input_ids, layout)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &pos, None)?;
+        }
+        self.head(&x)
+    }
+
+    /// input_ids: [b, t] -> [b, t, hidden]. Embedding lookup as index_select, whose backward
+    /// (index_add) candle records.
+    pub(crate) fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let ids = input_ids.flatten_all()?.to_dtype(DType::U32)?;
+        Ok(self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, t, ()))?)
+    }
+
+    /// [b, t, hidden] -> logits [b, t, vocab]
+    pub(crate) fn head(&self, x: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(&self.norm.forward(x)?)
+    }
+
+    fn causal_positions(&self, offset: usize, t: usize, device: &Device) -> Result<Positions> {
+        let (cos, sin) = self.rope.cos_sin(offset, t, device)?;
+        let mask = causal_mask(t, offset + t, device)?;
+        Ok(Positions { cos, sin, mask })
+    }
+
+    /// The positions of a training forward over input_ids [b, t], with or without a layout.
+    pub(crate) fn positions(
+        &self,
+        input_ids: &Tensor,
+        layout: Option<&Layout>,
+    ) -> Result<Positions> {
+        let (b, t) = input_ids.dims2()?;
+        let device = input_ids.device();
+        let Some(layout) = layout else {
+            return self.causal_positions(0, t, device);
+        };
+        if layout.dims() != (b, t) {
+            return Err(Error::InvalidArgument(format!(
+                "layout {:?} does not match input_ids [{b}, {t}]",
+                layout.dims()
+            )));
+        }
+        let (cos, sin) = self.rope.cos_sin_at(layout.position_ids(), device)?; // [b*t, d]
+        let d = cos.dim(1)?;
+        Ok(Positions {
+            cos: cos.reshape((b, 1, t, d))?,
+            sin: sin.reshape((b, 1, t, d))?,
+            mask: layout.attention_mask(device)?,
+        })
     }
 
     pub fn num_layers(&self) -> usize {
@@ -207,7 +272,7 @@ type Adapter<'a> = dyn Fn(&str) -> Option<LoraPath> + 'a;
 pub struct Llama {
     cfg: LlamaConfig,
     vars: Vec<(String, Var)>,
-    net: Net,
+    pub(crate) net: Net,
     /// With LoRA the base weights are frozen (the net sees detached copies, so backward computes
     /// no gradient for them) and only the adapter vars are trainable.
     lora: Option<Lora>,
@@ -367,6 +432,15 @@ impl Llama {
     /// input_ids: [b, t] -> final-normed hidden states [b, t, hidden], recording the graph.
     pub fn hidden_states(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.net.hidden_states(input_ids, None)
+    }
+
+    /// As `forward`, over a batch laid out by `layout` (packed examples); see [`Layout`].
+    pub fn forward_with_layout(
+        &self,
+        input_ids: &Tensor,
+        layout: Option<&Layout>,
+    ) -> Result<Tensor> {
+        self.net.forward_with_layout(input_ids, layout)
     }
 
     /// The network over detached copies of the weights (shared storage, no graph): inference

@@ -46,10 +46,18 @@ impl Rope {
 
     /// cos and sin for positions offset..offset+t, each [t, head_dim].
     pub fn cos_sin(&self, offset: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let positions: Vec<u32> = (offset..offset + t).map(|p| p as u32).collect();
+        self.cos_sin_at(&positions, device)
+    }
+
+    /// cos and sin for arbitrary positions (one per token, e.g. restarting at 0 for each packed
+    /// example), each [n, head_dim] for n = positions.len().
+    pub fn cos_sin_at(&self, positions: &[u32], device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(t * 2 * half);
-        let mut sin = Vec::with_capacity(t * 2 * half);
-        for p in offset..offset + t {
+        let n = positions.len();
+        let mut cos = Vec::with_capacity(n * 2 * half);
+        let mut sin = Vec::with_capacity(n * 2 * half);
+        for &p in positions {
             // emb = cat(freqs, freqs): the same angle for column i and i + d/2.
             for _ in 0..2 {
                 for &f in &self.inv_freq {
@@ -59,14 +67,15 @@ impl Rope {
                 }
             }
         }
-        let shape = (t, 2 * half);
+        let shape = (n, 2 * half);
         Ok((
             Tensor::from_vec(cos, shape, device)?,
             Tensor::from_vec(sin, shape, device)?,
         ))
     }
 
-    /// x: [b, heads, t, head_dim]; cos/sin: [t, head_dim]. x * cos + rotate_half(x) * sin.
+    /// x: [b, heads, t, head_dim]; cos/sin: [t, head_dim] (or [b, 1, t, head_dim] for per-row
+    /// positions). x * cos + rotate_half(x) * sin.
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
     }

@@ -393,6 +393,15 @@ pub struct JobSpec {
     /// Alpaca train.py's maximum sequence length (tokens, bos included).
     #[serde(default = "d_max_len")]
     pub model_max_length: usize,
+    /// Sequence packing (TRL's `packing`): several examples share each row of up to
+    /// model_max_length tokens, with positions restarting and attention kept inside each example.
+    /// per_device_train_batch_size then counts packed rows.
+    #[serde(default)]
+    pub packing: bool,
+    /// HF's activation recompute: decoder layers keep only their inputs and run forward again in
+    /// backward (less memory, one more forward per step, same gradients).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     #[serde(default = "d_seed")]
     pub seed: u64,
     /// Train in bf16 with f32 master weights (GPU workers); the final model is written in bf16.
@@ -580,6 +589,14 @@ impl JobSpec {
         if let Err(reason) = self.data_path.check() {
             return bad("data_path", reason);
         }
+        if self.packing && self.task == Task::Reward {
+            return bad(
+                "packing",
+                "cannot be used with task: reward (each comparison is scored from its own row's \
+                 last token); leave packing out"
+                    .into(),
+            );
+        }
         if self.bf16 && self.fp16 {
             return bad("fp16", "bf16 and fp16 cannot both be true".into());
         }
@@ -691,6 +708,7 @@ mod tests {
             ("save_total_limit: 0", "save_total_limit"),
             ("adam_beta2: 1.0", "adam_beta2"),
             ("num_train_epochs: 0", "num_train_epochs"),
+            ("packing: true\ntask: reward", "packing"),
         ] {
             let err = JobSpec::from_yaml_str(&format!("{MIN}{extra}\n"), "j.yaml").unwrap_err();
             assert!(

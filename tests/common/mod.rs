@@ -66,10 +66,15 @@ impl Workspace {
         } else {
             "per_device_train_batch_size: 4\n"
         };
+        let max_len = if extra.contains("model_max_length") {
+            ""
+        } else {
+            "model_max_length: 64\n"
+        };
         let text = format!(
             "model_name_or_path: demo/model\ndata_path: small.json\noutput_dir: {output_dir}\n\
              {batch}learning_rate: 1.0e-3\nlogging_steps: 1\n\
-             warmup_steps: 2\nlr_scheduler_type: cosine\nweight_decay: 0.01\nmodel_max_length: 64\n{extra}"
+             warmup_steps: 2\nlr_scheduler_type: cosine\nweight_decay: 0.01\n{max_len}{extra}"
         );
         let p = self.path().join(name);
         std::fs::write(&p, text).unwrap();

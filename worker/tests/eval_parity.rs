@@ -94,6 +94,7 @@ fn batch_and_examples(step: &HashMap<String, Tensor>) -> (Batch, Vec<Example>) {
         attention_mask: mask.iter().map(|&x| x as u8).collect(),
         batch: b,
         seq_len: t,
+        layout: None,
     };
     let examples = (0..b)
         .map(|i| {

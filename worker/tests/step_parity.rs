@@ -43,6 +43,7 @@ fn batch(step: &HashMap<String, Tensor>) -> Batch {
         attention_mask: v("attention_mask").into_iter().map(|x| x as u8).collect(),
         batch: b,
         seq_len: t,
+        layout: None,
     }
 }
 
@@ -132,6 +133,7 @@ fn gradient_is_the_token_mean_across_micro_batches() {
             .to_vec(),
         batch: rows.len(),
         seq_len: whole.seq_len,
+        layout: None,
     };
     let mut split = Engine::new(resized_model(&step), adam, 1.0);
     split.zero_grad();

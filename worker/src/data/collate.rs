@@ -1,7 +1,9 @@
 //! Batching as train.py's `DataCollatorForSupervisedDataset`: right padding with the pad id to the
 //! longest example, labels padded with -100, attention_mask = (input_ids != pad_id).
+//! Packed batches (several examples per row) come from [`super::pack::collate_packed`].
 
 use candle_core::{Device, Tensor};
+use herd_model::Layout;
 
 use super::encode::{Example, IGNORE_INDEX};
 
@@ -14,6 +16,8 @@ pub struct Batch {
     pub attention_mask: Vec<u8>,
     pub batch: usize,
     pub seq_len: usize,
+    /// Packed rows: per-token positions and segments (None: one example per row, plain causal).
+    pub layout: Option<Layout>,
 }
 
 impl Batch {
@@ -76,6 +80,7 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Batch {
         attention_mask,
         batch,
         seq_len,
+        layout: None,
     }
 }
 

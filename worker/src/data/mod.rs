@@ -12,6 +12,7 @@ pub mod comparisons;
 pub mod encode;
 pub mod mixture;
 pub mod order;
+pub mod pack;
 pub mod preview;
 pub mod records;
 pub mod stats;
@@ -28,6 +29,7 @@ pub use mixture::{
     encode_record, encode_record_with_info, load_file, load_mixture, Mixture, MixtureFile, Record,
 };
 pub use order::epoch_permutation;
+pub use pack::{collate_packed, pack};
 pub use preview::{preview, preview_mixture, render_example, PreviewOptions};
 pub use records::{load_records, AlpacaRecord, Loaded};
 pub use stats::{dataset_stats, dataset_stats_records, DatasetStats, LengthStats};

@@ -46,6 +46,9 @@ pub struct Engine<M: Trainable = Llama> {
     max_grad_norm: f64,
     /// Salts the LoRA dropout masks (the job seed); see `herd_model::lora::dropout_row_key`.
     pub dropout_seed: u64,
+    /// Recompute each decoder layer in backward instead of keeping its activations
+    /// (`gradient_checkpointing`): less memory, one more forward.
+    recompute: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -86,7 +89,14 @@ impl<M: Trainable> Engine<M> {
             correct: 0,
             max_grad_norm,
             dropout_seed: 0,
+            recompute: false,
         }
+    }
+
+    /// With `on`, activations are recomputed layer by layer in backward (same gradients).
+    pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
+        self.recompute = on;
+        self
     }
 
     pub fn zero_grad(&mut self) {
@@ -102,9 +112,27 @@ impl<M: Trainable> Engine<M> {
         if count == 0 {
             return Ok(0.0);
         }
-        let grads = sum.backward()?;
-        for (i, (name, var)) in self.model.trainable().iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else {
+        let store = sum.backward()?;
+        let grads: Vec<Option<Tensor>> = self
+            .model
+            .trainable()
+            .iter()
+            .map(|(_, v)| store.get(v.as_tensor()).cloned())
+            .collect();
+        self.add_gradients(sum, &grads, count, correct)
+    }
+
+    /// Adds the gradients of a micro-batch's loss `sum` (one per trainable parameter, in order)
+    /// into the buffer. Returns the loss sum.
+    fn add_gradients(
+        &mut self,
+        sum: &Tensor,
+        grads: &[Option<Tensor>],
+        count: usize,
+        correct: usize,
+    ) -> Result<f64> {
+        for (i, ((name, _), g)) in self.model.trainable().iter().zip(grads).enumerate() {
+            let Some(g) = g else {
                 tracing::warn!(param = %name, "parameter received no gradient");
                 continue;
             };
@@ -196,14 +224,22 @@ impl Engine<Llama> {
         result
     }
 
+    /// The forward and backward, with packing layout and activation recompute as configured.
     fn forward_backward(&mut self, batch: &Batch) -> Result<(f64, usize)> {
+        if batch.label_tokens() == 0 {
+            return Ok((0.0, 0));
+        }
         let dev = Device::Cpu;
         let shape = (batch.batch, batch.seq_len);
         let input = Tensor::from_vec(batch.input_ids.clone(), shape, &dev)?;
         let labels = Tensor::from_vec(batch.labels.clone(), shape, &dev)?;
-        let logits = self.model.forward(&input)?;
-        let (sum, count) = causal_lm_loss_sum(&logits, &labels)?;
-        let s = self.add_loss(&sum, count, 0)?;
+        let (sum, count, grads) = self.model.loss_and_gradients(
+            &input,
+            batch.layout.as_ref(),
+            self.recompute,
+            |logits| causal_lm_loss_sum(logits, &labels),
+        )?;
+        let s = self.add_gradients(&sum, &grads, count, 0)?;
         Ok((s, count))
     }
 }

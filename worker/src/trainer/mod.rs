@@ -214,11 +214,7 @@ pub fn run(
             let setup = Setup {
                 tokenizer: p.tokenizer,
                 model: p.model,
-                objective: CausalLm {
-                    examples: p.examples,
-                    pad_id,
-                    eval: None,
-                },
+                objective: CausalLm::new(p.examples, pad_id, job),
                 skipped_records: p.skipped_records,
                 added_tokens: p.added_tokens,
             };
@@ -263,7 +259,8 @@ fn run_setup<O: Objective>(
         resumed_from = Some(dir);
     }
     let parameters = objective.num_parameters(&model);
-    let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm);
+    let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm)
+        .with_gradient_checkpointing(job.gradient_checkpointing);
     engine.dropout_seed = job.seed;
     if let Some(dir) = &resumed_from {
         state::load_optimizer(dir, &mut engine.optimizer)?;

@@ -11,8 +11,9 @@ use herd_proto::JobSpec;
 use serde_json::{json, Map, Value};
 
 use super::engine::{Engine, Trainable};
-use crate::data::collate::collate;
+use crate::data::collate::{collate, Batch};
 use crate::data::encode::Example;
+use crate::data::pack::{collate_packed, pack};
 use crate::Result;
 
 pub trait Objective {
@@ -47,20 +48,63 @@ pub trait Objective {
 /// Instruction tuning: token NLL of the response (Alpaca's train.py).
 pub struct CausalLm {
     pub examples: Vec<Example>,
+    /// What the plan orders and slices: with `packing`, rows of examples packed up to
+    /// model_max_length tokens (a pure function of the example lengths); else one example each.
+    pub units: Vec<Vec<usize>>,
+    pub packing: bool,
     pub pad_id: u32,
     pub eval: Option<Vec<Example>>,
+}
+
+impl CausalLm {
+    pub fn new(examples: Vec<Example>, pad_id: u32, job: &JobSpec) -> Self {
+        let units = if job.packing {
+            let lengths: Vec<usize> = examples.iter().map(Example::len).collect();
+            let rows = pack(&lengths, job.model_max_length);
+            tracing::info!(
+                "packing: {} examples into {} rows of up to {} tokens; per_device_train_batch_size counts rows",
+                examples.len(),
+                rows.len(),
+                job.model_max_length
+            );
+            rows
+        } else {
+            (0..examples.len()).map(|i| vec![i]).collect()
+        };
+        CausalLm {
+            examples,
+            units,
+            packing: job.packing,
+            pad_id,
+            eval: None,
+        }
+    }
+
+    /// The micro-batch of units `idx`: packed rows with their layout, or right-padded examples.
+    fn micro_batch(&self, idx: &[usize]) -> Batch {
+        let rows = idx.iter().map(|&u| {
+            self.units[u]
+                .iter()
+                .map(|&i| &self.examples[i])
+                .collect::<Vec<_>>()
+        });
+        if self.packing {
+            collate_packed(&rows.collect::<Vec<_>>(), self.pad_id)
+        } else {
+            collate(&rows.map(|r| r[0]).collect::<Vec<_>>(), self.pad_id)
+        }
+    }
 }
 
 impl Objective for CausalLm {
     type Model = Llama;
 
     fn len(&self) -> usize {
-        self.examples.len()
+        self.units.len()
     }
 
     fn accumulate(&self, engine: &mut Engine<Llama>, idx: &[usize]) -> Result<usize> {
-        let batch_examples: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
-        let batch = collate(&batch_examples, self.pad_id);
+        let batch = self.micro_batch(idx);
         engine.accumulate(&batch)?;
         Ok(batch.attention_mask.iter().filter(|&&m| m != 0).count())
     }
