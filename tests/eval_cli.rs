@@ -68,6 +68,26 @@ fn eval_during_training_predict_and_eval() {
             .arg(&preds),
     );
     let text = String::from_utf8(read(&preds)).unwrap();
+    // Batched decoding: the answers do not depend on the batch size (default 8: 8 + 4 records).
+    let one = ws.path().join("preds/one.jsonl");
+    run_ok(
+        herd()
+            .current_dir(ws.path())
+            .args([
+                "predict",
+                "--model",
+                "out",
+                "--data",
+                "heldout.json",
+                "--max-new-tokens",
+                "8",
+                "--batch-size",
+                "1",
+                "--out",
+            ])
+            .arg(&one),
+    );
+    assert_eq!(String::from_utf8(read(&one)).unwrap(), text);
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -42,14 +42,7 @@ pub fn generate(
     if prompt_ids.is_empty() {
         return Err(Error::InvalidArgument("empty prompt".into()));
     }
-    // Written so that NaN fails both checks.
-    let valid = opts.temperature >= 0.0 && opts.top_p > 0.0 && opts.top_p <= 1.0;
-    if !valid {
-        return Err(Error::InvalidArgument(format!(
-            "temperature {} must be >= 0 and top_p {} in (0, 1]",
-            opts.temperature, opts.top_p
-        )));
-    }
+    check_options(opts)?;
     let net = model.inference_net();
     let mut caches = vec![LayerCache::default(); net.num_layers()];
     let mut rng = SplitMix64::new(opts.seed);
@@ -69,6 +62,114 @@ pub fn generate(
         }
         out.push(next);
         input = vec![next];
+    }
+    Ok(out)
+}
+
+fn check_options(opts: &GenerateOptions) -> Result<()> {
+    // Written so that NaN fails both checks.
+    let valid = opts.temperature >= 0.0 && opts.top_p > 0.0 && opts.top_p <= 1.0;
+    if !valid {
+        return Err(Error::InvalidArgument(format!(
+            "temperature {} must be >= 0 and top_p {} in (0, 1]",
+            opts.temperature, opts.top_p
+        )));
+    }
+    Ok(())
+}
+
+/// [`generate`] for several prompts at once, prompt i with `opts[i]` (its own seed): the same
+/// answers as one call per prompt, in one forward per new token for the whole batch.
+///
+/// Prompts are LEFT-padded to the longest, so every row's next token comes out of the same last
+/// column. Pads are masked out as keys (a pad query sees only itself, which keeps its softmax
+/// finite; no real token reads it) and positions count from each row's first real token, so a row
+/// computes what it would alone. Finished rows keep being fed (their output is dropped) until
+/// every row has stopped.
+pub fn generate_batch(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    eos_id: Option<u32>,
+    opts: &[GenerateOptions],
+) -> Result<Vec<Vec<u32>>> {
+    if prompts.len() != opts.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{} prompts but {} option sets",
+            prompts.len(),
+            opts.len()
+        )));
+    }
+    if prompts.iter().any(|p| p.is_empty()) {
+        return Err(Error::InvalidArgument("empty prompt".into()));
+    }
+    opts.iter().try_for_each(check_options)?;
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(vec![]);
+    }
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
+    let net = model.inference_net();
+    let mut caches = vec![LayerCache::default(); net.num_layers()];
+    let mut rngs: Vec<SplitMix64> = opts.iter().map(|o| SplitMix64::new(o.seed)).collect();
+    let mut out: Vec<Vec<u32>> = vec![vec![]; b];
+    let mut done: Vec<bool> = opts.iter().map(|o| o.max_new_tokens == 0).collect();
+
+    // Prefill: [b, width] with positions max(j - pad, 0) and a causal mask without pad keys.
+    let mut ids = Vec::with_capacity(b * width);
+    let mut positions = Vec::with_capacity(b * width);
+    let mut mask = Vec::with_capacity(b * width * width);
+    for (p, &pad) in prompts.iter().zip(&pads) {
+        ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
+        positions.extend((0..width).map(|j| j.saturating_sub(pad) as u32));
+        for i in 0..width {
+            mask.extend((0..width).map(|j| {
+                let visible = j <= i && (j >= pad || j == i);
+                if visible {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
+        }
+    }
+    let device = Device::Cpu;
+    let mut input = Tensor::from_vec(ids, (b, width), &device)?;
+    let mut mask = Tensor::from_vec(mask, (b, 1, width, width), &device)?;
+    let mut step = 0usize;
+    while !done.iter().all(|&d| d) {
+        let logits = net.forward_decode(&input, &positions, mask, &mut caches)?;
+        let t = logits.dim(1)?;
+        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?; // [b, vocab]
+        let mut next = vec![0u32; b];
+        for r in 0..b {
+            if done[r] {
+                continue;
+            }
+            let row = last.get(r)?;
+            let tok = if opts[r].temperature == 0.0 {
+                argmax(&row.to_vec1::<f32>()?)
+            } else {
+                sample(&row, opts[r].temperature, opts[r].top_p, &mut rngs[r])?
+            };
+            if Some(tok) == eos_id {
+                done[r] = true;
+                continue;
+            }
+            out[r].push(tok);
+            next[r] = tok;
+            done[r] = out[r].len() >= opts[r].max_new_tokens;
+        }
+        // The next token of row r sits at position len_r + step; every real key is visible.
+        let total = width + step + 1;
+        positions = (0..b).map(|r| (prompts[r].len() + step) as u32).collect();
+        let m: Vec<f32> = pads
+            .iter()
+            .flat_map(|&pad| (0..total).map(move |j| if j < pad { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        mask = Tensor::from_vec(m, (b, 1, 1, total), &device)?;
+        input = Tensor::from_vec(next, (b, 1), &device)?;
+        step += 1;
     }
     Ok(out)
 }

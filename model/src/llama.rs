@@ -194,6 +194,39 @@ impl Net {
         self.lm_head.forward(&self.norm.forward(x)?)
     }
 
+    /// Batched decoding: input_ids [b, t] follow the `caches` (one per layer), each token at its
+    /// own RoPE position (`position_ids`, [b * t] row-major), attending where the additive `mask`
+    /// [b, 1, t, total] is 0 (total = cached + t). Left-padded prompts use it to skip their pads.
+    /// Returns logits [b, t, vocab].
+    pub fn forward_decode(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &[u32],
+        mask: Tensor,
+        caches: &mut [LayerCache],
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if position_ids.len() != b * t {
+            return Err(Error::InvalidArgument(format!(
+                "{} position ids for input_ids [{b}, {t}]",
+                position_ids.len()
+            )));
+        }
+        let device = input_ids.device();
+        let (cos, sin) = self.rope.cos_sin_at(position_ids, device)?; // [b*t, d]
+        let d = cos.dim(1)?;
+        let pos = Positions {
+            cos: cos.reshape((b, 1, t, d))?,
+            sin: sin.reshape((b, 1, t, d))?,
+            mask,
+        };
+        let mut x = self.embed(input_ids)?;
+        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            x = layer.forward(&x, &pos, Some(cache))?;
+        }
+        self.head(&x)
+    }
+
     fn causal_positions(&self, offset: usize, t: usize, device: &Device) -> Result<Positions> {
         let (cos, sin) = self.rope.cos_sin(offset, t, device)?;
         let mask = causal_mask(t, offset + t, device)?;

@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use herd_model::generate::{argmax, generate, GenerateOptions};
+use herd_model::generate::{argmax, generate, generate_batch, GenerateOptions};
 use herd_model::Llama;
 
 fn full_forward_last(model: &Llama, ids: &[u32]) -> Vec<f32> {
@@ -110,4 +110,44 @@ fn sampling_is_seeded_and_top_p_narrows() {
         greedy
     );
     assert!(generate(&model, &[], None, &opts(1, 0.9)).is_err());
+}
+
+/// Prompts of different lengths decoded together (left-padded, one forward per token) give each
+/// prompt's own answer, greedy and sampled (each row with its own seed), EOS included.
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    let model = Llama::random(common::tiny_config(false), 5).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 7, 19, 33, 2, 8, 40, 11],
+        vec![1, 9],
+        vec![1, 45, 3, 17],
+        vec![4],
+    ];
+    for (temperature, top_p) in [(0.0, 1.0), (0.8, 0.9)] {
+        let opts: Vec<GenerateOptions> = (0..prompts.len())
+            .map(|i| GenerateOptions {
+                max_new_tokens: 12 + i,
+                temperature,
+                top_p,
+                seed: 100 + i as u64,
+            })
+            .collect();
+        let one_by_one: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(&opts)
+            .map(|(p, o)| generate(&model, p, None, o).unwrap())
+            .collect();
+        let batched = generate_batch(&model, &prompts, None, &opts).unwrap();
+        assert_eq!(batched, one_by_one, "temperature {temperature}");
+        assert_eq!(batched[3].len(), 15);
+        // With an EOS that some rows produce, rows stop independently.
+        let eos = one_by_one[0][3];
+        let stopped = generate_batch(&model, &prompts, Some(eos), &opts).unwrap();
+        for ((p, o), got) in prompts.iter().zip(&opts).zip(&stopped) {
+            assert_eq!(got, &generate(&model, p, Some(eos), o).unwrap());
+        }
+        assert_eq!(stopped[0].len(), 3);
+    }
+    assert!(generate_batch(&model, &[vec![]], None, &[GenerateOptions::default()]).is_err());
+    assert!(generate_batch(&model, &prompts, None, &[GenerateOptions::default()]).is_err());
 }

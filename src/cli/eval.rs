@@ -2,7 +2,8 @@
 //! `herd eval` (eval loss as HF's Trainer computes it, ROUGE-L as `rouge-score` computes it, and
 //! exact match, overall and by reference length in words as GPT-4-LLM reports them).
 //!
-//! Generation is sequential: one record at a time with a KV cache (`herd_model::generate`).
+//! Generation is batched: records are left-padded and decoded together with a KV cache
+//! (`herd_model::generate::generate_batch`); answers are the same for any batch size.
 
 use super::generate::Generator;
 use super::score::Scorer;
@@ -49,7 +50,7 @@ pub struct PredictArgs {
     /// JSONL: every record with all its fields plus "prediction" (written atomically).
     #[arg(long)]
     pub out: PathBuf,
-    /// Records per progress report. Generation itself is sequential (KV cache, one record at a time).
+    /// Records decoded together (left-padded, KV cache); answers do not depend on it.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Only the first N records.
@@ -69,7 +70,8 @@ pub struct EvalArgs {
     /// Only the first N records (for both the loss and the generations).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Batch size of the eval-loss forward passes (HF: per_device_eval_batch_size).
+    /// Batch size of the eval-loss forward passes (HF: per_device_eval_batch_size) and of the
+    /// batched decoding (answers do not depend on it).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
     /// Truncation of prompt + answer for the eval loss (train.py's model_max_length).
@@ -101,22 +103,23 @@ fn load(data: &Path, limit: Option<usize>) -> Result<Vec<RawRecord>> {
     Ok(records)
 }
 
-/// Predictions for `records`, in order.
+/// Predictions for `records`, in order, decoded `batch` records at a time.
 fn predict_all(
     g: &Generator,
     records: &[RawRecord],
     s: &SamplingArgs,
-    every: usize,
+    batch: usize,
 ) -> Result<Vec<String>> {
     let mut out = Vec::with_capacity(records.len());
-    for (i, r) in records.iter().enumerate() {
-        out.push(
-            g.answer(&r.alpaca, &s.options(i))
-                .with_context(|| format!("record {}", i + 1))?,
+    for (c, chunk) in records.chunks(batch.max(1)).enumerate() {
+        let first = c * batch.max(1);
+        let recs: Vec<_> = chunk.iter().map(|r| &r.alpaca).collect();
+        let opts: Vec<_> = (first..first + chunk.len()).map(|i| s.options(i)).collect();
+        out.extend(
+            g.answers(&recs, &opts)
+                .with_context(|| format!("records {}..={}", first + 1, first + chunk.len()))?,
         );
-        if (i + 1) % every.max(1) == 0 || i + 1 == records.len() {
-            tracing::info!("generated {}/{}", i + 1, records.len());
-        }
+        tracing::info!("generated {}/{}", out.len(), records.len());
     }
     Ok(out)
 }
@@ -134,13 +137,13 @@ fn best_of_n(
     let (mut kept, mut rewards) = (Vec::new(), Vec::new());
     for (i, r) in records.iter().enumerate() {
         let user = user_input_of(&r.alpaca);
-        let mut candidates = Vec::with_capacity(n);
-        for k in 0..n {
-            let answer = g
-                .answer(&r.alpaca, &s.options(i * n + k))
-                .with_context(|| format!("record {}, sample {}", i + 1, k + 1))?;
-            candidates.push((user.clone(), answer));
-        }
+        // The n samples of a record decode together, each with its own seed.
+        let opts: Vec<_> = (0..n).map(|k| s.options(i * n + k)).collect();
+        let answers = g
+            .answers(&vec![&r.alpaca; n], &opts)
+            .with_context(|| format!("record {}", i + 1))?;
+        let mut candidates: Vec<(String, String)> =
+            answers.into_iter().map(|a| (user.clone(), a)).collect();
         let scores = scorer.score(&candidates, n)?;
         let best = (0..n).fold(0, |b, k| if scores[k] > scores[b] { k } else { b });
         kept.push(candidates.swap_remove(best).1);
@@ -224,7 +227,7 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
             let (p, r) = best_of_n(&g, &scorer, &records, &a.sampling, a.best_of)?;
             (p, Some(r))
         }
-        None => (predict_all(&g, &records, &a.sampling, 50)?, None),
+        None => (predict_all(&g, &records, &a.sampling, a.batch_size)?, None),
     };
     let reward = rewards.map(|r| BestOf {
         n: a.best_of,

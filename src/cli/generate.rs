@@ -1,7 +1,7 @@
 //! `herd generate --model DIR`: answer an instruction with the Alpaca template.
 
 use anyhow::{Context, Result};
-use herd_model::generate::{generate, GenerateOptions};
+use herd_model::generate::{generate, generate_batch, GenerateOptions};
 use herd_model::{Llama, Tokenizer};
 use herd_worker::data::{source_text, AlpacaRecord};
 use std::io::BufRead;
@@ -42,6 +42,19 @@ impl Generator {
         let prompt = self.tokenizer.encode(&source_text(rec))?;
         let ids = generate(&self.model, &prompt, self.tokenizer.eos_id(), opts)?;
         Ok(self.tokenizer.decode(&ids, true)?.trim().to_string())
+    }
+
+    /// The answers to several records at once (one batched decode; record i with `opts[i]`):
+    /// the same text [`Generator::answer`] gives each alone.
+    pub fn answers(&self, recs: &[&AlpacaRecord], opts: &[GenerateOptions]) -> Result<Vec<String>> {
+        let prompts = recs
+            .iter()
+            .map(|r| self.tokenizer.encode(&source_text(r)))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        generate_batch(&self.model, &prompts, self.tokenizer.eos_id(), opts)?
+            .iter()
+            .map(|ids| Ok(self.tokenizer.decode(ids, true)?.trim().to_string()))
+            .collect()
     }
 }
 
