@@ -41,14 +41,12 @@ impl DecoderLayer {
         sin: &Tensor,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let h =
-            (x + self
-                .self_attn
-                .forward(&self.input_layernorm.forward(x)?, cos, sin, cache)?)?;
-        Ok((&h
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+        let a = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, cos, sin, cache)?;
+        // h = x + a and its norm: one fused kernel on CUDA, the same ops as before on CPU.
+        let (h, normed) = self.post_attention_layernorm.add_forward(x, &a)?;
+        Ok((&h + self.mlp.forward(&normed)?)?)
     }
 }
 
@@ -122,6 +120,11 @@ impl Net {
     /// input_ids: [b, t] (u32) at positions offset..offset+t, offset = length of `caches` (one per
     /// layer) or 0 without. Returns logits [b, t, vocab].
     pub fn forward(&self, input_ids: &Tensor, caches: Option<&mut [LayerCache]>) -> Result<Tensor> {
+        self.lm_head.forward(&self.hidden(input_ids, caches)?)
+    }
+
+    /// The final normed hidden states [b, t, hidden] (the lm_head's input).
+    pub fn hidden(&self, input_ids: &Tensor, caches: Option<&mut [LayerCache]>) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let offset = caches
             .as_ref()
@@ -146,7 +149,7 @@ impl Net {
                 }
             }
         }
-        self.lm_head.forward(&self.norm.forward(&x)?)
+        self.norm.forward(&x)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -350,6 +353,32 @@ impl Llama {
     /// `backward`. Causal mask only; see `attention` for why that is exact for right padding.
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
         self.net.forward(input_ids, None)
+    }
+
+    /// Final hidden states [b, t, hidden] and the lm_head weight [vocab, hidden] when the head is
+    /// a plain x Wᵀ (no LoRA on it), for a loss fused with the head (CUDA issue #5).
+    pub fn forward_hidden(&self, input_ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let head = self.net.lm_head.plain_weight().cloned();
+        Ok((self.net.hidden(input_ids, None)?, head))
+    }
+
+    /// Every parameter and adapter moved to `device` as `dtype`, in fresh vars; the net is
+    /// rebuilt over them (GPU workers: bf16 on cuda:N; the f32 master copy is the trainer's).
+    pub fn to_device(&mut self, device: &Device, dtype: DType) -> Result<()> {
+        let moved = |v: &Var| -> Result<Var> {
+            let t = v.as_tensor().to_dtype(dtype)?.to_device(device)?;
+            Ok(Var::from_tensor(&t.detach())?)
+        };
+        for (_, v) in self.vars.iter_mut() {
+            *v = moved(v)?;
+        }
+        if let Some(l) = self.lora.as_mut() {
+            for (_, v) in l.vars.iter_mut() {
+                *v = moved(v)?;
+            }
+        }
+        self.rebuild();
+        Ok(())
     }
 
     /// The network over detached copies of the weights (shared storage, no graph): inference
