@@ -6,8 +6,9 @@ use candle_core::Device;
 
 use crate::error::{Bytes, Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
+    #[default]
     Cpu,
     Cuda(usize),
 }
