@@ -35,6 +35,9 @@ enum Cmd {
         /// No progress bar (log lines only).
         #[arg(long)]
         no_progress: bool,
+        /// cpu, or cuda:N (bf16 compute, f32 master weights; needs a build with --features cuda).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Answer an instruction with a trained model (Alpaca template, KV cache).
     Generate(cli::generate::GenerateArgs),
@@ -144,7 +147,8 @@ fn main() {
             job,
             until_step,
             no_progress,
-        } => cli::train::run(&job, until_step, !no_progress).map(|_| ()),
+            device,
+        } => cli::train::run(&job, until_step, !no_progress, &device).map(|_| ()),
         Cmd::Generate(a) => cli::generate::run(&a),
         Cmd::Merge(a) => cli::merge::run(&a),
         Cmd::Predict(a) => cli::eval::predict(&a),

@@ -81,6 +81,19 @@ impl Attention {
         let v = repeat_kv(&v, self.heads / self.kv_heads)?;
 
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // A 2-D mask is the plain causal one ([t, total]); packed and left-padded batches bring
+        // their own [b, 1, t, total] masks, which the fused kernel does not know.
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && mask.rank() == 2 {
+            // scale, causal mask and softmax in one kernel (CUDA issue #5)
+            let probs = herd_kernels::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
+            let out = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, t, ()))?;
+            return self.o_proj.forward(&out);
+        }
         let scores = (q.matmul(&k.t()?)? * scale)?; // [b, heads, t, total]
         let scores = scores.broadcast_add(mask)?;
         let probs = softmax_last_dim(&scores)?;

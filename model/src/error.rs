@@ -54,6 +54,9 @@ pub enum Error {
     InvalidArgument(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A fused kernel refused its input or the CUDA device failed (CUDA issue #5).
+    #[error(transparent)]
+    Kernels(#[from] herd_kernels::Error),
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
 }

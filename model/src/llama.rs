@@ -42,14 +42,16 @@ impl DecoderLayer {
         pos: &Positions,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let normed = self.input_layernorm.forward(x)?;
-        let h = (x + self
-            .self_attn
-            .forward(&normed, &pos.cos, &pos.sin, &pos.mask, cache)?)?;
-        Ok((&h
-            + self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+        let a = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            &pos.cos,
+            &pos.sin,
+            &pos.mask,
+            cache,
+        )?;
+        // h = x + a and its norm: one fused kernel on CUDA, the same ops as before on CPU.
+        let (h, normed) = self.post_attention_layernorm.add_forward(x, &a)?;
+        Ok((&h + self.mlp.forward(&normed)?)?)
     }
 }
 
@@ -474,6 +476,32 @@ impl Llama {
         layout: Option<&Layout>,
     ) -> Result<Tensor> {
         self.net.forward_with_layout(input_ids, layout)
+    }
+
+    /// Final hidden states [b, t, hidden] and the lm_head weight [vocab, hidden] when the head is
+    /// a plain x Wᵀ (no LoRA on it), for a loss fused with the head (CUDA issue #5).
+    pub fn forward_hidden(&self, input_ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let head = self.net.lm_head.plain_weight().cloned();
+        Ok((self.net.hidden_states(input_ids, None)?, head))
+    }
+
+    /// Every parameter and adapter moved to `device` as `dtype`, in fresh vars; the net is
+    /// rebuilt over them (GPU workers: bf16 on cuda:N; the f32 master copy is the trainer's).
+    pub fn to_device(&mut self, device: &Device, dtype: DType) -> Result<()> {
+        let moved = |v: &Var| -> Result<Var> {
+            let t = v.as_tensor().to_dtype(dtype)?.to_device(device)?;
+            Ok(Var::from_tensor(&t.detach())?)
+        };
+        for (_, v) in self.vars.iter_mut() {
+            *v = moved(v)?;
+        }
+        if let Some(l) = self.lora.as_mut() {
+            for (_, v) in l.vars.iter_mut() {
+                *v = moved(v)?;
+            }
+        }
+        self.rebuild();
+        Ok(())
     }
 
     /// The network over detached copies of the weights (shared storage, no graph): inference

@@ -62,3 +62,38 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
     let sum = (picked * mask)?.sum_all()?.neg()?;
     Ok((sum, count))
 }
+
+/// [`causal_lm_loss_sum`] with the lm_head fused in (herd-kernels): hidden [b, t, d] and the head
+/// weight [vocab, d] instead of logits, so the [b·t, vocab] logits are never stored; softmax and
+/// loss in f32 whatever the hidden dtype. Same value and gradients (tested against it).
+pub fn causal_lm_loss_sum_fused(
+    hidden: &Tensor,
+    head: &Tensor,
+    labels: &Tensor,
+) -> Result<(Tensor, usize)> {
+    let (b, t, d) = hidden.dims3()?;
+    if labels.dims() != [b, t] {
+        return Err(Error::InvalidArgument(format!(
+            "labels shape {:?} does not match hidden {:?}",
+            labels.dims(),
+            hidden.dims()
+        )));
+    }
+    if t < 2 {
+        return Ok((Tensor::zeros((), DType::F32, hidden.device())?, 0));
+    }
+    let n = b * (t - 1);
+    let h = hidden.narrow(1, 0, t - 1)?.reshape((n, d))?; // predictions for 1..t
+    let labels = labels
+        .to_dtype(DType::I64)?
+        .narrow(1, 1, t - 1)?
+        .flatten_all()?
+        .to_vec1::<i64>()?;
+    let (sum, count) = herd_kernels::fused_linear_cross_entropy(
+        &h,
+        head,
+        &labels,
+        herd_kernels::cross_entropy::CHUNK_BUDGET_BYTES,
+    )?;
+    Ok((sum, count))
+}

@@ -26,6 +26,11 @@ pub struct LoraPath {
 }
 
 impl Linear {
+    /// W when y = x Wᵀ exactly (no bias, no LoRA): what a fused lm_head loss may use.
+    pub fn plain_weight(&self) -> Option<&Tensor> {
+        (self.bias.is_none() && self.lora.is_none()).then_some(&self.weight)
+    }
+
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
             weight,
@@ -122,6 +127,11 @@ impl Mlp {
     /// x: [b, t, hidden] -> [b, t, hidden]. candle-core's `silu` records its backward
     /// (backprop.rs, UnaryOp::Silu), unlike the fused candle-nn ops.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (g, u) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+            return self.down_proj.forward(&herd_kernels::swiglu(&g, &u)?); // CUDA issue #5
+        }
         let gate = self.gate_proj.forward(x)?.silu()?;
         let up = self.up_proj.forward(x)?;
         self.down_proj.forward(&(gate * up)?)

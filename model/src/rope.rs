@@ -77,6 +77,10 @@ impl Rope {
     /// x: [b, heads, t, head_dim]; cos/sin: [t, head_dim] (or [b, 1, t, head_dim] for per-row
     /// positions). x * cos + rotate_half(x) * sin.
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return Ok(herd_kernels::rope(x, cos, sin)?); // fused, CUDA issue #5
+        }
         Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
     }
 }

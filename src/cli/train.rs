@@ -3,6 +3,7 @@
 
 use super::progress::Progress;
 use anyhow::{Context, Result};
+use herd_kernels::device::DeviceSpec;
 use herd_proto::JobSpec;
 use herd_worker::collective::SingleProcess;
 use herd_worker::trainer::{self, Outcome, RunOptions};
@@ -34,12 +35,27 @@ pub fn check_paths(job: &JobSpec) -> Result<()> {
     Ok(())
 }
 
-pub fn run(job_path: &Path, until_step: Option<u64>, progress: bool) -> Result<Outcome> {
+pub fn run(
+    job_path: &Path,
+    until_step: Option<u64>,
+    progress: bool,
+    device: &str,
+) -> Result<Outcome> {
+    let device = DeviceSpec::parse(device)?;
     let job = load_job(job_path)?;
-    run_job(&job, until_step, progress)
+    run_job_on(&job, until_step, progress, device)
 }
 
 pub fn run_job(job: &JobSpec, until_step: Option<u64>, progress: bool) -> Result<Outcome> {
+    run_job_on(job, until_step, progress, DeviceSpec::Cpu)
+}
+
+pub fn run_job_on(
+    job: &JobSpec,
+    until_step: Option<u64>,
+    progress: bool,
+    device: DeviceSpec,
+) -> Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
@@ -47,6 +63,7 @@ pub fn run_job(job: &JobSpec, until_step: Option<u64>, progress: bool) -> Result
     let opts = RunOptions {
         until_step,
         stop: Some(stop),
+        device,
     };
     let mut observer = Progress::new(progress);
     let span = tracing::info_span!("job", output_dir = %job.output_dir.display(), rank = 0);

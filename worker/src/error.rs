@@ -37,6 +37,9 @@ pub enum Error {
     NonFiniteLoss { step: u64, loss: f32 },
     #[error("`{key}` is not supported yet: {reason}")]
     Unsupported { key: &'static str, reason: String },
+    /// The device could not be opened or used; NCCL failed (CUDA issue #5).
+    #[error(transparent)]
+    Device(#[from] herd_kernels::Error),
     #[error("stopped by request at step {step}")]
     Interrupted { step: u64 },
 }

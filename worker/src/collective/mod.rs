@@ -5,7 +5,11 @@
 
 use crate::Result;
 
+#[cfg(feature = "cuda")]
+mod nccl;
 mod tcp;
+#[cfg(feature = "cuda")]
+pub use nccl::NcclCollective;
 pub use tcp::TcpRing;
 
 pub trait Collective: Send {

@@ -22,6 +22,8 @@ pub(super) struct RankCtx {
     pub timeout: Duration,
     pub reports: UnboundedSender<Report>,
     pub finished: UnboundedSender<(String, u32)>,
+    /// `--device` (cpu or cuda:N), checked at start-up.
+    pub device: String,
 }
 
 /// The daemon's view of a running rank.
@@ -192,6 +194,8 @@ fn run_rank(
             let opts = RunOptions {
                 until_step,
                 stop: Some(stop.clone()),
+                device: herd_kernels::device::DeviceSpec::parse(&ctx.device)
+                    .map_err(|e| e.to_string())?,
             };
             let mut observer = |e: &Event| match e {
                 Event::Started {

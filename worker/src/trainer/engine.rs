@@ -6,7 +6,7 @@ use crate::collective::Collective;
 use crate::data::collate::Batch;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::Result;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use herd_model::lora::dropout_row_key;
 use herd_model::{loss::causal_lm_loss_sum, Llama, RewardModel};
 
@@ -49,6 +49,11 @@ pub struct Engine<M: Trainable = Llama> {
     /// Recompute each decoder layer in backward instead of keeping its activations
     /// (`gradient_checkpointing`): less memory, one more forward.
     recompute: bool,
+    /// Where forward/backward run (CPU f32, or a GPU in bf16 after [`Engine::place`]).
+    device: Device,
+    /// f32 master weights per trainable parameter when the model computes in another dtype;
+    /// AdamW updates these and the model gets them rounded (mixed precision, CUDA issue #5).
+    master: Option<Vec<Vec<f32>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,6 +95,8 @@ impl<M: Trainable> Engine<M> {
             max_grad_norm,
             dropout_seed: 0,
             recompute: false,
+            device: Device::Cpu,
+            master: None,
         }
     }
 
@@ -136,11 +143,11 @@ impl<M: Trainable> Engine<M> {
                 tracing::warn!(param = %name, "parameter received no gradient");
                 continue;
             };
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
+            let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let dst = &mut self.grad[self.offsets[i]..self.offsets[i + 1]];
             dst.iter_mut().zip(&g).for_each(|(d, s)| *d += s);
         }
-        let s = sum.to_scalar::<f32>()? as f64;
+        let s = sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         self.loss_sum += s;
         self.tokens += count;
         self.correct += correct;
@@ -177,14 +184,17 @@ impl<M: Trainable> Engine<M> {
         }
         let grad_norm = clip_grad_norm(&mut self.grad, self.max_grad_norm);
         for (i, (_, var)) in self.model.trainable().iter().enumerate() {
+            let grad = &self.grad[self.offsets[i]..self.offsets[i + 1]];
+            if let Some(master) = self.master.as_mut() {
+                // mixed precision: update the f32 master, give the model its rounding
+                self.optimizer.update_param(i, &mut master[i], grad, lr);
+                let p = Tensor::from_slice(&master[i], var.shape(), &Device::Cpu)?;
+                var.set(&p.to_dtype(var.dtype())?.to_device(var.device())?)?;
+                continue;
+            }
             let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            self.optimizer.update_param(
-                i,
-                &mut p,
-                &self.grad[self.offsets[i]..self.offsets[i + 1]],
-                lr,
-            );
-            var.set(&Tensor::from_vec(p, var.shape(), &Device::Cpu)?)?;
+            self.optimizer.update_param(i, &mut p, grad, lr);
+            var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
         }
         self.optimizer.finish_step();
         let accuracy = (M::REPORTS_ACCURACY && global_tokens > 0)
@@ -224,15 +234,54 @@ impl Engine<Llama> {
         result
     }
 
+    /// Move the model to `device` computing in `dtype`, keeping the current f32 weights as the
+    /// master copy (and the optimizer state, already f32, on the host). Call once, after resume.
+    pub fn place(&mut self, device: &Device, dtype: DType) -> Result<()> {
+        if dtype != DType::F32 {
+            let master = self
+                .model
+                .trainable()
+                .iter()
+                .map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1::<f32>())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            self.master = Some(master);
+        }
+        self.model.to_device(device, dtype)?;
+        self.device = device.clone();
+        Ok(())
+    }
+
     /// The forward and backward, with packing layout and activation recompute as configured.
     fn forward_backward(&mut self, batch: &Batch) -> Result<(f64, usize)> {
         if batch.label_tokens() == 0 {
             return Ok((0.0, 0));
         }
-        let dev = Device::Cpu;
+        let dev = self.device.clone();
         let shape = (batch.batch, batch.seq_len);
         let input = Tensor::from_vec(batch.input_ids.clone(), shape, &dev)?;
         let labels = Tensor::from_vec(batch.labels.clone(), shape, &dev)?;
+        if dev.is_cuda() {
+            if batch.layout.is_some() || self.recompute {
+                return Err(crate::Error::Unsupported {
+                    key: "packing",
+                    reason:
+                        "packing and gradient_checkpointing run on CPU workers only in this build"
+                            .into(),
+                });
+            }
+            // lm_head fused with the loss: no [b·t, vocab] logits; loss in f32 (CUDA issue #5)
+            let (sum, count) = match self.model.forward_hidden(&input)? {
+                (hidden, Some(head)) => {
+                    herd_model::loss::causal_lm_loss_sum_fused(&hidden, &head, &labels)?
+                }
+                (_, None) => {
+                    let logits = self.model.forward(&input)?.to_dtype(DType::F32)?;
+                    causal_lm_loss_sum(&logits, &labels)?
+                }
+            };
+            let s = self.add_loss(&sum, count, 0)?;
+            return Ok((s, count));
+        }
         let (sum, count, grads) = self.model.loss_and_gradients(
             &input,
             batch.layout.as_ref(),

@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub until_step: Option<u64>,
     /// Set by a signal handler: finish the current step, checkpoint, return `Interrupted`.
     pub stop: Option<Arc<AtomicBool>>,
+    /// cpu, or cuda:N: bf16 compute on the GPU, f32 master weights and AdamW on the host.
+    pub device: herd_kernels::device::DeviceSpec,
 }
 
 /// What the loop tells its observer (progress bar, logs, a worker's reports).
@@ -194,7 +196,12 @@ pub fn run(
     observer: &mut dyn Observer,
 ) -> Result<Outcome> {
     let t0 = Instant::now();
-    if job.bf16 || job.fp16 {
+    // CUDA issue #5: open the GPU first, so a missing driver costs no data loading.
+    let gpu = match opts.device.is_cuda() {
+        true => Some(herd_kernels::device::open(opts.device)?),
+        false => None,
+    };
+    if (job.bf16 || job.fp16) && gpu.is_none() {
         tracing::warn!("bf16/fp16 compute needs a GPU worker; this CPU run trains in f32");
     }
     match job.task {
@@ -218,12 +225,12 @@ pub fn run(
                 skipped_records: p.skipped_records,
                 added_tokens: p.added_tokens,
             };
-            run_setup(job, opts, collective, observer, setup, t0)
+            run_setup(job, opts, collective, observer, setup, gpu.as_ref(), t0)
         }
         Task::Reward => {
             check_supported(job)?;
             let setup = reward::prepare(job)?;
-            run_setup(job, opts, collective, observer, setup, t0)
+            run_setup(job, opts, collective, observer, setup, gpu.as_ref(), t0)
         }
     }
 }
@@ -235,6 +242,7 @@ fn run_setup<O: Objective>(
     collective: &mut dyn Collective,
     observer: &mut dyn Observer,
     setup: Setup<O>,
+    gpu: Option<&candle_core::Device>,
     t0: Instant,
 ) -> Result<Outcome> {
     let Setup {
@@ -266,6 +274,31 @@ fn run_setup<O: Objective>(
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
     }
+    // CUDA issue #5: a GPU rank computes in bf16 (f32 master weights and AdamW on the host);
+    // with several ranks the gradient sums go over NCCL instead of the TCP ring.
+    #[cfg(feature = "cuda")]
+    let mut nccl = None;
+    if let Some(device) = gpu {
+        if job.eval_data_path.is_some() {
+            return Err(crate::Error::Unsupported {
+                key: "eval_data_path",
+                reason: "evaluation during training runs on CPU ranks only for now".into(),
+            });
+        }
+        // bf16 weights + bf16 gradients; activations come on top (see the OOM error's advice).
+        let need = 4 * parameters as u64;
+        herd_kernels::device::check_memory(device, "the bf16 weights and gradients", need)?;
+        objective.place(&mut engine, device)?;
+        #[cfg(feature = "cuda")]
+        if world > 1 {
+            nccl = Some(crate::collective::NcclCollective::new(device, collective)?);
+        }
+    }
+    #[cfg(feature = "cuda")]
+    let collective: &mut dyn Collective = match nccl.as_mut() {
+        Some(n) => n,
+        None => collective,
+    };
     let mut ts = trainer_state.unwrap_or_else(|| new_trainer_state(job, &plan));
     // eval_strategy: steps — only rank 0 evaluates; the others go straight on to the next
     // collective, where they wait for it.

@@ -1,0 +1,253 @@
+//! AdamW over all parameters in one launch (cuda/adamw.cu): torch.optim.AdamW's single-tensor
+//! formula in f32 on a flat state [3, N] = (master weights | exp_avg | exp_avg_sq) and a flat f32
+//! gradient [N], with HF's decay groups as a per-parameter weight decay. The host path is the
+//! same formula as herd-worker's `optim::AdamW` (a worker test checks they agree bit for bit).
+
+use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
+
+/// The step's scalars, derived from the config exactly as herd-worker's optimizer does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 1-based step number (bias correction).
+    pub step: i32,
+}
+
+/// The parameter table: where each parameter starts in the flat buffers and whether it decays.
+#[derive(Debug, Clone)]
+pub struct FusedAdamW {
+    starts: Vec<u64>,  // [P + 1]
+    decays: Vec<bool>, // [P]
+}
+
+impl FusedAdamW {
+    /// `params`: (element count, decays?) of each parameter, in flat-buffer order.
+    pub fn new(params: &[(usize, bool)]) -> Self {
+        let mut starts = Vec::with_capacity(params.len() + 1);
+        let mut total = 0u64;
+        for (n, _) in params {
+            starts.push(total);
+            total += *n as u64;
+        }
+        starts.push(total);
+        FusedAdamW {
+            starts,
+            decays: params.iter().map(|(_, d)| *d).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        *self.starts.last().unwrap_or(&0) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One step: state [3, N] f32 updated in place from grad [N] f32.
+    pub fn step(&self, state: &Tensor, grad: &Tensor, h: AdamWHyper) -> crate::Result<()> {
+        let n = self.len();
+        if state.dims() != [3, n] || grad.dims() != [n] {
+            return Err(crate::Error::Shape(format!(
+                "AdamW state {:?} / grad {:?} for {n} elements",
+                state.dims(),
+                grad.dims()
+            )));
+        }
+        let op = Step {
+            table: self,
+            s: Scalars::new(h),
+        };
+        state.inplace_op2(&grad.contiguous()?, &op)?;
+        Ok(())
+    }
+}
+
+/// The f32 scalars of one step (Python floats used as f32 by torch's kernels).
+#[derive(Debug, Clone, Copy)]
+struct Scalars {
+    decay_mul: f32,
+    lerp_w: f32,
+    b2: f32,
+    one_minus_b2: f32,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+impl Scalars {
+    fn new(h: AdamWHyper) -> Self {
+        Scalars {
+            decay_mul: (1.0 - h.lr * h.weight_decay) as f32,
+            lerp_w: (1.0 - h.beta1) as f32,
+            b2: h.beta2 as f32,
+            one_minus_b2: (1.0 - h.beta2) as f32,
+            step_size: (h.lr / (1.0 - h.beta1.powi(h.step))) as f32,
+            bc2_sqrt: (1.0 - h.beta2.powi(h.step)).sqrt() as f32,
+            eps: h.eps as f32,
+        }
+    }
+}
+
+struct Step<'a> {
+    table: &'a FusedAdamW,
+    s: Scalars,
+}
+
+impl InplaceOp2 for Step<'_> {
+    fn name(&self) -> &'static str {
+        "herd-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (CpuStorage::F32(state), CpuStorage::F32(grad)) = (s1, s2) else {
+            candle_core::bail!("herd-adamw: state and grad must be f32")
+        };
+        let (Some((a, b)), Some((ga, _))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("herd-adamw: state and grad must be contiguous")
+        };
+        let n = self.table.len();
+        let state = &mut state[a..b];
+        let grad = &grad[ga..ga + n];
+        let (p, mv) = state.split_at_mut(n);
+        let (m, v) = mv.split_at_mut(n);
+        let c = self.s;
+        for (k, w) in self.table.starts.windows(2).enumerate() {
+            let decay_mul = if self.table.decays[k] {
+                c.decay_mul
+            } else {
+                1.0
+            };
+            for e in w[0] as usize..w[1] as usize {
+                let g = grad[e];
+                // Multiplying by exactly 1.0 is the identity, so no-decay matches torch's skip.
+                p[e] *= decay_mul;
+                m[e] += c.lerp_w * (g - m[e]);
+                v[e] = v[e] * c.b2 + c.one_minus_b2 * g * g;
+                let denom = v[e].sqrt() / c.bc2_sqrt + c.eps;
+                p[e] += -c.step_size * (m[e] / denom);
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        use crate::cuda::{elems_cfg, plain_func, view, ADAMW};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        if l1.start_offset() != 0 || !l1.is_contiguous() {
+            candle_core::bail!("herd-adamw: state must be a whole contiguous tensor");
+        }
+        let dev = s1.device().clone();
+        let n = self.table.len();
+        let c = self.s;
+        let decay_mul: Vec<f32> = self
+            .table
+            .decays
+            .iter()
+            .map(|&d| if d { c.decay_mul } else { 1.0 })
+            .collect();
+        let starts = dev.clone_htod(&self.table.starts)?;
+        let decay_mul = dev.clone_htod(&decay_mul)?;
+        let p = self.table.decays.len() as i32;
+        let f = plain_func(&dev, &ADAMW, "herd_adamw")?;
+        let grad = view::<f32>(s2, l2, self.name())?;
+        let state = s1.as_cuda_slice_mut::<f32>()?;
+        let mut b = f.builder();
+        b.arg(state)
+            .arg(&grad)
+            .arg(&starts)
+            .arg(&decay_mul)
+            .arg(&p)
+            .arg(&n);
+        b.arg(&c.lerp_w)
+            .arg(&c.b2)
+            .arg(&c.one_minus_b2)
+            .arg(&c.step_size)
+            .arg(&c.bc2_sqrt)
+            .arg(&c.eps);
+        // SAFETY: argument types and counts match herd_adamw in cuda/adamw.cu.
+        unsafe { b.launch(elems_cfg(n)) }.w()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(feature = "cuda")]
+    use crate::testutil::*;
+
+    fn hyper(step: i32) -> AdamWHyper {
+        AdamWHyper {
+            lr: 2e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step,
+        }
+    }
+
+    #[test]
+    fn first_step_moves_decaying_and_plain_parameters_as_torch() -> Result<()> {
+        // Parameter 0 (3 elements) decays, parameter 1 (2 elements) does not.
+        let opt = FusedAdamW::new(&[(3, true), (2, false)]);
+        let p0 = [1.0f32, -2.0, 0.5, 3.0, -1.0];
+        let g = [0.5f32, -0.25, 1.0, -2.0, 0.125];
+        let mut init = p0.to_vec();
+        init.extend([0f32; 10]);
+        let state = Tensor::from_vec(init, (3, 5), &candle_core::Device::Cpu)?;
+        let grad = Tensor::from_slice(&g, 5, &candle_core::Device::Cpu)?;
+        opt.step(&state, &grad, hyper(1)).unwrap();
+        let s = state.to_vec2::<f32>()?;
+        for e in 0..5 {
+            let decay = if e < 3 { 1.0 - 2e-3 * 0.1 } else { 1.0 };
+            // step 1: m̂ = g, v̂ = g², so the update is lr·g/(|g| + eps).
+            let want = p0[e] * decay as f32 - 2e-3 * g[e].signum();
+            assert!((s[0][e] - want).abs() < 1e-5, "{e}: {} vs {want}", s[0][e]);
+            assert!((s[1][e] - 0.1 * g[e]).abs() < 1e-7);
+            assert!((s[2][e] - 0.001 * g[e] * g[e]).abs() < 1e-7);
+        }
+        assert!(opt.step(&state, &grad.narrow(0, 0, 4)?, hyper(2)).is_err());
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs a CUDA GPU (run scripts/gpu-test.sh)"]
+    fn gpu_matches_cpu_over_steps() -> Result<()> {
+        let sizes = [(4096 * 3, true), (4096, false), (1, true), (70_001, true)];
+        let opt = FusedAdamW::new(&sizes);
+        let n = opt.len();
+        let mut init = randn(&[n], 51).flatten_all()?.to_vec1::<f32>()?;
+        init.extend(vec![0f32; 2 * n]);
+        let cs = Tensor::from_vec(init, (3, n), &candle_core::Device::Cpu)?;
+        let gs = cs.to_device(&gpu())?;
+        for step in 1..=3 {
+            let g = randn(&[n], 60 + step as u64);
+            opt.step(&cs, &g, hyper(step)).unwrap();
+            opt.step(&gs, &g.to_device(&gpu())?, hyper(step)).unwrap();
+        }
+        assert_close(&gs, &cs, 1e-4);
+        Ok(())
+    }
+}

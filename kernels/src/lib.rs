@@ -1,0 +1,37 @@
+//! `herd-kernels`: fused training kernels as candle custom ops, each with its backward so
+//! gradients flow through them (candle-nn's fused ops record none).
+//!
+//! | op | forward | backward |
+//! | --- | --- | --- |
+//! | [`add_rms_norm`] | h = x + r, y = RMSNorm(h)·w | dx = dr, dw |
+//! | [`rope`] | x·cos + rotate_half(x)·sin | the same map with −sin |
+//! | [`swiglu`] | silu(g)·u | dg, du |
+//! | [`causal_softmax`] | softmax(scale·S) over keys ≤ query | scale·P(dP − rowsum(P dP)) |
+//! | [`fused_linear_cross_entropy`] | Σ NLL of h Wᵀ, chunked: full logits never stored | dh, dW computed in the forward |
+//! | [`FusedAdamW`] | torch AdamW over all parameters in one launch | — |
+//!
+//! Every op's `cpu_fwd` is plain Rust over f32 (bf16 converted), the reference the CUDA kernels
+//! (cuda/*.cu, built by nvcc in build.rs with the `cuda` feature) are tested against. Inputs are
+//! made contiguous by the public functions; kernels compute in f32 whatever the storage dtype.
+
+pub mod adamw;
+mod cpu;
+pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod device;
+pub mod error;
+pub mod rms_norm;
+pub mod rope;
+pub mod softmax;
+pub mod swiglu;
+#[cfg(test)]
+mod testutil;
+
+pub use adamw::{AdamWHyper, FusedAdamW};
+pub use cross_entropy::fused_linear_cross_entropy;
+pub use error::{Error, Result};
+pub use rms_norm::add_rms_norm;
+pub use rope::rope;
+pub use softmax::causal_softmax;
+pub use swiglu::swiglu;

@@ -1,0 +1,390 @@
+//! Residual add fused with RMSNorm (cuda/rms_norm.cu). One op produces both the new residual
+//! stream h = x + r and y = RMSNorm(h)·w, as a [2, ..] tensor whose halves are views, so a LLaMA
+//! block reads x and r once instead of three times.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+
+use crate::cpu;
+
+/// x, r: [.., D]; w: [D] -> (h = x + r, y = h·rsqrt(mean(h²) + eps)·w), both [.., D].
+/// `r = None` is a plain RMSNorm (then h is x). Statistics in f32, as LlamaRMSNorm.
+pub fn add_rms_norm(
+    x: &Tensor,
+    r: Option<&Tensor>,
+    w: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let (r, has_r) = match r {
+        Some(r) => (r.contiguous()?, true),
+        None => (x.clone(), false),
+    };
+    let out = x.apply_op3(
+        &r,
+        &w,
+        AddRmsNorm {
+            eps: eps as f32,
+            has_r,
+        },
+    )?; // [2, .., D]
+    Ok((out.get(0)?, out.get(1)?))
+}
+
+struct AddRmsNorm {
+    eps: f32,
+    has_r: bool,
+}
+
+fn rows_cols(l: &Layout) -> (usize, usize) {
+    let d = *l.dims().last().unwrap_or(&1);
+    (l.shape().elem_count() / d.max(1), d)
+}
+
+fn out_shape(l: &Layout) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(l.dims());
+    Shape::from(dims)
+}
+
+/// Forward on the host: returns [2, rows, D] = (h | y) in f32 with h rounded through `dtype`.
+fn forward(x: &[f32], r: Option<&[f32]>, w: &[f32], d: usize, eps: f32, dtype: DType) -> Vec<f32> {
+    let rows = x.len() / d;
+    let mut out = vec![0f32; 2 * x.len()];
+    let (hs, ys) = out.split_at_mut(x.len());
+    for row in 0..rows {
+        let o = row * d;
+        let mut ss = 0f32;
+        for i in 0..d {
+            let h = cpu::round(x[o + i] + r.map_or(0.0, |r| r[o + i]), dtype);
+            hs[o + i] = h;
+            ss += h * h;
+        }
+        let rinv = 1.0 / (ss / d as f32 + eps).sqrt();
+        for i in 0..d {
+            ys[o + i] = hs[o + i] * rinv * w[i];
+        }
+    }
+    out
+}
+
+/// Backward on the host: res = (h | y), g = (gh | gy) -> (ds | gy·n), all [2, rows, D].
+fn backward(res: &[f32], w: &[f32], g: &[f32], d: usize, eps: f32) -> Vec<f32> {
+    let plane = res.len() / 2;
+    let (h, (gh, gy)) = (&res[..plane], g.split_at(plane));
+    let mut out = vec![0f32; 2 * plane];
+    for row in 0..plane / d {
+        let o = row * d;
+        let (mut ss, mut dot) = (0f32, 0f32);
+        for i in 0..d {
+            ss += h[o + i] * h[o + i];
+            dot += gy[o + i] * w[i] * h[o + i];
+        }
+        let rinv = 1.0 / (ss / d as f32 + eps).sqrt();
+        let mean_dot = dot * rinv / d as f32;
+        for i in 0..d {
+            let n = h[o + i] * rinv;
+            out[o + i] = gh[o + i] + rinv * (gy[o + i] * w[i] - n * mean_dot);
+            out[plane + o + i] = gy[o + i] * n;
+        }
+    }
+    out
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "herd-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu::f32s(s1, l1, self.name())?;
+        let r = cpu::f32s(s2, l2, self.name())?;
+        let w = cpu::f32s(s3, l3, self.name())?;
+        let (_, d) = rows_cols(l1);
+        let out = forward(
+            &x,
+            self.has_r.then_some(&r[..]),
+            &w,
+            d,
+            self.eps,
+            s1.dtype(),
+        );
+        Ok((cpu::store(out, s1.dtype())?, out_shape(l1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, d) = rows_cols(l1);
+        let slice = match s1.dtype() {
+            DType::F32 => launch_fwd::<f32>(self, s1, l1, s2, l2, s3, l3, rows, d)?,
+            DType::BF16 => launch_fwd::<half::bf16>(self, s1, l1, s2, l2, s3, l3, rows, d)?,
+            dt => candle_core::bail!("herd-add-rms-norm: unsupported dtype {dt:?}"),
+        };
+        Ok((slice, out_shape(l1)))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _r: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let out = res.apply_op3_no_bwd(w, &grad, &AddRmsNormBwd { eps: self.eps })?;
+        let ds = out.get(0)?;
+        let d = w.dim(0)?;
+        // dw = Σ_rows gy·n, summed in f32 (a bf16 running sum over many rows loses the gradient).
+        let dw = out
+            .get(1)?
+            .reshape(((), d))?
+            .to_dtype(DType::F32)?
+            .sum(0)?
+            .to_dtype(w.dtype())?;
+        let dr = self.has_r.then(|| ds.clone());
+        Ok((Some(ds), dr, Some(dw)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn launch_fwd<T>(
+    op: &AddRmsNorm,
+    s1: &candle_core::CudaStorage,
+    l1: &Layout,
+    s2: &candle_core::CudaStorage,
+    l2: &Layout,
+    s3: &candle_core::CudaStorage,
+    l3: &Layout,
+    rows: usize,
+    d: usize,
+) -> Result<candle_core::CudaStorage>
+where
+    T: candle_core::cuda_backend::CudaDType
+        + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+        + candle_core::WithDType,
+{
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::WrapErr;
+    let dev = s1.device().clone();
+    let name = "herd-add-rms-norm";
+    let (x, r, w) = (
+        crate::cuda::view::<T>(s1, l1, name)?,
+        crate::cuda::view::<T>(s2, l2, name)?,
+        crate::cuda::view::<T>(s3, l3, name)?,
+    );
+    let out = crate::cuda::alloc_out::<T>(&dev, 2 * rows * d)?;
+    let f = crate::cuda::func(
+        &dev,
+        &crate::cuda::RMS_NORM,
+        "herd_add_rms_norm_fwd",
+        s1.dtype(),
+    )?;
+    let (has_r, rows_i, d_i) = (op.has_r as i32, rows as i32, d as i32);
+    let mut b = f.builder();
+    b.arg(&x)
+        .arg(&r)
+        .arg(&has_r)
+        .arg(&w)
+        .arg(&out)
+        .arg(&rows_i)
+        .arg(&d_i)
+        .arg(&op.eps);
+    // SAFETY: argument types and counts match herd_add_rms_norm_fwd in cuda/rms_norm.cu.
+    unsafe { b.launch(crate::cuda::rows_cfg(rows, d)) }.w()?;
+    Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// (res = (h | y), w, grad = (gh | gy)) -> (ds | gy·n): the backward as its own kernel.
+struct AddRmsNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for AddRmsNormBwd {
+    fn name(&self) -> &'static str {
+        "herd-add-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let res = cpu::f32s(s1, l1, self.name())?;
+        let w = cpu::f32s(s2, l2, self.name())?;
+        let g = cpu::f32s(s3, l3, self.name())?;
+        let out = backward(&res, &w, &g, w.len(), self.eps);
+        Ok((cpu::store(out, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = l2.shape().elem_count();
+        let rows = l1.shape().elem_count() / 2 / d;
+        let slice = match s1.dtype() {
+            DType::F32 => launch_bwd::<f32>(self.eps, s1, l1, s2, l2, s3, l3, rows, d)?,
+            DType::BF16 => launch_bwd::<half::bf16>(self.eps, s1, l1, s2, l2, s3, l3, rows, d)?,
+            dt => candle_core::bail!("herd-add-rms-norm-bwd: unsupported dtype {dt:?}"),
+        };
+        Ok((slice, l1.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn launch_bwd<T>(
+    eps: f32,
+    s1: &candle_core::CudaStorage,
+    l1: &Layout,
+    s2: &candle_core::CudaStorage,
+    l2: &Layout,
+    s3: &candle_core::CudaStorage,
+    l3: &Layout,
+    rows: usize,
+    d: usize,
+) -> Result<candle_core::CudaStorage>
+where
+    T: candle_core::cuda_backend::CudaDType
+        + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+        + candle_core::WithDType,
+{
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::WrapErr;
+    let dev = s1.device().clone();
+    let name = "herd-add-rms-norm-bwd";
+    let (res, w, g) = (
+        crate::cuda::view::<T>(s1, l1, name)?,
+        crate::cuda::view::<T>(s2, l2, name)?,
+        crate::cuda::view::<T>(s3, l3, name)?,
+    );
+    let out = crate::cuda::alloc_out::<T>(&dev, 2 * rows * d)?;
+    let f = crate::cuda::func(
+        &dev,
+        &crate::cuda::RMS_NORM,
+        "herd_add_rms_norm_bwd",
+        s1.dtype(),
+    )?;
+    let (rows_i, d_i) = (rows as i32, d as i32);
+    let mut b = f.builder();
+    b.arg(&res)
+        .arg(&w)
+        .arg(&g)
+        .arg(&out)
+        .arg(&rows_i)
+        .arg(&d_i)
+        .arg(&eps);
+    // SAFETY: argument types and counts match herd_add_rms_norm_bwd in cuda/rms_norm.cu.
+    unsafe { b.launch(crate::cuda::rows_cfg(rows, d)) }.w()?;
+    Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// The unfused formula from candle primitives (what herd-model's `RmsNorm` computes): the
+/// reference of the tests, gradients by candle's autograd.
+pub fn reference(x: &Tensor, r: Option<&Tensor>, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let h = match r {
+        Some(r) => (x + r)?,
+        None => x.clone(),
+    };
+    let hf = h.to_dtype(DType::F32)?;
+    let inv = (hf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let y = hf
+        .broadcast_mul(&inv)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    Ok((h, y.to_dtype(x.dtype())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+    use candle_core::Var;
+
+    #[test]
+    fn cpu_forward_and_gradients_match_the_unfused_formula() -> Result<()> {
+        for has_r in [true, false] {
+            let x = Var::from_tensor(&randn(&[2, 3, 40], 1))?;
+            let r = Var::from_tensor(&randn(&[2, 3, 40], 2))?;
+            let w = Var::from_tensor(&randn(&[40], 3))?;
+            let up = randn(&[2, 2, 3, 40], 4); // upstream gradients for (h, y)
+            let r_opt = has_r.then_some(r.as_tensor());
+            let (h, y) = add_rms_norm(&x, r_opt, &w, 1e-6)?;
+            let (h0, y0) = reference(&x, r_opt, &w, 1e-6)?;
+            assert_close(&h, &h0, 1e-6);
+            assert_close(&y, &y0, 1e-5);
+            let loss = |h: &Tensor, y: &Tensor| -> Result<Tensor> {
+                (h * up.get(0)?)?.sum_all()? + (y * up.get(1)?)?.sum_all()?
+            };
+            let g = loss(&h, &y)?.backward()?;
+            let g0 = loss(&h0, &y0)?.backward()?;
+            for v in [&x, &w] {
+                assert_close(g.get(v).unwrap(), g0.get(v).unwrap(), 1e-4);
+            }
+            if has_r {
+                assert_close(g.get(&r).unwrap(), g0.get(&r).unwrap(), 1e-4);
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs a CUDA GPU (run scripts/gpu-test.sh)"]
+    fn gpu_matches_cpu() -> Result<()> {
+        for (dtype, tol) in DTYPES {
+            let x = randn(&[3, 7, 4096], 5).to_dtype(dtype)?;
+            let r = randn(&[3, 7, 4096], 6).to_dtype(dtype)?;
+            let w = randn(&[4096], 7).to_dtype(dtype)?;
+            let gx = Var::from_tensor(&x.to_device(&gpu())?)?;
+            let gr = Var::from_tensor(&r.to_device(&gpu())?)?;
+            let gw = Var::from_tensor(&w.to_device(&gpu())?)?;
+            let cx = Var::from_tensor(&x)?;
+            let cr = Var::from_tensor(&r)?;
+            let cw = Var::from_tensor(&w)?;
+            let (gh, gy) = add_rms_norm(&gx, Some(&gr), &gw, 1e-5)?;
+            let (ch, cy) = add_rms_norm(&cx, Some(&cr), &cw, 1e-5)?;
+            assert_close(&gh, &ch, tol);
+            assert_close(&gy, &cy, tol);
+            let up = randn(&[3, 7, 4096], 8).to_dtype(dtype)?;
+            let gg = (gy * up.to_device(&gpu())?)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .backward()?;
+            let cg = (cy * &up)?.to_dtype(DType::F32)?.sum_all()?.backward()?;
+            assert_close(gg.get(&gx).unwrap(), cg.get(&cx).unwrap(), tol);
+            assert_close(gg.get(&gw).unwrap(), cg.get(&cw).unwrap(), tol);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,210 @@
+//! SwiGLU (cuda/swiglu.cu): y = silu(g)·u in one pass, the backward (dg | du) in one more,
+//! instead of candle's silu, mul and their four backward ops.
+
+use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::DType;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use crate::cpu;
+
+/// gate, up: [..] (same shape) -> silu(gate)·up.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
+}
+
+struct Swiglu;
+struct SwigluBwd;
+
+fn sigmoid(a: f32) -> f32 {
+    1.0 / (1.0 + (-a).exp())
+}
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "herd-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = cpu::f32s(s1, l1, self.name())?;
+        let u = cpu::f32s(s2, l2, self.name())?;
+        let y = g
+            .iter()
+            .zip(&u)
+            .map(|(&a, &u)| a * sigmoid(a) * u)
+            .collect();
+        Ok((cpu::store(y, s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{alloc_out, elems_cfg, func, view, SWIGLU};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let n = l1.shape().elem_count();
+        let dev = s1.device().clone();
+        let f = func(&dev, &SWIGLU, "herd_swiglu_fwd", s1.dtype())?;
+        macro_rules! go {
+            ($ty:ty) => {{
+                let g = view::<$ty>(s1, l1, self.name())?;
+                let u = view::<$ty>(s2, l2, self.name())?;
+                let y = alloc_out::<$ty>(&dev, n)?;
+                let mut b = f.builder();
+                b.arg(&g).arg(&u).arg(&y).arg(&n);
+                // SAFETY: argument types and counts match herd_swiglu_fwd in cuda/swiglu.cu.
+                unsafe { b.launch(elems_cfg(n)) }.w()?;
+                candle_core::CudaStorage::wrap_cuda_slice(y, dev)
+            }};
+        }
+        let out = match s1.dtype() {
+            DType::F32 => go!(f32),
+            DType::BF16 => go!(half::bf16),
+            dt => candle_core::bail!("herd-swiglu: unsupported dtype {dt:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let out = g.apply_op3_no_bwd(u, &grad.contiguous()?, &SwigluBwd)?; // [2, ..]
+        Ok((Some(out.get(0)?), Some(out.get(1)?)))
+    }
+}
+
+impl CustomOp3 for SwigluBwd {
+    fn name(&self) -> &'static str {
+        "herd-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = cpu::f32s(s1, l1, self.name())?;
+        let u = cpu::f32s(s2, l2, self.name())?;
+        let dy = cpu::f32s(s3, l3, self.name())?;
+        let n = g.len();
+        let mut out = vec![0f32; 2 * n];
+        for i in 0..n {
+            let (a, s) = (g[i], sigmoid(g[i]));
+            out[i] = dy[i] * u[i] * s * (1.0 + a * (1.0 - s));
+            out[n + i] = dy[i] * a * s;
+        }
+        Ok((cpu::store(out, s1.dtype())?, stacked(l1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{alloc_out, elems_cfg, func, view, SWIGLU};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let n = l1.shape().elem_count();
+        let dev = s1.device().clone();
+        let f = func(&dev, &SWIGLU, "herd_swiglu_bwd", s1.dtype())?;
+        macro_rules! go {
+            ($ty:ty) => {{
+                let g = view::<$ty>(s1, l1, self.name())?;
+                let u = view::<$ty>(s2, l2, self.name())?;
+                let dy = view::<$ty>(s3, l3, self.name())?;
+                let out = alloc_out::<$ty>(&dev, 2 * n)?;
+                let mut b = f.builder();
+                b.arg(&g).arg(&u).arg(&dy).arg(&out).arg(&n);
+                // SAFETY: argument types and counts match herd_swiglu_bwd in cuda/swiglu.cu.
+                unsafe { b.launch(elems_cfg(n)) }.w()?;
+                candle_core::CudaStorage::wrap_cuda_slice(out, dev)
+            }};
+        }
+        let out = match s1.dtype() {
+            DType::F32 => go!(f32),
+            DType::BF16 => go!(half::bf16),
+            dt => candle_core::bail!("herd-swiglu-bwd: unsupported dtype {dt:?}"),
+        };
+        Ok((out, stacked(l1)))
+    }
+}
+
+/// [2, ..dims of l]
+fn stacked(l: &Layout) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(l.dims());
+    Shape::from(dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+    use candle_core::Var;
+
+    #[test]
+    fn cpu_forward_and_gradients_match_silu_times_up() -> Result<()> {
+        let g = Var::from_tensor(&randn(&[3, 4, 24], 21))?;
+        let u = Var::from_tensor(&randn(&[3, 4, 24], 22))?;
+        let up = randn(&[3, 4, 24], 23);
+        let y = swiglu(&g, &u)?;
+        let y0 = (g.silu()? * u.as_tensor())?;
+        assert_close(&y, &y0, 1e-6);
+        let gr = (y * &up)?.sum_all()?.backward()?;
+        let gr0 = (y0 * &up)?.sum_all()?.backward()?;
+        assert_close(gr.get(&g).unwrap(), gr0.get(&g).unwrap(), 1e-5);
+        assert_close(gr.get(&u).unwrap(), gr0.get(&u).unwrap(), 1e-5);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs a CUDA GPU (run scripts/gpu-test.sh)"]
+    fn gpu_matches_cpu() -> Result<()> {
+        for (dtype, tol) in DTYPES {
+            let g = randn(&[2, 9, 11008], 24).to_dtype(dtype)?;
+            let u = randn(&[2, 9, 11008], 25).to_dtype(dtype)?;
+            let up = randn(&[2, 9, 11008], 26).to_dtype(dtype)?;
+            let (gg, gu) = (
+                Var::from_tensor(&g.to_device(&gpu())?)?,
+                Var::from_tensor(&u.to_device(&gpu())?)?,
+            );
+            let (cg, cu) = (Var::from_tensor(&g)?, Var::from_tensor(&u)?);
+            let gy = swiglu(&gg, &gu)?;
+            let cy = swiglu(&cg, &cu)?;
+            assert_close(&gy, &cy, tol);
+            let ggr = (gy * up.to_device(&gpu())?)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .backward()?;
+            let cgr = (cy * &up)?.to_dtype(DType::F32)?.sum_all()?.backward()?;
+            assert_close(ggr.get(&gg).unwrap(), cgr.get(&cg).unwrap(), tol);
+            assert_close(ggr.get(&gu).unwrap(), cgr.get(&cu).unwrap(), tol);
+        }
+        Ok(())
+    }
+}

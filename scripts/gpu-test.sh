@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# gpu-test.sh: build herd's CUDA tests here, run them on a GPU machine in one go.
+#
+#   scripts/gpu-test.sh build   # here (no GPU needed): cuda build, stripped binaries -> .gpu/
+#   scripts/gpu-test.sh run     # on the GPU machine, from the repository root (no Rust there)
+#
+# `build` needs nvcc and the link stubs: it evaluates the cuda-build-env script
+# (HERD_CUDA_ENV_SCRIPT, default ../shared/tools/cuda-build-env.sh). It uses its own target dir
+# (target-cuda) so the CPU build stays warm. `.gpu/` is git-ignored; with the workplace's device
+# tool, carry it: run(command="scripts/gpu-test.sh run", carry=[".gpu"]) (64 MiB at most).
+# `run` finds the CUDA 13 runtime and NCCL in the torch venv's NVIDIA wheels (HERD_TORCH_PY,
+# default /opt/torch/.venv/bin/python3) or uses LD_LIBRARY_PATH as given, then runs every
+# ignored GPU test, one test thread (one GPU), and the binary's smoke check; it writes logs to
+# $OUT when set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=.gpu
+
+build() {
+  local env_script=${HERD_CUDA_ENV_SCRIPT:-../shared/tools/cuda-build-env.sh}
+  eval "$(bash "$env_script")"
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
+  rm -rf "$DIR" && mkdir -p "$DIR"
+  local t0=$SECONDS
+  cargo build --locked --features cuda --bin herd
+  # test binaries: the kernels' unit tests, the worker's GPU parity test, the CLI's GPU tests
+  cargo test --locked --features cuda --no-run --message-format=json \
+    -p herd-kernels --lib -p herd-worker --test cuda_parity -p herd --test cuda_cli \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])' >"$DIR/tests.txt"
+  while read -r name exe; do
+    cp "$exe" "$DIR/$name" && strip "$DIR/$name"
+  done <"$DIR/tests.txt"
+  cp "$CARGO_TARGET_DIR/debug/herd" "$DIR/herd" && strip "$DIR/herd"
+  # Test binaries carry absolute paths baked in at build time (CARGO_MANIFEST_DIR for the
+  # fixtures, CARGO_BIN_EXE_herd); `run` recreates them on the GPU machine from these two lines.
+  echo "$PWD" >"$DIR/root.txt"
+  echo "$CARGO_TARGET_DIR/debug/herd" >"$DIR/herd-path.txt"
+  echo "built in $((SECONDS - t0)) s:"; du -sh "$DIR"; ls -la "$DIR"
+}
+
+run() {
+  if [[ -z "${HERD_NO_TORCH_LIBS:-}" ]]; then
+    local py=${HERD_TORCH_PY:-/opt/torch/.venv/bin/python3}
+    local sp
+    sp=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    export LD_LIBRARY_PATH=$sp/nvidia/cu13/lib:$sp/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  fi
+  local out=${OUT:-/tmp}
+  nvidia-smi -L || true
+  local status=0
+  local root herd_path
+  root=$(cat "$DIR/root.txt")
+  herd_path=$(cat "$DIR/herd-path.txt")
+  if [[ ! -e $root/Cargo.toml ]]; then
+    mkdir -p "$(dirname "$root")" && ln -sfn "$PWD" "$root"
+  fi
+  if [[ ! -x $herd_path ]]; then
+    mkdir -p "$(dirname "$herd_path")" && cp "$DIR/herd" "$herd_path"
+  fi
+  for t in herd_kernels cuda_parity cuda_cli; do
+    [[ -x $DIR/$t ]] || { echo "missing $DIR/$t"; status=1; continue; }
+    local crate=.
+    case $t in herd_kernels) crate=kernels ;; cuda_parity) crate=worker ;; esac
+    echo "=== $t (--include-ignored)"
+    (cd "$crate" && "$OLDPWD/$DIR/$t" --include-ignored --test-threads=1) \
+      2>&1 | tee "$out/$t.log" || status=1
+  done
+  exit $status
+}
+
+case "${1:-}" in
+  build) build ;;
+  run) run ;;
+  *) echo "usage: $0 build|run"; exit 2 ;;
+esac

@@ -1,0 +1,140 @@
+//! The NCCL backend (feature `cuda`): GPU ranks sum their gradients with ncclAllReduce.
+//!
+//! Rendezvous: rank 0 creates the NCCL unique id (128 bytes naming its bootstrap listener) and
+//! it reaches the other ranks over the job's own TCP collective, which is already authenticated
+//! with the per-attempt secret: one all-reduce of 128 floats to which only rank 0 contributes
+//! (bytes 0..=255 sum exactly in f32). So the coordinator never sees or orders NCCL ids, no rank
+//! waits on another's report, and a restarted attempt gets a fresh id with its fresh ring. The
+//! Assignment's `nccl_id` field stays unused (reserved).
+//!
+//! The trait works on host buffers, so each bucket is staged through one device buffer: copy in,
+//! all-reduce in place, copy out. Buckets bound the staging memory; NCCL's ring order is fixed for
+//! a given communicator, so the sums are deterministic run to run at the same world size.
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream};
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use candle_core::Device;
+
+use super::Collective;
+use crate::Result;
+
+/// f32 elements per bucket (64 MiB of staging memory).
+pub const BUCKET_ELEMS: usize = 16 << 20;
+
+pub struct NcclCollective {
+    comm: Comm,
+    stream: Arc<CudaStream>,
+    staging: CudaSlice<f32>,
+    rank: usize,
+    world: usize,
+}
+
+// SAFETY: the communicator and stream are used by one thread at a time (the rank's trainer
+// thread owns this value); NCCL allows a communicator to move between threads.
+unsafe impl Send for NcclCollective {}
+
+fn nccl_error(rank: usize, world: usize, what: &str, e: impl std::fmt::Debug) -> crate::Error {
+    herd_kernels::Error::Nccl {
+        rank,
+        world,
+        message: format!("{what}: {e:?} (set NCCL_DEBUG=WARN for NCCL's own explanation)"),
+    }
+    .into()
+}
+
+impl NcclCollective {
+    /// Join the NCCL job of `bootstrap`'s ranks on `device`, the id carried by `bootstrap`.
+    pub fn new(device: &Device, bootstrap: &mut dyn Collective) -> Result<Self> {
+        let (rank, world) = (bootstrap.rank(), bootstrap.world_size());
+        let Device::Cuda(dev) = device else {
+            return Err(nccl_error(
+                rank,
+                world,
+                "NCCL needs a CUDA device",
+                device.location(),
+            ));
+        };
+        let mut bytes = [0f32; 128];
+        if rank == 0 {
+            let id = Id::new().map_err(|e| nccl_error(rank, world, "ncclGetUniqueId", e))?;
+            for (b, &c) in bytes.iter_mut().zip(id.internal().iter()) {
+                *b = c as u8 as f32;
+            }
+        }
+        bootstrap.all_reduce_sum(&mut bytes)?;
+        let id = Id::uninit(id_from_sums(&bytes));
+        let stream = dev.cuda_stream();
+        let comm = Comm::from_rank(stream.clone(), rank, world, id)
+            .map_err(|e| nccl_error(rank, world, "ncclCommInitRank", e))?;
+        let staging = stream
+            .alloc_zeros::<f32>(BUCKET_ELEMS)
+            .map_err(|e| nccl_error(rank, world, "staging buffer", e))?;
+        tracing::info!(rank, world, "NCCL communicator ready");
+        Ok(NcclCollective {
+            comm,
+            stream,
+            staging,
+            rank,
+            world,
+        })
+    }
+}
+
+/// The id bytes back from the f32 sums (only rank 0 contributed, each 0..=255).
+fn id_from_sums(sums: &[f32; 128]) -> [std::ffi::c_char; 128] {
+    let mut internal = [0 as std::ffi::c_char; 128];
+    for (c, &s) in internal.iter_mut().zip(sums) {
+        *c = s.round().clamp(0.0, 255.0) as u8 as std::ffi::c_char;
+    }
+    internal
+}
+
+impl Collective for NcclCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
+        for chunk in buf.chunks_mut(BUCKET_ELEMS) {
+            let mut dst = self.staging.slice_mut(0..chunk.len());
+            self.stream
+                .memcpy_htod(&*chunk, &mut dst)
+                .map_err(|e| nccl_error(rank, world, "copy to device", e))?;
+            self.comm
+                .all_reduce_in_place(&mut dst, &ReduceOp::Sum)
+                .map_err(|e| nccl_error(rank, world, "ncclAllReduce", e))?;
+            self.stream
+                .memcpy_dtoh(&dst, chunk)
+                .map_err(|e| nccl_error(rank, world, "copy to host", e))?;
+        }
+        self.stream
+            .synchronize()
+            .map_err(|e| nccl_error(rank, world, "synchronize", e))?;
+        Ok(())
+    }
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_bytes_survive_the_f32_sum() {
+        let mut sums = [0f32; 128];
+        for (i, s) in sums.iter_mut().enumerate() {
+            *s = ((i * 37) % 256) as u8 as f32;
+        }
+        let id = id_from_sums(&sums);
+        for (i, &c) in id.iter().enumerate() {
+            assert_eq!(c as u8 as usize, (i * 37) % 256);
+        }
+    }
+}
