@@ -30,15 +30,13 @@ pub struct LoadedComparisons {
     pub skipped: usize,
 }
 
-const FIELDS: [&str; 3] = ["user_input", "completion_a", "completion_b"];
-
 /// One parsed JSON value as a comparison, or what is wrong with it.
 pub fn comparison_from_value(v: &Value, at: &Location) -> Result<Comparison> {
     let obj = v.as_object().ok_or_else(|| DataError::NotAComparison {
         at: at.clone(),
         found: describe(Some(v)),
     })?;
-    let mut got = FIELDS.iter().map(|&field| match obj.get(field) {
+    let field = |field: &'static str| match obj.get(field) {
         Some(Value::String(s)) => Ok(s.clone()),
         other => Err(DataError::BadField {
             at: at.clone(),
@@ -46,12 +44,11 @@ pub fn comparison_from_value(v: &Value, at: &Location) -> Result<Comparison> {
             expected: "a string",
             found: describe(other),
         }),
-    });
-    let mut next = || got.next().expect("three fields");
+    };
     Ok(Comparison {
-        user_input: next()?,
-        completion_a: next()?,
-        completion_b: next()?,
+        user_input: field("user_input")?,
+        completion_a: field("completion_a")?,
+        completion_b: field("completion_b")?,
     })
 }
 
