@@ -15,6 +15,7 @@ pub mod llama;
 pub mod lora;
 pub mod loss;
 pub mod mlp;
+pub mod net;
 pub mod norm;
 pub mod recompute;
 pub mod reward;

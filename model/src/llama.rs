@@ -10,261 +10,18 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::attention::{causal_mask, Attention, LayerCache};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::init::SplitMix64;
 use crate::layout::Layout;
 use crate::lora::{self, Lora, LoraConfig};
-use crate::mlp::LoraPath;
-use crate::mlp::{Linear, Mlp};
-use crate::norm::RmsNorm;
-use crate::rope::Rope;
 use crate::weights;
+
+use crate::net::build_net;
+pub use crate::net::{DecoderLayer, Net};
 
 /// transformers' default `max_shard_size` ("5GB", decimal).
 pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
-
-/// `LlamaDecoderLayer`: pre-norm residual blocks around attention and the MLP.
-#[derive(Debug, Clone)]
-pub struct DecoderLayer {
-    pub self_attn: Attention,
-    pub mlp: Mlp,
-    pub input_layernorm: RmsNorm,
-    pub post_attention_layernorm: RmsNorm,
-}
-
-impl DecoderLayer {
-    /// x: [b, t, hidden] -> [b, t, hidden]; `pos` carries RoPE's cos/sin and the attention mask.
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        pos: &Positions,
-        cache: Option<&mut LayerCache>,
-    ) -> Result<Tensor> {
-        let a = self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
-            &pos.cos,
-            &pos.sin,
-            &pos.mask,
-            cache,
-        )?;
-        // h = x + a and its norm: one fused kernel on CUDA, the same ops as before on CPU.
-        let (h, normed) = self.post_attention_layernorm.add_forward(x, &a)?;
-        Ok((&h + self.mlp.forward(&normed)?)?)
-    }
-}
-
-/// What every decoder layer needs to know about token positions, computed once per forward.
-pub(crate) struct Positions {
-    cos: Tensor,  // [t, head_dim], or [b, 1, t, head_dim] with a layout
-    sin: Tensor,  // same shape as cos
-    mask: Tensor, // additive: [t, total] causal, or [b, 1, t, t] block-diagonal causal
-}
-
-/// The network over some set of weight tensors: the trainable vars, or detached copies for
-/// inference (see `generate`).
-#[derive(Debug, Clone)]
-pub struct Net {
-    embed_tokens: Tensor, // [vocab, hidden]
-    pub(crate) layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear, // [vocab, hidden]; embed_tokens itself when tied
-    rope: Rope,
-}
-
-impl Net {
-    fn build(cfg: &LlamaConfig, get: &dyn Fn(&str) -> Tensor, adapter: &Adapter) -> Self {
-        let opt = |name: String, present: bool| present.then(|| get(&name));
-        let linear = |p: &str, bias: bool| {
-            let l = Linear::new(get(&format!("{p}.weight")), opt(format!("{p}.bias"), bias));
-            match adapter(p) {
-                Some(path) => l.with_lora(path),
-                None => l,
-            }
-        };
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
-                let ab = cfg.attention_bias;
-                let mb = cfg.mlp_bias;
-                DecoderLayer {
-                    self_attn: Attention {
-                        q_proj: linear(&format!("{p}.self_attn.q_proj"), ab),
-                        k_proj: linear(&format!("{p}.self_attn.k_proj"), ab),
-                        v_proj: linear(&format!("{p}.self_attn.v_proj"), ab),
-                        o_proj: linear(&format!("{p}.self_attn.o_proj"), ab),
-                        heads: cfg.num_attention_heads,
-                        kv_heads: cfg.kv_heads(),
-                        head_dim: cfg.head_dim(),
-                    },
-                    mlp: Mlp {
-                        gate_proj: linear(&format!("{p}.mlp.gate_proj"), mb),
-                        up_proj: linear(&format!("{p}.mlp.up_proj"), mb),
-                        down_proj: linear(&format!("{p}.mlp.down_proj"), mb),
-                    },
-                    input_layernorm: RmsNorm::new(
-                        get(&format!("{p}.input_layernorm.weight")),
-                        cfg.rms_norm_eps,
-                    ),
-                    post_attention_layernorm: RmsNorm::new(
-                        get(&format!("{p}.post_attention_layernorm.weight")),
-                        cfg.rms_norm_eps,
-                    ),
-                }
-            })
-            .collect();
-        let embed_tokens = get("model.embed_tokens.weight");
-        let head_name = if cfg.tie_word_embeddings {
-            "model.embed_tokens.weight"
-        } else {
-            "lm_head.weight"
-        };
-        Self {
-            embed_tokens,
-            layers,
-            norm: RmsNorm::new(get("model.norm.weight"), cfg.rms_norm_eps),
-            lm_head: Linear::new(get(head_name), None),
-            rope: Rope::new(cfg),
-        }
-    }
-
-    /// input_ids: [b, t] (u32) at positions offset..offset+t, offset = length of `caches` (one per
-    /// layer) or 0 without. Returns logits [b, t, vocab].
-    pub fn forward(&self, input_ids: &Tensor, caches: Option<&mut [LayerCache]>) -> Result<Tensor> {
-        self.lm_head
-            .forward(&self.hidden_states(input_ids, caches)?)
-    }
-
-    /// The final-normed hidden states [b, t, hidden] that `forward` feeds the lm_head (a reward
-    /// model's score head reads them instead).
-    pub fn hidden_states(
-        &self,
-        input_ids: &Tensor,
-        caches: Option<&mut [LayerCache]>,
-    ) -> Result<Tensor> {
-        let (_, t) = input_ids.dims2()?;
-        let offset = caches
-            .as_ref()
-            .and_then(|c| c.first())
-            .map_or(0, |c| c.len());
-        let mut x = self.embed(input_ids)?;
-        let pos = self.causal_positions(offset, t, input_ids.device())?;
-        match caches {
-            Some(caches) => {
-                for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-                    x = layer.forward(&x, &pos, Some(cache))?;
-                }
-            }
-            None => {
-                for layer in &self.layers {
-                    x = layer.forward(&x, &pos, None)?;
-                }
-            }
-        }
-        self.norm.forward(&x)
-    }
-
-    /// input_ids: [b, t] (u32) laid out by `layout` (packed examples: per-token positions and a
-    /// block-diagonal causal mask), or plain causal rows without one. Returns logits [b, t, vocab].
-    pub fn forward_with_layout(
-        &self,
-        input_ids: &Tensor,
-        layout: Option<&Layout>,
-    ) -> Result<Tensor> {
-        let mut x = self.embed(input_ids)?;
-        let pos = self.positions(input_ids, layout)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &pos, None)?;
-        }
-        self.head(&x)
-    }
-
-    /// input_ids: [b, t] -> [b, t, hidden]. Embedding lookup as index_select, whose backward
-    /// (index_add) candle records.
-    pub(crate) fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
-        let ids = input_ids.flatten_all()?.to_dtype(DType::U32)?;
-        Ok(self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, t, ()))?)
-    }
-
-    /// [b, t, hidden] -> logits [b, t, vocab]
-    pub(crate) fn head(&self, x: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.norm.forward(x)?)
-    }
-
-    /// Batched decoding: input_ids [b, t] follow the `caches` (one per layer), each token at its
-    /// own RoPE position (`position_ids`, [b * t] row-major), attending where the additive `mask`
-    /// [b, 1, t, total] is 0 (total = cached + t). Left-padded prompts use it to skip their pads.
-    /// Returns logits [b, t, vocab].
-    pub fn forward_decode(
-        &self,
-        input_ids: &Tensor,
-        position_ids: &[u32],
-        mask: Tensor,
-        caches: &mut [LayerCache],
-    ) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
-        if position_ids.len() != b * t {
-            return Err(Error::InvalidArgument(format!(
-                "{} position ids for input_ids [{b}, {t}]",
-                position_ids.len()
-            )));
-        }
-        let device = input_ids.device();
-        let (cos, sin) = self.rope.cos_sin_at(position_ids, device)?; // [b*t, d]
-        let d = cos.dim(1)?;
-        let pos = Positions {
-            cos: cos.reshape((b, 1, t, d))?,
-            sin: sin.reshape((b, 1, t, d))?,
-            mask,
-        };
-        let mut x = self.embed(input_ids)?;
-        for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
-            x = layer.forward(&x, &pos, Some(cache))?;
-        }
-        self.head(&x)
-    }
-
-    fn causal_positions(&self, offset: usize, t: usize, device: &Device) -> Result<Positions> {
-        let (cos, sin) = self.rope.cos_sin(offset, t, device)?;
-        let mask = causal_mask(t, offset + t, device)?;
-        Ok(Positions { cos, sin, mask })
-    }
-
-    /// The positions of a training forward over input_ids [b, t], with or without a layout.
-    pub(crate) fn positions(
-        &self,
-        input_ids: &Tensor,
-        layout: Option<&Layout>,
-    ) -> Result<Positions> {
-        let (b, t) = input_ids.dims2()?;
-        let device = input_ids.device();
-        let Some(layout) = layout else {
-            return self.causal_positions(0, t, device);
-        };
-        if layout.dims() != (b, t) {
-            return Err(Error::InvalidArgument(format!(
-                "layout {:?} does not match input_ids [{b}, {t}]",
-                layout.dims()
-            )));
-        }
-        let (cos, sin) = self.rope.cos_sin_at(layout.position_ids(), device)?; // [b*t, d]
-        let d = cos.dim(1)?;
-        Ok(Positions {
-            cos: cos.reshape((b, 1, t, d))?,
-            sin: sin.reshape((b, 1, t, d))?,
-            mask: layout.attention_mask(device)?,
-        })
-    }
-
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-}
 
 /// Names and shapes of every parameter in HF `named_parameters()` order (lm_head omitted when
 /// tied: transformers lists a shared parameter once).
@@ -300,9 +57,6 @@ pub fn parameter_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     }
     out
 }
-
-/// Looks up the LoRA adapter of a module path such as `model.layers.0.self_attn.q_proj`.
-type Adapter<'a> = dyn Fn(&str) -> Option<LoraPath> + 'a;
 
 pub struct Llama {
     cfg: LlamaConfig,
@@ -481,7 +235,7 @@ impl Llama {
     /// Final hidden states [b, t, hidden] and the lm_head weight [vocab, hidden] when the head is
     /// a plain x Wᵀ (no LoRA on it), for a loss fused with the head (CUDA issue #5).
     pub fn forward_hidden(&self, input_ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let head = self.net.lm_head.plain_weight().cloned();
+        let head = self.net.plain_head_weight().cloned();
         Ok((self.net.hidden_states(input_ids, None)?, head))
     }
 
@@ -694,45 +448,4 @@ impl Llama {
         self.rebuild();
         Ok(())
     }
-}
-
-fn build_net(
-    cfg: &LlamaConfig,
-    vars: &[(String, Var)],
-    lora: Option<&Lora>,
-    detached: bool,
-) -> Net {
-    let by_name: BTreeMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
-    let take = |v: &Var, detach: bool| {
-        if detach {
-            v.as_tensor().detach()
-        } else {
-            v.as_tensor().clone()
-        }
-    };
-    // With LoRA the base is always detached: frozen, no gradient computed for it.
-    let base_detached = detached || lora.is_some();
-    // Dropout only in the training net: inference (detached) is eval mode.
-    let adapter = |p: &str| {
-        let l = lora?;
-        let (a, b) = l.get(p)?;
-        Some(LoraPath {
-            a: take(a, detached),
-            b: take(b, detached),
-            scale: l.config.scale(),
-            dropout: if detached { None } else { l.dropout_for(p) },
-        })
-    };
-    Net::build(
-        cfg,
-        &|name| {
-            take(
-                by_name
-                    .get(name)
-                    .unwrap_or_else(|| panic!("parameter {name} exists")),
-                base_detached,
-            )
-        },
-        &adapter,
-    )
 }
