@@ -25,7 +25,7 @@ build() {
   cargo build --locked --features cuda --bin herd
   # test binaries: the kernels' unit tests, the worker's GPU parity test, the CLI's GPU tests
   cargo test --locked --features cuda --no-run --message-format=json \
-    -p herd-kernels --lib -p herd-worker --test cuda_parity -p herd --test cuda_cli \
+    -p herd-kernels --lib -p herd-worker --test mixed_precision -p herd --test cuda_cli \
     | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -62,10 +62,10 @@ run() {
   if [[ ! -x $herd_path ]]; then
     mkdir -p "$(dirname "$herd_path")" && cp "$DIR/herd" "$herd_path"
   fi
-  for t in herd_kernels cuda_parity cuda_cli; do
+  for t in herd_kernels mixed_precision cuda_cli; do
     [[ -x $DIR/$t ]] || { echo "missing $DIR/$t"; status=1; continue; }
     local crate=.
-    case $t in herd_kernels) crate=kernels ;; cuda_parity) crate=worker ;; esac
+    case $t in herd_kernels) crate=kernels ;; mixed_precision) crate=worker ;; esac
     echo "=== $t (--include-ignored)"
     (cd "$crate" && "$OLDPWD/$DIR/$t" --include-ignored --test-threads=1) \
       2>&1 | tee "$out/$t.log" || status=1

@@ -20,6 +20,7 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod device;
+pub mod dispatch;
 pub mod error;
 pub mod rms_norm;
 pub mod rope;
@@ -30,6 +31,7 @@ mod testutil;
 
 pub use adamw::{AdamWHyper, FusedAdamW};
 pub use cross_entropy::fused_linear_cross_entropy;
+pub use dispatch::{fused, FusedOnCpu};
 pub use error::{Error, Result};
 pub use rms_norm::add_rms_norm;
 pub use rope::rope;

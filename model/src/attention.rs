@@ -9,7 +9,7 @@
 //! logits at real positions are identical (logits at pad positions differ and must be ignored;
 //! the loss ignores them through labels = -100). Left padding is not supported.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
 use crate::mlp::Linear;
@@ -83,8 +83,7 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // A 2-D mask is the plain causal one ([t, total]); packed and left-padded batches bring
         // their own [b, 1, t, total] masks, which the fused kernel does not know.
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && mask.rank() == 2 {
+        if herd_kernels::fused(x.device()) && mask.rank() == 2 {
             // scale, causal mask and softmax in one kernel (CUDA issue #5)
             let probs = herd_kernels::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
             let out = probs
@@ -94,9 +93,10 @@ impl Attention {
                 .reshape((b, t, ()))?;
             return self.o_proj.forward(&out);
         }
-        let scores = (q.matmul(&k.t()?)? * scale)?; // [b, heads, t, total]
-        let scores = scores.broadcast_add(mask)?;
-        let probs = softmax_last_dim(&scores)?;
+        // Softmax in f32 whatever the compute dtype, as transformers does (no-ops in f32).
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?; // [b, heads, t, total]
+        let scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?; // [b, heads, t, d]
         let out = out.transpose(1, 2)?.contiguous()?.reshape((b, t, ()))?;
         self.o_proj.forward(&out)

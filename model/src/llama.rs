@@ -232,13 +232,6 @@ impl Llama {
         self.net.forward_with_layout(input_ids, layout)
     }
 
-    /// Final hidden states [b, t, hidden] and the lm_head weight [vocab, hidden] when the head is
-    /// a plain x Wᵀ (no LoRA on it), for a loss fused with the head (CUDA issue #5).
-    pub fn forward_hidden(&self, input_ids: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let head = self.net.plain_head_weight().cloned();
-        Ok((self.net.hidden_states(input_ids, None)?, head))
-    }
-
     /// Every parameter and adapter moved to `device` as `dtype`, in fresh vars; the net is
     /// rebuilt over them (GPU workers: bf16 on cuda:N; the f32 master copy is the trainer's).
     pub fn to_device(&mut self, device: &Device, dtype: DType) -> Result<()> {

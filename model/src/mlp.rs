@@ -49,9 +49,10 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let x2 = x.reshape((b * t, d_in))?;
-        let y = if !self.weight.is_variable() && x2.track_op() {
+        let y = if !self.weight.is_variable() && x2.track_op() && x2.device().is_cpu() {
             // A frozen weight under a graph that needs d/dx (LoRA): candle's matmul backward
             // would also compute d/dW, a weight-sized matmul and buffer per layer for nothing.
+            // (Host op; on a GPU the plain matmul pays that extra product.)
             x2.apply_op1(FrozenMatmul(self.weight.clone()))?
         } else {
             x2.matmul(&self.weight.t()?)?
@@ -63,7 +64,10 @@ impl Linear {
         let y = match &self.lora {
             Some(l) => {
                 let mask = match &l.dropout {
-                    Some(d) => d.mask(b, t, d_in, x.device())?,
+                    Some(d) => match d.mask(b, t, d_in, x.device())? {
+                        Some(m) => Some(m.to_dtype(x.dtype())?),
+                        None => None,
+                    },
                     None => None,
                 };
                 let xa = match mask {
@@ -94,16 +98,21 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         let (start, end) = l
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: non-contiguous input".into()))?;
-        let candle_core::CpuStorage::F32(v) = s else {
-            return Err(candle_core::Error::Msg("frozen-matmul: f32 only".into()));
+        use candle_core::CpuStorage;
+        let cpu = &candle_core::Device::Cpu;
+        let x = match s {
+            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), cpu)?,
+            CpuStorage::BF16(v) => Tensor::from_slice(&v[start..end], l.shape(), cpu)?,
+            _ => return Err(candle_core::Error::Msg("frozen-matmul: f32 or bf16".into())),
         };
-        let x = Tensor::from_slice(&v[start..end], l.shape(), &candle_core::Device::Cpu)?;
         let y = x.matmul(&self.0.t()?)?;
         let shape = y.shape().clone();
-        Ok((
-            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
-            shape,
-        ))
+        let y = y.flatten_all()?;
+        let out = match s {
+            CpuStorage::BF16(_) => CpuStorage::BF16(y.to_vec1()?),
+            _ => CpuStorage::F32(y.to_vec1()?),
+        };
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -127,8 +136,7 @@ impl Mlp {
     /// x: [b, t, hidden] -> [b, t, hidden]. candle-core's `silu` records its backward
     /// (backprop.rs, UnaryOp::Silu), unlike the fused candle-nn ops.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
+        if herd_kernels::fused(x.device()) {
             let (g, u) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
             return self.down_proj.forward(&herd_kernels::swiglu(&g, &u)?); // CUDA issue #5
         }

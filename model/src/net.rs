@@ -162,12 +162,21 @@ impl Net {
         input_ids: &Tensor,
         layout: Option<&Layout>,
     ) -> Result<Tensor> {
+        self.head(&self.layers_forward(input_ids, layout)?)
+    }
+
+    /// The embedding and every decoder layer: x_L [b, t, hidden], before the final norm.
+    pub(crate) fn layers_forward(
+        &self,
+        input_ids: &Tensor,
+        layout: Option<&Layout>,
+    ) -> Result<Tensor> {
         let mut x = self.embed(input_ids)?;
         let pos = self.positions(input_ids, layout)?;
         for layer in &self.layers {
             x = layer.forward(&x, &pos, None)?;
         }
-        self.head(&x)
+        Ok(x)
     }
 
     /// input_ids: [b, t] -> [b, t, hidden]. Embedding lookup as index_select, whose backward
@@ -183,7 +192,12 @@ impl Net {
 
     /// [b, t, hidden] -> logits [b, t, vocab]
     pub(crate) fn head(&self, x: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(&self.norm.forward(x)?)
+        self.lm_head.forward(&self.final_norm(x)?)
+    }
+
+    /// [b, t, hidden] -> the final RMSNorm of it, the lm_head's input.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
     }
 
     /// Batched decoding: input_ids [b, t] follow the `caches` (one per layer), each token at its

@@ -19,25 +19,54 @@ use candle_core::{Tensor, Var};
 use crate::error::Result;
 use crate::layout::Layout;
 use crate::llama::Llama;
+use crate::net::Net;
 
 /// One gradient per trainable parameter, in `Llama::trainable()` order (None: not reached).
 pub type Gradients = Vec<Option<Tensor>>;
 
+/// What a loss sees: the last decoder layer's output x_L [b, t, hidden], before the final norm
+/// and the lm_head. A loss that fuses the head (herd-kernels' linear cross-entropy) takes
+/// [`Top::normed`] and [`Top::plain_head_weight`]; any other takes [`Top::logits`].
+pub struct Top<'a> {
+    net: &'a Net,
+    x: &'a Tensor,
+}
+
+impl Top<'_> {
+    /// logits [b, t, vocab] = lm_head(norm(x_L))
+    pub fn logits(&self) -> Result<Tensor> {
+        self.net.head(self.x)
+    }
+
+    /// norm(x_L) [b, t, hidden], the lm_head's input.
+    pub fn normed(&self) -> Result<Tensor> {
+        self.net.final_norm(self.x)
+    }
+
+    /// The lm_head weight [vocab, hidden] when the head is a plain x Wᵀ (no LoRA on it).
+    pub fn plain_head_weight(&self) -> Option<&Tensor> {
+        self.net.plain_head_weight()
+    }
+}
+
 impl Llama {
-    /// Runs `loss` on the logits of input_ids [b, t] (laid out by `layout`, if any) and returns
-    /// what it returned with d(loss)/dθ for every trainable parameter. `loss` yields a scalar
-    /// tensor with graph and anything else the caller wants back (e.g. a token count).
+    /// Runs `loss` on the top of the network over input_ids [b, t] (laid out by `layout`, if any)
+    /// and returns what it returned with d(loss)/dθ for every trainable parameter. `loss` yields
+    /// a scalar tensor with graph and anything else the caller wants back (e.g. a token count).
     pub fn loss_and_gradients<T>(
         &self,
         input_ids: &Tensor,
         layout: Option<&Layout>,
         recompute: bool,
-        loss: impl FnOnce(&Tensor) -> Result<(Tensor, T)>,
+        loss: impl FnOnce(&Top) -> Result<(Tensor, T)>,
     ) -> Result<(Tensor, T, Gradients)> {
         let mut grads = vec![None; self.trainable().len()];
         if !recompute {
-            let logits = self.forward_with_layout(input_ids, layout)?;
-            let (value, extra) = loss(&logits)?;
+            let x = self.net.layers_forward(input_ids, layout)?;
+            let (value, extra) = loss(&Top {
+                net: &self.net,
+                x: &x,
+            })?;
             self.accumulate(&mut grads, &value.backward()?)?;
             return Ok((value.detach(), extra, grads));
         }
@@ -45,7 +74,8 @@ impl Llama {
         let net = &self.net;
         let pos = net.positions(input_ids, layout)?;
         let embedded = net.embed(input_ids)?; // [b, t, hidden], graph only to embed_tokens
-                                              // Forward without keeping activations: only each layer's input survives.
+
+        // Forward without keeping activations: only each layer's input survives.
         let mut inputs = Vec::with_capacity(net.layers.len());
         let mut x = embedded.detach();
         for layer in &net.layers {
@@ -55,7 +85,10 @@ impl Llama {
         }
         let top = Var::from_tensor(&x)?;
         drop(x);
-        let (value, extra) = loss(&net.head(top.as_tensor())?)?;
+        let (value, extra) = loss(&Top {
+            net,
+            x: top.as_tensor(),
+        })?;
         let store = value.backward()?;
         self.accumulate(&mut grads, &store)?;
         let Some(mut grad_out) = store.get(top.as_tensor()).map(Tensor::detach) else {

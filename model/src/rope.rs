@@ -77,11 +77,13 @@ impl Rope {
     /// x: [b, heads, t, head_dim]; cos/sin: [t, head_dim] (or [b, 1, t, head_dim] for per-row
     /// positions). x * cos + rotate_half(x) * sin.
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
+        // The kernel takes one [t, head_dim] table; per-row positions go the unfused way.
+        if herd_kernels::fused(x.device()) && cos.rank() == 2 {
             return Ok(herd_kernels::rope(x, cos, sin)?); // fused, CUDA issue #5
         }
-        Ok((x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?)?)
+        // The tables are f32; like transformers, cast them to x's dtype (bf16 on bf16 ranks).
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        Ok((x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?)?)
     }
 }
 

@@ -45,8 +45,8 @@ fn run(
     let ids = Tensor::from_vec(rows.concat(), (rows.len(), t), &dev).unwrap();
     let labels = Tensor::from_vec(labels.concat(), (rows.len(), t), &dev).unwrap();
     let (sum, _, grads) = model
-        .loss_and_gradients(&ids, layout, recompute, |logits| {
-            causal_lm_loss_sum(logits, &labels)
+        .loss_and_gradients(&ids, layout, recompute, |top| {
+            causal_lm_loss_sum(&top.logits()?, &labels)
         })
         .unwrap();
     (sum.to_scalar::<f32>().unwrap(), grads)

@@ -54,3 +54,15 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The largest |x| (f32 or bf16 tensors).
+pub fn max_abs(a: &Tensor) -> f32 {
+    let a: Vec<f32> = a
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    a.iter().fold(0.0, |m, x| m.max(x.abs()))
+}

@@ -8,7 +8,8 @@ use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use herd_model::lora::dropout_row_key;
-use herd_model::{loss::causal_lm_loss_sum, Llama, RewardModel};
+use herd_model::loss::{causal_lm_loss_sum, causal_lm_loss_sum_fused};
+use herd_model::{Llama, RewardModel};
 
 /// A model the engine can train: its parameters that get gradients, in a fixed order.
 pub trait Trainable {
@@ -252,6 +253,8 @@ impl Engine<Llama> {
     }
 
     /// The forward and backward, with packing layout and activation recompute as configured.
+    /// Where the fused ops run (GPU ranks, bf16 ranks) the lm_head is fused with the loss, so
+    /// the [b·t, vocab] logits are never stored; the loss is f32 either way (CUDA issue #5).
     fn forward_backward(&mut self, batch: &Batch) -> Result<(f64, usize)> {
         if batch.label_tokens() == 0 {
             return Ok((0.0, 0));
@@ -260,33 +263,15 @@ impl Engine<Llama> {
         let shape = (batch.batch, batch.seq_len);
         let input = Tensor::from_vec(batch.input_ids.clone(), shape, &dev)?;
         let labels = Tensor::from_vec(batch.labels.clone(), shape, &dev)?;
-        if dev.is_cuda() {
-            if batch.layout.is_some() || self.recompute {
-                return Err(crate::Error::Unsupported {
-                    key: "packing",
-                    reason:
-                        "packing and gradient_checkpointing run on CPU workers only in this build"
-                            .into(),
-                });
-            }
-            // lm_head fused with the loss: no [b·t, vocab] logits; loss in f32 (CUDA issue #5)
-            let (sum, count) = match self.model.forward_hidden(&input)? {
-                (hidden, Some(head)) => {
-                    herd_model::loss::causal_lm_loss_sum_fused(&hidden, &head, &labels)?
-                }
-                (_, None) => {
-                    let logits = self.model.forward(&input)?.to_dtype(DType::F32)?;
-                    causal_lm_loss_sum(&logits, &labels)?
-                }
-            };
-            let s = self.add_loss(&sum, count, 0)?;
-            return Ok((s, count));
-        }
+        let fused = herd_kernels::fused(&dev);
         let (sum, count, grads) = self.model.loss_and_gradients(
             &input,
             batch.layout.as_ref(),
             self.recompute,
-            |logits| causal_lm_loss_sum(logits, &labels),
+            |top| match top.plain_head_weight() {
+                Some(head) if fused => causal_lm_loss_sum_fused(&top.normed()?, head, &labels),
+                _ => causal_lm_loss_sum(&top.logits()?.to_dtype(DType::F32)?, &labels),
+            },
         )?;
         let s = self.add_gradients(&sum, &grads, count, 0)?;
         Ok((s, count))
