@@ -240,3 +240,49 @@ fn reward_training_on_two_workers_matches_one_process() {
     let acc = |d: &Path| trainer_state(d)["log_history"][0]["accuracy"].clone();
     assert_eq!(acc(&a), acc(&b));
 }
+
+/// `bf16: true` trains a reward model with the mixed-precision path (as a GPU rank would): the
+/// logged losses track the f32 run's, eval runs on the bf16 weights, and the checkpoint keeps
+/// the f32 master weights (`herd score` reads it).
+#[test]
+fn bf16_reward_training_tracks_f32() {
+    let ws = Workspace::new(8);
+    subset(&ws, "demo/data/comparisons.json", 32, "pairs.json");
+    subset(
+        &ws,
+        "demo/data/eval_comparisons.json",
+        8,
+        "heldout_pairs.json",
+    );
+    let eval = "eval_strategy: steps\neval_steps: 4\neval_data_path: heldout_pairs.json\n";
+    ws.train(&reward_job(&ws, "a.yaml", "f32", 4, eval), &[]);
+    let bf16 = format!("{eval}bf16: true\n");
+    ws.train(&reward_job(&ws, "b.yaml", "bf16", 4, &bf16), &[]);
+    let metric = |dir: &str, key: &str| -> Vec<f64> {
+        trainer_state(&ws.path().join(dir))["log_history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e[key].as_f64())
+            .collect()
+    };
+    for key in ["loss", "eval_loss"] {
+        let (a, b) = (metric("f32", key), metric("bf16", key));
+        assert!(!a.is_empty() && a.len() == b.len(), "{key}: {a:?} {b:?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 0.02 * x.abs(),
+                "{key}: f32 {a:?} vs bf16 {b:?}"
+            );
+        }
+    }
+    let scored = json_out(herd().current_dir(ws.path()).args([
+        "score",
+        "--model",
+        "bf16/checkpoint-4",
+        "--data",
+        "heldout_pairs.json",
+        "--json",
+    ]));
+    assert_eq!(scored["pairs"], 8, "{scored}");
+}

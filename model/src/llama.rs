@@ -199,6 +199,11 @@ impl Llama {
         cfg.save(dir)
     }
 
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        self.net.device()
+    }
+
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
@@ -249,6 +254,19 @@ impl Llama {
         }
         self.rebuild();
         Ok(())
+    }
+
+    /// A copy on `device` as `dtype` with its own vars (a host f32 copy of a GPU model to save).
+    pub fn copy_to(&self, device: &Device, dtype: DType) -> Result<Llama> {
+        let mut copy = Llama {
+            cfg: self.cfg.clone(),
+            vars: self.vars.clone(),
+            net: self.net.clone(),
+            lora: self.lora.clone(),
+            base_vocab: self.base_vocab,
+        };
+        copy.to_device(device, dtype)?; // fresh vars: nothing is shared with `self` after this
+        Ok(copy)
     }
 
     /// The network over detached copies of the weights (shared storage, no graph): inference

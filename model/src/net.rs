@@ -270,6 +270,11 @@ impl Net {
         self.lm_head.plain_weight()
     }
 
+    /// Where the weights live.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device().clone()
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }

@@ -103,6 +103,35 @@ impl RewardModel {
         self.trainable.push((SCORE.into(), self.score.clone()));
     }
 
+    /// Every parameter moved to `device` as `dtype`, in fresh vars (GPU and bf16 ranks).
+    pub fn to_device(&mut self, device: &Device, dtype: DType) -> Result<()> {
+        self.llama.to_device(device, dtype)?;
+        let score = self.score.as_tensor().to_dtype(dtype)?.to_device(device)?;
+        self.score = Var::from_tensor(&score.detach())?;
+        self.relist();
+        Ok(())
+    }
+
+    /// A copy on `device` as `dtype` sharing no vars with `self`.
+    pub fn copy_to(&self, device: &Device, dtype: DType) -> Result<RewardModel> {
+        let mut copy = RewardModel {
+            llama: self.llama.copy_to(device, dtype)?,
+            tie_word_embeddings: self.tie_word_embeddings,
+            pad_token_id: self.pad_token_id,
+            score: Var::from_tensor(
+                &self
+                    .score
+                    .as_tensor()
+                    .to_dtype(dtype)?
+                    .to_device(device)?
+                    .detach(),
+            )?,
+            trainable: vec![],
+        };
+        copy.relist();
+        Ok(copy)
+    }
+
     pub fn backbone(&self) -> &Llama {
         &self.llama
     }
@@ -142,7 +171,7 @@ impl RewardModel {
     pub fn scores_inference(&self, input_ids: &Tensor) -> Result<Vec<f32>> {
         let hidden = self.llama.inference_net().hidden_states(input_ids, None)?;
         let r = self.pool_and_score(&hidden, input_ids, &self.score.as_tensor().detach())?;
-        Ok(r.to_vec1::<f32>()?)
+        Ok(r.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
 
     fn pool_and_score(

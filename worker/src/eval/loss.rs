@@ -7,7 +7,7 @@
 use crate::data::collate::collate;
 use crate::data::encode::Example;
 use crate::Result;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Tensor};
 use herd_model::loss::causal_lm_loss_sum;
 use herd_model::Llama;
 
@@ -28,11 +28,11 @@ pub fn batch_loss_sum(
     net: &herd_model::llama::Net,
     batch: &crate::data::Batch,
 ) -> Result<(f64, usize)> {
-    let dev = Device::Cpu;
+    let dev = net.device();
     let shape = (batch.batch, batch.seq_len);
     let input = Tensor::from_slice(&batch.input_ids, shape, &dev)?;
     let labels = Tensor::from_slice(&batch.labels, shape, &dev)?;
-    let logits = net.forward(&input, None)?;
+    let logits = net.forward(&input, None)?.to_dtype(DType::F32)?; // the loss in f32
     let (sum, count) = causal_lm_loss_sum(&logits, &labels)?;
     Ok((sum.to_scalar::<f32>()? as f64, count))
 }

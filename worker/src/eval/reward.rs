@@ -2,7 +2,7 @@
 //! (pairwise accuracy, mean margin, mean pairwise loss). Used by the trainer's eval hook,
 //! `herd score` and best-of-N reranking in `herd eval`.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use herd_model::RewardModel;
 
 use crate::data::comparisons::{pad_rows, PairExample};
@@ -19,7 +19,7 @@ pub fn score_sequences(
     for chunk in seqs.chunks(batch_size.max(1)) {
         let rows: Vec<&[u32]> = chunk.iter().map(|s| s.as_slice()).collect();
         let (ids, t) = pad_rows(&rows, pad);
-        let ids = Tensor::from_vec(ids, (rows.len(), t), &Device::Cpu)?;
+        let ids = Tensor::from_vec(ids, (rows.len(), t), &model.backbone().device())?;
         out.extend(model.scores_inference(&ids)?);
     }
     Ok(out)

@@ -11,16 +11,27 @@ use herd_model::lora::dropout_row_key;
 use herd_model::loss::{causal_lm_loss_sum, causal_lm_loss_sum_fused};
 use herd_model::{Llama, RewardModel};
 
-/// A model the engine can train: its parameters that get gradients, in a fixed order.
-pub trait Trainable {
+/// A model the engine can train: its parameters that get gradients, in a fixed order, and how
+/// it moves between devices and dtypes.
+pub trait Trainable: Sized {
     /// Whether steps report the fraction of pairs ranked right.
     const REPORTS_ACCURACY: bool = false;
     fn trainable(&self) -> &[(String, Var)];
+    /// Every weight to `device` as `dtype`, in fresh vars.
+    fn to_device(&mut self, device: &Device, dtype: DType) -> herd_model::Result<()>;
+    /// A copy on `device` as `dtype` that shares no vars with `self`.
+    fn copy_to(&self, device: &Device, dtype: DType) -> herd_model::Result<Self>;
 }
 
 impl Trainable for Llama {
     fn trainable(&self) -> &[(String, Var)] {
         Llama::trainable(self)
+    }
+    fn to_device(&mut self, device: &Device, dtype: DType) -> herd_model::Result<()> {
+        Llama::to_device(self, device, dtype)
+    }
+    fn copy_to(&self, device: &Device, dtype: DType) -> herd_model::Result<Self> {
+        Llama::copy_to(self, device, dtype)
     }
 }
 
@@ -28,6 +39,12 @@ impl Trainable for RewardModel {
     const REPORTS_ACCURACY: bool = true;
     fn trainable(&self) -> &[(String, Var)] {
         RewardModel::trainable(self)
+    }
+    fn to_device(&mut self, device: &Device, dtype: DType) -> herd_model::Result<()> {
+        RewardModel::to_device(self, device, dtype)
+    }
+    fn copy_to(&self, device: &Device, dtype: DType) -> herd_model::Result<Self> {
+        RewardModel::copy_to(self, device, dtype)
     }
 }
 
@@ -99,6 +116,41 @@ impl<M: Trainable> Engine<M> {
             device: Device::Cpu,
             master: None,
         }
+    }
+
+    /// Move the model to `device` computing in `dtype`, keeping the current f32 weights as the
+    /// master copy (and the optimizer state, already f32, on the host). Call once, after resume.
+    pub fn place(&mut self, device: &Device, dtype: DType) -> Result<()> {
+        if dtype != DType::F32 {
+            let master = self
+                .model
+                .trainable()
+                .iter()
+                .map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1::<f32>())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            self.master = Some(master);
+        }
+        Trainable::to_device(&mut self.model, device, dtype)?;
+        self.device = device.clone();
+        Ok(())
+    }
+
+    /// The model as the f32 master weights say, on the host, for checkpoints and the final save;
+    /// None when the model itself computes in f32 (then it is what to save).
+    pub fn master_model(&self) -> Result<Option<M>> {
+        let Some(master) = &self.master else {
+            return Ok(None);
+        };
+        let copy = self.model.copy_to(&Device::Cpu, DType::F32)?;
+        for ((_, var), m) in copy.trainable().iter().zip(master) {
+            var.set(&Tensor::from_slice(m, var.shape(), &Device::Cpu)?)?;
+        }
+        Ok(Some(copy))
+    }
+
+    /// Where forward and backward run.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// With `on`, activations are recomputed layer by layer in backward (same gradients).
@@ -233,23 +285,6 @@ impl Engine<Llama> {
         let result = self.forward_backward(batch);
         self.model.set_lora_dropout_keys(None);
         result
-    }
-
-    /// Move the model to `device` computing in `dtype`, keeping the current f32 weights as the
-    /// master copy (and the optimizer state, already f32, on the host). Call once, after resume.
-    pub fn place(&mut self, device: &Device, dtype: DType) -> Result<()> {
-        if dtype != DType::F32 {
-            let master = self
-                .model
-                .trainable()
-                .iter()
-                .map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1::<f32>())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            self.master = Some(master);
-        }
-        self.model.to_device(device, dtype)?;
-        self.device = device.clone();
-        Ok(())
     }
 
     /// The forward and backward, with packing layout and activation recompute as configured.

@@ -197,12 +197,10 @@ pub fn run(
 ) -> Result<Outcome> {
     let t0 = Instant::now();
     // CUDA issue #5: open the GPU first, so a missing driver costs no data loading.
-    let gpu = match opts.device.is_cuda() {
-        true => Some(herd_kernels::device::open(opts.device)?),
-        false => None,
-    };
-    if (job.bf16 || job.fp16) && gpu.is_none() {
-        tracing::warn!("bf16/fp16 compute needs a GPU worker; this CPU run trains in f32");
+    let device = herd_kernels::device::open(opts.device)?;
+    let placement = placement(job, &device);
+    if job.fp16 {
+        tracing::warn!("fp16 is not supported: GPU ranks compute in bf16, CPU ranks in f32 (or bf16 with `bf16: true`)");
     }
     match job.task {
         Task::CausalLm => {
@@ -225,13 +223,29 @@ pub fn run(
                 skipped_records: p.skipped_records,
                 added_tokens: p.added_tokens,
             };
-            run_setup(job, opts, collective, observer, setup, gpu.as_ref(), t0)
+            run_setup(job, opts, collective, observer, setup, &placement, t0)
         }
         Task::Reward => {
             check_supported(job)?;
             let setup = reward::prepare(job)?;
-            run_setup(job, opts, collective, observer, setup, gpu.as_ref(), t0)
+            run_setup(job, opts, collective, observer, setup, &placement, t0)
         }
+    }
+}
+
+/// Where a rank computes and in which dtype.
+pub struct Placement {
+    pub device: candle_core::Device,
+    /// The compute dtype when it is not f32 (bf16 with f32 master weights); None: plain f32.
+    pub mixed: Option<DType>,
+}
+
+/// GPU ranks always compute in bf16 (CUDA issue #5); CPU ranks when the job says `bf16: true`.
+pub fn placement(job: &JobSpec, device: &candle_core::Device) -> Placement {
+    let mixed = (device.is_cuda() || job.bf16).then_some(DType::BF16);
+    Placement {
+        device: device.clone(),
+        mixed,
     }
 }
 
@@ -242,7 +256,7 @@ fn run_setup<O: Objective>(
     collective: &mut dyn Collective,
     observer: &mut dyn Observer,
     setup: Setup<O>,
-    gpu: Option<&candle_core::Device>,
+    placement: &Placement,
     t0: Instant,
 ) -> Result<Outcome> {
     let Setup {
@@ -274,25 +288,34 @@ fn run_setup<O: Objective>(
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
     }
-    // CUDA issue #5: a GPU rank computes in bf16 (f32 master weights and AdamW on the host);
-    // with several ranks the gradient sums go over NCCL instead of the TCP ring.
+    // CUDA issue #5: mixed precision computes in bf16 with f32 master weights and AdamW on the
+    // host; on a CPU rank through the fused ops' host code (the GPU rank's numerics, in CI).
+    let _fused_on_cpu = placement
+        .mixed
+        .filter(|_| !placement.device.is_cuda())
+        .map(|_| herd_kernels::FusedOnCpu::enable());
+    if let Some(dtype) = placement.mixed {
+        if placement.device.is_cuda() {
+            // bf16 weights + bf16 gradients; activations come on top (the OOM error's advice).
+            let need = 4 * parameters as u64;
+            herd_kernels::device::check_memory(
+                &placement.device,
+                "the bf16 weights and gradients",
+                need,
+            )?;
+        }
+        engine.place(&placement.device, dtype)?;
+        tracing::info!(device = ?placement.device.location(), ?dtype, "mixed precision: f32 master weights");
+    }
+    // With several GPU ranks the gradient sums go over NCCL instead of the TCP ring.
     #[cfg(feature = "cuda")]
     let mut nccl = None;
-    if let Some(device) = gpu {
-        if job.eval_data_path.is_some() {
-            return Err(crate::Error::Unsupported {
-                key: "eval_data_path",
-                reason: "evaluation during training runs on CPU ranks only for now".into(),
-            });
-        }
-        // bf16 weights + bf16 gradients; activations come on top (see the OOM error's advice).
-        let need = 4 * parameters as u64;
-        herd_kernels::device::check_memory(device, "the bf16 weights and gradients", need)?;
-        objective.place(&mut engine, device)?;
-        #[cfg(feature = "cuda")]
-        if world > 1 {
-            nccl = Some(crate::collective::NcclCollective::new(device, collective)?);
-        }
+    #[cfg(feature = "cuda")]
+    if placement.device.is_cuda() && world > 1 {
+        nccl = Some(crate::collective::NcclCollective::new(
+            &placement.device,
+            collective,
+        )?);
     }
     #[cfg(feature = "cuda")]
     let collective: &mut dyn Collective = match nccl.as_mut() {
@@ -512,7 +535,14 @@ fn save_checkpoint<O: Objective>(
     world: usize,
 ) -> Result<(PathBuf, Vec<u64>)> {
     let staging = checkpoint::begin(&job.output_dir, step)?;
-    objective.save(job, &engine.model, &staging, DType::F32)?;
+    // the f32 master weights under mixed precision, so a resumed run continues exactly
+    let master = engine.master_model()?;
+    objective.save(
+        job,
+        master.as_ref().unwrap_or(&engine.model),
+        &staging,
+        DType::F32,
+    )?;
     tokenizer.save(&staging)?;
     state::save_optimizer(&staging, &engine.optimizer)?;
     state::save_scheduler(&staging, schedule, step)?;
@@ -538,7 +568,8 @@ fn save_final<O: Objective>(
     let out = &job.output_dir;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let dtype = if job.bf16 { DType::BF16 } else { DType::F32 };
-    objective.save(job, &engine.model, out, dtype)?;
+    let master = engine.master_model()?;
+    objective.save(job, master.as_ref().unwrap_or(&engine.model), out, dtype)?;
     tokenizer.save(out)?;
     ts.save(out)?;
     checkpoint::write_atomic(&out.join("training_args.yaml"), job.to_yaml().as_bytes())?;

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use herd_model::{Llama, Tokenizer};
 use herd_proto::JobSpec;
 use serde_json::{json, Map, Value};
@@ -43,14 +43,6 @@ pub trait Objective {
     fn save(&self, job: &JobSpec, model: &Self::Model, dir: &Path, dtype: DType) -> Result<()>;
 
     fn num_parameters(&self, model: &Self::Model) -> usize;
-
-    /// Move the engine's model onto a GPU (bf16 compute, f32 master weights on the host).
-    fn place(&self, _engine: &mut Engine<Self::Model>, device: &Device) -> Result<()> {
-        Err(crate::Error::Unsupported {
-            key: "task",
-            reason: format!("this task trains on CPU workers only in this build, not {device:?}"),
-        })
-    }
 }
 
 /// Instruction tuning: token NLL of the response (Alpaca's train.py).
@@ -151,10 +143,6 @@ impl Objective for CausalLm {
 
     fn num_parameters(&self, model: &Llama) -> usize {
         model.num_parameters()
-    }
-
-    fn place(&self, engine: &mut Engine<Llama>, device: &Device) -> Result<()> {
-        engine.place(device, DType::BF16)
     }
 }
 

@@ -86,7 +86,7 @@ pub fn load_job_comparisons(job: &JobSpec) -> Result<(Vec<Comparison>, usize)> {
 }
 
 /// Rows [chosen_1..chosen_n, rejected_1..rejected_n] right-padded: ([2n, t] ids, non-pad tokens).
-pub fn pair_batch(pairs: &[&PairExample], pad: u32) -> Result<(Tensor, usize)> {
+pub fn pair_batch(pairs: &[&PairExample], pad: u32, device: &Device) -> Result<(Tensor, usize)> {
     let rows: Vec<&[u32]> = pairs
         .iter()
         .map(|p| p.chosen.as_slice())
@@ -94,10 +94,7 @@ pub fn pair_batch(pairs: &[&PairExample], pad: u32) -> Result<(Tensor, usize)> {
         .collect();
     let tokens = rows.iter().map(|r| r.len()).sum();
     let (ids, t) = pad_rows(&rows, pad);
-    Ok((
-        Tensor::from_vec(ids, (rows.len(), t), &Device::Cpu)?,
-        tokens,
-    ))
+    Ok((Tensor::from_vec(ids, (rows.len(), t), device)?, tokens))
 }
 
 impl Objective for RewardPairs {
@@ -113,8 +110,8 @@ impl Objective for RewardPairs {
         if n == 0 {
             return Ok(0);
         }
-        let (ids, tokens) = pair_batch(&batch, self.pad_id)?;
-        let r = engine.model.scores(&ids)?;
+        let (ids, tokens) = pair_batch(&batch, self.pad_id, engine.device())?;
+        let r = engine.model.scores(&ids)?.to_dtype(DType::F32)?; // the loss in f32
         let (sum, correct) = pairwise_loss_sum(&r.narrow(0, 0, n)?, &r.narrow(0, n, n)?)?;
         engine.add_loss(&sum, n, correct)?;
         Ok(tokens)
