@@ -107,3 +107,36 @@ fn bf16_with_packing_recompute_and_eval_trains() {
         "{hist}"
     );
 }
+
+/// Two bf16 workers (`herd run --workers 2`, TCP ring) sum the device gradients through the host
+/// and end where one bf16 process with twice the accumulation ends.
+#[test]
+fn two_bf16_workers_equal_one_process() {
+    let ws = Workspace::new(16);
+    let steps = "max_steps: 2\nsave_steps: 2\nbf16: true\nper_device_train_batch_size: 2\n";
+    let dp = ws.job("dp.yaml", "dp", steps);
+    let out = run_ok(
+        herd_clean()
+            .current_dir(ws.path())
+            .arg("run")
+            .arg(&dp)
+            .args(["--workers", "2"]),
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SUCCEEDED"));
+    let one = ws.job(
+        "one.yaml",
+        "one",
+        &format!("{steps}gradient_accumulation_steps: 2\n"),
+    );
+    ws.train(&one, &[]);
+    // the checkpoints hold the f32 master weights
+    assert_weights_close(
+        &ws.path().join("dp/checkpoint-2/model.safetensors"),
+        &ws.path().join("one/checkpoint-2/model.safetensors"),
+        1e-5,
+    );
+    assert_eq!(
+        losses(&ws.path().join("dp")),
+        losses(&ws.path().join("one"))
+    );
+}

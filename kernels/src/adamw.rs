@@ -156,7 +156,7 @@ impl InplaceOp2 for Step<'_> {
         if l1.start_offset() != 0 || !l1.is_contiguous() {
             candle_core::bail!("herd-adamw: state must be a whole contiguous tensor");
         }
-        let dev = s1.device().clone();
+        let dev = s1.device.clone();
         let n = self.table.len();
         let c = self.s;
         let decay_mul: Vec<f32> = self

@@ -2,11 +2,13 @@
 //! buffer (sums of token NLL), the collective sum, division by the global token count, clipping,
 //! AdamW. Kept apart from the run loop so parity tests can drive it with a fixture batch.
 
+use super::mixed::MixedState;
 use crate::collective::Collective;
 use crate::data::collate::Batch;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
+use herd_kernels::AdamWHyper;
 use herd_model::lora::dropout_row_key;
 use herd_model::loss::{causal_lm_loss_sum, causal_lm_loss_sum_fused};
 use herd_model::{Llama, RewardModel};
@@ -69,9 +71,9 @@ pub struct Engine<M: Trainable = Llama> {
     recompute: bool,
     /// Where forward/backward run (CPU f32, or a GPU in bf16 after [`Engine::place`]).
     device: Device,
-    /// f32 master weights per trainable parameter when the model computes in another dtype;
-    /// AdamW updates these and the model gets them rounded (mixed precision, CUDA issue #5).
-    master: Option<Vec<Vec<f32>>>,
+    /// Mixed precision (CUDA issue #5): f32 master weights, AdamW moments and the gradient on
+    /// the compute device; the model gets the master weights rounded to its dtype each step.
+    mixed: Option<MixedState>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -114,21 +116,21 @@ impl<M: Trainable> Engine<M> {
             dropout_seed: 0,
             recompute: false,
             device: Device::Cpu,
-            master: None,
+            mixed: None,
         }
     }
 
-    /// Move the model to `device` computing in `dtype`, keeping the current f32 weights as the
-    /// master copy (and the optimizer state, already f32, on the host). Call once, after resume.
+    /// Move the model to `device` computing in `dtype`; for a dtype other than f32 the current
+    /// f32 weights and the optimizer's moments become the device-resident [`MixedState`]. Call
+    /// once, after resume.
     pub fn place(&mut self, device: &Device, dtype: DType) -> Result<()> {
         if dtype != DType::F32 {
-            let master = self
-                .model
-                .trainable()
-                .iter()
-                .map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1::<f32>())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            self.master = Some(master);
+            self.mixed = Some(MixedState::new(
+                self.model.trainable(),
+                &self.optimizer,
+                device,
+            )?);
+            self.grad = Vec::new(); // the host buffer is not used any more
         }
         Trainable::to_device(&mut self.model, device, dtype)?;
         self.device = device.clone();
@@ -138,14 +140,25 @@ impl<M: Trainable> Engine<M> {
     /// The model as the f32 master weights say, on the host, for checkpoints and the final save;
     /// None when the model itself computes in f32 (then it is what to save).
     pub fn master_model(&self) -> Result<Option<M>> {
-        let Some(master) = &self.master else {
+        let Some(mixed) = &self.mixed else {
             return Ok(None);
         };
         let copy = self.model.copy_to(&Device::Cpu, DType::F32)?;
-        for ((_, var), m) in copy.trainable().iter().zip(master) {
+        for ((_, var), m) in copy.trainable().iter().zip(&mixed.master()?) {
             var.set(&Tensor::from_slice(m, var.shape(), &Device::Cpu)?)?;
         }
         Ok(Some(copy))
+    }
+
+    /// The optimizer as a checkpoint saves it: under mixed precision with the moments read back
+    /// from the device.
+    pub fn optimizer_to_save(&self) -> Result<std::borrow::Cow<'_, AdamW>> {
+        let Some(mixed) = &self.mixed else {
+            return Ok(std::borrow::Cow::Borrowed(&self.optimizer));
+        };
+        let mut opt = self.optimizer.clone();
+        mixed.moments_into(&mut opt)?;
+        Ok(std::borrow::Cow::Owned(opt))
     }
 
     /// Where forward and backward run.
@@ -161,6 +174,9 @@ impl<M: Trainable> Engine<M> {
 
     pub fn zero_grad(&mut self) {
         self.grad.iter_mut().for_each(|g| *g = 0.0);
+        if let Some(m) = self.mixed.as_mut() {
+            m.zero_grad();
+        }
         self.loss_sum = 0.0;
         self.tokens = 0;
         self.correct = 0;
@@ -191,9 +207,16 @@ impl<M: Trainable> Engine<M> {
         count: usize,
         correct: usize,
     ) -> Result<f64> {
-        for (i, ((name, _), g)) in self.model.trainable().iter().zip(grads).enumerate() {
-            let Some(g) = g else {
+        for ((name, _), g) in self.model.trainable().iter().zip(grads) {
+            if g.is_none() {
                 tracing::warn!(param = %name, "parameter received no gradient");
+            }
+        }
+        if let Some(m) = self.mixed.as_mut() {
+            m.add(grads)?;
+        }
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g.as_ref().filter(|_| self.mixed.is_none()) else {
                 continue;
             };
             let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -216,7 +239,10 @@ impl<M: Trainable> Engine<M> {
                 self.tokens as f32,
                 self.correct as f32,
             ];
-            collective.all_reduce_sum(&mut self.grad)?;
+            match self.mixed.as_mut() {
+                Some(m) => m.all_reduce(collective)?,
+                None => collective.all_reduce_sum(&mut self.grad)?,
+            }
             collective.all_reduce_sum(&mut totals)?;
             (
                 totals[0] as f64,
@@ -231,34 +257,61 @@ impl<M: Trainable> Engine<M> {
         } else {
             0.0
         };
-        if global_tokens > 0 {
-            let scale = 1.0 / global_tokens as f32;
-            self.grad.iter_mut().for_each(|g| *g *= scale);
-        }
+        let scale = if global_tokens > 0 {
+            1.0 / global_tokens as f32
+        } else {
+            1.0
+        };
+        let grad_norm = match self.mixed.as_mut() {
+            Some(m) => {
+                let c = self.optimizer.config;
+                let hyper = AdamWHyper {
+                    lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    eps: c.eps,
+                    weight_decay: c.weight_decay,
+                    step: (self.optimizer.steps + 1) as i32,
+                };
+                m.step(self.model.trainable(), scale, self.max_grad_norm, hyper)?
+            }
+            None => self.host_step(scale, lr)?,
+        };
+        self.optimizer.finish_step();
+        Ok(self.stats(loss, grad_norm, lr, global_tokens, correct))
+    }
+
+    /// The host update of plain f32 training: scale, clip, torch-exact AdamW per parameter.
+    fn host_step(&mut self, scale: f32, lr: f64) -> Result<f64> {
+        self.grad.iter_mut().for_each(|g| *g *= scale);
         let grad_norm = clip_grad_norm(&mut self.grad, self.max_grad_norm);
         for (i, (_, var)) in self.model.trainable().iter().enumerate() {
             let grad = &self.grad[self.offsets[i]..self.offsets[i + 1]];
-            if let Some(master) = self.master.as_mut() {
-                // mixed precision: update the f32 master, give the model its rounding
-                self.optimizer.update_param(i, &mut master[i], grad, lr);
-                let p = Tensor::from_slice(&master[i], var.shape(), &Device::Cpu)?;
-                var.set(&p.to_dtype(var.dtype())?.to_device(var.device())?)?;
-                continue;
-            }
             let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             self.optimizer.update_param(i, &mut p, grad, lr);
             var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
         }
-        self.optimizer.finish_step();
+        Ok(grad_norm)
+    }
+
+    /// What `apply` reports after the update.
+    fn stats(
+        &self,
+        loss: f64,
+        grad_norm: f64,
+        lr: f64,
+        global_tokens: usize,
+        correct: usize,
+    ) -> StepStats {
         let accuracy = (M::REPORTS_ACCURACY && global_tokens > 0)
             .then(|| correct as f64 / global_tokens as f64);
-        Ok(StepStats {
+        StepStats {
             loss,
             grad_norm,
             learning_rate: lr,
             label_tokens: global_tokens,
             accuracy,
-        })
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! `checkpoint-<s>` needs only the weights, the optimizer moments and `s`.
 
 pub mod engine;
+pub mod mixed;
 pub mod objective;
 pub mod plan;
 pub mod reward;
@@ -296,11 +297,12 @@ fn run_setup<O: Objective>(
         .map(|_| herd_kernels::FusedOnCpu::enable());
     if let Some(dtype) = placement.mixed {
         if placement.device.is_cuda() {
-            // bf16 weights + bf16 gradients; activations come on top (the OOM error's advice).
-            let need = 4 * parameters as u64;
+            // bf16 weights and gradients, f32 master + moments + gradient sum; activations
+            // come on top (the OOM error's advice).
+            let need = (4 + mixed::MixedState::bytes_per_parameter()) * parameters as u64;
             herd_kernels::device::check_memory(
                 &placement.device,
-                "the bf16 weights and gradients",
+                "the bf16 weights and gradients, the f32 master weights and AdamW state",
                 need,
             )?;
         }
@@ -544,7 +546,7 @@ fn save_checkpoint<O: Objective>(
         DType::F32,
     )?;
     tokenizer.save(&staging)?;
-    state::save_optimizer(&staging, &engine.optimizer)?;
+    state::save_optimizer(&staging, &*engine.optimizer_to_save()?)?;
     state::save_scheduler(&staging, schedule, step)?;
     ts.save(&staging)?;
     checkpoint::write_atomic(

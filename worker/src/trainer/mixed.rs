@@ -1,0 +1,278 @@
+//! Mixed precision's optimizer side (CUDA issue #5; the speed issue's "fused optimizer" and "no
+//! host round trips"): the f32 master weights and both AdamW moments live as one [3, N] tensor
+//! on the compute device, the step's gradient as one flat f32 [N] tensor there, and
+//! herd-kernels' fused AdamW steps every parameter in one launch. Per step only the loss, the
+//! gradient norm and — when the ranks sum over a host collective — the gradient cross to the
+//! host. The host `AdamW` keeps the config and the step count; its moments are filled from the
+//! device only when a checkpoint is written ([`MixedState::moments_into`]).
+//!
+//! The update is the host optimizer's formula bit for bit (herd-kernels' AdamW test); the
+//! gradient norm is an f32 reduction on the device, as torch's `clip_grad_norm_` computes it.
+
+use candle_core::{DType, Device, Tensor, Var};
+use herd_kernels::{AdamWHyper, FusedAdamW};
+
+use crate::collective::Collective;
+use crate::optim::{decays, AdamW};
+use crate::Result;
+
+pub struct MixedState {
+    adamw: FusedAdamW,
+    /// [3, N] f32: master weights | exp_avg | exp_avg_sq, parameters back to back.
+    state: Tensor,
+    /// This step's gradient sum so far, [N] f32 (None before the first micro-batch).
+    grad: Option<Tensor>,
+    /// (offset, length) of each parameter in the flat buffers, in `trainable()` order.
+    spans: Vec<(usize, usize)>,
+    device: Device,
+}
+
+impl MixedState {
+    /// The state of `params` (still f32: their values become the master weights) and the
+    /// moments of `optimizer` (fresh or resumed), on `device`.
+    pub fn new(params: &[(String, Var)], optimizer: &AdamW, device: &Device) -> Result<Self> {
+        let mut spans = Vec::with_capacity(params.len());
+        let mut n = 0;
+        for (_, v) in params {
+            spans.push((n, v.elem_count()));
+            n += v.elem_count();
+        }
+        let mut host = Vec::with_capacity(3 * n);
+        for (_, v) in params {
+            host.extend(
+                v.as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        for s in &optimizer.states {
+            host.extend_from_slice(&s.exp_avg);
+        }
+        for s in &optimizer.states {
+            host.extend_from_slice(&s.exp_avg_sq);
+        }
+        let table: Vec<(usize, bool)> = params
+            .iter()
+            .map(|(name, v)| (v.elem_count(), decays(name)))
+            .collect();
+        Ok(MixedState {
+            adamw: FusedAdamW::new(&table),
+            state: Tensor::from_vec(host, (3, n), device)?,
+            grad: None,
+            spans,
+            device: device.clone(),
+        })
+    }
+
+    /// Bytes this state holds on the device: 12 per parameter, plus 4 for the gradient.
+    pub fn bytes_per_parameter() -> u64 {
+        16
+    }
+
+    pub fn zero_grad(&mut self) {
+        self.grad = None;
+    }
+
+    /// Adds one micro-batch's gradients (one per parameter, in order; None: not reached).
+    pub fn add(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
+        let parts = grads
+            .iter()
+            .zip(&self.spans)
+            .map(|(g, &(_, len))| match g {
+                Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
+                None => Tensor::zeros(len, DType::F32, &self.device),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let flat = Tensor::cat(&parts, 0)?;
+        self.grad = Some(match self.grad.take() {
+            Some(acc) => (acc + flat)?,
+            None => flat,
+        });
+        Ok(())
+    }
+
+    /// Sums the gradient across ranks (through host memory for a host collective).
+    pub fn all_reduce(&mut self, collective: &mut dyn Collective) -> Result<()> {
+        if collective.world_size() == 1 {
+            return Ok(());
+        }
+        let mut host = self.gradient()?.to_vec1::<f32>()?;
+        collective.all_reduce_sum(&mut host)?;
+        let n = host.len();
+        self.grad = Some(Tensor::from_vec(host, n, &self.device)?);
+        Ok(())
+    }
+
+    fn gradient(&self) -> Result<Tensor> {
+        Ok(match &self.grad {
+            Some(g) => g.clone(),
+            None => Tensor::zeros(self.state.dim(1)?, DType::F32, &self.device)?,
+        })
+    }
+
+    /// Scales the summed gradient by `scale` (1 / global count), clips it to `max_norm` as
+    /// `clip_grad_norm_` does (0: no clipping), steps AdamW and writes the rounded master
+    /// weights into `params`. Returns the norm before clipping.
+    pub fn step(
+        &mut self,
+        params: &[(String, Var)],
+        scale: f32,
+        max_norm: f64,
+        hyper: AdamWHyper,
+    ) -> Result<f64> {
+        let g = (self.gradient()? * scale as f64)?;
+        let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+        let g = if max_norm > 0.0 {
+            let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
+            (g * coef as f64)?
+        } else {
+            g
+        };
+        self.adamw.step(&self.state, &g, hyper)?;
+        self.grad = None;
+        let master = self.state.get(0)?;
+        for ((_, var), &(off, len)) in params.iter().zip(&self.spans) {
+            let w = master.narrow(0, off, len)?.reshape(var.shape())?;
+            var.set(&w.to_dtype(var.dtype())?)?;
+        }
+        Ok(norm)
+    }
+
+    /// The master weights of each parameter, on the host.
+    pub fn master(&self) -> Result<Vec<Vec<f32>>> {
+        let all = self.state.get(0)?.to_vec1::<f32>()?;
+        Ok(self
+            .spans
+            .iter()
+            .map(|&(off, len)| all[off..off + len].to_vec())
+            .collect())
+    }
+
+    /// Copies the device moments into `optimizer` (before it is saved).
+    pub fn moments_into(&self, optimizer: &mut AdamW) -> Result<()> {
+        let m = self.state.get(1)?.to_vec1::<f32>()?;
+        let v = self.state.get(2)?.to_vec1::<f32>()?;
+        for (s, &(off, len)) in optimizer.states.iter_mut().zip(&self.spans) {
+            s.exp_avg.copy_from_slice(&m[off..off + len]);
+            s.exp_avg_sq.copy_from_slice(&v[off..off + len]);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::SingleProcess;
+    use crate::optim::{clip_grad_norm, AdamWConfig};
+
+    /// The device state's steps equal the host optimizer's (f32 parameters here, so the
+    /// write-back is exact) up to the clipping coefficient, which comes from an f32 norm here and
+    /// an f64 one on the host; gradients accumulated over two micro-batches, clipping on.
+    #[test]
+    fn device_steps_equal_the_host_optimizer() {
+        let names = ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"];
+        let shapes = [(3usize, 4usize), (1, 5)];
+        let params: Vec<(String, Var)> = names
+            .iter()
+            .zip(shapes)
+            .enumerate()
+            .map(|(k, (n, s))| {
+                let v: Vec<f32> = (0..s.0 * s.1).map(|i| (i + k) as f32 * 0.1 - 0.4).collect();
+                let t = Tensor::from_vec(v, s, &Device::Cpu).unwrap();
+                (n.to_string(), Var::from_tensor(&t).unwrap())
+            })
+            .collect();
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let sizes: Vec<(String, usize)> = params
+            .iter()
+            .map(|(n, v)| (n.clone(), v.elem_count()))
+            .collect();
+        let mut host = AdamW::new(cfg, &sizes);
+        let mut host_p: Vec<Vec<f32>> = params
+            .iter()
+            .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let mut mixed = MixedState::new(&params, &host, &Device::Cpu).unwrap();
+        for step in 1..=3 {
+            let micro = |m: usize| -> Vec<Tensor> {
+                shapes
+                    .iter()
+                    .map(|&s| {
+                        let v: Vec<f32> = (0..s.0 * s.1)
+                            .map(|i| ((i * 7 + step * 3 + m) % 11) as f32 - 5.0)
+                            .collect();
+                        Tensor::from_vec(v, s, &Device::Cpu).unwrap()
+                    })
+                    .collect()
+            };
+            let mut flat: Vec<f32> = vec![];
+            for m in 0..2 {
+                let g = micro(m);
+                mixed
+                    .add(&g.iter().cloned().map(Some).collect::<Vec<_>>())
+                    .unwrap();
+                let gv: Vec<f32> = g
+                    .iter()
+                    .flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                    .collect();
+                if flat.is_empty() {
+                    flat = gv;
+                } else {
+                    flat.iter_mut().zip(&gv).for_each(|(a, b)| *a += b);
+                }
+            }
+            mixed.all_reduce(&mut SingleProcess).unwrap();
+            let scale = 1.0 / 7.0;
+            flat.iter_mut().for_each(|g| *g *= scale);
+            let host_norm = clip_grad_norm(&mut flat, 1.0);
+            let lr = 1e-2;
+            let mut off = 0;
+            for (i, p) in host_p.iter_mut().enumerate() {
+                let n = p.len();
+                host.update_param(i, p, &flat[off..off + n], lr);
+                off += n;
+            }
+            host.finish_step();
+            let hyper = AdamWHyper {
+                lr,
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                weight_decay: cfg.weight_decay,
+                step: step as i32,
+            };
+            let norm = mixed.step(&params, scale, 1.0, hyper).unwrap();
+            assert!(
+                (norm - host_norm).abs() <= 1e-5 * host_norm,
+                "{norm} vs {host_norm}"
+            );
+            let master = mixed.master().unwrap();
+            for (k, (_, v)) in params.iter().enumerate() {
+                let got: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(got, master[k]);
+                let diff = got
+                    .iter()
+                    .zip(&host_p[k])
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff < 1e-6, "step {step} param {k}: {diff}");
+            }
+        }
+        let mut saved = host.clone();
+        mixed.moments_into(&mut saved).unwrap();
+        for (a, b) in saved.states.iter().zip(&host.states) {
+            let d = a
+                .exp_avg
+                .iter()
+                .zip(&b.exp_avg)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(d < 1e-5, "{d}");
+        }
+    }
+}
