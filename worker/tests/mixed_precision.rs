@@ -4,60 +4,26 @@
 //! CPU (`FusedOnCpu`, in CI) that checks everything but the CUDA C; the same test on cuda:0 is
 //! ignored here and run by scripts/gpu-test.sh.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
+use common::{batch, load_step, resized_model};
 use herd_kernels::FusedOnCpu;
-use herd_model::{weights, Llama, LlamaConfig};
 use herd_worker::collective::SingleProcess;
-use herd_worker::data::collate::Batch;
 use herd_worker::optim::AdamWConfig;
 use herd_worker::trainer::engine::Engine;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/parity")
-}
-
-fn step_tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("step.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn model(step: &HashMap<String, Tensor>) -> Llama {
-    let mut cfg = LlamaConfig::from_file(&fixtures().join("model/config.json")).unwrap();
-    let mut tensors = weights::load_dir(&fixtures().join("model")).unwrap();
-    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
-        tensors.insert(name.to_string(), step[&format!("init.{name}")].clone());
-    }
-    cfg.vocab_size = step["init.lm_head.weight"].dim(0).unwrap();
-    Llama::from_tensors(cfg, tensors).unwrap()
-}
-
-fn batch(step: &HashMap<String, Tensor>) -> Batch {
-    let ids = &step["input_ids"];
-    let (b, t) = ids.dims2().unwrap();
-    let v = |name: &str| step[name].flatten_all().unwrap().to_vec1::<i64>().unwrap();
-    Batch {
-        input_ids: v("input_ids").into_iter().map(|x| x as u32).collect(),
-        labels: v("labels"),
-        attention_mask: v("attention_mask").into_iter().map(|x| x as u8).collect(),
-        batch: b,
-        seq_len: t,
-        layout: None,
-    }
-}
-
 /// Per-step (f32 CPU, bf16 on `device`) losses of 20 steps from the same start.
 fn losses(device: &Device) -> Vec<[f64; 2]> {
-    let step = step_tensors();
+    let step = load_step();
     let adam = AdamWConfig {
         beta1: 0.9,
         beta2: 0.999,
         eps: 1e-8,
         weight_decay: 0.0,
     };
-    let mut reference = Engine::new(model(&step), adam, 1.0);
-    let mut mixed = Engine::new(model(&step), adam, 1.0);
+    let mut reference = Engine::new(resized_model(&step), adam, 1.0);
+    let mut mixed = Engine::new(resized_model(&step), adam, 1.0);
     mixed.place(device, DType::BF16).unwrap();
     let batch = batch(&step);
     (0..20)

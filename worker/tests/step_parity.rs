@@ -3,8 +3,10 @@
 //! Trainer's parameter groups. Our engine must land on the same weights, and the lr schedules
 //! must equal transformers' at every step.
 
-use candle_core::{Device, Tensor};
-use herd_model::{weights, Llama, LlamaConfig};
+mod common;
+
+use candle_core::Tensor;
+use common::{batch, fixtures, load_step, resized_model};
 use herd_proto::SchedulerType;
 use herd_worker::collective::SingleProcess;
 use herd_worker::data::Batch;
@@ -12,40 +14,6 @@ use herd_worker::optim::AdamWConfig;
 use herd_worker::schedule::LrSchedule;
 use herd_worker::trainer::engine::Engine;
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/parity")
-}
-
-fn load_step() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("step.safetensors"), &Device::Cpu).unwrap()
-}
-
-/// The fixture's starting point: model/ with the train.py-resized embeddings (`init.*`).
-fn resized_model(step: &HashMap<String, Tensor>) -> Llama {
-    let mut cfg = LlamaConfig::from_file(&fixtures().join("model/config.json")).unwrap();
-    let mut tensors = weights::load_dir(&fixtures().join("model")).unwrap();
-    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
-        tensors.insert(name.to_string(), step[&format!("init.{name}")].clone());
-    }
-    cfg.vocab_size = step["init.lm_head.weight"].dim(0).unwrap();
-    Llama::from_tensors(cfg, tensors).unwrap()
-}
-
-fn batch(step: &HashMap<String, Tensor>) -> Batch {
-    let ids = &step["input_ids"];
-    let (b, t) = ids.dims2().unwrap();
-    let v = |name: &str| step[name].flatten_all().unwrap().to_vec1::<i64>().unwrap();
-    Batch {
-        input_ids: v("input_ids").into_iter().map(|x| x as u32).collect(),
-        labels: v("labels"),
-        attention_mask: v("attention_mask").into_iter().map(|x| x as u8).collect(),
-        batch: b,
-        seq_len: t,
-        layout: None,
-    }
-}
 
 fn scalar(step: &HashMap<String, Tensor>, name: &str) -> f64 {
     step[name].flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64

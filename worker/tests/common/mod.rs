@@ -1,0 +1,41 @@
+//! The parity fixture (tests/fixtures/make_parity.py) as the worker tests read it.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use herd_model::{weights, Llama, LlamaConfig};
+use herd_worker::data::Batch;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/parity")
+}
+
+pub fn load_step() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixtures().join("step.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The fixture's starting point: model/ with the train.py-resized embeddings (`init.*`).
+pub fn resized_model(step: &HashMap<String, Tensor>) -> Llama {
+    let mut cfg = LlamaConfig::from_file(&fixtures().join("model/config.json")).unwrap();
+    let mut tensors = weights::load_dir(&fixtures().join("model")).unwrap();
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        tensors.insert(name.to_string(), step[&format!("init.{name}")].clone());
+    }
+    cfg.vocab_size = step["init.lm_head.weight"].dim(0).unwrap();
+    Llama::from_tensors(cfg, tensors).unwrap()
+}
+
+pub fn batch(step: &HashMap<String, Tensor>) -> Batch {
+    let ids = &step["input_ids"];
+    let (b, t) = ids.dims2().unwrap();
+    let v = |name: &str| step[name].flatten_all().unwrap().to_vec1::<i64>().unwrap();
+    Batch {
+        input_ids: v("input_ids").into_iter().map(|x| x as u32).collect(),
+        labels: v("labels"),
+        attention_mask: v("attention_mask").into_iter().map(|x| x as u8).collect(),
+        batch: b,
+        seq_len: t,
+        layout: None,
+    }
+}
