@@ -1,0 +1,195 @@
+use super::*;
+
+const MIN: &str = "model_name_or_path: m\ndata_path: d.json\noutput_dir: out\n";
+
+#[test]
+fn defaults_follow_training_arguments() {
+    let j = JobSpec::from_yaml_str(MIN, "job.yaml").unwrap();
+    assert_eq!(j.num_train_epochs, 3.0);
+    assert_eq!(j.max_steps, -1);
+    assert_eq!(j.per_device_train_batch_size, 8);
+    assert_eq!(j.learning_rate, 5e-5);
+    assert_eq!(
+        (j.adam_beta1, j.adam_beta2, j.adam_epsilon),
+        (0.9, 0.999, 1e-8)
+    );
+    assert_eq!(j.max_grad_norm, 1.0);
+    assert_eq!(j.lr_scheduler_type, SchedulerType::Linear);
+    assert_eq!(j.model_max_length, 512);
+    assert_eq!(j.seed, 42);
+    assert_eq!(j.save_total_limit, None);
+}
+
+#[test]
+fn unknown_key_names_line_and_column() {
+    let text = format!("{MIN}learning_rat: 2e-5\n");
+    let err = JobSpec::from_yaml_str(&text, "job.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("job.yaml: "), "{err}");
+    assert!(err.contains("unknown field `learning_rat`"), "{err}");
+    assert!(err.contains("line 4 column 1"), "{err}");
+}
+
+#[test]
+fn wrong_type_names_line_and_column() {
+    let text = format!("{MIN}per_device_train_batch_size: four\n");
+    let err = JobSpec::from_yaml_str(&text, "j.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("per_device_train_batch_size"), "{err}");
+    assert!(err.contains("line 4 column"), "{err}");
+}
+
+#[test]
+fn missing_required_key_is_named() {
+    let err = JobSpec::from_yaml_str("data_path: d\noutput_dir: o\n", "j.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("missing field `model_name_or_path`"), "{err}");
+}
+
+#[test]
+fn nonsense_values_are_refused_with_the_key() {
+    for (extra, key) in [
+        (
+            "per_device_train_batch_size: 0",
+            "per_device_train_batch_size",
+        ),
+        ("world_size: 0", "world_size"),
+        ("learning_rate: -1.0", "learning_rate"),
+        ("warmup_ratio: 1.5", "warmup_ratio"),
+        ("save_total_limit: 0", "save_total_limit"),
+        ("adam_beta2: 1.0", "adam_beta2"),
+        ("num_train_epochs: 0", "num_train_epochs"),
+        ("packing: true\ntask: reward", "packing"),
+    ] {
+        let err = JobSpec::from_yaml_str(&format!("{MIN}{extra}\n"), "j.yaml").unwrap_err();
+        assert!(
+            matches!(err, JobError::Invalid { key: k, .. } if k == key),
+            "{extra}"
+        );
+        assert!(err.to_string().contains(key), "{err}");
+    }
+}
+
+#[test]
+fn scheduler_names_are_hf_names() {
+    for name in ["linear", "cosine", "constant", "constant_with_warmup"] {
+        let j = JobSpec::from_yaml_str(&format!("{MIN}lr_scheduler_type: {name}\n"), "j").unwrap();
+        assert_eq!(j.lr_scheduler_type.as_str(), name);
+    }
+    assert!(JobSpec::from_yaml_str(
+        &format!("{MIN}lr_scheduler_type: cosine_with_restarts\n"),
+        "j"
+    )
+    .is_err());
+}
+
+#[test]
+fn warmup_ratio_rounds_up_like_hf() {
+    let j = JobSpec::from_yaml_str(&format!("{MIN}warmup_ratio: 0.03\n"), "j").unwrap();
+    assert_eq!(j.warmup_steps_for(100), 3);
+    assert_eq!(j.warmup_steps_for(2436), 74);
+    let j = JobSpec::from_yaml_str(&format!("{MIN}warmup_ratio: 0.03\nwarmup_steps: 5\n"), "j")
+        .unwrap();
+    assert_eq!(j.warmup_steps_for(100), 5);
+}
+
+#[test]
+fn data_path_forms() {
+    let base = "model_name_or_path: m\noutput_dir: out\n";
+    let j = JobSpec::from_yaml_str(&format!("{base}data_path: d.json\n"), "j").unwrap();
+    assert_eq!(j.data_path, DataPath::Single("d.json".into()));
+    assert_eq!(j.data_path.files(), vec![DataFile::new("d.json")]);
+    let j = JobSpec::from_yaml_str(&format!("{base}data_path: [a.json, b.jsonl]\n"), "j").unwrap();
+    assert_eq!(
+        j.data_path.paths(),
+        vec![Path::new("a.json"), Path::new("b.jsonl")]
+    );
+    let text = format!(
+        "{base}data_path:\n  - a.json\n  - path: c.json\n    weight: 0.5\n    format: sharegpt\n  - {{path: d.json, format: alpaca}}\n"
+    );
+    let j = JobSpec::from_yaml_str(&text, "j").unwrap();
+    let f = j.data_path.files();
+    assert_eq!(f[0], DataFile::new("a.json"));
+    assert_eq!(
+        f[1],
+        DataFile {
+            path: "c.json".into(),
+            weight: 0.5,
+            format: DataFormat::Sharegpt
+        }
+    );
+    assert_eq!(
+        f[2],
+        DataFile {
+            path: "d.json".into(),
+            weight: 1.0,
+            format: DataFormat::Alpaca
+        }
+    );
+    // Round trip through to_yaml keeps the form.
+    let back = JobSpec::from_yaml_str(&j.to_yaml(), "j").unwrap();
+    assert_eq!(j, back);
+    let mut r = j.clone();
+    r.resolve_paths(Path::new("/base"));
+    assert!(r.data_path.paths().iter().all(|p| p.starts_with("/base")));
+}
+
+#[test]
+fn data_path_errors() {
+    let base = "model_name_or_path: m\noutput_dir: out\n";
+    let text = format!("{base}data_path:\n  - a.json\n  - path: c.json\n    wieght: 2\n");
+    let err = JobSpec::from_yaml_str(&text, "j.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown field `wieght`"), "{err}");
+    assert!(
+        err.contains("data_path[1]") && err.contains("line 6 column 5"),
+        "{err}"
+    );
+    let text = format!("{base}data_path:\n  - path: c.json\n    format: csv\n");
+    let err = JobSpec::from_yaml_str(&text, "j.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("csv") && err.contains("line 5"), "{err}");
+    let text = format!("{base}data_path:\n  - path: c.json\n    weight: 0\n");
+    let err = JobSpec::from_yaml_str(&text, "j.yaml").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            JobError::Invalid {
+                key: "data_path",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = JobSpec::from_yaml_str(&format!("{base}data_path: []\n"), "j.yaml").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            JobError::Invalid {
+                key: "data_path",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = JobSpec::from_yaml_str(&format!("{base}data_path: 3\n"), "j.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("data_path") && err.contains("line 3"), "{err}");
+}
+
+#[test]
+fn yaml_round_trip() {
+    let j = JobSpec::from_yaml_str(
+        &format!("{MIN}evaluation_strategy: \"no\"\nbf16: true\n"),
+        "j",
+    )
+    .unwrap();
+    let back = JobSpec::from_yaml_str(&j.to_yaml(), "j").unwrap();
+    assert_eq!(j, back);
+}
