@@ -212,16 +212,16 @@ impl<M: Trainable> Engine<M> {
                 tracing::warn!(param = %name, "parameter received no gradient");
             }
         }
-        if let Some(m) = self.mixed.as_mut() {
-            m.add(grads)?;
-        }
-        for (i, g) in grads.iter().enumerate() {
-            let Some(g) = g.as_ref().filter(|_| self.mixed.is_none()) else {
-                continue;
-            };
-            let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let dst = &mut self.grad[self.offsets[i]..self.offsets[i + 1]];
-            dst.iter_mut().zip(&g).for_each(|(d, s)| *d += s);
+        match self.mixed.as_mut() {
+            Some(m) => m.add(grads)?, // stays on the device
+            None => {
+                for (i, g) in grads.iter().enumerate() {
+                    let Some(g) = g else { continue };
+                    let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let dst = &mut self.grad[self.offsets[i]..self.offsets[i + 1]];
+                    dst.iter_mut().zip(&g).for_each(|(d, s)| *d += s);
+                }
+            }
         }
         let s = sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         self.loss_sum += s;

@@ -65,10 +65,9 @@ impl MixedState {
         })
     }
 
-    /// Bytes this state holds on the device: 12 per parameter, plus 4 for the gradient.
-    pub fn bytes_per_parameter() -> u64 {
-        16
-    }
+    /// Bytes this state holds on the device per parameter: 12 for master weight and moments,
+    /// 4 for the gradient sum.
+    pub const BYTES_PER_PARAMETER: u64 = 16;
 
     pub fn zero_grad(&mut self) {
         self.grad = None;

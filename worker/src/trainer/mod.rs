@@ -299,7 +299,7 @@ fn run_setup<O: Objective>(
         if placement.device.is_cuda() {
             // bf16 weights and gradients, f32 master + moments + gradient sum; activations
             // come on top (the OOM error's advice).
-            let need = (4 + mixed::MixedState::bytes_per_parameter()) * parameters as u64;
+            let need = (4 + mixed::MixedState::BYTES_PER_PARAMETER) * parameters as u64;
             herd_kernels::device::check_memory(
                 &placement.device,
                 "the bf16 weights and gradients, the f32 master weights and AdamW state",
