@@ -98,6 +98,19 @@ struct Step<'a> {
     s: Scalars,
 }
 
+impl Step<'_> {
+    #[cfg_attr(not(any(test, feature = "cuda")), allow(dead_code))]
+    /// Per parameter: the factor the kernel multiplies the weights by (1 for no-decay groups).
+    fn decay_muls(&self) -> Vec<f32> {
+        let d = self.s.decay_mul;
+        self.table
+            .decays
+            .iter()
+            .map(|&decays| if decays { d } else { 1.0 })
+            .collect()
+    }
+}
+
 impl InplaceOp2 for Step<'_> {
     fn name(&self) -> &'static str {
         "herd-adamw"
@@ -159,12 +172,7 @@ impl InplaceOp2 for Step<'_> {
         let dev = s1.device.clone();
         let n = self.table.len();
         let c = self.s;
-        let decay_mul: Vec<f32> = self
-            .table
-            .decays
-            .iter()
-            .map(|&d| if d { c.decay_mul } else { 1.0 })
-            .collect();
+        let decay_mul = self.decay_muls();
         let starts = dev.clone_htod(&self.table.starts)?;
         let decay_mul = dev.clone_htod(&decay_mul)?;
         let p = self.table.decays.len() as i32;
@@ -193,7 +201,6 @@ impl InplaceOp2 for Step<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    #[cfg(feature = "cuda")]
     use crate::testutil::*;
 
     fn hyper(step: i32) -> AdamWHyper {
@@ -228,6 +235,46 @@ mod tests {
             assert!((s[2][e] - 0.001 * g[e] * g[e]).abs() < 1e-7);
         }
         assert!(opt.step(&state, &grad.narrow(0, 0, 4)?, hyper(2)).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn emulated_cuda_c_matches_the_host_over_steps() -> Result<()> {
+        // cuda/adamw.cu on the host emulator: parameters that straddle block boundaries and a
+        // one-element one, so the kernel's binary search over `starts` meets every edge.
+        let opt = FusedAdamW::new(&[(1500, true), (1, false), (600, true), (33, false)]);
+        let n = opt.len();
+        let mut init = randn(&[n], 52).to_vec1::<f32>()?;
+        init.extend(vec![0f32; 2 * n]);
+        let host_state = Tensor::from_vec(init.clone(), (3, n), &candle_core::Device::Cpu)?;
+        let mut emu_state = init;
+        for step in 1..=3 {
+            let g = randn(&[n], 70 + step as u64);
+            opt.step(&host_state, &g, hyper(step)).unwrap();
+            let op = Step {
+                table: &opt,
+                s: Scalars::new(hyper(step)),
+            };
+            let (gs, muls, c) = (host::<f32>(&g), op.decay_muls(), op.s);
+            let st = emu_state.as_mut_ptr();
+            emulate(crate::launch::elems(n), || unsafe {
+                herd_kernels_emu::herd_adamw(
+                    st,
+                    gs.as_ptr(),
+                    opt.starts.as_ptr(),
+                    muls.as_ptr(),
+                    muls.len() as i32,
+                    n,
+                    c.lerp_w,
+                    c.b2,
+                    c.one_minus_b2,
+                    c.step_size,
+                    c.bc2_sqrt,
+                    c.eps,
+                )
+            });
+        }
+        assert_close(&tensor(emu_state, &[3, n]), &host_state, 1e-6);
         Ok(())
     }
 

@@ -317,6 +317,42 @@ mod tests {
         Ok(())
     }
 
+    /// cuda/cross_entropy.cu on the host emulator against the host reference: ignored rows
+    /// (label −100), a vocabulary inside one block and one wider than it.
+    fn emulated_kernel_matches_the_host<T: Emulated>() -> Result<()> {
+        let k = T::KERNELS;
+        for (n, vocab) in [(5, 1000), (3, 3000)] {
+            let logits = randn(&[n, vocab], 51).to_dtype(T::DTYPE)?;
+            let mut labels = labels(n, vocab);
+            labels[1] = -100;
+            let label_t = Tensor::new(labels.as_slice(), &candle_core::Device::Cpu)?;
+            let want = logits.apply_op2_no_bwd(&label_t, &CeChunk)?;
+
+            let ls = host::<T>(&logits);
+            let mut out = poisoned::<f32>(n * vocab + n);
+            let o = out.as_mut_ptr();
+            emulate(crate::launch::rows(n, vocab), || unsafe {
+                (k.ce_chunk)(ls.as_ptr(), labels.as_ptr(), o, n as i32, vocab as i32)
+            });
+            // Gradients and row losses apart: the losses (~ln V) would dwarf a gradient error.
+            let got = tensor(out, &[n * vocab + n]);
+            for (start, len) in [(0, n * vocab), (n * vocab, n)] {
+                assert_close(
+                    &got.narrow(0, start, len)?,
+                    &want.narrow(0, start, len)?,
+                    T::TOL,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn emulated_cuda_c_matches_the_host_in_f32_and_bf16() -> Result<()> {
+        emulated_kernel_matches_the_host::<f32>()?;
+        emulated_kernel_matches_the_host::<half::bf16>()
+    }
+
     #[cfg(feature = "cuda")]
     #[test]
     #[ignore = "needs a CUDA GPU (run scripts/gpu-test.sh)"]

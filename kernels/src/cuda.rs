@@ -86,17 +86,20 @@ pub(crate) fn alloc_out<T: DeviceRepr + WithDType + 'static>(
     }
 }
 
-/// One block per row, threads a multiple of 32 up to 1024 (block reductions assume it).
+/// One block per row (see [`crate::launch::rows`]).
 pub(crate) fn rows_cfg(rows: usize, cols: usize) -> LaunchConfig {
-    let threads = cols.next_power_of_two().clamp(32, 1024) as u32;
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    config(crate::launch::rows(rows, cols))
 }
 
-/// One thread per element.
+/// One thread per element (see [`crate::launch::elems`]).
 pub(crate) fn elems_cfg(n: usize) -> LaunchConfig {
-    LaunchConfig::for_num_elems(n as u32)
+    config(crate::launch::elems(n))
+}
+
+fn config(g: crate::launch::Grid) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (g.blocks, 1, 1),
+        block_dim: (g.threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }

@@ -22,6 +22,7 @@ mod cuda;
 pub mod device;
 pub mod dispatch;
 pub mod error;
+pub mod launch;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;

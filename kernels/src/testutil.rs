@@ -58,3 +58,43 @@ pub const DTYPES: [(DType, f64); 2] = [(DType::F32, 1e-4), (DType::BF16, 1e-2)];
 pub fn gpu() -> Device {
     Device::new_cuda(0).expect("cuda:0")
 }
+
+/// The storage types the CUDA C is instantiated for, with the tolerances: f32 differs
+/// from the host reference by summation order and expf only; bf16 by a rounding of the result.
+pub trait Emulated: herd_kernels_emu::Storage + candle_core::WithDType {
+    const TOL: f64;
+}
+impl Emulated for f32 {
+    const TOL: f64 = 1e-5;
+}
+impl Emulated for half::bf16 {
+    const TOL: f64 = 1e-2;
+}
+
+/// Runs one kernel entry point on the host emulator under the launch shape the GPU gets.
+pub fn emulate(grid: crate::launch::Grid, body: impl Fn()) {
+    // SAFETY: every caller passes buffers sized for the kernel's extent under `grid` (the same
+    // sizes its cuda_fwd allocates), and the kernels write disjoint elements.
+    unsafe { herd_kernels_emu::launch(grid.blocks, grid.threads, body) }
+}
+
+/// A tensor's elements on the host, as `T` (the kernels' input buffers).
+pub fn host<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
+    t.to_dtype(T::DTYPE)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// An output buffer of NaNs, as `alloc_out` makes under test on the GPU: an element the kernel
+/// leaves unwritten fails `assert_close`.
+pub fn poisoned<T: candle_core::WithDType>(n: usize) -> Vec<T> {
+    vec![T::from_f64(f64::NAN); n]
+}
+
+/// A kernel's output buffer as a tensor, to compare with the host reference.
+pub fn tensor<T: candle_core::WithDType>(v: Vec<T>, dims: &[usize]) -> Tensor {
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}
