@@ -3,6 +3,8 @@
 //! in behind the same trait). The trainer sums token-NLL gradients and token counts across ranks,
 //! then divides by the global count: N ranks with batch b equal one rank with batch N·b.
 
+use candle_core::Tensor;
+
 use crate::Result;
 
 #[cfg(feature = "cuda")]
@@ -18,7 +20,19 @@ pub trait Collective: Send {
     /// Element-wise sum of `buf` across all ranks, in a fixed reduction order; every rank ends
     /// with the same result.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// The same sum over a flat f32 tensor, returned on the tensor's device. By default it is
+    /// staged through host memory; a device backend (NCCL) sums in place where the tensor lives.
+    fn all_reduce_sum_tensor(&mut self, t: Tensor) -> Result<Tensor> {
+        stage_through_host(self, t)
+    }
     fn name(&self) -> &'static str;
+}
+
+/// `all_reduce_sum_tensor` for host collectives: copy out, sum, copy back.
+pub fn stage_through_host<C: Collective + ?Sized>(c: &mut C, t: Tensor) -> Result<Tensor> {
+    let mut host = t.flatten_all()?.to_vec1::<f32>()?;
+    c.all_reduce_sum(&mut host)?;
+    Ok(Tensor::from_vec(host, t.shape(), t.device())?)
 }
 
 /// World size 1: the sum over one rank is the buffer itself.

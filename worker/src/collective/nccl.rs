@@ -7,26 +7,30 @@
 //! waits on another's report, and a restarted attempt gets a fresh id with its fresh ring. The
 //! Assignment's `nccl_id` field stays unused (reserved).
 //!
-//! The trait works on host buffers, so each bucket is staged through one device buffer: copy in,
-//! all-reduce in place, copy out. Buckets bound the staging memory; NCCL's ring order is fixed for
-//! a given communicator, so the sums are deterministic run to run at the same world size.
+//! The mixed-precision gradient lives on the GPU as one flat f32 tensor, and
+//! `all_reduce_sum_tensor` sums it in place there, bucket by bucket, on candle's stream (so it is
+//! ordered after the backward and before the optimizer with no host sync). Host buffers (the
+//! step's loss and token counts, a few floats) are staged through one device buffer: copy in,
+//! all-reduce in place, copy out. NCCL's ring order is fixed for a given communicator, so the
+//! sums are deterministic run to run at the same world size.
 
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
-use candle_core::Device;
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
 use super::Collective;
 use crate::Result;
 
-/// f32 elements per bucket (64 MiB of staging memory).
+/// f32 elements per bucket (64 MiB; also the host path's staging memory).
 pub const BUCKET_ELEMS: usize = 16 << 20;
 
 pub struct NcclCollective {
     comm: Comm,
     stream: Arc<CudaStream>,
     staging: CudaSlice<f32>,
+    device: Device,
     rank: usize,
     world: usize,
 }
@@ -76,6 +80,7 @@ impl NcclCollective {
             comm,
             stream,
             staging,
+            device: device.clone(),
             rank,
             world,
         })
@@ -117,8 +122,54 @@ impl Collective for NcclCollective {
             .map_err(|e| nccl_error(rank, world, "synchronize", e))?;
         Ok(())
     }
+    fn all_reduce_sum_tensor(&mut self, t: Tensor) -> Result<Tensor> {
+        if !t.device().same_device(&self.device) || t.dtype() != DType::F32 {
+            return super::stage_through_host(self, t);
+        }
+        let t = t.contiguous()?;
+        let (rank, world) = (self.rank, self.world);
+        t.inplace_op1(&InPlaceSum { comm: &self.comm })
+            .map_err(|e| nccl_error(rank, world, "ncclAllReduce", e))?;
+        Ok(t)
+    }
     fn name(&self) -> &'static str {
         "nccl"
+    }
+}
+
+/// ncclAllReduce(sum) in place on a tensor's device memory, in buckets.
+struct InPlaceSum<'a> {
+    comm: &'a Comm,
+}
+
+impl InplaceOp1 for InPlaceSum<'_> {
+    fn name(&self) -> &'static str {
+        "herd-nccl-all-reduce"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("NCCL sums GPU memory; a CPU tensor goes through the host path")
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &mut candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("herd-nccl-all-reduce: the gradient must be contiguous")
+        };
+        let slice = storage.as_cuda_slice_mut::<f32>()?;
+        let mut start = a;
+        while start < b {
+            let end = (start + BUCKET_ELEMS).min(b);
+            let mut bucket = slice.slice_mut(start..end);
+            self.comm
+                .all_reduce_in_place(&mut bucket, &ReduceOp::Sum)
+                .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
+            start = end;
+        }
+        Ok(())
     }
 }
 

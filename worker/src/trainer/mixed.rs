@@ -2,8 +2,8 @@
 //! host round trips"): the f32 master weights and both AdamW moments live as one [3, N] tensor
 //! on the compute device, the step's gradient as one flat f32 [N] tensor there, and
 //! herd-kernels' fused AdamW steps every parameter in one launch. Per step only the loss, the
-//! gradient norm and — when the ranks sum over a host collective — the gradient cross to the
-//! host. The host `AdamW` keeps the config and the step count; its moments are filled from the
+//! gradient norm and — when the ranks sum over a host collective (not NCCL) — the gradient
+//! cross to the host. The host `AdamW` keeps the config and the step count; its moments are filled from the
 //! device only when a checkpoint is written ([`MixedState::moments_into`]).
 //!
 //! The update is the host optimizer's formula bit for bit (herd-kernels' AdamW test); the
@@ -91,15 +91,13 @@ impl MixedState {
         Ok(())
     }
 
-    /// Sums the gradient across ranks (through host memory for a host collective).
+    /// Sums the gradient across ranks: in place on the GPU with NCCL, through host memory for
+    /// a host collective.
     pub fn all_reduce(&mut self, collective: &mut dyn Collective) -> Result<()> {
         if collective.world_size() == 1 {
             return Ok(());
         }
-        let mut host = self.gradient()?.to_vec1::<f32>()?;
-        collective.all_reduce_sum(&mut host)?;
-        let n = host.len();
-        self.grad = Some(Tensor::from_vec(host, n, &self.device)?);
+        self.grad = Some(collective.all_reduce_sum_tensor(self.gradient()?)?);
         Ok(())
     }
 
