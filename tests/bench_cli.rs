@@ -9,6 +9,7 @@ fn bench_demo_prints_positive_json_fields() {
     for extra in [
         &[][..],
         &["--gradient-checkpointing", "--peak-tflops", "1"][..],
+        &["--bf16"][..],
     ] {
         let out = run_ok(
             herd()
@@ -34,14 +35,22 @@ fn bench_demo_prints_positive_json_fields() {
         }
         assert_eq!(j["device"], "cpu");
         // MFU only with a peak to divide by: not meaningful on the CPU by default.
-        assert_eq!(j["mfu"].is_null(), extra.is_empty(), "{j}");
+        assert_eq!(j["mfu"].is_null(), !extra.contains(&"--peak-tflops"), "{j}");
+        // --bf16 runs the GPU rank's numerics (fused host ops, f32 master weights).
+        let want = if extra.contains(&"--bf16") {
+            "bf16 (f32 master weights)"
+        } else {
+            "f32"
+        };
+        assert_eq!(j["dtype"], want, "{j}");
     }
 }
 
 #[test]
 fn bench_refuses_cuda_without_the_backend_and_unknown_models() {
     let err = run_err(herd().args(["bench", "--device", "cuda:0"]));
-    assert!(err.contains("without the CUDA backend"), "{err}");
+    assert!(err.contains("built without CUDA"), "{err}");
+    assert!(err.contains("--features cuda"), "{err}");
     let err = run_err(herd().args(["bench", "--model", "no-such-model"]));
     assert!(err.contains("not a preset"), "{err}");
 }

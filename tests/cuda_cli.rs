@@ -138,3 +138,30 @@ fn train_on_gpu_completes() {
     let _ = Command::new("true").status();
     assert!(ws.path().join("out/model.safetensors").is_file(), "{out:?}");
 }
+
+/// `herd bench --device cuda:0` steps as a GPU rank does (bf16, f32 master weights) and reports
+/// the device's peak allocation from the CUDA memory pool, as `bench/compare.sh` reads it.
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-test.sh)"]
+fn bench_on_gpu_reports_bf16_and_pool_peak_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_ok(
+        herd()
+            .current_dir(dir.path())
+            .args(["bench", "--device", "cuda:0", "--model", "demo", "--json"])
+            .args(["--steps", "2", "--batch", "2", "--seq", "64"]),
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["dtype"], "bf16 (f32 master weights)", "{j}");
+    assert!(
+        j["peak_memory_kind"]
+            .as_str()
+            .unwrap()
+            .contains("USED_MEM_HIGH"),
+        "{j}"
+    );
+    let peak = j["peak_memory_bytes"].as_f64().unwrap();
+    // At least the 16 bytes per parameter of master weights, moments and gradient sum.
+    assert!(peak >= 16.0 * j["params"].as_f64().unwrap(), "{j}");
+    assert!(j["mfu"].as_f64().unwrap() > 0.0, "{j}");
+}

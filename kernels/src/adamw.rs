@@ -48,8 +48,16 @@ impl FusedAdamW {
         self.len() == 0
     }
 
-    /// One step: state [3, N] f32 updated in place from grad [N] f32.
-    pub fn step(&self, state: &Tensor, grad: &Tensor, h: AdamWHyper) -> crate::Result<()> {
+    /// One step: state [3, N] f32 updated in place from the gradient `grad_scale`·grad, grad
+    /// [N] f32 (the scale is applied as each element is read; the scaled gradient is not
+    /// stored).
+    pub fn step(
+        &self,
+        state: &Tensor,
+        grad: &Tensor,
+        h: AdamWHyper,
+        grad_scale: f32,
+    ) -> crate::Result<()> {
         let n = self.len();
         if state.dims() != [3, n] || grad.dims() != [n] {
             return Err(crate::Error::Shape(format!(
@@ -60,7 +68,7 @@ impl FusedAdamW {
         }
         let op = Step {
             table: self,
-            s: Scalars::new(h),
+            s: Scalars::new(h, grad_scale),
         };
         state.inplace_op2(&grad.contiguous()?, &op)?;
         Ok(())
@@ -77,10 +85,11 @@ struct Scalars {
     step_size: f32,
     bc2_sqrt: f32,
     eps: f32,
+    grad_scale: f32,
 }
 
 impl Scalars {
-    fn new(h: AdamWHyper) -> Self {
+    fn new(h: AdamWHyper, grad_scale: f32) -> Self {
         Scalars {
             decay_mul: (1.0 - h.lr * h.weight_decay) as f32,
             lerp_w: (1.0 - h.beta1) as f32,
@@ -89,6 +98,7 @@ impl Scalars {
             step_size: (h.lr / (1.0 - h.beta1.powi(h.step))) as f32,
             bc2_sqrt: (1.0 - h.beta2.powi(h.step)).sqrt() as f32,
             eps: h.eps as f32,
+            grad_scale,
         }
     }
 }
@@ -143,7 +153,7 @@ impl InplaceOp2 for Step<'_> {
                 1.0
             };
             for e in w[0] as usize..w[1] as usize {
-                let g = grad[e];
+                let g = grad[e] * c.grad_scale;
                 // Multiplying by exactly 1.0 is the identity, so no-decay matches torch's skip.
                 p[e] *= decay_mul;
                 m[e] += c.lerp_w * (g - m[e]);
@@ -191,7 +201,8 @@ impl InplaceOp2 for Step<'_> {
             .arg(&c.one_minus_b2)
             .arg(&c.step_size)
             .arg(&c.bc2_sqrt)
-            .arg(&c.eps);
+            .arg(&c.eps)
+            .arg(&c.grad_scale);
         // SAFETY: argument types and counts match herd_adamw in cuda/adamw.cu.
         unsafe { b.launch(elems_cfg(n)) }.w()?;
         Ok(())
@@ -223,8 +234,10 @@ mod tests {
         let mut init = p0.to_vec();
         init.extend([0f32; 10]);
         let state = Tensor::from_vec(init, (3, 5), &candle_core::Device::Cpu)?;
-        let grad = Tensor::from_slice(&g, 5, &candle_core::Device::Cpu)?;
-        opt.step(&state, &grad, hyper(1)).unwrap();
+        // Handed over as g/4 with grad_scale 4: the step sees g.
+        let quarter = g.map(|x| x / 4.0);
+        let grad = Tensor::from_slice(&quarter, 5, &candle_core::Device::Cpu)?;
+        opt.step(&state, &grad, hyper(1), 4.0).unwrap();
         let s = state.to_vec2::<f32>()?;
         for e in 0..5 {
             let decay = if e < 3 { 1.0 - 2e-3 * 0.1 } else { 1.0 };
@@ -234,7 +247,9 @@ mod tests {
             assert!((s[1][e] - 0.1 * g[e]).abs() < 1e-7);
             assert!((s[2][e] - 0.001 * g[e] * g[e]).abs() < 1e-7);
         }
-        assert!(opt.step(&state, &grad.narrow(0, 0, 4)?, hyper(2)).is_err());
+        assert!(opt
+            .step(&state, &grad.narrow(0, 0, 4)?, hyper(2), 1.0)
+            .is_err());
         Ok(())
     }
 
@@ -250,10 +265,10 @@ mod tests {
         let mut emu_state = init;
         for step in 1..=3 {
             let g = randn(&[n], 70 + step as u64);
-            opt.step(&host_state, &g, hyper(step)).unwrap();
+            opt.step(&host_state, &g, hyper(step), 0.5).unwrap();
             let op = Step {
                 table: &opt,
-                s: Scalars::new(hyper(step)),
+                s: Scalars::new(hyper(step), 0.5),
             };
             let (gs, muls, c) = (host::<f32>(&g), op.decay_muls(), op.s);
             let st = emu_state.as_mut_ptr();
@@ -271,6 +286,7 @@ mod tests {
                     c.step_size,
                     c.bc2_sqrt,
                     c.eps,
+                    c.grad_scale,
                 )
             });
         }
@@ -291,8 +307,9 @@ mod tests {
         let gs = cs.to_device(&gpu())?;
         for step in 1..=3 {
             let g = randn(&[n], 60 + step as u64);
-            opt.step(&cs, &g, hyper(step)).unwrap();
-            opt.step(&gs, &g.to_device(&gpu())?, hyper(step)).unwrap();
+            opt.step(&cs, &g, hyper(step), 0.5).unwrap();
+            opt.step(&gs, &g.to_device(&gpu())?, hyper(step), 0.5)
+                .unwrap();
         }
         assert_close(&gs, &cs, 1e-4);
         Ok(())

@@ -29,6 +29,8 @@ module!(SWIGLU, "swiglu");
 module!(SOFTMAX, "softmax");
 module!(CROSS_ENTROPY, "cross_entropy");
 module!(ADAMW, "adamw");
+module!(ACCUMULATE, "accumulate");
+module!(SUM_SQUARES, "sum_squares");
 
 /// A loaded kernel and the device's stream it launches on.
 pub(crate) struct Kernel {
@@ -96,7 +98,7 @@ pub(crate) fn elems_cfg(n: usize) -> LaunchConfig {
     config(crate::launch::elems(n))
 }
 
-fn config(g: crate::launch::Grid) -> LaunchConfig {
+pub(crate) fn config(g: crate::launch::Grid) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (g.blocks, 1, 1),
         block_dim: (g.threads, 1, 1),

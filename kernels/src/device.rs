@@ -77,6 +77,41 @@ pub fn memory_info(device: &Device) -> Option<(u64, u64)> {
     None
 }
 
+/// Peak bytes allocated on a CUDA device since the process started, as the driver's default
+/// memory pool records them (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`). candle's allocations go through
+/// `cuMemAllocAsync` on that pool, so this is the counterpart of `torch.cuda.max_memory_allocated`
+/// (tensors only: no CUDA context, no cuBLAS workspace). None off CUDA, or when the device has
+/// no memory pools (then cudarc allocates synchronously and nothing records a peak).
+pub fn peak_allocated(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let stream = d.cuda_stream();
+        let ctx = stream.context();
+        if ctx.bind_to_thread().is_err() || !ctx.has_async_alloc() {
+            return None;
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut high: u64 = 0;
+        // SAFETY: both calls only write the out-pointers handed to them; the context is current.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+                .result()
+                .ok()?;
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut high as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()
+            .ok()?;
+        }
+        return Some(high);
+    }
+    let _ = device;
+    None
+}
+
 /// Refuse up front a need that cannot fit (`asked` bytes for `what`), rather than failing in
 /// the middle of a step.
 pub fn check_memory(device: &Device, what: &str, asked: u64) -> Result<()> {

@@ -31,6 +31,21 @@ pub fn elems(n: usize) -> Grid {
     }
 }
 
+/// Most blocks of a reduction to per-block partial sums: enough to fill an H100's 132 SMs
+/// several times over, few enough that the partials are a trivial second pass.
+const MAX_PARTIALS: u64 = 512;
+
+/// A grid-stride reduction over `n` elements: full blocks, at most [`MAX_PARTIALS`] of them,
+/// at least one (n = 0 gives one zero partial).
+pub fn partials(n: usize) -> Grid {
+    Grid {
+        blocks: (n as u64)
+            .div_ceil(ELEMS_THREADS as u64)
+            .clamp(1, MAX_PARTIALS) as u32,
+        threads: ELEMS_THREADS,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +101,12 @@ mod tests {
         // LLaMA-7B's parameter count: 2^32 elements would wrap to 0 in u32.
         let n = 6_738_415_616usize;
         assert_eq!(elems(n).blocks as u64, (n as u64).div_ceil(1024));
+    }
+
+    #[test]
+    fn reductions_use_between_one_and_max_partials_blocks() {
+        assert_eq!(partials(0).blocks, 1);
+        assert_eq!(partials(3000).blocks, 3);
+        assert_eq!(partials(6_738_415_616).blocks, 512);
     }
 }

@@ -9,6 +9,8 @@
 //! | [`causal_softmax`] | softmax(scale·S) over keys ≤ query | scale·P(dP − rowsum(P dP)) |
 //! | [`fused_linear_cross_entropy`] | Σ NLL of h Wᵀ, chunked: full logits never stored | dh, dW computed in the forward |
 //! | [`FusedAdamW`] | torch AdamW over all parameters in one launch | — |
+//! | [`accumulate`] | flat f32 gradient sum += a parameter's gradient, in place | — |
+//! | [`sum_squares`] | Σ x² in a fixed order (the gradient norm) | — |
 //!
 //! Every op's `cpu_fwd` is plain Rust over f32 (bf16 converted), the reference the CUDA kernels
 //! (cuda/*.cu, built by nvcc in build.rs with the `cuda` feature) are tested against. Inputs are
@@ -22,6 +24,7 @@ mod cuda;
 pub mod device;
 pub mod dispatch;
 pub mod error;
+pub mod grad;
 pub mod launch;
 pub mod rms_norm;
 pub mod rope;
@@ -34,6 +37,7 @@ pub use adamw::{AdamWHyper, FusedAdamW};
 pub use cross_entropy::fused_linear_cross_entropy;
 pub use dispatch::{fused, FusedOnCpu};
 pub use error::{Error, Result};
+pub use grad::{accumulate, sum_squares};
 pub use rms_norm::add_rms_norm;
 pub use rope::rope;
 pub use softmax::causal_softmax;

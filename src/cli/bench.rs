@@ -12,6 +12,8 @@
 //! cuda, and on the CPU only what --peak-tflops says (MFU is left out without it).
 
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use herd_kernels::device::DeviceSpec;
 use herd_model::init::SplitMix64;
 use herd_model::{Llama, LlamaConfig};
 use herd_worker::collective::SingleProcess;
@@ -21,6 +23,10 @@ use herd_worker::trainer::engine::Engine;
 use serde_json::json;
 use std::path::Path;
 use std::time::Instant;
+
+/// What the GPU's peak memory figure is (see `herd_kernels::device::peak_allocated`).
+const GPU_PEAK_KIND: &str =
+    "CUDA default mempool USED_MEM_HIGH (counterpart of torch.cuda.max_memory_allocated)";
 
 /// H100/H200 SXM dense bf16 peak, TFLOP/s.
 pub const H100_BF16_PEAK_TFLOPS: f64 = 989.0;
@@ -42,9 +48,14 @@ pub struct BenchArgs {
     /// Untimed steps first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    /// cpu, or cuda:N (needs a build with the CUDA backend).
+    /// cpu, or cuda:N (needs a build with the CUDA backend). On cuda the steps run as a GPU rank
+    /// does: bf16 compute, f32 master weights, fused kernels and fused AdamW on the device.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// On the CPU too, compute in bf16 with f32 master weights through the fused ops' host
+    /// code (what `bf16: true` does to a CPU rank; slower than f32 there).
+    #[arg(long)]
+    bf16: bool,
     /// Peak TFLOP/s for MFU (default: 989 on cuda, none on the CPU).
     #[arg(long)]
     peak_tflops: Option<f64>,
@@ -57,45 +68,6 @@ pub struct BenchArgs {
     /// Seed of the random weights and tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-}
-
-/// Where the steps run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BenchDevice {
-    Cpu,
-    Cuda(usize),
-}
-
-impl BenchDevice {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(n)) => Ok(Self::Cuda(n)),
-                _ => bail!("--device {s}: expected cpu or cuda:N"),
-            },
-        }
-    }
-
-    /// The candle device. The CUDA backend slots in here (and `peak_memory_bytes` reads its
-    /// allocator's high-water mark instead of the process RSS).
-    fn candle(self) -> Result<candle_core::Device> {
-        match self {
-            Self::Cpu => Ok(candle_core::Device::Cpu),
-            Self::Cuda(n) => bail!(
-                "--device cuda:{n}: this herd is built without the CUDA backend (CPU only); \
-                 use --device cpu"
-            ),
-        }
-    }
-
-    fn name(self) -> String {
-        match self {
-            Self::Cpu => "cpu".into(),
-            Self::Cuda(n) => format!("cuda:{n}"),
-        }
-    }
 }
 
 /// The config of a preset name, or of a config.json path.
@@ -182,11 +154,12 @@ fn random_batch(rng: &mut SplitMix64, vocab: usize, batch: usize, seq: usize) ->
 }
 
 pub fn run(a: &BenchArgs) -> Result<()> {
-    let device = BenchDevice::parse(&a.device)?;
-    device.candle()?;
+    let spec = DeviceSpec::parse(&a.device)?;
     if a.batch == 0 || a.seq < 2 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1 and --seq at least 2");
     }
+    let device = herd_kernels::device::open(spec)?;
+    let mixed = spec.is_cuda() || a.bf16;
     let cfg = model_config(&a.model)?;
     let model = Llama::random(cfg.clone(), a.seed).context("building the model")?;
     let params = model.num_parameters();
@@ -198,15 +171,22 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let mut engine =
         Engine::new(model, adam, 1.0).with_gradient_checkpointing(a.gradient_checkpointing);
+    // As a training rank places itself (herd_worker::trainer::placement): the CPU takes the
+    // fused ops' host code only in bf16.
+    let _fused_on_cpu = (mixed && !spec.is_cuda()).then(herd_kernels::FusedOnCpu::enable);
+    if mixed {
+        engine.place(&device, DType::BF16)?;
+    }
     let mut rng = SplitMix64::new(a.seed ^ 0x5EED);
     let mut timed = 0.0;
     let mut loss = 0.0;
     for step in 0..a.warmup + a.steps {
         let batch = random_batch(&mut rng, cfg.vocab_size, a.batch, a.seq);
         let t0 = Instant::now();
-        engine.zero_grad();
+        engine.zero_grad()?;
         engine.accumulate(&batch)?;
         loss = engine.apply(&mut SingleProcess, 1e-4)?.loss;
+        device.synchronize()?; // the step's queued GPU work counts in its time
         if step >= a.warmup {
             timed += t0.elapsed().as_secs_f64();
         }
@@ -215,19 +195,22 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let tokens_per_s = tokens / timed.max(1e-9);
     let flops = flops_per_token(&cfg, matmul_parameters(&cfg, params), a.seq);
     let tflops = flops * tokens_per_s / 1e12;
-    let peak = a.peak_tflops.or(match device {
-        BenchDevice::Cuda(_) => Some(H100_BF16_PEAK_TFLOPS),
-        BenchDevice::Cpu => None,
-    });
+    let peak = a
+        .peak_tflops
+        .or(spec.is_cuda().then_some(H100_BF16_PEAK_TFLOPS));
     let mfu = peak.map(|p| tflops / p);
-    let peak_memory = peak_rss_bytes();
+    let (peak_memory, peak_memory_kind) = match herd_kernels::device::peak_allocated(&device) {
+        Some(b) => (b, GPU_PEAK_KIND),
+        None if spec.is_cuda() => (0, "unknown: the device has no memory pool to ask"),
+        None => (peak_rss_bytes(), "process peak RSS (getrusage)"),
+    };
     let out = json!({
         "tool": "herd",
         "model": a.model,
         "params": params,
         "vocab_size": cfg.vocab_size,
-        "device": device.name(),
-        "dtype": "f32",
+        "device": spec.to_string(),
+        "dtype": if mixed { "bf16 (f32 master weights)" } else { "f32" },
         "batch": a.batch,
         "seq": a.seq,
         "steps": a.steps,
@@ -240,7 +223,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "peak_tflops": peak,
         "mfu": mfu,
         "peak_memory_bytes": peak_memory,
-        "peak_memory_kind": "process peak RSS (getrusage)",
+        "peak_memory_kind": peak_memory_kind,
         "loss": loss,
     });
     if a.json {
@@ -248,14 +231,19 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "model {} ({:.1}M parameters), {} rows x {} tokens, {} steps after {} warmup on {}{}",
+        "model {} ({:.1}M parameters), {} rows x {} tokens, {} steps after {} warmup on {} in {}{}",
         a.model,
         params as f64 / 1e6,
         a.batch,
         a.seq,
         a.steps,
         a.warmup,
-        device.name(),
+        spec,
+        if mixed {
+            "bf16 (f32 master weights)"
+        } else {
+            "f32"
+        },
         if a.gradient_checkpointing {
             ", gradient checkpointing"
         } else {
@@ -273,7 +261,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         }
     }
     println!(
-        "peak memory    {:.1} MiB (process peak RSS)",
+        "peak memory    {:.1} MiB ({peak_memory_kind})",
         peak_memory as f64 / (1024.0 * 1024.0)
     );
     Ok(())
@@ -282,15 +270,6 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn devices_parse_and_cuda_is_refused_without_the_backend() {
-        assert_eq!(BenchDevice::parse("cpu").unwrap(), BenchDevice::Cpu);
-        assert_eq!(BenchDevice::parse("cuda:1").unwrap(), BenchDevice::Cuda(1));
-        assert!(BenchDevice::parse("tpu").is_err());
-        let err = BenchDevice::Cuda(0).candle().unwrap_err().to_string();
-        assert!(err.contains("without the CUDA backend"), "{err}");
-    }
 
     #[test]
     fn tinyllama_preset_has_its_published_size() {

@@ -148,7 +148,7 @@ fn eval_loss_equals_training_loss() {
         weight_decay: 0.0,
     };
     let mut engine = Engine::new(resized_model(&step), adam, 1.0);
-    engine.zero_grad();
+    engine.zero_grad().unwrap();
     let (sum, count) = engine.accumulate(&batch).unwrap();
     let stats = engine.apply(&mut SingleProcess, 0.0).unwrap();
     assert_eq!(count, one.tokens);

@@ -51,7 +51,7 @@ fn fused_adamw_equals_the_trainer_optimizer_bit_for_bit() {
             weight_decay: cfg.weight_decay,
             step: step as i32,
         };
-        fused.step(&state, &grad, h).unwrap();
+        fused.step(&state, &grad, h, 1.0).unwrap(); // scale 1: g·1 is g exactly
         let got = state.get(0).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(got, p, "step {step}");
     }

@@ -30,7 +30,7 @@ fn losses(device: &Device) -> Vec<[f64; 2]> {
         .map(|s| {
             let mut losses = [0.0; 2];
             for (k, e) in [&mut reference, &mut mixed].into_iter().enumerate() {
-                e.zero_grad();
+                e.zero_grad().unwrap();
                 e.accumulate(&batch).unwrap();
                 losses[k] = e.apply(&mut SingleProcess, 1e-3).unwrap().loss;
             }

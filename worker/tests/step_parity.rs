@@ -64,7 +64,7 @@ fn two_adamw_steps_match_pytorch() {
     .into_iter()
     .enumerate()
     {
-        engine.zero_grad();
+        engine.zero_grad().unwrap();
         engine.accumulate(&batch).unwrap();
         let stats = engine.apply(&mut SingleProcess, 1e-3).unwrap();
         let (loss, norm) = (scalar(&step, loss_name), scalar(&step, norm_name));
@@ -104,7 +104,7 @@ fn gradient_is_the_token_mean_across_micro_batches() {
         layout: None,
     };
     let mut split = Engine::new(resized_model(&step), adam, 1.0);
-    split.zero_grad();
+    split.zero_grad().unwrap();
     split.accumulate(&half(0..1)).unwrap();
     split.accumulate(&half(1..4)).unwrap();
     let stats = split.apply(&mut SingleProcess, 1e-3).unwrap();

@@ -100,9 +100,14 @@ per_dtype! {
         g: *const T, u: *const T, y: *mut T, n: usize);
     swiglu_bwd: herd_swiglu_bwd_f32 / herd_swiglu_bwd_bf16 (
         g: *const T, u: *const T, dy: *const T, out: *mut T, n: usize);
+    accumulate: herd_accumulate_f32 / herd_accumulate_bf16 (
+        acc: *mut f32, g: *const T, n: usize);
 }
 
 extern "C" {
+    /// cuda/sum_squares.cu (f32 only).
+    pub fn herd_sum_squares(x: *const f32, n: usize, partial: *mut f32);
+
     /// cuda/adamw.cu (f32 only).
     pub fn herd_adamw(
         state: *mut f32,
@@ -117,6 +122,7 @@ extern "C" {
         step_size: f32,
         bc2_sqrt: f32,
         eps: f32,
+        grad_scale: f32,
     );
 }
 

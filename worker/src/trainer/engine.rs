@@ -172,14 +172,15 @@ impl<M: Trainable> Engine<M> {
         self
     }
 
-    pub fn zero_grad(&mut self) {
+    pub fn zero_grad(&mut self) -> Result<()> {
         self.grad.iter_mut().for_each(|g| *g = 0.0);
         if let Some(m) = self.mixed.as_mut() {
-            m.zero_grad();
+            m.zero_grad()?;
         }
         self.loss_sum = 0.0;
         self.tokens = 0;
         self.correct = 0;
+        Ok(())
     }
 
     /// Backward of a micro-batch's loss `sum` over `count` units (`correct` of them pairs ranked

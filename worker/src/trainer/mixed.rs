@@ -7,7 +7,8 @@
 //! device only when a checkpoint is written ([`MixedState::moments_into`]).
 //!
 //! The update is the host optimizer's formula bit for bit (herd-kernels' AdamW test); the
-//! gradient norm is an f32 reduction on the device, as torch's `clip_grad_norm_` computes it.
+//! gradient norm is summed on the device in f32 per block (fixed order, so runs repeat bit for
+//! bit) and the partials added in f64.
 
 use candle_core::{DType, Device, Tensor, Var};
 use herd_kernels::{AdamWHyper, FusedAdamW};
@@ -20,11 +21,12 @@ pub struct MixedState {
     adamw: FusedAdamW,
     /// [3, N] f32: master weights | exp_avg | exp_avg_sq, parameters back to back.
     state: Tensor,
-    /// This step's gradient sum so far, [N] f32 (None before the first micro-batch).
-    grad: Option<Tensor>,
+    /// [N] f32: this step's gradient sum, allocated once and zeroed in place between steps.
+    grad: Tensor,
+    /// Whether `grad` holds anything since it was last zeroed.
+    dirty: bool,
     /// (offset, length) of each parameter in the flat buffers, in `trainable()` order.
     spans: Vec<(usize, usize)>,
-    device: Device,
 }
 
 impl MixedState {
@@ -59,35 +61,33 @@ impl MixedState {
         Ok(MixedState {
             adamw: FusedAdamW::new(&table),
             state: Tensor::from_vec(host, (3, n), device)?,
-            grad: None,
+            grad: Tensor::zeros(n, DType::F32, device)?,
+            dirty: false,
             spans,
-            device: device.clone(),
         })
     }
 
     /// Bytes this state holds on the device per parameter: 12 for master weight and moments,
-    /// 4 for the gradient sum.
+    /// 4 for the gradient sum. A step makes no other buffer of the model's size.
     pub const BYTES_PER_PARAMETER: u64 = 16;
 
-    pub fn zero_grad(&mut self) {
-        self.grad = None;
+    pub fn zero_grad(&mut self) -> Result<()> {
+        if self.dirty {
+            self.grad.zero_set()?;
+            self.dirty = false;
+        }
+        Ok(())
     }
 
-    /// Adds one micro-batch's gradients (one per parameter, in order; None: not reached).
+    /// Adds one micro-batch's gradients (one per parameter, in order; None: not reached) into
+    /// the sum, each in place at its span.
     pub fn add(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
-        let parts = grads
-            .iter()
-            .zip(&self.spans)
-            .map(|(g, &(_, len))| match g {
-                Some(g) => g.to_dtype(DType::F32)?.flatten_all(),
-                None => Tensor::zeros(len, DType::F32, &self.device),
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let flat = Tensor::cat(&parts, 0)?;
-        self.grad = Some(match self.grad.take() {
-            Some(acc) => (acc + flat)?,
-            None => flat,
-        });
+        for (g, &(off, _)) in grads.iter().zip(&self.spans) {
+            if let Some(g) = g {
+                herd_kernels::accumulate(&self.grad, off, g)?;
+                self.dirty = true;
+            }
+        }
         Ok(())
     }
 
@@ -97,20 +97,15 @@ impl MixedState {
         if collective.world_size() == 1 {
             return Ok(());
         }
-        self.grad = Some(collective.all_reduce_sum_tensor(self.gradient()?)?);
+        self.grad = collective.all_reduce_sum_tensor(self.grad.clone())?;
         Ok(())
-    }
-
-    fn gradient(&self) -> Result<Tensor> {
-        Ok(match &self.grad {
-            Some(g) => g.clone(),
-            None => Tensor::zeros(self.state.dim(1)?, DType::F32, &self.device)?,
-        })
     }
 
     /// Scales the summed gradient by `scale` (1 / global count), clips it to `max_norm` as
     /// `clip_grad_norm_` does (0: no clipping), steps AdamW and writes the rounded master
-    /// weights into `params`. Returns the norm before clipping.
+    /// weights into `params`. Returns the norm before clipping. The scale and the clipping
+    /// coefficient reach AdamW as one factor; the norm is `scale`·‖sum‖. The sum is used up:
+    /// it is zero afterwards.
     pub fn step(
         &mut self,
         params: &[(String, Var)],
@@ -118,16 +113,16 @@ impl MixedState {
         max_norm: f64,
         hyper: AdamWHyper,
     ) -> Result<f64> {
-        let g = (self.gradient()? * scale as f64)?;
-        let norm = g.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
-        let g = if max_norm > 0.0 {
-            let coef = (max_norm / (norm + 1e-6)).min(1.0) as f32;
-            (g * coef as f64)?
+        let norm = scale as f64 * herd_kernels::sum_squares(&self.grad)?.sqrt();
+        let coef = if max_norm > 0.0 {
+            (max_norm / (norm + 1e-6)).min(1.0)
         } else {
-            g
+            1.0
         };
-        self.adamw.step(&self.state, &g, hyper)?;
-        self.grad = None;
+        self.adamw
+            .step(&self.state, &self.grad, hyper, (scale as f64 * coef) as f32)?;
+        self.dirty = true;
+        self.zero_grad()?;
         let master = self.state.get(0)?;
         for ((_, var), &(off, len)) in params.iter().zip(&self.spans) {
             let w = master.narrow(0, off, len)?.reshape(var.shape())?;

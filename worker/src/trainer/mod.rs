@@ -289,8 +289,9 @@ fn run_setup<O: Objective>(
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
     }
-    // CUDA issue #5: mixed precision computes in bf16 with f32 master weights and AdamW on the
-    // host; on a CPU rank through the fused ops' host code (the GPU rank's numerics, in CI).
+    // CUDA issue #5: mixed precision computes in bf16 with f32 master weights and a fused AdamW
+    // on the device; on a CPU rank through the fused ops' host code (the GPU rank's numerics, in
+    // CI).
     let _fused_on_cpu = placement
         .mixed
         .filter(|_| !placement.device.is_cuda())
@@ -363,7 +364,7 @@ fn run_setup<O: Objective>(
             perm = epoch_permutation(plan.seed, epoch, objective.len());
             perm_epoch = epoch;
         }
-        engine.zero_grad();
+        engine.zero_grad()?;
         let mut seen_tokens = 0usize;
         for micro in 0..plan.accumulation {
             let positions = plan.micro_batch_positions(step, rank, micro);

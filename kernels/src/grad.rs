@@ -1,0 +1,244 @@
+//! The gradient buffer's two kernels: adding a micro-batch's parameter gradient into the flat f32
+//! step sum in place (cuda/accumulate.cu), and the sum of squares for the gradient norm in a fixed
+//! order (cuda/sum_squares.cu). Together with the gradient scale folded into [`crate::FusedAdamW`],
+//! an optimizer step makes no temporary the size of the model.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Tensor};
+
+use crate::cpu;
+
+/// acc[offset .. offset + g.elem_count()] += g, in f32, in place. `acc`: a contiguous f32 tensor
+/// (the step's flat gradient sum); `g`: f32 or bf16, any shape (made contiguous).
+pub fn accumulate(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
+    acc.inplace_op2(&g.contiguous()?, &Accumulate { offset })
+}
+
+/// Σ x² of an f32 tensor: per-block partial sums in the launch's fixed order, added on the host
+/// in f64. The same value every run on a given device.
+pub fn sum_squares(x: &Tensor) -> Result<f64> {
+    let partials = x.contiguous()?.apply_op1_no_bwd(&SumSquares)?;
+    Ok(partials.to_vec1::<f32>()?.iter().map(|&p| p as f64).sum())
+}
+
+struct Accumulate {
+    offset: usize,
+}
+
+/// The span of `acc` (contiguous f32 elements a..b) that `len` gradient elements land in.
+fn span(l: &Layout, offset: usize, len: usize) -> Result<std::ops::Range<usize>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("herd-accumulate: the gradient sum must be contiguous")
+    };
+    if offset + len > b - a {
+        candle_core::bail!(
+            "herd-accumulate: {len} elements at offset {offset} overrun a sum of {}",
+            b - a
+        )
+    }
+    Ok(a + offset..a + offset + len)
+}
+
+impl InplaceOp2 for Accumulate {
+    fn name(&self) -> &'static str {
+        "herd-accumulate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let g = cpu::f32s(s2, l2, self.name())?;
+        let range = span(l1, self.offset, g.len())?;
+        let CpuStorage::F32(acc) = s1 else {
+            candle_core::bail!("herd-accumulate: the gradient sum must be f32")
+        };
+        acc[range].iter_mut().zip(&g).for_each(|(a, g)| *a += g);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        use crate::cuda::{elems_cfg, func, view, ACCUMULATE};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let n = l2.shape().elem_count();
+        let range = span(l1, self.offset, n)?;
+        let dev = s1.device().clone();
+        let f = func(&dev, &ACCUMULATE, "herd_accumulate", s2.dtype())?;
+        let mut acc = s1.as_cuda_slice_mut::<f32>()?.slice_mut(range);
+        macro_rules! go {
+            ($ty:ty) => {{
+                let g = view::<$ty>(s2, l2, self.name())?;
+                let mut b = f.builder();
+                b.arg(&mut acc).arg(&g).arg(&n);
+                // SAFETY: argument types and counts match herd_accumulate in cuda/accumulate.cu.
+                unsafe { b.launch(elems_cfg(n)) }.w()?;
+            }};
+        }
+        match s2.dtype() {
+            DType::F32 => go!(f32),
+            DType::BF16 => go!(half::bf16),
+            dt => candle_core::bail!("herd-accumulate: unsupported dtype {dt:?}"),
+        }
+        Ok(())
+    }
+}
+
+struct SumSquares;
+
+/// The kernel's partition on the host: element i belongs to block (i / threads) mod blocks.
+/// Each partial summed in f64, so the host reference is the more exact one.
+fn partial_sums(x: &[f32]) -> Vec<f32> {
+    let grid = crate::launch::partials(x.len());
+    let (blocks, threads) = (grid.blocks as usize, grid.threads as usize);
+    let mut p = vec![0f64; blocks];
+    for (i, &v) in x.iter().enumerate() {
+        p[(i / threads) % blocks] += v as f64 * v as f64;
+    }
+    p.into_iter().map(|s| s as f32).collect()
+}
+
+impl CustomOp1 for SumSquares {
+    fn name(&self) -> &'static str {
+        "herd-sum-squares"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if s.dtype() != DType::F32 {
+            candle_core::bail!("herd-sum-squares: f32 only, got {:?}", s.dtype())
+        }
+        let p = partial_sums(&cpu::f32s(s, l, self.name())?);
+        let n = p.len();
+        Ok((CpuStorage::F32(p), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{alloc_out, plain_func, view, SUM_SQUARES};
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        if s.dtype() != DType::F32 {
+            candle_core::bail!("herd-sum-squares: f32 only, got {:?}", s.dtype())
+        }
+        let n = l.shape().elem_count();
+        let grid = crate::launch::partials(n);
+        let dev = s.device().clone();
+        let x = view::<f32>(s, l, self.name())?;
+        let out = alloc_out::<f32>(&dev, grid.blocks as usize)?;
+        let f = plain_func(&dev, &SUM_SQUARES, "herd_sum_squares")?;
+        let mut b = f.builder();
+        b.arg(&x).arg(&n).arg(&out);
+        // SAFETY: argument types and counts match herd_sum_squares in cuda/sum_squares.cu.
+        unsafe { b.launch(crate::cuda::config(grid)) }.w()?;
+        let blocks = grid.blocks as usize;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from(blocks),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+    use candle_core::Device;
+
+    #[test]
+    fn accumulate_adds_in_place_at_the_offset_and_refuses_overruns() -> Result<()> {
+        let acc = Tensor::ones(10, DType::F32, &Device::Cpu)?;
+        let g = Tensor::new(&[[0.5f32, -2.0], [4.0, 0.25]], &Device::Cpu)?;
+        accumulate(&acc, 3, &g.to_dtype(DType::BF16)?)?;
+        accumulate(&acc, 3, &g)?;
+        let want = [1., 1., 1., 2., -3., 9., 1.5, 1., 1., 1.];
+        assert_eq!(acc.to_vec1::<f32>()?, want);
+        let err = accumulate(&acc, 7, &g).unwrap_err().to_string();
+        assert!(
+            err.contains("4 elements at offset 7 overrun a sum of 10"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn sum_squares_is_the_exact_sum_to_f32_rounding() -> Result<()> {
+        for n in [0, 5, 3000, 600_000] {
+            let x = randn(&[n.max(1)], 53).narrow(0, 0, n)?;
+            let exact: f64 = x
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|&v| v as f64 * v as f64)
+                .sum();
+            let got = sum_squares(&x)?;
+            assert!(
+                (got - exact).abs() <= 1e-6 * exact.max(1e-30),
+                "{n}: {got} vs {exact}"
+            );
+        }
+        Ok(())
+    }
+
+    /// The kernels on the host emulator against the host paths: accumulate at an offset from
+    /// f32 and bf16 over several blocks; the sum of squares over more elements than one pass of
+    /// the grid covers, so the grid-stride loop runs.
+    fn emulated_accumulate_matches_the_host<T: Emulated>() -> Result<()> {
+        let k = T::KERNELS;
+        let (n, offset) = (2500, 700);
+        let acc = randn(&[4000], 54);
+        let g = randn(&[n], 55).to_dtype(T::DTYPE)?;
+        let (mut emu_acc, gs) = (host::<f32>(&acc), host::<T>(&g));
+        let dst = emu_acc[offset..].as_mut_ptr();
+        emulate(crate::launch::elems(n), || unsafe {
+            (k.accumulate)(dst, gs.as_ptr(), n)
+        });
+        let want = acc.copy()?;
+        accumulate(&want, offset, &g)?;
+        assert_close(&tensor(emu_acc, &[4000]), &want, 1e-7);
+        Ok(())
+    }
+
+    #[test]
+    fn emulated_cuda_c_matches_the_host() -> Result<()> {
+        emulated_accumulate_matches_the_host::<f32>()?;
+        emulated_accumulate_matches_the_host::<half::bf16>()?;
+        let sum_squares = |grid: crate::launch::Grid, xs: &[f32]| -> Vec<f32> {
+            let mut partial = poisoned::<f32>(grid.blocks as usize);
+            let (p, n) = (partial.as_mut_ptr(), xs.len());
+            emulate(grid, || unsafe {
+                herd_kernels_emu::herd_sum_squares(xs.as_ptr(), n, p)
+            });
+            partial
+        };
+        // The production shape: the partials are the host's, block for block.
+        let x = randn(&[5000], 56);
+        let grid = crate::launch::partials(5000);
+        let got = sum_squares(grid, &host::<f32>(&x));
+        let want = x.apply_op1_no_bwd(&SumSquares)?;
+        assert_close(&tensor(got, &[grid.blocks as usize]), &want, 1e-5);
+        // A grid smaller than the data, so each thread strides (as 7B parameters do over 512
+        // blocks); the partials then add up to the sum.
+        let xs = host::<f32>(&randn(&[10_000], 57));
+        let small = crate::launch::Grid {
+            blocks: 3,
+            threads: 1024,
+        };
+        let got: f64 = sum_squares(small, &xs).iter().map(|&p| p as f64).sum();
+        let exact: f64 = xs.iter().map(|&v| v as f64 * v as f64).sum();
+        assert!((got - exact).abs() <= 1e-6 * exact, "{got} vs {exact}");
+        Ok(())
+    }
+}
