@@ -3,6 +3,8 @@
 #
 #   scripts/gpu-test.sh build   # here (no GPU needed): cuda build, stripped binaries -> .gpu/
 #   scripts/gpu-test.sh run     # on the GPU machine, from the repository root (no Rust there)
+#   scripts/gpu-test.sh bench   # on the GPU machine: herd bench vs transformers (issue #6), the
+#                               # TinyLlama-1.1B shape at seq 512; BATCH, STEPS, ROUNDS override
 #
 # `build` needs nvcc and the link stubs: it evaluates the cuda-build-env script
 # (HERD_CUDA_ENV_SCRIPT, default ../shared/tools/cuda-build-env.sh). It uses its own target dir
@@ -55,13 +57,35 @@ unpack() {
   [[ -d $DIR/bin ]] || xz -dc "$DIR/bin.tar.xz" | tar -C "$DIR" -xf -
 }
 
-run() {
+TORCH_PY=${HERD_TORCH_PY:-/opt/torch/.venv/bin/python3}
+
+# The CUDA 13 runtime and NCCL from the torch venv's NVIDIA wheels, unless told otherwise.
+gpu_libs() {
   if [[ -z "${HERD_NO_TORCH_LIBS:-}" ]]; then
-    local py=${HERD_TORCH_PY:-/opt/torch/.venv/bin/python3}
     local sp
-    sp=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    sp=$("$TORCH_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     export LD_LIBRARY_PATH=$sp/nvidia/cu13/lib:$sp/nvidia/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   fi
+}
+
+# herd bench and the transformers baseline alternating on one GPU, then the ratios; plain and
+# with activation recompute.
+bench() {
+  gpu_libs
+  unpack
+  local out=${OUT:-/tmp}
+  nvidia-smi -L || true
+  local args=(--model tinyllama-1.1b --batch "${BATCH:-8}" --seq 512 --steps "${STEPS:-10}"
+    --warmup 3 --device cuda:0)
+  for extra in "" --gradient-checkpointing; do
+    echo "=== bench ${args[*]} $extra"
+    HERD=$DIR/bin/herd PYTHON=$TORCH_PY ROUNDS=${ROUNDS:-2} bench/compare.sh "${args[@]}" $extra \
+      2>&1 | tee -a "$out/bench.log"
+  done
+}
+
+run() {
+  gpu_libs
   local out=${OUT:-/tmp}
   nvidia-smi -L || true
   unpack
@@ -89,5 +113,6 @@ run() {
 case "${1:-}" in
   build) build ;;
   run) run ;;
-  *) echo "usage: $0 build|run"; exit 2 ;;
+  bench) bench ;;
+  *) echo "usage: $0 build|run|bench"; exit 2 ;;
 esac
