@@ -241,4 +241,25 @@ mod tests {
         assert!((got - exact).abs() <= 1e-6 * exact, "{got} vs {exact}");
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs a CUDA GPU (run scripts/gpu-test.sh)"]
+    fn gpu_matches_cpu() -> Result<()> {
+        for (dtype, tol) in DTYPES {
+            let acc = randn(&[70_000], 58);
+            let g = randn(&[300, 200], 59).to_dtype(dtype)?;
+            let gpu_acc = acc.to_device(&gpu())?;
+            accumulate(&acc, 1234, &g)?;
+            accumulate(&gpu_acc, 1234, &g.to_device(&gpu())?)?;
+            assert_close(&gpu_acc, &acc, tol);
+        }
+        // More than 512 blocks × 1024 threads: every thread strides.
+        let x = randn(&[3_000_001], 60);
+        let exact = sum_squares(&x)?;
+        let got = sum_squares(&x.to_device(&gpu())?)?;
+        assert!((got - exact).abs() <= 1e-5 * exact, "{got} vs {exact}");
+        assert_eq!(got, sum_squares(&x.to_device(&gpu())?)?, "not repeatable");
+        Ok(())
+    }
 }
