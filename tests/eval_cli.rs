@@ -200,14 +200,8 @@ fn eval_with_two_workers_runs_on_rank_zero() {
         "w2",
         "per_device_train_batch_size: 2\nmax_steps: 4\nsave_steps: 100\neval_strategy: steps\neval_steps: 2\neval_data_path: heldout.json\n",
     );
-    let out = run_ok(
-        herd_clean()
-            .current_dir(ws.path())
-            .arg("run")
-            .arg(&job)
-            .args(["--workers", "2"]),
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("SUCCEEDED"));
+    let stderr = ws.run_workers(&job, 2);
+    assert!(stderr.contains("SUCCEEDED"));
     let st = trainer_state(&ws.path().join("w2"));
     let steps: Vec<u64> = st["log_history"]
         .as_array()

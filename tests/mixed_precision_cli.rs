@@ -115,14 +115,8 @@ fn two_bf16_workers_equal_one_process() {
     let ws = Workspace::new(16);
     let steps = "max_steps: 2\nsave_steps: 2\nbf16: true\nper_device_train_batch_size: 2\n";
     let dp = ws.job("dp.yaml", "dp", steps);
-    let out = run_ok(
-        herd_clean()
-            .current_dir(ws.path())
-            .arg("run")
-            .arg(&dp)
-            .args(["--workers", "2"]),
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("SUCCEEDED"));
+    let stderr = ws.run_workers(&dp, 2);
+    assert!(stderr.contains("SUCCEEDED"));
     let one = ws.job(
         "one.yaml",
         "one",

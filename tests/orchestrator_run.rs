@@ -33,14 +33,7 @@ fn state_dir_of(stderr: &str) -> String {
 fn run_with_two_workers_equals_one_process_with_twice_the_accumulation() {
     let ws = Workspace::new(48);
     let job = ws.job("job.yaml", "dp", STEPS);
-    let out = run_ok(
-        herd_clean()
-            .current_dir(ws.path())
-            .arg("run")
-            .arg(&job)
-            .args(["--workers", "2"]),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stderr = ws.run_workers(&job, 2);
     assert!(stderr.contains("SUCCEEDED"), "{stderr}");
     assert!(stderr.contains("loss"), "progress is shown: {stderr}");
     assert_no_process_mentions(&state_dir_of(&stderr));
@@ -80,13 +73,7 @@ fn lora_dropout_gives_the_same_adapter_on_two_workers_and_one_process() {
     let ws = Workspace::new(16);
     let lora = "max_steps: 3\nsave_steps: 3\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.2\n";
     let job = ws.job("job.yaml", "dp", lora);
-    run_ok(
-        herd_clean()
-            .current_dir(ws.path())
-            .arg("run")
-            .arg(&job)
-            .args(["--workers", "2"]),
-    );
+    ws.run_workers(&job, 2);
     let single = ws.job(
         "single.yaml",
         "single",
@@ -109,14 +96,7 @@ fn sixteen_workers_on_one_machine_finish_a_tiny_job() {
         "per_device_train_batch_size: 1\nmax_steps: 4\nsave_steps: 2\n",
     );
     let t0 = Instant::now();
-    let out = run_ok(
-        herd_clean()
-            .current_dir(ws.path())
-            .arg("run")
-            .arg(&job)
-            .args(["--workers", "16"]),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stderr = ws.run_workers(&job, 16);
     eprintln!(
         "16 workers: {:.1}s in all; {}",
         t0.elapsed().as_secs_f64(),
@@ -303,14 +283,8 @@ fn a_job_resumed_at_another_world_size_continues_exactly() {
     );
     ws.train(&first, &["--until-step", "3"]);
     let second = ws.job("second.yaml", "moved", steps);
-    let out = run_ok(
-        herd_clean()
-            .current_dir(ws.path())
-            .arg("run")
-            .arg(&second)
-            .args(["--workers", "2"]),
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("SUCCEEDED"));
+    let stderr = ws.run_workers(&second, 2);
+    assert!(stderr.contains("SUCCEEDED"));
     let st = trainer_state(&ws.path().join("moved"));
     assert_eq!(st["global_step"], 6);
     assert!(ws

@@ -215,14 +215,8 @@ fn reward_training_on_two_workers_matches_one_process() {
     let ws = Workspace::new(8);
     subset(&ws, "demo/data/comparisons.json", 16, "pairs.json");
     let dp = reward_job(&ws, "dp.yaml", "dp", 2, "");
-    let out = run_ok(
-        herd_clean()
-            .current_dir(ws.path())
-            .arg("run")
-            .arg(&dp)
-            .args(["--workers", "2"]),
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("SUCCEEDED"));
+    let stderr = ws.run_workers(&dp, 2);
+    assert!(stderr.contains("SUCCEEDED"));
     let one = reward_job(
         &ws,
         "one.yaml",

@@ -81,6 +81,18 @@ impl Workspace {
         p
     }
 
+    /// `herd run JOB --workers N` here (coordinator and workers on loopback); its stderr.
+    pub fn run_workers(&self, job: &Path, workers: usize) -> String {
+        let out = run_ok(
+            herd_clean()
+                .current_dir(self.path())
+                .arg("run")
+                .arg(job)
+                .args(["--workers", &workers.to_string()]),
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     pub fn train(&self, job: &Path, extra_args: &[&str]) -> Output {
         run_ok(
             herd()

@@ -16,6 +16,20 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// The fused AdamW's scalars (herd-kernels) for 1-based optimizer step `step` at `lr`.
+    pub fn hyper(&self, lr: f64, step: i32) -> herd_kernels::AdamWHyper {
+        herd_kernels::AdamWHyper {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step,
+        }
+    }
+}
+
 /// Optimizer state of one parameter: the moment estimates, f32 like torch's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParamState {

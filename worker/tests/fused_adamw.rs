@@ -2,7 +2,7 @@
 //! torch-exact `optim::AdamW`, decay groups included, over several steps. Runs on CPU, in CI.
 
 use candle_core::{Device, Tensor};
-use herd_kernels::{AdamWHyper, FusedAdamW};
+use herd_kernels::FusedAdamW;
 use herd_worker::optim::{decays, AdamW, AdamWConfig};
 
 #[test]
@@ -43,14 +43,7 @@ fn fused_adamw_equals_the_trainer_optimizer_bit_for_bit() {
         }
         reference.finish_step();
         let grad = Tensor::from_slice(&g, n, &Device::Cpu).unwrap();
-        let h = AdamWHyper {
-            lr,
-            beta1: cfg.beta1,
-            beta2: cfg.beta2,
-            eps: cfg.eps,
-            weight_decay: cfg.weight_decay,
-            step: step as i32,
-        };
+        let h = cfg.hyper(lr, step as i32);
         fused.step(&state, &grad, h, 1.0).unwrap(); // scale 1: g·1 is g exactly
         let got = state.get(0).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(got, p, "step {step}");

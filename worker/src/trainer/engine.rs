@@ -8,7 +8,6 @@ use crate::data::collate::Batch;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
-use herd_kernels::AdamWHyper;
 use herd_model::lora::dropout_row_key;
 use herd_model::loss::{causal_lm_loss_sum, causal_lm_loss_sum_fused};
 use herd_model::{Llama, RewardModel};
@@ -265,15 +264,10 @@ impl<M: Trainable> Engine<M> {
         };
         let grad_norm = match self.mixed.as_mut() {
             Some(m) => {
-                let c = self.optimizer.config;
-                let hyper = AdamWHyper {
-                    lr,
-                    beta1: c.beta1,
-                    beta2: c.beta2,
-                    eps: c.eps,
-                    weight_decay: c.weight_decay,
-                    step: (self.optimizer.steps + 1) as i32,
-                };
+                let hyper = self
+                    .optimizer
+                    .config
+                    .hyper(lr, (self.optimizer.steps + 1) as i32);
                 m.step(self.model.trainable(), scale, self.max_grad_norm, hyper)?
             }
             None => self.host_step(scale, lr)?,

@@ -232,14 +232,7 @@ mod tests {
                 off += n;
             }
             host.finish_step();
-            let hyper = AdamWHyper {
-                lr,
-                beta1: cfg.beta1,
-                beta2: cfg.beta2,
-                eps: cfg.eps,
-                weight_decay: cfg.weight_decay,
-                step: step as i32,
-            };
+            let hyper = cfg.hyper(lr, step as i32);
             let norm = mixed.step(&params, scale, 1.0, hyper).unwrap();
             assert!(
                 (norm - host_norm).abs() <= 1e-5 * host_norm,
