@@ -12,7 +12,6 @@
 //! cuda, and on the CPU only what --peak-tflops says (MFU is left out without it).
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
 use herd_kernels::device::DeviceSpec;
 use herd_model::init::SplitMix64;
 use herd_model::{Llama, LlamaConfig};
@@ -20,6 +19,7 @@ use herd_worker::collective::SingleProcess;
 use herd_worker::data::{Batch, IGNORE_INDEX};
 use herd_worker::optim::AdamWConfig;
 use herd_worker::trainer::engine::Engine;
+use herd_worker::trainer::Placement;
 use serde_json::json;
 use std::path::Path;
 use std::time::Instant;
@@ -158,8 +158,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.batch == 0 || a.seq < 2 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1 and --seq at least 2");
     }
-    let device = herd_kernels::device::open(spec)?;
-    let mixed = spec.is_cuda() || a.bf16;
+    let placement = Placement::new(&herd_kernels::device::open(spec)?, a.bf16);
+    let device = &placement.device;
+    let mixed = placement.mixed.is_some();
     let cfg = model_config(&a.model)?;
     let model = Llama::random(cfg.clone(), a.seed).context("building the model")?;
     let params = model.num_parameters();
@@ -171,11 +172,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     };
     let mut engine =
         Engine::new(model, adam, 1.0).with_gradient_checkpointing(a.gradient_checkpointing);
-    // As a training rank places itself (herd_worker::trainer::placement): the CPU takes the
-    // fused ops' host code only in bf16.
-    let _fused_on_cpu = (mixed && !spec.is_cuda()).then(herd_kernels::FusedOnCpu::enable);
-    if mixed {
-        engine.place(&device, DType::BF16)?;
+    // Placed as a training rank places itself.
+    let _fused_on_cpu = placement.fused_on_cpu();
+    if let Some(dtype) = placement.mixed {
+        engine.place(device, dtype)?;
     }
     let mut rng = SplitMix64::new(a.seed ^ 0x5EED);
     let mut timed = 0.0;
@@ -199,7 +199,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         .peak_tflops
         .or(spec.is_cuda().then_some(H100_BF16_PEAK_TFLOPS));
     let mfu = peak.map(|p| tflops / p);
-    let (peak_memory, peak_memory_kind) = match herd_kernels::device::peak_allocated(&device) {
+    let (peak_memory, peak_memory_kind) = match herd_kernels::device::peak_allocated(device) {
         Some(b) => (b, GPU_PEAK_KIND),
         None if spec.is_cuda() => (0, "unknown: the device has no memory pool to ask"),
         None => (peak_rss_bytes(), "process peak RSS (getrusage)"),

@@ -121,8 +121,8 @@ impl MixedState {
         };
         self.adamw
             .step(&self.state, &self.grad, hyper, (scale as f64 * coef) as f32)?;
-        self.dirty = true;
-        self.zero_grad()?;
+        self.grad.zero_set()?;
+        self.dirty = false;
         let master = self.state.get(0)?;
         for ((_, var), &(off, len)) in params.iter().zip(&self.spans) {
             let w = master.narrow(0, off, len)?.reshape(var.shape())?;

@@ -243,10 +243,24 @@ pub struct Placement {
 
 /// GPU ranks always compute in bf16 (CUDA issue #5); CPU ranks when the job says `bf16: true`.
 pub fn placement(job: &JobSpec, device: &candle_core::Device) -> Placement {
-    let mixed = (device.is_cuda() || job.bf16).then_some(DType::BF16);
-    Placement {
-        device: device.clone(),
-        mixed,
+    Placement::new(device, job.bf16)
+}
+
+impl Placement {
+    /// bf16 with f32 master weights on a GPU always, on the CPU when `bf16`; else plain f32.
+    pub fn new(device: &candle_core::Device, bf16: bool) -> Self {
+        Placement {
+            device: device.clone(),
+            mixed: (device.is_cuda() || bf16).then_some(DType::BF16),
+        }
+    }
+
+    /// On a CPU in bf16, the guard that sends this thread through the fused ops' host code
+    /// (the GPU rank's numerics); hold it for the whole run. None elsewhere.
+    pub fn fused_on_cpu(&self) -> Option<herd_kernels::FusedOnCpu> {
+        self.mixed
+            .filter(|_| !self.device.is_cuda())
+            .map(|_| herd_kernels::FusedOnCpu::enable())
     }
 }
 
@@ -292,10 +306,7 @@ fn run_setup<O: Objective>(
     // CUDA issue #5: mixed precision computes in bf16 with f32 master weights and a fused AdamW
     // on the device; on a CPU rank through the fused ops' host code (the GPU rank's numerics, in
     // CI).
-    let _fused_on_cpu = placement
-        .mixed
-        .filter(|_| !placement.device.is_cuda())
-        .map(|_| herd_kernels::FusedOnCpu::enable());
+    let _fused_on_cpu = placement.fused_on_cpu();
     if let Some(dtype) = placement.mixed {
         if placement.device.is_cuda() {
             // bf16 weights and gradients, f32 master + moments + gradient sum; activations
