@@ -1,7 +1,12 @@
 //! With the `cuda` feature: compile every cuda/*.cu to PTX with nvcc (sm_$CUDA_COMPUTE_CAP,
-//! default 90 = H100/H200) into OUT_DIR, where src/cuda.rs includes them. Without it: nothing, so
-//! CPU builds and CI need no CUDA toolkit.
+//! default 90 = H100/H200) into OUT_DIR, and generate the typed launchers of their entry points
+//! (cuda/signatures.rs) as OUT_DIR/launchers.rs; src/cuda.rs includes both. Without it: nothing,
+//! so CPU builds and CI need no CUDA toolkit.
 use std::{env, path::PathBuf, process::Command};
+
+#[allow(dead_code)]
+#[path = "cuda/signatures.rs"]
+mod signatures;
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
@@ -21,6 +26,19 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .collect();
     sources.sort();
+    let mut stems = Vec::new();
+    let mut entries = Vec::new();
+    for src in &sources {
+        let stem = src.file_stem().unwrap().to_str().unwrap().to_string();
+        let text = std::fs::read_to_string(src).expect("read a .cu file");
+        entries.extend(signatures::parse(&stem, &text).unwrap_or_else(|e| panic!("{e}")));
+        stems.push(stem);
+    }
+    std::fs::write(
+        out.join("launchers.rs"),
+        signatures::launchers(&stems, &entries),
+    )
+    .expect("write launchers.rs");
     for src in sources {
         let ptx = out.join(src.with_extension("ptx").file_name().unwrap());
         let status = Command::new(&nvcc)

@@ -3,6 +3,10 @@
 //! runtime. Needs only the C++ compiler every Rust toolchain already links with.
 use std::path::PathBuf;
 
+#[allow(dead_code)]
+#[path = "../cuda/signatures.rs"]
+mod signatures;
+
 fn main() {
     let here = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let cuda = here.join("../cuda");
@@ -15,6 +19,16 @@ fn main() {
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
         .collect();
     kernels.sort();
+    // The Rust declarations of the entry points, from the .cu files themselves.
+    let mut entries = Vec::new();
+    for k in &kernels {
+        let stem = k.file_stem().unwrap().to_str().unwrap();
+        let text = std::fs::read_to_string(k).expect("read a .cu file");
+        entries.extend(signatures::parse(stem, &text).unwrap_or_else(|e| panic!("{e}")));
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    std::fs::write(out.join("table.rs"), signatures::emulator_table(&entries))
+        .expect("write table.rs");
     cc::Build::new()
         .cpp(true)
         .std("c++17")

@@ -173,9 +173,7 @@ impl InplaceOp2 for Step<'_> {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<()> {
-        use crate::cuda::{elems_cfg, plain_func, view, ADAMW};
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        use candle_core::cuda_backend::WrapErr;
+        use crate::cuda::{elems_cfg, herd_adamw, view};
         if l1.start_offset() != 0 || !l1.is_contiguous() {
             candle_core::bail!("herd-adamw: state must be a whole contiguous tensor");
         }
@@ -186,26 +184,29 @@ impl InplaceOp2 for Step<'_> {
         let starts = dev.clone_htod(&self.table.starts)?;
         let decay_mul = dev.clone_htod(&decay_mul)?;
         let p = self.table.decays.len() as i32;
-        let f = plain_func(&dev, &ADAMW, "herd_adamw")?;
         let grad = view::<f32>(s2, l2, self.name())?;
         let state = s1.as_cuda_slice_mut::<f32>()?;
-        let mut b = f.builder();
-        b.arg(state)
-            .arg(&grad)
-            .arg(&starts)
-            .arg(&decay_mul)
-            .arg(&p)
-            .arg(&n);
-        b.arg(&c.lerp_w)
-            .arg(&c.b2)
-            .arg(&c.one_minus_b2)
-            .arg(&c.step_size)
-            .arg(&c.bc2_sqrt)
-            .arg(&c.eps)
-            .arg(&c.grad_scale);
-        // SAFETY: argument types and counts match herd_adamw in cuda/adamw.cu.
-        unsafe { b.launch(elems_cfg(n)) }.w()?;
-        Ok(())
+        // SAFETY: state holds 4 × n elements (checked by the caller's layout), grad n, starts
+        // p + 1, decay_mul p.
+        unsafe {
+            herd_adamw(
+                &dev,
+                elems_cfg(n),
+                state,
+                &grad,
+                &starts,
+                &decay_mul,
+                p,
+                n,
+                c.lerp_w,
+                c.b2,
+                c.one_minus_b2,
+                c.step_size,
+                c.bc2_sqrt,
+                c.eps,
+                c.grad_scale,
+            )
+        }
     }
 }
 

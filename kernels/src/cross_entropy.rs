@@ -154,22 +154,18 @@ impl CustomOp2 for CeChunk {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{alloc_out, func, rows_cfg, view, CROSS_ENTROPY};
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        use candle_core::cuda_backend::WrapErr;
+        use crate::cuda::{alloc_out, herd_ce_chunk, rows_cfg, view};
         let (n, vocab) = l1.shape().dims2()?;
         let dev = s1.device().clone();
-        let f = func(&dev, &CROSS_ENTROPY, "herd_ce_chunk", s1.dtype())?;
         let labels = view::<i64>(s2, l2, self.name())?;
-        let out = alloc_out::<f32>(&dev, n * vocab + n)?;
+        let mut out = alloc_out::<f32>(&dev, n * vocab + n)?;
         let (n_i, v_i) = (n as i32, vocab as i32);
         macro_rules! go {
             ($ty:ty) => {{
                 let logits = view::<$ty>(s1, l1, self.name())?;
-                let mut b = f.builder();
-                b.arg(&logits).arg(&labels).arg(&out).arg(&n_i).arg(&v_i);
-                // SAFETY: argument types and counts match herd_ce_chunk in cuda/cross_entropy.cu.
-                unsafe { b.launch(rows_cfg(n, vocab)) }.w()?;
+                let grid = rows_cfg(n, vocab);
+                // SAFETY: logits hold n × vocab elements, labels n, out n × vocab + n.
+                unsafe { herd_ce_chunk::<$ty>(&dev, grid, &logits, &labels, &mut out, n_i, v_i) }?;
             }};
         }
         match s1.dtype() {

@@ -68,21 +68,16 @@ impl InplaceOp2 for Accumulate {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<()> {
-        use crate::cuda::{elems_cfg, func, view, ACCUMULATE};
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        use candle_core::cuda_backend::WrapErr;
+        use crate::cuda::{elems_cfg, herd_accumulate, view};
         let n = l2.shape().elem_count();
         let range = span(l1, self.offset, n)?;
         let dev = s1.device().clone();
-        let f = func(&dev, &ACCUMULATE, "herd_accumulate", s2.dtype())?;
         let mut acc = s1.as_cuda_slice_mut::<f32>()?.slice_mut(range);
         macro_rules! go {
             ($ty:ty) => {{
                 let g = view::<$ty>(s2, l2, self.name())?;
-                let mut b = f.builder();
-                b.arg(&mut acc).arg(&g).arg(&n);
-                // SAFETY: argument types and counts match herd_accumulate in cuda/accumulate.cu.
-                unsafe { b.launch(elems_cfg(n)) }.w()?;
+                // SAFETY: acc is the n-element span of the sum, g holds n elements.
+                unsafe { herd_accumulate::<$ty>(&dev, elems_cfg(n), &mut acc, &g, n) }?;
             }};
         }
         match s2.dtype() {
@@ -128,9 +123,7 @@ impl CustomOp1 for SumSquares {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{alloc_out, plain_func, view, SUM_SQUARES};
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        use candle_core::cuda_backend::WrapErr;
+        use crate::cuda::{alloc_out, herd_sum_squares, view};
         if s.dtype() != DType::F32 {
             candle_core::bail!("herd-sum-squares: f32 only, got {:?}", s.dtype())
         }
@@ -138,12 +131,10 @@ impl CustomOp1 for SumSquares {
         let grid = crate::launch::partials(n);
         let dev = s.device().clone();
         let x = view::<f32>(s, l, self.name())?;
-        let out = alloc_out::<f32>(&dev, grid.blocks as usize)?;
-        let f = plain_func(&dev, &SUM_SQUARES, "herd_sum_squares")?;
-        let mut b = f.builder();
-        b.arg(&x).arg(&n).arg(&out);
-        // SAFETY: argument types and counts match herd_sum_squares in cuda/sum_squares.cu.
-        unsafe { b.launch(crate::cuda::config(grid)) }.w()?;
+        let mut out = alloc_out::<f32>(&dev, grid.blocks as usize)?;
+        let cfg = crate::cuda::config(grid);
+        // SAFETY: x holds n elements, out one partial per block.
+        unsafe { herd_sum_squares(&dev, cfg, &x, n, &mut out) }?;
         let blocks = grid.blocks as usize;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),

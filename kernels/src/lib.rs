@@ -30,6 +30,11 @@ pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;
+// The .cu parser of both build scripts, here for its unit tests.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../cuda/signatures.rs"]
+mod signatures;
 #[cfg(test)]
 mod testutil;
 

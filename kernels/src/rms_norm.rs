@@ -182,8 +182,6 @@ where
         + candle_core::cuda_backend::cudarc::driver::DeviceRepr
         + candle_core::WithDType,
 {
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::cuda_backend::WrapErr;
     let dev = s1.device().clone();
     let name = "herd-add-rms-norm";
     let (x, r, w) = (
@@ -191,25 +189,15 @@ where
         crate::cuda::view::<T>(s2, l2, name)?,
         crate::cuda::view::<T>(s3, l3, name)?,
     );
-    let out = crate::cuda::alloc_out::<T>(&dev, 2 * rows * d)?;
-    let f = crate::cuda::func(
-        &dev,
-        &crate::cuda::RMS_NORM,
-        "herd_add_rms_norm_fwd",
-        s1.dtype(),
-    )?;
+    let mut out = crate::cuda::alloc_out::<T>(&dev, 2 * rows * d)?;
     let (has_r, rows_i, d_i) = (op.has_r as i32, rows as i32, d as i32);
-    let mut b = f.builder();
-    b.arg(&x)
-        .arg(&r)
-        .arg(&has_r)
-        .arg(&w)
-        .arg(&out)
-        .arg(&rows_i)
-        .arg(&d_i)
-        .arg(&op.eps);
-    // SAFETY: argument types and counts match herd_add_rms_norm_fwd in cuda/rms_norm.cu.
-    unsafe { b.launch(crate::cuda::rows_cfg(rows, d)) }.w()?;
+    let grid = crate::cuda::rows_cfg(rows, d);
+    // SAFETY: x, r, w hold rows × d elements, out 2 × rows × d.
+    unsafe {
+        crate::cuda::herd_add_rms_norm_fwd::<T>(
+            &dev, grid, &x, &r, has_r, &w, &mut out, rows_i, d_i, op.eps,
+        )
+    }?;
     Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
 }
 
@@ -278,8 +266,6 @@ where
         + candle_core::cuda_backend::cudarc::driver::DeviceRepr
         + candle_core::WithDType,
 {
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::cuda_backend::WrapErr;
     let dev = s1.device().clone();
     let name = "herd-add-rms-norm-bwd";
     let (res, w, g) = (
@@ -287,24 +273,15 @@ where
         crate::cuda::view::<T>(s2, l2, name)?,
         crate::cuda::view::<T>(s3, l3, name)?,
     );
-    let out = crate::cuda::alloc_out::<T>(&dev, 2 * rows * d)?;
-    let f = crate::cuda::func(
-        &dev,
-        &crate::cuda::RMS_NORM,
-        "herd_add_rms_norm_bwd",
-        s1.dtype(),
-    )?;
+    let mut out = crate::cuda::alloc_out::<T>(&dev, 2 * rows * d)?;
     let (rows_i, d_i) = (rows as i32, d as i32);
-    let mut b = f.builder();
-    b.arg(&res)
-        .arg(&w)
-        .arg(&g)
-        .arg(&out)
-        .arg(&rows_i)
-        .arg(&d_i)
-        .arg(&eps);
-    // SAFETY: argument types and counts match herd_add_rms_norm_bwd in cuda/rms_norm.cu.
-    unsafe { b.launch(crate::cuda::rows_cfg(rows, d)) }.w()?;
+    let grid = crate::cuda::rows_cfg(rows, d);
+    // SAFETY: res and g hold 2 × rows × d elements, w d, out 2 × rows × d.
+    unsafe {
+        crate::cuda::herd_add_rms_norm_bwd::<T>(
+            &dev, grid, &res, &w, &g, &mut out, rows_i, d_i, eps,
+        )
+    }?;
     Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
 }
 

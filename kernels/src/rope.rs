@@ -66,31 +66,32 @@ impl CustomOp3 for Rope {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{alloc_out, elems_cfg, func, view, ROPE};
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        use candle_core::cuda_backend::WrapErr;
+        use crate::cuda::{alloc_out, elems_cfg, herd_rope, view};
         let (t, dh) = l2.shape().dims2()?;
         let n = l1.shape().elem_count();
         let dev = s1.device().clone();
         let cos = view::<f32>(s2, l2, self.name())?;
         let sin = view::<f32>(s3, l3, self.name())?;
-        let f = func(&dev, &ROPE, "herd_rope", s1.dtype())?;
         let (t_i, dh_i) = (t as i32, dh as i32);
         macro_rules! go {
             ($ty:ty) => {{
                 let x = view::<$ty>(s1, l1, self.name())?;
-                let y = alloc_out::<$ty>(&dev, n)?;
-                let mut b = f.builder();
-                b.arg(&x)
-                    .arg(&cos)
-                    .arg(&sin)
-                    .arg(&y)
-                    .arg(&n)
-                    .arg(&t_i)
-                    .arg(&dh_i)
-                    .arg(&self.sign);
-                // SAFETY: argument types and counts match herd_rope in cuda/rope.cu.
-                unsafe { b.launch(elems_cfg(n)) }.w()?;
+                let mut y = alloc_out::<$ty>(&dev, n)?;
+                // SAFETY: x and y hold n elements, cos and sin t × dh.
+                unsafe {
+                    herd_rope::<$ty>(
+                        &dev,
+                        elems_cfg(n),
+                        &x,
+                        &cos,
+                        &sin,
+                        &mut y,
+                        n,
+                        t_i,
+                        dh_i,
+                        self.sign,
+                    )
+                }?;
                 candle_core::CudaStorage::wrap_cuda_slice(y, dev)
             }};
         }

@@ -64,22 +64,20 @@ impl CustomOp1 for CausalSoftmax {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{alloc_out, func, rows_cfg, view, SOFTMAX};
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        use candle_core::cuda_backend::WrapErr;
+        use crate::cuda::{alloc_out, herd_causal_softmax_fwd, rows_cfg, view};
         let (t, keys) = dims_ts(l)?;
         let n = l.shape().elem_count();
         let dev = s.device().clone();
-        let f = func(&dev, &SOFTMAX, "herd_causal_softmax_fwd", s.dtype())?;
         let (t_i, s_i) = (t as i32, keys as i32);
         macro_rules! go {
             ($ty:ty) => {{
                 let x = view::<$ty>(s, l, self.name())?;
-                let p = alloc_out::<$ty>(&dev, n)?;
-                let mut b = f.builder();
-                b.arg(&x).arg(&p).arg(&t_i).arg(&s_i).arg(&self.scale);
-                // SAFETY: argument types and counts match herd_causal_softmax_fwd.
-                unsafe { b.launch(rows_cfg(n / keys, keys)) }.w()?;
+                let mut p = alloc_out::<$ty>(&dev, n)?;
+                let grid = rows_cfg(n / keys, keys);
+                // SAFETY: x and p hold n elements, rows of `keys`.
+                unsafe {
+                    herd_causal_softmax_fwd::<$ty>(&dev, grid, &x, &mut p, t_i, s_i, self.scale)
+                }?;
                 candle_core::CudaStorage::wrap_cuda_slice(p, dev)
             }};
         }
@@ -131,23 +129,21 @@ impl CustomOp2 for CausalSoftmaxBwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{alloc_out, func, rows_cfg, view, SOFTMAX};
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        use candle_core::cuda_backend::WrapErr;
+        use crate::cuda::{alloc_out, herd_causal_softmax_bwd, rows_cfg, view};
         let (_, keys) = dims_ts(l1)?;
         let n = l1.shape().elem_count();
         let dev = s1.device().clone();
-        let f = func(&dev, &SOFTMAX, "herd_causal_softmax_bwd", s1.dtype())?;
         let s_i = keys as i32;
         macro_rules! go {
             ($ty:ty) => {{
                 let p = view::<$ty>(s1, l1, self.name())?;
                 let dp = view::<$ty>(s2, l2, self.name())?;
-                let ds = alloc_out::<$ty>(&dev, n)?;
-                let mut b = f.builder();
-                b.arg(&p).arg(&dp).arg(&ds).arg(&s_i).arg(&self.scale);
-                // SAFETY: argument types and counts match herd_causal_softmax_bwd.
-                unsafe { b.launch(rows_cfg(n / keys, keys)) }.w()?;
+                let mut ds = alloc_out::<$ty>(&dev, n)?;
+                let grid = rows_cfg(n / keys, keys);
+                // SAFETY: p, dp and ds hold n elements, rows of `keys`.
+                unsafe {
+                    herd_causal_softmax_bwd::<$ty>(&dev, grid, &p, &dp, &mut ds, s_i, self.scale)
+                }?;
                 candle_core::CudaStorage::wrap_cuda_slice(ds, dev)
             }};
         }

@@ -50,21 +50,16 @@ impl CustomOp2 for Swiglu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{alloc_out, elems_cfg, func, view, SWIGLU};
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        use candle_core::cuda_backend::WrapErr;
+        use crate::cuda::{alloc_out, elems_cfg, herd_swiglu_fwd, view};
         let n = l1.shape().elem_count();
         let dev = s1.device().clone();
-        let f = func(&dev, &SWIGLU, "herd_swiglu_fwd", s1.dtype())?;
         macro_rules! go {
             ($ty:ty) => {{
                 let g = view::<$ty>(s1, l1, self.name())?;
                 let u = view::<$ty>(s2, l2, self.name())?;
-                let y = alloc_out::<$ty>(&dev, n)?;
-                let mut b = f.builder();
-                b.arg(&g).arg(&u).arg(&y).arg(&n);
-                // SAFETY: argument types and counts match herd_swiglu_fwd in cuda/swiglu.cu.
-                unsafe { b.launch(elems_cfg(n)) }.w()?;
+                let mut y = alloc_out::<$ty>(&dev, n)?;
+                // SAFETY: g, u and y hold n elements.
+                unsafe { herd_swiglu_fwd::<$ty>(&dev, elems_cfg(n), &g, &u, &mut y, n) }?;
                 candle_core::CudaStorage::wrap_cuda_slice(y, dev)
             }};
         }
@@ -125,22 +120,18 @@ impl CustomOp3 for SwigluBwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::cuda::{alloc_out, elems_cfg, func, view, SWIGLU};
-        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-        use candle_core::cuda_backend::WrapErr;
+        use crate::cuda::{alloc_out, elems_cfg, herd_swiglu_bwd, view};
         let n = l1.shape().elem_count();
         let dev = s1.device().clone();
-        let f = func(&dev, &SWIGLU, "herd_swiglu_bwd", s1.dtype())?;
         macro_rules! go {
             ($ty:ty) => {{
                 let g = view::<$ty>(s1, l1, self.name())?;
                 let u = view::<$ty>(s2, l2, self.name())?;
                 let dy = view::<$ty>(s3, l3, self.name())?;
-                let out = alloc_out::<$ty>(&dev, 2 * n)?;
-                let mut b = f.builder();
-                b.arg(&g).arg(&u).arg(&dy).arg(&out).arg(&n);
-                // SAFETY: argument types and counts match herd_swiglu_bwd in cuda/swiglu.cu.
-                unsafe { b.launch(elems_cfg(n)) }.w()?;
+                let mut out = alloc_out::<$ty>(&dev, 2 * n)?;
+                let grid = elems_cfg(n);
+                // SAFETY: g, u and dy hold n elements, out 2 × n.
+                unsafe { herd_swiglu_bwd::<$ty>(&dev, grid, &g, &u, &dy, &mut out, n) }?;
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev)
             }};
         }
