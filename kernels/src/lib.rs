@@ -17,6 +17,7 @@
 //! made contiguous by the public functions; kernels compute in f32 whatever the storage dtype.
 
 pub mod adamw;
+pub mod attention;
 mod cpu;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
@@ -39,6 +40,7 @@ mod signatures;
 mod testutil;
 
 pub use adamw::{AdamWHyper, FusedAdamW};
+pub use attention::causal_attention;
 pub use cross_entropy::fused_linear_cross_entropy;
 pub use dispatch::{fused, FusedOnCpu};
 pub use error::{Error, Result};

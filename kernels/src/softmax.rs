@@ -17,6 +17,17 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
     })
 }
 
+/// The backward of [`causal_softmax`] as a function (for ops that recompute P):
+/// dS = scale·P⊙(dP − rowsum(P⊙dP)), untracked.
+pub fn causal_softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
+    p.contiguous()?.apply_op2_no_bwd(
+        &dp.contiguous()?,
+        &CausalSoftmaxBwd {
+            scale: scale as f32,
+        },
+    )
+}
+
 struct CausalSoftmax {
     scale: f32,
 }

@@ -77,22 +77,17 @@ impl Attention {
                 kv
             }
         };
-        let k = repeat_kv(&k, self.heads / self.kv_heads)?; // [b, heads, total, d]
-        let v = repeat_kv(&v, self.heads / self.kv_heads)?;
-
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // A 2-D mask is the plain causal one ([t, total]); packed and left-padded batches bring
         // their own [b, 1, t, total] masks, which the fused kernel does not know.
         if herd_kernels::fused(x.device()) && mask.rank() == 2 {
-            // scale, causal mask and softmax in one kernel (CUDA issue #5)
-            let probs = herd_kernels::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
-            let out = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, t, ()))?;
+            // One autograd node: scale, causal mask and softmax in one kernel between the GEMMs,
+            // and neither the scores nor the repeated KV heads held for the backward.
+            let out = herd_kernels::causal_attention(&q, &k, &v, scale)?; // [b, t, hidden]
             return self.o_proj.forward(&out);
         }
+        let k = repeat_kv(&k, self.heads / self.kv_heads)?; // [b, heads, total, d]
+        let v = repeat_kv(&v, self.heads / self.kv_heads)?;
         // Softmax in f32 whatever the compute dtype, as transformers does (no-ops in f32).
         let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?; // [b, heads, t, total]
         let scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
