@@ -49,10 +49,10 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, d_in) = x.dims3()?;
         let x2 = x.reshape((b * t, d_in))?;
-        let y = if !self.weight.is_variable() && x2.track_op() && x2.device().is_cpu() {
+        let y = if !self.weight.is_variable() && x2.track_op() {
             // A frozen weight under a graph that needs d/dx (LoRA): candle's matmul backward
-            // would also compute d/dW, a weight-sized matmul and buffer per layer for nothing.
-            // (Host op; on a GPU the plain matmul pays that extra product.)
+            // would also compute d/dW — a weight-sized GEMM, and a weight-sized gradient kept
+            // until the backward ends, per linear layer — for nothing.
             x2.apply_op1(FrozenMatmul(self.weight.clone()))?
         } else {
             x2.matmul(&self.weight.t()?)?
@@ -82,8 +82,25 @@ impl Linear {
     }
 }
 
-/// x W^T for a frozen W: forward as the plain matmul, backward only dx = dy W.
+/// x Wᵀ for a frozen W: forward is the backend's own matmul (BLAS / cuBLAS) on the storages,
+/// no copy; backward only dx = dy W.
 struct FrozenMatmul(Tensor);
+
+impl FrozenMatmul {
+    /// (m, n, k) of x [m, k] · Wᵀ [k, n], and Wᵀ as a view.
+    fn dims(
+        &self,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<((usize, usize, usize), Tensor)> {
+        let (m, k) = l.shape().dims2()?;
+        let wt = self.0.t()?;
+        let (kw, n) = wt.dims2()?;
+        if kw != k {
+            candle_core::bail!("frozen-matmul: x [{m}, {k}] against W [{n}, {kw}]")
+        }
+        Ok(((m, n, k), wt))
+    }
+}
 
 impl candle_core::CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
@@ -95,24 +112,28 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("frozen-matmul: non-contiguous input".into()))?;
-        use candle_core::CpuStorage;
-        let cpu = &candle_core::Device::Cpu;
-        let x = match s {
-            CpuStorage::F32(v) => Tensor::from_slice(&v[start..end], l.shape(), cpu)?,
-            CpuStorage::BF16(v) => Tensor::from_slice(&v[start..end], l.shape(), cpu)?,
-            _ => return Err(candle_core::Error::Msg("frozen-matmul: f32 or bf16".into())),
+        use candle_core::backend::BackendStorage;
+        let ((m, n, k), wt) = self.dims(l)?;
+        let (w, wl) = wt.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*w else {
+            candle_core::bail!("frozen-matmul: x on the CPU, W elsewhere")
         };
-        let y = x.matmul(&self.0.t()?)?;
-        let shape = y.shape().clone();
-        let y = y.flatten_all()?;
-        let out = match s {
-            CpuStorage::BF16(_) => CpuStorage::BF16(y.to_vec1()?),
-            _ => CpuStorage::F32(y.to_vec1()?),
+        Ok((s.matmul(w, (1, m, n, k), l, wl)?, (m, n).into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let ((m, n, k), wt) = self.dims(l)?;
+        let (w, wl) = wt.storage_and_layout();
+        let candle_core::Storage::Cuda(w) = &*w else {
+            candle_core::bail!("frozen-matmul: x on the GPU, W elsewhere")
         };
-        Ok((out, shape))
+        Ok((s.matmul(w, (1, m, n, k), l, wl)?, (m, n).into()))
     }
 
     fn bwd(
@@ -143,5 +164,47 @@ impl Mlp {
         let gate = self.gate_proj.forward(x)?.silu()?;
         let up = self.up_proj.forward(x)?;
         self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn a_frozen_weight_gets_no_gradient_computed() {
+        // LoRA's base linear: x tracked, W a plain tensor. Only dx may be computed; candle's
+        // own matmul backward would also leave a W-sized gradient (of Wᵀ) in the store.
+        let dev = Device::Cpu;
+        let w = Tensor::arange(0f32, 12.0, &dev)
+            .unwrap()
+            .reshape((3, 4))
+            .unwrap();
+        let x = Var::from_tensor(
+            &(Tensor::arange(0f32, 8.0, &dev).unwrap() * 0.1)
+                .unwrap()
+                .reshape((1, 2, 4))
+                .unwrap(),
+        )
+        .unwrap();
+        let lin = Linear::new(w.clone(), None);
+        let y = lin.forward(&x).unwrap();
+        let want = x
+            .as_tensor()
+            .reshape((2, 4))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap();
+        assert_eq!(
+            y.reshape((2, 3)).unwrap().to_vec2::<f32>().unwrap(),
+            want.to_vec2::<f32>().unwrap()
+        );
+        // L = Σ y²: dL/dy = 2y (sqr's backward touches nothing but y).
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(grads.get_ids().count(), 1, "only x's gradient is kept");
+        let dx = grads.get(&x).unwrap().reshape((2, 4)).unwrap();
+        let want = (want * 2.0).unwrap().matmul(&w).unwrap();
+        assert_eq!(dx.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
     }
 }

@@ -1,5 +1,5 @@
 //! The GPU code path, run on the CPU: under `FusedOnCpu` every block takes its herd-kernels op
-//! (RMSNorm with the residual, RoPE, SwiGLU, causal softmax) and the loss fuses the lm_head, the
+//! (RMSNorm with the residual, RoPE, SwiGLU, causal attention) and the loss fuses the lm_head, the
 //! way a GPU rank computes. Loss and every gradient equal the plain candle path's (f32), plain
 //! rows and packed ones, with and without recompute, tied head or not. What this cannot check
 //! is the CUDA C itself; the kernels' own tests do that on the GPU machine.
