@@ -366,10 +366,26 @@ pub struct LoraDropout {
 }
 
 impl LoraDropout {
-    /// The multiplicative mask [b * t, d] for an input [b, t, d] (0 or 1 / (1 - p)), or None
-    /// when no training keys are set. Element (row, pos, i) depends only on (key of row, module,
-    /// pos, i).
-    pub fn mask(&self, b: usize, t: usize, d: usize, device: &Device) -> Result<Option<Tensor>> {
+    /// x [b · t, d] (the adapter's input of a [b, t, d] batch) with dropout applied, or x itself
+    /// when no training keys are set. The mask is [`LoraDropout::mask`]'s, regenerated from one
+    /// seed per (row, position) by `herd_kernels::dropout_mul` (on the GPU by a kernel), never
+    /// stored: neither uploaded per layer nor held for the backward.
+    pub fn apply(&self, x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let Some(keys) = self.row_keys(b)? else {
+            return Ok(x.clone());
+        };
+        let seeds: Vec<i64> = keys
+            .iter()
+            .flat_map(|&key| {
+                let row = mix(key, self.module);
+                (0..t).map(move |pos| mix(row, pos as u64) as i64)
+            })
+            .collect();
+        let seeds = Tensor::from_vec(seeds, b * t, x.device())?;
+        Ok(herd_kernels::dropout_mul(x, &seeds, self.p)?)
+    }
+
+    fn row_keys(&self, b: usize) -> Result<Option<Vec<u64>>> {
         let Some(keys) = self.keys.get() else {
             return Ok(None);
         };
@@ -379,6 +395,17 @@ impl LoraDropout {
                 keys.len()
             )));
         }
+        Ok(Some(keys))
+    }
+
+    /// The multiplicative mask [b * t, d] for an input [b, t, d] (0 or 1 / (1 - p)), or None
+    /// when no training keys are set. Element (row, pos, i) depends only on (key of row, module,
+    /// pos, i): the i-th draw of SplitMix64 seeded with mix(mix(key, module), pos). The
+    /// definition [`LoraDropout::apply`] is tested against.
+    pub fn mask(&self, b: usize, t: usize, d: usize, device: &Device) -> Result<Option<Tensor>> {
+        let Some(keys) = self.row_keys(b)? else {
+            return Ok(None);
+        };
         let keep = (1.0 / (1.0 - self.p)) as f32;
         let mut values = Vec::with_capacity(b * t * d);
         for key in keys {
@@ -448,6 +475,40 @@ mod dropout_tests {
         assert!((dropped - 0.1).abs() < 0.01, "dropped fraction {dropped}");
         let keep = (1.0 / 0.9) as f32;
         assert!(v.iter().all(|&x| x == 0.0 || x == keep));
+    }
+
+    #[test]
+    fn apply_is_x_times_the_mask_without_storing_it() {
+        let keys = DropoutKeys::default();
+        let d = dropout(0.3, "model.layers.1.mlp.down_proj", &keys);
+        let x = Var::from_tensor(
+            &Tensor::arange(0f32, 2.0 * 5.0 * 24.0, &Device::Cpu)
+                .unwrap()
+                .reshape((10, 24))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            d.apply(&x, 2, 5).unwrap().to_vec2::<f32>().unwrap(),
+            x.to_vec2::<f32>().unwrap(),
+            "no keys: no dropout"
+        );
+        keys.set(Some(vec![3, 11]));
+        let mask = d.mask(2, 5, 24, &Device::Cpu).unwrap().unwrap();
+        let y = d.apply(&x, 2, 5).unwrap();
+        let want = (x.as_tensor() * &mask).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(
+            g.get(&x).unwrap().to_vec2::<f32>().unwrap(),
+            mask.to_vec2::<f32>().unwrap(),
+            "d(Σ y)/dx is the mask"
+        );
+        assert_eq!(
+            g.get_ids().count(),
+            1,
+            "no gradient kept for anything but x"
+        );
     }
 
     #[test]

@@ -63,15 +63,8 @@ impl Linear {
         };
         let y = match &self.lora {
             Some(l) => {
-                let mask = match &l.dropout {
-                    Some(d) => match d.mask(b, t, d_in, x.device())? {
-                        Some(m) => Some(m.to_dtype(x.dtype())?),
-                        None => None,
-                    },
-                    None => None,
-                };
-                let xa = match mask {
-                    Some(m) => (&x2 * m)?,
+                let xa = match &l.dropout {
+                    Some(d) => d.apply(&x2, b, t)?,
                     None => x2.clone(),
                 };
                 (y + (xa.matmul(&l.a.t()?)?.matmul(&l.b.t()?)? * l.scale)?)?
