@@ -3,7 +3,9 @@
 //! gradient [N], with HF's decay groups as a per-parameter weight decay. The host path is the
 //! same formula as herd-worker's `optim::AdamW` (a worker test checks they agree bit for bit).
 
-use candle_core::{CpuStorage, InplaceOp2, Layout, Result, Tensor};
+use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, Layout, Result, Tensor};
+
+use crate::table::GradTable;
 
 /// The step's scalars, derived from the config exactly as herd-worker's optimizer does.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -73,6 +75,41 @@ impl FusedAdamW {
         state.inplace_op2(&grad.contiguous()?, &op)?;
         Ok(())
     }
+
+    /// [`FusedAdamW::step`] with the gradient read from the parameters' own gradients (one
+    /// micro-batch, one rank: nothing to sum, so no flat [N] f32 copy). The same update bit for
+    /// bit as `step` on their flat f32 sum.
+    pub fn step_table(
+        &self,
+        state: &Tensor,
+        grads: &GradTable,
+        h: AdamWHyper,
+        grad_scale: f32,
+    ) -> crate::Result<()> {
+        let n = self.len();
+        if state.dims() != [3, n] || !grads.sizes().iter().copied().eq(self.sizes()) {
+            return Err(crate::Error::Shape(format!(
+                "AdamW state {:?} / gradients of {:?} for parameters of {:?}",
+                state.dims(),
+                grads.sizes(),
+                self.sizes().collect::<Vec<_>>()
+            )));
+        }
+        let op = TableStep {
+            step: Step {
+                table: self,
+                s: Scalars::new(h, grad_scale),
+            },
+            grads,
+        };
+        state.inplace_op1(&op)?;
+        Ok(())
+    }
+
+    /// Element counts of the parameters, in order.
+    pub fn sizes(&self) -> impl Iterator<Item = usize> + '_ {
+        self.starts.windows(2).map(|w| (w[1] - w[0]) as usize)
+    }
 }
 
 /// The f32 scalars of one step (Python floats used as f32 by torch's kernels).
@@ -119,6 +156,30 @@ impl Step<'_> {
             .map(|&decays| if decays { d } else { 1.0 })
             .collect()
     }
+
+    /// The update on the host: state = (p | m | v), grad flat, both f32.
+    fn host(&self, state: &mut [f32], grad: &[f32]) {
+        let n = self.table.len();
+        let (p, mv) = state.split_at_mut(n);
+        let (m, v) = mv.split_at_mut(n);
+        let c = self.s;
+        for (k, w) in self.table.starts.windows(2).enumerate() {
+            let decay_mul = if self.table.decays[k] {
+                c.decay_mul
+            } else {
+                1.0
+            };
+            for e in w[0] as usize..w[1] as usize {
+                let g = grad[e] * c.grad_scale;
+                // Multiplying by exactly 1.0 is the identity, so no-decay matches torch's skip.
+                p[e] *= decay_mul;
+                m[e] += c.lerp_w * (g - m[e]);
+                v[e] = v[e] * c.b2 + c.one_minus_b2 * g * g;
+                let denom = v[e].sqrt() / c.bc2_sqrt + c.eps;
+                p[e] += -c.step_size * (m[e] / denom);
+            }
+        }
+    }
 }
 
 impl InplaceOp2 for Step<'_> {
@@ -141,27 +202,7 @@ impl InplaceOp2 for Step<'_> {
             candle_core::bail!("herd-adamw: state and grad must be contiguous")
         };
         let n = self.table.len();
-        let state = &mut state[a..b];
-        let grad = &grad[ga..ga + n];
-        let (p, mv) = state.split_at_mut(n);
-        let (m, v) = mv.split_at_mut(n);
-        let c = self.s;
-        for (k, w) in self.table.starts.windows(2).enumerate() {
-            let decay_mul = if self.table.decays[k] {
-                c.decay_mul
-            } else {
-                1.0
-            };
-            for e in w[0] as usize..w[1] as usize {
-                let g = grad[e] * c.grad_scale;
-                // Multiplying by exactly 1.0 is the identity, so no-decay matches torch's skip.
-                p[e] *= decay_mul;
-                m[e] += c.lerp_w * (g - m[e]);
-                v[e] = v[e] * c.b2 + c.one_minus_b2 * g * g;
-                let denom = v[e].sqrt() / c.bc2_sqrt + c.eps;
-                p[e] += -c.step_size * (m[e] / denom);
-            }
-        }
+        self.host(&mut state[a..b], &grad[ga..ga + n]);
         Ok(())
     }
 
@@ -186,7 +227,7 @@ impl InplaceOp2 for Step<'_> {
         let p = self.table.decays.len() as i32;
         let grad = view::<f32>(s2, l2, self.name())?;
         let state = s1.as_cuda_slice_mut::<f32>()?;
-        // SAFETY: state holds 4 × n elements (checked by the caller's layout), grad n, starts
+        // SAFETY: state holds 3 × n elements (checked by the caller's layout), grad n, starts
         // p + 1, decay_mul p.
         unsafe {
             herd_adamw(
@@ -206,6 +247,77 @@ impl InplaceOp2 for Step<'_> {
                 c.eps,
                 c.grad_scale,
             )
+        }
+    }
+}
+
+/// [`Step`] reading the gradient through a [`GradTable`].
+struct TableStep<'a> {
+    step: Step<'a>,
+    grads: &'a GradTable,
+}
+
+impl InplaceOp1 for TableStep<'_> {
+    fn name(&self) -> &'static str {
+        "herd-adamw-table"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let CpuStorage::F32(state) = s else {
+            candle_core::bail!("herd-adamw: the state must be f32")
+        };
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("herd-adamw: the state must be contiguous")
+        };
+        let grad = self.grads.flat_host()?;
+        self.step.host(&mut state[a..b], &grad);
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        use crate::cuda::{elems_cfg, herd_adamw_table};
+        use candle_core::DType;
+        if l.start_offset() != 0 || !l.is_contiguous() {
+            candle_core::bail!("herd-adamw: state must be a whole contiguous tensor");
+        }
+        let dev = s.device.clone();
+        let step = &self.step;
+        let n = step.table.len();
+        let c = step.s;
+        let starts = dev.clone_htod(&step.table.starts)?;
+        let decay_mul = dev.clone_htod(&step.decay_muls())?;
+        let ptrs = self.grads.device_ptrs(&dev)?;
+        let p = step.table.decays.len() as i32;
+        let state = s.as_cuda_slice_mut::<f32>()?;
+        macro_rules! go {
+            ($ty:ty) => {
+                // SAFETY: state holds 3 × n elements, starts p + 1, decay_mul and ptrs p; each
+                // non-null ptrs[k] addresses parameter k's gradient, alive in self.grads.
+                unsafe {
+                    herd_adamw_table::<$ty>(
+                        &dev,
+                        elems_cfg(n),
+                        state,
+                        &ptrs,
+                        &starts,
+                        &decay_mul,
+                        p,
+                        n,
+                        c.lerp_w,
+                        c.b2,
+                        c.one_minus_b2,
+                        c.step_size,
+                        c.bc2_sqrt,
+                        c.eps,
+                        c.grad_scale,
+                    )
+                }
+            };
+        }
+        match self.grads.dtype() {
+            DType::BF16 => go!(half::bf16),
+            _ => go!(f32),
         }
     }
 }

@@ -7,6 +7,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Tensor};
 
 use crate::cpu;
+use crate::table::GradTable;
 
 /// acc[offset .. offset + g.elem_count()] += g, in f32, in place. `acc`: a contiguous f32 tensor
 /// (the step's flat gradient sum); `g`: f32 or bf16, any shape (made contiguous).
@@ -18,6 +19,17 @@ pub fn accumulate(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
 /// in f64. The same value every run on a given device.
 pub fn sum_squares(x: &Tensor) -> Result<f64> {
     let partials = x.contiguous()?.apply_op1_no_bwd(&SumSquares)?;
+    Ok(partials.to_vec1::<f32>()?.iter().map(|&p| p as f64).sum())
+}
+
+/// [`sum_squares`] of the flat sum a [`GradTable`] stands for, read from the gradients
+/// themselves: the same partials, so the same value.
+pub fn sum_squares_of(grads: &GradTable) -> Result<f64> {
+    let Some(first) = grads.first() else {
+        return Ok(0.0);
+    };
+    let op = TableSumSquares { grads };
+    let partials = first.apply_op1_no_bwd(&op)?;
     Ok(partials.to_vec1::<f32>()?.iter().map(|&p| p as f64).sum())
 }
 
@@ -135,6 +147,64 @@ impl CustomOp1 for SumSquares {
         let cfg = crate::cuda::config(grid);
         // SAFETY: x holds n elements, out one partial per block.
         unsafe { herd_sum_squares(&dev, cfg, &x, n, &mut out) }?;
+        let blocks = grid.blocks as usize;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+            Shape::from(blocks),
+        ))
+    }
+}
+
+/// The sum of squares of a [`GradTable`]; the op's argument is only its first gradient (the
+/// device), the table itself travels in the op.
+struct TableSumSquares<'a> {
+    grads: &'a GradTable,
+}
+
+impl CustomOp1 for TableSumSquares<'_> {
+    fn name(&self) -> &'static str {
+        "herd-sum-squares-table"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let p = partial_sums(&self.grads.flat_host()?);
+        let n = p.len();
+        Ok((CpuStorage::F32(p), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{alloc_out, herd_sum_squares_table};
+        let sizes = self.grads.sizes();
+        let n: usize = sizes.iter().sum();
+        let grid = crate::launch::partials(n);
+        let dev = s.device().clone();
+        let mut starts = Vec::with_capacity(sizes.len() + 1);
+        let mut total = 0u64;
+        for &k in sizes {
+            starts.push(total);
+            total += k as u64;
+        }
+        starts.push(total);
+        let starts = dev.clone_htod(&starts)?;
+        let ptrs = self.grads.device_ptrs(&dev)?;
+        let p = sizes.len() as i32;
+        let mut out = alloc_out::<f32>(&dev, grid.blocks as usize)?;
+        let cfg = crate::cuda::config(grid);
+        // SAFETY: ptrs and starts describe n elements of live gradients (self.grads), out holds
+        // one partial per block.
+        unsafe {
+            match self.grads.dtype() {
+                DType::BF16 => {
+                    herd_sum_squares_table::<half::bf16>(&dev, cfg, &ptrs, &starts, p, n, &mut out)
+                }
+                _ => herd_sum_squares_table::<f32>(&dev, cfg, &ptrs, &starts, p, n, &mut out),
+            }
+        }?;
         let blocks = grid.blocks as usize;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),

@@ -32,6 +32,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
 pub mod swiglu;
+pub mod table;
 // The .cu parser of both build scripts, here for its unit tests.
 #[cfg(test)]
 #[allow(dead_code)]
@@ -46,8 +47,9 @@ pub use cross_entropy::fused_linear_cross_entropy;
 pub use dispatch::{fused, FusedOnCpu};
 pub use dropout::dropout_mul;
 pub use error::{Error, Result};
-pub use grad::{accumulate, sum_squares};
+pub use grad::{accumulate, sum_squares, sum_squares_of};
 pub use rms_norm::add_rms_norm;
 pub use rope::rope;
 pub use softmax::causal_softmax;
 pub use swiglu::swiglu;
+pub use table::GradTable;

@@ -1,7 +1,10 @@
 //! Mixed precision's optimizer side (CUDA issue #5; the speed issue's "fused optimizer" and "no
 //! host round trips"): the f32 master weights and both AdamW moments live as one [3, N] tensor
-//! on the compute device, the step's gradient as one flat f32 [N] tensor there, and
-//! herd-kernels' fused AdamW steps every parameter in one launch. Per step only the loss, the
+//! on the compute device, and herd-kernels' fused AdamW steps every parameter in one launch.
+//! The step's gradient is either the parameters' own gradients as backward left them (one
+//! micro-batch on one rank: nothing to sum, so the norm and AdamW read them through a
+//! `GradTable`) or, once a second micro-batch or a collective needs a sum, one flat f32 [N]
+//! tensor on the device, allocated on first use and zeroed in place after. Per step only the loss, the
 //! gradient norm and — when the ranks sum over a host collective (not NCCL) — the gradient
 //! cross to the host. The host `AdamW` keeps the config and the step count; its moments are filled from the
 //! device only when a checkpoint is written ([`MixedState::moments_into`]).
@@ -11,7 +14,7 @@
 //! bit) and the partials added in f64.
 
 use candle_core::{DType, Device, Tensor, Var};
-use herd_kernels::{AdamWHyper, FusedAdamW};
+use herd_kernels::{AdamWHyper, FusedAdamW, GradTable};
 
 use crate::collective::Collective;
 use crate::optim::{decays, AdamW};
@@ -21,10 +24,13 @@ pub struct MixedState {
     adamw: FusedAdamW,
     /// [3, N] f32: master weights | exp_avg | exp_avg_sq, parameters back to back.
     state: Tensor,
-    /// [N] f32: this step's gradient sum, allocated once and zeroed in place between steps.
-    grad: Tensor,
+    /// [N] f32: the step's gradient sum, allocated the first time a step needs one and zeroed
+    /// in place between steps.
+    grad: Option<Tensor>,
     /// Whether `grad` holds anything since it was last zeroed.
     dirty: bool,
+    /// The step's only micro-batch's gradients so far, not yet added anywhere.
+    pending: Option<Vec<Option<Tensor>>>,
     /// (offset, length) of each parameter in the flat buffers, in `trainable()` order.
     spans: Vec<(usize, usize)>,
 }
@@ -61,34 +67,67 @@ impl MixedState {
         Ok(MixedState {
             adamw: FusedAdamW::new(&table),
             state: Tensor::from_vec(host, (3, n), device)?,
-            grad: Tensor::zeros(n, DType::F32, device)?,
+            grad: None,
             dirty: false,
+            pending: None,
             spans,
         })
     }
 
-    /// Bytes this state holds on the device per parameter: 12 for master weight and moments,
-    /// 4 for the gradient sum. A step makes no other buffer of the model's size.
+    /// Bytes this state holds on the device per parameter, at most: 12 for master weight and
+    /// moments, 4 for the gradient sum (only with gradient accumulation or several ranks). A
+    /// step makes no other buffer of the model's size.
     pub const BYTES_PER_PARAMETER: u64 = 16;
 
     pub fn zero_grad(&mut self) -> Result<()> {
+        self.pending = None;
         if self.dirty {
-            self.grad.zero_set()?;
+            if let Some(g) = &self.grad {
+                g.zero_set()?;
+            }
             self.dirty = false;
         }
         Ok(())
     }
 
-    /// Adds one micro-batch's gradients (one per parameter, in order; None: not reached) into
-    /// the sum, each in place at its span.
+    /// Takes one micro-batch's gradients (one per parameter, in order; None: not reached). The
+    /// first of a step is kept as it is; a second one starts the flat sum.
     pub fn add(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
+        if self.pending.is_none() && !self.dirty {
+            self.pending = Some(grads.to_vec());
+            return Ok(());
+        }
+        self.flush()?;
+        self.accumulate(grads)
+    }
+
+    /// The flat sum, allocated (zeros) on first use.
+    fn sum(&mut self) -> Result<&Tensor> {
+        if self.grad.is_none() {
+            let n = self.state.dim(1)?;
+            self.grad = Some(Tensor::zeros(n, DType::F32, self.state.device())?);
+        }
+        Ok(self.grad.as_ref().expect("allocated above"))
+    }
+
+    /// Each gradient added in place at its span of the sum.
+    fn accumulate(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
+        let sum = self.sum()?.clone();
         for (g, &(off, _)) in grads.iter().zip(&self.spans) {
             if let Some(g) = g {
-                herd_kernels::accumulate(&self.grad, off, g)?;
+                herd_kernels::accumulate(&sum, off, g)?;
                 self.dirty = true;
             }
         }
         Ok(())
+    }
+
+    /// Moves the kept micro-batch (if any) into the sum.
+    fn flush(&mut self) -> Result<()> {
+        match self.pending.take() {
+            Some(grads) => self.accumulate(&grads),
+            None => Ok(()),
+        }
     }
 
     /// Sums the gradient across ranks: in place on the GPU with NCCL, through host memory for
@@ -97,15 +136,19 @@ impl MixedState {
         if collective.world_size() == 1 {
             return Ok(());
         }
-        self.grad = collective.all_reduce_sum_tensor(self.grad.clone())?;
+        self.flush()?;
+        let sum = self.sum()?.clone();
+        self.grad = Some(collective.all_reduce_sum_tensor(sum)?);
+        self.dirty = true;
         Ok(())
     }
 
     /// Scales the summed gradient by `scale` (1 / global count), clips it to `max_norm` as
     /// `clip_grad_norm_` does (0: no clipping), steps AdamW and writes the rounded master
     /// weights into `params`. Returns the norm before clipping. The scale and the clipping
-    /// coefficient reach AdamW as one factor; the norm is `scale`·‖sum‖. The sum is used up:
-    /// it is zero afterwards.
+    /// coefficient reach AdamW as one factor; the norm is `scale`·‖sum‖. The gradient is used
+    /// up: it is zero afterwards. With one micro-batch on one rank the norm and AdamW read the
+    /// gradients themselves; the result is the same bit for bit.
     pub fn step(
         &mut self,
         params: &[(String, Var)],
@@ -113,15 +156,33 @@ impl MixedState {
         max_norm: f64,
         hyper: AdamWHyper,
     ) -> Result<f64> {
-        let norm = scale as f64 * herd_kernels::sum_squares(&self.grad)?.sqrt();
+        let table = match self.pending.take() {
+            Some(grads) => {
+                let sizes: Vec<usize> = self.spans.iter().map(|s| s.1).collect();
+                Some(GradTable::new(grads, &sizes)?)
+            }
+            None => None,
+        };
+        let sum_sq = match &table {
+            Some(t) => herd_kernels::sum_squares_of(t)?,
+            None => herd_kernels::sum_squares(self.sum()?)?,
+        };
+        let norm = scale as f64 * sum_sq.sqrt();
         let coef = if max_norm > 0.0 {
             (max_norm / (norm + 1e-6)).min(1.0)
         } else {
             1.0
         };
-        self.adamw
-            .step(&self.state, &self.grad, hyper, (scale as f64 * coef) as f32)?;
-        self.grad.zero_set()?;
+        let grad_scale = (scale as f64 * coef) as f32;
+        match &table {
+            Some(t) => self.adamw.step_table(&self.state, t, hyper, grad_scale)?,
+            None => {
+                let sum = self.sum()?.clone();
+                self.adamw.step(&self.state, &sum, hyper, grad_scale)?;
+                sum.zero_set()?;
+            }
+        }
+        drop(table);
         self.dirty = false;
         let master = self.state.get(0)?;
         for ((_, var), &(off, len)) in params.iter().zip(&self.spans) {
@@ -258,6 +319,78 @@ mod tests {
                 .zip(&b.exp_avg)
                 .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             assert!(d < 1e-5, "{d}");
+        }
+    }
+
+    /// One micro-batch on one rank never allocates the flat sum: the norm and AdamW read the
+    /// gradients themselves, and give what the sum path gives (forced here by a second, all-zero
+    /// micro-batch), bit for bit, over steps; one parameter backward did not reach reads as 0.
+    #[test]
+    fn one_micro_batch_reads_the_gradients_in_place_bit_for_bit() {
+        let shapes = [(5usize, 3usize), (1, 4), (2, 2)];
+        let params = || -> Vec<(String, Var)> {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(k, &s)| {
+                    let v: Vec<f32> = (0..s.0 * s.1)
+                        .map(|i| ((i * 5 + k) % 9) as f32 * 0.1 - 0.3)
+                        .collect();
+                    let t = Tensor::from_vec(v, s, &Device::Cpu).unwrap();
+                    (
+                        format!("model.layers.{k}.mlp.up_proj.weight"),
+                        Var::from_tensor(&t).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let (pa, pb) = (params(), params());
+        let sizes: Vec<(String, usize)> = pa
+            .iter()
+            .map(|(n, v)| (n.clone(), v.elem_count()))
+            .collect();
+        let host = AdamW::new(cfg, &sizes);
+        let mut a = MixedState::new(&pa, &host, &Device::Cpu).unwrap();
+        let mut b = MixedState::new(&pb, &host, &Device::Cpu).unwrap();
+        for step in 1..=3 {
+            let grads: Vec<Option<Tensor>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(k, &s)| {
+                    (k != 2 || step == 1).then(|| {
+                        let v: Vec<f32> = (0..s.0 * s.1)
+                            .map(|i| ((i * 3 + step) % 7) as f32 - 3.1)
+                            .collect();
+                        Tensor::from_vec(v, s, &Device::Cpu).unwrap()
+                    })
+                })
+                .collect();
+            let zeros: Vec<Option<Tensor>> = shapes
+                .iter()
+                .map(|&s| Some(Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap()))
+                .collect();
+            a.zero_grad().unwrap();
+            b.zero_grad().unwrap();
+            a.add(&grads).unwrap();
+            b.add(&grads).unwrap();
+            b.add(&zeros).unwrap();
+            assert!(a.grad.is_none(), "one micro-batch allocated the flat sum");
+            assert!(b.grad.is_some());
+            let hyper = cfg.hyper(1e-2, step as i32);
+            let na = a.step(&pa, 1.0 / 3.0, 1.0, hyper).unwrap();
+            let nb = b.step(&pb, 1.0 / 3.0, 1.0, hyper).unwrap();
+            assert_eq!(na, nb, "step {step}: norm");
+            assert_eq!(
+                a.state.to_vec2::<f32>().unwrap(),
+                b.state.to_vec2::<f32>().unwrap(),
+                "step {step}"
+            );
         }
     }
 }

@@ -1,0 +1,345 @@
+//! The step's gradient as the parameters' own gradient tensors (cuda/grad_source.cuh): when a
+//! step has one micro-batch on one rank there is nothing to sum, so the norm
+//! ([`crate::grad::sum_squares_of`]) and AdamW ([`crate::FusedAdamW::step_table`]) read the
+//! tensors backward produced, through a device table of their addresses, instead of a flat f32
+//! [N] copy of them: 4 bytes per parameter that need not exist.
+
+use candle_core::{DType, Result, Tensor};
+
+/// One gradient per parameter (None: backward did not reach it, read as zeros), each contiguous,
+/// all of one dtype (f32 or bf16), on one device.
+pub struct GradTable {
+    grads: Vec<Option<Tensor>>,
+    sizes: Vec<usize>,
+    dtype: DType,
+}
+
+impl GradTable {
+    /// `grads[k]` must hold `sizes[k]` elements (any shape; made contiguous here).
+    pub fn new(grads: Vec<Option<Tensor>>, sizes: &[usize]) -> crate::Result<Self> {
+        if grads.len() != sizes.len() {
+            return Err(crate::Error::Shape(format!(
+                "{} gradients for {} parameters",
+                grads.len(),
+                sizes.len()
+            )));
+        }
+        let mut dtype = None;
+        let mut out = Vec::with_capacity(grads.len());
+        for (k, (g, &n)) in grads.into_iter().zip(sizes).enumerate() {
+            let Some(g) = g else {
+                out.push(None);
+                continue;
+            };
+            if g.elem_count() != n {
+                return Err(crate::Error::Shape(format!(
+                    "gradient {k} has {} elements, its parameter {n}",
+                    g.elem_count()
+                )));
+            }
+            match dtype {
+                None if matches!(g.dtype(), DType::F32 | DType::BF16) => dtype = Some(g.dtype()),
+                Some(d) if d == g.dtype() => {}
+                _ => {
+                    return Err(crate::Error::Shape(format!(
+                        "gradient {k} is {:?}: expected every gradient f32, or every one bf16",
+                        g.dtype()
+                    )))
+                }
+            }
+            out.push(Some(g.contiguous()?));
+        }
+        Ok(GradTable {
+            grads: out,
+            sizes: sizes.to_vec(),
+            dtype: dtype.unwrap_or(DType::F32),
+        })
+    }
+
+    /// Element counts of the parameters, in order.
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Any gradient present (its device and storage carry the table's ops).
+    pub(crate) fn first(&self) -> Option<&Tensor> {
+        self.grads.iter().flatten().next()
+    }
+
+    /// All gradients end to end as f32 on the host, zeros for the missing ones: the flat sum
+    /// the table stands for (the host paths and the tests).
+    pub(crate) fn flat_host(&self) -> Result<Vec<f32>> {
+        let mut flat = Vec::new();
+        for (g, &n) in self.grads.iter().zip(&self.sizes) {
+            match g {
+                Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
+                None => flat.extend(std::iter::repeat_n(0f32, n)),
+            }
+        }
+        Ok(flat)
+    }
+
+    /// The device addresses of the gradients' first elements (0 for a missing one), uploaded as
+    /// the kernels' `ptrs`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_ptrs(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<i64>> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        use candle_core::Storage;
+        let stream = dev.cuda_stream();
+        let mut ptrs = Vec::with_capacity(self.grads.len());
+        for g in &self.grads {
+            let Some(g) = g else {
+                ptrs.push(0i64);
+                continue;
+            };
+            let (storage, layout) = g.storage_and_layout();
+            let Storage::Cuda(s) = &*storage else {
+                candle_core::bail!("herd-grad-table: a gradient is not on the GPU")
+            };
+            let offset = layout.start_offset();
+            let base = match self.dtype {
+                DType::BF16 => {
+                    let (p, _sync) = s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream);
+                    p + 2 * offset as u64
+                }
+                _ => {
+                    let (p, _sync) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
+                    p + 4 * offset as u64
+                }
+            };
+            ptrs.push(base as i64);
+        }
+        dev.clone_htod(&ptrs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adamw::{AdamWHyper, FusedAdamW};
+    use crate::grad::{sum_squares, sum_squares_of};
+    use crate::testutil::*;
+    use candle_core::Device;
+
+    const HYPER: AdamWHyper = AdamWHyper {
+        lr: 3e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        step: 2,
+    };
+
+    /// Parameters that straddle the kernels' blocks, a one-element one, and one backward did not
+    /// reach (None), as `dtype` gradients; with their flat f32 sum.
+    fn grads(dtype: DType, device: &Device) -> (Vec<(usize, bool)>, Vec<Option<Tensor>>, Tensor) {
+        let params = vec![
+            (1500, true),
+            (1, false),
+            (700, true),
+            (40, false),
+            (33, true),
+        ];
+        let mut grads = Vec::new();
+        for (k, &(n, _)) in params.iter().enumerate() {
+            grads.push((k != 3).then(|| {
+                randn(&[n], 70 + k as u64)
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(device)
+                    .unwrap()
+            }));
+        }
+        let sizes: Vec<usize> = params.iter().map(|p| p.0).collect();
+        let flat = GradTable::new(grads.clone(), &sizes)
+            .unwrap()
+            .flat_host()
+            .unwrap();
+        let flat = Tensor::from_vec(flat, sizes.iter().sum::<usize>(), device).unwrap();
+        (params, grads, flat)
+    }
+
+    fn fresh_state(n: usize, device: &Device) -> Tensor {
+        let mut init = randn(&[n], 80).to_vec1::<f32>().unwrap();
+        init.extend(
+            randn(&[n], 81)
+                .affine(0.01, 0.0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        init.extend(
+            randn(&[n], 82)
+                .sqr()
+                .unwrap()
+                .affine(1e-4, 0.0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+        Tensor::from_vec(init, (3, n), device).unwrap()
+    }
+
+    /// Norm and AdamW through the table equal them on the flat f32 sum, bit for bit.
+    fn table_equals_flat(device: &Device) {
+        for dtype in [DType::F32, DType::BF16] {
+            let (params, g, flat) = grads(dtype, device);
+            let sizes: Vec<usize> = params.iter().map(|p| p.0).collect();
+            let table = GradTable::new(g, &sizes).unwrap();
+            assert_eq!(
+                sum_squares_of(&table).unwrap(),
+                sum_squares(&flat).unwrap(),
+                "{dtype:?}"
+            );
+            let opt = FusedAdamW::new(&params);
+            let (a, b) = (
+                fresh_state(opt.len(), device),
+                fresh_state(opt.len(), device),
+            );
+            opt.step(&a, &flat, HYPER, 0.37).unwrap();
+            opt.step_table(&b, &table, HYPER, 0.37).unwrap();
+            let (a, b) = (a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+            assert!(a == b, "{dtype:?}: table step differs from the flat one");
+        }
+    }
+
+    #[test]
+    fn cpu_table_equals_the_flat_sum() {
+        table_equals_flat(&Device::Cpu);
+    }
+
+    #[test]
+    fn mismatched_tables_are_errors() {
+        let g = vec![
+            Some(randn(&[4], 1)),
+            Some(randn(&[3], 2).to_dtype(DType::BF16).unwrap()),
+        ];
+        let err = GradTable::new(g, &[4, 3]).err().unwrap().to_string();
+        assert!(
+            err.contains("every gradient f32, or every one bf16"),
+            "{err}"
+        );
+        let err = GradTable::new(vec![Some(randn(&[4], 1))], &[5])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("gradient 0 has 4 elements, its parameter 5"),
+            "{err}"
+        );
+        let table = GradTable::new(vec![Some(randn(&[4], 1))], &[4]).unwrap();
+        let opt = FusedAdamW::new(&[(3, true), (1, true)]);
+        let state = fresh_state(4, &Device::Cpu);
+        assert!(opt.step_table(&state, &table, HYPER, 1.0).is_err());
+    }
+
+    /// cuda/adamw.cu and cuda/sum_squares.cu's table entry points on the host emulator (the
+    /// table holds host addresses there) against their flat ones on the same values.
+    fn emulated_table_matches_flat<T: Emulated>() {
+        let k = T::KERNELS;
+        let (params, g, flat) = grads(T::DTYPE, &Device::Cpu);
+        let hosts: Vec<Option<Vec<T>>> = g.iter().map(|g| g.as_ref().map(host::<T>)).collect();
+        let ptrs: Vec<i64> = hosts
+            .iter()
+            .map(|h| h.as_ref().map_or(0, |h| h.as_ptr() as i64))
+            .collect();
+        let mut starts = vec![0u64];
+        for &(n, _) in &params {
+            starts.push(starts.last().unwrap() + n as u64);
+        }
+        let n = *starts.last().unwrap() as usize;
+        let p = params.len() as i32;
+        let flat = host::<f32>(&flat);
+
+        // Sum of squares: a 2-block grid smaller than the data, so threads stride across
+        // parameter boundaries, then the production shape.
+        for grid in [
+            crate::launch::Grid {
+                blocks: 2,
+                threads: 256,
+            },
+            crate::launch::partials(n),
+        ] {
+            let (mut a, mut b) = (
+                poisoned::<f32>(grid.blocks as usize),
+                poisoned::<f32>(grid.blocks as usize),
+            );
+            let (pa, pb) = (a.as_mut_ptr(), b.as_mut_ptr());
+            emulate(grid, || unsafe {
+                herd_kernels_emu::herd_sum_squares(flat.as_ptr(), n, pa)
+            });
+            emulate(grid, || unsafe {
+                (k.sum_squares_table)(ptrs.as_ptr(), starts.as_ptr(), p, n, pb)
+            });
+            assert_eq!(a, b, "sum of squares partials, {} blocks", grid.blocks);
+        }
+
+        let decay: Vec<f32> = params
+            .iter()
+            .map(|&(_, d)| if d { 0.9997 } else { 1.0 })
+            .collect();
+        let init = host::<f32>(&fresh_state(n, &Device::Cpu).flatten_all().unwrap());
+        let (mut a, mut b) = (init.clone(), init);
+        let (sa, sb) = (a.as_mut_ptr(), b.as_mut_ptr());
+        let (lerp_w, b2, omb2, step, bc2, eps, scale) =
+            (0.1, 0.999, 1e-3, 0.02, 0.0447, 1e-8, 0.37);
+        emulate(crate::launch::elems(n), || unsafe {
+            herd_kernels_emu::herd_adamw(
+                sa,
+                flat.as_ptr(),
+                starts.as_ptr(),
+                decay.as_ptr(),
+                p,
+                n,
+                lerp_w,
+                b2,
+                omb2,
+                step,
+                bc2,
+                eps,
+                scale,
+            )
+        });
+        emulate(crate::launch::elems(n), || unsafe {
+            (k.adamw_table)(
+                sb,
+                ptrs.as_ptr(),
+                starts.as_ptr(),
+                decay.as_ptr(),
+                p,
+                n,
+                lerp_w,
+                b2,
+                omb2,
+                step,
+                bc2,
+                eps,
+                scale,
+            )
+        });
+        assert!(
+            a == b,
+            "AdamW through the table differs from the flat gradient"
+        );
+    }
+
+    #[test]
+    fn emulated_cuda_c_reads_the_table_as_the_flat_sum() {
+        emulated_table_matches_flat::<f32>();
+        emulated_table_matches_flat::<half::bf16>();
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs a CUDA GPU (run scripts/gpu-test.sh)"]
+    fn gpu_table_equals_the_flat_sum() {
+        table_equals_flat(&gpu());
+    }
+}
