@@ -51,5 +51,5 @@ pub use grad::{accumulate, sum_squares, sum_squares_of};
 pub use rms_norm::add_rms_norm;
 pub use rope::rope;
 pub use softmax::causal_softmax;
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_linear};
 pub use table::GradTable;

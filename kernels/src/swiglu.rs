@@ -1,8 +1,9 @@
 //! SwiGLU (cuda/swiglu.cu): y = silu(g)·u in one pass, the backward (dg | du) in one more,
-//! instead of candle's silu, mul and their four backward ops.
+//! instead of candle's silu, mul and their four backward ops. [`swiglu_linear`] also takes in
+//! the down projection, so the activation is recomputed instead of stored.
 
 use candle_core::backend::BackendStorage;
-#[cfg(feature = "cuda")]
+#[cfg(any(test, feature = "cuda"))]
 use candle_core::DType;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -13,8 +14,104 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
 }
 
+/// silu(gate)·up·Wᵀ with the product recomputed in the backward instead of stored: gate, up
+/// [.., inter]; w [out, inter] (LlamaMLP's down_proj, no bias) -> [.., out]. The graph holds
+/// gate, up and W, not the [.., inter] activation the plain composition keeps for dW. The
+/// forward is the same SwiGLU kernel and the same matmul; the backward redoes the (elementwise)
+/// SwiGLU. dW is computed only when W is tracked (not for a frozen base under LoRA).
+pub fn swiglu_linear(gate: &Tensor, up: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let inter = gate.dims().last().copied().unwrap_or(0);
+    let (_, k) = w.dims2()?;
+    if gate.dims() != up.dims() || k != inter || gate.rank() < 2 {
+        candle_core::bail!(
+            "herd-swiglu-linear: gate {:?}, up {:?}, w {:?}: expected gate = up = [.., inter], w [out, inter]",
+            gate.dims(),
+            up.dims(),
+            w.dims()
+        )
+    }
+    gate.contiguous()?
+        .apply_op3(&up.contiguous()?, &w.contiguous()?, SwigluLinear)
+}
+
 struct Swiglu;
 struct SwigluBwd;
+struct SwigluLinear;
+
+impl SwigluLinear {
+    /// (m, n, k): m rows of the [m, k] activation times Wᵀ [k, n]; the output shape; Wᵀ's layout.
+    fn dims(l1: &Layout, l3: &Layout) -> Result<((usize, usize, usize), Shape, Layout)> {
+        let k = *l1.dims().last().unwrap_or(&1);
+        let m = l1.shape().elem_count() / k.max(1);
+        let n = l3.dims()[0];
+        let mut out = l1.dims().to_vec();
+        *out.last_mut().expect("rank >= 2") = n;
+        Ok(((m, n, k), Shape::from(out), l3.transpose(0, 1)?))
+    }
+}
+
+impl CustomOp3 for SwigluLinear {
+    fn name(&self) -> &'static str {
+        "herd-swiglu-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((m, n, k), shape, wt) = Self::dims(l1, l3)?;
+        let (act, _) = Swiglu.cpu_fwd(s1, l1, s2, l2)?;
+        let out = act.matmul(s3, (1, m, n, k), &Layout::contiguous((m, k)), &wt)?;
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ((m, n, k), shape, wt) = Self::dims(l1, l3)?;
+        let (act, _) = Swiglu.cuda_fwd(s1, l1, s2, l2)?;
+        let out = act.matmul(s3, (1, m, n, k), &Layout::contiguous((m, k)), &wt)?;
+        Ok((out, shape))
+    }
+
+    /// dy [.., out]: act = silu(g)·u again; dact = dy·W; (dg, du) by the SwiGLU backward;
+    /// dW = dyᵀ·act.
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (g, u, wd) = (g.detach(), u.detach(), w.detach());
+        let (n, k) = wd.dims2()?;
+        let m = g.elem_count() / k;
+        let dy = dy.detach().reshape((m, n))?;
+        let dact = dy.matmul(&wd)?.reshape(g.shape())?;
+        let dgu = g.apply_op3_no_bwd(&u, &dact, &SwigluBwd)?;
+        drop(dact);
+        let dw = if w.track_op() {
+            let act = g.apply_op2_no_bwd(&u, &Swiglu)?.reshape((m, k))?;
+            Some(dy.t()?.matmul(&act)?)
+        } else {
+            None
+        };
+        Ok((Some(dgu.get(0)?), Some(dgu.get(1)?), dw))
+    }
+}
 
 fn sigmoid(a: f32) -> f32 {
     1.0 / (1.0 + (-a).exp())
@@ -156,6 +253,38 @@ mod tests {
     use super::*;
     use crate::testutil::*;
     use candle_core::Var;
+
+    #[test]
+    fn swiglu_linear_matches_swiglu_then_matmul() -> Result<()> {
+        for dtype in [DType::F32, DType::BF16] {
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            let on = |t: Tensor| t.to_dtype(dtype).unwrap();
+            let g = Var::from_tensor(&on(randn(&[2, 5, 24], 31)))?;
+            let u = Var::from_tensor(&on(randn(&[2, 5, 24], 32)))?;
+            let w = Var::from_tensor(&on(randn(&[7, 24], 33)))?;
+            let r = on(randn(&[2, 5, 7], 34));
+            let y = swiglu_linear(&g, &u, &w)?;
+            let y0 = swiglu(&g, &u)?.broadcast_matmul(&w.t()?)?;
+            assert_close(&y, &y0, tol);
+            let gr = (y * &r)?.to_dtype(DType::F32)?.sum_all()?.backward()?;
+            let gr0 = (y0 * &r)?.to_dtype(DType::F32)?.sum_all()?.backward()?;
+            for (name, v) in [("gate", &g), ("up", &u), ("w", &w)] {
+                let (a, b) = (gr.get(v).unwrap(), gr0.get(v).unwrap());
+                assert_eq!(a.dims(), b.dims(), "d{name}");
+                assert_close(a, b, tol);
+            }
+        }
+        // A frozen W gets no gradient computed: only gate and up are in the store.
+        let (g, u) = (
+            Var::from_tensor(&randn(&[3, 8], 35))?,
+            Var::from_tensor(&randn(&[3, 8], 36))?,
+        );
+        let y = swiglu_linear(&g, &u, &randn(&[4, 8], 37))?;
+        let gr = y.sqr()?.sum_all()?.backward()?;
+        assert_eq!(gr.get_ids().count(), 2);
+        assert!(swiglu_linear(&g, &u, &randn(&[4, 7], 37)).is_err());
+        Ok(())
+    }
 
     #[test]
     fn cpu_forward_and_gradients_match_silu_times_up() -> Result<()> {

@@ -152,6 +152,11 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if herd_kernels::fused(x.device()) {
             let (g, u) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+            if let Some(w) = self.down_proj.plain_weight() {
+                // SwiGLU and down_proj as one node: the [b, t, inter] activation is recomputed
+                // in backward, not held (with LoRA on down_proj its adapter needs it anyway).
+                return Ok(herd_kernels::swiglu_linear(&g, &u, w)?);
+            }
             return self.down_proj.forward(&herd_kernels::swiglu(&g, &u)?); // CUDA issue #5
         }
         let gate = self.gate_proj.forward(x)?.silu()?;
