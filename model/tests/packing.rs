@@ -54,7 +54,13 @@ fn run(
 
 /// Each example alone in a batch of one.
 fn unpacked(model: &Llama, e: &Example) -> (f32, Gradients) {
-    run(model, &[e.ids.clone()], &[e.labels.clone()], None, false)
+    run(
+        model,
+        std::slice::from_ref(&e.ids),
+        std::slice::from_ref(&e.labels),
+        None,
+        false,
+    )
 }
 
 /// Examples `rows` packed back to back, right-padded to `t`; only examples in `counted` have
@@ -128,11 +134,11 @@ fn packed_losses_and_gradients_equal_unpacked() {
         let alone: Vec<(f32, Gradients)> = all.iter().map(|e| unpacked(&model, e)).collect();
         // Row 0: examples 0 and 1 (11 tokens) + 1 pad; row 1: example 2 + 7 pads.
         let rows = vec![vec![0, 1], vec![2]];
-        for i in 0..all.len() {
+        for (i, (alone_loss, alone_grads)) in alone.iter().enumerate() {
             // Each example's own loss and gradient, read out of the packed batch.
             let (loss, grads) = packed(&model, &all, &rows, 12, &[i], false);
-            assert_close(loss, alone[i].0, &format!("example {i} loss"));
-            assert_grads_close(&model, &grads, &alone[i].1, &format!("example {i}"));
+            assert_close(loss, *alone_loss, &format!("example {i} loss"));
+            assert_grads_close(&model, &grads, alone_grads, &format!("example {i}"));
         }
         let (total, grads) = packed(&model, &all, &rows, 12, &[0, 1, 2], false);
         let sum: f32 = alone.iter().map(|(l, _)| l).sum();
@@ -157,8 +163,20 @@ fn recomputed_gradients_equal_plain_ones() {
         assert_grads_close(&model, &g_re, &g_plain, "packed");
 
         let e = &all[0];
-        let (l_plain, g_plain) = run(&model, &[e.ids.clone()], &[e.labels.clone()], None, false);
-        let (l_re, g_re) = run(&model, &[e.ids.clone()], &[e.labels.clone()], None, true);
+        let (l_plain, g_plain) = run(
+            &model,
+            std::slice::from_ref(&e.ids),
+            std::slice::from_ref(&e.labels),
+            None,
+            false,
+        );
+        let (l_re, g_re) = run(
+            &model,
+            std::slice::from_ref(&e.ids),
+            std::slice::from_ref(&e.labels),
+            None,
+            true,
+        );
         assert_close(l_re, l_plain, "plain loss");
         assert_grads_close(&model, &g_re, &g_plain, "plain");
     }
@@ -176,8 +194,20 @@ fn recompute_trains_only_lora_adapters() {
         let noise = Tensor::randn(0f32, 0.1, v.shape(), &Device::Cpu).unwrap();
         v.set(&(v.as_tensor() + noise).unwrap()).unwrap();
     }
-    let (_, g_plain) = run(&model, &[e.ids.clone()], &[e.labels.clone()], None, false);
-    let (_, g_re) = run(&model, &[e.ids.clone()], &[e.labels.clone()], None, true);
+    let (_, g_plain) = run(
+        &model,
+        std::slice::from_ref(&e.ids),
+        std::slice::from_ref(&e.labels),
+        None,
+        false,
+    );
+    let (_, g_re) = run(
+        &model,
+        std::slice::from_ref(&e.ids),
+        std::slice::from_ref(&e.labels),
+        None,
+        true,
+    );
     assert_eq!(g_re.len(), model.trainable().len());
     assert_grads_close(&model, &g_re, &g_plain, "lora");
 }

@@ -298,6 +298,38 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// One event line: `2026-11-22 05:12:01Z  RESTARTING  w-000002  rank 1 ...`.
+pub fn render_event(e: &pb::Event) -> String {
+    let mut line = format!("{}  {}", utc(e.unix_time), e.kind);
+    if !e.worker_id.is_empty() {
+        line.push_str(&format!("  {}", e.worker_id));
+    }
+    line.push_str(&format!("  {}", e.message));
+    line
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SSZ` (proleptic Gregorian, UTC; Howard Hinnant's
+/// days-to-civil algorithm, so no date crate is needed for one format).
+pub fn utc(unix: f64) -> String {
+    let secs = unix.max(0.0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,36 +405,4 @@ mod tests {
         assert!(eta_s(&s, 110.0).is_none());
         assert_eq!(fmt_duration(3725.0), "1:02:05");
     }
-}
-
-/// One event line: `2026-11-22 05:12:01Z  RESTARTING  w-000002  rank 1 ...`.
-pub fn render_event(e: &pb::Event) -> String {
-    let mut line = format!("{}  {}", utc(e.unix_time), e.kind);
-    if !e.worker_id.is_empty() {
-        line.push_str(&format!("  {}", e.worker_id));
-    }
-    line.push_str(&format!("  {}", e.message));
-    line
-}
-
-/// Unix seconds as `YYYY-MM-DD HH:MM:SSZ` (proleptic Gregorian, UTC; Howard Hinnant's
-/// days-to-civil algorithm, so no date crate is needed for one format).
-pub fn utc(unix: f64) -> String {
-    let secs = unix.max(0.0) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }

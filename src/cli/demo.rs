@@ -70,11 +70,11 @@ fn init(dir: &Path, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Per task: (exact matches, records).
+pub type TaskScores = BTreeMap<String, (usize, usize)>;
+
 /// Greedy answers for `records` and exact match per task.
-pub fn evaluate(
-    model_dir: &Path,
-    records: &[DemoRecord],
-) -> Result<(BTreeMap<String, (usize, usize)>, Vec<String>)> {
+pub fn evaluate(model_dir: &Path, records: &[DemoRecord]) -> Result<(TaskScores, Vec<String>)> {
     let g = Generator::load(model_dir)?;
     let opts = GenerateOptions {
         max_new_tokens: 24,
@@ -178,7 +178,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
 fn train_with_workers(dir: &Path, mut job: JobSpec, workers: usize) -> Result<()> {
     let global = job.per_device_train_batch_size * job.gradient_accumulation_steps;
     anyhow::ensure!(
-        global % workers == 0,
+        global.is_multiple_of(workers),
         "--workers {workers} does not divide the demo's global batch of {global}"
     );
     job.per_device_train_batch_size = global / workers;

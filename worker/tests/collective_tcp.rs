@@ -275,8 +275,11 @@ fn world_size_mismatch_is_refused() {
     let l1 = ls.remove(1);
     let l0 = ls.remove(0);
     let two = addrs[..2].to_vec();
-    let r1 =
-        thread::spawn(move || TcpRing::with_listener(1, l1, addrs, SECRET, Duration::from_secs(2)));
+    let r1 = thread::spawn(move || {
+        TcpRing::with_listener(1, l1, addrs, SECRET, Duration::from_secs(2))
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
     let e0 = TcpRing::with_listener(0, l0, two, SECRET, Duration::from_secs(2))
         .unwrap_err()
         .to_string();

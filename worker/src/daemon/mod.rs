@@ -403,12 +403,11 @@ pub async fn run(
                         }
                         if let Some(stop) = resp.stop {
                             if let Some(c) = &current {
-                                if c.job_id == stop.job_id && (stop.attempt == 0 || stop.attempt == c.attempt) {
-                                    if !c.stop.swap(true, Ordering::SeqCst) {
+                                if c.job_id == stop.job_id && (stop.attempt == 0 || stop.attempt == c.attempt)
+                                    && !c.stop.swap(true, Ordering::SeqCst) {
                                         tracing::info!(job = %c.job_id, attempt = c.attempt, reason = %stop.reason, "stop order");
                                         eprintln!("herd worker {worker_id}: stop order for job {} ({})", c.job_id, stop.reason);
                                     }
-                                }
                             }
                             if pending.as_ref().is_some_and(|p| p.job_id == stop.job_id && (stop.attempt == 0 || p.attempt == stop.attempt)) {
                                 pending = None;

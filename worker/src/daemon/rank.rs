@@ -358,23 +358,6 @@ fn render(e: &dyn std::error::Error) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn peers_parse_and_count() {
-        let p = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
-        assert_eq!(peers_from(&p, 2).unwrap().len(), 2);
-        assert!(peers_from(&p, 3)
-            .unwrap_err()
-            .contains("2 peers for world size 3"));
-        assert!(peers_from(&["nope".to_string()], 1)
-            .unwrap_err()
-            .contains("rank 0"));
-    }
-}
-
 /// The numbers of an HF eval log entry (`eval_loss`, `eval_accuracy`, ...), without the timings.
 fn eval_metric(entry: &serde_json::Value) -> pb::EvalMetric {
     let values = entry
@@ -390,5 +373,22 @@ fn eval_metric(entry: &serde_json::Value) -> pb::EvalMetric {
         step: entry.get("step").and_then(|v| v.as_u64()).unwrap_or(0),
         epoch: entry.get("epoch").and_then(|v| v.as_f64()).unwrap_or(0.0),
         values,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_count() {
+        let p = vec!["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        assert_eq!(peers_from(&p, 2).unwrap().len(), 2);
+        assert!(peers_from(&p, 3)
+            .unwrap_err()
+            .contains("2 peers for world size 3"));
+        assert!(peers_from(&["nope".to_string()], 1)
+            .unwrap_err()
+            .contains("rank 0"));
     }
 }

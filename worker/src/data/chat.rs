@@ -202,7 +202,7 @@ pub fn conversation_from_value(v: &Value, at: &Location) -> Result<Conversation>
                 return Err(bad_turn(at, n, format!("unknown role {other:?} (expected human/user, gpt/assistant or a leading system)")))
             }
         };
-        let expected = if conv.messages.len() % 2 == 0 {
+        let expected = if conv.messages.len().is_multiple_of(2) {
             Role::User
         } else {
             Role::Assistant

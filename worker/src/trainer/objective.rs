@@ -22,6 +22,10 @@ pub trait Objective {
     /// Training examples (pairs for a reward model); the plan permutes their indices.
     fn len(&self) -> usize;
 
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Forward and backward the examples `idx` as one micro-batch into `engine`; returns the
     /// non-padding tokens fed (for throughput and `num_input_tokens_seen`).
     fn accumulate(&self, engine: &mut Engine<Self::Model>, idx: &[usize]) -> Result<usize>;
