@@ -14,6 +14,15 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(&cos, &sin, Rope { sign: 1.0 })
 }
 
+/// The transpose of [`rope`] (rotation by −θ, the backward's map), untracked: for ops that
+/// rotate inside and hand autograd their own gradients.
+pub fn rope_transpose(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let cos = cos.to_dtype(DType::F32)?.contiguous()?;
+    let sin = sin.to_dtype(DType::F32)?.contiguous()?;
+    x.contiguous()?
+        .apply_op3_no_bwd(&cos, &sin, &Rope { sign: -1.0 })
+}
+
 struct Rope {
     sign: f32,
 }

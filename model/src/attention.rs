@@ -54,6 +54,19 @@ impl Attention {
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // Training on the fused path (plain causal mask, one position table, no cache): RoPE and
+        // attention as one node over the projections' own [b, t, n, d] layout, which is all the
+        // graph then holds of them.
+        if herd_kernels::fused(x.device()) && mask.rank() == 2 && cos.rank() == 2 && cache.is_none()
+        {
+            let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim));
+            let q = heads(self.q_proj.forward(x)?, self.heads)?;
+            let k = heads(self.k_proj.forward(x)?, self.kv_heads)?;
+            let v = heads(self.v_proj.forward(x)?, self.kv_heads)?;
+            let out = herd_kernels::attention::rope_causal_attention(&q, &k, &v, cos, sin, scale)?;
+            return self.o_proj.forward(&out);
+        }
         // [b, t, n*d] -> [b, n, t, d]; contiguous because candle's matmul wants plain strides.
         let split = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, self.head_dim))?
@@ -77,7 +90,6 @@ impl Attention {
                 kv
             }
         };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
         // A 2-D mask is the plain causal one ([t, total]); packed and left-padded batches bring
         // their own [b, 1, t, total] masks, which the fused kernel does not know.
         if herd_kernels::fused(x.device()) && mask.rank() == 2 {
