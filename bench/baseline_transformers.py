@@ -5,6 +5,8 @@ Same presets (or a config.json), random init from the config dims, random tokens
 a label; each step is forward + backward + clip_grad_norm_(1.0) + AdamW. bf16 weights/compute with
 torch.optim.AdamW(fused=True) on cuda, f32 and plain AdamW on the CPU. Prints one JSON line with
 the fields of `herd bench --json` (FLOPs/token: 6·N + 12·L·H·Q·T, N = matmul parameters).
+With --lora-r, PEFT's LoRA (alpha = 2·r, dropout, target modules as `herd bench`) on the frozen
+base, FLOPs/token 4·N + 12·L·H·Q·T; without PEFT installed it prints {"error": ...} instead.
 
     python bench/baseline_transformers.py --model demo --batch 4 --seq 128 --steps 5 --device cpu
 """
@@ -54,6 +56,9 @@ def main():
     p.add_argument("--demo-vocab", type=int, default=0,
                    help="vocab of the demo preset (herd bench --json reports it via params)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-r", type=int, default=None)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default="q_proj,v_proj")
     a = p.parse_args()
 
     torch.manual_seed(a.seed)
@@ -61,15 +66,29 @@ def main():
     dtype = torch.bfloat16 if cuda else torch.float32
     cfg = config_for(a.model, a.demo_vocab)
     model = LlamaForCausalLM(cfg).to(device=a.device, dtype=dtype)
+    params = sum(p.numel() for p in model.parameters())
+    if a.lora_r is not None:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            print(json.dumps({"tool": "transformers", "model": a.model, "lora_r": a.lora_r,
+                              "error": f"--lora-r needs peft ({e})"}))
+            return
+        model = get_peft_model(model, LoraConfig(
+            r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=a.lora_dropout,
+            target_modules=a.lora_targets.split(","), task_type="CAUSAL_LM"))
     if a.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+        if a.lora_r is not None:
+            model.enable_input_require_grads()  # a frozen embedding otherwise cuts the graph
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=0.0, fused=cuda)
-    params = sum(p.numel() for p in model.parameters())
     matmul = params if cfg.tie_word_embeddings else params - cfg.vocab_size * cfg.hidden_size
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    flops = 6.0 * matmul + 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * a.seq
+    per_weight = 4.0 if a.lora_r is not None else 6.0
+    flops = per_weight * matmul + 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * a.seq
 
     def sync():
         if cuda:
@@ -84,7 +103,7 @@ def main():
         t0 = time.perf_counter()
         out = model(input_ids=ids, labels=labels)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
@@ -101,6 +120,7 @@ def main():
         peak_mem, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS (getrusage)"
     print(json.dumps({
         "tool": "transformers", "model": a.model, "params": params, "vocab_size": cfg.vocab_size, "device": a.device,
+        "trainable_params": sum(p.numel() for p in trainable), "lora_r": a.lora_r,
         "dtype": str(dtype).replace("torch.", ""), "batch": a.batch, "seq": a.seq,
         "steps": a.steps, "warmup": a.warmup, "gradient_checkpointing": a.gradient_checkpointing,
         "step_time_s": timed / a.steps, "tokens_per_s": tokens_per_s, "flops_per_token": flops,

@@ -24,6 +24,10 @@ d = sys.argv[1]
 load = lambda f: [json.loads(l) for l in open(f"{d}/{f}") if l.strip()]
 h, b = load("herd.jsonl"), load("hf.jsonl")
 med = lambda rows, k: statistics.median(r[k] for r in rows)
+if any("error" in r for r in b):
+    print(f"baseline not run: {b[0]['error']}; herd alone: {med(h, 'tokens_per_s'):,.1f} tokens/s, "
+          f"{med(h, 'peak_memory_bytes'):,.0f} bytes peak memory")
+    sys.exit(0)
 print(f"model {h[0]['model']} ({h[0]['params']/1e6:.1f}M herd / {b[0]['params']/1e6:.1f}M transformers), "
       f"batch {h[0]['batch']} x seq {h[0]['seq']}, {len(h)} rounds each, device {h[0]['device']}")
 for k, unit in [("tokens_per_s", "tokens/s"), ("peak_memory_bytes", "bytes peak memory")]:

@@ -68,8 +68,9 @@ gpu_libs() {
   fi
 }
 
-# herd bench and the transformers baseline alternating on one GPU, then the ratios; plain and
-# with activation recompute.
+# herd bench and the transformers baseline alternating on one GPU, then the ratios: plain, with
+# activation recompute, and LoRA r 8 on q_proj,v_proj (Alpaca-LoRA's; needs PEFT beside the
+# baseline's torch, else herd's figures alone).
 bench() {
   gpu_libs
   unpack
@@ -77,7 +78,7 @@ bench() {
   nvidia-smi -L || true
   local args=(--model tinyllama-1.1b --batch "${BATCH:-8}" --seq 512 --steps "${STEPS:-10}"
     --warmup 3 --device cuda:0)
-  for extra in "" --gradient-checkpointing; do
+  for extra in "" --gradient-checkpointing "--lora-r 8"; do
     echo "=== bench ${args[*]} $extra"
     HERD=$DIR/bin/herd PYTHON=$TORCH_PY ROUNDS=${ROUNDS:-2} bench/compare.sh "${args[@]}" $extra \
       2>&1 | tee -a "$out/bench.log"

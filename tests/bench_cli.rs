@@ -10,6 +10,13 @@ fn bench_demo_prints_positive_json_fields() {
         &[][..],
         &["--gradient-checkpointing", "--peak-tflops", "1"][..],
         &["--bf16"][..],
+        &[
+            "--bf16",
+            "--lora-r",
+            "4",
+            "--lora-targets",
+            "q_proj,v_proj,down_proj",
+        ][..],
     ] {
         let out = run_ok(
             herd()
@@ -43,7 +50,21 @@ fn bench_demo_prints_positive_json_fields() {
             "f32"
         };
         assert_eq!(j["dtype"], want, "{j}");
+        // LoRA: only the adapters train, and the FLOPs count no weight gradients.
+        let (params, trainable) = (
+            j["params"].as_u64().unwrap(),
+            j["trainable_params"].as_u64().unwrap(),
+        );
+        if extra.contains(&"--lora-r") {
+            assert_eq!(j["lora_r"], 4, "{j}");
+            assert!(trainable * 20 < params, "{trainable} of {params} trainable");
+        } else {
+            assert!(j["lora_r"].is_null(), "{j}");
+            assert_eq!(trainable, params, "{j}");
+        }
     }
+    let err = run_err(herd().args(["bench", "--lora-r", "4", "--lora-targets", "qproj"]));
+    assert!(err.contains("qproj"), "{err}");
 }
 
 #[test]

@@ -14,6 +14,7 @@
 use anyhow::{bail, Context, Result};
 use herd_kernels::device::DeviceSpec;
 use herd_model::init::SplitMix64;
+use herd_model::lora::LoraConfig;
 use herd_model::{Llama, LlamaConfig};
 use herd_worker::collective::SingleProcess;
 use herd_worker::data::{Batch, IGNORE_INDEX};
@@ -68,6 +69,16 @@ pub struct BenchArgs {
     /// Seed of the random weights and tokens.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Train LoRA adapters of this rank (alpha = 2·r, as Alpaca-LoRA's 8/16) instead of every
+    /// weight; the base is frozen. FLOPs/token are then 4·N + attention (no weight gradients).
+    #[arg(long)]
+    lora_r: Option<usize>,
+    /// LoRA dropout (with --lora-r).
+    #[arg(long, default_value_t = 0.05)]
+    lora_dropout: f64,
+    /// Modules that get adapters (with --lora-r), comma-separated.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    lora_targets: String,
 }
 
 /// The config of a preset name, or of a config.json path.
@@ -113,13 +124,15 @@ pub fn matmul_parameters(cfg: &LlamaConfig, all: usize) -> usize {
     }
 }
 
-/// 6·N + 12·L·H·Q·T training FLOPs per token (PaLM).
-pub fn flops_per_token(cfg: &LlamaConfig, matmul_params: usize, seq: usize) -> f64 {
+/// 6·N + 12·L·H·Q·T training FLOPs per token (PaLM); with a frozen base (LoRA) 4·N + 12·L·H·Q·T:
+/// forward and the input gradient, no weight gradient (the adapters' few FLOPs not counted).
+pub fn flops_per_token(cfg: &LlamaConfig, matmul_params: usize, seq: usize, frozen: bool) -> f64 {
     let attention = 12.0
         * cfg.num_hidden_layers as f64
         * (cfg.num_attention_heads * cfg.head_dim()) as f64
         * seq as f64;
-    6.0 * matmul_params as f64 + attention
+    let per_weight = if frozen { 4.0 } else { 6.0 };
+    per_weight * matmul_params as f64 + attention
 }
 
 /// Peak resident set size of this process in bytes (Linux: ru_maxrss is in KiB).
@@ -162,8 +175,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let device = &placement.device;
     let mixed = placement.mixed.is_some();
     let cfg = model_config(&a.model)?;
-    let model = Llama::random(cfg.clone(), a.seed).context("building the model")?;
+    let mut model = Llama::random(cfg.clone(), a.seed).context("building the model")?;
     let params = model.num_parameters();
+    if let Some(r) = a.lora_r {
+        let targets = a.lora_targets.split(',').map(|s| s.trim().to_string());
+        let lora = LoraConfig::new(r, 2.0 * r as f64, a.lora_dropout, targets.collect());
+        lora.validate().context("--lora-r / --lora-targets")?;
+        model.enable_lora(lora, a.seed)?;
+    }
+    let trainable: usize = model.trainable().iter().map(|(_, v)| v.elem_count()).sum();
     let adam = AdamWConfig {
         beta1: 0.9,
         beta2: 0.999,
@@ -193,7 +213,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     let tokens = (a.batch * a.seq * a.steps) as f64;
     let tokens_per_s = tokens / timed.max(1e-9);
-    let flops = flops_per_token(&cfg, matmul_parameters(&cfg, params), a.seq);
+    let frozen = a.lora_r.is_some();
+    let flops = flops_per_token(&cfg, matmul_parameters(&cfg, params), a.seq, frozen);
     let tflops = flops * tokens_per_s / 1e12;
     let peak = a
         .peak_tflops
@@ -208,6 +229,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "tool": "herd",
         "model": a.model,
         "params": params,
+        "trainable_params": trainable,
+        "lora_r": a.lora_r,
         "vocab_size": cfg.vocab_size,
         "device": spec.to_string(),
         "dtype": if mixed { "bf16 (f32 master weights)" } else { "f32" },
@@ -250,9 +273,22 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             ""
         }
     );
+    if let Some(r) = a.lora_r {
+        println!(
+            "LoRA r {r} on {} (dropout {}): {:.2}M trainable parameters, base frozen",
+            a.lora_targets,
+            a.lora_dropout,
+            trainable as f64 / 1e6
+        );
+    }
     println!("step time      {:.3} s", timed / a.steps as f64);
     println!("tokens/s       {tokens_per_s:.1}");
-    println!("FLOPs/token    {flops:.4e}  (6·N + 12·L·H·Q·T, PaLM; N = matmul parameters)");
+    let formula = if frozen {
+        "4·N + 12·L·H·Q·T: PaLM's without weight gradients"
+    } else {
+        "6·N + 12·L·H·Q·T, PaLM"
+    };
+    println!("FLOPs/token    {flops:.4e}  ({formula}; N = matmul parameters)");
     println!("achieved       {tflops:.4} TFLOP/s");
     match (mfu, peak) {
         (Some(m), Some(p)) => println!("MFU            {:.2}% of {p} TFLOP/s", m * 100.0),
@@ -280,7 +316,7 @@ mod tests {
             .sum();
         assert_eq!(n, 1_100_048_384);
         // 6·N with N = n − embedding, plus 12·22·2048·T.
-        let f = flops_per_token(&cfg, matmul_parameters(&cfg, n), 512);
+        let f = flops_per_token(&cfg, matmul_parameters(&cfg, n), 512, false);
         let expected = 6.0 * (n - 32000 * 2048) as f64 + 12.0 * 22.0 * 2048.0 * 512.0;
         assert_eq!(f, expected);
     }
