@@ -29,8 +29,9 @@ fn main() {
     let mut stems = Vec::new();
     let mut entries = Vec::new();
     for src in &sources {
-        let stem = src.file_stem().unwrap().to_str().unwrap().to_string();
-        let text = std::fs::read_to_string(src).expect("read a .cu file");
+        let stem = src.file_stem().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(src)
+            .unwrap_or_else(|e| panic!("herd-kernels: reading {}: {e}", src.display()));
         entries.extend(signatures::parse(&stem, &text).unwrap_or_else(|e| panic!("{e}")));
         stems.push(stem);
     }
@@ -38,7 +39,12 @@ fn main() {
         out.join("launchers.rs"),
         signatures::launchers(&stems, &entries),
     )
-    .expect("write launchers.rs");
+    .unwrap_or_else(|e| {
+        panic!(
+            "herd-kernels: writing launchers.rs in {}: {e}",
+            out.display()
+        )
+    });
     for src in sources {
         let ptx = out.join(src.with_extension("ptx").file_name().unwrap());
         let status = Command::new(&nvcc)

@@ -22,13 +22,20 @@ fn main() {
     // The Rust declarations of the entry points, from the .cu files themselves.
     let mut entries = Vec::new();
     for k in &kernels {
-        let stem = k.file_stem().unwrap().to_str().unwrap();
-        let text = std::fs::read_to_string(k).expect("read a .cu file");
-        entries.extend(signatures::parse(stem, &text).unwrap_or_else(|e| panic!("{e}")));
+        let stem = k.file_stem().unwrap().to_string_lossy();
+        let text = std::fs::read_to_string(k)
+            .unwrap_or_else(|e| panic!("herd-kernels-emu: reading {}: {e}", k.display()));
+        entries.extend(signatures::parse(&stem, &text).unwrap_or_else(|e| panic!("{e}")));
     }
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    std::fs::write(out.join("table.rs"), signatures::emulator_table(&entries))
-        .expect("write table.rs");
+    std::fs::write(out.join("table.rs"), signatures::emulator_table(&entries)).unwrap_or_else(
+        |e| {
+            panic!(
+                "herd-kernels-emu: writing table.rs in {}: {e}",
+                out.display()
+            )
+        },
+    );
     cc::Build::new()
         .cpp(true)
         .std("c++17")

@@ -29,15 +29,8 @@ pub struct FusedAdamW {
 impl FusedAdamW {
     /// `params`: (element count, decays?) of each parameter, in flat-buffer order.
     pub fn new(params: &[(usize, bool)]) -> Self {
-        let mut starts = Vec::with_capacity(params.len() + 1);
-        let mut total = 0u64;
-        for (n, _) in params {
-            starts.push(total);
-            total += *n as u64;
-        }
-        starts.push(total);
         FusedAdamW {
-            starts,
+            starts: crate::table::starts_of(params.iter().map(|p| p.0)),
             decays: params.iter().map(|(_, d)| *d).collect(),
         }
     }
@@ -87,12 +80,12 @@ impl FusedAdamW {
         grad_scale: f32,
     ) -> crate::Result<()> {
         let n = self.len();
-        if state.dims() != [3, n] || !grads.sizes().iter().copied().eq(self.sizes()) {
+        if state.dims() != [3, n] || grads.starts() != self.starts {
             return Err(crate::Error::Shape(format!(
-                "AdamW state {:?} / gradients of {:?} for parameters of {:?}",
+                "AdamW state {:?} / gradients at offsets {:?} for parameters at {:?}",
                 state.dims(),
-                grads.sizes(),
-                self.sizes().collect::<Vec<_>>()
+                grads.starts(),
+                self.starts
             )));
         }
         let op = TableStep {
@@ -104,11 +97,6 @@ impl FusedAdamW {
         };
         state.inplace_op1(&op)?;
         Ok(())
-    }
-
-    /// Element counts of the parameters, in order.
-    pub fn sizes(&self) -> impl Iterator<Item = usize> + '_ {
-        self.starts.windows(2).map(|w| (w[1] - w[0]) as usize)
     }
 }
 

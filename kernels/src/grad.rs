@@ -179,20 +179,13 @@ impl CustomOp1 for TableSumSquares<'_> {
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::cuda::{alloc_out, herd_sum_squares_table};
-        let sizes = self.grads.sizes();
-        let n: usize = sizes.iter().sum();
+        let starts = self.grads.starts();
+        let n = starts[starts.len() - 1] as usize;
+        let p = (starts.len() - 1) as i32;
         let grid = crate::launch::partials(n);
         let dev = s.device().clone();
-        let mut starts = Vec::with_capacity(sizes.len() + 1);
-        let mut total = 0u64;
-        for &k in sizes {
-            starts.push(total);
-            total += k as u64;
-        }
-        starts.push(total);
-        let starts = dev.clone_htod(&starts)?;
+        let starts = dev.clone_htod(starts)?;
         let ptrs = self.grads.device_ptrs(&dev)?;
-        let p = sizes.len() as i32;
         let mut out = alloc_out::<f32>(&dev, grid.blocks as usize)?;
         let cfg = crate::cuda::config(grid);
         // SAFETY: ptrs and starts describe n elements of live gradients (self.grads), out holds

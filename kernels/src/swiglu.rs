@@ -45,7 +45,9 @@ impl SwigluLinear {
         let m = l1.shape().elem_count() / k.max(1);
         let n = l3.dims()[0];
         let mut out = l1.dims().to_vec();
-        *out.last_mut().expect("rank >= 2") = n;
+        if let Some(last) = out.last_mut() {
+            *last = n;
+        }
         Ok(((m, n, k), Shape::from(out), l3.transpose(0, 1)?))
     }
 }

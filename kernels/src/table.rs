@@ -10,8 +10,18 @@ use candle_core::{DType, Result, Tensor};
 /// all of one dtype (f32 or bf16), on one device.
 pub struct GradTable {
     grads: Vec<Option<Tensor>>,
-    sizes: Vec<usize>,
+    /// [P + 1] element offsets of the parameters in the flat sum the table stands for.
+    starts: Vec<u64>,
     dtype: DType,
+}
+
+/// [P + 1] offsets of parameters of `sizes` elements laid end to end (the kernels' `starts`).
+pub(crate) fn starts_of(sizes: impl Iterator<Item = usize>) -> Vec<u64> {
+    let mut starts = vec![0u64];
+    for n in sizes {
+        starts.push(starts[starts.len() - 1] + n as u64);
+    }
+    starts
 }
 
 impl GradTable {
@@ -51,14 +61,13 @@ impl GradTable {
         }
         Ok(GradTable {
             grads: out,
-            sizes: sizes.to_vec(),
+            starts: starts_of(sizes.iter().copied()),
             dtype: dtype.unwrap_or(DType::F32),
         })
     }
 
-    /// Element counts of the parameters, in order.
-    pub fn sizes(&self) -> &[usize] {
-        &self.sizes
+    pub(crate) fn starts(&self) -> &[u64] {
+        &self.starts
     }
 
     pub fn dtype(&self) -> DType {
@@ -74,7 +83,8 @@ impl GradTable {
     /// the table stands for (the host paths and the tests).
     pub(crate) fn flat_host(&self) -> Result<Vec<f32>> {
         let mut flat = Vec::new();
-        for (g, &n) in self.grads.iter().zip(&self.sizes) {
+        for (g, w) in self.grads.iter().zip(self.starts.windows(2)) {
+            let n = (w[1] - w[0]) as usize;
             match g {
                 Some(g) => flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
                 None => flat.extend(std::iter::repeat_n(0f32, n)),
@@ -250,10 +260,7 @@ mod tests {
             .iter()
             .map(|h| h.as_ref().map_or(0, |h| h.as_ptr() as i64))
             .collect();
-        let mut starts = vec![0u64];
-        for &(n, _) in &params {
-            starts.push(starts.last().unwrap() + n as u64);
-        }
+        let starts = starts_of(params.iter().map(|p| p.0));
         let n = *starts.last().unwrap() as usize;
         let p = params.len() as i32;
         let flat = host::<f32>(&flat);

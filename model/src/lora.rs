@@ -367,25 +367,22 @@ pub struct LoraDropout {
 
 impl LoraDropout {
     /// x [b · t, d] (the adapter's input of a [b, t, d] batch) with dropout applied, or x itself
-    /// when no training keys are set. The mask is [`LoraDropout::mask`]'s, regenerated from one
-    /// seed per (row, position) by `herd_kernels::dropout_mul` (on the GPU by a kernel), never
-    /// stored: neither uploaded per layer nor held for the backward.
+    /// when no training keys are set. Element (row, pos, i) is dropped or kept by the i-th draw
+    /// of SplitMix64 seeded with mix(mix(key of row, module), pos), so it depends only on (key,
+    /// module, pos, i). `herd_kernels::dropout_mul` regenerates that mask from the seeds (on the
+    /// GPU by a kernel) instead of storing it: nothing is uploaded per layer or held for the
+    /// backward.
     pub fn apply(&self, x: &Tensor, b: usize, t: usize) -> Result<Tensor> {
-        let Some(keys) = self.row_keys(b)? else {
+        let Some(seeds) = self.seeds(b, t)? else {
             return Ok(x.clone());
         };
-        let seeds: Vec<i64> = keys
-            .iter()
-            .flat_map(|&key| {
-                let row = mix(key, self.module);
-                (0..t).map(move |pos| mix(row, pos as u64) as i64)
-            })
-            .collect();
+        let seeds: Vec<i64> = seeds.into_iter().map(|s| s as i64).collect();
         let seeds = Tensor::from_vec(seeds, b * t, x.device())?;
         Ok(herd_kernels::dropout_mul(x, &seeds, self.p)?)
     }
 
-    fn row_keys(&self, b: usize) -> Result<Option<Vec<u64>>> {
+    /// The SplitMix64 seed of each (row, position), rows first; None without training keys.
+    fn seeds(&self, b: usize, t: usize) -> Result<Option<Vec<u64>>> {
         let Some(keys) = self.keys.get() else {
             return Ok(None);
         };
@@ -395,25 +392,25 @@ impl LoraDropout {
                 keys.len()
             )));
         }
-        Ok(Some(keys))
+        let seeds = keys.iter().flat_map(|&key| {
+            let row = mix(key, self.module);
+            (0..t).map(move |pos| mix(row, pos as u64))
+        });
+        Ok(Some(seeds.collect()))
     }
 
-    /// The multiplicative mask [b * t, d] for an input [b, t, d] (0 or 1 / (1 - p)), or None
-    /// when no training keys are set. Element (row, pos, i) depends only on (key of row, module,
-    /// pos, i): the i-th draw of SplitMix64 seeded with mix(mix(key, module), pos). The
-    /// definition [`LoraDropout::apply`] is tested against.
-    pub fn mask(&self, b: usize, t: usize, d: usize, device: &Device) -> Result<Option<Tensor>> {
-        let Some(keys) = self.row_keys(b)? else {
+    /// The multiplicative mask [b * t, d] (0 or 1 / (1 - p)) that [`LoraDropout::apply`]
+    /// applies, drawn on the host: the definition it is tested against.
+    #[cfg(test)]
+    fn mask(&self, b: usize, t: usize, d: usize, device: &Device) -> Result<Option<Tensor>> {
+        let Some(seeds) = self.seeds(b, t)? else {
             return Ok(None);
         };
         let keep = (1.0 / (1.0 - self.p)) as f32;
         let mut values = Vec::with_capacity(b * t * d);
-        for key in keys {
-            let row = mix(key, self.module);
-            for pos in 0..t {
-                let mut rng = SplitMix64::new(mix(row, pos as u64));
-                values.extend((0..d).map(|_| if rng.next_f64() < self.p { 0.0 } else { keep }));
-            }
+        for seed in seeds {
+            let mut rng = SplitMix64::new(seed);
+            values.extend((0..d).map(|_| if rng.next_f64() < self.p { 0.0 } else { keep }));
         }
         Ok(Some(Tensor::from_vec(values, (b * t, d), device)?))
     }

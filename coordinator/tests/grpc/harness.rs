@@ -91,6 +91,19 @@ pub(crate) fn submit_req(yaml: &str, base: &Path) -> pb::SubmitRequest {
     }
 }
 
+/// Submits `yaml` (paths relative to `base`) and returns the new job's id.
+pub(crate) async fn submit(
+    j: &mut JobsClient<InterceptedService<Channel, BearerToken>>,
+    yaml: &str,
+    base: &Path,
+) -> String {
+    j.submit(submit_req(yaml, base))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id
+}
+
 pub(crate) async fn register(
     w: &mut WorkersClient<InterceptedService<Channel, BearerToken>>,
     port: u16,

@@ -13,12 +13,7 @@ async fn silent_worker_restarts_job_elsewhere_then_fails_after_max_restarts() {
     let w1 = register(&mut w, 7101).await;
     let w2 = register(&mut w, 7102).await;
     assert!(w1 < w2);
-    let id = j
-        .submit(submit_req(&job_yaml(1, 1), dir.path()))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit(&mut j, &job_yaml(1, 1), dir.path()).await;
 
     // rank 0 goes to the lowest id
     let a1 = await_assignment(&mut w, &w1, Duration::from_secs(5)).await;
@@ -97,12 +92,7 @@ async fn failed_rank_stops_the_others_and_restarts_from_checkpoint() {
     let mut w = srv.workers().await;
     let w1 = register(&mut w, 7201).await;
     let w2 = register(&mut w, 7202).await;
-    let id = j
-        .submit(submit_req(&job_yaml(2, 2), dir.path()))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit(&mut j, &job_yaml(2, 2), dir.path()).await;
     let a = await_assignment(&mut w, &w1, Duration::from_secs(5)).await;
     let b = await_assignment(&mut w, &w2, Duration::from_secs(5)).await;
     assert_eq!((a.rank, b.rank), (0, 1));
@@ -194,12 +184,7 @@ async fn coordinator_restart_keeps_jobs_and_running_ranks() {
         let mut j = srv.jobs(TOKEN).await;
         let mut w = srv.workers().await;
         let wid = register(&mut w, 7301).await;
-        let id = j
-            .submit(submit_req(&job_yaml(1, 0), dir.path()))
-            .await
-            .unwrap()
-            .into_inner()
-            .job_id;
+        let id = submit(&mut j, &job_yaml(1, 0), dir.path()).await;
         await_assignment(&mut w, &wid, Duration::from_secs(5)).await;
         hb(&mut w, &wid, &id, 1, 2).await;
         w.report_progress(pb::ProgressReport {
@@ -220,12 +205,7 @@ async fn coordinator_restart_keeps_jobs_and_running_ranks() {
         .unwrap();
         // a second job waits behind it (one worker)
         let yaml2 = job_yaml(1, 0).replace("output_dir: out", "output_dir: out2");
-        let id2 = j
-            .submit(submit_req(&yaml2, dir.path()))
-            .await
-            .unwrap()
-            .into_inner()
-            .job_id;
+        let id2 = submit(&mut j, &yaml2, dir.path()).await;
         (id, id2, wid)
     };
     srv.stop().await;
@@ -317,12 +297,7 @@ async fn preempted_rank_restarts_without_counting_and_elsewhere() {
     let mut j = srv.jobs(TOKEN).await;
     let mut w = srv.workers().await;
     let w1 = register(&mut w, 7401).await;
-    let id = j
-        .submit(submit_req(&job_yaml(1, 0), dir.path()))
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit(&mut j, &job_yaml(1, 0), dir.path()).await;
     await_assignment(&mut w, &w1, Duration::from_secs(5)).await;
     hb(&mut w, &w1, &id, 1, 2).await;
     w.report_checkpoint(pb::CheckpointReport {

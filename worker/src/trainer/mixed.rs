@@ -103,11 +103,11 @@ impl MixedState {
 
     /// The flat sum, allocated (zeros) on first use.
     fn sum(&mut self) -> Result<&Tensor> {
-        if self.grad.is_none() {
-            let n = self.state.dim(1)?;
-            self.grad = Some(Tensor::zeros(n, DType::F32, self.state.device())?);
-        }
-        Ok(self.grad.as_ref().expect("allocated above"))
+        let sum = match self.grad.take() {
+            Some(g) => g,
+            None => Tensor::zeros(self.state.dim(1)?, DType::F32, self.state.device())?,
+        };
+        Ok(self.grad.insert(sum))
     }
 
     /// Each gradient added in place at its span of the sum.
