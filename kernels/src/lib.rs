@@ -42,7 +42,7 @@ mod signatures;
 mod testutil;
 
 pub use adamw::{AdamWHyper, FusedAdamW};
-pub use attention::causal_attention;
+pub use attention::{causal_attention, rope_causal_attention};
 pub use cross_entropy::fused_linear_cross_entropy;
 pub use dispatch::{fused, FusedOnCpu};
 pub use dropout::dropout_mul;

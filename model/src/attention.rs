@@ -64,7 +64,7 @@ impl Attention {
             let q = heads(self.q_proj.forward(x)?, self.heads)?;
             let k = heads(self.k_proj.forward(x)?, self.kv_heads)?;
             let v = heads(self.v_proj.forward(x)?, self.kv_heads)?;
-            let out = herd_kernels::attention::rope_causal_attention(&q, &k, &v, cos, sin, scale)?;
+            let out = herd_kernels::rope_causal_attention(&q, &k, &v, cos, sin, scale)?;
             return self.o_proj.forward(&out);
         }
         // [b, t, n*d] -> [b, n, t, d]; contiguous because candle's matmul wants plain strides.
@@ -93,8 +93,8 @@ impl Attention {
         // A 2-D mask is the plain causal one ([t, total]); packed and left-padded batches bring
         // their own [b, 1, t, total] masks, which the fused kernel does not know.
         if herd_kernels::fused(x.device()) && mask.rank() == 2 {
-            // One autograd node: scale, causal mask and softmax in one kernel between the GEMMs,
-            // and neither the scores nor the repeated KV heads held for the backward.
+            // With a KV cache (queries are the last t of the keys), RoPE already applied: one
+            // autograd node, scale, causal mask and softmax in one kernel between the GEMMs.
             let out = herd_kernels::causal_attention(&q, &k, &v, scale)?; // [b, t, hidden]
             return self.o_proj.forward(&out);
         }
