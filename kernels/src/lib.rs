@@ -8,7 +8,7 @@
 //! | [`swiglu`] | silu(g)·u | dg, du |
 //! | [`causal_softmax`] | softmax(scale·S) over keys ≤ query | scale·P(dP − rowsum(P dP)) |
 //! | [`fused_linear_cross_entropy`] | Σ NLL of h Wᵀ, chunked: full logits never stored | dh, dW computed in the forward |
-//! | [`FusedAdamW`] | torch AdamW over all parameters in one launch | — |
+//! | [`FusedAdamW`] | torch AdamW over all parameters in one launch, the bf16 weights updated in place as the f32 master's high halves | — |
 //! | [`accumulate`] | flat f32 gradient sum += a parameter's gradient, in place | — |
 //! | [`sum_squares`] | Σ x² in a fixed order (the gradient norm) | — |
 //!
@@ -28,6 +28,7 @@ pub mod dropout;
 pub mod error;
 pub mod grad;
 pub mod launch;
+pub mod master;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
@@ -41,7 +42,7 @@ mod signatures;
 #[cfg(test)]
 mod testutil;
 
-pub use adamw::{AdamWHyper, FusedAdamW};
+pub use adamw::{AdamWHyper, FusedAdamW, Grad, HostState};
 pub use attention::{causal_attention, rope_causal_attention};
 pub use cross_entropy::fused_linear_cross_entropy;
 pub use dispatch::{fused, FusedOnCpu};

@@ -100,40 +100,53 @@ impl GradTable {
         &self,
         dev: &candle_core::cuda_backend::CudaDevice,
     ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<i64>> {
-        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-        use candle_core::Storage;
-        let stream = dev.cuda_stream();
-        let mut ptrs = Vec::with_capacity(self.grads.len());
-        for g in &self.grads {
-            let Some(g) = g else {
-                ptrs.push(0i64);
-                continue;
-            };
-            let (storage, layout) = g.storage_and_layout();
-            let Storage::Cuda(s) = &*storage else {
-                candle_core::bail!("herd-grad-table: a gradient is not on the GPU")
-            };
-            let offset = layout.start_offset();
-            let base = match self.dtype {
-                DType::BF16 => {
-                    let (p, _sync) = s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream);
-                    p + 2 * offset as u64
-                }
-                _ => {
-                    let (p, _sync) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
-                    p + 4 * offset as u64
-                }
-            };
-            ptrs.push(base as i64);
-        }
-        dev.clone_htod(&ptrs)
+        device_addresses(self.grads.iter().map(Option::as_ref), dev)
     }
+}
+
+/// The device addresses of tensors' first elements (0 for None), uploaded as a kernel's table
+/// of pointers. Each tensor f32 or bf16, on the GPU; the caller keeps them alive (and
+/// contiguous, where the kernel reads them so) while the kernel runs.
+#[cfg(feature = "cuda")]
+pub(crate) fn device_addresses<'a>(
+    tensors: impl Iterator<Item = Option<&'a Tensor>>,
+    dev: &candle_core::cuda_backend::CudaDevice,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<i64>> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use candle_core::Storage;
+    let stream = dev.cuda_stream();
+    let mut ptrs = Vec::new();
+    for t in tensors {
+        let Some(t) = t else {
+            ptrs.push(0i64);
+            continue;
+        };
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(s) = &*storage else {
+            candle_core::bail!("herd-kernels: a tensor of a pointer table is not on the GPU")
+        };
+        let offset = layout.start_offset() as u64;
+        let base = match t.dtype() {
+            DType::BF16 => {
+                let (p, _sync) = s.as_cuda_slice::<half::bf16>()?.device_ptr(&stream);
+                p + 2 * offset
+            }
+            DType::F32 => {
+                let (p, _sync) = s.as_cuda_slice::<f32>()?.device_ptr(&stream);
+                p + 4 * offset
+            }
+            other => candle_core::bail!("herd-kernels: a {other:?} tensor in a pointer table"),
+        };
+        ptrs.push(base as i64);
+    }
+    dev.clone_htod(&ptrs)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adamw::{AdamWHyper, FusedAdamW};
+    use crate::adamw::tests::bits;
+    use crate::adamw::{AdamWHyper, FusedAdamW, Grad};
     use crate::grad::{sum_squares, sum_squares_of};
     use crate::testutil::*;
     use candle_core::Device;
@@ -176,25 +189,30 @@ mod tests {
         (params, grads, flat)
     }
 
-    fn fresh_state(n: usize, device: &Device) -> Tensor {
-        let mut init = randn(&[n], 80).to_vec1::<f32>().unwrap();
-        init.extend(
-            randn(&[n], 81)
-                .affine(0.01, 0.0)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-        );
-        init.extend(
-            randn(&[n], 82)
-                .sqr()
-                .unwrap()
-                .affine(1e-4, 0.0)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-        );
-        Tensor::from_vec(init, (3, n), device).unwrap()
+    /// A mid-run AdamW state (random master weights and moments) on `device`: the state words
+    /// and the weights, one bf16 tensor per parameter.
+    fn fresh_state(opt: &FusedAdamW, device: &Device) -> (Tensor, Vec<Tensor>) {
+        let n = opt.len();
+        let v = |t: Tensor| t.to_vec1::<f32>().unwrap();
+        let (words, hi) = opt
+            .pack(
+                &v(randn(&[n], 80)),
+                &v(randn(&[n], 81).affine(0.01, 0.0).unwrap()),
+                &v(randn(&[n], 82).sqr().unwrap().affine(1e-4, 0.0).unwrap()),
+            )
+            .unwrap();
+        let weights = opt
+            .spans()
+            .map(|r| Tensor::from_slice(&hi[r.clone()], r.len(), device).unwrap())
+            .collect();
+        (
+            Tensor::from_vec(words, n * 2 + n.div_ceil(2), device).unwrap(),
+            weights,
+        )
+    }
+
+    fn host_weights(weights: &[Tensor]) -> Vec<Vec<half::bf16>> {
+        weights.iter().map(host::<half::bf16>).collect()
     }
 
     /// Norm and AdamW through the table equal them on the flat f32 sum, bit for bit.
@@ -209,14 +227,14 @@ mod tests {
                 "{dtype:?}"
             );
             let opt = FusedAdamW::new(&params);
-            let (a, b) = (
-                fresh_state(opt.len(), device),
-                fresh_state(opt.len(), device),
+            let ((a, wa), (b, wb)) = (fresh_state(&opt, device), fresh_state(&opt, device));
+            opt.step(&a, &wa, Grad::Flat(&flat), HYPER, 0.37).unwrap();
+            opt.step(&b, &wb, Grad::Table(&table), HYPER, 0.37).unwrap();
+            assert!(
+                bits(&host::<f32>(&a)) == bits(&host::<f32>(&b)),
+                "{dtype:?}: table step differs from the flat one"
             );
-            opt.step(&a, &flat, HYPER, 0.37).unwrap();
-            opt.step_table(&b, &table, HYPER, 0.37).unwrap();
-            let (a, b) = (a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
-            assert!(a == b, "{dtype:?}: table step differs from the flat one");
+            assert!(host_weights(&wa) == host_weights(&wb), "{dtype:?}: weights");
         }
     }
 
@@ -246,8 +264,12 @@ mod tests {
         );
         let table = GradTable::new(vec![Some(randn(&[4], 1))], &[4]).unwrap();
         let opt = FusedAdamW::new(&[(3, true), (1, true)]);
-        let state = fresh_state(4, &Device::Cpu);
-        assert!(opt.step_table(&state, &table, HYPER, 1.0).is_err());
+        let (state, weights) = fresh_state(&opt, &Device::Cpu);
+        let err = opt.step(&state, &weights, Grad::Table(&table), HYPER, 1.0);
+        assert!(err
+            .unwrap_err()
+            .to_string()
+            .contains("gradients at offsets [0, 4]"));
     }
 
     /// cuda/adamw.cu and cuda/sum_squares.cu's table entry points on the host emulator (the
@@ -292,14 +314,22 @@ mod tests {
             .iter()
             .map(|&(_, d)| if d { 0.9997 } else { 1.0 })
             .collect();
-        let init = host::<f32>(&fresh_state(n, &Device::Cpu).flatten_all().unwrap());
+        let opt = FusedAdamW::new(&params);
+        let (state, weights) = fresh_state(&opt, &Device::Cpu);
+        let init = host::<f32>(&state);
         let (mut a, mut b) = (init.clone(), init);
+        let (mut wa, mut wb) = (host_weights(&weights), host_weights(&weights));
+        let addresses = |w: &mut [Vec<half::bf16>]| -> Vec<i64> {
+            w.iter_mut().map(|w| w.as_mut_ptr() as i64).collect()
+        };
+        let (pwa, pwb) = (addresses(&mut wa), addresses(&mut wb));
         let (sa, sb) = (a.as_mut_ptr(), b.as_mut_ptr());
         let (lerp_w, b2, omb2, step, bc2, eps, scale) =
             (0.1, 0.999, 1e-3, 0.02, 0.0447, 1e-8, 0.37);
         emulate(crate::launch::elems(n), || unsafe {
             herd_kernels_emu::herd_adamw(
                 sa,
+                pwa.as_ptr(),
                 flat.as_ptr(),
                 starts.as_ptr(),
                 decay.as_ptr(),
@@ -317,6 +347,7 @@ mod tests {
         emulate(crate::launch::elems(n), || unsafe {
             (k.adamw_table)(
                 sb,
+                pwb.as_ptr(),
                 ptrs.as_ptr(),
                 starts.as_ptr(),
                 decay.as_ptr(),
@@ -332,9 +363,10 @@ mod tests {
             )
         });
         assert!(
-            a == b,
+            bits(&a) == bits(&b) && wa == wb,
             "AdamW through the table differs from the flat gradient"
         );
+        assert!(wa != host_weights(&weights), "the step wrote the weights");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! herd-kernels' fused AdamW (host path, the reference of its CUDA kernel) equals the trainer's
-//! torch-exact `optim::AdamW`, decay groups included, over several steps. Runs on CPU, in CI.
+//! torch-exact `optim::AdamW`, decay groups included, over several steps: its master weights,
+//! held as the bf16 weights and their remainders, are the f32 weights bit for bit. Runs on CPU,
+//! in CI.
 
 use candle_core::{Device, Tensor};
-use herd_kernels::FusedAdamW;
+use herd_kernels::{FusedAdamW, Grad};
 use herd_worker::optim::{decays, AdamW, AdamWConfig};
 
 #[test]
@@ -28,9 +30,12 @@ fn fused_adamw_equals_the_trainer_optimizer_bit_for_bit() {
     );
     let n = fused.len();
     let mut p: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.25).collect();
-    let mut init = p.clone();
-    init.extend(vec![0f32; 2 * n]);
-    let state = Tensor::from_vec(init, (3, n), &Device::Cpu).unwrap();
+    let (words, hi) = fused.pack(&p, &vec![0.0; n], &vec![0.0; n]).unwrap();
+    let state = Tensor::from_vec(words, fused.state_words(), &Device::Cpu).unwrap();
+    let weights: Vec<Tensor> = fused
+        .spans()
+        .map(|r| Tensor::from_slice(&hi[r.clone()], r.len(), &Device::Cpu).unwrap())
+        .collect();
     for step in 1..=5 {
         let g: Vec<f32> = (0..n)
             .map(|i| ((i * 7 + step * 3) % 11) as f32 * 0.1 - 0.5)
@@ -44,8 +49,17 @@ fn fused_adamw_equals_the_trainer_optimizer_bit_for_bit() {
         reference.finish_step();
         let grad = Tensor::from_slice(&g, n, &Device::Cpu).unwrap();
         let h = cfg.hyper(lr, step as i32);
-        fused.step(&state, &grad, h, 1.0).unwrap(); // scale 1: g·1 is g exactly
-        let got = state.get(0).unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(got, p, "step {step}");
+        // scale 1: g·1 is g exactly
+        fused
+            .step(&state, &weights, Grad::Flat(&grad), h, 1.0)
+            .unwrap();
+        let got = fused.read(&state, &weights).unwrap();
+        assert_eq!(got.master, p, "step {step}: master weights");
+        let m: Vec<f32> = reference
+            .states
+            .iter()
+            .flat_map(|s| s.exp_avg.clone())
+            .collect();
+        assert_eq!(got.exp_avg, m, "step {step}: exp_avg");
     }
 }

@@ -71,7 +71,7 @@ pub struct Engine<M: Trainable = Llama> {
     /// Where forward/backward run (CPU f32, or a GPU in bf16 after [`Engine::place`]).
     device: Device,
     /// Mixed precision (CUDA issue #5): f32 master weights, AdamW moments and the gradient on
-    /// the compute device; the model gets the master weights rounded to its dtype each step.
+    /// the compute device; the model's bf16 weights are the master weights' high halves.
     mixed: Option<MixedState>,
 }
 
@@ -119,19 +119,32 @@ impl<M: Trainable> Engine<M> {
         }
     }
 
-    /// Move the model to `device` computing in `dtype`; for a dtype other than f32 the current
-    /// f32 weights and the optimizer's moments become the device-resident [`MixedState`]. Call
-    /// once, after resume.
+    /// Move the model to `device` computing in `dtype`: f32, or bf16 with the current f32
+    /// weights and the optimizer's moments becoming the device-resident [`MixedState`] (whose
+    /// master weights' high halves are then the model's weights). Call once, after resume.
     pub fn place(&mut self, device: &Device, dtype: DType) -> Result<()> {
-        if dtype != DType::F32 {
-            self.mixed = Some(MixedState::new(
+        let mixed = match dtype {
+            DType::F32 => None,
+            DType::BF16 => Some(MixedState::new(
                 self.model.trainable(),
                 &self.optimizer,
                 device,
-            )?);
+            )?),
+            other => {
+                return Err(crate::Error::Unsupported {
+                    key: "dtype",
+                    reason: format!("{other:?} compute (f32, or bf16 with f32 master weights)"),
+                })
+            }
+        };
+        Trainable::to_device(&mut self.model, device, dtype)?;
+        if let Some((mixed, weights)) = mixed {
+            for ((_, var), w) in self.model.trainable().iter().zip(weights) {
+                var.set(&w)?;
+            }
+            self.mixed = Some(mixed);
             self.grad = Vec::new(); // the host buffer is not used any more
         }
-        Trainable::to_device(&mut self.model, device, dtype)?;
         self.device = device.clone();
         Ok(())
     }
@@ -143,7 +156,8 @@ impl<M: Trainable> Engine<M> {
             return Ok(None);
         };
         let copy = self.model.copy_to(&Device::Cpu, DType::F32)?;
-        for ((_, var), m) in copy.trainable().iter().zip(&mixed.master()?) {
+        let master = mixed.master(self.model.trainable())?;
+        for ((_, var), m) in copy.trainable().iter().zip(&master) {
             var.set(&Tensor::from_slice(m, var.shape(), &Device::Cpu)?)?;
         }
         Ok(Some(copy))

@@ -1,6 +1,9 @@
 //! Mixed precision's optimizer side (CUDA issue #5; the speed issue's "fused optimizer" and "no
-//! host round trips"): the f32 master weights and both AdamW moments live as one [3, N] tensor
-//! on the compute device, and herd-kernels' fused AdamW steps every parameter in one launch.
+//! host round trips"): the f32 master weights and both AdamW moments live on the compute
+//! device, and herd-kernels' fused AdamW steps every parameter in one launch. The master weights
+//! are held as two halves (`herd_kernels::master`): the model's own bf16 weights, which the
+//! step updates in place, and their i16 remainders beside the moments; so no f32 master and no
+//! bf16 copy of the model exist besides the model itself (10 bytes per parameter of state).
 //! The step's gradient is either the parameters' own gradients as backward left them (one
 //! micro-batch on one rank: nothing to sum, so the norm and AdamW read them through a
 //! `GradTable`) or, once a second micro-batch or a collective needs a sum, one flat f32 [N]
@@ -14,7 +17,7 @@
 //! bit) and the partials added in f64.
 
 use candle_core::{DType, Device, Tensor, Var};
-use herd_kernels::{AdamWHyper, FusedAdamW, GradTable};
+use herd_kernels::{AdamWHyper, FusedAdamW, Grad, GradTable};
 
 use crate::collective::Collective;
 use crate::optim::{decays, AdamW};
@@ -22,7 +25,7 @@ use crate::Result;
 
 pub struct MixedState {
     adamw: FusedAdamW,
-    /// [3, N] f32: master weights | exp_avg | exp_avg_sq, parameters back to back.
+    /// f32 words: exp_avg | exp_avg_sq | the master weights' low halves (`FusedAdamW`'s layout).
     state: Tensor,
     /// [N] f32: the step's gradient sum, allocated the first time a step needs one and zeroed
     /// in place between steps.
@@ -37,47 +40,47 @@ pub struct MixedState {
 
 impl MixedState {
     /// The state of `params` (still f32: their values become the master weights) and the
-    /// moments of `optimizer` (fresh or resumed), on `device`.
-    pub fn new(params: &[(String, Var)], optimizer: &AdamW, device: &Device) -> Result<Self> {
-        let mut spans = Vec::with_capacity(params.len());
-        let mut n = 0;
-        for (_, v) in params {
-            spans.push((n, v.elem_count()));
-            n += v.elem_count();
-        }
-        let mut host = Vec::with_capacity(3 * n);
-        for (_, v) in params {
-            host.extend(
-                v.as_tensor()
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            );
-        }
-        for s in &optimizer.states {
-            host.extend_from_slice(&s.exp_avg);
-        }
-        for s in &optimizer.states {
-            host.extend_from_slice(&s.exp_avg_sq);
-        }
+    /// moments of `optimizer` (fresh or resumed), on `device`; with each parameter's bf16
+    /// weights on `device`, in its shape, which the model must then hold (the masters' high
+    /// halves; they differ from a plain bf16 cast where the f32 lies exactly halfway).
+    pub fn new(
+        params: &[(String, Var)],
+        optimizer: &AdamW,
+        device: &Device,
+    ) -> Result<(Self, Vec<Tensor>)> {
         let table: Vec<(usize, bool)> = params
             .iter()
             .map(|(name, v)| (v.elem_count(), decays(name)))
             .collect();
-        Ok(MixedState {
-            adamw: FusedAdamW::new(&table),
-            state: Tensor::from_vec(host, (3, n), device)?,
+        let adamw = FusedAdamW::new(&table);
+        let spans: Vec<(usize, usize)> = adamw.spans().map(|r| (r.start, r.len())).collect();
+        let mut packer = adamw.packer();
+        for ((_, v), s) in params.iter().zip(&optimizer.states) {
+            let master = v.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
+            packer.push(&master.to_vec1::<f32>()?, &s.exp_avg, &s.exp_avg_sq)?;
+        }
+        let (words, hi) = packer.finish()?;
+        let mut weights = Vec::with_capacity(params.len());
+        for ((_, v), &(off, len)) in params.iter().zip(&spans) {
+            weights.push(Tensor::from_slice(&hi[off..off + len], v.shape(), device)?);
+        }
+        let words = Tensor::from_vec(words, adamw.state_words(), device)?;
+        let state = MixedState {
+            adamw,
+            state: words,
             grad: None,
             dirty: false,
             pending: None,
             spans,
-        })
+        };
+        Ok((state, weights))
     }
 
-    /// Bytes this state holds on the device per parameter, at most: 12 for master weight and
-    /// moments, 4 for the gradient sum (only with gradient accumulation or several ranks). A
-    /// step makes no other buffer of the model's size.
-    pub const BYTES_PER_PARAMETER: u64 = 16;
+    /// Bytes this state holds on the device per parameter, at most: 10 for the moments and the
+    /// master weights' low halves (the high halves are the model's bf16 weights), 4 for the
+    /// gradient sum (only with gradient accumulation or several ranks). A step makes no other
+    /// buffer of the model's size.
+    pub const BYTES_PER_PARAMETER: u64 = 14;
 
     pub fn zero_grad(&mut self) -> Result<()> {
         self.pending = None;
@@ -105,7 +108,7 @@ impl MixedState {
     fn sum(&mut self) -> Result<&Tensor> {
         let sum = match self.grad.take() {
             Some(g) => g,
-            None => Tensor::zeros(self.state.dim(1)?, DType::F32, self.state.device())?,
+            None => Tensor::zeros(self.adamw.len(), DType::F32, self.state.device())?,
         };
         Ok(self.grad.insert(sum))
     }
@@ -144,11 +147,11 @@ impl MixedState {
     }
 
     /// Scales the summed gradient by `scale` (1 / global count), clips it to `max_norm` as
-    /// `clip_grad_norm_` does (0: no clipping), steps AdamW and writes the rounded master
-    /// weights into `params`. Returns the norm before clipping. The scale and the clipping
-    /// coefficient reach AdamW as one factor; the norm is `scale`·‖sum‖. The gradient is used
-    /// up: it is zero afterwards. With one micro-batch on one rank the norm and AdamW read the
-    /// gradients themselves; the result is the same bit for bit.
+    /// `clip_grad_norm_` does (0: no clipping), steps AdamW, which writes the new weights into
+    /// `params` (bf16, the ones [`MixedState::new`] gave). Returns the norm before clipping. The
+    /// scale and the clipping coefficient reach AdamW as one factor; the norm is `scale`·‖sum‖.
+    /// The gradient is used up: it is zero afterwards. With one micro-batch on one rank the norm
+    /// and AdamW read the gradients themselves; the result is the same bit for bit.
     pub fn step(
         &mut self,
         params: &[(String, Var)],
@@ -174,38 +177,40 @@ impl MixedState {
             1.0
         };
         let grad_scale = (scale as f64 * coef) as f32;
+        let weights: Vec<Tensor> = params.iter().map(|(_, v)| v.as_tensor().clone()).collect();
         match &table {
-            Some(t) => self.adamw.step_table(&self.state, t, hyper, grad_scale)?,
+            Some(t) => self
+                .adamw
+                .step(&self.state, &weights, Grad::Table(t), hyper, grad_scale)?,
             None => {
                 let sum = self.sum()?.clone();
-                self.adamw.step(&self.state, &sum, hyper, grad_scale)?;
+                self.adamw
+                    .step(&self.state, &weights, Grad::Flat(&sum), hyper, grad_scale)?;
                 sum.zero_set()?;
             }
         }
         drop(table);
         self.dirty = false;
-        let master = self.state.get(0)?;
-        for ((_, var), &(off, len)) in params.iter().zip(&self.spans) {
-            let w = master.narrow(0, off, len)?.reshape(var.shape())?;
-            var.set(&w.to_dtype(var.dtype())?)?;
-        }
         Ok(norm)
     }
 
-    /// The master weights of each parameter, on the host.
-    pub fn master(&self) -> Result<Vec<Vec<f32>>> {
-        let all = self.state.get(0)?.to_vec1::<f32>()?;
+    /// The master weights of each parameter (`params`: the model's, as given to `step`), on the
+    /// host.
+    pub fn master(&self, params: &[(String, Var)]) -> Result<Vec<Vec<f32>>> {
+        let weights: Vec<Tensor> = params.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let host = self.adamw.read(&self.state, &weights)?;
         Ok(self
             .spans
             .iter()
-            .map(|&(off, len)| all[off..off + len].to_vec())
+            .map(|&(off, len)| host.master[off..off + len].to_vec())
             .collect())
     }
 
     /// Copies the device moments into `optimizer` (before it is saved).
     pub fn moments_into(&self, optimizer: &mut AdamW) -> Result<()> {
-        let m = self.state.get(1)?.to_vec1::<f32>()?;
-        let v = self.state.get(2)?.to_vec1::<f32>()?;
+        let n = self.adamw.len();
+        let m = self.state.narrow(0, 0, n)?.to_vec1::<f32>()?;
+        let v = self.state.narrow(0, n, n)?.to_vec1::<f32>()?;
         for (s, &(off, len)) in optimizer.states.iter_mut().zip(&self.spans) {
             s.exp_avg.copy_from_slice(&m[off..off + len]);
             s.exp_avg_sq.copy_from_slice(&v[off..off + len]);
@@ -220,9 +225,26 @@ mod tests {
     use crate::collective::SingleProcess;
     use crate::optim::{clip_grad_norm, AdamWConfig};
 
-    /// The device state's steps equal the host optimizer's (f32 parameters here, so the
-    /// write-back is exact) up to the clipping coefficient, which comes from an f32 norm here and
-    /// an f64 one on the host; gradients accumulated over two micro-batches, clipping on.
+    /// The master weights of `params` in a fresh state, and the bf16 parameters the model holds.
+    fn placed(params: &[(String, Var)], host: &AdamW) -> (MixedState, Vec<(String, Var)>) {
+        let (mixed, weights) = MixedState::new(params, host, &Device::Cpu).unwrap();
+        let bf16 = params
+            .iter()
+            .zip(weights)
+            .map(|((n, _), w)| (n.clone(), Var::from_tensor(&w).unwrap()))
+            .collect();
+        (mixed, bf16)
+    }
+
+    fn words(m: &MixedState) -> Vec<u32> {
+        let w = m.state.to_vec1::<f32>().unwrap();
+        w.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The device state's master weights step as the host optimizer's f32 weights, up to the
+    /// clipping coefficient, which comes from an f32 norm here and an f64 one on the host;
+    /// gradients accumulated over two micro-batches, clipping on. The model's bf16 weights are
+    /// the masters' high halves after every step.
     #[test]
     fn device_steps_equal_the_host_optimizer() {
         let names = ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"];
@@ -252,7 +274,7 @@ mod tests {
             .iter()
             .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
             .collect();
-        let mut mixed = MixedState::new(&params, &host, &Device::Cpu).unwrap();
+        let (mut mixed, params) = placed(&params, &host);
         for step in 1..=3 {
             let micro = |m: usize| -> Vec<Tensor> {
                 shapes
@@ -299,11 +321,22 @@ mod tests {
                 (norm - host_norm).abs() <= 1e-5 * host_norm,
                 "{norm} vs {host_norm}"
             );
-            let master = mixed.master().unwrap();
+            let master = mixed.master(&params).unwrap();
             for (k, (_, v)) in params.iter().enumerate() {
-                let got: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-                assert_eq!(got, master[k]);
-                let diff = got
+                let weights: Vec<f32> = v
+                    .as_tensor()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let high: Vec<f32> = master[k]
+                    .iter()
+                    .map(|&x| herd_kernels::master::split(x).0.to_f32())
+                    .collect();
+                assert_eq!(weights, high, "step {step} param {k}: the weights");
+                let diff = master[k]
                     .iter()
                     .zip(&host_p[k])
                     .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
@@ -356,8 +389,8 @@ mod tests {
             .map(|(n, v)| (n.clone(), v.elem_count()))
             .collect();
         let host = AdamW::new(cfg, &sizes);
-        let mut a = MixedState::new(&pa, &host, &Device::Cpu).unwrap();
-        let mut b = MixedState::new(&pb, &host, &Device::Cpu).unwrap();
+        let (mut a, pa) = placed(&pa, &host);
+        let (mut b, pb) = placed(&pb, &host);
         for step in 1..=3 {
             let grads: Vec<Option<Tensor>> = shapes
                 .iter()
@@ -386,11 +419,14 @@ mod tests {
             let na = a.step(&pa, 1.0 / 3.0, 1.0, hyper).unwrap();
             let nb = b.step(&pb, 1.0 / 3.0, 1.0, hyper).unwrap();
             assert_eq!(na, nb, "step {step}: norm");
-            assert_eq!(
-                a.state.to_vec2::<f32>().unwrap(),
-                b.state.to_vec2::<f32>().unwrap(),
-                "step {step}"
-            );
+            assert_eq!(words(&a), words(&b), "step {step}");
+            for ((_, x), (_, y)) in pa.iter().zip(&pb) {
+                let f = |v: &Var| -> Vec<f32> {
+                    let t = v.as_tensor().to_dtype(DType::F32).unwrap();
+                    t.flatten_all().unwrap().to_vec1().unwrap()
+                };
+                assert_eq!(f(x), f(y), "step {step}: weights");
+            }
         }
     }
 }

@@ -309,8 +309,8 @@ fn run_setup<O: Objective>(
     let _fused_on_cpu = placement.fused_on_cpu();
     if let Some(dtype) = placement.mixed {
         if placement.device.is_cuda() {
-            // bf16 weights and gradients, f32 master + moments + gradient sum; activations
-            // come on top (the OOM error's advice).
+            // bf16 weights (the master weights' high halves) and gradients; the low halves,
+            // f32 moments and gradient sum; activations come on top (the OOM error's advice).
             let need = (4 + mixed::MixedState::BYTES_PER_PARAMETER) * parameters as u64;
             herd_kernels::device::check_memory(
                 &placement.device,
