@@ -3,7 +3,7 @@
 //!
 //! | op | forward | backward |
 //! | --- | --- | --- |
-//! | [`add_rms_norm`] | h = x + r, y = RMSNorm(h)·w | dx = dr, dw |
+//! | [`add_rms_norm`] | h = x + r, y = RMSNorm(h)·w (no r: y alone, h is x) | dx = dr, dw |
 //! | [`rope`] | x·cos + rotate_half(x)·sin | the same map with −sin |
 //! | [`swiglu`] | silu(g)·u | dg, du |
 //! | [`causal_softmax`] | softmax(scale·S) over keys ≤ query | scale·P(dP − rowsum(P dP)) |

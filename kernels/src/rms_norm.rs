@@ -1,6 +1,7 @@
 //! Residual add fused with RMSNorm (cuda/rms_norm.cu). One op produces both the new residual
 //! stream h = x + r and y = RMSNorm(h)·w, as a [2, ..] tensor whose halves are views, so a LLaMA
-//! block reads x and r once instead of three times.
+//! block reads x and r once instead of three times. Without r it is a plain RMSNorm whose only
+//! output is y: h is x itself, so no copy of x is made or held by the graph.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
@@ -28,7 +29,10 @@ pub fn add_rms_norm(
             eps: eps as f32,
             has_r,
         },
-    )?; // [2, .., D]
+    )?; // [2, .., D] = (h | y) with r, y [.., D] without
+    if !has_r {
+        return Ok((x, out));
+    }
     Ok((out.get(0)?, out.get(1)?))
 }
 
@@ -42,37 +46,54 @@ fn rows_cols(l: &Layout) -> (usize, usize) {
     (l.shape().elem_count() / d.max(1), d)
 }
 
-fn out_shape(l: &Layout) -> Shape {
-    let mut dims = vec![2];
+/// `[2, ..]` when `two` planes, else the shape itself.
+fn planes(l: &Layout, two: bool) -> Shape {
+    let mut dims = if two { vec![2] } else { vec![] };
     dims.extend_from_slice(l.dims());
     Shape::from(dims)
 }
 
-/// Forward on the host: returns [2, rows, D] = (h | y) in f32 with h rounded through `dtype`.
+/// Forward on the host: returns [2, rows, D] = (h | y) with r, in f32 with h rounded through
+/// `dtype`; y [rows, D] alone without r (h is x).
 fn forward(x: &[f32], r: Option<&[f32]>, w: &[f32], d: usize, eps: f32, dtype: DType) -> Vec<f32> {
     let rows = x.len() / d;
-    let mut out = vec![0f32; 2 * x.len()];
-    let (hs, ys) = out.split_at_mut(x.len());
+    let h: Vec<f32> = match r {
+        Some(r) => x
+            .iter()
+            .zip(r)
+            .map(|(&x, &r)| cpu::round(x + r, dtype))
+            .collect(),
+        None => vec![],
+    };
+    let hs = if r.is_some() { &h[..] } else { x };
+    let mut ys = vec![0f32; x.len()];
     for row in 0..rows {
         let o = row * d;
-        let mut ss = 0f32;
-        for i in 0..d {
-            let h = cpu::round(x[o + i] + r.map_or(0.0, |r| r[o + i]), dtype);
-            hs[o + i] = h;
-            ss += h * h;
-        }
+        let ss: f32 = hs[o..o + d].iter().map(|h| h * h).sum();
         let rinv = 1.0 / (ss / d as f32 + eps).sqrt();
         for i in 0..d {
             ys[o + i] = hs[o + i] * rinv * w[i];
         }
     }
+    if r.is_none() {
+        return ys;
+    }
+    let mut out = h;
+    out.extend(ys);
     out
 }
 
-/// Backward on the host: res = (h | y), g = (gh | gy) -> (ds | gy·n), all [2, rows, D].
-fn backward(res: &[f32], w: &[f32], g: &[f32], d: usize, eps: f32) -> Vec<f32> {
-    let plane = res.len() / 2;
-    let (h, (gh, gy)) = (&res[..plane], g.split_at(plane));
+/// Backward on the host: res: h first (x for a plain norm), g = (gh | gy), or gy alone when
+/// `!has_gh` -> (ds | gy·n), [2, rows, D].
+fn backward(res: &[f32], w: &[f32], g: &[f32], has_gh: bool, d: usize, eps: f32) -> Vec<f32> {
+    let plane = if has_gh { g.len() / 2 } else { g.len() };
+    let zeros;
+    let (h, (gh, gy)) = if has_gh {
+        (&res[..plane], g.split_at(plane))
+    } else {
+        zeros = vec![0f32; plane];
+        (&res[..plane], (&zeros[..], g))
+    };
     let mut out = vec![0f32; 2 * plane];
     for row in 0..plane / d {
         let o = row * d;
@@ -118,7 +139,7 @@ impl CustomOp3 for AddRmsNorm {
             self.eps,
             s1.dtype(),
         );
-        Ok((cpu::store(out, s1.dtype())?, out_shape(l1)))
+        Ok((cpu::store(out, s1.dtype())?, planes(l1, self.has_r)))
     }
 
     #[cfg(feature = "cuda")]
@@ -137,19 +158,25 @@ impl CustomOp3 for AddRmsNorm {
             DType::BF16 => launch_fwd::<half::bf16>(self, s1, l1, s2, l2, s3, l3, rows, d)?,
             dt => candle_core::bail!("herd-add-rms-norm: unsupported dtype {dt:?}"),
         };
-        Ok((slice, out_shape(l1)))
+        Ok((slice, planes(l1, self.has_r)))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         _r: &Tensor,
         w: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let out = res.apply_op3_no_bwd(w, &grad, &AddRmsNormBwd { eps: self.eps })?;
+        // h is the result's first plane with r; without r it is x (the result is only y).
+        let h = if self.has_r { res } else { x };
+        let bwd = AddRmsNormBwd {
+            eps: self.eps,
+            has_gh: self.has_r,
+        };
+        let out = h.apply_op3_no_bwd(w, &grad, &bwd)?;
         let ds = out.get(0)?;
         let d = w.dim(0)?;
         // dw = Σ_rows gy·n, summed in f32 (a bf16 running sum over many rows loses the gradient).
@@ -189,10 +216,11 @@ where
         crate::cuda::view::<T>(s2, l2, name)?,
         crate::cuda::view::<T>(s3, l3, name)?,
     );
-    let mut out = crate::cuda::alloc_out::<T>(&dev, 2 * rows * d)?;
+    let planes = if op.has_r { 2 } else { 1 };
+    let mut out = crate::cuda::alloc_out::<T>(&dev, planes * rows * d)?;
     let (has_r, rows_i, d_i) = (op.has_r as i32, rows as i32, d as i32);
     let grid = crate::cuda::rows_cfg(rows, d);
-    // SAFETY: x, r, w hold rows × d elements, out 2 × rows × d.
+    // SAFETY: x, r, w hold rows × d elements, out (1 + has_r) × rows × d.
     unsafe {
         crate::cuda::herd_add_rms_norm_fwd::<T>(
             &dev, grid, &x, &r, has_r, &w, &mut out, rows_i, d_i, op.eps,
@@ -201,9 +229,19 @@ where
     Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
 }
 
-/// (res = (h | y), w, grad = (gh | gy)) -> (ds | gy·n): the backward as its own kernel.
+/// (res: h first, w, grad = (gh | gy) or gy alone) -> (ds | gy·n): the backward as its own
+/// kernel.
 struct AddRmsNormBwd {
     eps: f32,
+    /// Whether grad holds gh (the fused add's h is an output) or only gy (a plain norm).
+    has_gh: bool,
+}
+
+impl AddRmsNormBwd {
+    /// The [2, ..] result's shape from grad's layout.
+    fn out_shape(&self, grad: &Layout) -> Shape {
+        planes(grad, !self.has_gh)
+    }
 }
 
 impl CustomOp3 for AddRmsNormBwd {
@@ -223,8 +261,8 @@ impl CustomOp3 for AddRmsNormBwd {
         let res = cpu::f32s(s1, l1, self.name())?;
         let w = cpu::f32s(s2, l2, self.name())?;
         let g = cpu::f32s(s3, l3, self.name())?;
-        let out = backward(&res, &w, &g, w.len(), self.eps);
-        Ok((cpu::store(out, s1.dtype())?, l1.shape().clone()))
+        let out = backward(&res, &w, &g, self.has_gh, w.len(), self.eps);
+        Ok((cpu::store(out, s1.dtype())?, self.out_shape(l3)))
     }
 
     #[cfg(feature = "cuda")]
@@ -238,20 +276,20 @@ impl CustomOp3 for AddRmsNormBwd {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = l2.shape().elem_count();
-        let rows = l1.shape().elem_count() / 2 / d;
+        let rows = l3.shape().elem_count() / if self.has_gh { 2 } else { 1 } / d;
         let slice = match s1.dtype() {
-            DType::F32 => launch_bwd::<f32>(self.eps, s1, l1, s2, l2, s3, l3, rows, d)?,
-            DType::BF16 => launch_bwd::<half::bf16>(self.eps, s1, l1, s2, l2, s3, l3, rows, d)?,
+            DType::F32 => launch_bwd::<f32>(self, s1, l1, s2, l2, s3, l3, rows, d)?,
+            DType::BF16 => launch_bwd::<half::bf16>(self, s1, l1, s2, l2, s3, l3, rows, d)?,
             dt => candle_core::bail!("herd-add-rms-norm-bwd: unsupported dtype {dt:?}"),
         };
-        Ok((slice, l1.shape().clone()))
+        Ok((slice, self.out_shape(l3)))
     }
 }
 
 #[cfg(feature = "cuda")]
 #[allow(clippy::too_many_arguments)]
 fn launch_bwd<T>(
-    eps: f32,
+    op: &AddRmsNormBwd,
     s1: &candle_core::CudaStorage,
     l1: &Layout,
     s2: &candle_core::CudaStorage,
@@ -274,12 +312,13 @@ where
         crate::cuda::view::<T>(s3, l3, name)?,
     );
     let mut out = crate::cuda::alloc_out::<T>(&dev, 2 * rows * d)?;
-    let (rows_i, d_i) = (rows as i32, d as i32);
+    let (has_gh, rows_i, d_i) = (op.has_gh as i32, rows as i32, d as i32);
     let grid = crate::cuda::rows_cfg(rows, d);
-    // SAFETY: res and g hold 2 × rows × d elements, w d, out 2 × rows × d.
+    // SAFETY: res holds at least rows × d elements (h first), g (1 + has_gh) × rows × d, w d,
+    // out 2 × rows × d.
     unsafe {
         crate::cuda::herd_add_rms_norm_bwd::<T>(
-            &dev, grid, &res, &w, &g, &mut out, rows_i, d_i, eps,
+            &dev, grid, &res, &w, &g, has_gh, &mut out, rows_i, d_i, op.eps,
         )
     }?;
     Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
@@ -336,18 +375,35 @@ mod tests {
     }
 
     /// cuda/rms_norm.cu on the host emulator against the host reference: rows narrower than
-    /// the block (idle threads in the reductions) and wider (strided loops), with and without r.
+    /// the block (idle threads in the reductions) and wider (strided loops), with r (two planes
+    /// out, gh in the backward) and without (y alone, gy alone, h read from x).
     fn emulated_kernels_match_the_host<T: Emulated>() -> Result<()> {
         let k = T::KERNELS;
-        for (rows, d, has_r) in [(5, 300, true), (3, 2500, true), (4, 64, false)] {
+        for (rows, d, has_r) in [
+            (5, 300, true),
+            (3, 2500, true),
+            (4, 64, false),
+            (2, 1500, false),
+        ] {
             let dt = T::DTYPE;
+            let planes = if has_r { 2 } else { 1 };
             let x = randn(&[rows, d], 41).to_dtype(dt)?;
             let r = randn(&[rows, d], 42).to_dtype(dt)?;
             let w = randn(&[d], 43).to_dtype(dt)?;
-            let g = randn(&[2, rows, d], 44).to_dtype(dt)?;
+            let g_dims: &[usize] = if has_r { &[2, rows, d] } else { &[rows, d] };
+            let g = randn(g_dims, 44).to_dtype(dt)?;
             let (h, y) = add_rms_norm(&x, has_r.then_some(&r), &w, 1e-5)?;
-            let res = Tensor::stack(&[h, y], 0)?;
-            let bwd = res.apply_op3_no_bwd(&w, &g, &AddRmsNormBwd { eps: 1e-5 })?;
+            let (fwd, res) = if has_r {
+                let hy = Tensor::stack(&[h, y], 0)?;
+                (hy.clone(), hy)
+            } else {
+                (y, x.clone())
+            };
+            let op = AddRmsNormBwd {
+                eps: 1e-5,
+                has_gh: has_r,
+            };
+            let bwd = res.apply_op3_no_bwd(&w, &g, &op)?;
 
             let (xs, rs, ws, gs, ress) = (
                 host::<T>(&x),
@@ -356,7 +412,8 @@ mod tests {
                 host::<T>(&g),
                 host::<T>(&res),
             );
-            let (mut out, mut dout) = (poisoned::<T>(2 * rows * d), poisoned::<T>(2 * rows * d));
+            let mut out = poisoned::<T>(planes * rows * d);
+            let mut dout = poisoned::<T>(2 * rows * d);
             let (o, dop) = (out.as_mut_ptr(), dout.as_mut_ptr());
             let (rows_i, d_i) = (rows as i32, d as i32);
             let grid = crate::launch::rows(rows, d);
@@ -377,13 +434,14 @@ mod tests {
                     ress.as_ptr(),
                     ws.as_ptr(),
                     gs.as_ptr(),
+                    has_r as i32,
                     dop,
                     rows_i,
                     d_i,
                     1e-5,
                 )
             });
-            assert_close(&tensor(out, &[2, rows, d]), &res, T::TOL);
+            assert_close(&tensor(out, fwd.dims()), &fwd, T::TOL);
             assert_close(&tensor(dout, &[2, rows, d]), &bwd, T::TOL);
         }
         Ok(())
@@ -399,7 +457,7 @@ mod tests {
     #[test]
     #[ignore = "needs a CUDA GPU (run scripts/gpu-test.sh)"]
     fn gpu_matches_cpu() -> Result<()> {
-        for (dtype, tol) in DTYPES {
+        for ((dtype, tol), has_r) in DTYPES.into_iter().flat_map(|d| [(d, true), (d, false)]) {
             let x = randn(&[3, 7, 4096], 5).to_dtype(dtype)?;
             let r = randn(&[3, 7, 4096], 6).to_dtype(dtype)?;
             let w = randn(&[4096], 7).to_dtype(dtype)?;
@@ -409,8 +467,8 @@ mod tests {
             let cx = Var::from_tensor(&x)?;
             let cr = Var::from_tensor(&r)?;
             let cw = Var::from_tensor(&w)?;
-            let (gh, gy) = add_rms_norm(&gx, Some(&gr), &gw, 1e-5)?;
-            let (ch, cy) = add_rms_norm(&cx, Some(&cr), &cw, 1e-5)?;
+            let (gh, gy) = add_rms_norm(&gx, has_r.then_some(gr.as_tensor()), &gw, 1e-5)?;
+            let (ch, cy) = add_rms_norm(&cx, has_r.then_some(cr.as_tensor()), &cw, 1e-5)?;
             assert_close(&gh, &ch, tol);
             assert_close(&gy, &cy, tol);
             let up = randn(&[3, 7, 4096], 8).to_dtype(dtype)?;
