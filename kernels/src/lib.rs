@@ -4,6 +4,7 @@
 //! | op | forward | backward |
 //! | --- | --- | --- |
 //! | [`add_rms_norm`] | h = x + r, y = RMSNorm(h)·w (no r: y alone, h is x) | dx = dr, dw |
+//! | [`linear_residual`] | h = x + a·Wᵀ, a·Wᵀ not held by the graph | dx = dh, da, dW |
 //! | [`rope`] | x·cos + rotate_half(x)·sin | the same map with −sin |
 //! | [`swiglu`] | silu(g)·u | dg, du |
 //! | [`causal_softmax`] | softmax(scale·S) over keys ≤ query | scale·P(dP − rowsum(P dP)) |
@@ -29,6 +30,7 @@ pub mod error;
 pub mod grad;
 pub mod launch;
 pub mod master;
+pub mod residual;
 pub mod rms_norm;
 pub mod rope;
 pub mod softmax;
@@ -49,6 +51,7 @@ pub use dispatch::{fused, FusedOnCpu};
 pub use dropout::dropout_mul;
 pub use error::{Error, Result};
 pub use grad::{accumulate, sum_squares, sum_squares_of};
+pub use residual::linear_residual;
 pub use rms_norm::add_rms_norm;
 pub use rope::rope;
 pub use softmax::causal_softmax;

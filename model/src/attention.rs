@@ -44,10 +44,13 @@ pub struct Attention {
 impl Attention {
     /// x: [b, t, hidden] at positions offset..offset+t (offset = tokens already in `cache`);
     /// cos/sin: [t, head_dim] or [b, 1, t, head_dim]; mask: additive, broadcastable to
-    /// [b, heads, t, total]. Returns [b, t, hidden]. With a cache, the new k/v are appended.
+    /// [b, heads, t, total]. Returns [b, t, hidden], added to `residual` when given (the
+    /// decoder layer's residual stream: o_proj and the add as one node on the fused path). With a
+    /// cache, the new k/v are appended.
     pub fn forward(
         &self,
         x: &Tensor,
+        residual: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
@@ -65,7 +68,7 @@ impl Attention {
             let k = heads(self.k_proj.forward(x)?, self.kv_heads)?;
             let v = heads(self.v_proj.forward(x)?, self.kv_heads)?;
             let out = herd_kernels::rope_causal_attention(&q, &k, &v, cos, sin, scale)?;
-            return self.o_proj.forward(&out);
+            return self.output(residual, &out);
         }
         // [b, t, n*d] -> [b, n, t, d]; contiguous because candle's matmul wants plain strides.
         let split = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -96,7 +99,7 @@ impl Attention {
             // With a KV cache (queries are the last t of the keys), RoPE already applied: one
             // autograd node, scale, causal mask and softmax in one kernel between the GEMMs.
             let out = herd_kernels::causal_attention(&q, &k, &v, scale)?; // [b, t, hidden]
-            return self.o_proj.forward(&out);
+            return self.output(residual, &out);
         }
         let k = repeat_kv(&k, self.heads / self.kv_heads)?; // [b, heads, total, d]
         let v = repeat_kv(&v, self.heads / self.kv_heads)?;
@@ -106,7 +109,15 @@ impl Attention {
         let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?; // [b, heads, t, d]
         let out = out.transpose(1, 2)?.contiguous()?.reshape((b, t, ()))?;
-        self.o_proj.forward(&out)
+        self.output(residual, &out)
+    }
+
+    /// o_proj, with the residual added when there is one.
+    fn output(&self, residual: Option<&Tensor>, out: &Tensor) -> Result<Tensor> {
+        match residual {
+            Some(r) => self.o_proj.forward_residual(r, out),
+            None => self.o_proj.forward(out),
+        }
     }
 }
 

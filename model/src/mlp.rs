@@ -75,6 +75,20 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// residual + forward(x), for an output projection followed by the residual add. On the
+    /// fused path with a plain weight one node (`herd_kernels::linear_residual`), so the graph
+    /// does not keep forward(x) alive; elsewhere exactly the two ops.
+    pub fn forward_residual(&self, residual: &Tensor, x: &Tensor) -> Result<Tensor> {
+        if let Some(w) = self.plain_weight() {
+            if herd_kernels::fused(x.device()) {
+                return Ok(herd_kernels::linear_residual(residual, x, w)?);
+            }
+        }
+        Ok((residual + self.forward(x)?)?)
+    }
+}
+
 /// x Wᵀ for a frozen W: forward is the backend's own matmul (BLAS / cuBLAS) on the storages,
 /// no copy; backward only dx = dy W.
 struct FrozenMatmul(Tensor);

@@ -32,15 +32,17 @@ impl DecoderLayer {
         pos: &Positions,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let a = self.self_attn.forward(
+        // h = x + o_proj(attention): on the fused path one node, so the graph holds no
+        // separate o_proj output.
+        let h = self.self_attn.forward(
             &self.input_layernorm.forward(x)?,
+            Some(x),
             &pos.cos,
             &pos.sin,
             &pos.mask,
             cache,
         )?;
-        // h = x + a and its norm: one fused kernel on CUDA, the same ops as before on CPU.
-        let (h, normed) = self.post_attention_layernorm.add_forward(x, &a)?;
+        let normed = self.post_attention_layernorm.forward(&h)?;
         Ok((&h + self.mlp.forward(&normed)?)?)
     }
 }
