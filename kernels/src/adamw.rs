@@ -63,7 +63,8 @@ pub struct Packer<'a> {
 }
 
 impl Packer<'_> {
-    /// The next parameter's master weights and moments (each its element count).
+    /// The next parameter's master weights and moments (each its element count; both moments
+    /// empty: zeros, a fresh optimizer's, with nothing to copy).
     pub fn push(
         &mut self,
         master: &[f32],
@@ -79,7 +80,8 @@ impl Packer<'_> {
             )));
         };
         let (a, b) = (w[0] as usize, w[1] as usize);
-        if [master.len(), exp_avg.len(), exp_avg_sq.len()] != [b - a; 3] {
+        let fresh = exp_avg.is_empty() && exp_avg_sq.is_empty();
+        if master.len() != b - a || !fresh && [exp_avg.len(), exp_avg_sq.len()] != [b - a; 2] {
             return Err(crate::Error::Shape(format!(
                 "AdamW state of parameter {} ({} elements) from master weights {}, exp_avg {}, exp_avg_sq {}",
                 self.k,
@@ -89,8 +91,10 @@ impl Packer<'_> {
                 exp_avg_sq.len()
             )));
         }
-        self.words[a..b].copy_from_slice(exp_avg);
-        self.words[n + a..n + b].copy_from_slice(exp_avg_sq);
+        if !fresh {
+            self.words[a..b].copy_from_slice(exp_avg);
+            self.words[n + a..n + b].copy_from_slice(exp_avg_sq);
+        }
         for (i, &x) in master.iter().enumerate() {
             let (h, l) = split(x);
             self.hi.push(h);
@@ -592,6 +596,12 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("parameter 0 (3 elements)"), "{err}");
+        // Empty moments are a fresh optimizer's zeros: the same state as pushing zeros.
+        let mut fresh = opt.packer();
+        fresh.push(&p0[..3], &[], &[]).unwrap();
+        fresh.push(&p0[3..], &[], &[]).unwrap();
+        let (words, _) = fresh.finish().unwrap();
+        assert_eq!(bits(&words), bits(&opt.pack(&p0, &z, &z).unwrap().0));
         let err = opt.step(&state, &weights[..1], Grad::Flat(&grad), hyper(2), 1.0);
         assert!(err
             .unwrap_err()

@@ -32,6 +32,19 @@ impl DecoderLayer {
         pos: &Positions,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
+        let (h, mlp) = self.forward_parts(x, pos, cache)?;
+        Ok((h + mlp)?)
+    }
+
+    /// The layer's output as its two summands, the residual after attention h and the MLP's
+    /// output: their sum is [`DecoderLayer::forward`]. A caller that keeps the graph but not the
+    /// sum's node (the layer-by-layer backward) saves holding one [b, t, hidden].
+    pub(crate) fn forward_parts(
+        &self,
+        x: &Tensor,
+        pos: &Positions,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<(Tensor, Tensor)> {
         // h = x + o_proj(attention): on the fused path one node, so the graph holds no
         // separate o_proj output.
         let h = self.self_attn.forward(
@@ -43,7 +56,8 @@ impl DecoderLayer {
             cache,
         )?;
         let normed = self.post_attention_layernorm.forward(&h)?;
-        Ok((&h + self.mlp.forward(&normed)?)?)
+        let mlp = self.mlp.forward(&normed)?;
+        Ok((h, mlp))
     }
 }
 

@@ -1,17 +1,25 @@
 //! Loss and parameter gradients in one call, optionally with layer-granular activation
 //! recompute (HF's `gradient_checkpointing`).
 //!
-//! Plain: one forward recording the whole graph, then `backward`: every layer's activations stay
-//! alive until backward, memory ~ layers × activations of one layer.
+//! Both ways run the backward layer by layer. Each decoder layer runs forward on its input x_l
+//! as a fresh variable, and the output's detached copy feeds the next layer. The head and the
+//! loss run with a graph on top of x_L as a fresh variable; backward gives dL/dx_L. Then, from
+//! the last layer to the first, `backward(sum(f_l(x_l) ⊙ dL/dx_{l+1}))` gives, by the chain rule,
+//! the layer's parameter gradients and dL/dx_l. Finally the same surrogate through the
+//! embedding gives its gradient.
 //!
-//! Recompute: the decoder layers run forward and their outputs are detached, so each layer's
-//! graph is freed at once and only its input x_l ([b, t, hidden]) is kept. The head and the loss
-//! run with a graph on top of x_L as a fresh variable; backward gives dL/dx_L. Then, from the
-//! last layer to the first, layer l runs again on x_l as a fresh variable and
-//! `backward(sum(f_l(x_l) ⊙ dL/dx_{l+1}))` gives, by the chain rule, the layer's parameter
-//! gradients and dL/dx_l. Finally the same surrogate through the embedding gives its gradient.
-//! Memory ~ layers × [b, t, hidden] + one layer's activations, at the cost of one more forward of
-//! every layer. Gradients equal the plain path's up to float summation order.
+//! Plain: each layer's graph is kept from its forward and dropped as soon as its backward is
+//! done, so activations are freed while the parameter gradients accumulate, as PyTorch frees
+//! saved tensors during its backward (one backward over the whole graph would keep every
+//! activation alive until the last gradient exists). The layer's output is kept as its two
+//! summands (the residual and the MLP output, which the graph holds anyway) and the next
+//! layer's input variable is their sum, so nothing more is held than one graph would hold; the
+//! price is the sum's copy and the surrogate's elementwise product per layer.
+//!
+//! Recompute: only each layer's input is kept; the layer runs forward again, with its graph,
+//! just before its backward. Memory ~ layers × [b, t, hidden] + one layer's activations, at the
+//! cost of one more forward of every layer. Gradients equal the plain path's up to float
+//! summation order.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -61,30 +69,28 @@ impl Llama {
         loss: impl FnOnce(&Top) -> Result<(Tensor, T)>,
     ) -> Result<(Tensor, T, Gradients)> {
         let mut grads = vec![None; self.trainable().len()];
-        if !recompute {
-            let x = self.net.layers_forward(input_ids, layout)?;
-            let (value, extra) = loss(&Top {
-                net: &self.net,
-                x: &x,
-            })?;
-            self.accumulate(&mut grads, &value.backward()?)?;
-            return Ok((value.detach(), extra, grads));
-        }
-
         let net = &self.net;
         let pos = net.positions(input_ids, layout)?;
         let embedded = net.embed(input_ids)?; // [b, t, hidden], graph only to embed_tokens
 
-        // Forward without keeping activations: only each layer's input survives.
-        let mut inputs = Vec::with_capacity(net.layers.len());
-        let mut x = embedded.detach();
+        // Forward layer by layer, each on its input as a fresh variable, keeping the layer's
+        // graph and its output's two summands (plain) or nothing more (recompute). The next
+        // input is a new variable holding the sum; no node holds the sum itself.
+        let mut layers = Vec::with_capacity(net.layers.len());
+        let mut input = Var::from_tensor(&embedded.detach())?;
         for layer in &net.layers {
-            let out = layer.forward(&x, &pos, None)?.detach();
-            inputs.push(x);
-            x = out;
+            let (next, parts) = if recompute {
+                let out = layer.forward(input.as_tensor(), &pos, None)?;
+                (Var::from_tensor(&out.detach())?, None)
+            } else {
+                let (h, mlp) = layer.forward_parts(input.as_tensor(), &pos, None)?;
+                let sum = (h.detach() + mlp.detach())?;
+                (Var::from_tensor(&sum)?, Some((h, mlp)))
+            };
+            layers.push((input, parts));
+            input = next;
         }
-        let top = Var::from_tensor(&x)?;
-        drop(x);
+        let top = input;
         let (value, extra) = loss(&Top {
             net,
             x: top.as_tensor(),
@@ -96,9 +102,13 @@ impl Llama {
         };
         drop(store);
 
-        for (layer, input) in net.layers.iter().zip(inputs).rev() {
-            let input = Var::from_tensor(&input)?;
-            let out = layer.forward(input.as_tensor(), &pos, None)?; // recomputed, with graph
+        // Backward layer by layer from the top; each layer's graph is dropped once its
+        // backward is done.
+        for (layer, (input, parts)) in net.layers.iter().zip(layers).rev() {
+            let out = match parts {
+                Some((h, mlp)) => (h + mlp)?,
+                None => layer.forward(input.as_tensor(), &pos, None)?, // recomputed, with graph
+            };
             let store = (out * &grad_out)?.sum_all()?.backward()?;
             self.accumulate(&mut grads, &store)?;
             grad_out = match store.get(input.as_tensor()) {

@@ -123,6 +123,15 @@ impl<M: Trainable> Engine<M> {
     /// weights and the optimizer's moments becoming the device-resident [`MixedState`] (whose
     /// master weights' high halves are then the model's weights). Call once, after resume.
     pub fn place(&mut self, device: &Device, dtype: DType) -> Result<()> {
+        if dtype == DType::BF16 {
+            // Not used under mixed precision; freed before the device state is built.
+            self.grad = Vec::new();
+            if self.optimizer.steps == 0 {
+                // A fresh optimizer's moments are zeros: the device state starts from zeros
+                // without them, so the host holds no model-sized pair of zero vectors meanwhile.
+                self.free_host_moments();
+            }
+        }
         let mixed = match dtype {
             DType::F32 => None,
             DType::BF16 => Some(MixedState::new(
@@ -143,10 +152,19 @@ impl<M: Trainable> Engine<M> {
                 var.set(&w)?;
             }
             self.mixed = Some(mixed);
-            self.grad = Vec::new(); // the host buffer is not used any more
+            self.free_host_moments();
         }
         self.device = device.clone();
         Ok(())
+    }
+
+    /// Under mixed precision the moments live in the device state, and a checkpoint reads them
+    /// back (`optimizer_to_save`); the host keeps only the config and the step count.
+    fn free_host_moments(&mut self) {
+        for s in &mut self.optimizer.states {
+            s.exp_avg = Vec::new();
+            s.exp_avg_sq = Vec::new();
+        }
     }
 
     /// The model as the f32 master weights say, on the host, for checkpoints and the final save;

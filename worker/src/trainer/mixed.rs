@@ -206,14 +206,15 @@ impl MixedState {
             .collect())
     }
 
-    /// Copies the device moments into `optimizer` (before it is saved).
+    /// Copies the device moments into `optimizer` (before it is saved; its own moments may be
+    /// empty, as the engine frees them once they live here).
     pub fn moments_into(&self, optimizer: &mut AdamW) -> Result<()> {
         let n = self.adamw.len();
         let m = self.state.narrow(0, 0, n)?.to_vec1::<f32>()?;
         let v = self.state.narrow(0, n, n)?.to_vec1::<f32>()?;
         for (s, &(off, len)) in optimizer.states.iter_mut().zip(&self.spans) {
-            s.exp_avg.copy_from_slice(&m[off..off + len]);
-            s.exp_avg_sq.copy_from_slice(&v[off..off + len]);
+            s.exp_avg = m[off..off + len].to_vec();
+            s.exp_avg_sq = v[off..off + len].to_vec();
         }
         Ok(())
     }
