@@ -5,6 +5,7 @@
 //! | --- | --- | --- |
 //! | [`add_rms_norm`] | h = x + r, y = RMSNorm(h)·w (no r: y alone, h is x) | dx = dr, dw |
 //! | [`linear_residual`] | h = x + a·Wᵀ, a·Wᵀ not held by the graph | dx = dh, da, dW |
+//! | [`pullback`] | a scalar root | a and b get g: the backward of sum((a + b)·g) without it |
 //! | [`rope`] | x·cos + rotate_half(x)·sin | the same map with −sin |
 //! | [`swiglu`] | silu(g)·u | dg, du |
 //! | [`causal_softmax`] | softmax(scale·S) over keys ≤ query | scale·P(dP − rowsum(P dP)) |
@@ -30,6 +31,7 @@ pub mod error;
 pub mod grad;
 pub mod launch;
 pub mod master;
+pub mod pullback;
 pub mod residual;
 pub mod rms_norm;
 pub mod rope;
@@ -51,6 +53,7 @@ pub use dispatch::{fused, FusedOnCpu};
 pub use dropout::dropout_mul;
 pub use error::{Error, Result};
 pub use grad::{accumulate, sum_squares, sum_squares_of};
+pub use pullback::pullback;
 pub use residual::linear_residual;
 pub use rms_norm::add_rms_norm;
 pub use rope::rope;

@@ -5,7 +5,8 @@
 //! as a fresh variable, and the output's detached copy feeds the next layer. The head and the
 //! loss run with a graph on top of x_L as a fresh variable; backward gives dL/dx_L. Then, from
 //! the last layer to the first, `backward(sum(f_l(x_l) ⊙ dL/dx_{l+1}))` gives, by the chain rule,
-//! the layer's parameter gradients and dL/dx_l. Finally the same surrogate through the
+//! the layer's parameter gradients and dL/dx_l (`herd_kernels::pullback` starts that backward
+//! without computing the sum). Finally the same surrogate through the
 //! embedding gives its gradient.
 //!
 //! Plain: each layer's graph is kept from its forward and dropped as soon as its backward is
@@ -14,7 +15,7 @@
 //! activation alive until the last gradient exists). The layer's output is kept as its two
 //! summands (the residual and the MLP output, which the graph holds anyway) and the next
 //! layer's input variable is their sum, so nothing more is held than one graph would hold; the
-//! price is the sum's copy and the surrogate's elementwise product per layer.
+//! price is the sum and its copy per layer.
 //!
 //! Recompute: only each layer's input is kept; the layer runs forward again, with its graph,
 //! just before its backward. Memory ~ layers × [b, t, hidden] + one layer's activations, at the
@@ -105,11 +106,14 @@ impl Llama {
         // Backward layer by layer from the top; each layer's graph is dropped once its
         // backward is done.
         for (layer, (input, parts)) in net.layers.iter().zip(layers).rev() {
-            let out = match parts {
-                Some((h, mlp)) => (h + mlp)?,
-                None => layer.forward(input.as_tensor(), &pos, None)?, // recomputed, with graph
+            let (h, mlp) = match parts {
+                Some(parts) => parts,
+                None => layer.forward_parts(input.as_tensor(), &pos, None)?, // recomputed
             };
-            let store = (out * &grad_out)?.sum_all()?.backward()?;
+            // The layer output h + mlp gets grad_out: backward of sum((h + mlp) ⊙ grad_out),
+            // without computing it.
+            let store = herd_kernels::pullback(&h, &mlp, &grad_out)?.backward()?;
+            drop((h, mlp));
             self.accumulate(&mut grads, &store)?;
             grad_out = match store.get(input.as_tensor()) {
                 Some(g) => g.detach(),
