@@ -5,7 +5,8 @@
 //! | --- | --- | --- |
 //! | [`add_rms_norm`] | h = x + r, y = RMSNorm(h)·w (no r: y alone, h is x) | dx = dr, dw |
 //! | [`linear_residual`] | h = x + a·Wᵀ, a·Wᵀ not held by the graph | dx = dh, da, dW |
-//! | [`pullback`] | a scalar root | a and b get g: the backward of sum((a + b)·g) without it |
+//! | [`pullback`], [`pullback_one`] | a scalar root | a and b get g: the backward of sum((a + b)·g) without it |
+//! | [`swiglu_linear_pullback`] | a scalar root | swiglu_linear's backward for dy = g, its output never held |
 //! | [`rope`] | x·cos + rotate_half(x)·sin | the same map with −sin |
 //! | [`swiglu`] | silu(g)·u | dg, du |
 //! | [`causal_softmax`] | softmax(scale·S) over keys ≤ query | scale·P(dP − rowsum(P dP)) |
@@ -53,10 +54,10 @@ pub use dispatch::{fused, FusedOnCpu};
 pub use dropout::dropout_mul;
 pub use error::{Error, Result};
 pub use grad::{accumulate, sum_squares, sum_squares_of};
-pub use pullback::pullback;
+pub use pullback::{pullback, pullback_one};
 pub use residual::linear_residual;
 pub use rms_norm::add_rms_norm;
 pub use rope::rope;
 pub use softmax::causal_softmax;
-pub use swiglu::{swiglu, swiglu_linear};
+pub use swiglu::{swiglu, swiglu_linear, swiglu_linear_pullback};
 pub use table::GradTable;

@@ -34,6 +34,38 @@ pub fn swiglu_linear(gate: &Tensor, up: &Tensor, w: &Tensor) -> Result<Tensor> {
         .apply_op3(&up.contiguous()?, &w.contiguous()?, SwigluLinear)
 }
 
+/// The backward of `swiglu_linear(gate, up, w)` for the output gradient g, as a scalar root:
+/// for a caller that ran `swiglu_linear` on detached inputs (no graph) and so never held the
+/// [.., out] output, only gate, up and W. `backward()` of the root gives gate, up (and W when
+/// tracked) exactly the gradients `swiglu_linear`'s own node would for dy = g.
+pub fn swiglu_linear_pullback(
+    gate: &Tensor,
+    up: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor> {
+    let (n, k) = w.dims2()?;
+    let mut out = gate.dims().to_vec();
+    if let Some(last) = out.last_mut() {
+        *last = n;
+    }
+    if gate.dims() != up.dims() || gate.dims().last() != Some(&k) || g.dims() != out {
+        candle_core::bail!(
+            "herd-swiglu-linear: gate {:?}, up {:?}, w {:?}, g {:?}: expected gate = up = [.., inter], w [out, inter], g [.., out]",
+            gate.dims(),
+            up.dims(),
+            w.dims(),
+            g.dims()
+        )
+    }
+    let root = crate::pullback::Deferred {
+        op: SwigluLinear,
+        g: g.detach(),
+    };
+    gate.contiguous()?
+        .apply_op3(&up.contiguous()?, &w.contiguous()?, root)
+}
+
 struct Swiglu;
 struct SwigluBwd;
 struct SwigluLinear;
@@ -286,6 +318,41 @@ mod tests {
         assert_eq!(gr.get_ids().count(), 2);
         assert!(swiglu_linear(&g, &u, &randn(&[4, 7], 37)).is_err());
         Ok(())
+    }
+
+    /// The deferred root gives gate, up and W the gradients of swiglu_linear's own node, bit
+    /// for bit; a frozen W gets none.
+    #[test]
+    fn pullback_equals_the_nodes_backward() -> Result<()> {
+        for dtype in [DType::F32, DType::BF16] {
+            let on = |t: Tensor| t.to_dtype(dtype).unwrap();
+            let x = Var::from_tensor(&on(randn(&[2, 5, 6], 41)))?;
+            let wg = Var::from_tensor(&on(randn(&[24, 6], 42)))?;
+            let (gate, up) = (
+                x.broadcast_matmul(&wg.t()?)?,
+                x.as_tensor().sin()?.repeat((1, 1, 4))?,
+            );
+            let w = Var::from_tensor(&on(randn(&[7, 24], 43)))?;
+            let g = on(randn(&[2, 5, 7], 44));
+            let node = pullback_plain(&swiglu_linear(&gate, &up, &w)?, &g)?;
+            let root = swiglu_linear_pullback(&gate, &up, &w, &g)?.backward()?;
+            for (name, v) in [("x", &x), ("wg", &wg), ("w", &w)] {
+                let (a, b) = (node.get(v).unwrap(), root.get(v).unwrap());
+                assert_eq!(host::<f32>(a), host::<f32>(b), "{dtype:?} d{name}");
+            }
+        }
+        let (gate, up) = (Var::from_tensor(&randn(&[3, 8], 45))?, randn(&[3, 8], 46));
+        let frozen = randn(&[4, 8], 47);
+        let gr = swiglu_linear_pullback(&gate, &up, &frozen, &randn(&[3, 4], 48))?.backward()?;
+        assert!(gr.get(&gate).is_some() && gr.get(&frozen).is_none());
+        let err = swiglu_linear_pullback(&gate, &up, &randn(&[4, 8], 47), &randn(&[3, 5], 48));
+        assert!(err.unwrap_err().to_string().contains("g [.., out]"));
+        Ok(())
+    }
+
+    /// backward of sum(y ⊙ g) through y's own node.
+    fn pullback_plain(y: &Tensor, g: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        crate::pullback::pullback_one(y, g)?.backward()
     }
 
     #[test]

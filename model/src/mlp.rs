@@ -177,6 +177,47 @@ impl Mlp {
         let up = self.up_proj.forward(x)?;
         self.down_proj.forward(&(gate * up)?)
     }
+
+    /// [`Mlp::forward`] for a caller that starts the backward itself (the layer-by-layer
+    /// backward): the output's value, and where its backward starts. On the fused path with a
+    /// plain down_proj the output is computed without a graph, so holding the graph does not
+    /// hold the [b, t, hidden] output, only what its backward needs (gate, up, W).
+    pub(crate) fn forward_deferred(&self, x: &Tensor) -> Result<(Tensor, MlpGraph)> {
+        if let Some(w) = self.down_proj.plain_weight() {
+            if herd_kernels::fused(x.device()) {
+                let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+                let value = herd_kernels::swiglu_linear(&gate.detach(), &up.detach(), &w.detach())?;
+                let w = w.clone();
+                return Ok((value, MlpGraph::SwigluLinear { gate, up, w }));
+            }
+        }
+        let y = self.forward(x)?;
+        Ok((y.detach(), MlpGraph::Output(y)))
+    }
+}
+
+/// Where the backward of an MLP output starts (see [`Mlp::forward_deferred`]).
+pub(crate) enum MlpGraph {
+    /// The output itself, with its graph.
+    Output(Tensor),
+    /// `swiglu_linear(gate, up, w)`'s inputs, gate and up with their graph; the output was
+    /// computed without one.
+    SwigluLinear { gate: Tensor, up: Tensor, w: Tensor },
+}
+
+impl MlpGraph {
+    /// The scalar root whose `backward()` gives the graph under h and this MLP output the
+    /// gradient g of their sum h + mlp (a decoder layer's output): that of sum((h + mlp) ⊙ g),
+    /// computing neither.
+    pub(crate) fn root(&self, h: &Tensor, g: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            MlpGraph::Output(mlp) => herd_kernels::pullback(h, mlp, g)?,
+            MlpGraph::SwigluLinear { gate, up, w } => {
+                (herd_kernels::pullback_one(h, g)?
+                    + herd_kernels::swiglu_linear_pullback(gate, up, w, g)?)?
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::lora::Lora;
-use crate::mlp::{Linear, LoraPath, Mlp};
+use crate::mlp::{Linear, LoraPath, Mlp, MlpGraph};
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
 
@@ -32,21 +32,34 @@ impl DecoderLayer {
         pos: &Positions,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let (h, mlp) = self.forward_parts(x, pos, cache)?;
-        Ok((h + mlp)?)
+        let (h, normed) = self.attention_half(x, pos, cache)?;
+        Ok((&h + self.mlp.forward(&normed)?)?)
     }
 
     /// The layer's output as its two summands, the residual after attention h and the MLP's
-    /// output: their sum is [`DecoderLayer::forward`]. A caller that keeps the graph but not the
-    /// sum's node (the layer-by-layer backward) saves holding one [b, t, hidden].
+    /// output (without its node where that saves holding it), and where the MLP's backward
+    /// starts: their sum is [`DecoderLayer::forward`]'s value. A caller that keeps the graph but
+    /// not the sum (the layer-by-layer backward, starting from `MlpGraph::root`) holds neither
+    /// the sum nor, on the fused path, the MLP's output.
     pub(crate) fn forward_parts(
         &self,
         x: &Tensor,
         pos: &Positions,
         cache: Option<&mut LayerCache>,
+    ) -> Result<(Tensor, Tensor, MlpGraph)> {
+        let (h, normed) = self.attention_half(x, pos, cache)?;
+        let (mlp, graph) = self.mlp.forward_deferred(&normed)?;
+        Ok((h, mlp, graph))
+    }
+
+    /// (h, post_attention_layernorm(h)) with h = x + o_proj(attention(input_layernorm(x))): on
+    /// the fused path h is one node, so the graph holds no separate o_proj output.
+    fn attention_half(
+        &self,
+        x: &Tensor,
+        pos: &Positions,
+        cache: Option<&mut LayerCache>,
     ) -> Result<(Tensor, Tensor)> {
-        // h = x + o_proj(attention): on the fused path one node, so the graph holds no
-        // separate o_proj output.
         let h = self.self_attn.forward(
             &self.input_layernorm.forward(x)?,
             Some(x),
@@ -56,8 +69,7 @@ impl DecoderLayer {
             cache,
         )?;
         let normed = self.post_attention_layernorm.forward(&h)?;
-        let mlp = self.mlp.forward(&normed)?;
-        Ok((h, mlp))
+        Ok((h, normed))
     }
 }
 

@@ -13,9 +13,11 @@
 //! done, so activations are freed while the parameter gradients accumulate, as PyTorch frees
 //! saved tensors during its backward (one backward over the whole graph would keep every
 //! activation alive until the last gradient exists). The layer's output is kept as its two
-//! summands (the residual and the MLP output, which the graph holds anyway) and the next
+//! summands, the residual h (which the graph holds anyway) and the MLP's output, and the next
 //! layer's input variable is their sum, so nothing more is held than one graph would hold; the
-//! price is the sum and its copy per layer.
+//! price is the sum and its copy per layer. On the fused path not even the MLP's output is
+//! held: it is computed without a graph and its backward starts from `swiglu_linear`'s inputs
+//! (`MlpGraph::root`).
 //!
 //! Recompute: only each layer's input is kept; the layer runs forward again, with its graph,
 //! just before its backward. Memory ~ layers × [b, t, hidden] + one layer's activations, at the
@@ -84,9 +86,9 @@ impl Llama {
                 let out = layer.forward(input.as_tensor(), &pos, None)?;
                 (Var::from_tensor(&out.detach())?, None)
             } else {
-                let (h, mlp) = layer.forward_parts(input.as_tensor(), &pos, None)?;
-                let sum = (h.detach() + mlp.detach())?;
-                (Var::from_tensor(&sum)?, Some((h, mlp)))
+                let (h, mlp, graph) = layer.forward_parts(input.as_tensor(), &pos, None)?;
+                let sum = (h.detach() + mlp)?;
+                (Var::from_tensor(&sum)?, Some((h, graph)))
             };
             layers.push((input, parts));
             input = next;
@@ -108,11 +110,14 @@ impl Llama {
         for (layer, (input, parts)) in net.layers.iter().zip(layers).rev() {
             let (h, mlp) = match parts {
                 Some(parts) => parts,
-                None => layer.forward_parts(input.as_tensor(), &pos, None)?, // recomputed
+                None => {
+                    let (h, _, graph) = layer.forward_parts(input.as_tensor(), &pos, None)?; // recomputed
+                    (h, graph)
+                }
             };
             // The layer output h + mlp gets grad_out: backward of sum((h + mlp) ⊙ grad_out),
             // without computing it.
-            let store = herd_kernels::pullback(&h, &mlp, &grad_out)?.backward()?;
+            let store = mlp.root(&h, &grad_out)?.backward()?;
             drop((h, mlp));
             self.accumulate(&mut grads, &store)?;
             grad_out = match store.get(input.as_tensor()) {
