@@ -54,6 +54,36 @@ fn root_cuda(s: &candle_core::CudaStorage) -> Result<(candle_core::CudaStorage, 
     ))
 }
 
+/// The forward of a three-input root op: [`root_cpu`] / [`root_cuda`].
+macro_rules! root_forward3 {
+    () => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            Ok(root_cpu())
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            _: &Layout,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+            _: &candle_core::CudaStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            root_cuda(s1)
+        }
+    };
+}
+
 struct Pullback;
 
 impl CustomOp3 for Pullback {
@@ -61,30 +91,7 @@ impl CustomOp3 for Pullback {
         "herd-pullback"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok(root_cpu())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        root_cuda(s1)
-    }
+    root_forward3!();
 
     fn bwd(
         &self,
@@ -137,30 +144,7 @@ impl<O: CustomOp3> CustomOp3 for Deferred<O> {
         "herd-deferred"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Ok(root_cpu())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        root_cuda(s1)
-    }
+    root_forward3!();
 
     fn bwd(
         &self,
