@@ -4,6 +4,7 @@
 //! | op | forward | backward |
 //! | --- | --- | --- |
 //! | [`add_rms_norm`] | h = x + r, y = RMSNorm(h)·w (no r: y alone, h is x) | dx = dr, dw |
+//! | [`norm_linear_group`] | RMSNorm(x)·g·W_iᵀ for several W_i, the norm not held | dx, dg once per group (the norm recomputed), dW_i |
 //! | [`linear_residual`] | h = x + a·Wᵀ, a·Wᵀ not held by the graph | dx = dh, da, dW |
 //! | [`pullback`], [`pullback_one`] | a scalar root | a and b get g: the backward of sum((a + b)·g) without it |
 //! | [`swiglu_linear_pullback`] | a scalar root | swiglu_linear's backward for dy = g, its output never held |
@@ -32,6 +33,7 @@ pub mod error;
 pub mod grad;
 pub mod launch;
 pub mod master;
+pub mod norm_linear;
 pub mod pullback;
 pub mod residual;
 pub mod rms_norm;
@@ -54,6 +56,7 @@ pub use dispatch::{fused, FusedOnCpu};
 pub use dropout::dropout_mul;
 pub use error::{Error, Result};
 pub use grad::{accumulate, sum_squares, sum_squares_of};
+pub use norm_linear::norm_linear_group;
 pub use pullback::{pullback, pullback_one};
 pub use residual::linear_residual;
 pub use rms_norm::add_rms_norm;

@@ -169,26 +169,44 @@ impl CustomOp3 for AddRmsNorm {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
         // h is the result's first plane with r; without r it is x (the result is only y).
         let h = if self.has_r { res } else { x };
-        let bwd = AddRmsNormBwd {
-            eps: self.eps,
-            has_gh: self.has_r,
-        };
-        let out = h.apply_op3_no_bwd(w, &grad, &bwd)?;
-        let ds = out.get(0)?;
-        let d = w.dim(0)?;
-        // dw = Σ_rows gy·n, summed in f32 (a bf16 running sum over many rows loses the gradient).
-        let dw = out
-            .get(1)?
-            .reshape(((), d))?
-            .to_dtype(DType::F32)?
-            .sum(0)?
-            .to_dtype(w.dtype())?;
+        let (ds, dw) = backward_op(h, w, grad, self.eps, self.has_r)?;
         let dr = self.has_r.then(|| ds.clone());
         Ok((Some(ds), dr, Some(dw)))
     }
+}
+
+/// A plain RMSNorm's backward: x [.., D], w [D], gy = dL/dy [.., D] -> (dL/dx, dL/dw).
+pub(crate) fn plain_backward(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    backward_op(&x.detach(), &w.detach(), gy, eps, false)
+}
+
+/// (res: h first, w, grad = (gh | gy) or gy alone) -> (ds, dw) by the backward kernel.
+fn backward_op(
+    h: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    eps: f32,
+    has_gh: bool,
+) -> Result<(Tensor, Tensor)> {
+    let grad = grad.contiguous()?;
+    let out = h.apply_op3_no_bwd(w, &grad, &AddRmsNormBwd { eps, has_gh })?;
+    let ds = out.get(0)?;
+    let d = w.dim(0)?;
+    // dw = Σ_rows gy·n, summed in f32 (a bf16 running sum over many rows loses the gradient).
+    let dw = out
+        .get(1)?
+        .reshape(((), d))?
+        .to_dtype(DType::F32)?
+        .sum(0)?
+        .to_dtype(w.dtype())?;
+    Ok((ds, dw))
 }
 
 #[cfg(feature = "cuda")]

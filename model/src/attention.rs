@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::Result;
 use crate::mlp::Linear;
+use crate::norm::Normed;
 use crate::rope::Rope;
 
 /// Keys and values of the positions seen so far, per layer: [b, kv_heads, past, head_dim].
@@ -42,31 +43,35 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// x: [b, t, hidden] at positions offset..offset+t (offset = tokens already in `cache`);
+    /// x: RMSNorm'd [b, t, hidden] at positions offset..offset+t (offset = tokens already in `cache`);
     /// cos/sin: [t, head_dim] or [b, 1, t, head_dim]; mask: additive, broadcastable to
     /// [b, heads, t, total]. Returns [b, t, hidden], added to `residual` when given (the
     /// decoder layer's residual stream: o_proj and the add as one node on the fused path). With a
     /// cache, the new k/v are appended.
     pub fn forward(
         &self,
-        x: &Tensor,
+        x: &Normed,
         residual: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let (b, t, _) = x.input().dims3()?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         // Training on the fused path (plain causal mask, one position table, no cache): RoPE and
         // attention as one node over the projections' own [b, t, n, d] layout, which is all the
         // graph then holds of them.
-        if herd_kernels::fused(x.device()) && mask.rank() == 2 && cos.rank() == 2 && cache.is_none()
-        {
+        let fused = herd_kernels::fused(x.input().device());
+        if fused && mask.rank() == 2 && cos.rank() == 2 && cache.is_none() {
+            // The projections as one group over the un-normed x: the normed input is not held.
             let heads = |y: Tensor, n: usize| y.reshape((b, t, n, self.head_dim));
-            let q = heads(self.q_proj.forward(x)?, self.heads)?;
-            let k = heads(self.k_proj.forward(x)?, self.kv_heads)?;
-            let v = heads(self.v_proj.forward(x)?, self.kv_heads)?;
+            let [q, k, v] = x.project([&self.q_proj, &self.k_proj, &self.v_proj])?;
+            let (q, k, v) = (
+                heads(q, self.heads)?,
+                heads(k, self.kv_heads)?,
+                heads(v, self.kv_heads)?,
+            );
             let out = herd_kernels::rope_causal_attention(&q, &k, &v, cos, sin, scale)?;
             return self.output(residual, &out);
         }
@@ -76,6 +81,7 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
+        let x = x.value()?;
         let q = split(self.q_proj.forward(x)?, self.heads)?;
         let k = split(self.k_proj.forward(x)?, self.kv_heads)?;
         let v = split(self.v_proj.forward(x)?, self.kv_heads)?;

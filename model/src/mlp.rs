@@ -4,6 +4,7 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::lora::LoraDropout;
+use crate::norm::Normed;
 
 /// y = x W^T (+ b), W: [out, in] as in torch.nn.Linear; with a LoRA adapter (PEFT's
 /// `lora.Linear`) y += (dropout(x) A^T) B^T * scale.
@@ -161,11 +162,11 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// x: [b, t, hidden] -> [b, t, hidden]. candle-core's `silu` records its backward
+    /// x: RMSNorm'd [b, t, hidden] -> [b, t, hidden]. candle-core's `silu` records its backward
     /// (backprop.rs, UnaryOp::Silu), unlike the fused candle-nn ops.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if herd_kernels::fused(x.device()) {
-            let (g, u) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+    pub fn forward(&self, x: &Normed) -> Result<Tensor> {
+        if herd_kernels::fused(x.input().device()) {
+            let [g, u] = x.project([&self.gate_proj, &self.up_proj])?;
             if let Some(w) = self.down_proj.plain_weight() {
                 // SwiGLU and down_proj as one node: the [b, t, inter] activation is recomputed
                 // in backward, not held (with LoRA on down_proj its adapter needs it anyway).
@@ -173,6 +174,7 @@ impl Mlp {
             }
             return self.down_proj.forward(&herd_kernels::swiglu(&g, &u)?); // CUDA issue #5
         }
+        let x = x.value()?;
         let gate = self.gate_proj.forward(x)?.silu()?;
         let up = self.up_proj.forward(x)?;
         self.down_proj.forward(&(gate * up)?)
@@ -182,10 +184,10 @@ impl Mlp {
     /// backward): the output's value, and where its backward starts. On the fused path with a
     /// plain down_proj the output is computed without a graph, so holding the graph does not
     /// hold the [b, t, hidden] output, only what its backward needs (gate, up, W).
-    pub(crate) fn forward_deferred(&self, x: &Tensor) -> Result<(Tensor, MlpGraph)> {
+    pub(crate) fn forward_deferred(&self, x: &Normed) -> Result<(Tensor, MlpGraph)> {
         if let Some(w) = self.down_proj.plain_weight() {
-            if herd_kernels::fused(x.device()) {
-                let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+            if herd_kernels::fused(x.input().device()) {
+                let [gate, up] = x.project([&self.gate_proj, &self.up_proj])?;
                 let value = herd_kernels::swiglu_linear(&gate.detach(), &up.detach(), &w.detach())?;
                 let w = w.clone();
                 return Ok((value, MlpGraph::SwigluLinear { gate, up, w }));

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::lora::Lora;
 use crate::mlp::{Linear, LoraPath, Mlp, MlpGraph};
-use crate::norm::RmsNorm;
+use crate::norm::{Normed, RmsNorm};
 use crate::rope::Rope;
 
 /// `LlamaDecoderLayer`: pre-norm residual blocks around attention and the MLP.
@@ -32,8 +32,11 @@ impl DecoderLayer {
         pos: &Positions,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let (h, normed) = self.attention_half(x, pos, cache)?;
-        Ok((&h + self.mlp.forward(&normed)?)?)
+        let h = self.attention_half(x, pos, cache)?;
+        let mlp = self
+            .mlp
+            .forward(&Normed::new(&self.post_attention_layernorm, &h))?;
+        Ok((&h + mlp)?)
     }
 
     /// The layer's output as its two summands, the residual after attention h and the MLP's
@@ -47,29 +50,28 @@ impl DecoderLayer {
         pos: &Positions,
         cache: Option<&mut LayerCache>,
     ) -> Result<(Tensor, Tensor, MlpGraph)> {
-        let (h, normed) = self.attention_half(x, pos, cache)?;
+        let h = self.attention_half(x, pos, cache)?;
+        let normed = Normed::new(&self.post_attention_layernorm, &h);
         let (mlp, graph) = self.mlp.forward_deferred(&normed)?;
         Ok((h, mlp, graph))
     }
 
-    /// (h, post_attention_layernorm(h)) with h = x + o_proj(attention(input_layernorm(x))): on
-    /// the fused path h is one node, so the graph holds no separate o_proj output.
+    /// h = x + o_proj(attention(input_layernorm(x))): on the fused path h is one node, so the
+    /// graph holds no separate o_proj output.
     fn attention_half(
         &self,
         x: &Tensor,
         pos: &Positions,
         cache: Option<&mut LayerCache>,
-    ) -> Result<(Tensor, Tensor)> {
-        let h = self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
+    ) -> Result<Tensor> {
+        self.self_attn.forward(
+            &Normed::new(&self.input_layernorm, x),
             Some(x),
             &pos.cos,
             &pos.sin,
             &pos.mask,
             cache,
-        )?;
-        let normed = self.post_attention_layernorm.forward(&h)?;
-        Ok((h, normed))
+        )
     }
 }
 
