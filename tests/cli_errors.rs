@@ -150,4 +150,25 @@ fn generate_answers_from_a_trained_model() {
         "x",
     ]));
     assert!(err.contains("nowhere"), "{err}");
+    let gen = |extra: &[&str]| {
+        let mut cmd = herd();
+        cmd.current_dir(ws.path()).args([
+            "generate",
+            "--model",
+            "out",
+            "--instruction",
+            "Repeat the words.",
+            "--max-new-tokens",
+            "3",
+        ]);
+        cmd.args(extra);
+        cmd
+    };
+    run_ok(&mut gen(&["--dtype", "bf16"]));
+    let err = run_err(&mut gen(&["--device", "gpu0"]));
+    assert!(err.contains("expected cpu or cuda:N"), "{err}");
+    if cfg!(not(feature = "cuda")) {
+        let err = run_err(&mut gen(&["--device", "cuda:0"]));
+        assert!(err.contains("built without CUDA"), "{err}");
+    }
 }

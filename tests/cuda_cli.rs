@@ -165,3 +165,67 @@ fn bench_on_gpu_reports_bf16_and_pool_peak_memory() {
     assert!(peak >= 16.0 * j["params"].as_f64().unwrap(), "{j}");
     assert!(j["mfu"].as_f64().unwrap() > 0.0, "{j}");
 }
+
+/// Inference on the GPU: `herd predict --device cuda:0 --dtype f32` writes the CPU's greedy
+/// answers, and `herd eval --device cuda:0` (bf16, the default there) has the CPU's f32 eval
+/// loss within 1 %.
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-test.sh)"]
+fn predict_and_eval_on_gpu_match_the_cpu() {
+    let ws = Workspace::new(16);
+    let job = ws.job("job.yaml", "out", "max_steps: 3\n");
+    ws.train(&job, &[]);
+    let data = ws.path().join("demo/data/eval.json");
+    let predict = |device: &str, out: &str| {
+        run_ok(
+            herd()
+                .current_dir(ws.path())
+                .args([
+                    "predict",
+                    "--model",
+                    "out",
+                    "--max-new-tokens",
+                    "8",
+                    "--limit",
+                    "8",
+                    "--dtype",
+                    "f32",
+                    "--device",
+                    device,
+                    "--out",
+                    out,
+                    "--data",
+                ])
+                .arg(&data),
+        );
+        String::from_utf8(read(ws.path().join(out))).unwrap()
+    };
+    assert_eq!(predict("cuda:0", "gpu.jsonl"), predict("cpu", "cpu.jsonl"));
+    let eval_loss = |device: &str| {
+        let out = run_ok(
+            herd()
+                .current_dir(ws.path())
+                .args([
+                    "eval",
+                    "--model",
+                    "out",
+                    "--max-new-tokens",
+                    "4",
+                    "--limit",
+                    "8",
+                    "--json",
+                    "--device",
+                    device,
+                    "--data",
+                ])
+                .arg(&data),
+        );
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        j["eval_loss"].as_f64().unwrap()
+    };
+    let (gpu, cpu) = (eval_loss("cuda:0"), eval_loss("cpu"));
+    assert!(
+        (gpu - cpu).abs() <= 0.01 * cpu,
+        "cuda:0 bf16 {gpu} vs cpu f32 {cpu}"
+    );
+}

@@ -3,7 +3,7 @@
 //! Greedy when temperature == 0, else temperature + nucleus (top-p) sampling driven by
 //! `SplitMix64(seed)`, so a (model, prompt, options) triple always yields the same text.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 use crate::attention::LayerCache;
 use crate::error::{Error, Result};
@@ -48,10 +48,15 @@ pub fn generate(
     let mut rng = SplitMix64::new(opts.seed);
     let mut out = Vec::new();
     let mut input = prompt_ids.to_vec();
+    let device = model.device();
     while out.len() < opts.max_new_tokens {
-        let ids = Tensor::from_vec(input.clone(), (1, input.len()), &Device::Cpu)?;
+        let ids = Tensor::from_vec(input.clone(), (1, input.len()), &device)?;
         let logits = net.forward(&ids, Some(&mut caches))?; // [1, t, vocab]
+                                                            // Choosing reads f32 logits on the host, whatever the weights' dtype and device.
         let last = logits.narrow(1, input.len() - 1, 1)?.flatten_all()?;
+        let last = last
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?;
         let next = if opts.temperature == 0.0 {
             argmax(&last.to_vec1::<f32>()?)
         } else {
@@ -133,7 +138,7 @@ pub fn generate_batch(
             }));
         }
     }
-    let device = Device::Cpu;
+    let device = model.device();
     let mut input = Tensor::from_vec(ids, (b, width), &device)?;
     let mut mask = Tensor::from_vec(mask, (b, 1, width, width), &device)?;
     let mut step = 0usize;
@@ -141,6 +146,9 @@ pub fn generate_batch(
         let logits = net.forward_decode(&input, &positions, mask, &mut caches)?;
         let t = logits.dim(1)?;
         let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?; // [b, vocab]
+        let last = last
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?;
         let mut next = vec![0u32; b];
         for r in 0..b {
             if done[r] {

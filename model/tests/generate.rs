@@ -151,3 +151,47 @@ fn batched_generation_equals_one_prompt_at_a_time() {
     assert!(generate_batch(&model, &[vec![]], None, &[GenerateOptions::default()]).is_err());
     assert!(generate_batch(&model, &prompts, None, &[GenerateOptions::default()]).is_err());
 }
+
+/// Decoding a bf16 copy on the fused path (what `--dtype bf16` and a GPU run): the cached
+/// logits of a prompt then single tokens track the f32 model's full forward, and both decoders
+/// run to their length with bf16 weights (their logits are chosen from in f32 on the host).
+#[test]
+fn bf16_decoding_on_the_fused_path_tracks_f32() {
+    use herd_model::attention::LayerCache;
+    let model = Llama::random(common::tiny_config(false), 31).unwrap();
+    let bf16 = model
+        .copy_to(&Device::Cpu, candle_core::DType::BF16)
+        .unwrap();
+    let seq = [1u32, 4, 9, 16, 25, 36, 49, 3, 8];
+    let full = model
+        .forward(&Tensor::from_vec(seq.to_vec(), (1, seq.len()), &Device::Cpu).unwrap())
+        .unwrap();
+    let _fused = herd_kernels::FusedOnCpu::enable();
+    let net = bf16.inference_net();
+    let mut caches = vec![LayerCache::default(); net.num_layers()];
+    let first = Tensor::from_vec(seq[..5].to_vec(), (1, 5), &Device::Cpu).unwrap();
+    let mut cached = vec![net.forward(&first, Some(&mut caches)).unwrap()];
+    for &tok in &seq[5..] {
+        let one = Tensor::from_vec(vec![tok], (1, 1), &Device::Cpu).unwrap();
+        cached.push(net.forward(&one, Some(&mut caches)).unwrap());
+    }
+    let cached = Tensor::cat(&cached, 1)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    let (diff, scale) = (common::max_abs_diff(&cached, &full), common::max_abs(&full));
+    assert!(
+        diff <= 0.03 * scale,
+        "bf16 cached logits differ from f32 by {diff} (largest logit {scale})"
+    );
+    let opts = GenerateOptions {
+        max_new_tokens: 7,
+        ..Default::default()
+    };
+    assert_eq!(generate(&bf16, &seq[..3], None, &opts).unwrap().len(), 7);
+    let prompts = vec![seq[..3].to_vec(), seq[..6].to_vec()];
+    let batched = generate_batch(&bf16, &prompts, None, &[opts.clone(), opts]).unwrap();
+    assert!(batched
+        .iter()
+        .all(|r| r.len() == 7 && r.iter().all(|&t| t < 50)));
+}

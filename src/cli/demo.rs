@@ -75,7 +75,7 @@ pub type TaskScores = BTreeMap<String, (usize, usize)>;
 
 /// Greedy answers for `records` and exact match per task.
 pub fn evaluate(model_dir: &Path, records: &[DemoRecord]) -> Result<(TaskScores, Vec<String>)> {
-    let g = Generator::load(model_dir)?;
+    let g = Generator::load(model_dir, &super::placement::DeviceArgs::default())?;
     let opts = GenerateOptions {
         max_new_tokens: 24,
         temperature: 0.0,

@@ -58,6 +58,8 @@ pub struct PredictArgs {
     pub limit: Option<usize>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub placement: super::placement::DeviceArgs,
 }
 
 #[derive(clap::Args)]
@@ -92,6 +94,8 @@ pub struct EvalArgs {
     pub reward_model: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub placement: super::placement::DeviceArgs,
 }
 
 fn load(data: &Path, limit: Option<usize>) -> Result<Vec<RawRecord>> {
@@ -184,7 +188,7 @@ pub fn write_text(path: &Path, text: &str) -> Result<()> {
 
 pub fn predict(a: &PredictArgs) -> Result<()> {
     let records = load(&a.data, a.limit)?;
-    let g = Generator::load(&a.model)?;
+    let g = Generator::load(&a.model, &a.placement)?;
     let predictions = predict_all(&g, &records, &a.sampling, a.batch_size)?;
     write_predictions(&a.out, &records, &predictions)?;
     eprintln!(
@@ -216,14 +220,14 @@ pub fn run_eval(a: &EvalArgs) -> Result<()> {
             i + 1
         );
     }
-    let g = Generator::load(&a.model)?;
+    let g = Generator::load(&a.model, &a.placement)?;
     let alpaca: Vec<_> = records.iter().map(|r| r.alpaca.clone()).collect();
     let examples = eval::encode_records(&g.tokenizer, &alpaca, a.model_max_length)?;
     let pad_id = g.tokenizer.pad_id().or(g.tokenizer.eos_id()).unwrap_or(0);
     let loss = eval::eval_loss(&g.model, &examples, a.batch_size, pad_id)?;
     let (predictions, rewards) = match &a.reward_model {
         Some(dir) => {
-            let scorer = Scorer::load(dir, a.model_max_length)?;
+            let scorer = Scorer::load(dir, a.model_max_length, &a.placement)?;
             let (p, r) = best_of_n(&g, &scorer, &records, &a.sampling, a.best_of)?;
             (p, Some(r))
         }

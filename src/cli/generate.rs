@@ -7,6 +7,8 @@ use herd_worker::data::{source_text, AlpacaRecord};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
+use super::placement::{DeviceArgs, Placed};
+
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// A model directory in HF layout: an output_dir or a checkpoint-<step> folder.
@@ -20,21 +22,34 @@ pub struct GenerateArgs {
     pub input: Option<String>,
     #[command(flatten)]
     pub sampling: super::eval::SamplingArgs,
+    #[command(flatten)]
+    pub placement: DeviceArgs,
 }
 
-/// A model and its tokenizer, loaded for inference.
+/// A model and its tokenizer, loaded for inference on a device.
 pub struct Generator {
     pub model: Llama,
     pub tokenizer: Tokenizer,
+    _placed: Placed,
 }
 
 impl Generator {
-    pub fn load(dir: &Path) -> Result<Self> {
+    pub fn load(dir: &Path, placement: &DeviceArgs) -> Result<Self> {
+        let placed = placement.open()?;
         let tokenizer = Tokenizer::from_dir(dir)
             .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
-        let model =
+        let mut model =
             Llama::load(dir).with_context(|| format!("loading the model in {}", dir.display()))?;
-        Ok(Generator { model, tokenizer })
+        if placed.moves() {
+            model
+                .to_device(&placed.device, placed.dtype)
+                .with_context(|| format!("moving the model to {}", placement.device))?;
+        }
+        Ok(Generator {
+            model,
+            tokenizer,
+            _placed: placed,
+        })
     }
 
     /// The model's answer to an Alpaca record's instruction (and input).
@@ -59,7 +74,7 @@ impl Generator {
 }
 
 pub fn run(a: &GenerateArgs) -> Result<()> {
-    let g = Generator::load(&a.model)?;
+    let g = Generator::load(&a.model, &a.placement)?;
     let opts = a.sampling.options(0);
     let ask = |instruction: String| -> Result<()> {
         let rec = AlpacaRecord {

@@ -7,6 +7,7 @@ pub mod eval;
 pub mod generate;
 pub mod jobs;
 pub mod merge;
+pub mod placement;
 pub mod progress;
 pub mod run;
 pub mod score;

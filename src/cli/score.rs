@@ -11,6 +11,8 @@ use herd_worker::eval::reward::{score_pairs, score_sequences, summarize};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
+use super::placement::{DeviceArgs, Placed};
+
 #[derive(clap::Args)]
 pub struct ScoreArgs {
     /// A reward model directory (`herd train` with `task: reward`, or transformers'
@@ -32,6 +34,8 @@ pub struct ScoreArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub placement: DeviceArgs,
 }
 
 pub struct Scorer {
@@ -39,16 +43,18 @@ pub struct Scorer {
     pub tokenizer: Tokenizer,
     pub pad_id: u32,
     pub max_len: usize,
+    _placed: Placed,
 }
 
 impl Scorer {
-    pub fn load(dir: &Path, max_len: usize) -> Result<Self> {
+    pub fn load(dir: &Path, max_len: usize, placement: &DeviceArgs) -> Result<Self> {
+        let placed = placement.open()?;
         let tokenizer = Tokenizer::from_dir(dir)
             .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
         if !dir.join("config.json").is_file() {
             bail!("{}: no config.json (not a model directory)", dir.display());
         }
-        let model = RewardModel::load(dir, 0)
+        let mut model = RewardModel::load(dir, 0)
             .with_context(|| format!("loading the reward model in {}", dir.display()))?;
         let text = std::fs::read_to_string(dir.join("config.json"))?;
         let cfg: Value = serde_json::from_str(&text)
@@ -72,11 +78,17 @@ impl Scorer {
             .or(tokenizer.pad_id())
             .or(tokenizer.eos_id())
             .unwrap_or(0);
+        if placed.moves() {
+            model
+                .to_device(&placed.device, placed.dtype)
+                .with_context(|| format!("moving the reward model to {}", placement.device))?;
+        }
         Ok(Scorer {
             model,
             tokenizer,
             pad_id,
             max_len,
+            _placed: placed,
         })
     }
 
@@ -111,7 +123,7 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
         bail!("--batch-size must be at least 1");
     }
     let comparisons = is_comparison_file(&a.data)?;
-    let s = Scorer::load(&a.model, a.model_max_length)?;
+    let s = Scorer::load(&a.model, a.model_max_length, &a.placement)?;
     let mut lines = Vec::new();
     if comparisons {
         let loaded = load_comparisons(&a.data, false)?;
