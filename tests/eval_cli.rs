@@ -107,21 +107,18 @@ fn eval_during_training_predict_and_eval() {
     );
 
     // herd eval --json: the trainer's eval loss on the same model, ROUGE-L in [0, 1], all buckets.
-    let out = run_ok(herd().current_dir(ws.path()).args([
-        "eval",
-        "--model",
-        "out",
-        "--data",
-        "heldout.json",
-        "--max-new-tokens",
-        "8",
-        "--batch-size",
-        "4",
-        "--model-max-length",
-        "64",
-        "--json",
-    ]));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let eval_json = |extra: &[&str]| -> serde_json::Value {
+        let out = run_ok(
+            herd()
+                .current_dir(ws.path())
+                .args(["eval", "--model", "out", "--data", "heldout.json"])
+                .args(["--max-new-tokens", "8", "--batch-size", "4"])
+                .args(["--model-max-length", "64", "--json"])
+                .args(extra),
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let r = eval_json(&[]);
     let l = r["eval_loss"].as_f64().unwrap();
     assert!(
         (l - final_eval).abs() <= 1e-5 * final_eval,
@@ -142,23 +139,7 @@ fn eval_during_training_predict_and_eval() {
 
     // --dtype bf16: the same model in bf16 on the fused path (a GPU's dtype and code path):
     // the eval loss within 1 % of f32's, an answer for every record.
-    let out = run_ok(herd().current_dir(ws.path()).args([
-        "eval",
-        "--model",
-        "out",
-        "--data",
-        "heldout.json",
-        "--max-new-tokens",
-        "8",
-        "--batch-size",
-        "4",
-        "--model-max-length",
-        "64",
-        "--json",
-        "--dtype",
-        "bf16",
-    ]));
-    let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = eval_json(&["--dtype", "bf16"]);
     let lb = b["eval_loss"].as_f64().unwrap();
     assert!(
         lb != l && (lb - l).abs() <= 0.01 * l,
