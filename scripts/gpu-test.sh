@@ -5,6 +5,8 @@
 #   scripts/gpu-test.sh run     # on the GPU machine, from the repository root (no Rust there)
 #   scripts/gpu-test.sh bench   # on the GPU machine: herd bench vs transformers (issue #6), the
 #                               # TinyLlama-1.1B shape at seq 512; BATCH, STEPS, ROUNDS override
+#   scripts/gpu-test.sh all     # on the GPU machine: run, then bench (one round each), both under
+#                               # one device call's 600 s limit (DEVICE_BUDGET_S, default 540)
 #
 # `build` needs nvcc and the link stubs: it evaluates the cuda-build-env script
 # (HERD_CUDA_ENV_SCRIPT, default ../shared/tools/cuda-build-env.sh). It uses its own target dir
@@ -111,9 +113,32 @@ run() {
   exit $status
 }
 
+# Whatever a timed-out phase left running from .gpu/bin (test binaries, herd children) would
+# hold GPU memory into the next phase.
+reap() {
+  pkill -f "$PWD/$DIR/bin/" 2>/dev/null || true
+  pkill -f "^$DIR/bin/" 2>/dev/null || true
+}
+
+# The tests first (the kernels are proven before they are timed), then the benchmark in what is
+# left of the call; every phase writes its log to $OUT as it goes, so a cut-off still reports.
+all() {
+  local budget=${DEVICE_BUDGET_S:-540} t0=$SECONDS
+  timeout -k 5 "${RUN_BUDGET_S:-240}" "$0" run || echo "=== run: exit $? (logs in ${OUT:-/tmp})"
+  reap
+  local left=$((budget - (SECONDS - t0)))
+  if ((left < 60)); then
+    echo "=== bench skipped: ${left} s left of ${budget}"
+    exit 1
+  fi
+  ROUNDS=${ROUNDS:-1} timeout -k 5 "$left" "$0" bench || echo "=== bench: exit $?"
+  reap
+}
+
 case "${1:-}" in
   build) build ;;
   run) run ;;
   bench) bench ;;
-  *) echo "usage: $0 build|run|bench"; exit 2 ;;
+  all) all ;;
+  *) echo "usage: $0 build|run|bench|all"; exit 2 ;;
 esac
