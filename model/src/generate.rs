@@ -3,7 +3,7 @@
 //! Greedy when temperature == 0, else temperature + nucleus (top-p) sampling driven by
 //! `SplitMix64(seed)`, so a (model, prompt, options) triple always yields the same text.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::attention::LayerCache;
 use crate::error::{Error, Result};
@@ -52,11 +52,7 @@ pub fn generate(
     while out.len() < opts.max_new_tokens {
         let ids = Tensor::from_vec(input.clone(), (1, input.len()), &device)?;
         let logits = net.forward(&ids, Some(&mut caches))?; // [1, t, vocab]
-                                                            // Choosing reads f32 logits on the host, whatever the weights' dtype and device.
-        let last = logits.narrow(1, input.len() - 1, 1)?.flatten_all()?;
-        let last = last
-            .to_dtype(DType::F32)?
-            .to_device(&candle_core::Device::Cpu)?;
+        let last = host_f32(&logits.narrow(1, input.len() - 1, 1)?.flatten_all()?)?;
         let next = if opts.temperature == 0.0 {
             argmax(&last.to_vec1::<f32>()?)
         } else {
@@ -145,10 +141,7 @@ pub fn generate_batch(
     while !done.iter().all(|&d| d) {
         let logits = net.forward_decode(&input, &positions, mask, &mut caches)?;
         let t = logits.dim(1)?;
-        let last = logits.narrow(1, t - 1, 1)?.squeeze(1)?; // [b, vocab]
-        let last = last
-            .to_dtype(DType::F32)?
-            .to_device(&candle_core::Device::Cpu)?;
+        let last = host_f32(&logits.narrow(1, t - 1, 1)?.squeeze(1)?)?; // [b, vocab]
         let mut next = vec![0u32; b];
         for r in 0..b {
             if done[r] {
@@ -180,6 +173,11 @@ pub fn generate_batch(
         step += 1;
     }
     Ok(out)
+}
+
+/// Logits to choose from: f32 on the host, whatever the weights' dtype and device.
+fn host_f32(logits: &Tensor) -> Result<Tensor> {
+    Ok(logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
 }
 
 /// Index of the largest value, the first on ties (NaN never wins).
