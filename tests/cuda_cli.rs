@@ -86,18 +86,13 @@ fn start_gpu_worker(dir: &Path, addr: &str, state: &Path, name: &str) -> Proc {
     Proc { child, log }
 }
 
-/// A two-worker CUDA job (NCCL all-reduce) ends with the weights of one GPU process with twice
-/// the gradient accumulation, within bf16 tolerance.
-#[test]
-#[ignore = "needs a CUDA GPU and NCCL (scripts/gpu-test.sh)"]
-fn two_gpu_workers_equal_one() {
-    const STEPS: &str = "max_steps: 4\nsave_steps: 4\n";
-    let ws = Workspace::new(48);
+/// Runs `job` on two GPU workers (one GPU, a host id each) through a coordinator to success.
+fn run_on_two_gpu_workers(ws: &Workspace, job: &Path) {
     let state = ws.path().join("state");
+    let _ = std::fs::remove_dir_all(&state);
     let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 30.0);
     let _w0 = start_gpu_worker(ws.path(), &addr, &state, "w0");
     let _w1 = start_gpu_worker(ws.path(), &addr, &state, "w1");
-    let job = ws.job("job.yaml", "dp", &format!("{STEPS}world_size: 2\n"));
     let out = run_ok(&mut client(
         ws.path(),
         &addr,
@@ -113,11 +108,22 @@ fn two_gpu_workers_equal_one() {
     ));
     let st = job_status(ws.path(), &addr, &state, &id);
     assert_eq!(st["state"], "SUCCEEDED", "{st}");
+}
 
+const TWO_GPU_STEPS: &str = "max_steps: 4\nsave_steps: 4\nworld_size: 2\n";
+
+/// A two-worker CUDA job (NCCL all-reduce) ends with the weights of one GPU process with twice
+/// the gradient accumulation, within bf16 tolerance.
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL (scripts/gpu-test.sh)"]
+fn two_gpu_workers_equal_one() {
+    let ws = Workspace::new(48);
+    let job = ws.job("job.yaml", "dp", TWO_GPU_STEPS);
+    run_on_two_gpu_workers(&ws, &job);
     let single = ws.job(
         "one.yaml",
         "one",
-        &format!("{STEPS}gradient_accumulation_steps: 2\n"),
+        "max_steps: 4\nsave_steps: 4\ngradient_accumulation_steps: 2\n",
     );
     ws.train(&single, &["--device", "cuda:0"]);
     assert_weights_close(
@@ -126,6 +132,29 @@ fn two_gpu_workers_equal_one() {
         2e-2,
     );
     let _ = Duration::from_secs(0);
+}
+
+/// ZeRO-1 on two GPU workers (weights shared by NCCL after each step, shards gathered at the
+/// save) trains exactly what the unsharded two-worker job trains.
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL (scripts/gpu-test.sh)"]
+fn zero_1_on_two_gpu_workers_equals_unsharded() {
+    let ws = Workspace::new(48);
+    let plain = ws.job("plain.yaml", "plain", TWO_GPU_STEPS);
+    run_on_two_gpu_workers(&ws, &plain);
+    let zero = ws.job(
+        "zero.yaml",
+        "zero",
+        &format!("{TWO_GPU_STEPS}zero_stage: 1\n"),
+    );
+    run_on_two_gpu_workers(&ws, &zero);
+    for file in ["model.safetensors", "checkpoint-4/optimizer.safetensors"] {
+        assert_weights_close(
+            &ws.path().join("zero").join(file),
+            &ws.path().join("plain").join(file),
+            0.0,
+        );
+    }
 }
 
 /// `herd train --device cuda:0` runs the demo job to the end on a GPU.

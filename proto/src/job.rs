@@ -402,6 +402,12 @@ pub struct JobSpec {
     /// backward (less memory, one more forward per step, same gradients).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// ZeRO stage, as DeepSpeed's `zero_optimization.stage`: 0 keeps the whole optimizer state
+    /// on every rank; 1 shards it (each rank holds AdamW's moments — and under mixed precision
+    /// the f32 masters' low halves — for its part of the parameters, updates that part and
+    /// shares it). The trained weights are the same bit for bit; checkpoints keep one format.
+    #[serde(default)]
+    pub zero_stage: u8,
     #[serde(default = "d_seed")]
     pub seed: u64,
     /// Train in bf16 with f32 master weights (GPU workers); the final model is written in bf16.
@@ -595,6 +601,16 @@ impl JobSpec {
                 "cannot be used with task: reward (each comparison is scored from its own row's \
                  last token); leave packing out"
                     .into(),
+            );
+        }
+        if self.zero_stage > 1 {
+            return bad(
+                "zero_stage",
+                format!(
+                    "stage {} is not supported: herd has stage 0 (no sharding) and 1 (optimizer \
+                     state sharded across the ranks); stages 2 and 3 are not built",
+                    self.zero_stage
+                ),
             );
         }
         if self.bf16 && self.fp16 {

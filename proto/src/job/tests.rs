@@ -63,6 +63,7 @@ fn nonsense_values_are_refused_with_the_key() {
         ("adam_beta2: 1.0", "adam_beta2"),
         ("num_train_epochs: 0", "num_train_epochs"),
         ("packing: true\ntask: reward", "packing"),
+        ("zero_stage: 3", "zero_stage"),
     ] {
         let err = JobSpec::from_yaml_str(&format!("{MIN}{extra}\n"), "j.yaml").unwrap_err();
         assert!(

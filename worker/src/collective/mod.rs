@@ -25,6 +25,22 @@ pub trait Collective: Send {
     fn all_reduce_sum_tensor(&mut self, t: Tensor) -> Result<Tensor> {
         stage_through_host(self, t)
     }
+    /// Every rank ends with rank `root`'s `buf`, bit for bit. By default an all-reduce to which
+    /// the other ranks contribute -0.0 (x + -0.0 is x for every x, +0.0 included), so any
+    /// backend has it; ZeRO-1 uses it to share the parameters each rank updated.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        if self.rank() != root {
+            buf.fill(-0.0);
+        }
+        self.all_reduce_sum(buf)
+    }
+    /// `broadcast` of a flat f32 tensor, returned on its device; staged through host memory by
+    /// default, in place on the GPU with NCCL.
+    fn broadcast_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
+        let mut host = t.flatten_all()?.to_vec1::<f32>()?;
+        self.broadcast(&mut host, root)?;
+        Ok(Tensor::from_vec(host, t.shape(), t.device())?)
+    }
     fn name(&self) -> &'static str;
 }
 

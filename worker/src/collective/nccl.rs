@@ -132,6 +132,20 @@ impl Collective for NcclCollective {
             .map_err(|e| nccl_error(rank, world, "ncclAllReduce", e))?;
         Ok(t)
     }
+    fn broadcast_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
+        if !t.device().same_device(&self.device) || t.dtype() != DType::F32 {
+            let mut host = t.flatten_all()?.to_vec1::<f32>()?;
+            self.broadcast(&mut host, root)?;
+            return Ok(Tensor::from_vec(host, t.shape(), t.device())?);
+        }
+        // The default's -0.0 trick, on the device: the sum of the root's values and -0.0s.
+        let t = if self.rank == root {
+            t.contiguous()?
+        } else {
+            Tensor::full(-0.0f32, t.shape(), &self.device)?
+        };
+        self.all_reduce_sum_tensor(t)
+    }
     fn name(&self) -> &'static str {
         "nccl"
     }

@@ -3,6 +3,7 @@
 //! AdamW. Kept apart from the run loop so parity tests can drive it with a fixture batch.
 
 use super::mixed::MixedState;
+use super::zero::{self, Shard};
 use crate::collective::Collective;
 use crate::data::collate::Batch;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -73,6 +74,8 @@ pub struct Engine<M: Trainable = Llama> {
     /// Mixed precision (CUDA issue #5): f32 master weights, AdamW moments and the gradient on
     /// the compute device; the model's bf16 weights are the master weights' high halves.
     mixed: Option<MixedState>,
+    /// ZeRO-1: which parameters' optimizer state this rank holds and updates (None: all).
+    shard: Option<Shard>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -116,6 +119,55 @@ impl<M: Trainable> Engine<M> {
             recompute: false,
             device: Device::Cpu,
             mixed: None,
+            shard: None,
+        }
+    }
+
+    /// ZeRO-1 over `world` ranks, this one `rank`: keep optimizer state only for this rank's
+    /// part of the parameters ([`zero::partition`]) and share updated weights after each step.
+    /// Call before [`Engine::place`] and after a resume has loaded the (whole) optimizer.
+    pub fn shard_optimizer(&mut self, rank: usize, world: usize) {
+        if world < 2 {
+            return;
+        }
+        let sizes: Vec<usize> = self.offsets.windows(2).map(|w| w[1] - w[0]).collect();
+        let shard = Shard::new(&sizes, rank, world);
+        let owned = shard.owned();
+        for (i, s) in self.optimizer.states.iter_mut().enumerate() {
+            if !owned.contains(&i) {
+                s.exp_avg = Vec::new();
+                s.exp_avg_sq = Vec::new();
+            }
+        }
+        tracing::info!(
+            rank,
+            world,
+            parameters = owned.len(),
+            elements = shard.elems[rank],
+            "ZeRO-1: this rank holds the optimizer state of its part"
+        );
+        self.shard = Some(shard);
+    }
+
+    /// Bytes of optimizer state this rank holds: the host moments, or under mixed precision
+    /// the device's moments and master low halves.
+    pub fn optimizer_state_bytes(&self) -> usize {
+        let host: usize = (self.optimizer.states.iter())
+            .map(|s| 4 * (s.exp_avg.len() + s.exp_avg_sq.len()))
+            .sum();
+        host + self.mixed.as_ref().map_or(0, MixedState::state_bytes)
+    }
+
+    /// The ZeRO-1 shard, when the optimizer state is sharded.
+    pub fn shard(&self) -> Option<&Shard> {
+        self.shard.as_ref()
+    }
+
+    /// The parameters this rank updates.
+    fn owned(&self) -> std::ops::Range<usize> {
+        match &self.shard {
+            Some(s) => s.owned(),
+            None => 0..self.offsets.len() - 1,
         }
     }
 
@@ -136,6 +188,7 @@ impl<M: Trainable> Engine<M> {
             DType::F32 => None,
             DType::BF16 => Some(MixedState::new(
                 self.model.trainable(),
+                self.owned(),
                 &self.optimizer,
                 device,
             )?),
@@ -168,27 +221,77 @@ impl<M: Trainable> Engine<M> {
     }
 
     /// The model as the f32 master weights say, on the host, for checkpoints and the final save;
-    /// None when the model itself computes in f32 (then it is what to save).
-    pub fn master_model(&self) -> Result<Option<M>> {
+    /// None when the model itself computes in f32 (then it is what to save). Sharded (ZeRO-1),
+    /// every rank must call this at the same step, and only rank 0's answer is whole.
+    pub fn master_model(&self, collective: &mut dyn Collective) -> Result<Option<M>> {
         let Some(mixed) = &self.mixed else {
             return Ok(None);
         };
+        let params = self.model.trainable();
+        let mut master = mixed.master(params)?;
+        if let Some(shard) = &self.shard {
+            let mine: Vec<f32> = master.concat();
+            let Some(all) = zero::gather_to_first(collective, mine, &shard.elems)? else {
+                return Ok(None);
+            };
+            master = self.per_param(&all);
+        }
         let copy = self.model.copy_to(&Device::Cpu, DType::F32)?;
-        let master = mixed.master(self.model.trainable())?;
         for ((_, var), m) in copy.trainable().iter().zip(&master) {
             var.set(&Tensor::from_slice(m, var.shape(), &Device::Cpu)?)?;
         }
         Ok(Some(copy))
     }
 
+    /// A flat buffer over every parameter cut into one vector per parameter.
+    fn per_param(&self, flat: &[f32]) -> Vec<Vec<f32>> {
+        self.offsets
+            .windows(2)
+            .map(|w| flat[w[0]..w[1]].to_vec())
+            .collect()
+    }
+
     /// The optimizer as a checkpoint saves it: under mixed precision with the moments read back
-    /// from the device.
-    pub fn optimizer_to_save(&self) -> Result<std::borrow::Cow<'_, AdamW>> {
-        let Some(mixed) = &self.mixed else {
+    /// from the device; sharded (ZeRO-1) with every rank's moments, on rank 0 (every rank must
+    /// call this at the same step).
+    pub fn optimizer_to_save(
+        &self,
+        collective: &mut dyn Collective,
+    ) -> Result<std::borrow::Cow<'_, AdamW>> {
+        if self.mixed.is_none() && self.shard.is_none() {
             return Ok(std::borrow::Cow::Borrowed(&self.optimizer));
-        };
+        }
         let mut opt = self.optimizer.clone();
-        mixed.moments_into(&mut opt)?;
+        if let Some(mixed) = &self.mixed {
+            mixed.moments_into(&mut opt)?;
+        }
+        let Some(shard) = &self.shard else {
+            return Ok(std::borrow::Cow::Owned(opt));
+        };
+        // Each rank's part: its parameters' exp_avg, then their exp_avg_sq.
+        let owned = &opt.states[shard.owned()];
+        let mut mine: Vec<f32> = owned
+            .iter()
+            .flat_map(|s| s.exp_avg.iter())
+            .copied()
+            .collect();
+        mine.extend(owned.iter().flat_map(|s| s.exp_avg_sq.iter()));
+        let counts: Vec<usize> = shard.elems.iter().map(|e| 2 * e).collect();
+        if let Some(all) = zero::gather_to_first(collective, mine, &counts)? {
+            let mut at = 0;
+            for (part, &n) in shard.parts.iter().zip(&shard.elems) {
+                let (m, v) = all[at..at + 2 * n].split_at(n);
+                let mut off = 0;
+                for i in part.clone() {
+                    let len = self.offsets[i + 1] - self.offsets[i];
+                    let s = &mut opt.states[i];
+                    s.exp_avg = m[off..off + len].to_vec();
+                    s.exp_avg_sq = v[off..off + len].to_vec();
+                    off += len;
+                }
+                at += 2 * n;
+            }
+        }
         Ok(std::borrow::Cow::Owned(opt))
     }
 
@@ -304,6 +407,7 @@ impl<M: Trainable> Engine<M> {
             }
             None => self.host_step(scale, lr)?,
         };
+        self.share_updated_weights(collective)?;
         self.optimizer.finish_step();
         Ok(self.stats(loss, grad_norm, lr, global_tokens, correct))
     }
@@ -312,13 +416,54 @@ impl<M: Trainable> Engine<M> {
     fn host_step(&mut self, scale: f32, lr: f64) -> Result<f64> {
         self.grad.iter_mut().for_each(|g| *g *= scale);
         let grad_norm = clip_grad_norm(&mut self.grad, self.max_grad_norm);
+        let owned = self.owned();
         for (i, (_, var)) in self.model.trainable().iter().enumerate() {
+            if !owned.contains(&i) {
+                continue; // another rank's part (ZeRO-1): its weights arrive by broadcast
+            }
             let grad = &self.grad[self.offsets[i]..self.offsets[i + 1]];
             let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             self.optimizer.update_param(i, &mut p, grad, lr);
             var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
         }
         Ok(grad_norm)
+    }
+
+    /// ZeRO-1: each rank broadcasts the parameters it updated, so all ranks hold the same
+    /// weights again (bit for bit: a broadcast copies). One rank's part at a time travels as
+    /// one flat f32 tensor on the compute device (bf16 weights widen exactly).
+    fn share_updated_weights(&mut self, collective: &mut dyn Collective) -> Result<()> {
+        let Some(shard) = &self.shard else {
+            return Ok(());
+        };
+        let params = self.model.trainable();
+        for (root, part) in shard.parts.iter().enumerate() {
+            let n = shard.elems[root];
+            if n == 0 {
+                continue;
+            }
+            let flat = if root == shard.rank {
+                let pieces = params[part.clone()]
+                    .iter()
+                    .map(|(_, v)| v.as_tensor().flatten_all()?.to_dtype(DType::F32))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&pieces, 0)?
+            } else {
+                Tensor::zeros(n, DType::F32, &self.device)?
+            };
+            let flat = collective.broadcast_tensor(flat, root)?;
+            if root == shard.rank {
+                continue;
+            }
+            let mut off = 0;
+            for (_, var) in &params[part.clone()] {
+                let len = var.elem_count();
+                let w = flat.narrow(0, off, len)?.reshape(var.shape())?;
+                var.set(&w.to_dtype(var.dtype())?)?;
+                off += len;
+            }
+        }
+        Ok(())
     }
 
     /// What `apply` reports after the update.

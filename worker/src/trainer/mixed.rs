@@ -12,6 +12,10 @@
 //! cross to the host. The host `AdamW` keeps the config and the step count; its moments are filled from the
 //! device only when a checkpoint is written ([`MixedState::moments_into`]).
 //!
+//! Under ZeRO-1 (`trainer::zero`) the AdamW state covers only the rank's own parameters: the
+//! gradient sum still spans every parameter (it is all-reduced whole and its norm is the
+//! global one), and the step reads the run of it that the rank owns.
+//!
 //! The update is the host optimizer's formula bit for bit (herd-kernels' AdamW test); the
 //! gradient norm is summed on the device in f32 per block (fixed order, so runs repeat bit for
 //! bit) and the partials added in f64.
@@ -24,7 +28,12 @@ use crate::optim::{decays, AdamW};
 use crate::Result;
 
 pub struct MixedState {
+    /// AdamW over the owned parameters (all of them unless ZeRO-1 shards the state).
     adamw: FusedAdamW,
+    /// The parameters (indices into `trainable()`) whose state this holds: a contiguous run.
+    owned: std::ops::Range<usize>,
+    /// Elements of all parameters (the gradient sum's length).
+    total: usize,
     /// f32 words: exp_avg | exp_avg_sq | the master weights' low halves (`FusedAdamW`'s layout).
     state: Tensor,
     /// [N] f32: the step's gradient sum, allocated the first time a step needs one and zeroed
@@ -34,39 +43,54 @@ pub struct MixedState {
     dirty: bool,
     /// The step's only micro-batch's gradients so far, not yet added anywhere.
     pending: Option<Vec<Option<Tensor>>>,
-    /// (offset, length) of each parameter in the flat buffers, in `trainable()` order.
+    /// (offset, length) of each parameter in the gradient sum, in `trainable()` order.
     spans: Vec<(usize, usize)>,
 }
 
 impl MixedState {
-    /// The state of `params` (still f32: their values become the master weights) and the
-    /// moments of `optimizer` (fresh or resumed), on `device`; with each parameter's bf16
-    /// weights on `device`, in its shape, which the model must then hold (the masters' high
-    /// halves; they differ from a plain bf16 cast where the f32 lies exactly halfway).
+    /// The state of `params[owned]` (still f32: their values become the master weights) and
+    /// their moments in `optimizer` (fresh or resumed), on `device`; with every parameter's
+    /// bf16 weights on `device`, in its shape, which the model must then hold (the masters'
+    /// high halves; they differ from a plain bf16 cast where the f32 lies exactly halfway).
     pub fn new(
         params: &[(String, Var)],
+        owned: std::ops::Range<usize>,
         optimizer: &AdamW,
         device: &Device,
     ) -> Result<(Self, Vec<Tensor>)> {
-        let table: Vec<(usize, bool)> = params
+        let table: Vec<(usize, bool)> = params[owned.clone()]
             .iter()
             .map(|(name, v)| (v.elem_count(), decays(name)))
             .collect();
         let adamw = FusedAdamW::new(&table);
-        let spans: Vec<(usize, usize)> = adamw.spans().map(|r| (r.start, r.len())).collect();
+        let mut spans = Vec::with_capacity(params.len());
+        let mut total = 0;
+        for (_, v) in params {
+            spans.push((total, v.elem_count()));
+            total += v.elem_count();
+        }
         let mut packer = adamw.packer();
-        for ((_, v), s) in params.iter().zip(&optimizer.states) {
-            let master = v.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
-            packer.push(&master.to_vec1::<f32>()?, &s.exp_avg, &s.exp_avg_sq)?;
-        }
-        let (words, hi) = packer.finish()?;
         let mut weights = Vec::with_capacity(params.len());
-        for ((_, v), &(off, len)) in params.iter().zip(&spans) {
-            weights.push(Tensor::from_slice(&hi[off..off + len], v.shape(), device)?);
+        for (i, (_, v)) in params.iter().enumerate() {
+            let master = v.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
+            let master = master.to_vec1::<f32>()?;
+            if owned.contains(&i) {
+                let s = &optimizer.states[i];
+                packer.push(&master, &s.exp_avg, &s.exp_avg_sq)?;
+            }
+            // The high halves, as the packer makes them for the parameters it holds.
+            let hi: Vec<_> = master
+                .iter()
+                .map(|&x| herd_kernels::master::split(x).0)
+                .collect();
+            weights.push(Tensor::from_vec(hi, v.shape(), device)?);
         }
+        let (words, _) = packer.finish()?;
         let words = Tensor::from_vec(words, adamw.state_words(), device)?;
         let state = MixedState {
             adamw,
+            owned,
+            total,
             state: words,
             grad: None,
             dirty: false,
@@ -108,7 +132,7 @@ impl MixedState {
     fn sum(&mut self) -> Result<&Tensor> {
         let sum = match self.grad.take() {
             Some(g) => g,
-            None => Tensor::zeros(self.adamw.len(), DType::F32, self.state.device())?,
+            None => Tensor::zeros(self.total, DType::F32, self.state.device())?,
         };
         Ok(self.grad.insert(sum))
     }
@@ -159,6 +183,10 @@ impl MixedState {
         max_norm: f64,
         hyper: AdamWHyper,
     ) -> Result<f64> {
+        if self.owned.len() != self.spans.len() {
+            // A shard reads a run of the sum (with one rank there is no shard).
+            self.flush()?;
+        }
         let table = match self.pending.take() {
             Some(grads) => {
                 let sizes: Vec<usize> = self.spans.iter().map(|s| s.1).collect();
@@ -177,15 +205,19 @@ impl MixedState {
             1.0
         };
         let grad_scale = (scale as f64 * coef) as f32;
-        let weights: Vec<Tensor> = params.iter().map(|(_, v)| v.as_tensor().clone()).collect();
+        let weights = self.owned_weights(params);
         match &table {
             Some(t) => self
                 .adamw
                 .step(&self.state, &weights, Grad::Table(t), hyper, grad_scale)?,
             None => {
                 let sum = self.sum()?.clone();
-                self.adamw
-                    .step(&self.state, &weights, Grad::Flat(&sum), hyper, grad_scale)?;
+                if !weights.is_empty() {
+                    let (off, _) = self.spans[self.owned.start];
+                    let own = sum.narrow(0, off, self.adamw.len())?;
+                    self.adamw
+                        .step(&self.state, &weights, Grad::Flat(&own), hyper, grad_scale)?;
+                }
                 sum.zero_set()?;
             }
         }
@@ -194,27 +226,63 @@ impl MixedState {
         Ok(norm)
     }
 
-    /// The master weights of each parameter (`params`: the model's, as given to `step`), on the
-    /// host.
-    pub fn master(&self, params: &[(String, Var)]) -> Result<Vec<Vec<f32>>> {
-        let weights: Vec<Tensor> = params.iter().map(|(_, v)| v.as_tensor().clone()).collect();
-        let host = self.adamw.read(&self.state, &weights)?;
-        Ok(self
-            .spans
+    /// The bf16 weights of the owned parameters, which the step updates in place.
+    fn owned_weights(&self, params: &[(String, Var)]) -> Vec<Tensor> {
+        params[self.owned.clone()]
             .iter()
-            .map(|&(off, len)| host.master[off..off + len].to_vec())
-            .collect())
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect()
     }
 
-    /// Copies the device moments into `optimizer` (before it is saved; its own moments may be
-    /// empty, as the engine frees them once they live here).
+    /// Bytes of AdamW state this holds on the device (moments and low halves).
+    pub fn state_bytes(&self) -> usize {
+        self.state.elem_count() * 4
+    }
+
+    /// The parameters whose state this holds.
+    pub fn owned(&self) -> std::ops::Range<usize> {
+        self.owned.clone()
+    }
+
+    /// The owned parameters' master weights and moments on the host, each flat over the owned
+    /// run (`params`: the model's, as given to `step`).
+    pub fn owned_state(&self, params: &[(String, Var)]) -> Result<herd_kernels::HostState> {
+        Ok(self.adamw.read(&self.state, &self.owned_weights(params))?)
+    }
+
+    /// The master weights of each owned parameter, on the host.
+    pub fn master(&self, params: &[(String, Var)]) -> Result<Vec<Vec<f32>>> {
+        let host = self.owned_state(params)?;
+        Ok(self.per_owned(&host.master))
+    }
+
+    /// A flat run over the owned parameters cut into one vector per parameter.
+    fn per_owned(&self, flat: &[f32]) -> Vec<Vec<f32>> {
+        let base = self.owned_base();
+        self.spans[self.owned.clone()]
+            .iter()
+            .map(|&(off, len)| flat[off - base..off - base + len].to_vec())
+            .collect()
+    }
+
+    /// Where the owned run starts in the gradient sum.
+    fn owned_base(&self) -> usize {
+        self.spans.get(self.owned.start).map_or(0, |s| s.0)
+    }
+
+    /// Copies the device moments of the owned parameters into `optimizer` (before it is saved;
+    /// its own moments may be empty, as the engine frees them once they live here).
     pub fn moments_into(&self, optimizer: &mut AdamW) -> Result<()> {
         let n = self.adamw.len();
-        let m = self.state.narrow(0, 0, n)?.to_vec1::<f32>()?;
-        let v = self.state.narrow(0, n, n)?.to_vec1::<f32>()?;
-        for (s, &(off, len)) in optimizer.states.iter_mut().zip(&self.spans) {
-            s.exp_avg = m[off..off + len].to_vec();
-            s.exp_avg_sq = v[off..off + len].to_vec();
+        let m = self.per_owned(&self.state.narrow(0, 0, n)?.to_vec1::<f32>()?);
+        let v = self.per_owned(&self.state.narrow(0, n, n)?.to_vec1::<f32>()?);
+        for ((s, m), v) in optimizer.states[self.owned.clone()]
+            .iter_mut()
+            .zip(m)
+            .zip(v)
+        {
+            s.exp_avg = m;
+            s.exp_avg_sq = v;
         }
         Ok(())
     }
@@ -228,7 +296,8 @@ mod tests {
 
     /// The master weights of `params` in a fresh state, and the bf16 parameters the model holds.
     fn placed(params: &[(String, Var)], host: &AdamW) -> (MixedState, Vec<(String, Var)>) {
-        let (mixed, weights) = MixedState::new(params, host, &Device::Cpu).unwrap();
+        let (mixed, weights) =
+            MixedState::new(params, 0..params.len(), host, &Device::Cpu).unwrap();
         let bf16 = params
             .iter()
             .zip(weights)

@@ -11,6 +11,7 @@ pub mod objective;
 pub mod plan;
 pub mod reward;
 pub mod state;
+pub mod zero;
 
 use crate::checkpoint;
 use crate::collective::Collective;
@@ -303,6 +304,9 @@ fn run_setup<O: Objective>(
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
     }
+    if job.zero_stage == 1 {
+        engine.shard_optimizer(rank, world);
+    }
     // CUDA issue #5: mixed precision computes in bf16 with f32 master weights and a fused AdamW
     // on the device; on a CPU rank through the fused ops' host code (the GPU rank's numerics, in
     // CI).
@@ -311,7 +315,11 @@ fn run_setup<O: Objective>(
         if placement.device.is_cuda() {
             // bf16 weights (the master weights' high halves) and gradients; the low halves,
             // f32 moments and gradient sum; activations come on top (the OOM error's advice).
-            let need = (4 + mixed::MixedState::BYTES_PER_PARAMETER) * parameters as u64;
+            let need = match engine.shard() {
+                // bf16 weights and gradients and the f32 sum; the state of this rank's part
+                Some(shard) => 8 * parameters as u64 + 10 * shard.elems[rank] as u64,
+                None => (4 + mixed::MixedState::BYTES_PER_PARAMETER) * parameters as u64,
+            };
             herd_kernels::device::check_memory(
                 &placement.device,
                 "the bf16 weights and gradients, the f32 master weights and AdamW state",
@@ -431,18 +439,25 @@ fn run_setup<O: Objective>(
                 observer.event(&Event::Evaluated(entry));
             }
         }
-        let stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        let mut stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        if engine.shard().is_some() {
+            // A sharded save needs every rank, so the ranks stop together.
+            stop_requested = zero::any_rank(collective, stop_requested)?;
+        }
         let cadence = job.save_strategy == SaveStrategy::Steps && step % job.save_steps == 0;
         let range_end = step == end && step < plan.total_steps;
-        if rank == 0 && (cadence || ((range_end || stop_requested) && step < plan.total_steps)) {
-            let (path, rotated) = save_checkpoint(
-                job, &objective, &engine, &tokenizer, &schedule, &ts, step, world,
+        let save = cadence || ((range_end || stop_requested) && step < plan.total_steps);
+        if save && (rank == 0 || engine.shard().is_some()) {
+            let saved = save_checkpoint(
+                job, &objective, &engine, collective, &tokenizer, &schedule, &ts, step, world,
             )?;
-            observer.event(&Event::Saved {
-                step,
-                path,
-                rotated,
-            });
+            if let Some((path, rotated)) = saved {
+                observer.event(&Event::Saved {
+                    step,
+                    path,
+                    rotated,
+                });
+            }
         }
         if stop_requested && step < plan.total_steps {
             return Ok(Outcome::Paused { step });
@@ -462,6 +477,12 @@ fn run_setup<O: Objective>(
         train_loss.iter().sum::<f64>() / train_loss.len() as f64
     };
     let runtime = t0.elapsed().as_secs_f64();
+    // Sharded, every rank sends its part of the master weights; rank 0 writes them.
+    let master = if rank == 0 || engine.shard().is_some() {
+        engine.master_model(collective)?
+    } else {
+        None
+    };
     if rank == 0 {
         ts.log_history.push(json!({
             "epoch": round4(ts.epoch),
@@ -472,7 +493,7 @@ fn run_setup<O: Objective>(
             "train_samples_per_second": round4((step - start_step) as f64 * plan.global_batch() as f64 / runtime),
             "train_steps_per_second": round4((step - start_step) as f64 / runtime),
         }));
-        save_final(job, &objective, &engine, &tokenizer, &ts)?;
+        save_final(job, &objective, &engine, master, &tokenizer, &ts)?;
     }
     observer.event(&Event::Finished {
         output_dir: job.output_dir.clone(),
@@ -536,21 +557,27 @@ fn new_trainer_state(job: &JobSpec, plan: &Plan) -> TrainerState {
     }
 }
 
-/// Everything `checkpoint-<step>` holds, written by rank 0 into a staging dir and sealed.
+/// Everything `checkpoint-<step>` holds, written by rank 0 into a staging dir and sealed
+/// (None on the other ranks, which take part only to send their ZeRO-1 shards).
 #[allow(clippy::too_many_arguments)]
 fn save_checkpoint<O: Objective>(
     job: &JobSpec,
     objective: &O,
     engine: &Engine<O::Model>,
+    collective: &mut dyn Collective,
     tokenizer: &Tokenizer,
     schedule: &LrSchedule,
     ts: &TrainerState,
     step: u64,
     world: usize,
-) -> Result<(PathBuf, Vec<u64>)> {
-    let staging = checkpoint::begin(&job.output_dir, step)?;
+) -> Result<Option<(PathBuf, Vec<u64>)>> {
     // the f32 master weights under mixed precision, so a resumed run continues exactly
-    let master = engine.master_model()?;
+    let master = engine.master_model(collective)?;
+    let optimizer = engine.optimizer_to_save(collective)?;
+    if collective.rank() != 0 {
+        return Ok(None);
+    }
+    let staging = checkpoint::begin(&job.output_dir, step)?;
     objective.save(
         job,
         master.as_ref().unwrap_or(&engine.model),
@@ -558,7 +585,7 @@ fn save_checkpoint<O: Objective>(
         DType::F32,
     )?;
     tokenizer.save(&staging)?;
-    state::save_optimizer(&staging, &*engine.optimizer_to_save()?)?;
+    state::save_optimizer(&staging, &optimizer)?;
     state::save_scheduler(&staging, schedule, step)?;
     ts.save(&staging)?;
     checkpoint::write_atomic(
@@ -568,7 +595,7 @@ fn save_checkpoint<O: Objective>(
     let path = checkpoint::commit(&job.output_dir, &staging, step, world)?;
     let rotated = checkpoint::rotate(&job.output_dir, job.save_total_limit)?;
     tracing::info!(step, path = %path.display(), ?rotated, "checkpoint saved");
-    Ok((path, rotated))
+    Ok(Some((path, rotated)))
 }
 
 /// The final model in HF layout (bf16 when the job trains in bf16, as HF would save it).
@@ -576,13 +603,13 @@ fn save_final<O: Objective>(
     job: &JobSpec,
     objective: &O,
     engine: &Engine<O::Model>,
+    master: Option<O::Model>,
     tokenizer: &Tokenizer,
     ts: &TrainerState,
 ) -> Result<()> {
     let out = &job.output_dir;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     let dtype = if job.bf16 { DType::BF16 } else { DType::F32 };
-    let master = engine.master_model()?;
     objective.save(job, master.as_ref().unwrap_or(&engine.model), out, dtype)?;
     tokenizer.save(out)?;
     ts.save(out)?;

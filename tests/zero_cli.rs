@@ -1,0 +1,92 @@
+//! `zero_stage: 1` through the real binaries: `herd run` with two workers trains the same model
+//! bit for bit as without sharding, writes the same whole checkpoint (rank 0 gathers the
+//! shards), and that checkpoint resumes in one process at another world size.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+const STEPS: &str = "max_steps: 4\nsave_steps: 2\n";
+
+/// Every tensor of a safetensors file as the bits of its f32 values.
+fn bits(path: &Path) -> BTreeMap<String, Vec<u32>> {
+    tensors(path)
+        .into_iter()
+        .map(|(k, v)| (k, v.iter().map(|x| x.to_bits()).collect()))
+        .collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+#[test]
+fn zero_stage_1_equals_unsharded_and_its_checkpoint_resumes_at_another_world_size() {
+    let ws = Workspace::new(32);
+    let zero = ws.job("zero.yaml", "zero", &format!("{STEPS}zero_stage: 1\n"));
+    let out = run_ok(
+        herd_clean()
+            .current_dir(ws.path())
+            .arg("run")
+            .arg(&zero)
+            .args(["--workers", "2", "--keep-state"]),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SUCCEEDED"), "{stderr}");
+    // Both workers sharded (their logs say so), and the state dir is theirs to remove.
+    let state = stderr
+        .split("state and logs kept in ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("herd run names the kept state dir");
+    for w in 0..2 {
+        let log = std::fs::read_to_string(Path::new(state).join(format!("worker-{w}.log")));
+        let log = log.unwrap();
+        assert!(log.contains("ZeRO-1: this rank holds"), "worker {w}: {log}");
+    }
+    std::fs::remove_dir_all(state).unwrap();
+    let plain = ws.job("plain.yaml", "plain", STEPS);
+    ws.run_workers(&plain, 2);
+
+    let (z, p) = (ws.path().join("zero"), ws.path().join("plain"));
+    assert_eq!(
+        bits(&z.join("model.safetensors")),
+        bits(&p.join("model.safetensors")),
+        "the final weights"
+    );
+    for step in [2, 4] {
+        let opt = format!("checkpoint-{step}/optimizer.safetensors");
+        let (zo, po) = (bits(&z.join(&opt)), bits(&p.join(&opt)));
+        assert_eq!(zo, po, "{opt}");
+        let moved = po.values().filter(|v| v.iter().any(|&x| x != 0)).count();
+        assert_eq!(moved, po.len(), "{opt}: every moment has been written");
+    }
+    let args = std::fs::read_to_string(z.join("checkpoint-4/training_args.yaml")).unwrap();
+    assert!(args.contains("zero_stage: 1"), "{args}");
+
+    // The gathered checkpoint is whole: one process with the same global batch continues it.
+    let moved = ws.path().join("moved");
+    copy_dir(&z.join("checkpoint-2"), &moved.join("checkpoint-2"));
+    let one = ws.job(
+        "one.yaml",
+        "moved",
+        &format!("{STEPS}gradient_accumulation_steps: 2\n"),
+    );
+    ws.train(&one, &[]);
+    assert_eq!(trainer_state(&moved)["global_step"], 4);
+    assert_weights_close(
+        &moved.join("model.safetensors"),
+        &z.join("model.safetensors"),
+        1e-5,
+    );
+}
