@@ -405,3 +405,72 @@ fn a_stray_connection_does_not_break_the_ring() {
     assert_eq!(v, vec![3.0, 4.0]);
     assert_eq!(r1.join().unwrap(), vec![3.0, 4.0]);
 }
+
+/// Rank `root`'s buffer with values a sum would not keep: -0.0, a NaN payload, infinities.
+fn special_input(root: usize, len: usize) -> Vec<f32> {
+    let mut v = float_input(root, len, 7);
+    for (i, x) in v.iter_mut().enumerate().step_by(97) {
+        *x = [-0.0, f32::from_bits(0x7fc0_1234), f32::NEG_INFINITY][i % 3];
+    }
+    v
+}
+
+#[test]
+fn broadcast_copies_the_roots_bits_to_every_rank() {
+    for n in [2usize, 3, 5] {
+        for len in [0usize, 1, 1000, 70_000] {
+            let out = run_ring(
+                n,
+                same_secret(n),
+                Duration::from_secs(10),
+                move |rank, ring| {
+                    let mut ring = ring.unwrap();
+                    let mut got = vec![];
+                    for root in 0..n {
+                        let mut buf = if rank == root {
+                            special_input(root, len)
+                        } else {
+                            vec![1.5; len]
+                        };
+                        ring.broadcast(&mut buf, root).unwrap();
+                        got.push(bits(&buf));
+                    }
+                    // The ring still sums after broadcasts.
+                    let mut sum = int_input(rank, 33);
+                    ring.all_reduce_sum(&mut sum).unwrap();
+                    (got, sum)
+                },
+            );
+            for (rank, (got, sum)) in out.iter().enumerate() {
+                for (root, b) in got.iter().enumerate() {
+                    assert_eq!(
+                        b,
+                        &bits(&special_input(root, len)),
+                        "world {n} len {len}: rank {rank} from root {root}"
+                    );
+                }
+                assert_eq!(sum, &exact_sum(n, 33, int_input), "world {n}");
+            }
+        }
+    }
+}
+
+#[test]
+fn ranks_that_disagree_on_the_root_get_an_error() {
+    let out = run_ring(2, same_secret(2), Duration::from_secs(5), |rank, ring| {
+        let mut ring = ring.unwrap();
+        let mut buf = vec![0.0f32; 10];
+        let bad_root = ring.broadcast(&mut buf, rank);
+        let out_of_world = ring.broadcast(&mut buf, 7);
+        (bad_root.map_err(|e| e.to_string()), out_of_world.is_err())
+    });
+    let errors: Vec<String> = out.iter().filter_map(|(r, _)| r.clone().err()).collect();
+    assert!(!errors.is_empty(), "a root disagreement went unnoticed");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("disagrees") && e.contains("a broadcast from rank")),
+        "{errors:?}"
+    );
+    assert!(out.iter().all(|(_, oow)| *oow));
+}

@@ -26,8 +26,14 @@
 //! all-gather copies the finished bits, so every rank gets identical bits and the same inputs
 //! give the same bits on every run. Values travel as little-endian f32.
 //!
-//! Every call starts with a header (call number, length, bucket size) checked against the left
-//! neighbour, so ranks that disagree on the buffer get a clear error instead of garbage. Socket
+//! **Broadcast** (ZeRO-1's weight sharing) is a pipeline along the ring: the root sends its
+//! buffer in segments to the right, each other rank copies what arrives and passes it on, the
+//! rank left of the root only keeps it. Every link carries the buffer once (an all-reduce
+//! carries it about twice) and the bits are copied, never summed.
+//!
+//! Every call starts with a header (call number, length, and the bucket size of an all-reduce or
+//! the root of a broadcast) checked against the left neighbour, so ranks that disagree on the
+//! buffer or the operation get a clear error instead of garbage. Socket
 //! read/write timeouts turn a dead or stalled peer into an error naming its rank and address.
 //! After any failure the ring shuts its sockets (so the neighbours fail fast too) and every later
 //! call returns the same error.
@@ -226,17 +232,17 @@ impl TcpRing {
         self.timeout
     }
 
-    fn reduce(&mut self, buf: &mut [f32]) -> Result<()> {
-        let (rank, world, bucket) = (self.rank, self.world, self.bucket_elems);
+    /// Exchanges this call's header with the neighbours: every rank must agree on what the
+    /// call is (`op` of `len` elements, with `param`: the bucket size or the root).
+    fn agree(&mut self, op: Op, len: usize, param: usize) -> Result<()> {
+        let rank = self.rank;
         let call = self.calls;
         self.calls += 1;
         let links = self.links.as_mut().expect("world > 1 has links");
-
-        // Header: every rank must agree on what this call is.
         let mut header = [0u8; 24];
         header[..8].copy_from_slice(&call.to_le_bytes());
-        header[8..16].copy_from_slice(&(buf.len() as u64).to_le_bytes());
-        header[16..].copy_from_slice(&(bucket as u64).to_le_bytes());
+        header[8..16].copy_from_slice(&(len as u64).to_le_bytes());
+        header[16..].copy_from_slice(&op.code(param).to_le_bytes());
         let mut out = links.take_buffer()?;
         out.extend_from_slice(&header);
         links.send(out)?;
@@ -248,18 +254,23 @@ impl TcpRing {
             let _ = links.flush();
             let f = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
             return Err(err(format!(
-                "rank {rank}: rank {} ({}) disagrees on all-reduce call {call}: \
-                 here {} elements in buckets of {}, there call {} with {} elements in buckets of {}",
+                "rank {rank}: rank {} ({}) disagrees on call {call}: here {} of {len} elements, \
+                 there call {} is {} of {} elements",
                 links.left,
                 links.left_addr,
-                buf.len(),
-                bucket,
+                op.describe(param as u64),
                 f(&theirs[..8]),
+                Op::describe_code(f(&theirs[16..])),
                 f(&theirs[8..16]),
-                f(&theirs[16..])
             )));
         }
+        Ok(())
+    }
 
+    fn reduce(&mut self, buf: &mut [f32]) -> Result<()> {
+        let (rank, world, bucket) = (self.rank, self.world, self.bucket_elems);
+        self.agree(Op::AllReduce, buf.len(), bucket)?;
+        let links = self.links.as_mut().expect("world > 1 has links");
         for bucket_buf in buf.chunks_mut(bucket) {
             let n = bucket_buf.len();
             let bounds = |i: usize| (i * n / world)..((i + 1) * n / world);
@@ -280,6 +291,76 @@ impl TcpRing {
         }
         links.flush()
     }
+
+    fn pass_on(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
+        self.agree(Op::Broadcast, buf.len(), root)?;
+        let links = self.links.as_mut().expect("world > 1 has links");
+        let last = (root + world - 1) % world; // keeps what arrives, sends nothing
+        for seg in buf.chunks_mut(RECV_SEGMENT_BYTES / 4) {
+            if rank != root {
+                links.recv_f32(seg, false)?;
+            }
+            if rank != last {
+                links.send_f32(seg)?;
+            }
+        }
+        links.flush()
+    }
+
+    /// Runs `f` unless the ring is broken; a failure breaks it (sockets shut, so the neighbours
+    /// fail fast too) and is repeated by every later call.
+    fn guarded(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        if let Some(reason) = &self.broken {
+            return Err(err(format!(
+                "the ring is broken by an earlier failure: {reason}"
+            )));
+        }
+        let r = f(self);
+        if let Err(e) = &r {
+            self.broken = Some(match e {
+                Error::Collective { reason, .. } => reason.clone(),
+                other => other.to_string(),
+            });
+            if let Some(links) = &self.links {
+                links.shutdown();
+            }
+        }
+        r
+    }
+}
+
+/// What a call does, as its header's third word says.
+#[derive(Clone, Copy)]
+enum Op {
+    AllReduce,
+    Broadcast,
+}
+
+const BROADCAST_FLAG: u64 = 1 << 63;
+
+impl Op {
+    fn code(self, param: usize) -> u64 {
+        match self {
+            Op::AllReduce => param as u64,
+            Op::Broadcast => BROADCAST_FLAG | param as u64,
+        }
+    }
+
+    fn describe(self, param: u64) -> String {
+        match self {
+            Op::AllReduce => format!("an all-reduce in buckets of {param}"),
+            Op::Broadcast => format!("a broadcast from rank {param}"),
+        }
+    }
+
+    fn describe_code(code: u64) -> String {
+        if code & BROADCAST_FLAG != 0 {
+            Op::Broadcast.describe(code & !BROADCAST_FLAG)
+        } else {
+            Op::AllReduce.describe(code)
+        }
+    }
 }
 
 impl Collective for TcpRing {
@@ -293,22 +374,19 @@ impl Collective for TcpRing {
         if self.world == 1 {
             return Ok(());
         }
-        if let Some(reason) = &self.broken {
+        self.guarded(|ring| ring.reduce(buf))
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.world {
             return Err(err(format!(
-                "the ring is broken by an earlier failure: {reason}"
+                "broadcast from rank {root} in a world of {}",
+                self.world
             )));
         }
-        let r = self.reduce(buf);
-        if let Err(e) = &r {
-            self.broken = Some(match e {
-                Error::Collective { reason, .. } => reason.clone(),
-                other => other.to_string(),
-            });
-            if let Some(links) = &self.links {
-                links.shutdown();
-            }
+        if self.world == 1 {
+            return Ok(());
         }
-        r
+        self.guarded(|ring| ring.pass_on(buf, root))
     }
     fn name(&self) -> &'static str {
         BACKEND
