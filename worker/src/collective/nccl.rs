@@ -7,6 +7,8 @@
 //! waits on another's report, and a restarted attempt gets a fresh id with its fresh ring. The
 //! Assignment's `nccl_id` field stays unused (reserved).
 //!
+//! ZeRO-1 shares each rank's updated weights with ncclBroadcast, in place on the device.
+//!
 //! The mixed-precision gradient lives on the GPU as one flat f32 tensor, and
 //! `all_reduce_sum_tensor` sums it in place there, bucket by bucket, on candle's stream (so it is
 //! ordered after the backward and before the optimizer with no host sync). Host buffers (the
@@ -138,13 +140,15 @@ impl Collective for NcclCollective {
             self.broadcast(&mut host, root)?;
             return Ok(Tensor::from_vec(host, t.shape(), t.device())?);
         }
-        // The default's -0.0 trick, on the device: the sum of the root's values and -0.0s.
-        let t = if self.rank == root {
-            t.contiguous()?
-        } else {
-            Tensor::full(-0.0f32, t.shape(), &self.device)?
-        };
-        self.all_reduce_sum_tensor(t)
+        let t = t.contiguous()?;
+        let (rank, world) = (self.rank, self.world);
+        let root = root as i32;
+        t.inplace_op1(&InPlaceBroadcast {
+            comm: &self.comm,
+            root,
+        })
+        .map_err(|e| nccl_error(rank, world, "ncclBroadcast", e))?;
+        Ok(t)
     }
     fn name(&self) -> &'static str {
         "nccl"
@@ -180,6 +184,43 @@ impl InplaceOp1 for InPlaceSum<'_> {
             let mut bucket = slice.slice_mut(start..end);
             self.comm
                 .all_reduce_in_place(&mut bucket, &ReduceOp::Sum)
+                .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+/// ncclBroadcast from `root` in place on a tensor's device memory, in buckets.
+struct InPlaceBroadcast<'a> {
+    comm: &'a Comm,
+    root: i32,
+}
+
+impl InplaceOp1 for InPlaceBroadcast<'_> {
+    fn name(&self) -> &'static str {
+        "herd-nccl-broadcast"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("NCCL broadcasts GPU memory; a CPU tensor goes through the host path")
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &mut candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("herd-nccl-broadcast: the buffer must be contiguous")
+        };
+        let slice = storage.as_cuda_slice_mut::<f32>()?;
+        let mut start = a;
+        while start < b {
+            let end = (start + BUCKET_ELEMS).min(b);
+            let mut bucket = slice.slice_mut(start..end);
+            self.comm
+                .broadcast_in_place(&mut bucket, self.root)
                 .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
             start = end;
         }
