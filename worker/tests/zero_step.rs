@@ -56,7 +56,7 @@ fn run(zero: bool, bf16: bool) -> Vec<Ended> {
                 };
                 let mut e = Engine::new(resized_model(&step), adam, 1.0);
                 if zero {
-                    e.shard_optimizer(rank, 2);
+                    e.shard_optimizer(rank, 2).unwrap();
                 }
                 if bf16 {
                     e.place(&Device::Cpu, DType::BF16).unwrap();
@@ -149,4 +149,21 @@ fn zero1_equals_the_unsharded_step_bit_for_bit_in_f32() {
 #[test]
 fn zero1_equals_the_unsharded_step_bit_for_bit_in_bf16() {
     check(true);
+}
+
+#[test]
+fn sharding_after_the_mixed_state_is_built_is_refused() {
+    let _fused = FusedOnCpu::enable();
+    let step = load_step();
+    let adam = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    };
+    let mut e = Engine::new(resized_model(&step), adam, 1.0);
+    e.place(&Device::Cpu, DType::BF16).unwrap();
+    let err = e.shard_optimizer(0, 2).unwrap_err().to_string();
+    assert!(err.contains("zero_stage"), "{err}");
+    assert!(e.shard().is_none());
 }

@@ -130,8 +130,11 @@ impl Collective for NcclCollective {
         }
         let t = t.contiguous()?;
         let (rank, world) = (self.rank, self.world);
-        t.inplace_op1(&InPlaceSum { comm: &self.comm })
-            .map_err(|e| nccl_error(rank, world, "ncclAllReduce", e))?;
+        t.inplace_op1(&InPlace {
+            comm: &self.comm,
+            op: Bucketwise::Sum,
+        })
+        .map_err(|e| nccl_error(rank, world, "ncclAllReduce", e))?;
         Ok(t)
     }
     fn broadcast_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
@@ -143,9 +146,9 @@ impl Collective for NcclCollective {
         let t = t.contiguous()?;
         let (rank, world) = (self.rank, self.world);
         let root = root as i32;
-        t.inplace_op1(&InPlaceBroadcast {
+        t.inplace_op1(&InPlace {
             comm: &self.comm,
-            root,
+            op: Bucketwise::Broadcast(root),
         })
         .map_err(|e| nccl_error(rank, world, "ncclBroadcast", e))?;
         Ok(t)
@@ -155,55 +158,31 @@ impl Collective for NcclCollective {
     }
 }
 
-/// ncclAllReduce(sum) in place on a tensor's device memory, in buckets.
-struct InPlaceSum<'a> {
-    comm: &'a Comm,
+/// What an [`InPlace`] op does to each bucket.
+#[derive(Clone, Copy)]
+enum Bucketwise {
+    /// ncclAllReduce(sum).
+    Sum,
+    /// ncclBroadcast from the rank given.
+    Broadcast(i32),
 }
 
-impl InplaceOp1 for InPlaceSum<'_> {
+/// An NCCL collective in place on a flat f32 tensor's device memory, in buckets.
+struct InPlace<'a> {
+    comm: &'a Comm,
+    op: Bucketwise,
+}
+
+impl InplaceOp1 for InPlace<'_> {
     fn name(&self) -> &'static str {
-        "herd-nccl-all-reduce"
-    }
-
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
-        candle_core::bail!("NCCL sums GPU memory; a CPU tensor goes through the host path")
-    }
-
-    fn cuda_fwd(
-        &self,
-        storage: &mut candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<()> {
-        let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("herd-nccl-all-reduce: the gradient must be contiguous")
-        };
-        let slice = storage.as_cuda_slice_mut::<f32>()?;
-        let mut start = a;
-        while start < b {
-            let end = (start + BUCKET_ELEMS).min(b);
-            let mut bucket = slice.slice_mut(start..end);
-            self.comm
-                .all_reduce_in_place(&mut bucket, &ReduceOp::Sum)
-                .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
-            start = end;
+        match self.op {
+            Bucketwise::Sum => "herd-nccl-all-reduce",
+            Bucketwise::Broadcast(_) => "herd-nccl-broadcast",
         }
-        Ok(())
-    }
-}
-
-/// ncclBroadcast from `root` in place on a tensor's device memory, in buckets.
-struct InPlaceBroadcast<'a> {
-    comm: &'a Comm,
-    root: i32,
-}
-
-impl InplaceOp1 for InPlaceBroadcast<'_> {
-    fn name(&self) -> &'static str {
-        "herd-nccl-broadcast"
     }
 
     fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
-        candle_core::bail!("NCCL broadcasts GPU memory; a CPU tensor goes through the host path")
+        candle_core::bail!("NCCL works on GPU memory; a CPU tensor goes through the host path")
     }
 
     fn cuda_fwd(
@@ -212,16 +191,18 @@ impl InplaceOp1 for InPlaceBroadcast<'_> {
         layout: &Layout,
     ) -> candle_core::Result<()> {
         let Some((a, b)) = layout.contiguous_offsets() else {
-            candle_core::bail!("herd-nccl-broadcast: the buffer must be contiguous")
+            candle_core::bail!("{}: the buffer must be contiguous", self.name())
         };
         let slice = storage.as_cuda_slice_mut::<f32>()?;
         let mut start = a;
         while start < b {
             let end = (start + BUCKET_ELEMS).min(b);
             let mut bucket = slice.slice_mut(start..end);
-            self.comm
-                .broadcast_in_place(&mut bucket, self.root)
-                .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
+            match self.op {
+                Bucketwise::Sum => self.comm.all_reduce_in_place(&mut bucket, &ReduceOp::Sum),
+                Bucketwise::Broadcast(root) => self.comm.broadcast_in_place(&mut bucket, root),
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
             start = end;
         }
         Ok(())

@@ -125,10 +125,17 @@ impl<M: Trainable> Engine<M> {
 
     /// ZeRO-1 over `world` ranks, this one `rank`: keep optimizer state only for this rank's
     /// part of the parameters ([`zero::partition`]) and share updated weights after each step.
-    /// Call before [`Engine::place`] and after a resume has loaded the (whole) optimizer.
-    pub fn shard_optimizer(&mut self, rank: usize, world: usize) {
+    /// Call after a resume has loaded the (whole) optimizer and before [`Engine::place`] (the
+    /// mixed-precision state is built for the shard).
+    pub fn shard_optimizer(&mut self, rank: usize, world: usize) -> Result<()> {
+        if self.mixed.is_some() {
+            return Err(crate::Error::Unsupported {
+                key: "zero_stage",
+                reason: "sharding after the mixed-precision state was built".into(),
+            });
+        }
         if world < 2 {
-            return;
+            return Ok(());
         }
         let sizes: Vec<usize> = self.offsets.windows(2).map(|w| w[1] - w[0]).collect();
         let shard = Shard::new(&sizes, rank, world);
@@ -147,6 +154,7 @@ impl<M: Trainable> Engine<M> {
             "ZeRO-1: this rank holds the optimizer state of its part"
         );
         self.shard = Some(shard);
+        Ok(())
     }
 
     /// Bytes of optimizer state this rank holds: the host moments, or under mixed precision

@@ -305,7 +305,7 @@ fn run_setup<O: Objective>(
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
     }
     if job.zero_stage == 1 {
-        engine.shard_optimizer(rank, world);
+        engine.shard_optimizer(rank, world)?;
     }
     // CUDA issue #5: mixed precision computes in bf16 with f32 master weights and a fused AdamW
     // on the device; on a CPU rank through the fused ops' host code (the GPU rank's numerics, in
