@@ -7,21 +7,15 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{batch, load_step, resized_model};
+use common::{batch, load_step, resized_model, torch_adam};
 use herd_kernels::FusedOnCpu;
 use herd_worker::collective::SingleProcess;
-use herd_worker::optim::AdamWConfig;
 use herd_worker::trainer::engine::Engine;
 
 /// Per-step (f32 CPU, bf16 on `device`) losses of 20 steps from the same start.
 fn losses(device: &Device) -> Vec<[f64; 2]> {
     let step = load_step();
-    let adam = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
+    let adam = torch_adam(0.0);
     let mut reference = Engine::new(resized_model(&step), adam, 1.0);
     let mut mixed = Engine::new(resized_model(&step), adam, 1.0);
     mixed.place(device, DType::BF16).unwrap();

@@ -6,11 +6,10 @@
 mod common;
 
 use candle_core::Tensor;
-use common::{batch, fixtures, load_step, resized_model};
+use common::{batch, fixtures, load_step, resized_model, torch_adam};
 use herd_proto::SchedulerType;
 use herd_worker::collective::SingleProcess;
 use herd_worker::data::Batch;
-use herd_worker::optim::AdamWConfig;
 use herd_worker::schedule::LrSchedule;
 use herd_worker::trainer::engine::Engine;
 use std::collections::HashMap;
@@ -49,12 +48,7 @@ fn max_weight_diff(engine: &Engine, step: &HashMap<String, Tensor>, prefix: &str
 fn two_adamw_steps_match_pytorch() {
     let step = load_step();
     let model = resized_model(&step);
-    let adam = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let adam = torch_adam(0.1);
     let mut engine = Engine::new(model, adam, 1.0);
     let batch = batch(&step);
     for (k, (loss_name, norm_name, after)) in [
@@ -87,12 +81,7 @@ fn gradient_is_the_token_mean_across_micro_batches() {
     // Splitting the batch into two micro-batches (accumulation) gives the same step: gradients
     // are summed and divided by the global count of label tokens, as one big batch would be.
     let step = load_step();
-    let adam = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
+    let adam = torch_adam(0.1);
     let whole = batch(&step);
     let half = |rows: std::ops::Range<usize>| Batch {
         input_ids: whole.input_ids[rows.start * whole.seq_len..rows.end * whole.seq_len].to_vec(),

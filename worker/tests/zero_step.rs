@@ -8,10 +8,9 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use common::{batch, load_step, resized_model};
+use common::{batch, load_step, resized_model, torch_adam};
 use herd_kernels::FusedOnCpu;
 use herd_worker::collective::TcpRing;
-use herd_worker::optim::AdamWConfig;
 use herd_worker::trainer::engine::Engine;
 
 /// What a rank ends with after three steps.
@@ -48,12 +47,7 @@ fn run(zero: bool, bf16: bool) -> Vec<Ended> {
                     TcpRing::with_listener(rank, l, peers, b"zero", Duration::from_secs(30))
                         .unwrap();
                 let step = load_step();
-                let adam = AdamWConfig {
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 0.1,
-                };
+                let adam = torch_adam(0.1);
                 let mut e = Engine::new(resized_model(&step), adam, 1.0);
                 if zero {
                     e.shard_optimizer(rank, 2).unwrap();
@@ -155,12 +149,7 @@ fn zero1_equals_the_unsharded_step_bit_for_bit_in_bf16() {
 fn sharding_after_the_mixed_state_is_built_is_refused() {
     let _fused = FusedOnCpu::enable();
     let step = load_step();
-    let adam = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: 0.0,
-    };
+    let adam = torch_adam(0.0);
     let mut e = Engine::new(resized_model(&step), adam, 1.0);
     e.place(&Device::Cpu, DType::BF16).unwrap();
     let err = e.shard_optimizer(0, 2).unwrap_err().to_string();

@@ -70,22 +70,35 @@ impl MixedState {
             total += v.elem_count();
         }
         let mut packer = adamw.packer();
-        let mut weights = Vec::with_capacity(params.len());
+        // The bf16 weights: the packer makes the owned parameters' high halves; the others'
+        // are split here (a ZeRO-1 shard holds no state for them).
+        let mut others = Vec::with_capacity(params.len());
         for (i, (_, v)) in params.iter().enumerate() {
             let master = v.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
             let master = master.to_vec1::<f32>()?;
             if owned.contains(&i) {
                 let s = &optimizer.states[i];
                 packer.push(&master, &s.exp_avg, &s.exp_avg_sq)?;
+                others.push(None);
+            } else {
+                let hi: Vec<_> = master
+                    .iter()
+                    .map(|&x| herd_kernels::master::split(x).0)
+                    .collect();
+                others.push(Some(Tensor::from_vec(hi, v.shape(), device)?));
             }
-            // The high halves, as the packer makes them for the parameters it holds.
-            let hi: Vec<_> = master
-                .iter()
-                .map(|&x| herd_kernels::master::split(x).0)
-                .collect();
-            weights.push(Tensor::from_vec(hi, v.shape(), device)?);
         }
-        let (words, _) = packer.finish()?;
+        let (words, hi) = packer.finish()?;
+        let base = spans.get(owned.start).map_or(0, |s| s.0);
+        let weights = others
+            .into_iter()
+            .zip(params)
+            .zip(&spans)
+            .map(|((w, (_, v)), &(off, len))| match w {
+                Some(w) => Ok(w),
+                None => Tensor::from_slice(&hi[off - base..off - base + len], v.shape(), device),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let words = Tensor::from_vec(words, adamw.state_words(), device)?;
         let state = MixedState {
             adamw,

@@ -4,6 +4,7 @@
 use candle_core::{Device, Tensor};
 use herd_model::{weights, Llama, LlamaConfig};
 use herd_worker::data::Batch;
+use herd_worker::optim::AdamWConfig;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -24,6 +25,16 @@ pub fn resized_model(step: &HashMap<String, Tensor>) -> Llama {
     }
     cfg.vocab_size = step["init.lm_head.weight"].dim(0).unwrap();
     Llama::from_tensors(cfg, tensors).unwrap()
+}
+
+/// torch.optim.AdamW's defaults (betas 0.9/0.999, eps 1e-8) with `weight_decay`.
+pub fn torch_adam(weight_decay: f64) -> AdamWConfig {
+    AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay,
+    }
 }
 
 pub fn batch(step: &HashMap<String, Tensor>) -> Batch {
