@@ -405,7 +405,10 @@ pub struct JobSpec {
     /// ZeRO stage, as DeepSpeed's `zero_optimization.stage`: 0 keeps the whole optimizer state
     /// on every rank; 1 shards it (each rank holds AdamW's moments — and under mixed precision
     /// the f32 masters' low halves — for its part of the parameters, updates that part and
-    /// shares it). The trained weights are the same bit for bit; checkpoints keep one format.
+    /// shares it); 2 shards the gradient too (each micro-batch's gradients are reduced into the
+    /// rank that owns them, which keeps the sum of its part only). Stage 1 trains the same weights
+    /// bit for bit; stage 2 too without clipping (with it, the norm is the ranks' sums of squares
+    /// added, which may differ in the last bits). Checkpoints keep one format.
     #[serde(default)]
     pub zero_stage: u8,
     #[serde(default = "d_seed")]
@@ -603,12 +606,13 @@ impl JobSpec {
                     .into(),
             );
         }
-        if self.zero_stage > 1 {
+        if self.zero_stage > 2 {
             return bad(
                 "zero_stage",
                 format!(
-                    "stage {} is not supported: herd has stage 0 (no sharding) and 1 (optimizer \
-                     state sharded across the ranks); stages 2 and 3 are not built",
+                    "stage {} is not supported: herd has stage 0 (no sharding), 1 (optimizer \
+                     state sharded across the ranks) and 2 (gradients sharded too); stage 3 \
+                     (sharded parameters) is not built",
                     self.zero_stage
                 ),
             );

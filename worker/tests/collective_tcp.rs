@@ -474,3 +474,100 @@ fn ranks_that_disagree_on_the_root_get_an_error() {
     );
     assert!(out.iter().all(|(_, oow)| *oow));
 }
+
+#[test]
+fn reduce_sums_into_the_root_exactly() {
+    for n in [2usize, 3, 5] {
+        for len in [0usize, 1, 1000, 70_000] {
+            let out = run_ring(
+                n,
+                same_secret(n),
+                Duration::from_secs(10),
+                move |rank, ring| {
+                    let mut ring = ring.unwrap();
+                    let mut got = vec![];
+                    for root in 0..n {
+                        let mut buf = int_input(rank + root, len);
+                        ring.reduce(&mut buf, root).unwrap();
+                        got.push(buf);
+                    }
+                    // The ring still all-reduces after reduces.
+                    let mut sum = int_input(rank, 33);
+                    ring.all_reduce_sum(&mut sum).unwrap();
+                    (got, sum)
+                },
+            );
+            for (root, (got, _)) in out.iter().enumerate() {
+                let inputs: Vec<Vec<f32>> = (0..n).map(|r| int_input(r + root, len)).collect();
+                let want: Vec<f32> = (0..len)
+                    .map(|i| inputs.iter().map(|v| v[i]).sum())
+                    .collect();
+                assert_eq!(got[root], want, "world {n} len {len}: root {root}");
+            }
+            for (got, sum) in &out {
+                assert_eq!(got.len(), n);
+                assert_eq!(sum, &exact_sum(n, 33, int_input), "world {n}");
+            }
+        }
+    }
+}
+
+#[test]
+fn two_rank_reduce_has_the_all_reduce_bits() {
+    // Two ranks: a + b either way round, so ZeRO-2's reduced gradient equals the all-reduced one.
+    let out = run_ring(2, same_secret(2), Duration::from_secs(10), |rank, ring| {
+        let mut ring = ring.unwrap();
+        let mut all = float_input(rank, 5000, 3);
+        ring.all_reduce_sum(&mut all).unwrap();
+        let mut into: Vec<Vec<u32>> = vec![];
+        for root in 0..2 {
+            let mut buf = float_input(rank, 5000, 3);
+            ring.reduce(&mut buf, root).unwrap();
+            into.push(bits(&buf));
+        }
+        (bits(&all), into)
+    });
+    for (root, (all, into)) in out.iter().enumerate() {
+        assert_eq!(&into[root], all, "root {root}");
+    }
+}
+
+#[test]
+fn ranks_that_disagree_on_the_reduce_root_get_an_error() {
+    let out = run_ring(2, same_secret(2), Duration::from_secs(5), |rank, ring| {
+        let mut ring = ring.unwrap();
+        let mut buf = vec![0.0f32; 10];
+        let bad_root = ring.reduce(&mut buf, rank);
+        let out_of_world = ring.reduce(&mut buf, 2);
+        (bad_root.map_err(|e| e.to_string()), out_of_world.is_err())
+    });
+    let errors: Vec<String> = out.iter().filter_map(|(r, _)| r.clone().err()).collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("disagrees") && e.contains("a reduce into rank")),
+        "{errors:?}"
+    );
+    assert!(out.iter().all(|(_, oow)| *oow));
+}
+
+#[test]
+fn a_reduce_and_a_broadcast_at_the_same_call_disagree() {
+    let out = run_ring(2, same_secret(2), Duration::from_secs(5), |rank, ring| {
+        let mut ring = ring.unwrap();
+        let mut buf = vec![0.0f32; 10];
+        let r = if rank == 0 {
+            ring.reduce(&mut buf, 0)
+        } else {
+            ring.broadcast(&mut buf, 0)
+        };
+        r.map_err(|e| e.to_string())
+    });
+    let errors: Vec<String> = out.iter().filter_map(|r| r.clone().err()).collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("a reduce into rank 0") && e.contains("a broadcast from rank 0")),
+        "{errors:?}"
+    );
+}

@@ -194,3 +194,27 @@ fn yaml_round_trip() {
     let back = JobSpec::from_yaml_str(&j.to_yaml(), "j").unwrap();
     assert_eq!(j, back);
 }
+
+#[test]
+fn zero_stages_0_to_2_are_accepted() {
+    for stage in 0..=2u8 {
+        let j = JobSpec::from_yaml_str(&format!("{MIN}zero_stage: {stage}\n"), "j").unwrap();
+        assert_eq!(j.zero_stage, stage);
+    }
+}
+
+#[test]
+fn the_shipped_configs_are_valid_jobs() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut seen = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let name = path.display().to_string();
+            JobSpec::from_yaml_str(&text, &name).unwrap_or_else(|e| panic!("{name}: {e}"));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "configs/ holds the shipped jobs");
+}

@@ -42,6 +42,22 @@ pub trait Collective: Send {
         self.broadcast(&mut host, root)?;
         Ok(Tensor::from_vec(host, t.shape(), t.device())?)
     }
+    /// Rank `root` ends with the element-wise sum of every rank's `buf`; the other ranks'
+    /// buffers hold partial sums afterwards (used up). By default an all-reduce, so any backend
+    /// has it; ZeRO-2 sends each gradient part to the rank that owns it this way. The TCP ring
+    /// sums along the ring into the root instead (half the traffic).
+    fn reduce(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        let _ = root;
+        self.all_reduce_sum(buf)
+    }
+    /// `reduce` of a flat f32 tensor: the root's answer on the tensor's device (the other
+    /// ranks' answer is used up); staged through host memory by default, in place on the GPU
+    /// with NCCL.
+    fn reduce_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
+        let mut host = t.flatten_all()?.to_vec1::<f32>()?;
+        self.reduce(&mut host, root)?;
+        Ok(Tensor::from_vec(host, t.shape(), t.device())?)
+    }
     fn name(&self) -> &'static str;
 }
 

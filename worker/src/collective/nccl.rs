@@ -7,7 +7,8 @@
 //! waits on another's report, and a restarted attempt gets a fresh id with its fresh ring. The
 //! Assignment's `nccl_id` field stays unused (reserved).
 //!
-//! ZeRO-1 shares each rank's updated weights with ncclBroadcast, in place on the device.
+//! ZeRO-1 shares each rank's updated weights with ncclBroadcast, and ZeRO-2 sends each gradient
+//! part to its owner with ncclReduce, both in place on the device.
 //!
 //! The mixed-precision gradient lives on the GPU as one flat f32 tensor, and
 //! `all_reduce_sum_tensor` sums it in place there, bucket by bucket, on candle's stream (so it is
@@ -153,6 +154,21 @@ impl Collective for NcclCollective {
         .map_err(|e| nccl_error(rank, world, "ncclBroadcast", e))?;
         Ok(t)
     }
+    fn reduce_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
+        if !t.device().same_device(&self.device) || t.dtype() != DType::F32 {
+            let mut host = t.flatten_all()?.to_vec1::<f32>()?;
+            self.reduce(&mut host, root)?;
+            return Ok(Tensor::from_vec(host, t.shape(), t.device())?);
+        }
+        let t = t.contiguous()?;
+        let (rank, world) = (self.rank, self.world);
+        t.inplace_op1(&InPlace {
+            comm: &self.comm,
+            op: Bucketwise::Reduce(root as i32),
+        })
+        .map_err(|e| nccl_error(rank, world, "ncclReduce", e))?;
+        Ok(t)
+    }
     fn name(&self) -> &'static str {
         "nccl"
     }
@@ -165,6 +181,8 @@ enum Bucketwise {
     Sum,
     /// ncclBroadcast from the rank given.
     Broadcast(i32),
+    /// ncclReduce(sum) into the rank given (ZeRO-2's gradient parts).
+    Reduce(i32),
 }
 
 /// An NCCL collective in place on a flat f32 tensor's device memory, in buckets.
@@ -178,6 +196,7 @@ impl InplaceOp1 for InPlace<'_> {
         match self.op {
             Bucketwise::Sum => "herd-nccl-all-reduce",
             Bucketwise::Broadcast(_) => "herd-nccl-broadcast",
+            Bucketwise::Reduce(_) => "herd-nccl-reduce",
         }
     }
 
@@ -201,6 +220,9 @@ impl InplaceOp1 for InPlace<'_> {
             match self.op {
                 Bucketwise::Sum => self.comm.all_reduce_in_place(&mut bucket, &ReduceOp::Sum),
                 Bucketwise::Broadcast(root) => self.comm.broadcast_in_place(&mut bucket, root),
+                Bucketwise::Reduce(root) => {
+                    self.comm.reduce_in_place(&mut bucket, &ReduceOp::Sum, root)
+                }
             }
             .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
             start = end;

@@ -76,6 +76,13 @@ pub struct Engine<M: Trainable = Llama> {
     mixed: Option<MixedState>,
     /// ZeRO-1: which parameters' optimizer state this rank holds and updates (None: all).
     shard: Option<Shard>,
+    /// ZeRO-2: each micro-batch's gradients go to the rank that owns them
+    /// ([`Engine::reduce_micro_batch`]); this rank keeps the sum of its own part only.
+    reduce_to_owner: bool,
+    /// ZeRO-2: this micro-batch's gradients, not yet reduced (f32 sums if several were added).
+    pending: Option<Vec<Option<Tensor>>>,
+    /// ZeRO-2: elements per reduce bucket ([`zero::REDUCE_BUCKET_ELEMS`]; tests cut smaller).
+    pub reduce_bucket_elems: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -120,6 +127,9 @@ impl<M: Trainable> Engine<M> {
             device: Device::Cpu,
             mixed: None,
             shard: None,
+            reduce_to_owner: false,
+            pending: None,
+            reduce_bucket_elems: zero::REDUCE_BUCKET_ELEMS,
         }
     }
 
@@ -155,6 +165,37 @@ impl<M: Trainable> Engine<M> {
         );
         self.shard = Some(shard);
         Ok(())
+    }
+
+    /// ZeRO-2 on top of [`Engine::shard_optimizer`]: the gradient is sharded too. Each
+    /// micro-batch's gradients are reduced into the ranks that own them
+    /// ([`Engine::reduce_micro_batch`]), so this rank's gradient sum covers its own part only;
+    /// the norm is the ranks' sums of squares added. A no-op on one rank; call before
+    /// [`Engine::place`].
+    pub fn shard_gradients(&mut self) -> Result<()> {
+        if self.mixed.is_some() {
+            return Err(crate::Error::Unsupported {
+                key: "zero_stage",
+                reason: "sharding after the mixed-precision state was built".into(),
+            });
+        }
+        let Some(shard) = &self.shard else {
+            return Ok(());
+        };
+        self.grad = vec![0.0; shard.elems[shard.rank]];
+        self.reduce_to_owner = true;
+        tracing::info!(
+            rank = shard.rank,
+            elements = shard.elems[shard.rank],
+            "ZeRO-2: this rank keeps the gradient of its part"
+        );
+        Ok(())
+    }
+
+    /// Bytes of gradient sum this rank holds (the host buffer, or under mixed precision the
+    /// device sum once a step has needed one).
+    pub fn gradient_bytes(&self) -> usize {
+        4 * self.grad.len() + self.mixed.as_ref().map_or(0, MixedState::gradient_bytes)
     }
 
     /// Bytes of optimizer state this rank holds: the host moments, or under mixed precision
@@ -194,12 +235,18 @@ impl<M: Trainable> Engine<M> {
         }
         let mixed = match dtype {
             DType::F32 => None,
-            DType::BF16 => Some(MixedState::new(
-                self.model.trainable(),
-                self.owned(),
-                &self.optimizer,
-                device,
-            )?),
+            DType::BF16 => {
+                let (mut m, weights) = MixedState::new(
+                    self.model.trainable(),
+                    self.owned(),
+                    &self.optimizer,
+                    device,
+                )?;
+                if self.reduce_to_owner {
+                    m.keep_owned_gradient_only();
+                }
+                Some((m, weights))
+            }
             other => {
                 return Err(crate::Error::Unsupported {
                     key: "dtype",
@@ -319,6 +366,7 @@ impl<M: Trainable> Engine<M> {
         if let Some(m) = self.mixed.as_mut() {
             m.zero_grad()?;
         }
+        self.pending = None;
         self.loss_sum = 0.0;
         self.tokens = 0;
         self.correct = 0;
@@ -356,6 +404,7 @@ impl<M: Trainable> Engine<M> {
             }
         }
         match self.mixed.as_mut() {
+            _ if self.reduce_to_owner => self.hold_for_reduce(grads)?,
             Some(m) => m.add(grads)?, // stays on the device
             None => {
                 for (i, g) in grads.iter().enumerate() {
@@ -373,20 +422,106 @@ impl<M: Trainable> Engine<M> {
         Ok(s)
     }
 
+    /// ZeRO-2: keeps a micro-batch's gradients until [`Engine::reduce_micro_batch`]; a second
+    /// one before that is added in f32 (a local sum, as without ZeRO-2).
+    fn hold_for_reduce(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
+        let Some(held) = self.pending.as_mut() else {
+            self.pending = Some(grads.to_vec());
+            return Ok(());
+        };
+        for (h, g) in held.iter_mut().zip(grads) {
+            *h = match (h.take(), g) {
+                (Some(a), Some(b)) => Some((a.to_dtype(DType::F32)? + b.to_dtype(DType::F32)?)?),
+                (a, b) => a.or_else(|| b.clone()),
+            };
+        }
+        Ok(())
+    }
+
+    /// ZeRO-2: sends the gradients of the micro-batch(es) accumulated since the last call to
+    /// the ranks that own them, each rank's part in buckets of whole parameters
+    /// (`Collective::reduce_tensor`, [`zero::buckets`]), and adds this rank's part of the sums
+    /// into its gradient. Collective: every rank calls it
+    /// the same number of times per step, with or without a micro-batch of its own (then it
+    /// sends zeros). The trainer calls it after each micro-batch but the last; `apply` makes
+    /// the last call. A no-op without ZeRO-2.
+    pub fn reduce_micro_batch(&mut self, collective: &mut dyn Collective) -> Result<()> {
+        if !self.reduce_to_owner {
+            return Ok(());
+        }
+        let Some(shard) = &self.shard else {
+            return Ok(());
+        };
+        let pending = self.pending.take();
+        let sizes: Vec<usize> = self.offsets.windows(2).map(|w| w[1] - w[0]).collect();
+        for (root, part) in shard.parts.iter().enumerate() {
+            let first = self.offsets[part.start];
+            for bucket in zero::buckets(&sizes, part.clone(), self.reduce_bucket_elems) {
+                let (from, to) = (self.offsets[bucket.start], self.offsets[bucket.end]);
+                if from == to {
+                    continue;
+                }
+                let flat = match &pending {
+                    None => Tensor::zeros(to - from, DType::F32, &self.device)?,
+                    Some(grads) => {
+                        let pieces = bucket
+                            .map(|i| match &grads[i] {
+                                Some(g) => g.flatten_all()?.to_dtype(DType::F32),
+                                None => Tensor::zeros(sizes[i], DType::F32, &self.device),
+                            })
+                            .collect::<candle_core::Result<Vec<_>>>()?;
+                        Tensor::cat(&pieces, 0)?
+                    }
+                };
+                let flat = collective.reduce_tensor(flat, root)?;
+                if root != shard.rank {
+                    continue;
+                }
+                match self.mixed.as_mut() {
+                    Some(m) => m.add_owned(&flat, from - first)?,
+                    None => {
+                        let sum = flat.to_vec1::<f32>()?;
+                        let dst = &mut self.grad[from - first..to - first];
+                        dst.iter_mut().zip(&sum).for_each(|(d, s)| *d += s);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// ZeRO-2: the sum of squares of this rank's part of the (unscaled) gradient sum.
+    fn local_sum_squares(&mut self) -> Result<f64> {
+        Ok(match self.mixed.as_mut() {
+            Some(m) => m.local_sum_squares()?,
+            None => self.grad.iter().map(|&g| g as f64 * g as f64).sum(),
+        })
+    }
+
     /// Sum across ranks, normalize by the global token count, clip, and apply AdamW at `lr`.
     pub fn apply(&mut self, collective: &mut dyn Collective, lr: f64) -> Result<StepStats> {
+        // ZeRO-2: the last micro-batch's gradients go to their owners; the ranks' sums of
+        // squares travel with the totals.
+        let mut sum_sq = None;
+        if self.reduce_to_owner {
+            self.reduce_micro_batch(collective)?;
+            sum_sq = Some(self.local_sum_squares()?);
+        }
         // One rank: the local sums are the global ones (and the loss keeps its f64 sum).
         let (loss_sum, global_tokens, correct) = if collective.world_size() > 1 {
             let mut totals = [
                 self.loss_sum as f32,
                 self.tokens as f32,
                 self.correct as f32,
+                sum_sq.unwrap_or(0.0) as f32,
             ];
             match self.mixed.as_mut() {
+                _ if self.reduce_to_owner => {}
                 Some(m) => m.all_reduce(collective)?,
                 None => collective.all_reduce_sum(&mut self.grad)?,
             }
             collective.all_reduce_sum(&mut totals)?;
+            sum_sq = sum_sq.map(|_| totals[3] as f64);
             (
                 totals[0] as f64,
                 totals[1].round() as usize,
@@ -411,9 +546,15 @@ impl<M: Trainable> Engine<M> {
                     .optimizer
                     .config
                     .hyper(lr, (self.optimizer.steps + 1) as i32);
-                m.step(self.model.trainable(), scale, self.max_grad_norm, hyper)?
+                m.step(
+                    self.model.trainable(),
+                    scale,
+                    self.max_grad_norm,
+                    hyper,
+                    sum_sq,
+                )?
             }
-            None => self.host_step(scale, lr)?,
+            None => self.host_step(scale, lr, sum_sq)?,
         };
         self.share_updated_weights(collective)?;
         self.optimizer.finish_step();
@@ -421,15 +562,33 @@ impl<M: Trainable> Engine<M> {
     }
 
     /// The host update of plain f32 training: scale, clip, torch-exact AdamW per parameter.
-    fn host_step(&mut self, scale: f32, lr: f64) -> Result<f64> {
+    /// `sum_sq` (ZeRO-2): the global sum of squares of the unscaled sum, whose buffer here is
+    /// this rank's part only.
+    fn host_step(&mut self, scale: f32, lr: f64, sum_sq: Option<f64>) -> Result<f64> {
         self.grad.iter_mut().for_each(|g| *g *= scale);
-        let grad_norm = clip_grad_norm(&mut self.grad, self.max_grad_norm);
+        let grad_norm = match sum_sq {
+            None => clip_grad_norm(&mut self.grad, self.max_grad_norm),
+            Some(sq) => {
+                let norm = scale as f64 * sq.sqrt();
+                if self.max_grad_norm > 0.0 {
+                    let coef = (self.max_grad_norm / (norm + 1e-6)).min(1.0) as f32;
+                    self.grad.iter_mut().for_each(|g| *g *= coef);
+                }
+                norm
+            }
+        };
         let owned = self.owned();
+        // Where the buffer starts: 0, or under ZeRO-2 the owned part's first element.
+        let base = if self.reduce_to_owner {
+            self.offsets[owned.start]
+        } else {
+            0
+        };
         for (i, (_, var)) in self.model.trainable().iter().enumerate() {
             if !owned.contains(&i) {
                 continue; // another rank's part (ZeRO-1): its weights arrive by broadcast
             }
-            let grad = &self.grad[self.offsets[i]..self.offsets[i + 1]];
+            let grad = &self.grad[self.offsets[i] - base..self.offsets[i + 1] - base];
             let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
             self.optimizer.update_param(i, &mut p, grad, lr);
             var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;

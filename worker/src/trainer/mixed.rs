@@ -14,7 +14,10 @@
 //!
 //! Under ZeRO-1 (`trainer::zero`) the AdamW state covers only the rank's own parameters: the
 //! gradient sum still spans every parameter (it is all-reduced whole and its norm is the
-//! global one), and the step reads the run of it that the rank owns.
+//! global one), and the step reads the run of it that the rank owns. Under ZeRO-2 the sum
+//! covers the owned run only ([`MixedState::keep_owned_gradient_only`]): the engine reduces
+//! each micro-batch's gradients into their owners ([`MixedState::add_owned`]) and passes the
+//! step the global sum of squares that the ranks' [`MixedState::local_sum_squares`] add up to.
 //!
 //! The update is the host optimizer's formula bit for bit (herd-kernels' AdamW test); the
 //! gradient norm is summed on the device in f32 per block (fixed order, so runs repeat bit for
@@ -32,8 +35,10 @@ pub struct MixedState {
     adamw: FusedAdamW,
     /// The parameters (indices into `trainable()`) whose state this holds: a contiguous run.
     owned: std::ops::Range<usize>,
-    /// Elements of all parameters (the gradient sum's length).
+    /// Elements of all parameters.
     total: usize,
+    /// ZeRO-2: the gradient sum covers the owned run only (the engine reduces into it).
+    owned_gradient: bool,
     /// f32 words: exp_avg | exp_avg_sq | the master weights' low halves (`FusedAdamW`'s layout).
     state: Tensor,
     /// [N] f32: the step's gradient sum, allocated the first time a step needs one and zeroed
@@ -104,6 +109,7 @@ impl MixedState {
             adamw,
             owned,
             total,
+            owned_gradient: false,
             state: words,
             grad: None,
             dirty: false,
@@ -118,6 +124,38 @@ impl MixedState {
     /// gradient sum (only with gradient accumulation or several ranks). A step makes no other
     /// buffer of the model's size.
     pub const BYTES_PER_PARAMETER: u64 = 14;
+
+    /// ZeRO-2: the gradient sum holds the owned run only, filled by [`MixedState::add_owned`]
+    /// (not `add`/`all_reduce`), and `step` is given the global sum of squares.
+    pub fn keep_owned_gradient_only(&mut self) {
+        self.owned_gradient = true;
+    }
+
+    /// Adds a flat f32 gradient (the ranks' reduced sum of a bucket) into the sum, at `at`
+    /// elements from the start of the owned run.
+    pub fn add_owned(&mut self, flat: &Tensor, at: usize) -> Result<()> {
+        debug_assert!(self.owned_gradient);
+        if flat.elem_count() == 0 {
+            return Ok(());
+        }
+        let sum = self.sum()?.clone();
+        herd_kernels::accumulate(&sum, at, flat)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// ZeRO-2: the sum of squares of this rank's run of the gradient sum (unscaled).
+    pub fn local_sum_squares(&mut self) -> Result<f64> {
+        if self.adamw.is_empty() {
+            return Ok(0.0);
+        }
+        Ok(herd_kernels::sum_squares(self.sum()?)?)
+    }
+
+    /// Bytes of the gradient sum this holds (0 before a step needed one).
+    pub fn gradient_bytes(&self) -> usize {
+        self.grad.as_ref().map_or(0, |g| 4 * g.elem_count())
+    }
 
     pub fn zero_grad(&mut self) -> Result<()> {
         self.pending = None;
@@ -145,7 +183,14 @@ impl MixedState {
     fn sum(&mut self) -> Result<&Tensor> {
         let sum = match self.grad.take() {
             Some(g) => g,
-            None => Tensor::zeros(self.total, DType::F32, self.state.device())?,
+            None => {
+                let len = if self.owned_gradient {
+                    self.adamw.len()
+                } else {
+                    self.total
+                };
+                Tensor::zeros(len, DType::F32, self.state.device())?
+            }
         };
         Ok(self.grad.insert(sum))
     }
@@ -188,13 +233,15 @@ impl MixedState {
     /// `params` (bf16, the ones [`MixedState::new`] gave). Returns the norm before clipping. The
     /// scale and the clipping coefficient reach AdamW as one factor; the norm is `scale`·‖sum‖.
     /// The gradient is used up: it is zero afterwards. With one micro-batch on one rank the norm
-    /// and AdamW read the gradients themselves; the result is the same bit for bit.
+    /// and AdamW read the gradients themselves; the result is the same bit for bit. `sum_sq`:
+    /// under ZeRO-2 the global sum of squares of the unscaled sum (the ranks' local ones added).
     pub fn step(
         &mut self,
         params: &[(String, Var)],
         scale: f32,
         max_norm: f64,
         hyper: AdamWHyper,
+        sum_sq: Option<f64>,
     ) -> Result<f64> {
         if self.owned.len() != self.spans.len() {
             // A shard reads a run of the sum (with one rank there is no shard).
@@ -207,9 +254,10 @@ impl MixedState {
             }
             None => None,
         };
-        let sum_sq = match &table {
-            Some(t) => herd_kernels::sum_squares_of(t)?,
-            None => herd_kernels::sum_squares(self.sum()?)?,
+        let sum_sq = match (&table, sum_sq) {
+            (_, Some(global)) => global,
+            (Some(t), None) => herd_kernels::sum_squares_of(t)?,
+            (None, None) => herd_kernels::sum_squares(self.sum()?)?,
         };
         let norm = scale as f64 * sum_sq.sqrt();
         let coef = if max_norm > 0.0 {
@@ -226,7 +274,10 @@ impl MixedState {
             None => {
                 let sum = self.sum()?.clone();
                 if !weights.is_empty() {
-                    let (off, _) = self.spans[self.owned.start];
+                    let off = match self.owned_gradient {
+                        true => 0,
+                        false => self.spans[self.owned.start].0,
+                    };
                     let own = sum.narrow(0, off, self.adamw.len())?;
                     self.adamw
                         .step(&self.state, &weights, Grad::Flat(&own), hyper, grad_scale)?;
@@ -399,7 +450,7 @@ mod tests {
             }
             host.finish_step();
             let hyper = cfg.hyper(lr, step as i32);
-            let norm = mixed.step(&params, scale, 1.0, hyper).unwrap();
+            let norm = mixed.step(&params, scale, 1.0, hyper, None).unwrap();
             assert!(
                 (norm - host_norm).abs() <= 1e-5 * host_norm,
                 "{norm} vs {host_norm}"
@@ -499,8 +550,8 @@ mod tests {
             assert!(a.grad.is_none(), "one micro-batch allocated the flat sum");
             assert!(b.grad.is_some());
             let hyper = cfg.hyper(1e-2, step as i32);
-            let na = a.step(&pa, 1.0 / 3.0, 1.0, hyper).unwrap();
-            let nb = b.step(&pb, 1.0 / 3.0, 1.0, hyper).unwrap();
+            let na = a.step(&pa, 1.0 / 3.0, 1.0, hyper, None).unwrap();
+            let nb = b.step(&pb, 1.0 / 3.0, 1.0, hyper, None).unwrap();
             assert_eq!(na, nb, "step {step}: norm");
             assert_eq!(words(&a), words(&b), "step {step}");
             for ((_, x), (_, y)) in pa.iter().zip(&pb) {

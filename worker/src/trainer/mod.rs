@@ -304,8 +304,11 @@ fn run_setup<O: Objective>(
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
     }
-    if job.zero_stage == 1 {
+    if job.zero_stage >= 1 {
         engine.shard_optimizer(rank, world)?;
+    }
+    if job.zero_stage >= 2 {
+        engine.shard_gradients()?;
     }
     // CUDA issue #5: mixed precision computes in bf16 with f32 master weights and a fused AdamW
     // on the device; on a CPU rank through the fused ops' host code (the GPU rank's numerics, in
@@ -316,6 +319,12 @@ fn run_setup<O: Objective>(
             // bf16 weights (the master weights' high halves) and gradients; the low halves,
             // f32 moments and gradient sum; activations come on top (the OOM error's advice).
             let need = match engine.shard() {
+                // ZeRO-2: bf16 weights and gradients, one part's f32 flat in flight; the f32
+                // sum and the state of this rank's part
+                Some(shard) if job.zero_stage >= 2 => {
+                    let widest = shard.elems.iter().copied().max().unwrap_or(0) as u64;
+                    4 * parameters as u64 + 4 * widest + 14 * shard.elems[rank] as u64
+                }
                 // bf16 weights and gradients and the f32 sum; the state of this rank's part
                 Some(shard) => 8 * parameters as u64 + 10 * shard.elems[rank] as u64,
                 None => (4 + mixed::MixedState::BYTES_PER_PARAMETER) * parameters as u64,
@@ -386,6 +395,11 @@ fn run_setup<O: Objective>(
         engine.zero_grad()?;
         let mut seen_tokens = 0usize;
         for micro in 0..plan.accumulation {
+            // ZeRO-2: the previous micro-batch's gradients go to their owners first, on every
+            // rank alike (a collective), whether or not this rank has examples in this one.
+            if micro > 0 {
+                engine.reduce_micro_batch(collective)?;
+            }
             let positions = plan.micro_batch_positions(step, rank, micro);
             if positions.is_empty() {
                 continue;

@@ -308,6 +308,25 @@ impl TcpRing {
         links.flush()
     }
 
+    /// Sums along the ring into `root`: the rank after the root sends its segment on, each
+    /// next rank adds its own and sends the partial sum on, and the root adds its own last. So
+    /// each link carries the buffer once, segment by segment, and the others keep partial sums.
+    fn sum_into(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
+        self.agree(Op::Reduce, buf.len(), root)?;
+        let links = self.links.as_mut().expect("world > 1 has links");
+        let first = (root + 1) % world; // starts the sum, receives nothing
+        for seg in buf.chunks_mut(RECV_SEGMENT_BYTES / 4) {
+            if rank != first {
+                links.recv_f32(seg, true)?;
+            }
+            if rank != root {
+                links.send_f32(seg)?;
+            }
+        }
+        links.flush()
+    }
+
     /// Runs `f` unless the ring is broken; a failure breaks it (sockets shut, so the neighbours
     /// fail fast too) and is repeated by every later call.
     fn guarded(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
@@ -335,15 +354,18 @@ impl TcpRing {
 enum Op {
     AllReduce,
     Broadcast,
+    Reduce,
 }
 
 const BROADCAST_FLAG: u64 = 1 << 63;
+const REDUCE_FLAG: u64 = 1 << 62;
 
 impl Op {
     fn code(self, param: usize) -> u64 {
         match self {
             Op::AllReduce => param as u64,
             Op::Broadcast => BROADCAST_FLAG | param as u64,
+            Op::Reduce => REDUCE_FLAG | param as u64,
         }
     }
 
@@ -351,12 +373,16 @@ impl Op {
         match self {
             Op::AllReduce => format!("an all-reduce in buckets of {param}"),
             Op::Broadcast => format!("a broadcast from rank {param}"),
+            Op::Reduce => format!("a reduce into rank {param}"),
         }
     }
 
     fn describe_code(code: u64) -> String {
+        let param = code & !(BROADCAST_FLAG | REDUCE_FLAG);
         if code & BROADCAST_FLAG != 0 {
-            Op::Broadcast.describe(code & !BROADCAST_FLAG)
+            Op::Broadcast.describe(param)
+        } else if code & REDUCE_FLAG != 0 {
+            Op::Reduce.describe(param)
         } else {
             Op::AllReduce.describe(code)
         }
@@ -387,6 +413,18 @@ impl Collective for TcpRing {
             return Ok(());
         }
         self.guarded(|ring| ring.pass_on(buf, root))
+    }
+    fn reduce(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.world {
+            return Err(err(format!(
+                "reduce into rank {root} in a world of {}",
+                self.world
+            )));
+        }
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.guarded(|ring| ring.sum_into(buf, root))
     }
     fn name(&self) -> &'static str {
         BACKEND
