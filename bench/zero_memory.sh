@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# zero_memory.sh: what ZeRO-1 saves per CPU worker, measured. Two workers (`herd run`) train a
-# 26M-parameter random LLaMA (hidden 512, 8 layers; written here as HF safetensors) on the demo
-# data for 30 steps, f32 and bf16, zero_stage 0 and 1, alternating, ROUNDS times (default 2).
+# zero_memory.sh: what ZeRO-1 and ZeRO-2 save per CPU worker, measured. Two workers
+# (`herd run`) train a 26M-parameter random LLaMA (hidden 512, 8 layers; written here as HF
+# safetensors) on the demo data for 30 steps, f32 and bf16, zero_stage 0, 1 and 2,
+# alternating, ROUNDS times (default 2).
 # Prints each worker's median RSS over the run (sampled every 0.1 s: the steady state of the
 # steps), its peak RSS (VmHWM: loading and the final save), and steps/s from trainer_state.json.
 #   bench/zero_memory.sh            # uses target/debug/herd (HERD overrides)
@@ -50,7 +51,7 @@ with open("big/model.safetensors", "wb") as f:
 print(f"model: {off // 4} parameters")
 PY
 for prec in f32 bf16; do
-  for z in 0 1; do
+  for z in 0 1 2; do
     cat >"$prec-$z.yaml" <<JOB
 model_name_or_path: big
 data_path: demo/data/train.json
@@ -96,5 +97,5 @@ PY
 }
 for r in $(seq "$ROUNDS"); do
   echo "round $r"
-  for job in f32-0 f32-1 bf16-0 bf16-1; do measure "$job"; done
+  for job in f32-0 f32-1 f32-2 bf16-0 bf16-1 bf16-2; do measure "$job"; done
 done
