@@ -10,15 +10,6 @@ use herd_model::Llama;
 
 const LORA: &str = "lora_r: 4\nlora_alpha: 16\nlora_target_modules: [q_proj, v_proj, down_proj]\nmax_steps: 8\nseed: 7\n";
 
-fn losses(dir: &std::path::Path) -> Vec<f64> {
-    trainer_state(dir)["log_history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e.get("loss").and_then(|l| l.as_f64()))
-        .collect()
-}
-
 #[test]
 fn lora_job_trains_adapter_only_resumes_and_merges() {
     let ws = Workspace::new(16);

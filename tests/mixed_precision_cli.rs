@@ -8,15 +8,6 @@ use common::*;
 
 const STEPS: &str = "max_steps: 6\nsave_steps: 2\nsave_total_limit: 2\n";
 
-fn losses(dir: &std::path::Path) -> Vec<f64> {
-    trainer_state(dir)["log_history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|e| e["loss"].as_f64())
-        .collect()
-}
-
 fn dtypes(path: &std::path::Path) -> Vec<String> {
     let bytes = read(path);
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

@@ -102,17 +102,12 @@ fn stop_and_resume_is_bit_identical() {
         read(ws.path().join("parted/model.safetensors"))
     );
     // The log history carries over the resume.
-    let a = trainer_state(&ws.path().join("full"));
-    let b = trainer_state(&ws.path().join("parted"));
-    let losses = |s: &serde_json::Value| -> Vec<f64> {
-        s["log_history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|e| e["loss"].as_f64())
-            .collect()
-    };
-    assert_eq!(losses(&a), losses(&b));
+    let (a, b) = (
+        losses(&ws.path().join("full")),
+        losses(&ws.path().join("parted")),
+    );
+    assert!(!a.is_empty());
+    assert_eq!(a, b);
 }
 
 #[test]

@@ -30,20 +30,18 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn zero_stage_1_equals_unsharded_and_its_checkpoint_resumes_at_another_world_size() {
-    let ws = Workspace::new(32);
-    let zero = ws.job("zero.yaml", "zero", &format!("{STEPS}zero_stage: 1\n"));
+/// `herd run JOB --workers 2`, keeping the workers' logs to check that both sharded (their
+/// logs say `needle`); then removes the kept state.
+fn run_sharded(ws: &Workspace, job: &Path, needle: &str) {
     let out = run_ok(
         herd_clean()
             .current_dir(ws.path())
             .arg("run")
-            .arg(&zero)
+            .arg(job)
             .args(["--workers", "2", "--keep-state"]),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("SUCCEEDED"), "{stderr}");
-    // Both workers sharded (their logs say so), and the state dir is theirs to remove.
     let state = stderr
         .split("state and logs kept in ")
         .nth(1)
@@ -52,9 +50,16 @@ fn zero_stage_1_equals_unsharded_and_its_checkpoint_resumes_at_another_world_siz
     for w in 0..2 {
         let log = std::fs::read_to_string(Path::new(state).join(format!("worker-{w}.log")));
         let log = log.unwrap();
-        assert!(log.contains("ZeRO-1: this rank holds"), "worker {w}: {log}");
+        assert!(log.contains(needle), "worker {w}: {log}");
     }
     std::fs::remove_dir_all(state).unwrap();
+}
+
+#[test]
+fn zero_stage_1_equals_unsharded_and_its_checkpoint_resumes_at_another_world_size() {
+    let ws = Workspace::new(32);
+    let zero = ws.job("zero.yaml", "zero", &format!("{STEPS}zero_stage: 1\n"));
+    run_sharded(&ws, &zero, "ZeRO-1: this rank holds");
     let plain = ws.job("plain.yaml", "plain", STEPS);
     ws.run_workers(&plain, 2);
 
@@ -101,29 +106,7 @@ fn zero_stage_2_tracks_unsharded_through_accumulation_and_resumes_exactly() {
     let ws = Workspace::new(26);
     let steps = "max_steps: 4\nsave_steps: 2\ngradient_accumulation_steps: 2\n";
     let zero = ws.job("zero.yaml", "zero", &format!("{steps}zero_stage: 2\n"));
-    let out = run_ok(
-        herd_clean()
-            .current_dir(ws.path())
-            .arg("run")
-            .arg(&zero)
-            .args(["--workers", "2", "--keep-state"]),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("SUCCEEDED"), "{stderr}");
-    let state = stderr
-        .split("state and logs kept in ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("herd run names the kept state dir");
-    for w in 0..2 {
-        let log = std::fs::read_to_string(Path::new(state).join(format!("worker-{w}.log")));
-        let log = log.unwrap();
-        assert!(
-            log.contains("ZeRO-2: this rank keeps the gradient"),
-            "worker {w}: {log}"
-        );
-    }
-    std::fs::remove_dir_all(state).unwrap();
+    run_sharded(&ws, &zero, "ZeRO-2: this rank keeps the gradient");
     let plain = ws.job("plain.yaml", "plain", steps);
     ws.run_workers(&plain, 2);
     let (z, p) = (ws.path().join("zero"), ws.path().join("plain"));
@@ -132,17 +115,8 @@ fn zero_stage_2_tracks_unsharded_through_accumulation_and_resumes_exactly() {
         &p.join("model.safetensors"),
         1e-5,
     );
-    let (zs, ps) = (trainer_state(&z), trainer_state(&p));
-    let losses = |s: &serde_json::Value| -> Vec<f64> {
-        s["log_history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|e| e["loss"].as_f64())
-            .collect()
-    };
-    let (zl, pl) = (losses(&zs), losses(&ps));
-    assert_eq!(zl.len(), 4, "{zs}");
+    let (zl, pl) = (losses(&z), losses(&p));
+    assert_eq!(zl.len(), 4, "{zl:?}");
     for (a, b) in zl.iter().zip(&pl) {
         assert!((a - b).abs() <= 1e-4 * b.abs(), "losses {zl:?} vs {pl:?}");
     }

@@ -114,6 +114,16 @@ pub fn trainer_state(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&read(dir.join("trainer_state.json"))).unwrap()
 }
 
+/// The training losses logged in `dir`'s trainer_state.json, in order.
+pub fn losses(dir: &Path) -> Vec<f64> {
+    trainer_state(dir)["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["loss"].as_f64())
+        .collect()
+}
+
 // ---------------------------------------------------------------- orchestrator helpers
 
 /// A `herd` command with no ambient coordinator address or token.

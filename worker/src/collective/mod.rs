@@ -23,7 +23,7 @@ pub trait Collective: Send {
     /// The same sum over a flat f32 tensor, returned on the tensor's device. By default it is
     /// staged through host memory; a device backend (NCCL) sums in place where the tensor lives.
     fn all_reduce_sum_tensor(&mut self, t: Tensor) -> Result<Tensor> {
-        stage_through_host(self, t)
+        through_host(t, |host| self.all_reduce_sum(host))
     }
     /// Every rank ends with rank `root`'s `buf`, bit for bit (a NaN stays a NaN). By default an
     /// all-reduce to which the other ranks contribute -0.0 (x + -0.0 is x for every x, +0.0
@@ -38,9 +38,7 @@ pub trait Collective: Send {
     /// `broadcast` of a flat f32 tensor, returned on its device; staged through host memory by
     /// default, in place on the GPU with NCCL.
     fn broadcast_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
-        let mut host = t.flatten_all()?.to_vec1::<f32>()?;
-        self.broadcast(&mut host, root)?;
-        Ok(Tensor::from_vec(host, t.shape(), t.device())?)
+        through_host(t, |host| self.broadcast(host, root))
     }
     /// Rank `root` ends with the element-wise sum of every rank's `buf`; the other ranks'
     /// buffers hold partial sums afterwards (used up). By default an all-reduce, so any backend
@@ -54,17 +52,15 @@ pub trait Collective: Send {
     /// ranks' answer is used up); staged through host memory by default, in place on the GPU
     /// with NCCL.
     fn reduce_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
-        let mut host = t.flatten_all()?.to_vec1::<f32>()?;
-        self.reduce(&mut host, root)?;
-        Ok(Tensor::from_vec(host, t.shape(), t.device())?)
+        through_host(t, |host| self.reduce(host, root))
     }
     fn name(&self) -> &'static str;
 }
 
-/// `all_reduce_sum_tensor` for host collectives: copy out, sum, copy back.
-pub fn stage_through_host<C: Collective + ?Sized>(c: &mut C, t: Tensor) -> Result<Tensor> {
+/// A tensor collective for host collectives: copy out, run `op` on the host values, copy back.
+pub fn through_host(t: Tensor, op: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<Tensor> {
     let mut host = t.flatten_all()?.to_vec1::<f32>()?;
-    c.all_reduce_sum(&mut host)?;
+    op(&mut host)?;
     Ok(Tensor::from_vec(host, t.shape(), t.device())?)
 }
 

@@ -88,6 +88,21 @@ impl NcclCollective {
             world,
         })
     }
+
+    /// `op` in place on `t` where it lives when that is this GPU and `t` is f32 (in buckets,
+    /// on candle's stream); None otherwise, for the caller to stage through host memory.
+    fn on_device(&self, t: &Tensor, op: Bucketwise, what: &str) -> Result<Option<Tensor>> {
+        if !t.device().same_device(&self.device) || t.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let t = t.contiguous()?;
+        t.inplace_op1(&InPlace {
+            comm: &self.comm,
+            op,
+        })
+        .map_err(|e| nccl_error(self.rank, self.world, what, e))?;
+        Ok(Some(t))
+    }
 }
 
 /// The id bytes back from the f32 sums (only rank 0 contributed, each 0..=255).
@@ -126,48 +141,22 @@ impl Collective for NcclCollective {
         Ok(())
     }
     fn all_reduce_sum_tensor(&mut self, t: Tensor) -> Result<Tensor> {
-        if !t.device().same_device(&self.device) || t.dtype() != DType::F32 {
-            return super::stage_through_host(self, t);
+        match self.on_device(&t, Bucketwise::Sum, "ncclAllReduce")? {
+            Some(t) => Ok(t),
+            None => super::through_host(t, |host| self.all_reduce_sum(host)),
         }
-        let t = t.contiguous()?;
-        let (rank, world) = (self.rank, self.world);
-        t.inplace_op1(&InPlace {
-            comm: &self.comm,
-            op: Bucketwise::Sum,
-        })
-        .map_err(|e| nccl_error(rank, world, "ncclAllReduce", e))?;
-        Ok(t)
     }
     fn broadcast_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
-        if !t.device().same_device(&self.device) || t.dtype() != DType::F32 {
-            let mut host = t.flatten_all()?.to_vec1::<f32>()?;
-            self.broadcast(&mut host, root)?;
-            return Ok(Tensor::from_vec(host, t.shape(), t.device())?);
+        match self.on_device(&t, Bucketwise::Broadcast(root as i32), "ncclBroadcast")? {
+            Some(t) => Ok(t),
+            None => super::through_host(t, |host| self.broadcast(host, root)),
         }
-        let t = t.contiguous()?;
-        let (rank, world) = (self.rank, self.world);
-        let root = root as i32;
-        t.inplace_op1(&InPlace {
-            comm: &self.comm,
-            op: Bucketwise::Broadcast(root),
-        })
-        .map_err(|e| nccl_error(rank, world, "ncclBroadcast", e))?;
-        Ok(t)
     }
     fn reduce_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
-        if !t.device().same_device(&self.device) || t.dtype() != DType::F32 {
-            let mut host = t.flatten_all()?.to_vec1::<f32>()?;
-            self.reduce(&mut host, root)?;
-            return Ok(Tensor::from_vec(host, t.shape(), t.device())?);
+        match self.on_device(&t, Bucketwise::Reduce(root as i32), "ncclReduce")? {
+            Some(t) => Ok(t),
+            None => super::through_host(t, |host| self.reduce(host, root)),
         }
-        let t = t.contiguous()?;
-        let (rank, world) = (self.rank, self.world);
-        t.inplace_op1(&InPlace {
-            comm: &self.comm,
-            op: Bucketwise::Reduce(root as i32),
-        })
-        .map_err(|e| nccl_error(rank, world, "ncclReduce", e))?;
-        Ok(t)
     }
     fn name(&self) -> &'static str {
         "nccl"
