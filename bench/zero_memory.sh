@@ -6,6 +6,7 @@
 # Prints each worker's median RSS over the run (sampled every 0.1 s: the steady state of the
 # steps), its peak RSS (VmHWM: loading and the final save), and steps/s from trainer_state.json.
 #   bench/zero_memory.sh            # uses target/debug/herd (HERD overrides)
+#   JOBS="bf16-0 bf16-1 bf16-2" bench/zero_memory.sh   # some of the jobs only
 set -euo pipefail
 HERD=$(realpath "${HERD:-target/debug/herd}")
 ROUNDS=${ROUNDS:-2}
@@ -97,5 +98,5 @@ PY
 }
 for r in $(seq "$ROUNDS"); do
   echo "round $r"
-  for job in f32-0 f32-1 f32-2 bf16-0 bf16-1 bf16-2; do measure "$job"; done
+  for job in ${JOBS:-f32-0 f32-1 f32-2 bf16-0 bf16-1 bf16-2}; do measure "$job"; done
 done

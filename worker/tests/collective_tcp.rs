@@ -571,3 +571,38 @@ fn a_reduce_and_a_broadcast_at_the_same_call_disagree() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn a_bf16_broadcast_copies_the_roots_bits_in_half_the_words() {
+    use candle_core::{DType, Device, Tensor};
+    use half::bf16;
+    // Every bf16 bit pattern once (NaN payloads, infinities, subnormals, -0.0), plus an odd tail.
+    let pattern: Vec<bf16> = (0..=u16::MAX).chain([7]).map(bf16::from_bits).collect();
+    let want: Vec<u16> = pattern.iter().map(|x| x.to_bits()).collect();
+    let out = run_ring(
+        3,
+        same_secret(3),
+        Duration::from_secs(10),
+        move |rank, ring| {
+            let mut ring = ring.unwrap();
+            let mut got = vec![];
+            for root in 0..3 {
+                let t = if rank == root {
+                    Tensor::new(pattern.as_slice(), &Device::Cpu).unwrap()
+                } else {
+                    Tensor::zeros(pattern.len(), DType::BF16, &Device::Cpu).unwrap()
+                };
+                let t = ring.broadcast_tensor(t, root).unwrap();
+                assert_eq!(t.dtype(), DType::BF16);
+                let v = t.to_vec1::<bf16>().unwrap();
+                got.push(v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>());
+            }
+            got
+        },
+    );
+    for (rank, got) in out.iter().enumerate() {
+        for (root, g) in got.iter().enumerate() {
+            assert!(g == &want, "rank {rank}, root {root}: bits differ");
+        }
+    }
+}

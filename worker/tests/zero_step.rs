@@ -90,9 +90,9 @@ fn run(s: Setup) -> Vec<Ended> {
                 }
                 if s.stage >= 2 {
                     e.shard_gradients().unwrap();
-                    // Several buckets per part (the fixture's parameters are small).
-                    e.reduce_bucket_elems = 3000;
                 }
+                // Several buckets per part (the fixture's parameters are small).
+                e.bucket_elems = 3000;
                 if s.bf16 {
                     e.place(&Device::Cpu, DType::BF16).unwrap();
                 }

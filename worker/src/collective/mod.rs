@@ -3,7 +3,8 @@
 //! in behind the same trait). The trainer sums token-NLL gradients and token counts across ranks,
 //! then divides by the global count: N ranks with batch b equal one rank with batch N·b.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+use half::bf16;
 
 use crate::Result;
 
@@ -35,10 +36,11 @@ pub trait Collective: Send {
         }
         self.all_reduce_sum(buf)
     }
-    /// `broadcast` of a flat f32 tensor, returned on its device; staged through host memory by
-    /// default, in place on the GPU with NCCL.
+    /// `broadcast` of a flat f32 or bf16 tensor, returned on its device; staged through host
+    /// memory by default (bf16 two to a word, [`bf16_through_host`]: half the bytes of f32),
+    /// in place on the GPU with NCCL.
     fn broadcast_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
-        through_host(t, |host| self.broadcast(host, root))
+        broadcast_through_host(self, t, root)
     }
     /// Rank `root` ends with the element-wise sum of every rank's `buf`; the other ranks'
     /// buffers hold partial sums afterwards (used up). By default an all-reduce, so any backend
@@ -62,6 +64,46 @@ pub fn through_host(t: Tensor, op: impl FnOnce(&mut [f32]) -> Result<()>) -> Res
     let mut host = t.flatten_all()?.to_vec1::<f32>()?;
     op(&mut host)?;
     Ok(Tensor::from_vec(host, t.shape(), t.device())?)
+}
+
+/// `broadcast_tensor` for host collectives: f32 as it is, bf16 two values to a word.
+pub fn broadcast_through_host<C: Collective + ?Sized>(
+    c: &mut C,
+    t: Tensor,
+    root: usize,
+) -> Result<Tensor> {
+    match t.dtype() {
+        DType::BF16 => bf16_through_host(t, |words| c.broadcast(words, root)),
+        _ => through_host(t, |host| c.broadcast(host, root)),
+    }
+}
+
+/// A bit-copying tensor collective (a broadcast) on bf16 values: their bits travel two to an
+/// f32 word (an odd tail padded with zero), so the bytes are the bf16 tensor's own. Only for
+/// ops that copy words: a sum of such words means nothing.
+pub fn bf16_through_host(t: Tensor, op: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<Tensor> {
+    let values = t.flatten_all()?.to_vec1::<bf16>()?;
+    let mut words: Vec<f32> = values
+        .chunks(2)
+        .map(|pair| {
+            let low = pair[0].to_bits() as u32;
+            let high = pair.get(1).map_or(0, |x| x.to_bits() as u32);
+            f32::from_bits(high << 16 | low)
+        })
+        .collect();
+    op(&mut words)?;
+    let back: Vec<bf16> = words
+        .iter()
+        .flat_map(|w| {
+            let bits = w.to_bits();
+            [
+                bf16::from_bits(bits as u16),
+                bf16::from_bits((bits >> 16) as u16),
+            ]
+        })
+        .take(values.len())
+        .collect();
+    Ok(Tensor::from_vec(back, t.shape(), t.device())?)
 }
 
 /// World size 1: the sum over one rank is the buffer itself.
@@ -127,5 +169,37 @@ mod tests {
         let mut buf = vec![0.0];
         nan.broadcast(&mut buf, 0).unwrap();
         assert!(buf[0].is_nan());
+    }
+
+    #[test]
+    fn a_bf16_tensor_broadcast_travels_two_values_to_a_word_and_keeps_their_bits() {
+        let values: Vec<bf16> = [0.0f32, -0.0, 1.5, -3.0e-39, 65504.0, -2.5e38, 7.0]
+            .iter()
+            .map(|&x| bf16::from_f32(x))
+            .collect();
+        let device = candle_core::Device::Cpu;
+        // Rank 0's words as the root sends them: an odd count, so the last word is padded.
+        let sent = bf16_through_host(Tensor::new(values.as_slice(), &device).unwrap(), |w| {
+            assert_eq!(w.len(), 4, "two bf16 per word, the tail padded");
+            assert_eq!(
+                w[0].to_bits(),
+                (values[1].to_bits() as u32) << 16 | values[0].to_bits() as u32
+            );
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(sent.to_vec1::<bf16>().unwrap(), values, "round trip");
+        let mut words = vec![];
+        bf16_through_host(Tensor::new(values.as_slice(), &device).unwrap(), |w| {
+            words = w.to_vec();
+            Ok(())
+        })
+        .unwrap();
+        let mut c = SecondOfTwo(words);
+        let mine = Tensor::zeros(values.len(), DType::BF16, &device).unwrap();
+        let got = c.broadcast_tensor(mine, 0).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.to_vec1::<bf16>().unwrap()), bits(&values));
     }
 }

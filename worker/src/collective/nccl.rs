@@ -19,9 +19,11 @@
 
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream};
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
+use half::bf16;
 
 use super::Collective;
 use crate::Result;
@@ -89,10 +91,16 @@ impl NcclCollective {
         })
     }
 
-    /// `op` in place on `t` where it lives when that is this GPU and `t` is f32 (in buckets,
-    /// on candle's stream); None otherwise, for the caller to stage through host memory.
+    /// `op` in place on `t` where it lives when that is this GPU and `t` is f32 (or bf16, for a
+    /// broadcast), in buckets on candle's stream; None otherwise, for the caller to stage
+    /// through host memory.
     fn on_device(&self, t: &Tensor, op: Bucketwise, what: &str) -> Result<Option<Tensor>> {
-        if !t.device().same_device(&self.device) || t.dtype() != DType::F32 {
+        // A broadcast copies bf16 as it is; the sums are f32.
+        let dtype_ok = match op {
+            Bucketwise::Broadcast(_) => matches!(t.dtype(), DType::F32 | DType::BF16),
+            Bucketwise::Sum | Bucketwise::Reduce(_) => t.dtype() == DType::F32,
+        };
+        if !t.device().same_device(&self.device) || !dtype_ok {
             return Ok(None);
         }
         let t = t.contiguous()?;
@@ -149,7 +157,7 @@ impl Collective for NcclCollective {
     fn broadcast_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
         match self.on_device(&t, Bucketwise::Broadcast(root as i32), "ncclBroadcast")? {
             Some(t) => Ok(t),
-            None => super::through_host(t, |host| self.broadcast(host, root)),
+            None => super::broadcast_through_host(self, t, root),
         }
     }
     fn reduce_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
@@ -174,7 +182,8 @@ enum Bucketwise {
     Reduce(i32),
 }
 
-/// An NCCL collective in place on a flat f32 tensor's device memory, in buckets.
+/// An NCCL collective in place on a flat tensor's device memory (f32; bf16 for a broadcast),
+/// in buckets.
 struct InPlace<'a> {
     comm: &'a Comm,
     op: Bucketwise,
@@ -201,10 +210,27 @@ impl InplaceOp1 for InPlace<'_> {
         let Some((a, b)) = layout.contiguous_offsets() else {
             candle_core::bail!("{}: the buffer must be contiguous", self.name())
         };
-        let slice = storage.as_cuda_slice_mut::<f32>()?;
-        let mut start = a;
-        while start < b {
-            let end = (start + BUCKET_ELEMS).min(b);
+        match storage.dtype() {
+            DType::F32 => self.run(storage.as_cuda_slice_mut::<f32>()?, a..b),
+            DType::BF16 => match self.op {
+                Bucketwise::Broadcast(_) => self.run(storage.as_cuda_slice_mut::<bf16>()?, a..b),
+                _ => candle_core::bail!("{}: sums are f32, this is bf16", self.name()),
+            },
+            other => candle_core::bail!("{}: no NCCL op on {other:?}", self.name()),
+        }
+    }
+}
+
+impl InPlace<'_> {
+    /// The op on `slice[range]`, bucket by bucket.
+    fn run<T: NcclType + DeviceRepr>(
+        &self,
+        slice: &mut CudaSlice<T>,
+        range: std::ops::Range<usize>,
+    ) -> candle_core::Result<()> {
+        let mut start = range.start;
+        while start < range.end {
+            let end = (start + BUCKET_ELEMS).min(range.end);
             let mut bucket = slice.slice_mut(start..end);
             match self.op {
                 Bucketwise::Sum => self.comm.all_reduce_in_place(&mut bucket, &ReduceOp::Sum),

@@ -81,8 +81,9 @@ pub struct Engine<M: Trainable = Llama> {
     reduce_to_owner: bool,
     /// ZeRO-2: this micro-batch's gradients, not yet reduced (f32 sums if several were added).
     pending: Option<Vec<Option<Tensor>>>,
-    /// ZeRO-2: elements per reduce bucket ([`zero::REDUCE_BUCKET_ELEMS`]; tests cut smaller).
-    pub reduce_bucket_elems: usize,
+    /// ZeRO: elements per bucket of the gradient reduces and weight broadcasts
+    /// ([`zero::BUCKET_ELEMS`]; tests cut smaller).
+    pub bucket_elems: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -129,7 +130,7 @@ impl<M: Trainable> Engine<M> {
             shard: None,
             reduce_to_owner: false,
             pending: None,
-            reduce_bucket_elems: zero::REDUCE_BUCKET_ELEMS,
+            bucket_elems: zero::BUCKET_ELEMS,
         }
     }
 
@@ -456,7 +457,7 @@ impl<M: Trainable> Engine<M> {
         let sizes: Vec<usize> = self.offsets.windows(2).map(|w| w[1] - w[0]).collect();
         for (root, part) in shard.parts.iter().enumerate() {
             let first = self.offsets[part.start];
-            for bucket in zero::buckets(&sizes, part.clone(), self.reduce_bucket_elems) {
+            for bucket in zero::buckets(&sizes, part.clone(), self.bucket_elems) {
                 let (from, to) = (self.offsets[bucket.start], self.offsets[bucket.end]);
                 if from == to {
                     continue;
@@ -604,30 +605,40 @@ impl<M: Trainable> Engine<M> {
             return Ok(());
         };
         let params = self.model.trainable();
+        let sizes: Vec<usize> = self.offsets.windows(2).map(|w| w[1] - w[0]).collect();
         for (root, part) in shard.parts.iter().enumerate() {
-            let n = shard.elems[root];
-            if n == 0 {
-                continue;
-            }
-            let flat = if root == shard.rank {
-                let pieces = params[part.clone()]
-                    .iter()
-                    .map(|(_, v)| v.as_tensor().flatten_all()?.to_dtype(DType::F32))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                Tensor::cat(&pieces, 0)?
-            } else {
-                Tensor::zeros(n, DType::F32, &self.device)?
-            };
-            let flat = collective.broadcast_tensor(flat, root)?;
-            if root == shard.rank {
-                continue;
-            }
-            let mut off = 0;
-            for (_, var) in &params[part.clone()] {
-                let len = var.elem_count();
-                let w = flat.narrow(0, off, len)?.reshape(var.shape())?;
-                var.set(&w.to_dtype(var.dtype())?)?;
-                off += len;
+            for bucket in zero::buckets(&sizes, part.clone(), self.bucket_elems) {
+                let vars = &params[bucket.clone()];
+                let n: usize = sizes[bucket].iter().sum();
+                if n == 0 {
+                    continue;
+                }
+                // bf16 weights (mixed precision) travel as bf16: they are all the others need
+                // (their masters' high halves), in half the bytes.
+                let dtype = match vars.iter().all(|(_, v)| v.dtype() == DType::BF16) {
+                    true => DType::BF16,
+                    false => DType::F32,
+                };
+                let flat = if root == shard.rank {
+                    let pieces = vars
+                        .iter()
+                        .map(|(_, v)| v.as_tensor().flatten_all()?.to_dtype(dtype))
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Tensor::cat(&pieces, 0)?
+                } else {
+                    Tensor::zeros(n, dtype, &self.device)?
+                };
+                let flat = collective.broadcast_tensor(flat, root)?;
+                if root == shard.rank {
+                    continue;
+                }
+                let mut off = 0;
+                for (_, var) in vars {
+                    let len = var.elem_count();
+                    let w = flat.narrow(0, off, len)?.reshape(var.shape())?;
+                    var.set(&w.to_dtype(var.dtype())?)?;
+                    off += len;
+                }
             }
         }
         Ok(())

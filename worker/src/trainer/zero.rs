@@ -107,10 +107,11 @@ pub fn partition(sizes: &[usize], world: usize) -> Vec<Range<usize>> {
     parts
 }
 
-/// ZeRO-2 reduces a part in buckets of whole parameters of at most this many elements (a
-/// parameter larger than that is a bucket of its own): 16 MB of f32 gradients in flight instead
-/// of the whole part (DeepSpeed's `reduce_bucket_size`).
-pub const REDUCE_BUCKET_ELEMS: usize = 1 << 22;
+/// ZeRO-2 reduces a part's gradients, and ZeRO-1 and 2 broadcast its updated weights, in
+/// buckets of whole parameters of at most this many elements (a parameter larger than that is
+/// a bucket of its own): 16 MB of f32 in flight instead of the whole part (DeepSpeed's
+/// `reduce_bucket_size`, `allgather_bucket_size`).
+pub const BUCKET_ELEMS: usize = 1 << 22;
 
 /// Cuts the parameters `part` (whose sizes are `sizes[part]`) into consecutive buckets of
 /// at most `cap` elements each, a parameter larger than `cap` alone in its bucket. Pure, so
