@@ -4,7 +4,8 @@
 //! whole parameters (as torch's `ZeroRedundancyOptimizer` partitions them) and keeps AdamW's
 //! moments — and under mixed precision the master weights' low halves — for those alone; after
 //! the usual gradient all-reduce and clipping it updates only its own parameters, then every
-//! rank broadcasts the parameters it updated to the others.
+//! rank broadcasts the parameters it updated to the others, in buckets ([`BUCKET_ELEMS`]) and
+//! in the weights' dtype (under mixed precision bf16, which is all the others need).
 //!
 //! Nothing else changes: the gradient, its norm and each parameter's update are computed from
 //! the same all-reduced sum with the same formula, only on one rank instead of all, and a
