@@ -157,6 +157,51 @@ fn zero_1_on_two_gpu_workers_equals_unsharded() {
     }
 }
 
+/// ZeRO-2 on two GPU workers (each micro-batch's gradients reduced into their owner by
+/// ncclReduce, bf16 weights shared by ncclBroadcast): without clipping, two ranks and one
+/// micro-batch sum each gradient element once either way, so the model and the optimizer equal
+/// the unsharded two-worker job's exactly; with accumulation and clipping within 1e-5.
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL (scripts/gpu-test.sh)"]
+fn zero_2_on_two_gpu_workers_equals_unsharded() {
+    let ws = Workspace::new(48);
+    for (name, extra, tol) in [
+        (
+            "exact",
+            "max_grad_norm: 0.0
+",
+            0.0,
+        ),
+        (
+            "close",
+            "gradient_accumulation_steps: 2
+",
+            1e-5,
+        ),
+    ] {
+        let steps = format!("{TWO_GPU_STEPS}{extra}");
+        let (p, z) = (format!("plain-{name}"), format!("zero-{name}"));
+        let plain = ws.job("plain.yaml", &p, &steps);
+        run_on_two_gpu_workers(&ws, &plain);
+        let zero = ws.job(
+            "zero.yaml",
+            &z,
+            &format!(
+                "{steps}zero_stage: 2
+"
+            ),
+        );
+        run_on_two_gpu_workers(&ws, &zero);
+        for file in ["model.safetensors", "checkpoint-4/optimizer.safetensors"] {
+            assert_weights_close(
+                &ws.path().join(&z).join(file),
+                &ws.path().join(&p).join(file),
+                tol,
+            );
+        }
+    }
+}
+
 /// `herd train --device cuda:0` runs the demo job to the end on a GPU.
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-test.sh)"]
