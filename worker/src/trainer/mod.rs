@@ -22,7 +22,7 @@ use crate::error::{io_err, Result};
 use crate::optim::AdamWConfig;
 use crate::schedule::LrSchedule;
 use candle_core::DType;
-use engine::{Engine, StepStats};
+use engine::{Engine, StepStats, Trainable};
 use herd_model::{Llama, Tokenizer};
 use herd_proto::{JobSpec, SaveStrategy, Task};
 use objective::{CausalLm, Objective};
@@ -319,11 +319,14 @@ fn run_setup<O: Objective>(
             // bf16 weights (the master weights' high halves) and gradients; the low halves,
             // f32 moments and gradient sum; activations come on top (the OOM error's advice).
             let need = match engine.shard() {
-                // ZeRO-2: bf16 weights and gradients, one part's f32 flat in flight; the f32
-                // sum and the state of this rank's part
+                // ZeRO-2: bf16 weights and gradients, one bucket's f32 in flight (a bucket holds
+                // up to BUCKET_ELEMS, or one larger parameter); the f32 sum and the state of
+                // this rank's part
                 Some(shard) if job.zero_stage >= 2 => {
-                    let widest = shard.elems.iter().copied().max().unwrap_or(0) as u64;
-                    4 * parameters as u64 + 4 * widest + 14 * shard.elems[rank] as u64
+                    let params = engine.model.trainable();
+                    let largest = params.iter().map(|(_, v)| v.elem_count()).max();
+                    let bucket = zero::BUCKET_ELEMS.max(largest.unwrap_or(0)) as u64;
+                    4 * parameters as u64 + 4 * bucket + 14 * shard.elems[rank] as u64
                 }
                 // bf16 weights and gradients and the f32 sum; the state of this rank's part
                 Some(shard) => 8 * parameters as u64 + 10 * shard.elems[rank] as u64,

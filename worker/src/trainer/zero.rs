@@ -26,8 +26,8 @@
 //!
 //! Device memory per parameter (DeepSpeed's table, herd's mixed precision): 2 (bf16 weights) +
 //! 2 (bf16 gradients) + 4 (the f32 gradient sum) + 10 / N (moments and low halves) = 18 without
-//! sharding; stage 1 keeps 8 + 10 / N, stage 2 4 + 14 / N (plus one part's f32 gradients in
-//! flight). A LLaMA-7B on 16 ranks needs about 121 GB for that state unsharded, 58 GB at
+//! sharding; stage 1 keeps 8 + 10 / N, stage 2 4 + 14 / N (plus one bucket of f32 gradients
+//! in flight). A LLaMA-7B on 16 ranks needs about 121 GB for that state unsharded, 58 GB at
 //! stage 1 and 34 GB at stage 2.
 
 use std::ops::Range;
