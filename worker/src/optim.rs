@@ -116,11 +116,27 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
         .map(|&g| (g as f64) * (g as f64))
         .sum::<f64>()
         .sqrt();
+    clip_to_norm(grads, total, max_norm);
+    total
+}
+
+/// [`clip_grad_norm`]'s scaling of `grads` for a `norm` computed elsewhere (ZeRO-2: the ranks'
+/// parts added).
+pub fn clip_to_norm(grads: &mut [f32], norm: f64, max_norm: f64) {
     if max_norm > 0.0 {
-        let coef = (max_norm / (total + 1e-6)).min(1.0) as f32;
+        let coef = clip_coefficient(norm, max_norm) as f32;
         grads.iter_mut().for_each(|g| *g *= coef);
     }
-    total
+}
+
+/// torch's clipping factor for a gradient of `norm`: min(1, max_norm / (norm + 1e-6)), or 1
+/// when `max_norm` is 0 (no clipping).
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 {
+        (max_norm / (norm + 1e-6)).min(1.0)
+    } else {
+        1.0
+    }
 }
 
 #[cfg(test)]

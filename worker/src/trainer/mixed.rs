@@ -27,7 +27,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use herd_kernels::{AdamWHyper, FusedAdamW, Grad, GradTable};
 
 use crate::collective::Collective;
-use crate::optim::{decays, AdamW};
+use crate::optim::{clip_coefficient, decays, AdamW};
 use crate::Result;
 
 pub struct MixedState {
@@ -260,11 +260,7 @@ impl MixedState {
             (None, None) => herd_kernels::sum_squares(self.sum()?)?,
         };
         let norm = scale as f64 * sum_sq.sqrt();
-        let coef = if max_norm > 0.0 {
-            (max_norm / (norm + 1e-6)).min(1.0)
-        } else {
-            1.0
-        };
+        let coef = clip_coefficient(norm, max_norm);
         let grad_scale = (scale as f64 * coef) as f32;
         let weights = self.owned_weights(params);
         match &table {
