@@ -295,35 +295,32 @@ impl TcpRing {
         links.flush()
     }
 
+    /// The broadcast: from `root` round the ring, each rank copying what arrives.
     fn pass_on(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
-        let (rank, world) = (self.rank, self.world);
         self.agree(Op::Broadcast, buf.len(), root)?;
-        let links = self.links.as_mut().expect("world > 1 has links");
-        let last = (root + world - 1) % world; // keeps what arrives, sends nothing
-        for seg in buf.chunks_mut(RECV_SEGMENT_BYTES / 4) {
-            if rank != root {
-                links.recv_f32(seg, false)?;
-            }
-            if rank != last {
-                links.send_f32(seg)?;
-            }
-        }
-        links.flush()
+        self.pipeline(buf, root, false)
     }
 
-    /// Sums along the ring into `root`: the rank after the root sends its segment on, each
-    /// next rank adds its own and sends the partial sum on, and the root adds its own last. So
-    /// each link carries the buffer once, segment by segment, and the others keep partial sums.
+    /// The reduce into `root`: the rank after the root starts, each next rank adds its own to
+    /// the partial sum that arrives, and the root adds its own last; the others keep partial
+    /// sums.
     fn sum_into(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
-        let (rank, world) = (self.rank, self.world);
         self.agree(Op::Reduce, buf.len(), root)?;
+        self.pipeline(buf, (root + 1) % self.world, true)
+    }
+
+    /// `buf` travels segment by segment from `start` round the ring to the rank left of it:
+    /// every rank but `start` receives each segment (added to its own with `add`, else over
+    /// it), every rank but the last sends it on. Each link carries the buffer once.
+    fn pipeline(&mut self, buf: &mut [f32], start: usize, add: bool) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
         let links = self.links.as_mut().expect("world > 1 has links");
-        let first = (root + 1) % world; // starts the sum, receives nothing
+        let last = (start + world - 1) % world;
         for seg in buf.chunks_mut(RECV_SEGMENT_BYTES / 4) {
-            if rank != first {
-                links.recv_f32(seg, true)?;
+            if rank != start {
+                links.recv_f32(seg, add)?;
             }
-            if rank != root {
+            if rank != last {
                 links.send_f32(seg)?;
             }
         }
