@@ -1,5 +1,9 @@
 //! The job database: SQLite in WAL mode at `<state_dir>/herd.db`. Only the coordinator opens it.
 //!
+//! It holds every job's per-attempt collective secret, so the database and its `-wal` / `-shm`
+//! files are the owner's alone (mode 0600; SQLite gives the side files the database's mode),
+//! and a state directory the coordinator creates is 0700.
+//!
 //! The in-memory state is written through on every change, so a coordinator that is killed and
 //! started again reloads workers, jobs, the current attempt's rank assignments, checkpoints,
 //! metrics, events and log lines as they were.
@@ -235,13 +239,63 @@ fn metric_from_json(s: &str) -> Option<pb::Metric> {
     })
 }
 
+/// `dir` and any missing parents, created with mode 0700 (an existing directory is left as
+/// it is: it may be shared on purpose).
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// Creates the database file with mode 0600 before SQLite opens it, and takes group and other
+/// access away from an existing one and its `-wal` / `-shm` files (an older herd made them
+/// 0644).
+fn make_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    let with_suffix = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    for f in [path.to_path_buf(), with_suffix("-wal"), with_suffix("-shm")] {
+        let f = f.as_path();
+        let Ok(meta) = std::fs::metadata(f) else {
+            continue; // no side file yet
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode & 0o700))
+                .map_err(io(f))?;
+            tracing::warn!(
+                "{}: was readable by others (mode {mode:o}); now {:o}",
+                f.display(),
+                mode & 0o700
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Db {
     /// Open (creating) `<state_dir>/herd.db`.
     pub fn open_in(state_dir: &Path) -> Result<Db> {
-        std::fs::create_dir_all(state_dir).map_err(|source| Error::Io {
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
+        create_private_dir(state_dir)?;
         Db::open(&state_dir.join(DB_FILE_NAME))
     }
 
@@ -250,6 +304,7 @@ impl Db {
             path: path.to_path_buf(),
             source: e,
         };
+        make_private(path)?;
         let conn = Connection::open(path).map_err(ctx)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(ctx)?;

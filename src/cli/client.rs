@@ -190,8 +190,11 @@ pub fn progress_line(st: &pb::JobStatus, now: f64) -> String {
             m.loss, m.learning_rate, m.tokens_per_sec
         ));
     }
-    if let Some(eta) = eta_s(st, now) {
-        s.push_str(&format!("  ETA {}", fmt_duration(eta)));
+    // Only a running job has an end to estimate (a queued, restarting or ended one does not).
+    if st.state == JobState::Running as i32 {
+        if let Some(eta) = eta_s(st, now) {
+            s.push_str(&format!("  ETA {}", fmt_duration(eta)));
+        }
     }
     s
 }
@@ -218,9 +221,14 @@ pub fn render_status(st: &pb::JobStatus, now: f64) -> String {
     }
     for r in &st.ranks {
         out.push_str(&format!(
-            "  rank {:>2}  {}  {}  step {}  heartbeat {:.1}s ago\n",
-            r.rank, r.worker_id, r.host, r.last_step, r.heartbeat_age_s
+            "  rank {:>2}  {}  {}  step {}",
+            r.rank, r.worker_id, r.host, r.last_step
         ));
+        // The last attempt's ranks of an ended job: how long ago they beat says nothing.
+        if !is_terminal(st.state) {
+            out.push_str(&format!("  heartbeat {:.1}s ago", r.heartbeat_age_s));
+        }
+        out.push('\n');
     }
     for (i, r) in st.restart_reasons.iter().enumerate() {
         out.push_str(&format!("  restart {}: {r}\n", i + 1));
@@ -377,6 +385,13 @@ mod tests {
         assert!(line.contains("lr 1.000e-3"), "{line}");
         assert!(line.contains("1234 tok/s"), "{line}");
         assert!(line.contains("ETA 0:10"), "{line}");
+        for state in [JobState::Queued, JobState::Restarting, JobState::Cancelled] {
+            let mut s = st();
+            s.state = state as i32;
+            let line = progress_line(&s, 110.0);
+            assert!(!line.contains("ETA"), "{state:?}: {line}");
+            assert!(line.contains("1234 tok/s"), "{state:?}: {line}");
+        }
     }
 
     #[test]
@@ -392,6 +407,9 @@ mod tests {
         );
         assert!(text.contains("restart 1: rank 1 died"), "{text}");
         assert!(text.contains("restarts 1/3"), "{text}");
+        s.state = JobState::Succeeded as i32;
+        let text = render_status(&s, 110.0);
+        assert!(text.contains("rank  0  w-1  h  step 5\n"), "{text}");
         let mut q = st();
         q.state = JobState::Queued as i32;
         q.reason = "waiting for 4 idle workers (2 idle)".into();

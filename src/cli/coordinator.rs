@@ -52,7 +52,7 @@ pub fn run(a: &CoordinatorArgs) -> Result<()> {
     opts.heartbeat_interval = Duration::from_millis(a.heartbeat_interval_ms.max(10));
     opts.tls = a.tls_cert.clone().zip(a.tls_key.clone());
     opts.tls_client_ca = a.tls_client_ca.clone();
-    std::fs::create_dir_all(&a.state_dir)
+    herd_coordinator::db::create_private_dir(&a.state_dir)
         .with_context(|| format!("creating {}", a.state_dir.display()))?;
     let token_note = if opts.token.is_some() {
         "the given token".to_string()

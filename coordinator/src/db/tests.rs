@@ -169,3 +169,43 @@ fn version_1_database_is_migrated() {
         .unwrap();
     assert_eq!(v, "2");
 }
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn the_database_holding_the_secrets_is_private() {
+    let root = tempfile::tempdir().unwrap();
+    let state = root.path().join("a/state");
+    let db = Db::open_in(&state).unwrap();
+    db.save_job(&job("job-1", 1)).unwrap();
+    assert_eq!(mode(&state), 0o700, "a state dir the coordinator creates");
+    assert_eq!(
+        mode(&root.path().join("a")),
+        0o700,
+        "and its missing parents"
+    );
+    for f in ["herd.db", "herd.db-wal", "herd.db-shm"] {
+        assert_eq!(mode(&state.join(f)), 0o600, "{f}");
+    }
+    drop(db);
+
+    // An older coordinator left them 0644: opening takes the others' access away.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["herd.db", "herd.db-wal", "herd.db-shm"] {
+        let p = state.join(f);
+        if p.exists() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let db = Db::open_in(&state).unwrap();
+    assert_eq!(db.load().unwrap().jobs.len(), 1);
+    for f in ["herd.db", "herd.db-wal", "herd.db-shm"] {
+        let p = state.join(f);
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{f} after reopening");
+        }
+    }
+}

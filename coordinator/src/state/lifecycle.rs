@@ -189,13 +189,17 @@ impl Core {
             let host = w.rec.host.clone();
             w.release();
             self.save_worker(&wid)?;
-            self.event(
-                "",
-                &wid,
-                "worker",
-                &format!("dead: no heartbeat for {:.1} s", silent_for.as_secs_f64()),
-            );
+            let dead = format!("dead: no heartbeat for {:.1} s", silent_for.as_secs_f64());
+            self.event("", &wid, "worker", &dead);
             if let Some((job_id, attempt, rank)) = held {
+                // Also in the job's events: when a survivor's collective error restarted the
+                // job first, this is the line that names the rank that actually died.
+                self.event(
+                    &job_id,
+                    &wid,
+                    "worker",
+                    &format!("{dead} (it ran rank {rank} of attempt {attempt})"),
+                );
                 if self
                     .jobs
                     .get(&job_id)

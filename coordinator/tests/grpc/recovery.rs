@@ -343,3 +343,62 @@ async fn preempted_rank_restarts_without_counting_and_elsewhere() {
     );
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn the_job_events_name_the_rank_that_died_when_a_survivor_reported_first() {
+    let dir = tempfile::tempdir().unwrap();
+    demo(dir.path());
+    let srv = Server::start(&dir.path().join("state"), Duration::from_millis(800)).await;
+    let mut j = srv.jobs(TOKEN).await;
+    let mut w = srv.workers().await;
+    let w1 = register(&mut w, 7301).await;
+    let w2 = register(&mut w, 7302).await;
+    let id = submit(&mut j, &job_yaml(2, 2), dir.path()).await;
+    await_assignment(&mut w, &w1, Duration::from_secs(5)).await;
+    await_assignment(&mut w, &w2, Duration::from_secs(5)).await;
+    hb(&mut w, &w2, &id, 1, 3).await;
+
+    // w2 (rank 1) is killed; rank 0 sees its connection close and reports first.
+    w.report_done(pb::DoneReport {
+        worker_id: w1.clone(),
+        job_id: id.clone(),
+        attempt: 1,
+        rank: 0,
+        kind: DoneKind::FailedRank as i32,
+        step: 3,
+        error: "collective (tcp-ring) failed: rank 0: receiving from rank 1 failed".into(),
+        host: "testhost".into(),
+        exit_code: 1,
+        signal: 0,
+    })
+    .await
+    .unwrap();
+    assert_eq!(get(&mut j, &id).await.state(), JobState::Restarting);
+    let dead = |events: &[pb::Event]| {
+        events.iter().any(|e| {
+            e.kind == "worker"
+                && e.worker_id == w2
+                && e.message.contains("dead: no heartbeat")
+                && e.message.contains("rank 1 of attempt 1")
+        })
+    };
+    let t0 = Instant::now();
+    loop {
+        hb(&mut w, &w1, "", 0, 0).await; // w1 stays alive, idle
+        let events = j
+            .get_events(pb::JobRef { job_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        if dead(&events) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no job event names the dead rank 1: {events:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    srv.stop().await;
+}
