@@ -172,3 +172,24 @@ fn generate_answers_from_a_trained_model() {
         assert!(err.contains("built without CUDA"), "{err}");
     }
 }
+
+#[test]
+fn train_says_it_runs_one_rank_of_a_multi_rank_job() {
+    let ws = Workspace::new(8);
+    let job = ws.job(
+        "job.yaml",
+        "out",
+        "world_size: 2\nper_device_train_batch_size: 2\nmax_steps: 1\n",
+    );
+    let out = ws.train(&job, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("world_size is 2 but `herd train` runs one rank")
+            && err.contains("each step takes 2 examples, not the 2-rank job's 4")
+            && err.contains("gradient_accumulation_steps: 2"),
+        "{err}"
+    );
+    let plain = ws.job("plain.yaml", "out2", "max_steps: 1\n");
+    let err = String::from_utf8_lossy(&ws.train(&plain, &[]).stderr).into_owned();
+    assert!(!err.contains("runs one rank"), "{err}");
+}

@@ -43,7 +43,31 @@ pub fn run(
 ) -> Result<Outcome> {
     let device = DeviceSpec::parse(device)?;
     let job = load_job(job_path)?;
+    if let Some(w) = one_rank_warning(&job) {
+        eprintln!("warning: {}: {w}", job_path.display());
+    }
     run_job_on(&job, until_step, progress, device)
+}
+
+/// `herd train` is one rank, whatever the job's `world_size` (like `python train.py` without
+/// torchrun); say what that changes, since the global batch then shrinks silently.
+fn one_rank_warning(job: &JobSpec) -> Option<String> {
+    let world = job.world_size;
+    (world > 1).then(|| {
+        let (b, k) = (
+            job.per_device_train_batch_size,
+            job.gradient_accumulation_steps,
+        );
+        format!(
+            "world_size is {world} but `herd train` runs one rank: each step takes {} examples, \
+             not the {world}-rank job's {}, so its steps and schedule differ; run \
+             `herd run JOB --workers {world}` (or submit it to a coordinator) for that job, or \
+             set gradient_accumulation_steps: {} for the same updates in one process",
+            b * k,
+            b * k * world,
+            k * world
+        )
+    })
 }
 
 pub fn run_job(job: &JobSpec, until_step: Option<u64>, progress: bool) -> Result<Outcome> {
