@@ -67,6 +67,14 @@ fn missing_paths_are_named() {
     );
     let err = run_err(herd().current_dir(ws.path()).args(["train", "absent.yaml"]));
     assert!(err.contains("absent.yaml"), "{err}");
+    std::fs::write(ws.path().join("a-file"), "mine").unwrap();
+    ws.job("tofile.yaml", "a-file", "");
+    let err = run_err(herd().current_dir(ws.path()).args(["train", "tofile.yaml"]));
+    assert!(
+        err.contains("output_dir a-file: exists and is not a directory"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(ws.path().join("a-file")).unwrap(), b"mine");
     assert_nothing_written(&ws);
 }
 

@@ -32,6 +32,12 @@ pub fn check_paths(job: &JobSpec) -> Result<()> {
             p.display()
         );
     }
+    let out = &job.output_dir;
+    anyhow::ensure!(
+        !out.exists() || out.is_dir(),
+        "output_dir {}: exists and is not a directory (expected a directory for the checkpoints and the final model, or a path that does not exist yet)",
+        out.display()
+    );
     Ok(())
 }
 
