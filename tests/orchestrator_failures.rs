@@ -1,5 +1,5 @@
-//! Failures on loopback: a worker SIGKILLed mid-job, a coordinator killed and restarted, a
-//! worker preempted with SIGTERM. Each job still ends with the weights of an uninterrupted run.
+//! Failures on loopback: a worker SIGKILLed mid-job, a worker hung (SIGSTOP), a coordinator
+//! killed and restarted, a worker preempted with SIGTERM. Each job still ends with the weights of an uninterrupted run.
 
 mod common;
 use common::*;
@@ -214,4 +214,51 @@ fn sigterm_makes_a_worker_checkpoint_report_paused_and_exit() {
     let _w1 = start_worker(ws.path(), &addr, &state, "w1");
     let st = watch_to_end(&ws, &addr, &state, &id);
     assert_eq!(st["state"], "SUCCEEDED", "{st}");
+}
+
+#[test]
+fn a_hung_worker_is_given_up_and_its_peer_stops_at_once() {
+    let ws = Workspace::new(48);
+    let state = ws.path().join("state");
+    let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 2.0);
+    let w0 = start_worker(ws.path(), &addr, &state, "w0");
+    let w1 = start_worker(ws.path(), &addr, &state, "w1");
+    let job = ws.job(
+        "job.yaml",
+        "out",
+        "max_steps: 30\nsave_steps: 2\nworld_size: 2\n",
+    );
+    let id = submit(&ws, &addr, &state, &job);
+    let out = ws.path().join("out");
+    wait_until("the first checkpoint", Duration::from_secs(60), || {
+        out.join("checkpoint-2/herd_manifest.json").is_file()
+    });
+    // Hung, not dead: its sockets stay open, so its peer's read would wait out the collective's
+    // 120 s socket timeout. The coordinator gives it up after 2 s of silence and its stop order
+    // ends the peer's collective at once.
+    w0.signal("STOP");
+    let t0 = std::time::Instant::now();
+    wait_until(
+        "the peer to give the attempt up",
+        Duration::from_secs(30),
+        || {
+            let st = job_status(ws.path(), &addr, &state, &id);
+            st["state"] == "RESTARTING"
+                && st["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("waiting for 2 idle workers (1 idle)"))
+        },
+    );
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    let peer_log = w1.log_text();
+    assert!(
+        peer_log.contains("aborted: stop order from the coordinator"),
+        "{peer_log}"
+    );
+    // A new worker takes the hung one's place and the job finishes.
+    let _w2 = start_worker(ws.path(), &addr, &state, "w2");
+    let st = watch_to_end(&ws, &addr, &state, &id);
+    assert_eq!(st["state"], "SUCCEEDED", "{st}");
+    assert_eq!(trainer_state(&out)["global_step"], 30);
+    drop(w0); // SIGKILL reaps a stopped process too
 }

@@ -606,3 +606,46 @@ fn a_bf16_broadcast_copies_the_roots_bits_in_half_the_words() {
         }
     }
 }
+
+#[test]
+fn an_abort_ends_a_call_blocked_on_a_hung_peer_at_once() {
+    let n = 3;
+    let timeout = Duration::from_secs(60);
+    let start = Arc::new(Barrier::new(n));
+    let out = run_ring(n, same_secret(n), timeout, move |rank, ring| {
+        let mut ring = ring.unwrap();
+        let mut buf = vec![1.0f32; 1000];
+        ring.all_reduce_sum(&mut buf).unwrap();
+        start.wait();
+        if rank == 2 {
+            // Hung: sockets open, never takes part again (until the others have given up).
+            thread::sleep(Duration::from_secs(2));
+            return None;
+        }
+        let aborter = ring.aborter();
+        let t0 = Instant::now();
+        if rank == 0 {
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(300));
+                aborter.abort("told to stop");
+            });
+        }
+        let e = ring.all_reduce_sum(&mut buf).unwrap_err().to_string();
+        let again = ring.all_reduce_sum(&mut buf).unwrap_err().to_string();
+        Some((e, again, t0.elapsed()))
+    });
+    // Rank 0 says why; rank 1 fails fast because rank 0's sockets closed; neither waits the
+    // 60 s socket timeout.
+    let (e0, again0, took0) = out[0].clone().unwrap();
+    assert!(e0.contains("rank 0: aborted: told to stop"), "{e0}");
+    assert!(
+        again0.contains("broken") && again0.contains("told to stop"),
+        "{again0}"
+    );
+    assert!(took0 < Duration::from_secs(10), "rank 0 took {took0:?}");
+    let (e1, _, took1) = out[1].clone().unwrap();
+    assert!(
+        took1 < Duration::from_secs(10),
+        "rank 1 took {took1:?}: {e1}"
+    );
+}

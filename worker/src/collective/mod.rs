@@ -13,7 +13,7 @@ mod nccl;
 mod tcp;
 #[cfg(feature = "cuda")]
 pub use nccl::NcclCollective;
-pub use tcp::TcpRing;
+pub use tcp::{RingAborter, TcpRing};
 
 pub trait Collective: Send {
     fn rank(&self) -> usize;

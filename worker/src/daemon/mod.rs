@@ -407,6 +407,12 @@ pub async fn run(
                                     && !c.stop.swap(true, Ordering::SeqCst) {
                                         tracing::info!(job = %c.job_id, attempt = c.attempt, reason = %stop.reason, "stop order");
                                         eprintln!("herd worker {worker_id}: stop order for job {} ({})", c.job_id, stop.reason);
+                                        // The coordinator has given this attempt up, so nothing
+                                        // is gained by waiting on a peer that may be hung: end
+                                        // the collective now, not at its socket timeout.
+                                        if !stop.checkpoint {
+                                            c.abort.abort(&format!("stop order from the coordinator: {}", stop.reason));
+                                        }
                                     }
                             }
                             if pending.as_ref().is_some_and(|p| p.job_id == stop.job_id && (stop.attempt == 0 || p.attempt == stop.attempt)) {
@@ -424,6 +430,7 @@ pub async fn run(
                                         // A new rank while the old one still runs: stop the old one first.
                                         tracing::warn!(running = %c.job_id, attempt = c.attempt, new = %a.job_id, new_attempt = a.attempt, "new assignment while a rank runs; stopping the old rank first");
                                         c.stop.store(true, Ordering::SeqCst);
+                                        c.abort.abort(&format!("the coordinator assigned attempt {} of job {}", a.attempt, a.job_id));
                                         pending = Some(a);
                                     }
                                     None => {

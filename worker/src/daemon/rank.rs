@@ -1,7 +1,7 @@
 //! One assigned rank: the trainer on its own thread, its events turned into reports.
 
 use super::reporter::Report;
-use crate::collective::{Collective, SingleProcess, TcpRing};
+use crate::collective::{Collective, RingAborter, SingleProcess, TcpRing};
 use crate::trainer::{self, Event, Outcome, RunOptions};
 use herd_proto::{pb, JobSpec};
 use std::collections::VecDeque;
@@ -37,7 +37,41 @@ pub(super) struct RankHandle {
     pub signal: Arc<AtomicI32>,
     /// The trainer thread returned and its done report is queued.
     pub finished: bool,
+    /// Ends the rank's collective when the attempt is given up (a stop order).
+    pub abort: CollectiveAbort,
     thread: Option<JoinHandle<()>>,
+}
+
+/// Lets the daemon end a rank's collective from outside (see [`RingAborter`]); an abort asked
+/// for before the ring has formed applies as soon as it forms.
+#[derive(Clone, Default)]
+pub(super) struct CollectiveAbort(Arc<std::sync::Mutex<AbortSlot>>);
+
+#[derive(Default)]
+struct AbortSlot {
+    reason: Option<String>,
+    ring: Option<RingAborter>,
+}
+
+impl CollectiveAbort {
+    pub fn abort(&self, reason: &str) {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let reason = slot
+            .reason
+            .get_or_insert_with(|| reason.to_string())
+            .clone();
+        if let Some(ring) = &slot.ring {
+            ring.abort(&reason);
+        }
+    }
+
+    fn attach(&self, ring: RingAborter) {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(reason) = &slot.reason {
+            ring.abort(reason);
+        }
+        slot.ring = Some(ring);
+    }
 }
 
 impl RankHandle {
@@ -78,15 +112,17 @@ pub(super) fn start(a: pb::Assignment, ctx: RankCtx) -> RankHandle {
     let step = Arc::new(AtomicU64::new(a.start_step));
     let signal = Arc::new(AtomicI32::new(0));
     let (job_id, attempt) = (a.job_id.clone(), a.attempt);
+    let abort = CollectiveAbort::default();
     let thread = {
         let (stop, step, signal) = (stop.clone(), step.clone(), signal.clone());
+        let abort = abort.clone();
         std::thread::Builder::new()
             .name(format!("rank-{}-{}", a.job_id, a.rank))
             .spawn(move || {
                 let finished = ctx.finished.clone();
                 let reports = ctx.reports.clone();
                 let key = (a.job_id.clone(), a.attempt);
-                let done = run_rank(&a, ctx, stop, step, signal);
+                let done = run_rank(&a, ctx, stop, step, signal, abort);
                 let _ = reports.send(Report::Done(done));
                 let _ = finished.send(key);
             })
@@ -99,6 +135,7 @@ pub(super) fn start(a: pb::Assignment, ctx: RankCtx) -> RankHandle {
         step,
         signal,
         finished: false,
+        abort,
         thread: Some(thread),
     }
 }
@@ -126,6 +163,7 @@ fn run_rank(
     stop: Arc<AtomicBool>,
     step: Arc<AtomicU64>,
     signal: Arc<AtomicI32>,
+    abort: CollectiveAbort,
 ) -> pb::DoneReport {
     let span = tracing::info_span!("rank", job = %a.job_id, attempt = a.attempt, rank = a.rank);
     let _g = span.enter();
@@ -188,6 +226,7 @@ fn run_rank(
                     ctx.timeout,
                 )
                 .map_err(|e| e.to_string())?;
+                abort.attach(ring.aborter());
                 Box::new(ring)
             };
             let until_step = (a.end_step > 0).then_some(a.end_step);

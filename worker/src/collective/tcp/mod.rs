@@ -76,6 +76,42 @@ pub struct TcpRing {
     links: Option<Links>,
     /// Set after the first failure; later calls repeat it.
     broken: Option<String>,
+    aborter: RingAborter,
+}
+
+/// Ends a ring from another thread: records why and shuts both of the rank's sockets, so a
+/// call blocked on a hung or dead peer returns at once ("aborted: why") instead of at the
+/// socket timeout, and the neighbours fail fast too. The worker daemon uses it when the
+/// coordinator has already given up on the attempt (a stop order), where waiting is pointless.
+#[derive(Clone, Default)]
+pub struct RingAborter(Arc<AborterState>);
+
+#[derive(Default)]
+struct AborterState {
+    reason: std::sync::Mutex<Option<String>>,
+    /// Clones of the rank's two streams, only to shut them down.
+    streams: Vec<TcpStream>,
+}
+
+impl RingAborter {
+    /// Abort the ring with `reason` (the first reason given wins); later calls are no-ops.
+    pub fn abort(&self, reason: &str) {
+        let mut r = self.0.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason.to_string());
+            for s in &self.0.streams {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.0
+            .reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl std::fmt::Debug for TcpRing {
@@ -187,6 +223,15 @@ impl TcpRing {
             }
         }
         let (left_stream, right_stream) = (left_stream.unwrap(), right_stream.unwrap());
+        let streams = [&left_stream, &right_stream]
+            .iter()
+            .map(|s| s.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| err(format!("rank {rank}: cannot clone a ring socket: {e}")))?;
+        let aborter = RingAborter(Arc::new(AborterState {
+            reason: Default::default(),
+            streams,
+        }));
 
         let links = Links::new(
             rank,
@@ -206,6 +251,7 @@ impl TcpRing {
             calls: 0,
             links: Some(links),
             broken: None,
+            aborter,
         })
     }
 
@@ -218,7 +264,13 @@ impl TcpRing {
             calls: 0,
             links: None,
             broken: None,
+            aborter: RingAborter::default(),
         }
+    }
+
+    /// A handle that ends this ring from another thread (see [`RingAborter`]).
+    pub fn aborter(&self) -> RingAborter {
+        self.aborter.clone()
     }
 
     /// Change the bucket size (rounded down to whole f32s, at least one). Every rank must use
@@ -355,7 +407,11 @@ impl TcpRing {
                 "the ring is broken by an earlier failure: {reason}"
             )));
         }
-        let r = f(self);
+        let mut r = f(self);
+        if let Some(why) = self.aborter.reason().filter(|_| r.is_err()) {
+            // The sockets were shut on purpose: say so, not "connection reset".
+            r = Err(err(format!("rank {}: aborted: {why}", self.rank)));
+        }
         if let Err(e) = &r {
             self.broken = Some(match e {
                 Error::Collective { reason, .. } => reason.clone(),
