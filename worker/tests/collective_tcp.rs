@@ -649,3 +649,34 @@ fn an_abort_ends_a_call_blocked_on_a_hung_peer_at_once() {
         "rank 1 took {took1:?}: {e1}"
     );
 }
+
+#[test]
+fn a_dropped_ring_closes_its_sockets_while_its_aborter_lives() {
+    let n = 2;
+    let start = Arc::new(Barrier::new(n));
+    let out = run_ring(
+        n,
+        same_secret(n),
+        Duration::from_secs(60),
+        move |rank, ring| {
+            let mut ring = ring.unwrap();
+            let mut buf = vec![1.0f32; 1000];
+            ring.all_reduce_sum(&mut buf).unwrap();
+            if rank == 1 {
+                // The rank fails outside the collective; the daemon still holds its aborter.
+                let aborter = ring.aborter();
+                drop(ring);
+                start.wait();
+                thread::sleep(Duration::from_secs(4));
+                drop(aborter);
+                return None;
+            }
+            start.wait();
+            let t0 = Instant::now();
+            let e = ring.all_reduce_sum(&mut buf).unwrap_err().to_string();
+            Some((e, t0.elapsed()))
+        },
+    );
+    let (e, took) = out[0].clone().unwrap();
+    assert!(took < Duration::from_secs(2), "rank 0 waited {took:?}: {e}");
+}

@@ -114,6 +114,18 @@ impl RingAborter {
     }
 }
 
+impl Drop for TcpRing {
+    fn drop(&mut self) {
+        // The aborter's clones would keep the sockets open after the ring is gone, and a
+        // neighbour would not see it close: drop the links (their queue is written first),
+        // then shut the sockets.
+        drop(self.links.take());
+        for s in &self.aborter.0.streams {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 impl std::fmt::Debug for TcpRing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TcpRing")
