@@ -262,3 +262,46 @@ fn a_hung_worker_is_given_up_and_its_peer_stops_at_once() {
     assert_eq!(trainer_state(&out)["global_step"], 30);
     drop(w0); // SIGKILL reaps a stopped process too
 }
+
+#[test]
+fn a_worker_hung_before_its_ring_formed_does_not_hold_its_peer() {
+    let ws = Workspace::new(48);
+    let state = ws.path().join("state");
+    let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 4.0);
+    let w0 = start_worker(ws.path(), &addr, &state, "w0");
+    let w1 = start_worker(ws.path(), &addr, &state, "w1");
+    wait_until("both workers to register", Duration::from_secs(30), || {
+        [&w0, &w1]
+            .iter()
+            .all(|w| w.log_text().contains("registered with"))
+    });
+    // Hung while still looking idle (its last heartbeat is fresh): it is given rank 0 or 1
+    // but never takes its assignment, so its peer waits in the ring's set-up for a
+    // neighbour that never comes, until the ring's 120 s deadline but for the stop order.
+    w0.signal("STOP");
+    let job = ws.job("job.yaml", "out", "max_steps: 4\nworld_size: 2\n");
+    let id = submit(&ws, &addr, &state, &job);
+    let t0 = std::time::Instant::now();
+    wait_until(
+        "the peer to give the attempt up",
+        Duration::from_secs(40),
+        || {
+            let st = job_status(ws.path(), &addr, &state, &id);
+            st["state"] == "RESTARTING"
+                && st["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("waiting for 2 idle workers (1 idle)"))
+        },
+    );
+    assert!(t0.elapsed() < Duration::from_secs(40));
+    let peer_log = w1.log_text();
+    assert!(
+        peer_log.contains("aborted while forming the ring: stop order from the coordinator"),
+        "{peer_log}"
+    );
+    let _w2 = start_worker(ws.path(), &addr, &state, "w2");
+    let st = watch_to_end(&ws, &addr, &state, &id);
+    assert_eq!(st["state"], "SUCCEEDED", "{st}");
+    assert_eq!(trainer_state(&ws.path().join("out"))["global_step"], 4);
+    drop(w0);
+}

@@ -305,3 +305,27 @@ fn a_job_resumed_at_another_world_size_continues_exactly() {
         1e-5,
     );
 }
+
+#[test]
+fn a_worker_of_a_loopback_coordinator_listens_on_loopback_by_default() {
+    let ws = Workspace::new(8);
+    let state = ws.path().join("state");
+    let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 5.0);
+    let log = ws.path().join("w.log");
+    let child = herd_clean()
+        .current_dir(ws.path())
+        .args(["worker", "--coordinator", &addr, "--state-dir"])
+        .arg(&state)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let w = Proc { child, log };
+    wait_until("the worker to register", Duration::from_secs(30), || {
+        w.log_text().contains("registered with")
+    });
+    // A coordinator elsewhere makes it listen on every interface instead (unit-tested in the
+    // worker's daemon::address, as no second machine is here).
+    let text = w.log_text();
+    assert!(text.contains("(collective 127.0.0.1:"), "{text}");
+}

@@ -249,6 +249,24 @@ pub fn restart_decision(job: RestartState, failure: &Failure) -> Decision {
     }
 }
 
+/// The reason of an attempt that a survivor's error ended, re-told once a peer's worker of that
+/// attempt is found dead: a SIGKILLed or OOM-killed worker cannot report, so its peers' "connection
+/// closed" reaches the coordinator first and would otherwise be blamed. Returns None when the
+/// reason already leads with this rank or was already re-told.
+pub fn likely_cause(reason: &str, attempt: u32, dead: &Failure) -> Option<String> {
+    let prefix = format!("attempt {attempt}: ");
+    let rest = reason.strip_prefix(&prefix)?;
+    if rest.starts_with(&format!("rank {} ", dead.rank)) || rest.contains(LIKELY_CAUSED) {
+        return None;
+    }
+    Some(format!(
+        "{prefix}{}{LIKELY_CAUSED}{rest}",
+        describe_failure(dead)
+    ))
+}
+
+const LIKELY_CAUSED: &str = ", which likely caused: ";
+
 /// A worker is dead when its last heartbeat is older than `timeout`.
 pub fn is_dead(now: Instant, last_heartbeat: Instant, timeout: Duration) -> bool {
     now.saturating_duration_since(last_heartbeat) > timeout
@@ -272,6 +290,63 @@ pub fn dead_workers<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dead_rank_1() -> Failure {
+        Failure {
+            rank: 1,
+            worker_id: "w-2".into(),
+            host: "h2".into(),
+            step: 3,
+            kind: FailureKind::HeartbeatTimeout {
+                silent_for: Duration::from_millis(10_200),
+            },
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_is_named_before_the_survivor_it_took_down() {
+        let survivor = Failure {
+            rank: 0,
+            worker_id: "w-1".into(),
+            host: "h1".into(),
+            step: 3,
+            kind: FailureKind::RankFailed {
+                error: "collective (tcp-ring) failed: rank 0: connection closed by rank 1".into(),
+                exit_code: 1,
+                signal: 0,
+            },
+        };
+        let first = restart_decision(
+            RestartState {
+                attempt: 2,
+                restarts: 1,
+                max_restarts: 3,
+            },
+            &survivor,
+        )
+        .reason;
+        let told = likely_cause(&first, 2, &dead_rank_1()).unwrap();
+        assert_eq!(
+            told,
+            "attempt 2: rank 1 (worker w-2 on h2, step 3): missed heartbeats for 10.2 s, which \
+             likely caused: rank 0 (worker w-1 on h1, step 3): failed (exit code 1): collective \
+             (tcp-ring) failed: rank 0: connection closed by rank 1; restart 2 of 3"
+        );
+        // Told once; another attempt's reason, or one that already leads with the dead rank,
+        // is left alone.
+        assert_eq!(likely_cause(&told, 2, &dead_rank_1()), None);
+        assert_eq!(likely_cause(&first, 1, &dead_rank_1()), None);
+        let own = restart_decision(
+            RestartState {
+                attempt: 2,
+                restarts: 1,
+                max_restarts: 3,
+            },
+            &dead_rank_1(),
+        )
+        .reason;
+        assert_eq!(likely_cause(&own, 2, &dead_rank_1()), None);
+    }
 
     fn job(id: &str, n: usize) -> PendingJob {
         PendingJob {

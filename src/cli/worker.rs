@@ -17,8 +17,10 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Where this worker accepts its peers' collective connections (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub collective_listen: SocketAddr,
+    /// Default: 127.0.0.1:0 when the coordinator is on loopback, else 0.0.0.0:0 (peers are
+    /// told the IP of this machine's route to the coordinator; see --collective-advertise).
+    #[arg(long)]
+    pub collective_listen: Option<SocketAddr>,
     /// The address peers dial (default: the listen address).
     #[arg(long)]
     pub collective_advertise: Option<SocketAddr>,

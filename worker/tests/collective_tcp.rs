@@ -680,3 +680,69 @@ fn a_dropped_ring_closes_its_sockets_while_its_aborter_lives() {
     let (e, took) = out[0].clone().unwrap();
     assert!(took < Duration::from_secs(2), "rank 0 waited {took:?}: {e}");
 }
+
+/// A rank whose neighbour never comes: the right one's address accepts TCP connections (its
+/// backlog) but never answers the handshake, and the left one never dials.
+#[test]
+fn an_abort_ends_a_ring_still_forming_at_once() {
+    use herd_worker::collective::RingAborter;
+    let (mut ls, addrs) = listeners(2);
+    let silent_peer = ls.pop().unwrap();
+    let mine = ls.pop().unwrap();
+    let aborter = RingAborter::default();
+    let form = {
+        let aborter = aborter.clone();
+        thread::spawn(move || {
+            let t0 = Instant::now();
+            let r = TcpRing::form(0, mine, addrs, SECRET, Duration::from_secs(60), aborter);
+            (r.map(|_| ()).unwrap_err().to_string(), t0.elapsed())
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    aborter.abort("stop order from the coordinator: gave up");
+    let (e, took) = form.join().unwrap();
+    assert!(
+        e.contains("rank 0: aborted while forming the ring: stop order from the coordinator"),
+        "{e}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "formation took {took:?}: {e}"
+    );
+    drop(silent_peer);
+}
+
+/// An abort asked for before the ring forms ends the formation too, even when both neighbours
+/// are there and the handshakes succeed (the abort is found when the sockets are handed over).
+#[test]
+fn an_abort_before_forming_refuses_the_ring() {
+    use herd_worker::collective::RingAborter;
+    let (ls, addrs) = listeners(2);
+    let aborters = [RingAborter::default(), RingAborter::default()];
+    aborters[0].abort("told to stop");
+    let mut handles: Vec<_> = ls
+        .into_iter()
+        .zip(aborters.clone())
+        .enumerate()
+        .map(|(rank, (l, aborter))| {
+            let addrs = addrs.clone();
+            thread::spawn(move || {
+                let t0 = Instant::now();
+                let r = TcpRing::form(rank, l, addrs, SECRET, Duration::from_secs(60), aborter);
+                (r.map(|_| ()).map_err(|e| e.to_string()), t0.elapsed())
+            })
+        })
+        .collect();
+    let (r0, took0) = handles.remove(0).join().unwrap();
+    let e0 = r0.unwrap_err();
+    assert!(
+        e0.contains("rank 0: aborted while forming the ring: told to stop"),
+        "{e0}"
+    );
+    assert!(took0 < Duration::from_secs(5), "rank 0 took {took0:?}");
+    // Rank 1 formed (its first call would fail) or still waits for rank 0: the coordinator
+    // would stop it too.
+    aborters[1].abort("the attempt was given up");
+    let (_, took1) = handles.remove(0).join().unwrap();
+    assert!(took1 < Duration::from_secs(5), "rank 1 took {took1:?}");
+}

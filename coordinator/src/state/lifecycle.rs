@@ -67,6 +67,30 @@ impl Core {
         Ok(())
     }
 
+    /// A worker of `attempt` is found dead after a survivor's error already ended that attempt:
+    /// its death is the likely cause, so the attempt's reason names it first
+    /// (sched::likely_cause). The restart was already decided and counted.
+    fn retell_cause(&mut self, job_id: &str, attempt: u32, dead: &Failure) -> Result<()> {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return Ok(());
+        };
+        if !matches!(job.rec.state, JobState::Restarting | JobState::Failed) {
+            return Ok(());
+        }
+        let Some(last) = job.rec.restart_reasons.last_mut() else {
+            return Ok(());
+        };
+        let Some(told) = sched::likely_cause(last, attempt, dead) else {
+            return Ok(());
+        };
+        *last = told.clone();
+        if job.rec.state == JobState::Failed {
+            job.rec.reason = told;
+        }
+        // A RESTARTING job's reason is rebuilt from restart_reasons by the next schedule().
+        self.save_job(job_id)
+    }
+
     /// Place waiting jobs on idle workers (sched::schedule) and record why the others wait.
     pub fn schedule(&mut self) -> Result<()> {
         let mut pending: Vec<&Job> = self
@@ -216,16 +240,15 @@ impl Core {
                     } else {
                         FailureKind::NotBack
                     };
-                    self.rank_failed(
-                        &job_id,
-                        Failure {
-                            rank,
-                            worker_id: wid.clone(),
-                            host,
-                            step,
-                            kind,
-                        },
-                    )?;
+                    let failure = Failure {
+                        rank,
+                        worker_id: wid.clone(),
+                        host,
+                        step,
+                        kind,
+                    };
+                    self.retell_cause(&job_id, attempt, &failure)?;
+                    self.rank_failed(&job_id, failure)?;
                 }
             }
         }

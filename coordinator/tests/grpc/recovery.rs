@@ -400,5 +400,16 @@ async fn the_job_events_name_the_rank_that_died_when_a_survivor_reported_first()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The restart's reason now leads with the dead rank, the survivor's error after it.
+    let job = get(&mut j, &id).await;
+    assert_eq!(job.state(), JobState::Restarting);
+    let told = format!("attempt 1: rank 1 (worker {w2} on ");
+    assert!(
+        job.reason.contains(&told)
+            && job.reason.contains("missed heartbeats")
+            && job.reason.contains("which likely caused: rank 0 (worker "),
+        "{}",
+        job.reason
+    );
     srv.stop().await;
 }

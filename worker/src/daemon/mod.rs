@@ -12,14 +12,16 @@
 //! Shutdown (SIGTERM/SIGINT in the binary): the running rank gets its stop flag, checkpoints at
 //! the end of its current step, reports `PAUSED`, and the daemon exits.
 
+mod address;
 mod rank;
 mod reporter;
 
+use address::advertised;
 use herd_proto::pb;
 use herd_proto::pb::workers_client::WorkersClient;
 use rank::{RankCtx, RankHandle};
 use reporter::{Report, Reporter};
-use std::net::{IpAddr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -39,8 +41,9 @@ pub struct DaemonOptions {
     pub token: Option<String>,
     /// `cpu` (this build); `cuda:N` is refused with a clear message.
     pub device: String,
-    /// Where the collective listener binds (port 0 picks a free port).
-    pub collective_listen: SocketAddr,
+    /// Where the collective listener binds (port 0 picks a free port); None: loopback when the
+    /// coordinator is on loopback, else every interface ([`address::default_listen`]).
+    pub collective_listen: Option<SocketAddr>,
     /// The address peers connect to; default: the listener's address (the local IP towards the
     /// coordinator when it binds an unspecified IP).
     pub collective_advertise: Option<SocketAddr>,
@@ -89,7 +92,7 @@ impl DaemonOptions {
             coordinator: coordinator.into(),
             token: None,
             device: "cpu".into(),
-            collective_listen: "127.0.0.1:0".parse().unwrap(),
+            collective_listen: None,
             collective_advertise: None,
             host: hostname(),
             collective_timeout: Duration::from_secs(120),
@@ -219,34 +222,6 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// The address peers should dial: the listener's, with an unspecified IP replaced by the local
-/// IP of the route towards the coordinator.
-fn advertised(bound: SocketAddr, coordinator: &str) -> SocketAddr {
-    if !bound.ip().is_unspecified() {
-        return bound;
-    }
-    let hostport = coordinator
-        .split("://")
-        .last()
-        .unwrap_or(coordinator)
-        .trim_end_matches('/');
-    let guess = (|| {
-        let target = std::net::ToSocketAddrs::to_socket_addrs(hostport)
-            .ok()?
-            .next()?;
-        let any: SocketAddr = if target.is_ipv4() {
-            "0.0.0.0:0".parse().ok()?
-        } else {
-            "[::]:0".parse().ok()?
-        };
-        let s = UdpSocket::bind(any).ok()?;
-        s.connect(target).ok()?;
-        Some(s.local_addr().ok()?.ip())
-    })();
-    let ip = guess.unwrap_or(IpAddr::from([127, 0, 0, 1]));
-    SocketAddr::new(ip, bound.port())
-}
-
 fn retryable(code: Code) -> bool {
     matches!(
         code,
@@ -271,15 +246,17 @@ pub async fn run(
     let mut client = WorkersClient::new(channel.clone());
     let token = opts.token.clone();
 
-    let listener =
-        TcpListener::bind(opts.collective_listen).map_err(|source| DaemonError::Listen {
-            addr: opts.collective_listen,
-            source,
-        })?;
+    let listen = opts
+        .collective_listen
+        .unwrap_or_else(|| address::default_listen(&opts.coordinator));
+    let listener = TcpListener::bind(listen).map_err(|source| DaemonError::Listen {
+        addr: listen,
+        source,
+    })?;
     let bound = listener
         .local_addr()
         .map_err(|source| DaemonError::Listen {
-            addr: opts.collective_listen,
+            addr: listen,
             source,
         })?;
     let collective_addr = opts
@@ -579,15 +556,5 @@ mod tests {
     fn urls() {
         assert_eq!(coordinator_url("127.0.0.1:7733"), "http://127.0.0.1:7733");
         assert_eq!(coordinator_url("https://c:1"), "https://c:1");
-    }
-
-    #[test]
-    fn advertise_keeps_specific_ips() {
-        let a: SocketAddr = "10.1.2.3:5".parse().unwrap();
-        assert_eq!(advertised(a, "http://127.0.0.1:1"), a);
-        let u: SocketAddr = "0.0.0.0:7".parse().unwrap();
-        let got = advertised(u, "http://127.0.0.1:1");
-        assert_eq!(got.port(), 7);
-        assert!(!got.ip().is_unspecified());
     }
 }

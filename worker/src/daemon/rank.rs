@@ -42,8 +42,8 @@ pub(super) struct RankHandle {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Lets the daemon end a rank's collective from outside (see [`RingAborter`]); an abort asked
-/// for before the ring has formed applies as soon as it forms.
+/// Lets the daemon end a rank's collective from outside (see [`RingAborter`]), also while its
+/// ring is still forming; an abort asked for before the rank reaches its ring applies there.
 #[derive(Clone, Default)]
 pub(super) struct CollectiveAbort(Arc<std::sync::Mutex<AbortSlot>>);
 
@@ -218,15 +218,19 @@ fn run_rank(
                     a.rank,
                     a.peers.join(", ")
                 ));
-                let ring = TcpRing::with_listener(
+                // Attached before the ring forms, so a stop order also ends a formation
+                // that waits on a neighbour that never comes.
+                let aborter = RingAborter::default();
+                abort.attach(aborter.clone());
+                let ring = TcpRing::form(
                     a.rank as usize,
                     listener,
                     peers,
                     &a.job_secret,
                     ctx.timeout,
+                    aborter,
                 )
                 .map_err(|e| e.to_string())?;
-                abort.attach(ring.aborter());
                 Box::new(ring)
             };
             let until_step = (a.end_step > 0).then_some(a.end_step);

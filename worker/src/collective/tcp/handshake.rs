@@ -73,10 +73,13 @@ pub(super) fn accept_left(
             .set_nonblocking(true)
             .map_err(|e| err(format!("rank {rank}: cannot configure the listener: {e}")))?;
         let (stream, from) = loop {
-            if let Some((reason, since)) = abort.get() {
+            if let Some((reason, since, grace)) = abort.get() {
                 // This rank is not joining after all. For a short while, answer a neighbour that
                 // is (or is about to be) connecting with the reason, instead of a bare reset.
-                let grace_end = (since + ABORT_GRACE).min(deadline);
+                // Not after an abort from outside: the coordinator stops the neighbours itself,
+                // and the listener may soon serve this worker's next ring.
+                let grace_end =
+                    (since + if grace { ABORT_GRACE } else { Duration::ZERO }).min(deadline);
                 while Instant::now() < grace_end {
                     match listener.accept() {
                         Ok((mut s, _)) => {
@@ -146,20 +149,22 @@ pub(super) fn accept_left(
 /// How long a rank that gave up joining keeps answering its left neighbour with the reason.
 pub(super) const ABORT_GRACE: Duration = Duration::from_millis(500);
 
-/// Set when one side of the set-up failed: the other side stops waiting.
+/// Set when one side of the set-up failed, or the formation was aborted from outside: the
+/// other side stops waiting. The flag says whether to answer a connecting neighbour with the
+/// reason for [`ABORT_GRACE`].
 #[derive(Default)]
-pub(super) struct Abort(Mutex<Option<(String, Instant)>>);
+pub(super) struct Abort(Mutex<Option<(String, Instant, bool)>>);
 
 impl Abort {
-    pub(super) fn set(&self, e: &Error) {
+    pub(super) fn set(&self, e: &Error, grace: bool) {
         let reason = match e {
             Error::Collective { reason, .. } => reason.clone(),
             other => other.to_string(),
         };
         let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        g.get_or_insert((reason, Instant::now()));
+        g.get_or_insert((reason, Instant::now(), grace));
     }
-    pub(super) fn get(&self) -> Option<(String, Instant)> {
+    pub(super) fn get(&self) -> Option<(String, Instant, bool)> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
     fn is_set(&self) -> bool {

@@ -58,6 +58,8 @@ const MAC_LEN: usize = 32;
 const RECV_SEGMENT_BYTES: usize = 256 * 1024;
 /// Messages the caller may queue ahead of the sender thread.
 const SEND_QUEUE: usize = 4;
+/// How often a forming ring looks at its aborter.
+const ABORT_POLL: Duration = Duration::from_millis(50);
 
 fn err(reason: impl Into<String>) -> Error {
     Error::Collective {
@@ -87,30 +89,52 @@ pub struct TcpRing {
 pub struct RingAborter(Arc<AborterState>);
 
 #[derive(Default)]
-struct AborterState {
-    reason: std::sync::Mutex<Option<String>>,
-    /// Clones of the rank's two streams, only to shut them down.
+struct AborterState(std::sync::Mutex<AborterSlot>);
+
+#[derive(Default)]
+struct AborterSlot {
+    reason: Option<String>,
+    /// Clones of the rank's two streams once the ring has formed, only to shut them down.
     streams: Vec<TcpStream>,
 }
 
 impl RingAborter {
     /// Abort the ring with `reason` (the first reason given wins); later calls are no-ops.
+    /// Given to [`TcpRing::form`], it also ends a ring that is still forming.
     pub fn abort(&self, reason: &str) {
-        let mut r = self.0.reason.lock().unwrap_or_else(|p| p.into_inner());
-        if r.is_none() {
-            *r = Some(reason.to_string());
-            for s in &self.0.streams {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+        let mut slot = self.slot();
+        if slot.reason.is_none() {
+            slot.reason = Some(reason.to_string());
+            shut(&slot.streams);
         }
     }
 
+    fn slot(&self) -> std::sync::MutexGuard<'_, AborterSlot> {
+        self.0 .0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn reason(&self) -> Option<String> {
-        self.0
-            .reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.slot().reason.clone()
+    }
+
+    /// Hands the formed ring's sockets over; an abort that came first shuts them at once and
+    /// returns its reason.
+    fn attach(&self, streams: Vec<TcpStream>) -> std::result::Result<(), String> {
+        let mut slot = self.slot();
+        slot.streams = streams;
+        match &slot.reason {
+            Some(why) => {
+                shut(&slot.streams);
+                Err(why.clone())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+fn shut<'a>(streams: impl IntoIterator<Item = &'a TcpStream>) {
+    for s in streams {
+        let _ = s.shutdown(Shutdown::Both);
     }
 }
 
@@ -120,9 +144,7 @@ impl Drop for TcpRing {
         // neighbour would not see it close: drop the links (their queue is written first),
         // then shut the sockets.
         drop(self.links.take());
-        for s in &self.aborter.0.streams {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        shut(&self.aborter.slot().streams);
     }
 }
 
@@ -173,6 +195,28 @@ impl TcpRing {
         secret: &[u8],
         timeout: Duration,
     ) -> Result<Self> {
+        Self::form(
+            rank,
+            listener,
+            peers,
+            secret,
+            timeout,
+            RingAborter::default(),
+        )
+    }
+
+    /// [`TcpRing::with_listener`] with an aborter made beforehand: aborting it while the ring
+    /// forms (a neighbour that never comes) ends the formation at once with "aborted while
+    /// forming the ring: why" instead of at the `timeout` deadline; afterwards it is the
+    /// ring's [`TcpRing::aborter`].
+    pub fn form(
+        rank: usize,
+        listener: TcpListener,
+        peers: Vec<SocketAddr>,
+        secret: &[u8],
+        timeout: Duration,
+        aborter: RingAborter,
+    ) -> Result<Self> {
         check_args(rank, &peers, secret, timeout)?;
         let world = peers.len();
         if world == 1 {
@@ -219,18 +263,28 @@ impl TcpRing {
         }
         let (mut left_stream, mut right_stream) = (None, None);
         while left_stream.is_none() || right_stream.is_none() {
-            let side = rx
-                .recv()
-                .map_err(|_| err(format!("rank {rank}: a connection thread died")))?;
-            let r = match side {
-                Side::Left(r) => r.map(|s| left_stream = Some(s)),
-                Side::Right(r) => r.map(|s| right_stream = Some(s)),
+            let mut grace = true;
+            let r = match rx.recv_timeout(ABORT_POLL) {
+                Ok(Side::Left(r)) => r.map(|s| left_stream = Some(s)),
+                Ok(Side::Right(r)) => r.map(|s| right_stream = Some(s)),
+                Err(mpsc::RecvTimeoutError::Timeout) => match aborter.reason() {
+                    Some(why) => {
+                        grace = false;
+                        Err(err(format!(
+                            "rank {rank}: aborted while forming the ring: {why}"
+                        )))
+                    }
+                    None => Ok(()),
+                },
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    Err(err(format!("rank {rank}: a connection thread died")))
+                }
             };
             if let Err(e) = r {
-                abort.set(&e);
-                for s in left_stream.iter().chain(right_stream.iter()) {
-                    let _ = s.shutdown(Shutdown::Both);
-                }
+                // The helper threads see it and stop (after a failure here the accept side
+                // tells a connecting neighbour why for a moment).
+                abort.set(&e, grace);
+                shut(left_stream.iter().chain(right_stream.iter()));
                 return Err(e);
             }
         }
@@ -240,10 +294,11 @@ impl TcpRing {
             .map(|s| s.try_clone())
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| err(format!("rank {rank}: cannot clone a ring socket: {e}")))?;
-        let aborter = RingAborter(Arc::new(AborterState {
-            reason: Default::default(),
-            streams,
-        }));
+        aborter.attach(streams).map_err(|why| {
+            err(format!(
+                "rank {rank}: aborted while forming the ring: {why}"
+            ))
+        })?;
 
         let links = Links::new(
             rank,
