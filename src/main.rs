@@ -49,6 +49,8 @@ enum Cmd {
     Score(cli::score::ScoreArgs),
     /// Fold a LoRA adapter into its base model and write a plain HF model.
     Merge(cli::merge::MergeArgs),
+    /// Serve a model over HTTP (authenticated): Alpaca generate, OpenAI-style chat, a web page.
+    Serve(cli::serve::ServeArgs),
     /// Inspect a job's data as the model sees it.
     Data {
         #[command(subcommand)]
@@ -141,6 +143,11 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .with_target(false)
+        // Colours only on a terminal: worker and coordinator logs usually go to files.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
     let result = match args.cmd {
         Cmd::Train {
@@ -150,6 +157,7 @@ fn main() {
             device,
         } => cli::train::run(&job, until_step, !no_progress, &device).map(|_| ()),
         Cmd::Generate(a) => cli::generate::run(&a),
+        Cmd::Serve(a) => cli::serve::run(&a),
         Cmd::Merge(a) => cli::merge::run(&a),
         Cmd::Predict(a) => cli::eval::predict(&a),
         Cmd::Eval(a) => cli::eval::run_eval(&a),

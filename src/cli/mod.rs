@@ -11,5 +11,6 @@ pub mod placement;
 pub mod progress;
 pub mod run;
 pub mod score;
+pub mod serve;
 pub mod train;
 pub mod worker;

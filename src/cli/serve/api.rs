@@ -1,0 +1,420 @@
+//! The HTTP API's requests and answers as plain data, and the checks that turn a request body
+//! into a prompt and decoding options (pure functions; the server around them is thin).
+//!
+//! - `POST /v1/generate`: `{instruction, input?, max_new_tokens?, temperature?, top_p?, seed?}`,
+//!   the Alpaca prompt (as `herd generate`); answers `{output, finish_reason, usage}`.
+//! - `POST /v1/chat/completions`: OpenAI's chat shape (`messages` of `{role, content}`, roles
+//!   `system` (first only), `user`, `assistant`, ending with a user message; `max_tokens`,
+//!   `temperature`, `top_p`, `seed`), rendered with the Vicuna v1.1 template the chat recipe
+//!   trains with; answers a `chat.completion` object.
+
+use herd_model::generate::GenerateOptions;
+use herd_worker::data::chat::{render_text, Conversation, Message, Role};
+use herd_worker::data::{source_text, AlpacaRecord};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Defaults when a request leaves a field out (as `herd generate`'s flags).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 128;
+
+/// A request the server refuses, with the HTTP status and a message naming the field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn bad(message: impl Into<String>) -> Self {
+        ApiError {
+            status: 400,
+            message: message.into(),
+        }
+    }
+
+    /// OpenAI's error body.
+    pub fn body(&self) -> Value {
+        let kind = match self.status {
+            401 => "authentication_error",
+            404 => "not_found_error",
+            503 => "server_error",
+            _ => "invalid_request_error",
+        };
+        json!({"error": {"message": self.message, "type": kind}})
+    }
+}
+
+/// What the model thread decodes for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    pub text: String,
+    pub options: GenerateOptions,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateBody {
+    instruction: String,
+    #[serde(default)]
+    input: Option<String>,
+    #[serde(default)]
+    max_new_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    seed: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    max_tokens: Option<usize>,
+    #[serde(default)]
+    max_completion_tokens: Option<usize>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    n: Option<usize>,
+    #[serde(default)]
+    stream: Option<bool>,
+    // OpenAI clients send `model`; one model is served, so any name is accepted. Other OpenAI
+    // fields (stop, logprobs, ...) are ignored, as most OpenAI-compatible servers do.
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatMessage {
+    role: String,
+    content: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    name: Option<String>,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the request body: {e}")))
+}
+
+/// Decoding options from the request's fields, checked.
+fn options(
+    max_new_tokens: Option<usize>,
+    max_name: &str,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<u64>,
+) -> Result<GenerateOptions, ApiError> {
+    let max_new_tokens = max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+    if max_new_tokens == 0 {
+        return Err(ApiError::bad(format!("{max_name} must be at least 1")));
+    }
+    let temperature = temperature.unwrap_or(0.0);
+    if !(temperature.is_finite() && temperature >= 0.0) {
+        return Err(ApiError::bad(format!(
+            "temperature must be a number >= 0 (0 is greedy), got {temperature}"
+        )));
+    }
+    let top_p = top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad(format!(
+            "top_p must be in (0, 1], got {top_p}"
+        )));
+    }
+    Ok(GenerateOptions {
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed: seed.unwrap_or(0),
+    })
+}
+
+/// `POST /v1/generate`: the Alpaca prompt of the instruction (and input).
+pub fn generate_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
+    let b: GenerateBody = parse(body)?;
+    if b.instruction.trim().is_empty() {
+        return Err(ApiError::bad("instruction must not be empty"));
+    }
+    let rec = AlpacaRecord {
+        instruction: b.instruction,
+        input: b.input,
+        output: String::new(),
+    };
+    Ok(Prompt {
+        text: source_text(&rec),
+        options: options(
+            b.max_new_tokens,
+            "max_new_tokens",
+            b.temperature,
+            b.top_p,
+            b.seed,
+        )?,
+    })
+}
+
+/// `POST /v1/chat/completions`: the Vicuna v1.1 prompt of the conversation, ending in
+/// `ASSISTANT:` for the model to go on.
+pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
+    let b: ChatBody = parse(body)?;
+    if b.stream == Some(true) {
+        return Err(ApiError::bad(
+            "stream: true is not supported; the answer comes whole",
+        ));
+    }
+    if b.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad("n: only one choice per request is supported"));
+    }
+    let mut conv = Conversation::default();
+    for (i, m) in b.messages.iter().enumerate() {
+        let expected = if conv.messages.len() % 2 == 0 {
+            Role::User
+        } else {
+            Role::Assistant
+        };
+        let role = match m.role.as_str() {
+            "system" if i == 0 => {
+                conv.system = Some(m.content.clone());
+                continue;
+            }
+            "system" => {
+                return Err(ApiError::bad(format!(
+                    "messages[{i}]: a system message may only come first"
+                )))
+            }
+            "user" => Role::User,
+            "assistant" => Role::Assistant,
+            other => {
+                return Err(ApiError::bad(format!(
+                    "messages[{i}]: role `{other}` is not one of system, user, assistant"
+                )))
+            }
+        };
+        if role != expected {
+            return Err(ApiError::bad(format!(
+                "messages[{i}]: expected a {} message (after the optional system message, \
+                 user and assistant alternate, starting with user)",
+                if expected == Role::User {
+                    "user"
+                } else {
+                    "assistant"
+                }
+            )));
+        }
+        conv.messages.push(Message {
+            role,
+            value: m.content.clone(),
+        });
+    }
+    if conv.messages.last().map(|m| m.role) != Some(Role::User) {
+        return Err(ApiError::bad(
+            "messages must end with a user message for the assistant to answer",
+        ));
+    }
+    // FastChat's generation prompt: the open assistant turn renders as `ASSISTANT:`.
+    conv.messages.push(Message {
+        role: Role::Assistant,
+        value: String::new(),
+    });
+    Ok(Prompt {
+        text: render_text(&conv),
+        options: options(
+            b.max_completion_tokens.or(b.max_tokens),
+            "max_tokens",
+            b.temperature,
+            b.top_p,
+            b.seed,
+        )?,
+    })
+}
+
+/// What the model produced for one prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// It stopped at `max_new_tokens` rather than at the end-of-sequence token.
+    pub hit_limit: bool,
+}
+
+impl Completion {
+    fn finish_reason(&self) -> &'static str {
+        if self.hit_limit {
+            "length"
+        } else {
+            "stop"
+        }
+    }
+
+    fn usage(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        })
+    }
+
+    pub fn generate_answer(&self) -> Value {
+        json!({
+            "output": self.text,
+            "finish_reason": self.finish_reason(),
+            "usage": self.usage(),
+        })
+    }
+
+    pub fn chat_answer(&self, id: &str, model: &str, created: u64) -> Value {
+        json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": self.text},
+                "finish_reason": self.finish_reason(),
+            }],
+            "usage": self.usage(),
+        })
+    }
+}
+
+/// Refuse a prompt that, with the answer asked for, would not fit the model's context.
+pub fn check_length(
+    prompt_tokens: usize,
+    max_new_tokens: usize,
+    context: usize,
+) -> Result<(), ApiError> {
+    if prompt_tokens + max_new_tokens > context {
+        return Err(ApiError::bad(format!(
+            "the prompt is {prompt_tokens} tokens and {max_new_tokens} more were asked for, \
+             over the model's context of {context} tokens (max_position_embeddings); \
+             shorten the prompt or ask for fewer tokens"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_uses_the_alpaca_prompt_and_defaults() {
+        let p = generate_prompt(br#"{"instruction": "Add.", "input": "2 3"}"#).unwrap();
+        assert_eq!(
+            p.text,
+            source_text(&AlpacaRecord {
+                instruction: "Add.".into(),
+                input: Some("2 3".into()),
+                output: String::new(),
+            })
+        );
+        assert_eq!(p.options, GenerateOptions::default());
+        let p = generate_prompt(
+            br#"{"instruction": "x", "max_new_tokens": 5, "temperature": 0.7, "top_p": 0.9, "seed": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.options,
+            GenerateOptions {
+                max_new_tokens: 5,
+                temperature: 0.7,
+                top_p: 0.9,
+                seed: 3
+            }
+        );
+    }
+
+    #[test]
+    fn bad_generate_requests_name_the_field() {
+        let e = |b: &str| generate_prompt(b.as_bytes()).unwrap_err().message;
+        assert!(e(r#"{"input": "x"}"#).contains("missing field `instruction`"));
+        assert!(
+            e(r#"{"instruction": "x", "temprature": 1}"#).contains("unknown field `temprature`")
+        );
+        assert!(e(r#"{"instruction": "  "}"#).contains("instruction must not be empty"));
+        assert!(e(r#"{"instruction": "x", "top_p": 0}"#).contains("top_p must be in (0, 1]"));
+        assert!(e(r#"{"instruction": "x", "temperature": -1}"#).contains("temperature"));
+        assert!(e(r#"{"instruction": "x", "max_new_tokens": 0}"#).contains("max_new_tokens"));
+        assert!(e(r#"{"instruction": 5}"#).contains("invalid type"));
+        assert!(e("not json").contains("the request body"));
+    }
+
+    #[test]
+    fn chat_renders_vicuna_with_an_open_assistant_turn() {
+        let p = chat_prompt(
+            br#"{"model": "any", "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "count: a b"}], "max_tokens": 7}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.text,
+            format!(
+                "{} USER: hi ASSISTANT: hello</s>USER: count: a b ASSISTANT:",
+                herd_worker::data::chat::VICUNA_SYSTEM
+            )
+        );
+        assert_eq!(p.options.max_new_tokens, 7);
+        let p = chat_prompt(
+            br#"{"messages": [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "q"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(p.text, "Be brief. USER: q ASSISTANT:");
+    }
+
+    #[test]
+    fn bad_chat_requests_say_what_is_wrong() {
+        let e = |b: &str| chat_prompt(b.as_bytes()).unwrap_err().message;
+        assert!(e(r#"{"messages": []}"#).contains("must end with a user message"));
+        assert!(
+            e(r#"{"messages": [{"role": "assistant", "content": "x"}]}"#)
+                .contains("messages[0]: expected a user message")
+        );
+        assert!(e(r#"{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}"#)
+            .contains("messages[1]: a system message may only come first"));
+        assert!(e(r#"{"messages": [{"role": "tool", "content": "x"}]}"#).contains("role `tool`"));
+        assert!(
+            e(r#"{"messages": [{"role": "user", "content": "x"}], "stream": true}"#)
+                .contains("stream")
+        );
+        assert!(e(r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#).contains("n:"));
+        assert!(e(r#"{"messages": [{"role": "user"}]}"#).contains("missing field `content`"));
+    }
+
+    #[test]
+    fn answers_have_the_openai_shape() {
+        let c = Completion {
+            text: "3".into(),
+            prompt_tokens: 10,
+            completion_tokens: 2,
+            hit_limit: false,
+        };
+        let v = c.chat_answer("chatcmpl-1", "demo", 5);
+        assert_eq!(v["choices"][0]["message"]["content"], "3");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert_eq!(v["usage"]["total_tokens"], 12);
+        let v = Completion {
+            hit_limit: true,
+            ..c
+        }
+        .generate_answer();
+        assert_eq!(v["finish_reason"], "length");
+        assert_eq!(v["output"], "3");
+    }
+
+    #[test]
+    fn a_prompt_over_the_context_is_refused() {
+        assert!(check_length(100, 28, 128).is_ok());
+        let e = check_length(100, 29, 128).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(e.message.contains("context of 128 tokens"), "{}", e.message);
+    }
+}

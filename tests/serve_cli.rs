@@ -1,0 +1,259 @@
+//! `herd serve` as a client meets it: the real binary on loopback, plain HTTP/1.1 over a socket.
+//! Its answers equal `herd generate`'s, alone and when concurrent requests share a batch; nothing
+//! is answered without the token; bad requests get a 400 that names the field.
+
+mod common;
+use common::*;
+use std::io::{BufRead, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+
+struct Server {
+    _proc: Proc,
+    addr: String,
+    token: String,
+}
+
+fn start_server(dir: &Path, extra: &[&str]) -> Server {
+    let log = dir.join("serve.log");
+    let mut child = herd_clean()
+        .current_dir(dir)
+        .args([
+            "serve",
+            "--model",
+            "demo/model",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            "st",
+        ])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(l)) => {
+                if let Some(a) = l.strip_prefix("herd serve listening on http://") {
+                    break a.trim().to_string();
+                }
+            }
+            _ => panic!(
+                "herd serve did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        }
+    };
+    let token_file = dir.join("st/token");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the token file must be private");
+    }
+    let token = std::fs::read_to_string(token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    Server {
+        _proc: Proc { child, log },
+        addr,
+        token,
+    }
+}
+
+/// One request; (status, body).
+fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {raw:?}"));
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+fn cli_answer(dir: &Path, instruction: &str, input: &str, max_new_tokens: usize) -> String {
+    let out = run_ok(herd().current_dir(dir).args([
+        "generate",
+        "--model",
+        "demo/model",
+        "--instruction",
+        instruction,
+        "--input",
+        input,
+        "--max-new-tokens",
+        &max_new_tokens.to_string(),
+    ]));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+const ASKS: [(&str, &str); 4] = [
+    ("Repeat the words.", "cat dog sun"),
+    ("How many words are there?", "moon kite"),
+    ("What is the first word?", "river cloud rose owl"),
+    ("Write the words in capital letters.", "frog"),
+];
+
+#[test]
+fn answers_equal_herd_generate_alone_and_batched_and_need_the_token() {
+    let ws = Workspace::new(8);
+    let srv = start_server(ws.path(), &["--max-batch", "4"]);
+    let ask = |(instruction, input): (&str, &str)| {
+        serde_json::json!({"instruction": instruction, "input": input, "max_new_tokens": 10})
+            .to_string()
+    };
+
+    // Open routes, and the token on everything else.
+    let (st, body) = http(&srv.addr, "GET", "/health", None, "");
+    assert_eq!((st, body.trim()), (200, "ok"));
+    let (st, page) = http(&srv.addr, "GET", "/", None, "");
+    assert!(
+        st == 200 && page.contains("<title>herd serve</title>"),
+        "{st}"
+    );
+    let (st, body) = http(&srv.addr, "POST", "/v1/generate", None, &ask(ASKS[0]));
+    assert_eq!(st, 401, "{body}");
+    assert!(json(&body)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Authorization: Bearer"));
+    let (st, _) = http(
+        &srv.addr,
+        "POST",
+        "/v1/generate",
+        Some("wrong"),
+        &ask(ASKS[0]),
+    );
+    assert_eq!(st, 401);
+    let (st, _) = http(&srv.addr, "GET", "/v1/models", None, "");
+    assert_eq!(st, 401);
+    let (st, body) = http(&srv.addr, "GET", "/v1/models", Some(&srv.token), "");
+    assert_eq!(st, 200);
+    assert_eq!(json(&body)["data"][0]["id"], "model");
+
+    // Alone: the answer `herd generate` prints.
+    let expected: Vec<String> = ASKS
+        .iter()
+        .map(|(i, x)| cli_answer(ws.path(), i, x, 10))
+        .collect();
+    let (st, body) = http(
+        &srv.addr,
+        "POST",
+        "/v1/generate",
+        Some(&srv.token),
+        &ask(ASKS[0]),
+    );
+    assert_eq!(st, 200, "{body}");
+    let v = json(&body);
+    assert_eq!(v["output"], expected[0].as_str(), "{body}");
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n <= 10);
+    assert_eq!(v["finish_reason"], if n == 10 { "length" } else { "stop" });
+
+    // Together: the requests arrive at once and are decoded as batches; each answer is still
+    // its own (rounds of four, so some land in one batch whatever the timing).
+    for _ in 0..2 {
+        let answers: Vec<String> = std::thread::scope(|sc| {
+            let hs: Vec<_> = ASKS
+                .iter()
+                .map(|&a| {
+                    let (addr, token, body) = (&srv.addr, &srv.token, ask(a));
+                    sc.spawn(move || http(addr, "POST", "/v1/generate", Some(token), &body))
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    let (st, body) = h.join().unwrap();
+                    assert_eq!(st, 200, "{body}");
+                    json(&body)["output"].as_str().unwrap().to_string()
+                })
+                .collect()
+        });
+        assert_eq!(answers, expected);
+    }
+    let log = srv._proc.log_text();
+    assert!(
+        log.contains("requests=2") || log.contains("requests=3") || log.contains("requests=4"),
+        "no batch of several requests was decoded: {log}"
+    );
+}
+
+#[test]
+fn chat_completions_have_the_openai_shape_and_bad_requests_name_the_field() {
+    let ws = Workspace::new(8);
+    let srv = start_server(ws.path(), &[]);
+    let t = Some(srv.token.as_str());
+    let body = r#"{"model": "x", "messages": [{"role": "user", "content": "How many words are there? cat dog"}], "max_tokens": 6, "seed": 1, "temperature": 0.8}"#;
+    let (st, out) = http(&srv.addr, "POST", "/v1/chat/completions", t, body);
+    assert_eq!(st, 200, "{out}");
+    let v = json(&out);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(v["choices"][0]["message"]["content"].is_string());
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=6).contains(&n) || v["choices"][0]["finish_reason"] == "stop");
+    // Sampling is seeded: the same request gives the same answer.
+    let (_, again) = http(&srv.addr, "POST", "/v1/chat/completions", t, body);
+    assert_eq!(
+        json(&again)["choices"][0]["message"],
+        v["choices"][0]["message"]
+    );
+
+    let bad = |path: &str, body: &str| {
+        let (st, out) = http(&srv.addr, "POST", path, t, body);
+        assert_eq!(st, 400, "{out}");
+        json(&out)["error"]["message"].as_str().unwrap().to_string()
+    };
+    assert!(bad("/v1/generate", r#"{"instruction": "x", "top_p": 2}"#).contains("top_p"));
+    assert!(bad("/v1/generate", r#"{"instrction": "x"}"#).contains("unknown field `instrction`"));
+    assert!(bad(
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": "assistant", "content": "x"}]}"#
+    )
+    .contains("messages[0]"));
+    // The demo model's context is 256 tokens.
+    let long = "word ".repeat(300);
+    let e = bad(
+        "/v1/generate",
+        &serde_json::json!({"instruction": long}).to_string(),
+    );
+    assert!(e.contains("context of 256 tokens"), "{e}");
+    let (st, _) = http(&srv.addr, "GET", "/v1/nothing", t, "");
+    assert_eq!(st, 404);
+}
+
+#[test]
+fn a_bad_model_dir_fails_at_start_naming_it() {
+    let ws = Workspace::new(8);
+    let out = run_err(herd_clean().current_dir(ws.path()).args([
+        "serve",
+        "--model",
+        "no-such-model",
+        "--listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        "st",
+    ]));
+    assert!(out.contains("no-such-model"), "{out}");
+}
