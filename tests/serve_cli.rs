@@ -257,3 +257,31 @@ fn a_bad_model_dir_fails_at_start_naming_it() {
     ]));
     assert!(out.contains("no-such-model"), "{out}");
 }
+
+#[test]
+fn a_full_queue_is_answered_503_at_once_and_the_rest_are_served() {
+    let ws = Workspace::new(8);
+    let srv = start_server(ws.path(), &["--max-queue", "1", "--max-batch", "1"]);
+    // Each answer takes ~0.3 s here (100 tokens), so requests sent together overlap.
+    let body = r#"{"instruction": "Repeat the words.", "input": "a b", "max_new_tokens": 100}"#;
+    let out: Vec<(u16, String)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..6)
+            .map(|_| {
+                let (addr, token) = (&srv.addr, &srv.token);
+                sc.spawn(move || http(addr, "POST", "/v1/generate", Some(token), body))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let busy: Vec<_> = out.iter().filter(|(st, _)| *st == 503).collect();
+    assert!(out.iter().any(|(st, _)| *st == 200), "{out:?}");
+    assert!(!busy.is_empty(), "no request was refused: {out:?}");
+    assert!(busy[0].1.contains("--max-queue 1"), "{}", busy[0].1);
+    assert!(
+        out.iter().all(|(st, _)| *st == 200 || *st == 503),
+        "{out:?}"
+    );
+    // The slots come back: a later request is served.
+    let (st, body) = http(&srv.addr, "POST", "/v1/generate", Some(&srv.token), body);
+    assert_eq!(st, 200, "{body}");
+}

@@ -38,6 +38,7 @@ impl ApiError {
             401 => "authentication_error",
             404 => "not_found_error",
             503 => "server_error",
+            500 => "server_error",
             _ => "invalid_request_error",
         };
         json!({"error": {"message": self.message, "type": kind}})

@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use tokio::sync::oneshot;
 
@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// on it).
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
+    /// Requests waiting or decoding at most; more are answered 503 at once (retry later)
+    /// instead of queueing without bound.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
     #[command(flatten)]
     pub placement: DeviceArgs,
 }
@@ -57,6 +61,9 @@ struct AppState {
     token: String,
     queue: Mutex<mpsc::Sender<batcher::Pending>>,
     next_id: AtomicU64,
+    /// Requests waiting for or being decoded by the model thread.
+    in_flight: AtomicUsize,
+    max_queue: usize,
 }
 
 pub fn run(a: &ServeArgs) -> Result<()> {
@@ -87,6 +94,8 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         token,
         queue: Mutex::new(queue),
         next_id: AtomicU64::new(1),
+        in_flight: AtomicUsize::new(0),
+        max_queue: a.max_queue.max(1),
     });
     let api = Router::new()
         .route("/v1/models", get(models))
@@ -174,6 +183,24 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
 
 /// Queue a prompt for the model thread and wait for its answer.
 async fn complete(s: &AppState, prompt: Prompt) -> Result<Completion, ApiError> {
+    // Counted until this function returns, also when the client went away meanwhile.
+    struct Slot<'a>(&'a AtomicUsize);
+    impl Drop for Slot<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let before = s.in_flight.fetch_add(1, Ordering::SeqCst);
+    let _slot = Slot(&s.in_flight);
+    if before >= s.max_queue {
+        return Err(ApiError::new(
+            503,
+            &format!(
+                "busy: {before} requests are waiting or decoding (--max-queue {}); retry later",
+                s.max_queue
+            ),
+        ));
+    }
     let (reply, answer) = oneshot::channel();
     s.queue
         .lock()
