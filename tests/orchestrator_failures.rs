@@ -237,30 +237,43 @@ fn a_hung_worker_is_given_up_and_its_peer_stops_at_once() {
     // 120 s socket timeout. The coordinator gives it up after 2 s of silence and its stop order
     // ends the peer's collective at once.
     w0.signal("STOP");
-    let t0 = std::time::Instant::now();
-    wait_until(
-        "the peer to give the attempt up",
+    peer_gives_up_and_a_new_worker_finishes(
+        &ws,
+        (&addr, &state, &id),
+        &w1,
         Duration::from_secs(30),
-        || {
-            let st = job_status(ws.path(), &addr, &state, &id);
-            st["state"] == "RESTARTING"
-                && st["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("waiting for 2 idle workers (1 idle)"))
-        },
+        "aborted: stop order from the coordinator",
+        30,
     );
-    assert!(t0.elapsed() < Duration::from_secs(30));
-    let peer_log = w1.log_text();
-    assert!(
-        peer_log.contains("aborted: stop order from the coordinator"),
-        "{peer_log}"
-    );
-    // A new worker takes the hung one's place and the job finishes.
-    let _w2 = start_worker(ws.path(), &addr, &state, "w2");
-    let st = watch_to_end(&ws, &addr, &state, &id);
-    assert_eq!(st["state"], "SUCCEEDED", "{st}");
-    assert_eq!(trainer_state(&out)["global_step"], 30);
     drop(w0); // SIGKILL reaps a stopped process too
+}
+
+/// The hung worker's peer stops its rank within `within` (its log saying `peer_says`), the job
+/// waits for a second idle worker, and a new worker finishes it at `steps`.
+fn peer_gives_up_and_a_new_worker_finishes(
+    ws: &Workspace,
+    (addr, state, id): (&str, &Path, &str),
+    peer: &Proc,
+    within: Duration,
+    peer_says: &str,
+    steps: u64,
+) {
+    let t0 = std::time::Instant::now();
+    wait_until("the peer to give the attempt up", within, || {
+        let st = job_status(ws.path(), addr, state, id);
+        st["state"] == "RESTARTING"
+            && st["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("waiting for 2 idle workers (1 idle)"))
+    });
+    assert!(t0.elapsed() < within);
+    let peer_log = peer.log_text();
+    assert!(peer_log.contains(peer_says), "{peer_log}");
+    // A new worker takes the hung one's place and the job finishes.
+    let _w2 = start_worker(ws.path(), addr, state, "w2");
+    let st = watch_to_end(ws, addr, state, id);
+    assert_eq!(st["state"], "SUCCEEDED", "{st}");
+    assert_eq!(trainer_state(&ws.path().join("out"))["global_step"], steps);
 }
 
 #[test]
@@ -281,27 +294,13 @@ fn a_worker_hung_before_its_ring_formed_does_not_hold_its_peer() {
     w0.signal("STOP");
     let job = ws.job("job.yaml", "out", "max_steps: 4\nworld_size: 2\n");
     let id = submit(&ws, &addr, &state, &job);
-    let t0 = std::time::Instant::now();
-    wait_until(
-        "the peer to give the attempt up",
+    peer_gives_up_and_a_new_worker_finishes(
+        &ws,
+        (&addr, &state, &id),
+        &w1,
         Duration::from_secs(40),
-        || {
-            let st = job_status(ws.path(), &addr, &state, &id);
-            st["state"] == "RESTARTING"
-                && st["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("waiting for 2 idle workers (1 idle)"))
-        },
+        "aborted while forming the ring: stop order from the coordinator",
+        4,
     );
-    assert!(t0.elapsed() < Duration::from_secs(40));
-    let peer_log = w1.log_text();
-    assert!(
-        peer_log.contains("aborted while forming the ring: stop order from the coordinator"),
-        "{peer_log}"
-    );
-    let _w2 = start_worker(ws.path(), &addr, &state, "w2");
-    let st = watch_to_end(&ws, &addr, &state, &id);
-    assert_eq!(st["state"], "SUCCEEDED", "{st}");
-    assert_eq!(trainer_state(&ws.path().join("out"))["global_step"], 4);
     drop(w0);
 }

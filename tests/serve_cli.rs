@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 
@@ -32,21 +32,7 @@ fn start_server(dir: &Path, extra: &[&str]) -> Server {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let addr = loop {
-        match lines.next() {
-            Some(Ok(l)) => {
-                if let Some(a) = l.strip_prefix("herd serve listening on http://") {
-                    break a.trim().to_string();
-                }
-            }
-            _ => panic!(
-                "herd serve did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ),
-        }
-    };
+    let addr = announced(&mut child, "herd serve listening on http://", &log);
     let token_file = dir.join("st/token");
     #[cfg(unix)]
     {

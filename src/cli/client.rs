@@ -304,6 +304,17 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Resolves at the first SIGINT (Ctrl-C) or SIGTERM: a server's graceful shutdown.
+pub async fn shutdown_signal(what: &str) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("{what} shutting down");
+}
+
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One event line: `2026-11-22 05:12:01Z  RESTARTING  w-000002  rank 1 ...`.

@@ -84,16 +84,7 @@ pub fn run(a: &CoordinatorArgs) -> Result<()> {
             "herd coordinator: state in {}, clients authenticate with {token_note}",
             a.state_dir.display()
         );
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            tracing::info!("coordinator shutting down");
-        };
+        let shutdown = super::client::shutdown_signal("coordinator");
         herd_coordinator::serve_on(listener, opts, shutdown).await?;
         Ok(())
     })

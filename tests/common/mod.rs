@@ -180,7 +180,6 @@ pub fn start_coordinator_with(
     heartbeat_timeout_s: f64,
     extra: &[&str],
 ) -> (Proc, String) {
-    use std::io::BufRead;
     let log = dir.join(format!(
         "coordinator-{}.log",
         std::time::SystemTime::now()
@@ -208,22 +207,29 @@ pub fn start_coordinator_with(
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let addr = announced(&mut child, "herd coordinator listening on ", &log);
+    (Proc { child, log }, addr)
+}
+
+/// What follows `prefix` on the first stdout line of `child` that starts with it (a server's
+/// address); panics with the log if the child ends first.
+pub fn announced(child: &mut std::process::Child, prefix: &str, log: &Path) -> String {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout piped");
     let mut lines = std::io::BufReader::new(stdout).lines();
-    let addr = loop {
+    loop {
         match lines.next() {
             Some(Ok(l)) => {
-                if let Some(a) = l.strip_prefix("herd coordinator listening on ") {
-                    break a.trim().to_string();
+                if let Some(a) = l.strip_prefix(prefix) {
+                    return a.trim().to_string();
                 }
             }
             _ => panic!(
-                "coordinator did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+                "{prefix:?} never came: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
             ),
         }
-    };
-    (Proc { child, log }, addr)
+    }
 }
 
 /// `herd worker` for the coordinator at `addr`, reading the token from `state`.

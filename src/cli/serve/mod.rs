@@ -121,16 +121,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             a.model.display()
         );
         axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("SIGTERM handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                tracing::info!("herd serve shutting down");
-            })
+            .with_graceful_shutdown(super::client::shutdown_signal("herd serve"))
             .await
             .context("serving")
     })
