@@ -25,11 +25,15 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn bad(message: impl Into<String>) -> Self {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
         ApiError {
-            status: 400,
+            status,
             message: message.into(),
         }
+    }
+
+    pub fn bad(message: impl Into<String>) -> Self {
+        Self::new(400, message)
     }
 
     /// OpenAI's error body.

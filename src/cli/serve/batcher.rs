@@ -76,11 +76,8 @@ fn run_batch(g: &Generator, batch: Vec<Pending>) {
     if ready.is_empty() {
         return;
     }
-    let prompts: Vec<Vec<u32>> = ready.iter().map(|(_, ids)| ids.clone()).collect();
-    let opts: Vec<_> = ready
-        .iter()
-        .map(|(p, _)| p.prompt.options.clone())
-        .collect();
+    let (ready, prompts): (Vec<Pending>, Vec<Vec<u32>>) = ready.into_iter().unzip();
+    let opts: Vec<_> = ready.iter().map(|p| p.prompt.options.clone()).collect();
     let t0 = std::time::Instant::now();
     match generate_batch(&g.model, &prompts, g.tokenizer.eos_id(), &opts) {
         Ok(outs) => {
@@ -91,7 +88,7 @@ fn run_batch(g: &Generator, batch: Vec<Pending>) {
                 seconds = t0.elapsed().as_secs_f64(),
                 "decoded a batch"
             );
-            for ((p, ids), out) in ready.into_iter().zip(outs) {
+            for ((p, ids), out) in ready.into_iter().zip(&prompts).zip(outs) {
                 let answer = g
                     .tokenizer
                     .decode(&out, true)
@@ -101,20 +98,16 @@ fn run_batch(g: &Generator, batch: Vec<Pending>) {
                         completion_tokens: out.len(),
                         hit_limit: out.len() >= p.prompt.options.max_new_tokens,
                     })
-                    .map_err(|e| ApiError {
-                        status: 500,
-                        message: format!("decoding the answer: {e}"),
-                    });
+                    .map_err(|e| ApiError::new(500, format!("decoding the answer: {e}")));
                 let _ = p.reply.send(answer);
             }
         }
         Err(e) => {
             tracing::error!("decoding a batch of {} failed: {e}", ready.len());
-            for (p, _) in ready {
-                let _ = p.reply.send(Err(ApiError {
-                    status: 500,
-                    message: format!("the model failed: {e}"),
-                }));
+            for p in ready {
+                let _ = p
+                    .reply
+                    .send(Err(ApiError::new(500, format!("the model failed: {e}"))));
             }
         }
     }

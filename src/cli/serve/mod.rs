@@ -23,7 +23,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use tokio::sync::oneshot;
 
 use super::generate::Generator;
@@ -59,7 +59,7 @@ pub struct ServeArgs {
 struct AppState {
     model_name: String,
     token: String,
-    queue: Mutex<mpsc::Sender<batcher::Pending>>,
+    queue: mpsc::Sender<batcher::Pending>,
     next_id: AtomicU64,
     /// Requests waiting for or being decoded by the model thread.
     in_flight: AtomicUsize,
@@ -92,7 +92,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     let state = Arc::new(AppState {
         model_name,
         token,
-        queue: Mutex::new(queue),
+        queue,
         next_id: AtomicU64::new(1),
         in_flight: AtomicUsize::new(0),
         max_queue: a.max_queue.max(1),
@@ -125,15 +125,6 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             .await
             .context("serving")
     })
-}
-
-impl ApiError {
-    fn new(status: u16, message: &str) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
 }
 
 fn failure(e: ApiError) -> Response {
@@ -186,7 +177,7 @@ async fn complete(s: &AppState, prompt: Prompt) -> Result<Completion, ApiError> 
     if before >= s.max_queue {
         return Err(ApiError::new(
             503,
-            &format!(
+            format!(
                 "busy: {before} requests are waiting or decoding (--max-queue {}); retry later",
                 s.max_queue
             ),
@@ -194,8 +185,6 @@ async fn complete(s: &AppState, prompt: Prompt) -> Result<Completion, ApiError> 
     }
     let (reply, answer) = oneshot::channel();
     s.queue
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
         .send(batcher::Pending { prompt, reply })
         .map_err(|_| ApiError::new(503, "the model thread has stopped"))?;
     answer
