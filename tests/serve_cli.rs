@@ -1,6 +1,7 @@
 //! `herd serve` as a client meets it: the real binary on loopback, plain HTTP/1.1 over a socket.
-//! Its answers equal `herd generate`'s, alone and when concurrent requests share a batch; nothing
-//! is answered without the token; bad requests get a 400 that names the field.
+//! Its answers equal `herd generate`'s, alone and when concurrent requests share a batch, whole
+//! or streamed; a short request joins a long one's batch instead of waiting for it; nothing is
+//! answered without the token; bad requests get a 400 that names the field.
 
 mod common;
 use common::*;
@@ -180,8 +181,8 @@ fn answers_equal_herd_generate_alone_and_batched_and_need_the_token() {
     }
     let log = srv._proc.log_text();
     assert!(
-        log.contains("requests=2") || log.contains("requests=3") || log.contains("requests=4"),
-        "no batch of several requests was decoded: {log}"
+        log.contains("decoding=2") || log.contains("decoding=3") || log.contains("decoding=4"),
+        "no request joined a batch already decoding: {log}"
     );
 }
 
@@ -270,4 +271,176 @@ fn a_full_queue_is_answered_503_at_once_and_the_rest_are_served() {
     // The slots come back: a later request is served.
     let (st, body) = http(&srv.addr, "POST", "/v1/generate", Some(&srv.token), body);
     assert_eq!(st, 200, "{body}");
+}
+
+/// The `data:` payloads of a server-sent-events body (hyper's chunk-size lines are not `data:`
+/// lines, and each event is written as one chunk).
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn streamed_answers_come_in_pieces_that_join_to_the_whole_answer() {
+    let ws = Workspace::new(8);
+    let srv = start_server(ws.path(), &[]);
+    let t = Some(srv.token.as_str());
+    let ask = serde_json::json!({"instruction": "Repeat the words.", "input": "cat dog sun",
+                                 "max_new_tokens": 20});
+    let (st, whole) = http(&srv.addr, "POST", "/v1/generate", t, &ask.to_string());
+    assert_eq!(st, 200, "{whole}");
+    let whole = json(&whole);
+
+    let mut streamed = ask.clone();
+    streamed["stream"] = true.into();
+    let (st, body) = http(&srv.addr, "POST", "/v1/generate", t, &streamed.to_string());
+    assert_eq!(st, 200, "{body}");
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let end = json(&data[data.len() - 2]);
+    assert_eq!(end, whole, "the last event is the unstreamed answer");
+    let pieces: Vec<String> = data[..data.len() - 2]
+        .iter()
+        .map(|d| json(d)["delta"].as_str().unwrap().to_string())
+        .collect();
+    assert!(pieces.len() > 1, "the answer came whole: {body}");
+    assert_eq!(pieces.concat(), whole["output"].as_str().unwrap());
+
+    // Chat: a role chunk, content chunks, the finish reason, the usage, [DONE].
+    let chat = serde_json::json!({"messages": [{"role": "user", "content": "Repeat: a b c"}],
+                                  "max_tokens": 12});
+    let (_, plain) = http(
+        &srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        t,
+        &chat.to_string(),
+    );
+    let plain = json(&plain);
+    let mut chat_stream = chat.clone();
+    chat_stream["stream"] = true.into();
+    chat_stream["stream_options"] = serde_json::json!({"include_usage": true});
+    let (st, body) = http(
+        &srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        t,
+        &chat_stream.to_string(),
+    );
+    assert_eq!(st, 200, "{body}");
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1].iter().map(|d| json(d)).collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let n = chunks.len();
+    let content: String = chunks[1..n - 2]
+        .iter()
+        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        content,
+        plain["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(
+        chunks[n - 2]["choices"][0]["finish_reason"],
+        plain["choices"][0]["finish_reason"]
+    );
+    assert_eq!(chunks[n - 1]["usage"], plain["usage"]);
+    assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
+
+    // A prompt over the context is refused with its status, not inside a stream.
+    let long = serde_json::json!({"instruction": "word ".repeat(300), "stream": true});
+    let (st, body) = http(&srv.addr, "POST", "/v1/generate", t, &long.to_string());
+    assert_eq!(st, 400, "{body}");
+    assert!(json(&body)["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("context of 256 tokens"));
+}
+
+/// Start a streamed request on a raw socket and wait for its first `data:` line.
+fn open_stream(addr: &str, token: &str, body: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /v1/generate HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("data: ") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended before its first event: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    (s, seen)
+}
+
+/// What has arrived on the socket so far, without waiting for more.
+fn arrived(s: &mut TcpStream) -> String {
+    s.set_nonblocking(true).unwrap();
+    let mut got = String::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    s.set_nonblocking(false).unwrap();
+    got
+}
+
+#[test]
+fn a_short_request_joins_a_long_one_and_a_gone_client_stops_decoding() {
+    let ws = Workspace::new(8);
+    let srv = start_server(ws.path(), &["--max-batch", "4"]);
+    let long = r#"{"instruction": "Repeat the words.", "input": "a b", "max_new_tokens": 200, "stream": true}"#;
+    let (mut a, _) = open_stream(&srv.addr, &srv.token, long);
+    // While a decodes its 200 tokens, a 3-token request joins the batch and is answered first.
+    let short =
+        r#"{"instruction": "How many words are there?", "input": "moon", "max_new_tokens": 3}"#;
+    let (st, body) = http(&srv.addr, "POST", "/v1/generate", Some(&srv.token), short);
+    assert_eq!(st, 200, "{body}");
+    let so_far = arrived(&mut a);
+    assert!(
+        !so_far.contains("[DONE]"),
+        "the short request waited for the long one to end"
+    );
+    let mut rest = String::new();
+    a.read_to_string(&mut rest).unwrap();
+    let data = sse_data(&(so_far + &rest));
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let end = json(&data[data.len() - 2]);
+    assert_eq!(end["usage"]["completion_tokens"], 200, "{end}");
+    let log = srv._proc.log_text();
+    assert!(
+        log.contains("decoding=2"),
+        "no request joined a running batch: {log}"
+    );
+
+    // A client that hangs up mid-answer takes its request out of the batch.
+    let (b, _) = open_stream(&srv.addr, &srv.token, long);
+    drop(b);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !srv._proc.log_text().contains("a client went away") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned request kept decoding: {}",
+            srv._proc.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

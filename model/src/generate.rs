@@ -53,11 +53,7 @@ pub fn generate(
         let ids = Tensor::from_vec(input.clone(), (1, input.len()), &device)?;
         let logits = net.forward(&ids, Some(&mut caches))?; // [1, t, vocab]
         let last = host_f32(&logits.narrow(1, input.len() - 1, 1)?.flatten_all()?)?;
-        let next = if opts.temperature == 0.0 {
-            argmax(&last.to_vec1::<f32>()?)
-        } else {
-            sample(&last, opts.temperature, opts.top_p, &mut rng)?
-        };
+        let next = choose(&last, opts, &mut rng)?;
         if Some(next) == eos_id {
             break;
         }
@@ -67,7 +63,7 @@ pub fn generate(
     Ok(out)
 }
 
-fn check_options(opts: &GenerateOptions) -> Result<()> {
+pub(crate) fn check_options(opts: &GenerateOptions) -> Result<()> {
     // Written so that NaN fails both checks.
     let valid = opts.temperature >= 0.0 && opts.top_p > 0.0 && opts.top_p <= 1.0;
     if !valid {
@@ -148,11 +144,7 @@ pub fn generate_batch(
                 continue;
             }
             let row = last.get(r)?;
-            let tok = if opts[r].temperature == 0.0 {
-                argmax(&row.to_vec1::<f32>()?)
-            } else {
-                sample(&row, opts[r].temperature, opts[r].top_p, &mut rngs[r])?
-            };
+            let tok = choose(&row, &opts[r], &mut rngs[r])?;
             if Some(tok) == eos_id {
                 done[r] = true;
                 continue;
@@ -176,8 +168,17 @@ pub fn generate_batch(
 }
 
 /// Logits to choose from: f32 on the host, whatever the weights' dtype and device.
-fn host_f32(logits: &Tensor) -> Result<Tensor> {
+pub(crate) fn host_f32(logits: &Tensor) -> Result<Tensor> {
     Ok(logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+}
+
+/// The next token from one row's f32 logits [vocab]: greedy at temperature 0, else sampled.
+pub(crate) fn choose(logits: &Tensor, opts: &GenerateOptions, rng: &mut SplitMix64) -> Result<u32> {
+    if opts.temperature == 0.0 {
+        Ok(argmax(&logits.to_vec1::<f32>()?))
+    } else {
+        sample(logits, opts.temperature, opts.top_p, rng)
+    }
 }
 
 /// Index of the largest value, the first on ties (NaN never wins).

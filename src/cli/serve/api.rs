@@ -54,6 +54,11 @@ impl ApiError {
 pub struct Prompt {
     pub text: String,
     pub options: GenerateOptions,
+    /// The answer goes out in pieces as it is decoded (server-sent events).
+    pub stream: bool,
+    /// A streamed chat answer ends with a chunk carrying `usage` (OpenAI's
+    /// `stream_options.include_usage`).
+    pub include_usage: bool,
 }
 
 #[derive(Deserialize)]
@@ -70,6 +75,8 @@ struct GenerateBody {
     top_p: Option<f64>,
     #[serde(default)]
     seed: Option<u64>,
+    #[serde(default)]
+    stream: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -89,8 +96,16 @@ struct ChatBody {
     n: Option<usize>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
     // OpenAI clients send `model`; one model is served, so any name is accepted. Other OpenAI
     // fields (stop, logprobs, ...) are ignored, as most OpenAI-compatible servers do.
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -159,6 +174,8 @@ pub fn generate_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
             b.top_p,
             b.seed,
         )?,
+        stream: b.stream.unwrap_or(false),
+        include_usage: false,
     })
 }
 
@@ -166,11 +183,6 @@ pub fn generate_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
 /// `ASSISTANT:` for the model to go on.
 pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
     let b: ChatBody = parse(body)?;
-    if b.stream == Some(true) {
-        return Err(ApiError::bad(
-            "stream: true is not supported; the answer comes whole",
-        ));
-    }
     if b.n.is_some_and(|n| n != 1) {
         return Err(ApiError::bad("n: only one choice per request is supported"));
     }
@@ -234,6 +246,11 @@ pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
             b.top_p,
             b.seed,
         )?,
+        stream: b.stream.unwrap_or(false),
+        include_usage: b
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
     })
 }
 
@@ -285,6 +302,80 @@ impl Completion {
             }],
             "usage": self.usage(),
         })
+    }
+}
+
+/// The `chat.completion.chunk`s of a streamed chat answer (OpenAI's shape): the first says
+/// the role, each piece of text is a `delta.content`, the last has the finish reason, and with
+/// `include_usage` one more with empty `choices` carries the usage.
+pub struct ChatChunks {
+    pub id: String,
+    pub model: String,
+    pub created: u64,
+}
+
+impl ChatChunks {
+    fn chunk(&self, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+
+    pub fn role(&self) -> Value {
+        self.chunk(
+            json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                           "finish_reason": null}]),
+        )
+    }
+
+    pub fn content(&self, piece: &str) -> Value {
+        self.chunk(json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}]))
+    }
+
+    pub fn end(&self, c: &Completion, include_usage: bool) -> Vec<Value> {
+        let mut out = vec![
+            self.chunk(json!([{"index": 0, "delta": {}, "finish_reason": c.finish_reason()}]))
+        ];
+        if include_usage {
+            let mut last = self.chunk(json!([]));
+            last["usage"] = c.usage();
+            out.push(last);
+        }
+        out
+    }
+}
+
+/// Hands out a growing answer's text in pieces whose concatenation is the finished answer's
+/// trimmed text: whitespace at the start is dropped, and whitespace or an unfinished
+/// character (U+FFFD: the bytes of a character are not all decoded yet) at the end is held
+/// back until more text follows it or the answer ends.
+#[derive(Debug, Default)]
+pub struct TextStream {
+    sent: String,
+}
+
+impl TextStream {
+    /// The new piece, given the whole text decoded so far (`done`: the answer has ended).
+    pub fn piece(&mut self, text: &str, done: bool) -> String {
+        let text = text.trim_start();
+        let ready = if done {
+            text.trim_end()
+        } else {
+            text.trim_end_matches(|c: char| c.is_whitespace() || c == '\u{FFFD}')
+        };
+        // The text of more tokens extends the text of fewer with herd's decoders; were it ever
+        // not so, nothing more is sent rather than a piece that contradicts the ones before.
+        match ready.strip_prefix(self.sent.as_str()) {
+            Some(rest) if !rest.is_empty() => {
+                self.sent.push_str(rest);
+                rest.to_string()
+            }
+            _ => String::new(),
+        }
     }
 }
 
@@ -386,10 +477,6 @@ mod tests {
         assert!(e(r#"{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}"#)
             .contains("messages[1]: a system message may only come first"));
         assert!(e(r#"{"messages": [{"role": "tool", "content": "x"}]}"#).contains("role `tool`"));
-        assert!(
-            e(r#"{"messages": [{"role": "user", "content": "x"}], "stream": true}"#)
-                .contains("stream")
-        );
         assert!(e(r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#).contains("n:"));
         assert!(e(r#"{"messages": [{"role": "user"}]}"#).contains("missing field `content`"));
     }
@@ -413,6 +500,86 @@ mod tests {
         .generate_answer();
         assert_eq!(v["finish_reason"], "length");
         assert_eq!(v["output"], "3");
+    }
+
+    #[test]
+    fn stream_flags_are_read() {
+        let p = chat_prompt(
+            br#"{"messages": [{"role": "user", "content": "x"}], "stream": true,
+                 "stream_options": {"include_usage": true}}"#,
+        )
+        .unwrap();
+        assert!(p.stream && p.include_usage);
+        let p = chat_prompt(br#"{"messages": [{"role": "user", "content": "x"}]}"#).unwrap();
+        assert!(!p.stream && !p.include_usage);
+        assert!(
+            generate_prompt(br#"{"instruction": "x", "stream": true}"#)
+                .unwrap()
+                .stream
+        );
+    }
+
+    /// Feeding the texts of a growing answer token by token, the pieces join to its trimmed
+    /// text, and no piece is ever taken back.
+    #[test]
+    fn streamed_pieces_join_to_the_trimmed_answer() {
+        let growing = [
+            " ",
+            " The",
+            " The cat",
+            " The cat ",
+            " The cat \u{FFFD}",
+            " The cat é",
+            " The cat é\n",
+            " The cat é\n sat",
+            " The cat é\n sat  ",
+        ];
+        let mut s = TextStream::default();
+        let pieces: Vec<String> = growing
+            .iter()
+            .enumerate()
+            .map(|(i, t)| s.piece(t, i + 1 == growing.len()))
+            .collect();
+        assert_eq!(pieces.concat(), growing.last().unwrap().trim());
+        assert_eq!(pieces[0], "", "leading whitespace is dropped");
+        assert_eq!(pieces[3], "", "trailing whitespace waits");
+        assert_eq!(pieces[4], "", "an unfinished character waits");
+        assert_eq!(pieces[5], " é");
+        assert_eq!(pieces[8], "", "the end drops trailing whitespace");
+        let mut s = TextStream::default();
+        assert_eq!(s.piece("abc", false), "abc");
+        assert_eq!(
+            s.piece("abd", false),
+            "",
+            "a contradicting text sends nothing"
+        );
+        assert_eq!(s.piece("abcd", true), "d");
+    }
+
+    #[test]
+    fn chat_chunks_have_the_openai_shape() {
+        let ch = ChatChunks {
+            id: "chatcmpl-1".into(),
+            model: "demo".into(),
+            created: 5,
+        };
+        let v = ch.role();
+        assert_eq!(v["object"], "chat.completion.chunk");
+        assert_eq!(v["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(ch.content("hi")["choices"][0]["delta"]["content"], "hi");
+        let c = Completion {
+            text: "hi".into(),
+            prompt_tokens: 3,
+            completion_tokens: 1,
+            hit_limit: true,
+        };
+        let end = ch.end(&c, false);
+        assert_eq!(end.len(), 1);
+        assert_eq!(end[0]["choices"][0]["finish_reason"], "length");
+        assert_eq!(end[0]["choices"][0]["delta"], serde_json::json!({}));
+        let end = ch.end(&c, true);
+        assert_eq!(end[1]["choices"], serde_json::json!([]));
+        assert_eq!(end[1]["usage"]["total_tokens"], 4);
     }
 
     #[test]

@@ -1,22 +1,45 @@
-//! The model thread: it owns the model, takes the requests waiting when it is free (up to
-//! `max_batch`) and decodes them as one left-padded batch (`generate_batch`, whose answers
-//! equal one-at-a-time decoding), so concurrent clients share the forward passes.
+//! The model thread: it owns the model and decodes every admitted request in one running batch
+//! ([`DecodeBatch`]): between two steps it lets waiting requests join (up to `max_batch`
+//! decoding at once) and finished ones leave, so a short answer never waits for a long one. Each
+//! request gets the answer it gets alone. A request whose client went away (its event receiver
+//! dropped) leaves the batch at the next step.
 
-use super::api::{check_length, ApiError, Completion, Prompt};
+use super::api::{check_length, ApiError, Completion, Prompt, TextStream};
 use crate::cli::generate::Generator;
-use herd_model::generate::generate_batch;
+use herd_model::decode::{DecodeBatch, Emitted, Finish, SeqId};
+use std::collections::HashMap;
 use std::sync::mpsc;
-use tokio::sync::oneshot;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What the model thread tells a request's handler.
+#[derive(Debug)]
+pub enum Event {
+    /// The next piece of the answer's text (streamed requests only).
+    Delta(String),
+    /// The whole answer, or why there is none; always the last event.
+    End(Result<Completion, ApiError>),
+}
 
 /// One request waiting for the model.
 pub struct Pending {
     pub prompt: Prompt,
-    pub reply: oneshot::Sender<Result<Completion, ApiError>>,
+    pub events: UnboundedSender<Event>,
+}
+
+/// A request in the batch.
+struct Live {
+    events: UnboundedSender<Event>,
+    stream: Option<TextStream>,
+    prompt_tokens: usize,
+    tokens: Vec<u32>,
+    started: Instant,
 }
 
 /// Start the model thread, which loads the model itself (the bf16-on-CPU guard of `--dtype`
 /// belongs to the thread that runs the model); requests go in through the returned sender, and
-/// the thread ends when every sender is dropped. A load failure is returned here.
+/// the thread ends when every sender is dropped and the batch is done. A load failure is
+/// returned here.
 pub fn spawn(
     load: impl FnOnce() -> anyhow::Result<Generator> + Send + 'static,
     max_batch: usize,
@@ -36,16 +59,7 @@ pub fn spawn(
                     return;
                 }
             };
-            while let Ok(first) = rx.recv() {
-                let mut batch = vec![first];
-                while batch.len() < max_batch.max(1) {
-                    match rx.try_recv() {
-                        Ok(p) => batch.push(p),
-                        Err(_) => break,
-                    }
-                }
-                run_batch(&generator, batch);
-            }
+            Server::new(&generator).serve(&rx, max_batch.max(1));
         })?;
     loaded_rx
         .recv()
@@ -53,12 +67,52 @@ pub fn spawn(
     Ok(tx)
 }
 
-fn run_batch(g: &Generator, batch: Vec<Pending>) {
-    let context = g.model.config().max_position_embeddings;
-    // Requests that cannot run are answered now; the others decode together.
-    let mut ready = Vec::with_capacity(batch.len());
-    for p in batch {
-        let encoded = g
+struct Server<'g> {
+    g: &'g Generator,
+    batch: DecodeBatch,
+    live: HashMap<SeqId, Live>,
+}
+
+impl<'g> Server<'g> {
+    fn new(g: &'g Generator) -> Self {
+        Server {
+            g,
+            batch: DecodeBatch::new(&g.model, g.tokenizer.eos_id()),
+            live: HashMap::new(),
+        }
+    }
+
+    fn serve(&mut self, rx: &mpsc::Receiver<Pending>, max_batch: usize) {
+        loop {
+            // Idle: wait for a request; decoding: take only what is already waiting.
+            if self.batch.is_empty() {
+                match rx.recv() {
+                    Ok(p) => self.admit(p),
+                    Err(_) => return,
+                }
+            }
+            while self.batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(p) => self.admit(p),
+                    Err(_) => break,
+                }
+            }
+            self.drop_abandoned();
+            if self.batch.is_empty() {
+                continue;
+            }
+            match self.batch.step() {
+                Ok(emitted) => emitted.into_iter().for_each(|e| self.deliver(e)),
+                Err(e) => self.fail_all(&e),
+            }
+        }
+    }
+
+    /// Run the prompt and let it join the batch (or answer it now: bad length, one token, EOS).
+    fn admit(&mut self, p: Pending) {
+        let context = self.g.model.config().max_position_embeddings;
+        let ids = self
+            .g
             .tokenizer
             .encode(&p.prompt.text)
             .map_err(|e| ApiError::bad(format!("tokenizing the prompt: {e}")))
@@ -66,49 +120,116 @@ fn run_batch(g: &Generator, batch: Vec<Pending>) {
                 check_length(ids.len(), p.prompt.options.max_new_tokens, context)?;
                 Ok(ids)
             });
-        match encoded {
-            Ok(ids) => ready.push((p, ids)),
+        let ids = match ids {
+            Ok(ids) => ids,
             Err(e) => {
-                let _ = p.reply.send(Err(e));
+                let _ = p.events.send(Event::End(Err(e)));
+                return;
             }
-        }
-    }
-    if ready.is_empty() {
-        return;
-    }
-    let (ready, prompts): (Vec<Pending>, Vec<Vec<u32>>) = ready.into_iter().unzip();
-    let opts: Vec<_> = ready.iter().map(|p| p.prompt.options.clone()).collect();
-    let t0 = std::time::Instant::now();
-    match generate_batch(&g.model, &prompts, g.tokenizer.eos_id(), &opts) {
-        Ok(outs) => {
-            let new_tokens: usize = outs.iter().map(Vec::len).sum();
-            tracing::info!(
-                requests = ready.len(),
-                new_tokens,
-                seconds = t0.elapsed().as_secs_f64(),
-                "decoded a batch"
-            );
-            for ((p, ids), out) in ready.into_iter().zip(&prompts).zip(outs) {
-                let answer = g
-                    .tokenizer
-                    .decode(&out, true)
-                    .map(|text| Completion {
-                        text: text.trim().to_string(),
+        };
+        match self.batch.admit(&ids, p.prompt.options.clone()) {
+            Ok(e) => {
+                tracing::info!(
+                    prompt_tokens = ids.len(),
+                    decoding = self.batch.len(),
+                    "request admitted"
+                );
+                self.live.insert(
+                    e.seq,
+                    Live {
+                        events: p.events,
+                        stream: p.prompt.stream.then(TextStream::default),
                         prompt_tokens: ids.len(),
-                        completion_tokens: out.len(),
-                        hit_limit: out.len() >= p.prompt.options.max_new_tokens,
-                    })
-                    .map_err(|e| ApiError::new(500, format!("decoding the answer: {e}")));
-                let _ = p.reply.send(answer);
+                        tokens: Vec::new(),
+                        started: Instant::now(),
+                    },
+                );
+                self.deliver(e);
+            }
+            Err(e) => {
+                let _ = p.events.send(Event::End(Err(ApiError::new(
+                    500,
+                    format!("the model failed: {e}"),
+                ))));
             }
         }
-        Err(e) => {
-            tracing::error!("decoding a batch of {} failed: {e}", ready.len());
-            for p in ready {
-                let _ = p
-                    .reply
-                    .send(Err(ApiError::new(500, format!("the model failed: {e}"))));
+    }
+
+    /// Pass a new token on (as text, to a stream) and answer a finished request.
+    fn deliver(&mut self, e: Emitted) {
+        let Some(live) = self.live.get_mut(&e.seq) else {
+            return;
+        };
+        live.tokens.extend(e.token);
+        let done = e.finish.is_some();
+        if live.stream.is_some() || done {
+            let text = self.g.tokenizer.decode(&live.tokens, true);
+            let text = match text {
+                Ok(t) => t,
+                Err(err) => {
+                    let _ = self.batch.cancel(e.seq);
+                    let live = self.live.remove(&e.seq).expect("present");
+                    let _ = live.events.send(Event::End(Err(ApiError::new(
+                        500,
+                        format!("decoding the answer: {err}"),
+                    ))));
+                    return;
+                }
+            };
+            if let Some(stream) = &mut live.stream {
+                let piece = stream.piece(&text, done);
+                if !piece.is_empty() {
+                    let _ = live.events.send(Event::Delta(piece));
+                }
+            }
+            if let Some(finish) = e.finish {
+                let live = self.live.remove(&e.seq).expect("present");
+                tracing::info!(
+                    new_tokens = live.tokens.len(),
+                    seconds = live.started.elapsed().as_secs_f64(),
+                    "request answered"
+                );
+                let _ = live.events.send(Event::End(Ok(Completion {
+                    text: text.trim().to_string(),
+                    prompt_tokens: live.prompt_tokens,
+                    completion_tokens: live.tokens.len(),
+                    hit_limit: finish == Finish::Length,
+                })));
             }
         }
+    }
+
+    /// Requests nobody waits for any more stop decoding.
+    fn drop_abandoned(&mut self) {
+        let gone: Vec<SeqId> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.events.is_closed())
+            .map(|(&s, _)| s)
+            .collect();
+        for seq in gone {
+            self.live.remove(&seq);
+            if let Err(e) = self.batch.cancel(seq) {
+                self.fail_all(&e);
+                return;
+            }
+            tracing::info!(
+                decoding = self.batch.len(),
+                "a client went away; its request stopped"
+            );
+        }
+    }
+
+    /// A step failed: every request in the batch is answered with the error, and the batch
+    /// starts over empty.
+    fn fail_all(&mut self, e: &herd_model::Error) {
+        tracing::error!("decoding a batch of {} failed: {e}", self.live.len());
+        for (_, live) in self.live.drain() {
+            let _ = live.events.send(Event::End(Err(ApiError::new(
+                500,
+                format!("the model failed: {e}"),
+            ))));
+        }
+        self.batch = DecodeBatch::new(&self.g.model, self.g.tokenizer.eos_id());
     }
 }

@@ -3,28 +3,33 @@
 //! Routes: `GET /` a chat page (static; the browser sends the token the user types), `GET
 //! /health`, and, with `Authorization: Bearer <token>`, `GET /v1/models`, `POST /v1/generate`
 //! (the Alpaca prompt, as `herd generate`) and `POST /v1/chat/completions` (OpenAI's shape,
-//! the Vicuna v1.1 prompt). Requests are decoded by one model thread in batches of whatever is
-//! waiting ([`batcher`]). The token comes from `--token-file`, else `HERD_TOKEN`, else
+//! the Vicuna v1.1 prompt); with `"stream": true` both answer in server-sent events as the
+//! tokens come (OpenAI's `chat.completion.chunk`s, then `data: [DONE]`). One model thread decodes
+//! every request in one running batch that requests join and leave between steps
+//! ([`batcher`]). The token comes from `--token-file`, else `HERD_TOKEN`, else
 //! `<state-dir>/token`, created (0600) on first start as the coordinator does.
 
 mod api;
 mod batcher;
 
 use anyhow::{Context, Result};
-use api::{ApiError, Completion, Prompt};
+use api::{ApiError, ChatChunks, Completion, Prompt};
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use batcher::Event;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
-use tokio::sync::oneshot;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::generate::Generator;
 use super::placement::DeviceArgs;
@@ -59,7 +64,7 @@ pub struct ServeArgs {
 struct AppState {
     model_name: String,
     token: String,
-    queue: mpsc::Sender<batcher::Pending>,
+    queue: std::sync::mpsc::Sender<batcher::Pending>,
     next_id: AtomicU64,
     /// Requests waiting for or being decoded by the model thread.
     in_flight: AtomicUsize,
@@ -163,17 +168,23 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
-/// Queue a prompt for the model thread and wait for its answer.
-async fn complete(s: &AppState, prompt: Prompt) -> Result<Completion, ApiError> {
-    // Counted until this function returns, also when the client went away meanwhile.
-    struct Slot<'a>(&'a AtomicUsize);
-    impl Drop for Slot<'_> {
-        fn drop(&mut self) {
-            self.0.fetch_sub(1, Ordering::SeqCst);
-        }
+/// Counts a request in flight until dropped (when its answer, or its stream, is done, also when
+/// the client went away meanwhile).
+struct Slot(Arc<AppState>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Queue a prompt for the model thread; its events come through the receiver.
+fn submit(
+    s: &Arc<AppState>,
+    prompt: Prompt,
+) -> Result<(Slot, mpsc::UnboundedReceiver<Event>), ApiError> {
     let before = s.in_flight.fetch_add(1, Ordering::SeqCst);
-    let _slot = Slot(&s.in_flight);
+    let slot = Slot(s.clone());
     if before >= s.max_queue {
         return Err(ApiError::new(
             503,
@@ -183,40 +194,125 @@ async fn complete(s: &AppState, prompt: Prompt) -> Result<Completion, ApiError> 
             ),
         ));
     }
-    let (reply, answer) = oneshot::channel();
+    let (events, rx) = mpsc::unbounded_channel();
     s.queue
-        .send(batcher::Pending { prompt, reply })
-        .map_err(|_| ApiError::new(503, "the model thread has stopped"))?;
-    answer
-        .await
-        .map_err(|_| ApiError::new(503, "the model thread has stopped"))?
+        .send(batcher::Pending { prompt, events })
+        .map_err(|_| stopped())?;
+    Ok((slot, rx))
+}
+
+fn stopped() -> ApiError {
+    ApiError::new(503, "the model thread has stopped")
+}
+
+/// The whole answer (the model thread sends no pieces for an unstreamed request).
+async fn whole(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Completion, ApiError> {
+    loop {
+        match rx.recv().await {
+            Some(Event::End(answer)) => return answer,
+            Some(Event::Delta(_)) => continue,
+            None => return Err(stopped()),
+        }
+    }
+}
+
+/// A streamed answer as server-sent events: `render` turns each model event into the `data:`
+/// payloads to send, and `data: [DONE]` ends the stream. Errors found before the first token
+/// (a prompt over the context) are answered with their status instead, as unstreamed.
+async fn streamed(
+    slot: Slot,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    first: Vec<serde_json::Value>,
+    mut render: impl FnMut(Event) -> Vec<serde_json::Value> + Send + 'static,
+) -> Response {
+    let head = match rx.recv().await {
+        None => return failure(stopped()),
+        Some(Event::End(Err(e))) => return failure(e),
+        Some(e) => e,
+    };
+    let (out, body) = mpsc::unbounded_channel::<Result<SseEvent, std::convert::Infallible>>();
+    tokio::spawn(async move {
+        let _slot = slot;
+        let send = |v: serde_json::Value| out.send(Ok(SseEvent::default().data(v.to_string())));
+        let mut next = Some(head);
+        let mut lead = first;
+        while let Some(e) = next.take() {
+            let end = matches!(e, Event::End(_));
+            for v in lead.drain(..).chain(render(e)) {
+                // A client that went away drops the body: stop, which drops `rx` and so
+                // takes the request out of the batch.
+                if send(v).is_err() {
+                    return;
+                }
+            }
+            if end {
+                let _ = out.send(Ok(SseEvent::default().data("[DONE]")));
+                return;
+            }
+            next = rx.recv().await;
+        }
+        // The model thread stopped without an answer.
+        let _ = send(stopped().body());
+    });
+    Sse::new(UnboundedReceiverStream::new(body))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 async fn generate(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let answer = async {
-        let prompt = api::generate_prompt(&body)?;
-        complete(&s, prompt).await
+    let prompt = match api::generate_prompt(&body) {
+        Ok(p) => p,
+        Err(e) => return failure(e),
     };
-    match answer.await {
-        Ok(c) => Json(c.generate_answer()).into_response(),
-        Err(e) => failure(e),
+    let stream = prompt.stream;
+    let (slot, rx) = match submit(&s, prompt) {
+        Ok(x) => x,
+        Err(e) => return failure(e),
+    };
+    if !stream {
+        return match whole(rx).await {
+            Ok(c) => Json(c.generate_answer()).into_response(),
+            Err(e) => failure(e),
+        };
     }
+    streamed(slot, rx, vec![], |e| match e {
+        Event::Delta(piece) => vec![serde_json::json!({ "delta": piece })],
+        Event::End(Ok(c)) => vec![c.generate_answer()],
+        Event::End(Err(e)) => vec![e.body()],
+    })
+    .await
 }
 
 async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let answer = async {
-        let prompt = api::chat_prompt(&body)?;
-        complete(&s, prompt).await
+    let prompt = match api::chat_prompt(&body) {
+        Ok(p) => p,
+        Err(e) => return failure(e),
     };
-    match answer.await {
-        Ok(c) => {
-            let n = s.next_id.fetch_add(1, Ordering::Relaxed);
-            let created = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            Json(c.chat_answer(&format!("chatcmpl-{n}"), &s.model_name, created)).into_response()
-        }
-        Err(e) => failure(e),
+    let (stream, include_usage) = (prompt.stream, prompt.include_usage);
+    let (slot, rx) = match submit(&s, prompt) {
+        Ok(x) => x,
+        Err(e) => return failure(e),
+    };
+    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let chunks = ChatChunks {
+        id: format!("chatcmpl-{n}"),
+        model: s.model_name.clone(),
+        created,
+    };
+    if !stream {
+        return match whole(rx).await {
+            Ok(c) => Json(c.chat_answer(&chunks.id, &chunks.model, created)).into_response(),
+            Err(e) => failure(e),
+        };
     }
+    streamed(slot, rx, vec![chunks.role()], move |e| match e {
+        Event::Delta(piece) => vec![chunks.content(&piece)],
+        Event::End(Ok(c)) => chunks.end(&c, include_usage),
+        Event::End(Err(e)) => vec![e.body()],
+    })
+    .await
 }

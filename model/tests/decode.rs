@@ -1,0 +1,184 @@
+//! Continuous batching: sequences that join a running batch at different steps, with prompts
+//! shorter and longer than what the batch already holds, each get the answer `generate` gives
+//! them alone; finished and cancelled ones leave without disturbing the rest.
+
+mod common;
+
+use herd_model::decode::{DecodeBatch, Emitted, Finish, SeqId};
+use herd_model::generate::{generate, GenerateOptions};
+use herd_model::Llama;
+use std::collections::BTreeMap;
+
+/// Tokens and end of every sequence, from what admit and step emitted.
+#[derive(Default)]
+struct Record {
+    tokens: BTreeMap<SeqId, Vec<u32>>,
+    ends: BTreeMap<SeqId, Finish>,
+}
+
+impl Record {
+    fn take(&mut self, e: Emitted) {
+        assert!(!self.ends.contains_key(&e.seq), "{e:?} after its end");
+        let toks = self.tokens.entry(e.seq).or_default();
+        toks.extend(e.token);
+        if let Some(f) = e.finish {
+            self.ends.insert(e.seq, f);
+        }
+    }
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    vec![
+        vec![1, 7, 19, 33, 2],
+        vec![1, 9],                              // joins shorter than the batch
+        vec![1, 45, 3, 17, 8, 8, 21, 30, 12, 6], // joins longer than the batch
+        vec![4, 4, 11],
+        vec![1, 2, 3, 4, 5, 6, 7],
+    ]
+}
+
+/// Admit prompt i before step `joins[i]`, step until all have ended.
+fn run(model: &Llama, eos: Option<u32>, opts: &[GenerateOptions], joins: &[usize]) -> Record {
+    let mut batch = DecodeBatch::new(model, eos);
+    let mut rec = Record::default();
+    let ps = prompts();
+    let mut step = 0;
+    loop {
+        for (i, p) in ps.iter().enumerate() {
+            if joins[i] == step {
+                let e = batch.admit(p, opts[i].clone()).unwrap();
+                assert_eq!(e.seq, i as SeqId);
+                rec.take(e);
+            }
+        }
+        if batch.is_empty() && joins.iter().all(|&j| j <= step) {
+            return rec;
+        }
+        for e in batch.step().unwrap() {
+            rec.take(e);
+        }
+        step += 1;
+    }
+}
+
+#[test]
+fn sequences_joining_a_running_batch_get_the_answers_they_get_alone() {
+    let model = Llama::random(common::tiny_config(false), 5).unwrap();
+    let joins = [0, 3, 3, 6, 20];
+    for (temperature, top_p) in [(0.0, 1.0), (0.8, 0.9)] {
+        let opts: Vec<GenerateOptions> = (0..5)
+            .map(|i| GenerateOptions {
+                max_new_tokens: [12, 4, 15, 9, 6][i],
+                temperature,
+                top_p,
+                seed: 100 + i as u64,
+            })
+            .collect();
+        for eos in [
+            None,
+            Some(generate(&model, &prompts()[0], None, &opts[0]).unwrap()[3]),
+        ] {
+            let rec = run(&model, eos, &opts, &joins);
+            for (i, p) in prompts().iter().enumerate() {
+                let alone = generate(&model, p, eos, &opts[i]).unwrap();
+                let seq = i as SeqId;
+                assert_eq!(
+                    rec.tokens[&seq], alone,
+                    "sequence {i}, temperature {temperature}, eos {eos:?}"
+                );
+                let end = if alone.len() == opts[i].max_new_tokens {
+                    Finish::Length
+                } else {
+                    Finish::Eos
+                };
+                assert_eq!(rec.ends[&seq], end, "sequence {i}");
+            }
+            if eos.is_some() {
+                assert!(
+                    rec.ends.values().any(|&f| f == Finish::Eos),
+                    "the eos ends some sequence early"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn leaving_rows_cut_the_pads_and_a_cancelled_row_leaves_the_rest_unchanged() {
+    let model = Llama::random(common::tiny_config(false), 6).unwrap();
+    let opts = |n| GenerateOptions {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    let (short, long) = (vec![1u32, 9], vec![1u32, 45, 3, 17, 8, 8, 21, 30]);
+    let mut batch = DecodeBatch::new(&model, None);
+    let a = batch.admit(&short, opts(20)).unwrap();
+    let b = batch.admit(&long, opts(3)).unwrap();
+    let c = batch.admit(&short, opts(20)).unwrap();
+    // The long prompt widened the batch: the short rows are padded to it.
+    assert_eq!(batch.width(), long.len());
+    let mut got: BTreeMap<SeqId, Vec<u32>> = BTreeMap::new();
+    for e in [a, b, c] {
+        got.entry(e.seq).or_default().extend(e.token);
+    }
+    for _ in 0..2 {
+        for e in batch.step().unwrap() {
+            got.entry(e.seq).or_default().extend(e.token);
+        }
+    }
+    // b has its 3 tokens and left; the short rows' common pad is gone with it: each spans its
+    // prompt and the two tokens it was fed.
+    assert_eq!(batch.len(), 2);
+    assert_eq!(batch.width(), short.len() + 2);
+    assert!(batch.cancel(c.seq).unwrap());
+    assert!(!batch.cancel(c.seq).unwrap(), "already gone");
+    assert_eq!(batch.len(), 1);
+    while !batch.is_empty() {
+        for e in batch.step().unwrap() {
+            assert_eq!(e.seq, a.seq, "only a is left");
+            got.entry(e.seq).or_default().extend(e.token);
+        }
+    }
+    assert_eq!(
+        got[&a.seq],
+        generate(&model, &short, None, &opts(20)).unwrap()
+    );
+    assert_eq!(
+        got[&b.seq],
+        generate(&model, &long, None, &opts(3)).unwrap()
+    );
+    assert_eq!(got[&c.seq].len(), 3, "c ran until it was cancelled");
+    assert!(batch.step().unwrap().is_empty());
+}
+
+#[test]
+fn a_sequence_can_end_at_admission_and_bad_input_is_refused() {
+    let model = Llama::random(common::tiny_config(false), 7).unwrap();
+    let mut batch = DecodeBatch::new(&model, None);
+    let opts = |n| GenerateOptions {
+        max_new_tokens: n,
+        ..Default::default()
+    };
+    let none = batch.admit(&[1, 2], opts(0)).unwrap();
+    assert_eq!((none.token, none.finish), (None, Some(Finish::Length)));
+    let one = batch.admit(&[1, 2], opts(1)).unwrap();
+    assert_eq!(
+        one.token,
+        generate(&model, &[1, 2], None, &opts(1))
+            .unwrap()
+            .first()
+            .copied()
+    );
+    assert_eq!(one.finish, Some(Finish::Length));
+    assert!(batch.is_empty(), "neither joined the batch");
+    let first = one.token.unwrap();
+    let mut stops = DecodeBatch::new(&model, Some(first));
+    let e = stops.admit(&[1, 2], opts(5)).unwrap();
+    assert_eq!((e.token, e.finish), (None, Some(Finish::Eos)));
+    assert!(batch.admit(&[], opts(3)).is_err());
+    let bad = GenerateOptions {
+        top_p: 0.0,
+        ..opts(3)
+    };
+    assert!(batch.admit(&[1], bad).is_err());
+}
