@@ -3,9 +3,9 @@
 //! decodes a fixed set together, which suits a data file).
 //!
 //! The batch holds one KV cache per layer, [b, kv_heads, T, head_dim], row r's real keys in
-//! its last columns and `pad_r` masked columns before them. A joining sequence's prompt runs
-//! alone (the same forward [`generate`] makes, so its first token is the same), then its cache
-//! is left-padded to the batch's width (or the batch's to its own) and stacked on. Keys carry
+//! its last columns and `pad_r` masked columns before them. The prompts that join at one step
+//! run together as one left-padded prefill (as [`generate_batch`] runs them), then their caches
+//! are left-padded to the batch's width (or the batch's to theirs) and stacked on. Keys carry
 //! RoPE of their own positions, so a column's place in the cache does not matter; a step feeds
 //! every row its last token at its own position with a mask hiding its pad columns. A finished
 //! row leaves at once, and the pad columns every remaining row has are cut off.
@@ -20,7 +20,7 @@ use candle_core::{Device, Tensor, D};
 
 use crate::attention::LayerCache;
 use crate::error::{Error, Result};
-use crate::generate::{check_options, choose, host_f32, GenerateOptions};
+use crate::generate::{check_options, choose, host_f32, left_padded, GenerateOptions};
 use crate::init::SplitMix64;
 use crate::net::Net;
 use crate::Llama;
@@ -98,37 +98,66 @@ impl DecodeBatch {
     /// Run `prompt` and choose its first token. The sequence joins the batch unless that token
     /// already ended it (EOS, or `max_new_tokens` of 1; with 0 it ends at once, unrun).
     pub fn admit(&mut self, prompt: &[u32], opts: GenerateOptions) -> Result<Emitted> {
-        if prompt.is_empty() {
-            return Err(Error::InvalidArgument("empty prompt".into()));
+        let mut out = self.admit_all(&[(prompt, opts)])?;
+        Ok(out.pop().expect("one emitted per request"))
+    }
+
+    /// [`admit`](Self::admit) for several prompts in one left-padded prefill (as
+    /// `generate_batch` runs them); one `Emitted` per request, in order.
+    pub fn admit_all(&mut self, requests: &[(&[u32], GenerateOptions)]) -> Result<Vec<Emitted>> {
+        for (prompt, opts) in requests {
+            if prompt.is_empty() {
+                return Err(Error::InvalidArgument("empty prompt".into()));
+            }
+            check_options(opts)?;
         }
-        check_options(&opts)?;
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        if opts.max_new_tokens == 0 {
-            return Ok(Emitted {
+        let mut out = Vec::with_capacity(requests.len());
+        let mut rows = Vec::new();
+        let mut prompts = Vec::new();
+        for (prompt, opts) in requests {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            out.push(Emitted {
                 seq,
                 token: None,
                 finish: Some(Finish::Length),
             });
+            if opts.max_new_tokens > 0 {
+                prompts.push(prompt.to_vec());
+                rows.push((out.len() - 1, seq, opts.clone()));
+            }
         }
+        if rows.is_empty() {
+            return Ok(out);
+        }
+        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let (ids, positions, mask) = left_padded(&prompts, &self.device)?;
         let mut own = vec![LayerCache::default(); self.net.num_layers()];
-        let ids = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &self.device)?;
-        let logits = self.net.forward(&ids, Some(&mut own))?; // [1, t, vocab]
-        let last = host_f32(&logits.narrow(1, prompt.len() - 1, 1)?.flatten_all()?)?;
-        let mut row = Row {
-            seq,
-            rng: SplitMix64::new(opts.seed),
-            opts,
-            pad: 0,
-            position: prompt.len(),
-            last: 0,
-            produced: 0,
-        };
-        let emitted = self.advance(&mut row, &last)?;
-        if emitted.finish.is_none() {
-            self.join(row, own)?;
+        let logits = self.net.forward_decode(&ids, &positions, mask, &mut own)?; // [k, width, vocab]
+        let last = host_f32(&logits.narrow(1, width - 1, 1)?.squeeze(1)?)?; // [k, vocab]
+        let mut joining = Vec::with_capacity(rows.len());
+        let mut keep = Vec::with_capacity(rows.len());
+        for (j, (at, seq, opts)) in rows.into_iter().enumerate() {
+            let mut row = Row {
+                seq,
+                rng: SplitMix64::new(opts.seed),
+                opts,
+                pad: width - prompts[j].len(),
+                position: prompts[j].len(),
+                last: 0,
+                produced: 0,
+            };
+            out[at] = self.advance(&mut row, &last.get(j)?)?;
+            keep.push(out[at].finish.is_none());
+            if out[at].finish.is_none() {
+                joining.push(row);
+            }
         }
-        Ok(emitted)
+        if !joining.is_empty() {
+            select_rows(&mut own, &keep, &self.device)?;
+            self.join(joining, own)?;
+        }
+        Ok(out)
     }
 
     /// One token for every sequence in the batch; the finished ones leave it.
@@ -199,19 +228,16 @@ impl DecodeBatch {
         })
     }
 
-    /// Stack a prefilled row's own caches [1, kv, t, d] onto the batch's, left-padding
-    /// whichever is narrower.
-    fn join(&mut self, mut row: Row, own: Vec<LayerCache>) -> Result<()> {
+    /// Stack prefilled rows' own caches [k, kv, t, d] (their pads already counted) onto the
+    /// batch's, left-padding whichever is narrower.
+    fn join(&mut self, mut rows: Vec<Row>, own: Vec<LayerCache>) -> Result<()> {
         let (width, t) = (self.width(), own.first().map_or(0, LayerCache::len));
         if self.rows.is_empty() {
             self.caches = own;
         } else {
-            if t > width {
-                for r in &mut self.rows {
-                    r.pad += t - width;
-                }
-            }
-            row.pad = width.saturating_sub(t);
+            let (old, new) = (t.saturating_sub(width), width.saturating_sub(t));
+            self.rows.iter_mut().for_each(|r| r.pad += old);
+            rows.iter_mut().for_each(|r| r.pad += new);
             for (batch, mine) in self.caches.iter_mut().zip(own) {
                 let (Some((bk, bv)), Some((mk, mv))) = (batch.kv.take(), mine.kv) else {
                     return Err(Error::InvalidArgument("a layer cache is empty".into()));
@@ -221,8 +247,8 @@ impl DecodeBatch {
                 batch.kv = Some((k, v));
             }
         }
-        self.rows.push(row);
-        Ok(())
+        self.rows.extend(rows);
+        self.cut_common_pad()
     }
 
     /// Keep the rows marked true (in order), then cut the pad columns all of them have.
@@ -236,27 +262,45 @@ impl DecodeBatch {
             self.caches = vec![LayerCache::default(); self.net.num_layers()];
             return Ok(());
         }
-        let kept: Vec<u32> = (0..keep.len() as u32)
-            .filter(|&i| keep[i as usize])
-            .collect();
-        let kept = Tensor::new(kept.as_slice(), &self.device)?;
+        select_rows(&mut self.caches, keep, &self.device)?;
+        self.cut_common_pad()
+    }
+
+    /// Drop the leading cache columns that are pads of every row.
+    fn cut_common_pad(&mut self) -> Result<()> {
         let cut = self.rows.iter().map(|r| r.pad).min().unwrap_or(0);
-        for r in &mut self.rows {
-            r.pad -= cut;
+        if cut == 0 {
+            return Ok(());
         }
+        self.rows.iter_mut().for_each(|r| r.pad -= cut);
         for cache in &mut self.caches {
             if let Some((k, v)) = cache.kv.take() {
                 let width = k.dim(2)?;
                 let trim = |x: Tensor| -> Result<Tensor> {
-                    Ok(x.index_select(&kept, 0)?
-                        .narrow(2, cut, width - cut)?
-                        .contiguous()?)
+                    Ok(x.narrow(2, cut, width - cut)?.contiguous()?)
                 };
                 cache.kv = Some((trim(k)?, trim(v)?));
             }
         }
         Ok(())
     }
+}
+
+/// Keep the cache rows marked true (dim 0, in order).
+fn select_rows(caches: &mut [LayerCache], keep: &[bool], device: &Device) -> Result<()> {
+    if keep.iter().all(|&k| k) {
+        return Ok(());
+    }
+    let kept: Vec<u32> = (0..keep.len() as u32)
+        .filter(|&i| keep[i as usize])
+        .collect();
+    let kept = Tensor::new(kept.as_slice(), device)?;
+    for cache in caches {
+        if let Some((k, v)) = cache.kv.take() {
+            cache.kv = Some((k.index_select(&kept, 0)?, v.index_select(&kept, 0)?));
+        }
+    }
+    Ok(())
 }
 
 /// x [b, kv, t, d] with columns of zeros in front up to `width` (masked by the caller).

@@ -112,27 +112,8 @@ pub fn generate_batch(
     let mut out: Vec<Vec<u32>> = vec![vec![]; b];
     let mut done: Vec<bool> = opts.iter().map(|o| o.max_new_tokens == 0).collect();
 
-    // Prefill: [b, width] with positions max(j - pad, 0) and a causal mask without pad keys.
-    let mut ids = Vec::with_capacity(b * width);
-    let mut positions = Vec::with_capacity(b * width);
-    let mut mask = Vec::with_capacity(b * width * width);
-    for (p, &pad) in prompts.iter().zip(&pads) {
-        ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
-        positions.extend((0..width).map(|j| j.saturating_sub(pad) as u32));
-        for i in 0..width {
-            mask.extend((0..width).map(|j| {
-                let visible = j <= i && (j >= pad || j == i);
-                if visible {
-                    0f32
-                } else {
-                    f32::NEG_INFINITY
-                }
-            }));
-        }
-    }
     let device = model.device();
-    let mut input = Tensor::from_vec(ids, (b, width), &device)?;
-    let mut mask = Tensor::from_vec(mask, (b, 1, width, width), &device)?;
+    let (mut input, mut positions, mut mask) = left_padded(prompts, &device)?;
     let mut step = 0usize;
     while !done.iter().all(|&d| d) {
         let logits = net.forward_decode(&input, &positions, mask, &mut caches)?;
@@ -165,6 +146,43 @@ pub fn generate_batch(
         step += 1;
     }
     Ok(out)
+}
+
+/// The prefill of prompts left-padded to the longest (`width`): ids [b, width] (pads are id 0),
+/// positions counted from each row's first real token (max(j - pad, 0)), and an additive causal
+/// mask without pad keys [b, 1, width, width] (a pad query sees only itself, which keeps its
+/// softmax finite; no real token reads it).
+pub(crate) fn left_padded(
+    prompts: &[Vec<u32>],
+    device: &Device,
+) -> Result<(Tensor, Vec<u32>, Tensor)> {
+    let (b, width) = (
+        prompts.len(),
+        prompts.iter().map(Vec::len).max().unwrap_or(0),
+    );
+    let mut ids = Vec::with_capacity(b * width);
+    let mut positions = Vec::with_capacity(b * width);
+    let mut mask = Vec::with_capacity(b * width * width);
+    for p in prompts {
+        let pad = width - p.len();
+        ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
+        positions.extend((0..width).map(|j| j.saturating_sub(pad) as u32));
+        for i in 0..width {
+            mask.extend((0..width).map(|j| {
+                let visible = j <= i && (j >= pad || j == i);
+                if visible {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
+        }
+    }
+    Ok((
+        Tensor::from_vec(ids, (b, width), device)?,
+        positions,
+        Tensor::from_vec(mask, (b, 1, width, width), device)?,
+    ))
 }
 
 /// Logits to choose from: f32 on the host, whatever the weights' dtype and device.

@@ -9,20 +9,21 @@ use herd_model::generate::{generate, GenerateOptions};
 use herd_model::Llama;
 use std::collections::BTreeMap;
 
-/// Tokens and end of every sequence, from what admit and step emitted.
+/// Tokens and end of every prompt's sequence, from what admit and step emitted.
 #[derive(Default)]
 struct Record {
-    tokens: BTreeMap<SeqId, Vec<u32>>,
-    ends: BTreeMap<SeqId, Finish>,
+    prompt_of: BTreeMap<SeqId, usize>,
+    tokens: BTreeMap<usize, Vec<u32>>,
+    ends: BTreeMap<usize, Finish>,
 }
 
 impl Record {
     fn take(&mut self, e: Emitted) {
-        assert!(!self.ends.contains_key(&e.seq), "{e:?} after its end");
-        let toks = self.tokens.entry(e.seq).or_default();
-        toks.extend(e.token);
+        let i = self.prompt_of[&e.seq];
+        assert!(!self.ends.contains_key(&i), "{e:?} after its end");
+        self.tokens.entry(i).or_default().extend(e.token);
         if let Some(f) = e.finish {
-            self.ends.insert(e.seq, f);
+            self.ends.insert(i, f);
         }
     }
 }
@@ -44,12 +45,15 @@ fn run(model: &Llama, eos: Option<u32>, opts: &[GenerateOptions], joins: &[usize
     let ps = prompts();
     let mut step = 0;
     loop {
-        for (i, p) in ps.iter().enumerate() {
-            if joins[i] == step {
-                let e = batch.admit(p, opts[i].clone()).unwrap();
-                assert_eq!(e.seq, i as SeqId);
-                rec.take(e);
-            }
+        // Those joining at this step are prefilled together.
+        let now: Vec<usize> = (0..ps.len()).filter(|&i| joins[i] == step).collect();
+        let requests: Vec<(&[u32], GenerateOptions)> = now
+            .iter()
+            .map(|&i| (ps[i].as_slice(), opts[i].clone()))
+            .collect();
+        for (e, &i) in batch.admit_all(&requests).unwrap().into_iter().zip(&now) {
+            rec.prompt_of.insert(e.seq, i);
+            rec.take(e);
         }
         if batch.is_empty() && joins.iter().all(|&j| j <= step) {
             return rec;
@@ -64,8 +68,12 @@ fn run(model: &Llama, eos: Option<u32>, opts: &[GenerateOptions], joins: &[usize
 #[test]
 fn sequences_joining_a_running_batch_get_the_answers_they_get_alone() {
     let model = Llama::random(common::tiny_config(false), 5).unwrap();
-    let joins = [0, 3, 3, 6, 20];
-    for (temperature, top_p) in [(0.0, 1.0), (0.8, 0.9)] {
+    for (joins, (temperature, top_p)) in [
+        ([0, 3, 3, 6, 20], (0.0, 1.0)),
+        ([0, 3, 3, 6, 20], (0.8, 0.9)),
+        ([0, 0, 0, 4, 4], (0.0, 1.0)),
+        ([2, 0, 1, 1, 0], (0.8, 0.9)),
+    ] {
         let opts: Vec<GenerateOptions> = (0..5)
             .map(|i| GenerateOptions {
                 max_new_tokens: [12, 4, 15, 9, 6][i],
@@ -79,19 +87,19 @@ fn sequences_joining_a_running_batch_get_the_answers_they_get_alone() {
             Some(generate(&model, &prompts()[0], None, &opts[0]).unwrap()[3]),
         ] {
             let rec = run(&model, eos, &opts, &joins);
+            let joins = format!("{joins:?}");
             for (i, p) in prompts().iter().enumerate() {
                 let alone = generate(&model, p, eos, &opts[i]).unwrap();
-                let seq = i as SeqId;
                 assert_eq!(
-                    rec.tokens[&seq], alone,
-                    "sequence {i}, temperature {temperature}, eos {eos:?}"
+                    rec.tokens[&i], alone,
+                    "sequence {i}, joins {joins}, temperature {temperature}, eos {eos:?}"
                 );
                 let end = if alone.len() == opts[i].max_new_tokens {
                     Finish::Length
                 } else {
                     Finish::Eos
                 };
-                assert_eq!(rec.ends[&seq], end, "sequence {i}");
+                assert_eq!(rec.ends[&i], end, "sequence {i}");
             }
             if eos.is_some() {
                 assert!(
@@ -175,6 +183,22 @@ fn a_sequence_can_end_at_admission_and_bad_input_is_refused() {
     let mut stops = DecodeBatch::new(&model, Some(first));
     let e = stops.admit(&[1, 2], opts(5)).unwrap();
     assert_eq!((e.token, e.finish), (None, Some(Finish::Eos)));
+    // Prefilled together, one ends at once, one never runs, one joins; the joining row's pads
+    // (for the longer prompt that left) are cut.
+    let long = [1u32, 2, 3, 4, 5, 6];
+    let es = batch
+        .admit_all(&[(&long, opts(1)), (&[1, 2], opts(4)), (&[7], opts(0))])
+        .unwrap();
+    assert_eq!(es[0].finish, Some(Finish::Length));
+    assert!(es[0].token.is_some());
+    assert_eq!(es[1].finish, None);
+    assert_eq!((es[2].token, es[2].finish), (None, Some(Finish::Length)));
+    assert_eq!((batch.len(), batch.width()), (1, 2));
+    let mut got: Vec<u32> = es[1].token.into_iter().collect();
+    while !batch.is_empty() {
+        got.extend(batch.step().unwrap().into_iter().filter_map(|e| e.token));
+    }
+    assert_eq!(got, generate(&model, &[1, 2], None, &opts(4)).unwrap());
     assert!(batch.admit(&[], opts(3)).is_err());
     let bad = GenerateOptions {
         top_p: 0.0,

@@ -1,6 +1,6 @@
 //! The model thread: it owns the model and decodes every admitted request in one running batch
-//! ([`DecodeBatch`]): between two steps it lets waiting requests join (up to `max_batch`
-//! decoding at once) and finished ones leave, so a short answer never waits for a long one. Each
+//! ([`DecodeBatch`]): between two steps it lets the waiting requests join (prefilled together,
+//! up to `max_batch` decoding at once) and finished ones leave, so a short answer never waits for a long one. Each
 //! request gets the answer it gets alone. A request whose client went away (its event receiver
 //! dropped) leaves the batch at the next step.
 
@@ -85,17 +85,21 @@ impl<'g> Server<'g> {
     fn serve(&mut self, rx: &mpsc::Receiver<Pending>, max_batch: usize) {
         loop {
             // Idle: wait for a request; decoding: take only what is already waiting.
+            let mut waiting = Vec::new();
             if self.batch.is_empty() {
                 match rx.recv() {
-                    Ok(p) => self.admit(p),
+                    Ok(p) => waiting.push(p),
                     Err(_) => return,
                 }
             }
-            while self.batch.len() < max_batch {
+            while self.batch.len() + waiting.len() < max_batch {
                 match rx.try_recv() {
-                    Ok(p) => self.admit(p),
+                    Ok(p) => waiting.push(p),
                     Err(_) => break,
                 }
+            }
+            if !waiting.is_empty() {
+                self.admit(waiting);
             }
             self.drop_abandoned();
             if self.batch.is_empty() {
@@ -108,50 +112,64 @@ impl<'g> Server<'g> {
         }
     }
 
-    /// Run the prompt and let it join the batch (or answer it now: bad length, one token, EOS).
-    fn admit(&mut self, p: Pending) {
+    /// Run the prompts (one prefill) and let them join the batch; a request that cannot run
+    /// (over the context) or is done at once (one token, EOS) is answered now.
+    fn admit(&mut self, waiting: Vec<Pending>) {
         let context = self.g.model.config().max_position_embeddings;
-        let ids = self
-            .g
-            .tokenizer
-            .encode(&p.prompt.text)
-            .map_err(|e| ApiError::bad(format!("tokenizing the prompt: {e}")))
-            .and_then(|ids| {
-                check_length(ids.len(), p.prompt.options.max_new_tokens, context)?;
-                Ok(ids)
-            });
-        let ids = match ids {
-            Ok(ids) => ids,
+        let mut ready = Vec::with_capacity(waiting.len());
+        for p in waiting {
+            let ids = self
+                .g
+                .tokenizer
+                .encode(&p.prompt.text)
+                .map_err(|e| ApiError::bad(format!("tokenizing the prompt: {e}")))
+                .and_then(|ids| {
+                    check_length(ids.len(), p.prompt.options.max_new_tokens, context)?;
+                    Ok(ids)
+                });
+            match ids {
+                Ok(ids) => ready.push((p, ids)),
+                Err(e) => {
+                    let _ = p.events.send(Event::End(Err(e)));
+                }
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let requests: Vec<(&[u32], _)> = ready
+            .iter()
+            .map(|(p, ids)| (ids.as_slice(), p.prompt.options.clone()))
+            .collect();
+        let emitted = match self.batch.admit_all(&requests) {
+            Ok(e) => e,
             Err(e) => {
-                let _ = p.events.send(Event::End(Err(e)));
+                for (p, _) in ready {
+                    let _ = p.events.send(Event::End(Err(ApiError::new(
+                        500,
+                        format!("the model failed: {e}"),
+                    ))));
+                }
                 return;
             }
         };
-        match self.batch.admit(&ids, p.prompt.options.clone()) {
-            Ok(e) => {
-                tracing::info!(
-                    prompt_tokens = ids.len(),
-                    decoding = self.batch.len(),
-                    "request admitted"
-                );
-                self.live.insert(
-                    e.seq,
-                    Live {
-                        events: p.events,
-                        stream: p.prompt.stream.then(TextStream::default),
-                        prompt_tokens: ids.len(),
-                        tokens: Vec::new(),
-                        started: Instant::now(),
-                    },
-                );
-                self.deliver(e);
-            }
-            Err(e) => {
-                let _ = p.events.send(Event::End(Err(ApiError::new(
-                    500,
-                    format!("the model failed: {e}"),
-                ))));
-            }
+        tracing::info!(
+            requests = ready.len(),
+            decoding = self.batch.len(),
+            "requests admitted"
+        );
+        for ((p, ids), e) in ready.into_iter().zip(emitted) {
+            self.live.insert(
+                e.seq,
+                Live {
+                    events: p.events,
+                    stream: p.prompt.stream.then(TextStream::default),
+                    prompt_tokens: ids.len(),
+                    tokens: Vec::new(),
+                    started: Instant::now(),
+                },
+            );
+            self.deliver(e);
         }
     }
 
