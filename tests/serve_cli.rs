@@ -444,3 +444,41 @@ fn a_short_request_joins_a_long_one_and_a_gone_client_stops_decoding() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn an_answer_ends_before_its_stop_sequence_whole_and_streamed() {
+    let ws = Workspace::new(8);
+    let srv = start_server(ws.path(), &[]);
+    let t = Some(srv.token.as_str());
+    let ask = serde_json::json!({"instruction": "Repeat the words.", "input": "cat dog sun",
+                                 "max_new_tokens": 30});
+    let (_, free) = http(&srv.addr, "POST", "/v1/generate", t, &ask.to_string());
+    let free = json(&free)["output"].as_str().unwrap().to_string();
+    // A stop taken from the middle of the unstopped answer: two ASCII letters, so it is whole
+    // text at every step.
+    let chars: Vec<char> = free.chars().collect();
+    let at = (2..chars.len().saturating_sub(1))
+        .find(|&i| chars[i].is_ascii_alphabetic() && chars[i + 1].is_ascii_alphabetic())
+        .unwrap_or_else(|| panic!("no two letters in the answer {free:?}"));
+    let stop: String = chars[at..at + 2].iter().collect();
+    let expected = free[..free.find(&stop).unwrap()].trim().to_string();
+
+    let mut stopped = ask.clone();
+    stopped["stop"] = serde_json::json!([stop, "never-said"]);
+    let (st, body) = http(&srv.addr, "POST", "/v1/generate", t, &stopped.to_string());
+    assert_eq!(st, 200, "{body}");
+    let v = json(&body);
+    assert_eq!(v["output"], expected.as_str(), "stop {stop:?} in {free:?}");
+    assert_eq!(v["finish_reason"], "stop");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 30);
+
+    stopped["stream"] = true.into();
+    let (_, body) = http(&srv.addr, "POST", "/v1/generate", t, &stopped.to_string());
+    let data = sse_data(&body);
+    let pieces: String = data[..data.len() - 2]
+        .iter()
+        .map(|d| json(d)["delta"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(pieces, expected, "the stream never shows the stop");
+    assert_eq!(json(&data[data.len() - 2]), v);
+}

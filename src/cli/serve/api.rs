@@ -59,6 +59,8 @@ pub struct Prompt {
     /// A streamed chat answer ends with a chunk carrying `usage` (OpenAI's
     /// `stream_options.include_usage`).
     pub include_usage: bool,
+    /// The answer ends before the first of these strings (which is not part of it).
+    pub stop: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -77,7 +79,38 @@ struct GenerateBody {
     seed: Option<u64>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    stop: Option<Stop>,
 }
+
+/// OpenAI's `stop`: one string or a list of up to four.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn stops(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
+    let stops = match stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stops.len() > MAX_STOPS {
+        return Err(ApiError::bad(format!(
+            "stop: at most {MAX_STOPS} sequences, got {}",
+            stops.len()
+        )));
+    }
+    if stops.iter().any(String::is_empty) {
+        return Err(ApiError::bad("stop: a stop sequence must not be empty"));
+    }
+    Ok(stops)
+}
+
+/// As OpenAI allows.
+pub const MAX_STOPS: usize = 4;
 
 #[derive(Deserialize)]
 struct ChatBody {
@@ -98,8 +131,10 @@ struct ChatBody {
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    stop: Option<Stop>,
     // OpenAI clients send `model`; one model is served, so any name is accepted. Other OpenAI
-    // fields (stop, logprobs, ...) are ignored, as most OpenAI-compatible servers do.
+    // fields (logprobs, presence_penalty, ...) are ignored, as most OpenAI-compatible servers do.
 }
 
 #[derive(Deserialize)]
@@ -176,6 +211,7 @@ pub fn generate_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
         )?,
         stream: b.stream.unwrap_or(false),
         include_usage: false,
+        stop: stops(b.stop)?,
     })
 }
 
@@ -251,6 +287,7 @@ pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
+        stop: stops(b.stop)?,
     })
 }
 
@@ -260,7 +297,8 @@ pub struct Completion {
     pub text: String,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
-    /// It stopped at `max_new_tokens` rather than at the end-of-sequence token.
+    /// It stopped at `max_new_tokens` rather than at the end-of-sequence token or a stop
+    /// sequence.
     pub hit_limit: bool,
 }
 
@@ -346,36 +384,6 @@ impl ChatChunks {
             out.push(last);
         }
         out
-    }
-}
-
-/// Hands out a growing answer's text in pieces whose concatenation is the finished answer's
-/// trimmed text: whitespace at the start is dropped, and whitespace or an unfinished
-/// character (U+FFFD: the bytes of a character are not all decoded yet) at the end is held
-/// back until more text follows it or the answer ends.
-#[derive(Debug, Default)]
-pub struct TextStream {
-    sent: String,
-}
-
-impl TextStream {
-    /// The new piece, given the whole text decoded so far (`done`: the answer has ended).
-    pub fn piece(&mut self, text: &str, done: bool) -> String {
-        let text = text.trim_start();
-        let ready = if done {
-            text.trim_end()
-        } else {
-            text.trim_end_matches(|c: char| c.is_whitespace() || c == '\u{FFFD}')
-        };
-        // The text of more tokens extends the text of fewer with herd's decoders; were it ever
-        // not so, nothing more is sent rather than a piece that contradicts the ones before.
-        match ready.strip_prefix(self.sent.as_str()) {
-            Some(rest) if !rest.is_empty() => {
-                self.sent.push_str(rest);
-                rest.to_string()
-            }
-            _ => String::new(),
-        }
     }
 }
 
@@ -511,49 +519,23 @@ mod tests {
         .unwrap();
         assert!(p.stream && p.include_usage);
         let p = chat_prompt(br#"{"messages": [{"role": "user", "content": "x"}]}"#).unwrap();
-        assert!(!p.stream && !p.include_usage);
+        assert!(!p.stream && !p.include_usage && p.stop.is_empty());
+        let p =
+            chat_prompt(br#"{"messages": [{"role": "user", "content": "x"}], "stop": "USER:"}"#)
+                .unwrap();
+        assert_eq!(p.stop, ["USER:"]);
+        let p = generate_prompt(br#"{"instruction": "x", "stop": ["a", "b"]}"#).unwrap();
+        assert_eq!(p.stop, ["a", "b"]);
+        let e = |b: &str| generate_prompt(b.as_bytes()).unwrap_err().message;
+        assert!(
+            e(r#"{"instruction": "x", "stop": ["a", "b", "c", "d", "e"]}"#).contains("at most 4")
+        );
+        assert!(e(r#"{"instruction": "x", "stop": [""]}"#).contains("must not be empty"));
         assert!(
             generate_prompt(br#"{"instruction": "x", "stream": true}"#)
                 .unwrap()
                 .stream
         );
-    }
-
-    /// Feeding the texts of a growing answer token by token, the pieces join to its trimmed
-    /// text, and no piece is ever taken back.
-    #[test]
-    fn streamed_pieces_join_to_the_trimmed_answer() {
-        let growing = [
-            " ",
-            " The",
-            " The cat",
-            " The cat ",
-            " The cat \u{FFFD}",
-            " The cat é",
-            " The cat é\n",
-            " The cat é\n sat",
-            " The cat é\n sat  ",
-        ];
-        let mut s = TextStream::default();
-        let pieces: Vec<String> = growing
-            .iter()
-            .enumerate()
-            .map(|(i, t)| s.piece(t, i + 1 == growing.len()))
-            .collect();
-        assert_eq!(pieces.concat(), growing.last().unwrap().trim());
-        assert_eq!(pieces[0], "", "leading whitespace is dropped");
-        assert_eq!(pieces[3], "", "trailing whitespace waits");
-        assert_eq!(pieces[4], "", "an unfinished character waits");
-        assert_eq!(pieces[5], " é");
-        assert_eq!(pieces[8], "", "the end drops trailing whitespace");
-        let mut s = TextStream::default();
-        assert_eq!(s.piece("abc", false), "abc");
-        assert_eq!(
-            s.piece("abd", false),
-            "",
-            "a contradicting text sends nothing"
-        );
-        assert_eq!(s.piece("abcd", true), "d");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! request gets the answer it gets alone. A request whose client went away (its event receiver
 //! dropped) leaves the batch at the next step.
 
-use super::api::{check_length, ApiError, Completion, Prompt, TextStream};
+use super::api::{check_length, ApiError, Completion, Prompt};
+use super::text::{stop_at, TextStream};
 use crate::cli::generate::Generator;
 use herd_model::decode::{DecodeBatch, Emitted, Finish, SeqId};
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ pub struct Pending {
 struct Live {
     events: UnboundedSender<Event>,
     stream: Option<TextStream>,
+    stops: Vec<String>,
     prompt_tokens: usize,
     tokens: Vec<u32>,
     started: Instant,
@@ -163,7 +165,11 @@ impl<'g> Server<'g> {
                 e.seq,
                 Live {
                     events: p.events,
-                    stream: p.prompt.stream.then(TextStream::default),
+                    stream: p
+                        .prompt
+                        .stream
+                        .then(|| TextStream::new(p.prompt.stop.clone())),
+                    stops: p.prompt.stop,
                     prompt_tokens: ids.len(),
                     tokens: Vec::new(),
                     started: Instant::now(),
@@ -173,47 +179,55 @@ impl<'g> Server<'g> {
         }
     }
 
-    /// Pass a new token on (as text, to a stream) and answer a finished request.
+    /// Pass a new token on (as text, to a stream) and answer a finished request: at its end
+    /// of sequence, its length, or the first stop sequence in its text.
     fn deliver(&mut self, e: Emitted) {
         let Some(live) = self.live.get_mut(&e.seq) else {
             return;
         };
         live.tokens.extend(e.token);
-        let done = e.finish.is_some();
-        if live.stream.is_some() || done {
-            let text = self.g.tokenizer.decode(&live.tokens, true);
-            let text = match text {
-                Ok(t) => t,
-                Err(err) => {
-                    let _ = self.batch.cancel(e.seq);
-                    let live = self.live.remove(&e.seq).expect("present");
-                    let _ = live.events.send(Event::End(Err(ApiError::new(
-                        500,
-                        format!("decoding the answer: {err}"),
-                    ))));
-                    return;
-                }
-            };
-            if let Some(stream) = &mut live.stream {
-                let piece = stream.piece(&text, done);
-                if !piece.is_empty() {
-                    let _ = live.events.send(Event::Delta(piece));
-                }
-            }
-            if let Some(finish) = e.finish {
+        let mut finish = e.finish.map(|f| f == Finish::Length);
+        if live.stream.is_none() && finish.is_none() && live.stops.is_empty() {
+            return; // nothing to look at before the end
+        }
+        let mut text = match self.g.tokenizer.decode(&live.tokens, true) {
+            Ok(t) => t,
+            Err(err) => {
+                let _ = self.batch.cancel(e.seq);
                 let live = self.live.remove(&e.seq).expect("present");
-                tracing::info!(
-                    new_tokens = live.tokens.len(),
-                    seconds = live.started.elapsed().as_secs_f64(),
-                    "request answered"
-                );
-                let _ = live.events.send(Event::End(Ok(Completion {
-                    text: text.trim().to_string(),
-                    prompt_tokens: live.prompt_tokens,
-                    completion_tokens: live.tokens.len(),
-                    hit_limit: finish == Finish::Length,
-                })));
+                let _ = live.events.send(Event::End(Err(ApiError::new(
+                    500,
+                    format!("decoding the answer: {err}"),
+                ))));
+                return;
             }
+        };
+        if let Some(cut) = stop_at(&text, &live.stops) {
+            text.truncate(cut);
+            if finish.is_none() {
+                let _ = self.batch.cancel(e.seq);
+            }
+            finish = Some(false);
+        }
+        if let Some(stream) = &mut live.stream {
+            let piece = stream.piece(&text, finish.is_some());
+            if !piece.is_empty() {
+                let _ = live.events.send(Event::Delta(piece));
+            }
+        }
+        if let Some(hit_limit) = finish {
+            let live = self.live.remove(&e.seq).expect("present");
+            tracing::info!(
+                new_tokens = live.tokens.len(),
+                seconds = live.started.elapsed().as_secs_f64(),
+                "request answered"
+            );
+            let _ = live.events.send(Event::End(Ok(Completion {
+                text: text.trim().to_string(),
+                prompt_tokens: live.prompt_tokens,
+                completion_tokens: live.tokens.len(),
+                hit_limit,
+            })));
         }
     }
 

@@ -11,6 +11,7 @@
 
 mod api;
 mod batcher;
+mod text;
 
 use anyhow::{Context, Result};
 use api::{ApiError, ChatChunks, Completion, Prompt};
