@@ -16,6 +16,9 @@ use tokio::sync::mpsc::UnboundedSender;
 /// What the model thread tells a request's handler.
 #[derive(Debug)]
 pub enum Event {
+    /// The prompt ran and the request is decoding (the first event of every request that
+    /// passed the checks, so a stream can start before any text is ready).
+    Admitted,
     /// The next piece of the answer's text (streamed requests only).
     Delta(String),
     /// The whole answer, or why there is none; always the last event.
@@ -161,6 +164,7 @@ impl<'g> Server<'g> {
             "requests admitted"
         );
         for ((p, ids), e) in ready.into_iter().zip(emitted) {
+            let _ = p.events.send(Event::Admitted);
             self.live.insert(
                 e.seq,
                 Live {

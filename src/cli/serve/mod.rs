@@ -211,15 +211,16 @@ async fn whole(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Completion, Api
     loop {
         match rx.recv().await {
             Some(Event::End(answer)) => return answer,
-            Some(Event::Delta(_)) => continue,
+            Some(Event::Admitted | Event::Delta(_)) => continue,
             None => return Err(stopped()),
         }
     }
 }
 
 /// A streamed answer as server-sent events: `render` turns each model event into the `data:`
-/// payloads to send, and `data: [DONE]` ends the stream. Errors found before the first token
-/// (a prompt over the context) are answered with their status instead, as unstreamed.
+/// payloads to send, and `data: [DONE]` ends the stream. The response starts once the prompt
+/// has run; errors found before (a prompt over the context) are answered with their status
+/// instead, as unstreamed.
 async fn streamed(
     slot: Slot,
     mut rx: mpsc::UnboundedReceiver<Event>,
@@ -277,6 +278,7 @@ async fn generate(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         };
     }
     streamed(slot, rx, vec![], |e| match e {
+        Event::Admitted => vec![],
         Event::Delta(piece) => vec![serde_json::json!({ "delta": piece })],
         Event::End(Ok(c)) => vec![c.generate_answer()],
         Event::End(Err(e)) => vec![e.body()],
@@ -311,6 +313,7 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         };
     }
     streamed(slot, rx, vec![chunks.role()], move |e| match e {
+        Event::Admitted => vec![],
         Event::Delta(piece) => vec![chunks.content(&piece)],
         Event::End(Ok(c)) => chunks.end(&c, include_usage),
         Event::End(Err(e)) => vec![e.body()],
