@@ -2,10 +2,13 @@
 # gpu-test.sh: build herd's CUDA tests here, run them on a GPU machine in one go.
 #
 #   scripts/gpu-test.sh build   # here (no GPU needed): cuda build, stripped binaries -> .gpu/
-#   scripts/gpu-test.sh run     # on the GPU machine, from the repository root (no Rust there)
+#   scripts/gpu-test.sh run     # on the GPU machine, from the repository root (no Rust there):
+#                               # the kernel tests, the bf16-vs-f32 check, the one-GPU CLI tests
+#   scripts/gpu-test.sh nccl    # on the GPU machine: torch's own two-process NCCL check, then
+#                               # herd's two-worker (NCCL_HOSTID) tests
 #   scripts/gpu-test.sh bench   # on the GPU machine: herd bench vs transformers (issue #6), the
 #                               # TinyLlama-1.1B shape at seq 512; BATCH, STEPS, ROUNDS override
-#   scripts/gpu-test.sh all     # on the GPU machine: run, then bench (one round each), both under
+#   scripts/gpu-test.sh all     # on the GPU machine: run, nccl, then bench (one round), all under
 #                               # one device call's 600 s limit (DEVICE_BUDGET_S, default 540)
 #
 # `build` needs nvcc and the link stubs: it evaluates the cuda-build-env script
@@ -87,12 +90,10 @@ bench() {
   done
 }
 
-run() {
+# The test binaries' baked-in paths recreated here (see `build`).
+prepare() {
   gpu_libs
-  local out=${OUT:-/tmp}
-  nvidia-smi -L || true
   unpack
-  local status=0
   local root herd_path
   root=$(cat "$DIR/root.txt")
   herd_path=$(cat "$DIR/herd-path.txt")
@@ -102,15 +103,41 @@ run() {
   if [[ ! -x $herd_path ]]; then
     mkdir -p "$(dirname "$herd_path")" && cp "$DIR/bin/herd" "$herd_path"
   fi
-  for t in herd_kernels mixed_precision cuda_cli; do
-    [[ -x $DIR/bin/$t ]] || { echo "missing $DIR/bin/$t"; status=1; continue; }
-    local crate=.
-    case $t in herd_kernels) crate=kernels ;; mixed_precision) crate=worker ;; esac
-    echo "=== $t (--include-ignored)"
-    (cd "$crate" && "$OLDPWD/$DIR/bin/$t" --include-ignored --test-threads=1) \
-      2>&1 | tee "$out/$t.log" || status=1
-  done
+}
+
+# One test binary with the GPU tests included, from its crate's dir; extra args are libtest's
+# (filters, --skip); the log goes to $OUT/<name>.log.
+gpu_tests() {
+  local t=$1 log=$2
+  shift 2
+  [[ -x $DIR/bin/$t ]] || { echo "missing $DIR/bin/$t"; return 1; }
+  local crate=.
+  case $t in herd_kernels) crate=kernels ;; mixed_precision) crate=worker ;; esac
+  echo "=== $t (--include-ignored $*)"
+  (cd "$crate" && "$OLDPWD/$DIR/bin/$t" --include-ignored --test-threads=1 "$@") \
+    2>&1 | tee "${OUT:-/tmp}/$log.log"
+}
+
+# The kernels, the bf16-vs-f32 check and the one-GPU CLI tests (the NCCL ones are `nccl`'s).
+run() {
+  prepare
+  nvidia-smi -L || true
+  local status=0
+  gpu_tests herd_kernels herd_kernels || status=1
+  gpu_tests mixed_precision mixed_precision || status=1
+  gpu_tests cuda_cli cuda_cli --skip two_gpu --skip zero_ || status=1
   exit $status
+}
+
+# Two workers on one GPU over NCCL: first torch's own two-process NCCL all-reduce with the
+# same environment (so a refusal of the device's NCCL is told apart from a herd bug), then
+# herd's two-worker tests.
+nccl() {
+  prepare
+  echo "=== torch.distributed NCCL, two processes on one GPU"
+  timeout -k 5 90 "$TORCH_PY" scripts/nccl_check.py 2>&1 | tee "${OUT:-/tmp}/nccl_check.log" ||
+    echo "=== torch's NCCL check failed: the device's NCCL refuses this set-up (herd's tests follow)"
+  gpu_tests cuda_cli cuda_cli_nccl two_gpu zero_
 }
 
 # Whatever a timed-out phase left running from .gpu/bin (test binaries, herd children) would
@@ -118,13 +145,18 @@ run() {
 reap() {
   pkill -f "$PWD/$DIR/bin/" 2>/dev/null || true
   pkill -f "^$DIR/bin/" 2>/dev/null || true
+  # the workers and coordinators the CLI tests start run from the herd path baked into them
+  [[ -f $DIR/herd-path.txt ]] && pkill -f "^$(cat "$DIR/herd-path.txt") " 2>/dev/null
+  true
 }
 
 # The tests first (the kernels are proven before they are timed), then the benchmark in what is
 # left of the call; every phase writes its log to $OUT as it goes, so a cut-off still reports.
 all() {
   local budget=${DEVICE_BUDGET_S:-540} t0=$SECONDS
-  timeout -k 5 "${RUN_BUDGET_S:-240}" "$0" run || echo "=== run: exit $? (logs in ${OUT:-/tmp})"
+  timeout -k 5 "${RUN_BUDGET_S:-200}" "$0" run || echo "=== run: exit $? (logs in ${OUT:-/tmp})"
+  reap
+  timeout -k 5 "${NCCL_BUDGET_S:-150}" "$0" nccl || echo "=== nccl: exit $? (logs in ${OUT:-/tmp})"
   reap
   local left=$((budget - (SECONDS - t0)))
   if ((left < 60)); then
@@ -138,7 +170,8 @@ all() {
 case "${1:-}" in
   build) build ;;
   run) run ;;
+  nccl) nccl ;;
   bench) bench ;;
   all) all ;;
-  *) echo "usage: $0 build|run|bench|all"; exit 2 ;;
+  *) echo "usage: $0 build|run|nccl|bench|all"; exit 2 ;;
 esac

@@ -79,6 +79,12 @@ fn start_gpu_worker(dir: &Path, addr: &str, state: &Path, name: &str) -> Proc {
         // process makes them look like two hosts (NCCL >= 2.30: NCCL_MULTI_RANK_GPU_ENABLE=1)
         .env("NCCL_HOSTID", name)
         .env("NCCL_MULTI_RANK_GPU_ENABLE", "1")
+        // The two "hosts" talk over loopback sockets; NCCL's own account of its set-up goes
+        // into the worker's log, which a failure prints.
+        .env("NCCL_IB_DISABLE", "1")
+        .env("NCCL_SOCKET_IFNAME", "lo")
+        .env("NCCL_DEBUG", "INFO")
+        .env("NCCL_DEBUG_SUBSYS", "INIT,NET")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -91,8 +97,8 @@ fn run_on_two_gpu_workers(ws: &Workspace, job: &Path) {
     let state = ws.path().join("state");
     let _ = std::fs::remove_dir_all(&state);
     let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 30.0);
-    let _w0 = start_gpu_worker(ws.path(), &addr, &state, "w0");
-    let _w1 = start_gpu_worker(ws.path(), &addr, &state, "w1");
+    let w0 = start_gpu_worker(ws.path(), &addr, &state, "w0");
+    let w1 = start_gpu_worker(ws.path(), &addr, &state, "w1");
     let out = run_ok(&mut client(
         ws.path(),
         &addr,
@@ -100,14 +106,30 @@ fn run_on_two_gpu_workers(ws: &Workspace, job: &Path) {
         &["submit", job.to_str().unwrap()],
     ));
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    run_ok(&mut client(
-        ws.path(),
-        &addr,
-        &state,
-        &["status", &id, "--watch"],
-    ));
-    let st = job_status(ws.path(), &addr, &state, &id);
-    assert_eq!(st["state"], "SUCCEEDED", "{st}");
+    // Bounded, so a hang (an NCCL set-up that never completes) fails with the workers' logs
+    // instead of running into the device call's limit with nothing to show.
+    let logs = || {
+        format!(
+            "\n--- w0 ---\n{}\n--- w1 ---\n{}",
+            w0.log_text(),
+            w1.log_text()
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let st = loop {
+        let st = job_status(ws.path(), &addr, &state, &id);
+        let state = st["state"].as_str().unwrap_or("").to_string();
+        if ["SUCCEEDED", "FAILED", "CANCELLED"].contains(&state.as_str()) {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two-GPU job is still {state} after 180 s: {st}{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(st["state"], "SUCCEEDED", "{st}{}", logs());
 }
 
 const TWO_GPU_STEPS: &str = "max_steps: 4\nsave_steps: 4\nworld_size: 2\n";
@@ -131,7 +153,6 @@ fn two_gpu_workers_equal_one() {
         &ws.path().join("one/model.safetensors"),
         2e-2,
     );
-    let _ = Duration::from_secs(0);
 }
 
 /// ZeRO-1 on two GPU workers (weights shared by NCCL after each step, shards gathered at the

@@ -59,6 +59,25 @@ pub trait Collective: Send {
     fn name(&self) -> &'static str;
 }
 
+/// Whether a job's gradients go over NCCL, from the count of its GPU ranks (every rank
+/// all-reduces a 1 if it is on a GPU, first thing): all ranks or none must be GPU ranks, or the
+/// two kinds would run different collectives and fail with a puzzling error later.
+pub fn all_on_gpus(gpu_ranks: f32, world: usize, rank: usize, on_gpu: bool) -> Result<bool> {
+    let n = gpu_ranks.round() as usize;
+    if n == 0 || n == world {
+        return Ok(n == world);
+    }
+    Err(crate::Error::Collective {
+        backend: "placement",
+        reason: format!(
+            "{n} of the job's {world} ranks are on GPUs and the others on CPUs (rank {rank} is \
+             on {}); a job's ranks must all be GPU ranks or all CPU ranks: start its workers \
+             all with --device cuda:N or all with --device cpu",
+            if on_gpu { "a GPU" } else { "the CPU" }
+        ),
+    })
+}
+
 /// A tensor collective for host collectives: copy out, run `op` on the host values, copy back.
 pub fn through_host(t: Tensor, op: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<Tensor> {
     let mut host = t.flatten_all()?.to_vec1::<f32>()?;
@@ -128,6 +147,18 @@ impl Collective for SingleProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_runs_all_on_gpus_or_all_on_cpus() {
+        assert!(!all_on_gpus(0.0, 3, 1, false).unwrap());
+        assert!(all_on_gpus(3.0, 3, 1, true).unwrap());
+        let e = all_on_gpus(1.0, 2, 1, false).unwrap_err().to_string();
+        assert!(
+            e.contains("1 of the job's 2 ranks are on GPUs") && e.contains("rank 1 is on the CPU"),
+            "{e}"
+        );
+        assert!(all_on_gpus(2.0, 3, 0, true).is_err());
+    }
 
     /// Rank 1 of two, whose all-reduce adds rank 0's buffer to its own.
     struct SecondOfTwo(Vec<f32>);

@@ -14,14 +14,17 @@
 //! `all_reduce_sum_tensor` sums it in place there, bucket by bucket, on candle's stream (so it is
 //! ordered after the backward and before the optimizer with no host sync). Host buffers (the
 //! step's loss and token counts, a few floats) are staged through one device buffer: copy in,
-//! all-reduce in place, copy out. NCCL's ring order is fixed for a given communicator, so the
-//! sums are deterministic run to run at the same world size.
+//! all-reduce in place, copy out. At two ranks a sum has one order; beyond, NCCL picks its
+//! algorithm and protocol by size and topology and does not promise the same reduction order
+//! run to run (NCCL_ALGO and NCCL_PROTO pin them).
 
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use candle_core::cuda_backend::cudarc::nccl::result::NcclError;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
+use candle_core::cuda_backend::cudarc::nccl::sys;
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 use half::bf16;
 
@@ -44,13 +47,52 @@ pub struct NcclCollective {
 // thread owns this value); NCCL allows a communicator to move between threads.
 unsafe impl Send for NcclCollective {}
 
-fn nccl_error(rank: usize, world: usize, what: &str, e: impl std::fmt::Debug) -> crate::Error {
+fn nccl_error(rank: usize, world: usize, what: &str, e: impl std::fmt::Display) -> crate::Error {
     herd_kernels::Error::Nccl {
         rank,
         world,
-        message: format!("{what}: {e:?} (set NCCL_DEBUG=WARN for NCCL's own explanation)"),
+        message: format!("{what}: {e}"),
     }
     .into()
+}
+
+/// An NCCL call's failure in NCCL's own words: cudarc's error prints only "NcclError", so the
+/// code, its text and the last error NCCL recorded (which names the cause, such as "Duplicate
+/// GPU detected") are read back here.
+fn nccl_failed(rank: usize, world: usize, what: &str, e: &NcclError) -> crate::Error {
+    herd_kernels::Error::Nccl {
+        rank,
+        world,
+        message: format!("{what}: {}", describe(e)),
+    }
+    .into()
+}
+
+fn describe(e: &NcclError) -> String {
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: NCCL returns NUL-terminated strings it owns and keeps (static for the
+            // error text, per thread for the last error); they are copied at once.
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
+    // SAFETY: plain queries; a null communicator asks for the last error of this thread.
+    let (what, last) = unsafe {
+        (
+            text(sys::ncclGetErrorString(e.0)),
+            text(sys::ncclGetLastError(std::ptr::null_mut())),
+        )
+    };
+    let last = if last.is_empty() {
+        " (NCCL_DEBUG=WARN makes NCCL explain itself in the log)".to_string()
+    } else {
+        format!("; NCCL: {last}")
+    };
+    format!("{:?} ({what}){last}", e.0)
 }
 
 impl NcclCollective {
@@ -62,12 +104,12 @@ impl NcclCollective {
                 rank,
                 world,
                 "NCCL needs a CUDA device",
-                device.location(),
+                format!("{:?}", device.location()),
             ));
         };
         let mut bytes = [0f32; 128];
         if rank == 0 {
-            let id = Id::new().map_err(|e| nccl_error(rank, world, "ncclGetUniqueId", e))?;
+            let id = Id::new().map_err(|e| nccl_failed(rank, world, "ncclGetUniqueId", &e))?;
             for (b, &c) in bytes.iter_mut().zip(id.internal().iter()) {
                 *b = c as u8 as f32;
             }
@@ -76,7 +118,7 @@ impl NcclCollective {
         let id = Id::uninit(id_from_sums(&bytes));
         let stream = dev.cuda_stream();
         let comm = Comm::from_rank(stream.clone(), rank, world, id)
-            .map_err(|e| nccl_error(rank, world, "ncclCommInitRank", e))?;
+            .map_err(|e| nccl_failed(rank, world, "ncclCommInitRank", &e))?;
         let staging = stream
             .alloc_zeros::<f32>(BUCKET_ELEMS)
             .map_err(|e| nccl_error(rank, world, "staging buffer", e))?;
@@ -138,7 +180,7 @@ impl Collective for NcclCollective {
                 .map_err(|e| nccl_error(rank, world, "copy to device", e))?;
             self.comm
                 .all_reduce_in_place(&mut dst, &ReduceOp::Sum)
-                .map_err(|e| nccl_error(rank, world, "ncclAllReduce", e))?;
+                .map_err(|e| nccl_failed(rank, world, "ncclAllReduce", &e))?;
             self.stream
                 .memcpy_dtoh(&dst, chunk)
                 .map_err(|e| nccl_error(rank, world, "copy to host", e))?;
@@ -239,7 +281,7 @@ impl InPlace<'_> {
                     self.comm.reduce_in_place(&mut bucket, &ReduceOp::Sum, root)
                 }
             }
-            .map_err(|e| candle_core::Error::Msg(format!("{e:?}")))?;
+            .map_err(|e| candle_core::Error::Msg(describe(&e)))?;
             start = end;
         }
         Ok(())

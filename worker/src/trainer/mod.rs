@@ -341,11 +341,22 @@ fn run_setup<O: Objective>(
         engine.place(&placement.device, dtype)?;
         tracing::info!(device = ?placement.device.location(), ?dtype, "mixed precision: f32 master weights");
     }
-    // With several GPU ranks the gradient sums go over NCCL instead of the TCP ring.
+    // With several GPU ranks the gradient sums go over NCCL instead of the TCP ring; the ranks
+    // first agree that they all are GPU ranks (or none is).
+    let on_gpu = placement.device.is_cuda();
+    let gpu_job = if world > 1 {
+        let mut gpu_ranks = [if on_gpu { 1.0 } else { 0.0 }];
+        collective.all_reduce_sum(&mut gpu_ranks)?;
+        crate::collective::all_on_gpus(gpu_ranks[0], world, rank, on_gpu)?
+    } else {
+        on_gpu
+    };
+    #[cfg(not(feature = "cuda"))]
+    let _ = gpu_job;
     #[cfg(feature = "cuda")]
     let mut nccl = None;
     #[cfg(feature = "cuda")]
-    if placement.device.is_cuda() && world > 1 {
+    if gpu_job && world > 1 {
         nccl = Some(crate::collective::NcclCollective::new(
             &placement.device,
             collective,
