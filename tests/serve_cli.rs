@@ -482,3 +482,50 @@ fn an_answer_ends_before_its_stop_sequence_whole_and_streamed() {
     assert_eq!(pieces, expected, "the stream never shows the stop");
     assert_eq!(json(&data[data.len() - 2]), v);
 }
+
+#[test]
+fn text_completions_continue_the_prompt_as_it_is() {
+    let ws = Workspace::new(8);
+    let srv = start_server(ws.path(), &[]);
+    let t = Some(srv.token.as_str());
+    let ask = serde_json::json!({"model": "x", "prompt": "cat dog", "max_tokens": 12});
+    let (st, body) = http(&srv.addr, "POST", "/v1/completions", t, &ask.to_string());
+    assert_eq!(st, 200, "{body}");
+    let v = json(&body);
+    assert_eq!(v["object"], "text_completion");
+    // No template: bos, `cat`, `▁dog`.
+    assert_eq!(v["usage"]["prompt_tokens"], 3, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    let mut streamed = ask.clone();
+    streamed["stream"] = true.into();
+    let (_, body) = http(
+        &srv.addr,
+        "POST",
+        "/v1/completions",
+        t,
+        &streamed.to_string(),
+    );
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1].iter().map(|d| json(d)).collect();
+    let joined: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(joined, text, "the pieces join to the untrimmed text");
+    assert_eq!(
+        chunks.last().unwrap()["choices"][0]["finish_reason"],
+        "length"
+    );
+    let (st, body) = http(
+        &srv.addr,
+        "POST",
+        "/v1/completions",
+        t,
+        r#"{"prompt": ["a", "b"]}"#,
+    );
+    assert_eq!(st, 400, "{body}");
+}

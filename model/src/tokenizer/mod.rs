@@ -358,6 +358,18 @@ impl Tokenizer {
             .map_err(tk_err("decode"))?)
     }
 
+    /// A byte-fallback token (`<0xAB>`): its text depends on the byte tokens next to it (a run
+    /// that is not valid UTF-8 decodes to one U+FFFD per byte), so the text of a sequence
+    /// ending in one may still change as more tokens come.
+    pub fn is_byte_token(&self, id: u32) -> bool {
+        self.inner.id_to_token(id).is_some_and(|t| {
+            t.len() == 6
+                && t.starts_with("<0x")
+                && t.ends_with('>')
+                && t[3..5].bytes().all(|b| b.is_ascii_hexdigit())
+        })
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

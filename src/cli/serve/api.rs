@@ -61,6 +61,9 @@ pub struct Prompt {
     pub include_usage: bool,
     /// The answer ends before the first of these strings (which is not part of it).
     pub stop: Vec<String>,
+    /// The text is the model's continuation as it is (`/v1/completions`), not trimmed of
+    /// whitespace at its ends as an instruction's answer is.
+    pub raw: bool,
 }
 
 #[derive(Deserialize)]
@@ -86,12 +89,12 @@ struct GenerateBody {
 /// OpenAI's `stop`: one string or a list of up to four.
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Stop {
+pub(super) enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-fn stops(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
+pub(super) fn stops(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
     let stops = match stop {
         None => vec![],
         Some(Stop::One(s)) => vec![s],
@@ -138,9 +141,9 @@ struct ChatBody {
 }
 
 #[derive(Deserialize)]
-struct StreamOptions {
+pub(super) struct StreamOptions {
     #[serde(default)]
-    include_usage: Option<bool>,
+    pub(super) include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -153,12 +156,12 @@ struct ChatMessage {
     name: Option<String>,
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the request body: {e}")))
 }
 
 /// Decoding options from the request's fields, checked.
-fn options(
+pub(super) fn options(
     max_new_tokens: Option<usize>,
     max_name: &str,
     temperature: Option<f64>,
@@ -212,6 +215,7 @@ pub fn generate_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
         stream: b.stream.unwrap_or(false),
         include_usage: false,
         stop: stops(b.stop)?,
+        raw: false,
     })
 }
 
@@ -288,6 +292,7 @@ pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
         stop: stops(b.stop)?,
+        raw: false,
     })
 }
 
@@ -303,7 +308,7 @@ pub struct Completion {
 }
 
 impl Completion {
-    fn finish_reason(&self) -> &'static str {
+    pub(super) fn finish_reason(&self) -> &'static str {
         if self.hit_limit {
             "length"
         } else {
@@ -311,7 +316,7 @@ impl Completion {
         }
     }
 
-    fn usage(&self) -> Value {
+    pub(super) fn usage(&self) -> Value {
         json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,

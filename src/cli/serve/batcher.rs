@@ -5,7 +5,7 @@
 //! dropped) leaves the batch at the next step.
 
 use super::api::{check_length, ApiError, Completion, Prompt};
-use super::text::{stop_at, TextStream};
+use super::text::{settled, stop_at, TextStream};
 use crate::cli::generate::Generator;
 use herd_model::decode::{DecodeBatch, Emitted, Finish, SeqId};
 use std::collections::HashMap;
@@ -36,6 +36,7 @@ struct Live {
     events: UnboundedSender<Event>,
     stream: Option<TextStream>,
     stops: Vec<String>,
+    raw: bool,
     prompt_tokens: usize,
     tokens: Vec<u32>,
     started: Instant,
@@ -172,8 +173,9 @@ impl<'g> Server<'g> {
                     stream: p
                         .prompt
                         .stream
-                        .then(|| TextStream::new(p.prompt.stop.clone())),
+                        .then(|| TextStream::new(p.prompt.stop.clone(), p.prompt.raw)),
                     stops: p.prompt.stop,
+                    raw: p.prompt.raw,
                     prompt_tokens: ids.len(),
                     tokens: Vec::new(),
                     started: Instant::now(),
@@ -214,7 +216,18 @@ impl<'g> Server<'g> {
             finish = Some(false);
         }
         if let Some(stream) = &mut live.stream {
-            let piece = stream.piece(&text, finish.is_some());
+            // Until the end, only the text of the settled tokens: it never changes later.
+            let tok = &self.g.tokenizer;
+            let settled = settled(&live.tokens, |t| tok.is_byte_token(t));
+            let shown = if finish.is_some() || settled == live.tokens.len() {
+                std::borrow::Cow::Borrowed(text.as_str())
+            } else {
+                match tok.decode(&live.tokens[..settled], true) {
+                    Ok(t) => std::borrow::Cow::Owned(t),
+                    Err(_) => std::borrow::Cow::Borrowed(""),
+                }
+            };
+            let piece = stream.piece(&shown, finish.is_some());
             if !piece.is_empty() {
                 let _ = live.events.send(Event::Delta(piece));
             }
@@ -227,7 +240,11 @@ impl<'g> Server<'g> {
                 "request answered"
             );
             let _ = live.events.send(Event::End(Ok(Completion {
-                text: text.trim().to_string(),
+                text: if live.raw {
+                    text
+                } else {
+                    text.trim().to_string()
+                },
                 prompt_tokens: live.prompt_tokens,
                 completion_tokens: live.tokens.len(),
                 hit_limit,

@@ -2,8 +2,9 @@
 //!
 //! Routes: `GET /` a chat page (static; the browser sends the token the user types), `GET
 //! /health`, and, with `Authorization: Bearer <token>`, `GET /v1/models`, `POST /v1/generate`
-//! (the Alpaca prompt, as `herd generate`) and `POST /v1/chat/completions` (OpenAI's shape,
-//! the Vicuna v1.1 prompt); with `"stream": true` both answer in server-sent events as the
+//! (the Alpaca prompt, as `herd generate`), `POST /v1/chat/completions` (OpenAI's shape,
+//! the Vicuna v1.1 prompt) and `POST /v1/completions` (OpenAI's text completion, the prompt as
+//! it is); with `"stream": true` all three answer in server-sent events as the
 //! tokens come (OpenAI's `chat.completion.chunk`s, then `data: [DONE]`). One model thread decodes
 //! every request in one running batch that requests join and leave between steps
 //! ([`batcher`]). The token comes from `--token-file`, else `HERD_TOKEN`, else
@@ -11,6 +12,7 @@
 
 mod api;
 mod batcher;
+mod completions;
 mod text;
 
 use anyhow::{Context, Result};
@@ -72,6 +74,18 @@ struct AppState {
     max_queue: usize,
 }
 
+impl AppState {
+    /// A fresh answer id (`<prefix>-<n>`) and the Unix time it was made.
+    fn answer_id(&self, prefix: &str) -> (String, u64) {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        (format!("{prefix}-{n}"), created)
+    }
+}
+
 pub fn run(a: &ServeArgs) -> Result<()> {
     anyhow::ensure!(a.max_batch >= 1, "--max-batch must be at least 1");
     let (token, token_note) =
@@ -107,6 +121,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         .route("/v1/models", get(models))
         .route("/v1/generate", post(generate))
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(text_completion))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let app = Router::new()
         .route("/", get(|| async { Html(include_str!("page.html")) }))
@@ -296,13 +311,9 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(x) => x,
         Err(e) => return failure(e),
     };
-    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let (id, created) = s.answer_id("chatcmpl");
     let chunks = ChatChunks {
-        id: format!("chatcmpl-{n}"),
+        id,
         model: s.model_name.clone(),
         created,
     };
@@ -315,6 +326,37 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
     streamed(slot, rx, vec![chunks.role()], move |e| match e {
         Event::Admitted => vec![],
         Event::Delta(piece) => vec![chunks.content(&piece)],
+        Event::End(Ok(c)) => chunks.end(&c, include_usage),
+        Event::End(Err(e)) => vec![e.body()],
+    })
+    .await
+}
+
+async fn text_completion(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let prompt = match completions::completion_prompt(&body) {
+        Ok(p) => p,
+        Err(e) => return failure(e),
+    };
+    let (stream, include_usage) = (prompt.stream, prompt.include_usage);
+    let (slot, rx) = match submit(&s, prompt) {
+        Ok(x) => x,
+        Err(e) => return failure(e),
+    };
+    let (id, created) = s.answer_id("cmpl");
+    let chunks = completions::TextChunks {
+        id,
+        model: s.model_name.clone(),
+        created,
+    };
+    if !stream {
+        return match whole(rx).await {
+            Ok(c) => Json(chunks.answer(&c)).into_response(),
+            Err(e) => failure(e),
+        };
+    }
+    streamed(slot, rx, vec![], move |e| match e {
+        Event::Admitted => vec![],
+        Event::Delta(piece) => vec![chunks.piece(&piece)],
         Event::End(Ok(c)) => chunks.end(&c, include_usage),
         Event::End(Err(e)) => vec![e.body()],
     })

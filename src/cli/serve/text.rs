@@ -20,33 +20,51 @@ fn could_begin_stop(text: &str, stops: &[String]) -> usize {
         .unwrap_or(0)
 }
 
+/// How many of `tokens` have text that more tokens cannot change: all but a trailing run of
+/// byte-fallback tokens (whose text depends on the bytes still to come: "f" alone, but two
+/// U+FFFD when an invalid byte follows). The text of that many tokens is a prefix of every
+/// later text.
+pub fn settled(tokens: &[u32], is_byte: impl Fn(u32) -> bool) -> usize {
+    tokens.len() - tokens.iter().rev().take_while(|&&t| is_byte(t)).count()
+}
+
 /// Hands out a growing answer's text in pieces whose concatenation is the finished answer's
 /// trimmed text: whitespace at the start is dropped, and held back until more text follows it
 /// or the answer ends are whitespace at the end, an unfinished character (U+FFFD: its bytes
 /// are not all decoded yet), and an end that could begin a stop sequence.
+///
+/// A raw stream (`/v1/completions`) trims nothing: its pieces join to the text as it is, and
+/// only unfinished characters and possible stops are held back.
 #[derive(Debug, Default)]
 pub struct TextStream {
     sent: String,
     stops: Vec<String>,
+    raw: bool,
 }
 
 impl TextStream {
-    pub fn new(stops: Vec<String>) -> Self {
+    pub fn new(stops: Vec<String>, raw: bool) -> Self {
         TextStream {
             sent: String::new(),
             stops,
+            raw,
         }
     }
 
-    /// The new piece, given the whole text decoded so far, already cut at a stop sequence
-    /// (`done`: the answer has ended).
+    /// The new piece, given the text of the [`settled`] tokens so far, or once the answer has
+    /// ended (`done`) its whole text, already cut at a stop sequence.
     pub fn piece(&mut self, text: &str, done: bool) -> String {
-        let text = text.trim_start();
+        let text = if self.raw { text } else { text.trim_start() };
         let ready = if done {
-            text.trim_end()
+            if self.raw {
+                text
+            } else {
+                text.trim_end()
+            }
         } else {
             let t = &text[..text.len() - could_begin_stop(text, &self.stops)];
-            t.trim_end_matches(|c: char| c.is_whitespace() || c == '\u{FFFD}')
+            let raw = self.raw;
+            t.trim_end_matches(|c: char| c == '\u{FFFD}' || (!raw && c.is_whitespace()))
         };
         // The text of more tokens extends the text of fewer with herd's decoders; were it ever
         // not so, nothing more is sent rather than a piece that contradicts the ones before.
@@ -114,7 +132,7 @@ mod tests {
     #[test]
     fn text_that_may_begin_a_stop_waits() {
         let stops = vec!["USER:".to_string(), "é!".to_string()];
-        let mut s = TextStream::new(stops.clone());
+        let mut s = TextStream::new(stops.clone(), false);
         assert_eq!(s.piece("Yes US", false), "Yes");
         assert_eq!(s.piece("Yes USA", false), " USA", "not a stop after all");
         assert_eq!(s.piece("Yes USA é", false), "", "é may begin é!");
@@ -125,5 +143,22 @@ mod tests {
         assert_eq!(could_begin_stop("abcUSE", &stops), 3);
         assert_eq!(could_begin_stop("abc", &stops), 0);
         assert_eq!(could_begin_stop("xé", &stops), "é".len());
+    }
+
+    #[test]
+    fn a_trailing_run_of_byte_tokens_is_not_settled() {
+        let is_byte = |t: u32| t >= 100;
+        assert_eq!(settled(&[1, 2, 100, 101], is_byte), 2);
+        assert_eq!(settled(&[1, 100, 2], is_byte), 3);
+        assert_eq!(settled(&[100], is_byte), 0);
+        assert_eq!(settled(&[], is_byte), 0);
+    }
+
+    #[test]
+    fn a_raw_stream_keeps_the_whitespace() {
+        let mut s = TextStream::new(vec![], true);
+        assert_eq!(s.piece(" a", false), " a");
+        assert_eq!(s.piece(" a \u{FFFD}", false), " ");
+        assert_eq!(s.piece(" a é\n", true), "é\n");
     }
 }
