@@ -78,11 +78,8 @@ pub(crate) fn check_options(opts: &GenerateOptions) -> Result<()> {
 /// [`generate`] for several prompts at once, prompt i with `opts[i]` (its own seed): the same
 /// answers as one call per prompt, in one forward per new token for the whole batch.
 ///
-/// Prompts are LEFT-padded to the longest, so every row's next token comes out of the same last
-/// column. Pads are masked out as keys (a pad query sees only itself, which keeps its softmax
-/// finite; no real token reads it) and positions count from each row's first real token, so a row
-/// computes what it would alone. Finished rows keep being fed (their output is dropped) until
-/// every row has stopped.
+/// The prompts run as one left-padded prefill, then decode together in a
+/// [`DecodeBatch`](crate::decode::DecodeBatch), which a row leaves as soon as it has stopped.
 pub fn generate_batch(
     model: &Llama,
     prompts: &[Vec<u32>],
@@ -96,54 +93,22 @@ pub fn generate_batch(
             opts.len()
         )));
     }
-    if prompts.iter().any(|p| p.is_empty()) {
-        return Err(Error::InvalidArgument("empty prompt".into()));
+    let requests: Vec<(&[u32], GenerateOptions)> = prompts
+        .iter()
+        .zip(opts)
+        .map(|(p, o)| (p.as_slice(), o.clone()))
+        .collect();
+    let mut batch = crate::decode::DecodeBatch::new(model, eos_id);
+    let mut out: Vec<Vec<u32>> = vec![vec![]; prompts.len()];
+    let mut row_of = std::collections::HashMap::new();
+    for (i, e) in batch.admit_all(&requests)?.into_iter().enumerate() {
+        row_of.insert(e.seq, i);
+        out[i].extend(e.token);
     }
-    opts.iter().try_for_each(check_options)?;
-    let b = prompts.len();
-    if b == 0 {
-        return Ok(vec![]);
-    }
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let pads: Vec<usize> = prompts.iter().map(|p| width - p.len()).collect();
-    let net = model.inference_net();
-    let mut caches = vec![LayerCache::default(); net.num_layers()];
-    let mut rngs: Vec<SplitMix64> = opts.iter().map(|o| SplitMix64::new(o.seed)).collect();
-    let mut out: Vec<Vec<u32>> = vec![vec![]; b];
-    let mut done: Vec<bool> = opts.iter().map(|o| o.max_new_tokens == 0).collect();
-
-    let device = model.device();
-    let (mut input, mut positions, mut mask) = left_padded(prompts, &device)?;
-    let mut step = 0usize;
-    while !done.iter().all(|&d| d) {
-        let logits = net.forward_decode(&input, &positions, mask, &mut caches)?;
-        let t = logits.dim(1)?;
-        let last = host_f32(&logits.narrow(1, t - 1, 1)?.squeeze(1)?)?; // [b, vocab]
-        let mut next = vec![0u32; b];
-        for r in 0..b {
-            if done[r] {
-                continue;
-            }
-            let row = last.get(r)?;
-            let tok = choose(&row, &opts[r], &mut rngs[r])?;
-            if Some(tok) == eos_id {
-                done[r] = true;
-                continue;
-            }
-            out[r].push(tok);
-            next[r] = tok;
-            done[r] = out[r].len() >= opts[r].max_new_tokens;
+    while !batch.is_empty() {
+        for e in batch.step()? {
+            out[row_of[&e.seq]].extend(e.token);
         }
-        // The next token of row r sits at position len_r + step; every real key is visible.
-        let total = width + step + 1;
-        positions = (0..b).map(|r| (prompts[r].len() + step) as u32).collect();
-        let m: Vec<f32> = pads
-            .iter()
-            .flat_map(|&pad| (0..total).map(move |j| if j < pad { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        mask = Tensor::from_vec(m, (b, 1, 1, total), &device)?;
-        input = Tensor::from_vec(next, (b, 1), &device)?;
-        step += 1;
     }
     Ok(out)
 }
