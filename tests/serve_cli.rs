@@ -52,8 +52,8 @@ fn start_server(dir: &Path, extra: &[&str]) -> Server {
     }
 }
 
-/// One request; (status, body).
-fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+/// A socket with one request sent on it.
+fn send(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -65,6 +65,12 @@ fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -
         body.len()
     )
     .unwrap();
+    s
+}
+
+/// One request; (status, body).
+fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut s = send(addr, method, path, token, body);
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let status = raw
@@ -365,15 +371,7 @@ fn streamed_answers_come_in_pieces_that_join_to_the_whole_answer() {
 
 /// Start a streamed request on a raw socket and wait for its first `data:` line.
 fn open_stream(addr: &str, token: &str, body: &str) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST /v1/generate HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let mut s = send(addr, "POST", "/v1/generate", Some(token), body);
     s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
         .unwrap();
     let mut seen = String::new();

@@ -99,7 +99,8 @@ impl DecodeBatch {
     /// already ended it (EOS, or `max_new_tokens` of 1; with 0 it ends at once, unrun).
     pub fn admit(&mut self, prompt: &[u32], opts: GenerateOptions) -> Result<Emitted> {
         let mut out = self.admit_all(&[(prompt, opts)])?;
-        Ok(out.pop().expect("one emitted per request"))
+        out.pop()
+            .ok_or_else(|| Error::InvalidArgument("admit_all answered no request".into()))
     }
 
     /// [`admit`](Self::admit) for several prompts in one left-padded prefill (as

@@ -89,12 +89,12 @@ struct GenerateBody {
 /// OpenAI's `stop`: one string or a list of up to four.
 #[derive(Deserialize)]
 #[serde(untagged)]
-pub(super) enum Stop {
+enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
-pub(super) fn stops(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
+fn stops(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
     let stops = match stop {
         None => vec![],
         Some(Stop::One(s)) => vec![s],
@@ -119,9 +119,18 @@ pub const MAX_STOPS: usize = 4;
 struct ChatBody {
     messages: Vec<ChatMessage>,
     #[serde(default)]
-    max_tokens: Option<usize>,
-    #[serde(default)]
     max_completion_tokens: Option<usize>,
+    #[serde(flatten)]
+    openai: OpenAiFields,
+}
+
+/// The fields OpenAI's chat and text completions share. OpenAI clients also send `model`; one
+/// model is served, so any name is accepted. Other OpenAI fields (logprobs, presence_penalty,
+/// ...) are ignored, as most OpenAI-compatible servers do.
+#[derive(Deserialize)]
+pub(super) struct OpenAiFields {
+    #[serde(default)]
+    max_tokens: Option<usize>,
     #[serde(default)]
     temperature: Option<f64>,
     #[serde(default)]
@@ -136,14 +145,45 @@ struct ChatBody {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     stop: Option<Stop>,
-    // OpenAI clients send `model`; one model is served, so any name is accepted. Other OpenAI
-    // fields (logprobs, presence_penalty, ...) are ignored, as most OpenAI-compatible servers do.
+}
+
+impl OpenAiFields {
+    /// The prompt of `text` with these fields checked: at most `preferred` tokens, else
+    /// `max_tokens`, else `default_max`; `raw` as [`Prompt::raw`].
+    pub(super) fn prompt(
+        self,
+        text: String,
+        preferred: Option<usize>,
+        default_max: usize,
+        raw: bool,
+    ) -> Result<Prompt, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad("n: only one choice per request is supported"));
+        }
+        Ok(Prompt {
+            text,
+            options: options(
+                Some(preferred.or(self.max_tokens).unwrap_or(default_max)),
+                "max_tokens",
+                self.temperature,
+                self.top_p,
+                self.seed,
+            )?,
+            stream: self.stream.unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            stop: stops(self.stop)?,
+            raw,
+        })
+    }
 }
 
 #[derive(Deserialize)]
-pub(super) struct StreamOptions {
+struct StreamOptions {
     #[serde(default)]
-    pub(super) include_usage: Option<bool>,
+    include_usage: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -161,7 +201,7 @@ pub(super) fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiE
 }
 
 /// Decoding options from the request's fields, checked.
-pub(super) fn options(
+fn options(
     max_new_tokens: Option<usize>,
     max_name: &str,
     temperature: Option<f64>,
@@ -223,9 +263,6 @@ pub fn generate_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
 /// `ASSISTANT:` for the model to go on.
 pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
     let b: ChatBody = parse(body)?;
-    if b.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad("n: only one choice per request is supported"));
-    }
     let mut conv = Conversation::default();
     for (i, m) in b.messages.iter().enumerate() {
         let expected = if conv.messages.len() % 2 == 0 {
@@ -277,23 +314,12 @@ pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
         role: Role::Assistant,
         value: String::new(),
     });
-    Ok(Prompt {
-        text: render_text(&conv),
-        options: options(
-            b.max_completion_tokens.or(b.max_tokens),
-            "max_tokens",
-            b.temperature,
-            b.top_p,
-            b.seed,
-        )?,
-        stream: b.stream.unwrap_or(false),
-        include_usage: b
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-        stop: stops(b.stop)?,
-        raw: false,
-    })
+    b.openai.prompt(
+        render_text(&conv),
+        b.max_completion_tokens,
+        DEFAULT_MAX_NEW_TOKENS,
+        false,
+    )
 }
 
 /// What the model produced for one prompt.

@@ -185,71 +185,76 @@ impl<'g> Server<'g> {
         }
     }
 
-    /// Pass a new token on (as text, to a stream) and answer a finished request: at its end
-    /// of sequence, its length, or the first stop sequence in its text.
+    /// Pass a new token on and answer a finished request (at its end of sequence, its length,
+    /// or the first stop sequence in its text; one ended by a stop leaves the batch now).
     fn deliver(&mut self, e: Emitted) {
-        let Some(live) = self.live.get_mut(&e.seq) else {
+        let Some(mut live) = self.live.remove(&e.seq) else {
             return;
         };
         live.tokens.extend(e.token);
-        let mut finish = e.finish.map(|f| f == Finish::Length);
-        if live.stream.is_none() && finish.is_none() && live.stops.is_empty() {
-            return; // nothing to look at before the end
-        }
-        let mut text = match self.g.tokenizer.decode(&live.tokens, true) {
-            Ok(t) => t,
-            Err(err) => {
-                let _ = self.batch.cancel(e.seq);
-                let live = self.live.remove(&e.seq).expect("present");
-                let _ = live.events.send(Event::End(Err(ApiError::new(
-                    500,
-                    format!("decoding the answer: {err}"),
-                ))));
+        let answer = match self.next_piece(&mut live, e.finish) {
+            Ok(None) => {
+                self.live.insert(e.seq, live);
                 return;
             }
+            Ok(Some(done)) => {
+                tracing::info!(
+                    new_tokens = live.tokens.len(),
+                    seconds = live.started.elapsed().as_secs_f64(),
+                    "request answered"
+                );
+                Ok(done)
+            }
+            Err(err) => Err(err),
         };
+        if e.finish.is_none() {
+            let _ = self.batch.cancel(e.seq);
+        }
+        let _ = live.events.send(Event::End(answer));
+    }
+
+    /// Send a stream its new piece; once the request has ended, its answer.
+    fn next_piece(
+        &self,
+        live: &mut Live,
+        finish: Option<Finish>,
+    ) -> Result<Option<Completion>, ApiError> {
+        let mut hit_limit = finish.map(|f| f == Finish::Length);
+        if live.stream.is_none() && hit_limit.is_none() && live.stops.is_empty() {
+            return Ok(None); // nothing to look at before the end
+        }
+        let tok = &self.g.tokenizer;
+        let decode = |ids: &[u32]| {
+            tok.decode(ids, true)
+                .map_err(|e| ApiError::new(500, format!("decoding the answer: {e}")))
+        };
+        let mut text = decode(&live.tokens)?;
         if let Some(cut) = stop_at(&text, &live.stops) {
             text.truncate(cut);
-            if finish.is_none() {
-                let _ = self.batch.cancel(e.seq);
-            }
-            finish = Some(false);
+            hit_limit = Some(false);
         }
         if let Some(stream) = &mut live.stream {
             // Until the end, only the text of the settled tokens: it never changes later.
-            let tok = &self.g.tokenizer;
             let settled = settled(&live.tokens, |t| tok.is_byte_token(t));
-            let shown = if finish.is_some() || settled == live.tokens.len() {
-                std::borrow::Cow::Borrowed(text.as_str())
+            let piece = if hit_limit.is_some() || settled == live.tokens.len() {
+                stream.piece(&text, hit_limit.is_some())
             } else {
-                match tok.decode(&live.tokens[..settled], true) {
-                    Ok(t) => std::borrow::Cow::Owned(t),
-                    Err(_) => std::borrow::Cow::Borrowed(""),
-                }
+                stream.piece(&decode(&live.tokens[..settled])?, false)
             };
-            let piece = stream.piece(&shown, finish.is_some());
             if !piece.is_empty() {
                 let _ = live.events.send(Event::Delta(piece));
             }
         }
-        if let Some(hit_limit) = finish {
-            let live = self.live.remove(&e.seq).expect("present");
-            tracing::info!(
-                new_tokens = live.tokens.len(),
-                seconds = live.started.elapsed().as_secs_f64(),
-                "request answered"
-            );
-            let _ = live.events.send(Event::End(Ok(Completion {
-                text: if live.raw {
-                    text
-                } else {
-                    text.trim().to_string()
-                },
-                prompt_tokens: live.prompt_tokens,
-                completion_tokens: live.tokens.len(),
-                hit_limit,
-            })));
-        }
+        Ok(hit_limit.map(|hit_limit| Completion {
+            text: if live.raw {
+                text
+            } else {
+                text.trim().to_string()
+            },
+            prompt_tokens: live.prompt_tokens,
+            completion_tokens: live.tokens.len(),
+            hit_limit,
+        }))
     }
 
     /// Requests nobody waits for any more stop decoding.

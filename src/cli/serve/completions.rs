@@ -2,7 +2,7 @@
 //! is (no template; the tokenizer's bos in front) and the answer is the continuation as it is,
 //! whitespace included, as base-model clients and evaluation harnesses expect.
 
-use super::api::{options, parse, stops, ApiError, Completion, Prompt, Stop, StreamOptions};
+use super::api::{parse, ApiError, Completion, OpenAiFields, Prompt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -13,24 +13,9 @@ pub const DEFAULT_MAX_TOKENS: usize = 16;
 struct CompletionBody {
     prompt: PromptField,
     #[serde(default)]
-    max_tokens: Option<usize>,
-    #[serde(default)]
-    temperature: Option<f64>,
-    #[serde(default)]
-    top_p: Option<f64>,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    n: Option<usize>,
-    #[serde(default)]
     echo: Option<bool>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    stop: Option<Stop>,
-    // `model` and OpenAI's other fields are accepted and ignored, as on the chat route.
+    #[serde(flatten)]
+    openai: OpenAiFields,
 }
 
 #[derive(Deserialize)]
@@ -56,29 +41,10 @@ pub fn completion_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
     if text.is_empty() {
         return Err(ApiError::bad("prompt must not be empty"));
     }
-    if b.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad("n: only one choice per request is supported"));
-    }
     if b.echo == Some(true) {
         return Err(ApiError::bad("echo: true is not supported"));
     }
-    Ok(Prompt {
-        text,
-        options: options(
-            Some(b.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
-            "max_tokens",
-            b.temperature,
-            b.top_p,
-            b.seed,
-        )?,
-        stream: b.stream.unwrap_or(false),
-        include_usage: b
-            .stream_options
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
-        stop: stops(b.stop)?,
-        raw: true,
-    })
+    b.openai.prompt(text, None, DEFAULT_MAX_TOKENS, true)
 }
 
 /// The `text_completion` objects: the whole answer, or a stream's chunks (the pieces as

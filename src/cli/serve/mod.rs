@@ -232,15 +232,95 @@ async fn whole(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Completion, Api
     }
 }
 
-/// A streamed answer as server-sent events: `render` turns each model event into the `data:`
-/// payloads to send, and `data: [DONE]` ends the stream. The response starts once the prompt
-/// has run; errors found before (a prompt over the context) are answered with their status
-/// instead, as unstreamed.
+/// How a route writes an answer: whole, and as the `data:` payloads of a stream.
+trait Answers: Send + 'static {
+    fn whole(&self, c: &Completion) -> serde_json::Value;
+    /// What a stream sends before the first piece.
+    fn start(&self) -> Vec<serde_json::Value> {
+        vec![]
+    }
+    fn piece(&self, text: &str) -> serde_json::Value;
+    /// What ends a stream (before `[DONE]`).
+    fn end(&self, c: &Completion) -> Vec<serde_json::Value>;
+}
+
+/// `/v1/generate`: `{"delta": ...}` pieces, then the whole answer.
+struct Generated;
+
+impl Answers for Generated {
+    fn whole(&self, c: &Completion) -> serde_json::Value {
+        c.generate_answer()
+    }
+    fn piece(&self, text: &str) -> serde_json::Value {
+        serde_json::json!({ "delta": text })
+    }
+    fn end(&self, c: &Completion) -> Vec<serde_json::Value> {
+        vec![c.generate_answer()]
+    }
+}
+
+struct Chat(ChatChunks, bool);
+
+impl Answers for Chat {
+    fn whole(&self, c: &Completion) -> serde_json::Value {
+        c.chat_answer(&self.0.id, &self.0.model, self.0.created)
+    }
+    fn start(&self) -> Vec<serde_json::Value> {
+        vec![self.0.role()]
+    }
+    fn piece(&self, text: &str) -> serde_json::Value {
+        self.0.content(text)
+    }
+    fn end(&self, c: &Completion) -> Vec<serde_json::Value> {
+        self.0.end(c, self.1)
+    }
+}
+
+struct Text(completions::TextChunks, bool);
+
+impl Answers for Text {
+    fn whole(&self, c: &Completion) -> serde_json::Value {
+        self.0.answer(c)
+    }
+    fn piece(&self, text: &str) -> serde_json::Value {
+        self.0.piece(text)
+    }
+    fn end(&self, c: &Completion) -> Vec<serde_json::Value> {
+        self.0.end(c, self.1)
+    }
+}
+
+/// Queue the prompt and answer it, whole or (when it asks) streamed, in the route's shape.
+async fn respond<A: Answers>(
+    s: &Arc<AppState>,
+    prompt: Result<Prompt, ApiError>,
+    answers: impl FnOnce(&Prompt) -> A,
+) -> Response {
+    let prompt = match prompt {
+        Ok(p) => p,
+        Err(e) => return failure(e),
+    };
+    let (stream, answers) = (prompt.stream, answers(&prompt));
+    let (slot, rx) = match submit(s, prompt) {
+        Ok(x) => x,
+        Err(e) => return failure(e),
+    };
+    if !stream {
+        return match whole(rx).await {
+            Ok(c) => Json(answers.whole(&c)).into_response(),
+            Err(e) => failure(e),
+        };
+    }
+    streamed(slot, rx, answers).await
+}
+
+/// A streamed answer as server-sent events, ended by `data: [DONE]`. The response starts
+/// once the prompt has run; errors found before (a prompt over the context) are answered with
+/// their status instead, as unstreamed.
 async fn streamed(
     slot: Slot,
     mut rx: mpsc::UnboundedReceiver<Event>,
-    first: Vec<serde_json::Value>,
-    mut render: impl FnMut(Event) -> Vec<serde_json::Value> + Send + 'static,
+    answers: impl Answers,
 ) -> Response {
     let head = match rx.recv().await {
         None => return failure(stopped()),
@@ -252,10 +332,16 @@ async fn streamed(
         let _slot = slot;
         let send = |v: serde_json::Value| out.send(Ok(SseEvent::default().data(v.to_string())));
         let mut next = Some(head);
-        let mut lead = first;
+        let mut lead = answers.start();
         while let Some(e) = next.take() {
             let end = matches!(e, Event::End(_));
-            for v in lead.drain(..).chain(render(e)) {
+            let payloads = match e {
+                Event::Admitted => vec![],
+                Event::Delta(piece) => vec![answers.piece(&piece)],
+                Event::End(Ok(c)) => answers.end(&c),
+                Event::End(Err(e)) => vec![e.body()],
+            };
+            for v in lead.drain(..).chain(payloads) {
                 // A client that went away drops the body: stop, which drops `rx` and so
                 // takes the request out of the batch.
                 if send(v).is_err() {
@@ -277,88 +363,26 @@ async fn streamed(
 }
 
 async fn generate(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let prompt = match api::generate_prompt(&body) {
-        Ok(p) => p,
-        Err(e) => return failure(e),
-    };
-    let stream = prompt.stream;
-    let (slot, rx) = match submit(&s, prompt) {
-        Ok(x) => x,
-        Err(e) => return failure(e),
-    };
-    if !stream {
-        return match whole(rx).await {
-            Ok(c) => Json(c.generate_answer()).into_response(),
-            Err(e) => failure(e),
-        };
-    }
-    streamed(slot, rx, vec![], |e| match e {
-        Event::Admitted => vec![],
-        Event::Delta(piece) => vec![serde_json::json!({ "delta": piece })],
-        Event::End(Ok(c)) => vec![c.generate_answer()],
-        Event::End(Err(e)) => vec![e.body()],
-    })
-    .await
+    respond(&s, api::generate_prompt(&body), |_| Generated).await
 }
 
 async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let prompt = match api::chat_prompt(&body) {
-        Ok(p) => p,
-        Err(e) => return failure(e),
-    };
-    let (stream, include_usage) = (prompt.stream, prompt.include_usage);
-    let (slot, rx) = match submit(&s, prompt) {
-        Ok(x) => x,
-        Err(e) => return failure(e),
-    };
-    let (id, created) = s.answer_id("chatcmpl");
-    let chunks = ChatChunks {
-        id,
-        model: s.model_name.clone(),
-        created,
-    };
-    if !stream {
-        return match whole(rx).await {
-            Ok(c) => Json(c.chat_answer(&chunks.id, &chunks.model, created)).into_response(),
-            Err(e) => failure(e),
-        };
-    }
-    streamed(slot, rx, vec![chunks.role()], move |e| match e {
-        Event::Admitted => vec![],
-        Event::Delta(piece) => vec![chunks.content(&piece)],
-        Event::End(Ok(c)) => chunks.end(&c, include_usage),
-        Event::End(Err(e)) => vec![e.body()],
+    respond(&s, api::chat_prompt(&body), |p| {
+        let (id, created) = s.answer_id("chatcmpl");
+        let model = s.model_name.clone();
+        Chat(ChatChunks { id, model, created }, p.include_usage)
     })
     .await
 }
 
 async fn text_completion(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let prompt = match completions::completion_prompt(&body) {
-        Ok(p) => p,
-        Err(e) => return failure(e),
-    };
-    let (stream, include_usage) = (prompt.stream, prompt.include_usage);
-    let (slot, rx) = match submit(&s, prompt) {
-        Ok(x) => x,
-        Err(e) => return failure(e),
-    };
-    let (id, created) = s.answer_id("cmpl");
-    let chunks = completions::TextChunks {
-        id,
-        model: s.model_name.clone(),
-        created,
-    };
-    if !stream {
-        return match whole(rx).await {
-            Ok(c) => Json(chunks.answer(&c)).into_response(),
-            Err(e) => failure(e),
-        };
-    }
-    streamed(slot, rx, vec![], move |e| match e {
-        Event::Admitted => vec![],
-        Event::Delta(piece) => vec![chunks.piece(&piece)],
-        Event::End(Ok(c)) => chunks.end(&c, include_usage),
-        Event::End(Err(e)) => vec![e.body()],
+    respond(&s, completions::completion_prompt(&body), |p| {
+        let (id, created) = s.answer_id("cmpl");
+        let model = s.model_name.clone();
+        Text(
+            completions::TextChunks { id, model, created },
+            p.include_usage,
+        )
     })
     .await
 }
