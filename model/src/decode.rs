@@ -22,6 +22,7 @@ use crate::attention::LayerCache;
 use crate::error::{Error, Result};
 use crate::generate::{check_options, choose, host_f32, left_padded, GenerateOptions};
 use crate::init::SplitMix64;
+use crate::logprob::{of_row, TokenLogprob};
 use crate::net::Net;
 use crate::Llama;
 
@@ -38,11 +39,14 @@ pub enum Finish {
 }
 
 /// What one sequence produced in a call: a new token, its end, or both (the last token).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Emitted {
     pub seq: SeqId,
     pub token: Option<u32>,
     pub finish: Option<Finish>,
+    /// With `GenerateOptions::logprobs`: the chosen token's log-probability under the raw
+    /// logits (also for the end-of-sequence token, which is not emitted) and the alternatives.
+    pub logprob: Option<TokenLogprob>,
 }
 
 struct Row {
@@ -122,6 +126,7 @@ impl DecodeBatch {
                 seq,
                 token: None,
                 finish: Some(Finish::Length),
+                logprob: None,
             });
             if opts.max_new_tokens > 0 {
                 prompts.push(prompt.to_vec());
@@ -209,11 +214,16 @@ impl DecodeBatch {
     /// Choose `row`'s next token from its logits [vocab] and count it.
     fn advance(&self, row: &mut Row, logits: &Tensor) -> Result<Emitted> {
         let token = choose(logits, &row.opts, &mut row.rng)?;
+        let logprob = match row.opts.logprobs {
+            Some(top) => Some(of_row(&logits.to_vec1::<f32>()?, token, top)?),
+            None => None,
+        };
         if Some(token) == self.eos {
             return Ok(Emitted {
                 seq: row.seq,
                 token: None,
                 finish: Some(Finish::Eos),
+                logprob,
             });
         }
         if row.produced > 0 {
@@ -226,6 +236,7 @@ impl DecodeBatch {
             seq: row.seq,
             token: Some(token),
             finish,
+            logprob,
         })
     }
 

@@ -18,6 +18,9 @@ pub struct GenerateOptions {
     /// Nucleus mass in (0, 1]; 1 = sample from the full distribution.
     pub top_p: f64,
     pub seed: u64,
+    /// Report each chosen token's log-probability and this many most likely alternatives
+    /// (`decode::DecodeBatch` only; `logprob`); None: no report.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerateOptions {
@@ -27,6 +30,7 @@ impl Default for GenerateOptions {
             temperature: 0.0,
             top_p: 1.0,
             seed: 0,
+            logprobs: None,
         }
     }
 }

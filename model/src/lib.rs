@@ -13,6 +13,7 @@ pub mod generate;
 pub mod init;
 pub mod layout;
 pub mod llama;
+pub mod logprob;
 pub mod lora;
 pub mod loss;
 pub mod mlp;

@@ -80,6 +80,7 @@ fn sequences_joining_a_running_batch_get_the_answers_they_get_alone() {
                 temperature,
                 top_p,
                 seed: 100 + i as u64,
+                logprobs: None,
             })
             .collect();
         for eos in [
@@ -126,7 +127,7 @@ fn leaving_rows_cut_the_pads_and_a_cancelled_row_leaves_the_rest_unchanged() {
     // The long prompt widened the batch: the short rows are padded to it.
     assert_eq!(batch.width(), long.len());
     let mut got: BTreeMap<SeqId, Vec<u32>> = BTreeMap::new();
-    for e in [a, b, c] {
+    for e in [&a, &b, &c] {
         got.entry(e.seq).or_default().extend(e.token);
     }
     for _ in 0..2 {
@@ -205,4 +206,61 @@ fn a_sequence_can_end_at_admission_and_bad_input_is_refused() {
         ..opts(3)
     };
     assert!(batch.admit(&[1], bad).is_err());
+}
+
+/// Each decoded token's reported log-probability is what scoring the finished sequence in one
+/// forward pass gives it (`logprob::prompt_logprobs`), for rows that share the batch, sampled
+/// or greedy; a greedy row's token is its own top choice.
+#[test]
+fn reported_logprobs_equal_scoring_the_whole_sequence() {
+    let model = Llama::random(common::tiny_config(false), 11).unwrap();
+    let mut batch = DecodeBatch::new(&model, None);
+    let opts = |temperature, seed| GenerateOptions {
+        max_new_tokens: 6,
+        temperature,
+        seed,
+        logprobs: Some(3),
+        ..Default::default()
+    };
+    let prompts = [vec![1u32, 7, 19, 33], vec![1, 9]];
+    let first = batch
+        .admit_all(&[(&prompts[0], opts(0.0, 0)), (&prompts[1], opts(1.0, 5))])
+        .unwrap();
+    let mut got: BTreeMap<SeqId, Vec<Emitted>> = BTreeMap::new();
+    let seqs: Vec<SeqId> = first.iter().map(|e| e.seq).collect();
+    for e in first {
+        got.entry(e.seq).or_default().push(e);
+    }
+    while !batch.is_empty() {
+        for e in batch.step().unwrap() {
+            got.entry(e.seq).or_default().push(e);
+        }
+    }
+    for (p, seq) in seqs.iter().enumerate() {
+        let emitted = &got[seq];
+        let tokens: Vec<u32> = emitted.iter().filter_map(|e| e.token).collect();
+        assert_eq!(tokens.len(), 6);
+        let mut whole = prompts[p].clone();
+        whole.extend(&tokens);
+        let scored = herd_model::logprob::prompt_logprobs(&model, &whole, 3).unwrap();
+        let of_answer = &scored[prompts[p].len() - 1..];
+        for (e, want) in emitted.iter().zip(of_answer) {
+            let lp = e.logprob.as_ref().expect("asked for logprobs");
+            assert_eq!(lp.token, want.token);
+            assert!(
+                (lp.logprob - want.logprob).abs() < 1e-4,
+                "{} vs {}",
+                lp.logprob,
+                want.logprob
+            );
+            let ids = |t: &[(u32, f32)]| t.iter().map(|x| x.0).collect::<Vec<_>>();
+            assert_eq!(ids(&lp.top), ids(&want.top));
+            if p == 0 {
+                assert_eq!(lp.top[0].0, lp.token, "greedy takes the top token");
+            }
+        }
+    }
+    // Without the option nothing is reported.
+    let e = batch.admit(&[1, 2], GenerateOptions::default()).unwrap();
+    assert!(e.logprob.is_none());
 }

@@ -87,6 +87,7 @@ fn sampling_is_seeded_and_top_p_narrows() {
         temperature: 1.0,
         top_p,
         seed,
+        logprobs: None,
     };
     let a = generate(&model, &prompt, None, &opts(7, 0.9)).unwrap();
     assert_eq!(a, generate(&model, &prompt, None, &opts(7, 0.9)).unwrap());
@@ -130,6 +131,7 @@ fn batched_generation_equals_one_prompt_at_a_time() {
                 temperature,
                 top_p,
                 seed: 100 + i as u64,
+                logprobs: None,
             })
             .collect();
         let one_by_one: Vec<Vec<u32>> = prompts

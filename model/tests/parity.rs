@@ -194,3 +194,39 @@ fn parameter_count_matches_transformers() {
         125_632
     );
 }
+
+/// `echo` + `logprobs` scoring of a prompt equals log softmax of transformers' logits of the
+/// same tokens: each token's value and the top five, in order.
+#[test]
+fn prompt_logprobs_match_transformers_log_softmax() {
+    let fx = load_st("tied_logits.safetensors");
+    let model = Llama::load(&fixtures().join("tied")).unwrap();
+    let ids: Vec<Vec<i64>> = fx["input_ids"].to_vec2().unwrap();
+    let reference: Vec<Vec<Vec<f32>>> = fx["logits"].to_vec3().unwrap();
+    let mut checked = 0;
+    for (row, want_logits) in ids.iter().zip(&reference) {
+        let row: Vec<u32> = row.iter().map(|&i| i as u32).collect();
+        let got = herd_model::logprob::prompt_logprobs(&model, &row, 5).unwrap();
+        assert_eq!(got.len(), row.len() - 1);
+        for (i, g) in got.iter().enumerate() {
+            // transformers: log_softmax(logits[i])[ids[i + 1]], in f64.
+            let l = &want_logits[i];
+            let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let log_z = max + l.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let want = l[row[i + 1] as usize] as f64 - log_z;
+            assert_eq!(g.token, row[i + 1]);
+            assert!(
+                (g.logprob as f64 - want).abs() < 1e-4 * want.abs().max(1.0),
+                "position {i}: {} vs transformers {want}",
+                g.logprob
+            );
+            let mut order: Vec<usize> = (0..l.len()).collect();
+            order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+            let top: Vec<u32> = g.top.iter().map(|t| t.0).collect();
+            let want_top: Vec<u32> = order[..5].iter().map(|&t| t as u32).collect();
+            assert_eq!(top, want_top, "position {i}: top 5");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "only {checked} positions");
+}

@@ -81,6 +81,7 @@ pub fn evaluate(model_dir: &Path, records: &[DemoRecord]) -> Result<(TaskScores,
         temperature: 0.0,
         top_p: 1.0,
         seed: 0,
+        logprobs: None,
     };
     let answers = records
         .iter()

@@ -35,6 +35,7 @@ impl SamplingArgs {
             temperature: self.temperature,
             top_p: self.top_p,
             seed: self.seed.wrapping_add(i as u64),
+            logprobs: None,
         }
     }
 }

@@ -229,6 +229,7 @@ fn options(
         temperature,
         top_p,
         seed: seed.unwrap_or(0),
+        logprobs: None,
     })
 }
 
@@ -460,7 +461,8 @@ mod tests {
                 max_new_tokens: 5,
                 temperature: 0.7,
                 top_p: 0.9,
-                seed: 3
+                seed: 3,
+                logprobs: None,
             }
         );
     }
