@@ -8,6 +8,7 @@
 //!   `temperature`, `top_p`, `seed`), rendered with the Vicuna v1.1 template the chat recipe
 //!   trains with; answers a `chat.completion` object.
 
+use super::logprobs::{self, Scored, MAX_TOP};
 use herd_model::generate::GenerateOptions;
 use herd_worker::data::chat::{render_text, Conversation, Message, Role};
 use herd_worker::data::{source_text, AlpacaRecord};
@@ -64,6 +65,11 @@ pub struct Prompt {
     /// The text is the model's continuation as it is (`/v1/completions`), not trimmed of
     /// whitespace at its ends as an instruction's answer is.
     pub raw: bool,
+    /// The prompt as token ids, used as they are (no bos added; `text` is then unused).
+    pub ids: Option<Vec<u32>>,
+    /// The answer starts with the prompt (`echo`), and with `options.logprobs` so do its
+    /// log-probabilities.
+    pub echo: bool,
 }
 
 #[derive(Deserialize)]
@@ -125,10 +131,15 @@ struct ChatBody {
 }
 
 /// The fields OpenAI's chat and text completions share. OpenAI clients also send `model`; one
-/// model is served, so any name is accepted. Other OpenAI fields (logprobs, presence_penalty,
+/// model is served, so any name is accepted. Other OpenAI fields (presence_penalty, user,
 /// ...) are ignored, as most OpenAI-compatible servers do.
 #[derive(Deserialize)]
 pub(super) struct OpenAiFields {
+    /// An integer on text completions, a boolean on chat (with `top_logprobs`).
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<usize>,
     #[serde(default)]
     max_tokens: Option<usize>,
     #[serde(default)]
@@ -147,36 +158,103 @@ pub(super) struct OpenAiFields {
     stop: Option<Stop>,
 }
 
+/// How a route reads the shared fields.
+pub(super) struct Shape {
+    /// The route's own length field (chat's `max_completion_tokens`), before `max_tokens`.
+    pub preferred_max: Option<usize>,
+    pub default_max: usize,
+    /// As [`Prompt::raw`].
+    pub raw: bool,
+    /// `max_tokens: 0` is allowed (text completions with `echo`: scoring the prompt only).
+    pub zero_ok: bool,
+    /// Alternatives per token asked for, if log-probabilities are.
+    pub logprobs: Option<usize>,
+}
+
 impl OpenAiFields {
-    /// The prompt of `text` with these fields checked: at most `preferred` tokens, else
-    /// `max_tokens`, else `default_max`; `raw` as [`Prompt::raw`].
-    pub(super) fn prompt(
-        self,
-        text: String,
-        preferred: Option<usize>,
-        default_max: usize,
-        raw: bool,
-    ) -> Result<Prompt, ApiError> {
+    /// The prompt of `text` with these fields checked.
+    pub(super) fn prompt(self, text: String, shape: Shape) -> Result<Prompt, ApiError> {
         if self.n.is_some_and(|n| n != 1) {
             return Err(ApiError::bad("n: only one choice per request is supported"));
         }
-        Ok(Prompt {
-            text,
-            options: options(
-                Some(preferred.or(self.max_tokens).unwrap_or(default_max)),
+        let stream = self.stream.unwrap_or(false);
+        if stream && shape.logprobs.is_some() {
+            return Err(ApiError::bad(
+                "logprobs: not available on a streamed answer yet; ask without `stream`",
+            ));
+        }
+        let max = shape
+            .preferred_max
+            .or(self.max_tokens)
+            .unwrap_or(shape.default_max);
+        let mut options = if max == 0 && shape.zero_ok {
+            GenerateOptions {
+                max_new_tokens: 0,
+                ..options(
+                    Some(1),
+                    "max_tokens",
+                    self.temperature,
+                    self.top_p,
+                    self.seed,
+                )?
+            }
+        } else {
+            options(
+                Some(max),
                 "max_tokens",
                 self.temperature,
                 self.top_p,
                 self.seed,
-            )?,
-            stream: self.stream.unwrap_or(false),
+            )?
+        };
+        options.logprobs = shape.logprobs;
+        Ok(Prompt {
+            text,
+            options,
+            stream,
             include_usage: self
                 .stream_options
                 .and_then(|o| o.include_usage)
                 .unwrap_or(false),
             stop: stops(self.stop)?,
-            raw,
+            raw: shape.raw,
+            ids: None,
+            echo: false,
         })
+    }
+
+    /// Text completions' `logprobs`: how many alternatives per token (0 is the chosen token's
+    /// value alone), or null.
+    pub(super) fn text_logprobs(&self) -> Result<Option<usize>, ApiError> {
+        match &self.logprobs {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n as usize <= MAX_TOP => Ok(Some(n as usize)),
+                _ => Err(ApiError::bad(format!(
+                    "logprobs: an integer from 0 to {MAX_TOP} (alternatives per token), got {v}"
+                ))),
+            },
+        }
+    }
+
+    /// Chat's `logprobs: true` with `top_logprobs` alternatives per token.
+    pub(super) fn chat_logprobs(&self) -> Result<Option<usize>, ApiError> {
+        let on = match &self.logprobs {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(ApiError::bad(format!(
+                    "logprobs: true or false on chat completions, got {v}"
+                )))
+            }
+        };
+        match self.top_logprobs {
+            Some(n) if n > MAX_TOP => Err(ApiError::bad(format!(
+                "top_logprobs: at most {MAX_TOP}, got {n}"
+            ))),
+            Some(_) if !on => Err(ApiError::bad("top_logprobs needs logprobs: true")),
+            n => Ok(on.then(|| n.unwrap_or(0))),
+        }
     }
 }
 
@@ -257,6 +335,8 @@ pub fn generate_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
         include_usage: false,
         stop: stops(b.stop)?,
         raw: false,
+        ids: None,
+        echo: false,
     })
 }
 
@@ -315,11 +395,16 @@ pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
         role: Role::Assistant,
         value: String::new(),
     });
+    let logprobs = b.openai.chat_logprobs()?;
     b.openai.prompt(
         render_text(&conv),
-        b.max_completion_tokens,
-        DEFAULT_MAX_NEW_TOKENS,
-        false,
+        Shape {
+            preferred_max: b.max_completion_tokens,
+            default_max: DEFAULT_MAX_NEW_TOKENS,
+            raw: false,
+            zero_ok: false,
+            logprobs,
+        },
     )
 }
 
@@ -332,6 +417,8 @@ pub struct Completion {
     /// It stopped at `max_new_tokens` rather than at the end-of-sequence token or a stop
     /// sequence.
     pub hit_limit: bool,
+    /// The tokens of `text` and their log-probabilities, when the request asked for them.
+    pub logprobs: Option<Vec<Scored>>,
 }
 
 impl Completion {
@@ -368,6 +455,7 @@ impl Completion {
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": self.text},
+                "logprobs": self.logprobs.as_deref().map(logprobs::chat),
                 "finish_reason": self.finish_reason(),
             }],
             "usage": self.usage(),
@@ -529,6 +617,7 @@ mod tests {
             prompt_tokens: 10,
             completion_tokens: 2,
             hit_limit: false,
+            logprobs: None,
         };
         let v = c.chat_answer("chatcmpl-1", "demo", 5);
         assert_eq!(v["choices"][0]["message"]["content"], "3");
@@ -587,6 +676,7 @@ mod tests {
             prompt_tokens: 3,
             completion_tokens: 1,
             hit_limit: true,
+            logprobs: None,
         };
         let end = ch.end(&c, false);
         assert_eq!(end.len(), 1);

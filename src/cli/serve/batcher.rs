@@ -5,9 +5,11 @@
 //! dropped) leaves the batch at the next step.
 
 use super::api::{check_length, ApiError, Completion, Prompt};
+use super::logprobs::{name, texts, within, Scored};
 use super::text::{settled, stop_at, TextStream};
 use crate::cli::generate::Generator;
 use herd_model::decode::{DecodeBatch, Emitted, Finish, SeqId};
+use herd_model::logprob::{prompt_logprobs, TokenLogprob};
 use std::collections::HashMap;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -38,7 +40,19 @@ struct Live {
     stops: Vec<String>,
     raw: bool,
     prompt_tokens: usize,
+    /// The prompt's last token (what the first answer token's text follows).
+    prompt_last: u32,
     tokens: Vec<u32>,
+    /// The answer starts with this (`echo`: the prompt's text).
+    echo: Option<String>,
+    /// With `logprobs`: the echoed prompt's tokens, scored.
+    echoed: Vec<Scored>,
+    /// With `logprobs`: each answer token's log-probability.
+    scores: Option<Vec<TokenLogprob>>,
+    /// With `logprobs`: the end-of-sequence token's, when the answer ended with it (listed
+    /// last with no text, as OpenAI lists its end token, so a client that drops the last entry
+    /// of an echo drops that and not a prompt token).
+    eos_score: Option<TokenLogprob>,
     started: Instant,
 }
 
@@ -124,17 +138,16 @@ impl<'g> Server<'g> {
         let context = self.g.model.config().max_position_embeddings;
         let mut ready = Vec::with_capacity(waiting.len());
         for p in waiting {
-            let ids = self
-                .g
-                .tokenizer
-                .encode(&p.prompt.text)
-                .map_err(|e| ApiError::bad(format!("tokenizing the prompt: {e}")))
-                .and_then(|ids| {
-                    check_length(ids.len(), p.prompt.options.max_new_tokens, context)?;
-                    Ok(ids)
-                });
-            match ids {
-                Ok(ids) => ready.push((p, ids)),
+            let ids = self.prompt_ids(&p.prompt).and_then(|ids| {
+                check_length(ids.len(), p.prompt.options.max_new_tokens, context)?;
+                Ok(ids)
+            });
+            let echo = ids.and_then(|ids| {
+                let echo = self.echo(&p.prompt, &ids)?;
+                Ok((ids, echo))
+            });
+            match echo {
+                Ok(x) => ready.push((p, x)),
                 Err(e) => {
                     let _ = p.events.send(Event::End(Err(e)));
                 }
@@ -145,7 +158,7 @@ impl<'g> Server<'g> {
         }
         let requests: Vec<(&[u32], _)> = ready
             .iter()
-            .map(|(p, ids)| (ids.as_slice(), p.prompt.options.clone()))
+            .map(|(p, (ids, _))| (ids.as_slice(), p.prompt.options.clone()))
             .collect();
         let emitted = match self.batch.admit_all(&requests) {
             Ok(e) => e,
@@ -164,7 +177,7 @@ impl<'g> Server<'g> {
             decoding = self.batch.len(),
             "requests admitted"
         );
-        for ((p, ids), e) in ready.into_iter().zip(emitted) {
+        for ((p, (ids, (echo, echoed))), e) in ready.into_iter().zip(emitted) {
             let _ = p.events.send(Event::Admitted);
             self.live.insert(
                 e.seq,
@@ -177,7 +190,12 @@ impl<'g> Server<'g> {
                     stops: p.prompt.stop,
                     raw: p.prompt.raw,
                     prompt_tokens: ids.len(),
+                    prompt_last: ids[ids.len() - 1],
                     tokens: Vec::new(),
+                    echo,
+                    echoed,
+                    scores: p.prompt.options.logprobs.map(|_| Vec::new()),
+                    eos_score: None,
                     started: Instant::now(),
                 },
             );
@@ -192,6 +210,12 @@ impl<'g> Server<'g> {
             return;
         };
         live.tokens.extend(e.token);
+        if let (Some(scores), Some(lp)) = (&mut live.scores, e.logprob) {
+            match e.token {
+                Some(_) => scores.push(lp),
+                None => live.eos_score = Some(lp),
+            }
+        }
         let answer = match self.next_piece(&mut live, e.finish) {
             Ok(None) => {
                 self.live.insert(e.seq, live);
@@ -229,7 +253,8 @@ impl<'g> Server<'g> {
                 .map_err(|e| ApiError::new(500, format!("decoding the answer: {e}")))
         };
         let mut text = decode(&live.tokens)?;
-        if let Some(cut) = stop_at(&text, &live.stops) {
+        let cut = stop_at(&text, &live.stops);
+        if let Some(cut) = cut {
             text.truncate(cut);
             hit_limit = Some(false);
         }
@@ -245,16 +270,96 @@ impl<'g> Server<'g> {
                 let _ = live.events.send(Event::Delta(piece));
             }
         }
-        Ok(hit_limit.map(|hit_limit| Completion {
-            text: if live.raw {
-                text
-            } else {
-                text.trim().to_string()
+        let Some(hit_limit) = hit_limit else {
+            return Ok(None);
+        };
+        let logprobs = live.scores.as_ref().map(|scores| {
+            let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
+            let pieces = texts(&live.tokens, &decode, |t| tok.is_byte_token(t));
+            let answer = name(pieces, Some(live.prompt_last), scores, &decode);
+            // A stop sequence cut the text: the tokens from there on are not in the answer.
+            let answer = match cut {
+                Some(cut) => within(answer, cut),
+                None => {
+                    let eos = live.eos_score.as_ref().map(|lp| {
+                        let prev = live.tokens.last().copied().unwrap_or(live.prompt_last);
+                        let mut end = name(
+                            vec![String::new()],
+                            Some(prev),
+                            std::slice::from_ref(lp),
+                            &decode,
+                        );
+                        end.remove(0)
+                    });
+                    answer.into_iter().chain(eos).collect()
+                }
+            };
+            live.echoed.iter().cloned().chain(answer).collect()
+        });
+        Ok(Some(Completion {
+            text: match &live.echo {
+                Some(prompt) => format!("{prompt}{text}"),
+                None if live.raw => text,
+                None => text.trim().to_string(),
             },
             prompt_tokens: live.prompt_tokens,
             completion_tokens: live.tokens.len(),
             hit_limit,
+            logprobs,
         }))
+    }
+
+    /// The prompt's token ids: as sent (each checked against the vocabulary), or the text
+    /// tokenized (bos in front).
+    fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
+        let Some(ids) = &prompt.ids else {
+            return self
+                .g
+                .tokenizer
+                .encode(&prompt.text)
+                .map_err(|e| ApiError::bad(format!("tokenizing the prompt: {e}")));
+        };
+        let vocab = self.g.model.config().vocab_size;
+        match ids.iter().position(|&t| t as usize >= vocab) {
+            Some(i) => Err(ApiError::bad(format!(
+                "prompt: token {} (at {i}) is outside the model's vocabulary of {vocab}",
+                ids[i]
+            ))),
+            None => Ok(ids.clone()),
+        }
+    }
+
+    /// With `echo`, the text the answer starts with and, with `logprobs`, the prompt's tokens
+    /// scored (the first has no value: nothing comes before it).
+    fn echo(
+        &self,
+        prompt: &Prompt,
+        ids: &[u32],
+    ) -> Result<(Option<String>, Vec<Scored>), ApiError> {
+        if !prompt.echo {
+            return Ok((None, vec![]));
+        }
+        let tok = &self.g.tokenizer;
+        let text = match &prompt.ids {
+            Some(_) => tok
+                .decode(ids, true)
+                .map_err(|e| ApiError::new(500, format!("decoding the prompt: {e}")))?,
+            None => prompt.text.clone(),
+        };
+        let Some(top) = prompt.options.logprobs else {
+            return Ok((Some(text), vec![]));
+        };
+        let scores = prompt_logprobs(&self.g.model, ids, top)
+            .map_err(|e| ApiError::new(500, format!("scoring the prompt: {e}")))?;
+        let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
+        let mut pieces = texts(ids, &decode, |t| tok.is_byte_token(t)).into_iter();
+        let first = Scored {
+            text: pieces.next().unwrap_or_default(),
+            logprob: None,
+            top: vec![],
+        };
+        let rest = name(pieces.collect(), Some(ids[0]), &scores, &decode);
+        Ok((Some(text), std::iter::once(first).chain(rest).collect()))
     }
 
     /// Requests nobody waits for any more stop decoding.

@@ -13,6 +13,7 @@
 mod api;
 mod batcher;
 mod completions;
+mod logprobs;
 mod text;
 
 use anyhow::{Context, Result};
@@ -280,7 +281,7 @@ struct Text(completions::TextChunks, bool);
 
 impl Answers for Text {
     fn whole(&self, c: &Completion) -> serde_json::Value {
-        self.0.answer(c)
+        self.0.answer(std::slice::from_ref(c))
     }
     fn piece(&self, text: &str) -> serde_json::Value {
         self.0.piece(text)
@@ -376,13 +377,34 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 }
 
 async fn text_completion(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    respond(&s, completions::completion_prompt(&body), |p| {
+    let chunks = || {
         let (id, created) = s.answer_id("cmpl");
         let model = s.model_name.clone();
-        Text(
-            completions::TextChunks { id, model, created },
-            p.include_usage,
-        )
-    })
-    .await
+        completions::TextChunks { id, model, created }
+    };
+    let mut prompts = match completions::completion_prompts(&body) {
+        Ok(p) => p,
+        Err(e) => return failure(e),
+    };
+    if prompts.len() == 1 {
+        let prompt = Ok(prompts.remove(0));
+        return respond(&s, prompt, |p| Text(chunks(), p.include_usage)).await;
+    }
+    // Several prompts (never streamed): all are queued at once, so they decode together, and
+    // answer as one object with a choice each.
+    let mut waiting = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        match submit(&s, p) {
+            Ok(x) => waiting.push(x),
+            Err(e) => return failure(e),
+        }
+    }
+    let mut answers = Vec::with_capacity(waiting.len());
+    for (_slot, rx) in waiting {
+        match whole(rx).await {
+            Ok(c) => answers.push(c),
+            Err(e) => return failure(e),
+        }
+    }
+    Json(chunks().answer(&answers)).into_response()
 }
