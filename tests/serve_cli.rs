@@ -650,6 +650,33 @@ fn echo_and_logprobs_score_prompts_as_lm_eval_asks() {
         "the next token",
     );
 
+    // n: sampled choices, each the answer its own seed gives alone.
+    let ask = |n: usize, seed: u64| {
+        serde_json::json!({"messages": [{"role": "user", "content": "cat dog"}], "n": n,
+                           "seed": seed, "temperature": 1.0, "max_tokens": 6})
+    };
+    let three = post("/v1/chat/completions", ask(3, 40));
+    let texts: Vec<&str> = (0..3)
+        .map(|i| three["choices"][i]["message"]["content"].as_str().unwrap())
+        .collect();
+    for (i, text) in texts.iter().enumerate() {
+        let alone = post("/v1/chat/completions", ask(1, 40 + i as u64));
+        assert_eq!(
+            alone["choices"][0]["message"]["content"], *text,
+            "choice {i}"
+        );
+        assert_eq!(three["choices"][i]["index"], i);
+    }
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "sampled: {texts:?}"
+    );
+    let one = post("/v1/chat/completions", ask(1, 40));
+    assert_eq!(
+        three["usage"]["prompt_tokens"],
+        one["usage"]["prompt_tokens"]
+    );
+
     // Chat: logprobs true with top_logprobs, in chat's shape.
     let chat = post(
         "/v1/chat/completions",

@@ -70,6 +70,39 @@ pub struct Prompt {
     /// The answer starts with the prompt (`echo`), and with `options.logprobs` so do its
     /// log-probabilities.
     pub echo: bool,
+    /// Answers wanted (OpenAI's `n`): copy i decodes with seed + i, so sampled choices differ.
+    pub choices: usize,
+}
+
+/// Most choices (`n`) per prompt.
+pub const MAX_CHOICES: usize = 16;
+
+/// Each prompt as many times as it asks for choices, copy i with seed + i (OpenAI's order:
+/// the choices of the first prompt, then of the next).
+pub fn expand(prompts: Vec<Prompt>) -> Vec<Prompt> {
+    prompts
+        .into_iter()
+        .flat_map(|p| {
+            (0..p.choices).map(move |i| {
+                let mut copy = p.clone();
+                copy.options.seed = p.options.seed.wrapping_add(i as u64);
+                copy.choices = 1;
+                copy
+            })
+        })
+        .collect()
+}
+
+/// OpenAI's usage of several answers: the prompt counted once per prompt (`n` choices share
+/// it), every answer's tokens.
+pub fn usage(cs: &[Completion], n: usize) -> Value {
+    let prompt: usize = cs.iter().step_by(n.max(1)).map(|c| c.prompt_tokens).sum();
+    let completion: usize = cs.iter().map(|c| c.completion_tokens).sum();
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
 }
 
 #[derive(Deserialize)]
@@ -174,10 +207,18 @@ pub(super) struct Shape {
 impl OpenAiFields {
     /// The prompt of `text` with these fields checked.
     pub(super) fn prompt(self, text: String, shape: Shape) -> Result<Prompt, ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad("n: only one choice per request is supported"));
+        let choices = self.n.unwrap_or(1);
+        if !(1..=MAX_CHOICES).contains(&choices) {
+            return Err(ApiError::bad(format!(
+                "n: from 1 to {MAX_CHOICES} choices, got {choices}"
+            )));
         }
         let stream = self.stream.unwrap_or(false);
+        if stream && choices > 1 {
+            return Err(ApiError::bad(
+                "n: a streamed answer has one choice; ask without `stream`",
+            ));
+        }
         if stream && shape.logprobs.is_some() {
             return Err(ApiError::bad(
                 "logprobs: not available on a streamed answer yet; ask without `stream`",
@@ -220,6 +261,7 @@ impl OpenAiFields {
             raw: shape.raw,
             ids: None,
             echo: false,
+            choices,
         })
     }
 
@@ -337,6 +379,7 @@ pub fn generate_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
         raw: false,
         ids: None,
         echo: false,
+        choices: 1,
     })
 }
 
@@ -445,22 +488,30 @@ impl Completion {
             "usage": self.usage(),
         })
     }
+}
 
-    pub fn chat_answer(&self, id: &str, model: &str, created: u64) -> Value {
-        json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": self.text},
-                "logprobs": self.logprobs.as_deref().map(logprobs::chat),
-                "finish_reason": self.finish_reason(),
-            }],
-            "usage": self.usage(),
+/// A `chat.completion` object: one choice per answer, `n` answers per prompt.
+pub fn chat_answer(cs: &[Completion], n: usize, id: &str, model: &str, created: u64) -> Value {
+    let choices: Vec<Value> = cs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": c.logprobs.as_deref().map(logprobs::chat),
+                "finish_reason": c.finish_reason(),
+            })
         })
-    }
+        .collect();
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(cs, n),
+    })
 }
 
 /// The `chat.completion.chunk`s of a streamed chat answer (OpenAI's shape): the first says
@@ -606,7 +657,7 @@ mod tests {
         assert!(e(r#"{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}"#)
             .contains("messages[1]: a system message may only come first"));
         assert!(e(r#"{"messages": [{"role": "tool", "content": "x"}]}"#).contains("role `tool`"));
-        assert!(e(r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#).contains("n:"));
+        assert!(e(r#"{"messages": [{"role": "user", "content": "x"}], "n": 17}"#).contains("n:"));
         assert!(e(r#"{"messages": [{"role": "user"}]}"#).contains("missing field `content`"));
     }
 
@@ -619,7 +670,7 @@ mod tests {
             hit_limit: false,
             logprobs: None,
         };
-        let v = c.chat_answer("chatcmpl-1", "demo", 5);
+        let v = chat_answer(std::slice::from_ref(&c), 1, "chatcmpl-1", "demo", 5);
         assert_eq!(v["choices"][0]["message"]["content"], "3");
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
         assert_eq!(v["usage"]["total_tokens"], 12);
@@ -685,6 +736,38 @@ mod tests {
         let end = ch.end(&c, true);
         assert_eq!(end[1]["choices"], serde_json::json!([]));
         assert_eq!(end[1]["usage"]["total_tokens"], 4);
+    }
+
+    #[test]
+    fn n_choices_are_copies_with_consecutive_seeds_and_the_prompt_counts_once() {
+        let p = chat_prompt(
+            br#"{"messages": [{"role": "user", "content": "hi"}], "n": 3, "seed": 7,
+                 "temperature": 0.8}"#,
+        )
+        .unwrap();
+        assert_eq!(p.choices, 3);
+        let copies = expand(vec![p.clone(), Prompt { choices: 1, ..p }]);
+        let seeds: Vec<u64> = copies.iter().map(|c| c.options.seed).collect();
+        assert_eq!(seeds, [7, 8, 9, 7]);
+        assert!(copies.iter().all(|c| c.choices == 1));
+        let c = |prompt_tokens, completion_tokens| Completion {
+            text: String::new(),
+            prompt_tokens,
+            completion_tokens,
+            hit_limit: false,
+            logprobs: None,
+        };
+        let u = usage(&[c(5, 1), c(5, 2), c(9, 3), c(9, 4)], 2);
+        assert_eq!(u["prompt_tokens"], 14);
+        assert_eq!(u["completion_tokens"], 10);
+        let e = |b: &str| chat_prompt(b.as_bytes()).unwrap_err().message;
+        let m = r#""messages": [{"role": "user", "content": "hi"}]"#;
+        assert!(e(&format!("{{{m}, \"n\": 0}}")).contains("from 1 to 16"));
+        assert!(e(&format!("{{{m}, \"n\": 2, \"stream\": true}}")).contains("one choice"));
+        assert!(e(&format!("{{{m}, \"top_logprobs\": 2}}")).contains("needs logprobs: true"));
+        assert!(e(&format!("{{{m}, \"logprobs\": 3}}")).contains("true or false"));
+        let p = chat_prompt(format!("{{{m}, \"logprobs\": true}}").as_bytes()).unwrap();
+        assert_eq!(p.options.logprobs, Some(0));
     }
 
     #[test]

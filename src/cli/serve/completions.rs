@@ -2,7 +2,7 @@
 //! is (no template; the tokenizer's bos in front) and the answer is the continuation as it is,
 //! whitespace included, as base-model clients and evaluation harnesses expect.
 
-use super::api::{parse, ApiError, Completion, OpenAiFields, Prompt, Shape};
+use super::api::{parse, usage, ApiError, Completion, OpenAiFields, Prompt, Shape};
 use super::logprobs;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -102,8 +102,8 @@ impl TextChunks {
         })
     }
 
-    /// One choice per prompt, in order, and the usage of them all.
-    pub fn answer(&self, cs: &[Completion]) -> Value {
+    /// One choice per answer, in order (`n` per prompt), and the usage of them all.
+    pub fn answer(&self, cs: &[Completion], n: usize) -> Value {
         let choices: Vec<Value> = cs
             .iter()
             .enumerate()
@@ -114,10 +114,7 @@ impl TextChunks {
             })
             .collect();
         let mut v = self.object(Value::Array(choices));
-        let sum = |f: fn(&Completion) -> usize| cs.iter().map(f).sum::<usize>();
-        let (prompt, completion) = (sum(|c| c.prompt_tokens), sum(|c| c.completion_tokens));
-        v["usage"] = json!({"prompt_tokens": prompt, "completion_tokens": completion,
-                            "total_tokens": prompt + completion});
+        v["usage"] = usage(cs, n);
         v
     }
 
@@ -210,7 +207,7 @@ mod tests {
             hit_limit: true,
             logprobs: None,
         };
-        let v = t.answer(std::slice::from_ref(&c));
+        let v = t.answer(std::slice::from_ref(&c), 1);
         assert_eq!(v["object"], "text_completion");
         assert_eq!(v["choices"][0]["text"], " there");
         assert_eq!(v["choices"][0]["finish_reason"], "length");
@@ -230,7 +227,7 @@ mod tests {
             }]),
             ..c.clone()
         };
-        let v = t.answer(&[c, scored]);
+        let v = t.answer(&[c, scored], 1);
         assert_eq!(v["choices"][1]["index"], 1);
         assert_eq!(v["choices"][1]["logprobs"]["token_logprobs"], json!([null]));
         assert_eq!(v["usage"]["prompt_tokens"], 4);

@@ -235,7 +235,8 @@ async fn whole(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Completion, Api
 
 /// How a route writes an answer: whole, and as the `data:` payloads of a stream.
 trait Answers: Send + 'static {
-    fn whole(&self, c: &Completion) -> serde_json::Value;
+    /// The answers of a request, `n` per prompt, in order.
+    fn whole(&self, cs: &[Completion], n: usize) -> serde_json::Value;
     /// What a stream sends before the first piece.
     fn start(&self) -> Vec<serde_json::Value> {
         vec![]
@@ -249,8 +250,10 @@ trait Answers: Send + 'static {
 struct Generated;
 
 impl Answers for Generated {
-    fn whole(&self, c: &Completion) -> serde_json::Value {
-        c.generate_answer()
+    fn whole(&self, cs: &[Completion], _n: usize) -> serde_json::Value {
+        cs.first()
+            .map(Completion::generate_answer)
+            .unwrap_or_default()
     }
     fn piece(&self, text: &str) -> serde_json::Value {
         serde_json::json!({ "delta": text })
@@ -263,8 +266,8 @@ impl Answers for Generated {
 struct Chat(ChatChunks, bool);
 
 impl Answers for Chat {
-    fn whole(&self, c: &Completion) -> serde_json::Value {
-        c.chat_answer(&self.0.id, &self.0.model, self.0.created)
+    fn whole(&self, cs: &[Completion], n: usize) -> serde_json::Value {
+        api::chat_answer(cs, n, &self.0.id, &self.0.model, self.0.created)
     }
     fn start(&self) -> Vec<serde_json::Value> {
         vec![self.0.role()]
@@ -280,8 +283,8 @@ impl Answers for Chat {
 struct Text(completions::TextChunks, bool);
 
 impl Answers for Text {
-    fn whole(&self, c: &Completion) -> serde_json::Value {
-        self.0.answer(std::slice::from_ref(c))
+    fn whole(&self, cs: &[Completion], n: usize) -> serde_json::Value {
+        self.0.answer(cs, n)
     }
     fn piece(&self, text: &str) -> serde_json::Value {
         self.0.piece(text)
@@ -291,28 +294,42 @@ impl Answers for Text {
     }
 }
 
-/// Queue the prompt and answer it, whole or (when it asks) streamed, in the route's shape.
+/// Queue a request's prompts (each `n` times) and answer them, whole or (one prompt and
+/// choice that asks) streamed, in the route's shape. All are queued at once, so they decode
+/// together.
 async fn respond<A: Answers>(
     s: &Arc<AppState>,
-    prompt: Result<Prompt, ApiError>,
+    prompts: Result<Vec<Prompt>, ApiError>,
     answers: impl FnOnce(&Prompt) -> A,
 ) -> Response {
-    let prompt = match prompt {
-        Ok(p) => p,
+    let prompts = match prompts {
+        Ok(p) if !p.is_empty() => p,
+        Ok(_) => return failure(ApiError::bad("no prompt")),
         Err(e) => return failure(e),
     };
-    let (stream, answers) = (prompt.stream, answers(&prompt));
-    let (slot, rx) = match submit(s, prompt) {
-        Ok(x) => x,
-        Err(e) => return failure(e),
-    };
-    if !stream {
-        return match whole(rx).await {
-            Ok(c) => Json(answers.whole(&c)).into_response(),
+    let (n, answers) = (prompts[0].choices, answers(&prompts[0]));
+    let mut prompts = api::expand(prompts);
+    if prompts.len() == 1 && prompts[0].stream {
+        return match submit(s, prompts.remove(0)) {
+            Ok((slot, rx)) => streamed(slot, rx, answers).await,
             Err(e) => failure(e),
         };
     }
-    streamed(slot, rx, answers).await
+    let mut waiting = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        match submit(s, p) {
+            Ok(x) => waiting.push(x),
+            Err(e) => return failure(e), // the queued ones are dropped, so cancelled
+        }
+    }
+    let mut done = Vec::with_capacity(waiting.len());
+    for (_slot, rx) in waiting {
+        match whole(rx).await {
+            Ok(c) => done.push(c),
+            Err(e) => return failure(e),
+        }
+    }
+    Json(answers.whole(&done, n)).into_response()
 }
 
 /// A streamed answer as server-sent events, ended by `data: [DONE]`. The response starts
@@ -364,11 +381,14 @@ async fn streamed(
 }
 
 async fn generate(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    respond(&s, api::generate_prompt(&body), |_| Generated).await
+    respond(&s, api::generate_prompt(&body).map(|p| vec![p]), |_| {
+        Generated
+    })
+    .await
 }
 
 async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    respond(&s, api::chat_prompt(&body), |p| {
+    respond(&s, api::chat_prompt(&body).map(|p| vec![p]), |p| {
         let (id, created) = s.answer_id("chatcmpl");
         let model = s.model_name.clone();
         Chat(ChatChunks { id, model, created }, p.include_usage)
@@ -377,34 +397,13 @@ async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 }
 
 async fn text_completion(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    let chunks = || {
+    respond(&s, completions::completion_prompts(&body), |p| {
         let (id, created) = s.answer_id("cmpl");
         let model = s.model_name.clone();
-        completions::TextChunks { id, model, created }
-    };
-    let mut prompts = match completions::completion_prompts(&body) {
-        Ok(p) => p,
-        Err(e) => return failure(e),
-    };
-    if prompts.len() == 1 {
-        let prompt = Ok(prompts.remove(0));
-        return respond(&s, prompt, |p| Text(chunks(), p.include_usage)).await;
-    }
-    // Several prompts (never streamed): all are queued at once, so they decode together, and
-    // answer as one object with a choice each.
-    let mut waiting = Vec::with_capacity(prompts.len());
-    for p in prompts {
-        match submit(&s, p) {
-            Ok(x) => waiting.push(x),
-            Err(e) => return failure(e),
-        }
-    }
-    let mut answers = Vec::with_capacity(waiting.len());
-    for (_slot, rx) in waiting {
-        match whole(rx).await {
-            Ok(c) => answers.push(c),
-            Err(e) => return failure(e),
-        }
-    }
-    Json(chunks().answer(&answers)).into_response()
+        Text(
+            completions::TextChunks { id, model, created },
+            p.include_usage,
+        )
+    })
+    .await
 }
