@@ -273,29 +273,10 @@ impl<'g> Server<'g> {
         let Some(hit_limit) = hit_limit else {
             return Ok(None);
         };
-        let logprobs = live.scores.as_ref().map(|scores| {
-            let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
-            let pieces = texts(&live.tokens, &decode, |t| tok.is_byte_token(t));
-            let answer = name(pieces, Some(live.prompt_last), scores, &decode);
-            // A stop sequence cut the text: the tokens from there on are not in the answer.
-            let answer = match cut {
-                Some(cut) => within(answer, cut),
-                None => {
-                    let eos = live.eos_score.as_ref().map(|lp| {
-                        let prev = live.tokens.last().copied().unwrap_or(live.prompt_last);
-                        let mut end = name(
-                            vec![String::new()],
-                            Some(prev),
-                            std::slice::from_ref(lp),
-                            &decode,
-                        );
-                        end.remove(0)
-                    });
-                    answer.into_iter().chain(eos).collect()
-                }
-            };
-            live.echoed.iter().cloned().chain(answer).collect()
-        });
+        let logprobs = live
+            .scores
+            .as_ref()
+            .map(|scores| self.answer_logprobs(live, scores, cut));
         Ok(Some(Completion {
             text: match &live.echo {
                 Some(prompt) => format!("{prompt}{text}"),
@@ -309,15 +290,45 @@ impl<'g> Server<'g> {
         }))
     }
 
+    /// The answer's tokens named and scored, after the echoed prompt's: up to a stop
+    /// sequence's cut, else ending with the end-of-sequence token when the answer ended with
+    /// it (with no text, as OpenAI lists its end token, so a client that drops an echo's last
+    /// entry drops that and not an answer token).
+    fn answer_logprobs(
+        &self,
+        live: &Live,
+        scores: &[TokenLogprob],
+        cut: Option<usize>,
+    ) -> Vec<Scored> {
+        let tok = &self.g.tokenizer;
+        let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
+        let pieces = texts(&live.tokens, &decode, |t| tok.is_byte_token(t));
+        let mut answer = name(pieces, Some(live.prompt_last), scores, &decode);
+        match (cut, &live.eos_score) {
+            (Some(cut), _) => answer = within(answer, cut),
+            (None, Some(eos)) => {
+                let prev = live.tokens.last().copied().unwrap_or(live.prompt_last);
+                let end = std::slice::from_ref(eos);
+                answer.extend(name(vec![String::new()], Some(prev), end, &decode));
+            }
+            (None, None) => {}
+        }
+        live.echoed.iter().cloned().chain(answer).collect()
+    }
+
     /// The prompt's token ids: as sent (each checked against the vocabulary), or the text
     /// tokenized (bos in front).
     fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, ApiError> {
         let Some(ids) = &prompt.ids else {
-            return self
+            let ids = self
                 .g
                 .tokenizer
                 .encode(&prompt.text)
-                .map_err(|e| ApiError::bad(format!("tokenizing the prompt: {e}")));
+                .map_err(|e| ApiError::bad(format!("tokenizing the prompt: {e}")))?;
+            if ids.is_empty() {
+                return Err(ApiError::bad("the prompt has no tokens"));
+            }
+            return Ok(ids);
         };
         let vocab = self.g.model.config().vocab_size;
         match ids.iter().position(|&t| t as usize >= vocab) {

@@ -1,6 +1,9 @@
 //! `POST /v1/completions`, OpenAI's plain text completion: the prompt goes to the model as it
-//! is (no template; the tokenizer's bos in front) and the answer is the continuation as it is,
-//! whitespace included, as base-model clients and evaluation harnesses expect.
+//! is (no template; the tokenizer's bos in front, or token ids as sent) and the answer is the
+//! continuation as it is, whitespace included, as base-model clients and evaluation harnesses
+//! expect. `echo` puts the prompt in front of the answer and `logprobs` scores its tokens
+//! (what lm-evaluation-harness's `local-completions` sends for log-likelihoods); several
+//! prompts answer as one object with a choice each.
 
 use super::api::{parse, usage, ApiError, Completion, OpenAiFields, Prompt, Shape};
 use super::logprobs;
@@ -59,14 +62,14 @@ pub fn completion_prompts(body: &[u8]) -> Result<Vec<Prompt>, ApiError> {
     }
     let echo = b.echo.unwrap_or(false);
     let logprobs = b.openai.text_logprobs()?;
-    let shape = || Shape {
+    let shape = Shape {
         preferred_max: None,
         default_max: DEFAULT_MAX_TOKENS,
         raw: true,
         zero_ok: echo,
         logprobs,
     };
-    let first = b.openai.prompt(String::new(), shape())?;
+    let first = b.openai.prompt(String::new(), shape)?;
     if first.stream && (echo || prompts.len() > 1) {
         return Err(ApiError::bad(
             "stream: a streamed answer takes one prompt and no echo; ask without `stream`",
