@@ -125,7 +125,7 @@ struct GenerateBody {
     stop: Option<Stop>,
 }
 
-/// OpenAI's `stop`: one string or a list of up to four.
+/// OpenAI's `stop`: one string or a list (up to [`MAX_STOPS`]).
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Stop {
@@ -151,8 +151,9 @@ fn stops(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
     Ok(stops)
 }
 
-/// As OpenAI allows.
-pub const MAX_STOPS: usize = 4;
+/// OpenAI allows 4; lm-evaluation-harness's `local-completions` passes a task's `until` list
+/// whole (often more), and vLLM takes any number, so herd takes up to 16.
+pub const MAX_STOPS: usize = 16;
 
 #[derive(Deserialize)]
 struct ChatBody {
@@ -700,9 +701,11 @@ mod tests {
         let p = generate_prompt(br#"{"instruction": "x", "stop": ["a", "b"]}"#).unwrap();
         assert_eq!(p.stop, ["a", "b"]);
         let e = |b: &str| generate_prompt(b.as_bytes()).unwrap_err().message;
-        assert!(
-            e(r#"{"instruction": "x", "stop": ["a", "b", "c", "d", "e"]}"#).contains("at most 4")
-        );
+        assert!(e(&format!(
+            r#"{{"instruction": "x", "stop": {:?}}}"#,
+            ["s"; 17]
+        ))
+        .contains("at most 16"));
         assert!(e(r#"{"instruction": "x", "stop": [""]}"#).contains("must not be empty"));
         assert!(
             generate_prompt(br#"{"instruction": "x", "stream": true}"#)
