@@ -12,12 +12,13 @@
 
 mod api;
 mod batcher;
+mod chat;
 mod completions;
 mod logprobs;
 mod text;
 
 use anyhow::{Context, Result};
-use api::{ApiError, ChatChunks, Completion, Prompt};
+use api::{ApiError, Completion, Prompt};
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -27,6 +28,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use batcher::Event;
+use chat::ChatChunks;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -267,7 +269,7 @@ struct Chat(ChatChunks, bool);
 
 impl Answers for Chat {
     fn whole(&self, cs: &[Completion], n: usize) -> serde_json::Value {
-        api::chat_answer(cs, n, &self.0.id, &self.0.model, self.0.created)
+        chat::chat_answer(cs, n, &self.0.id, &self.0.model, self.0.created)
     }
     fn start(&self) -> Vec<serde_json::Value> {
         vec![self.0.role()]
@@ -388,7 +390,7 @@ async fn generate(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
 }
 
 async fn chat(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
-    respond(&s, api::chat_prompt(&body).map(|p| vec![p]), |p| {
+    respond(&s, chat::chat_prompt(&body).map(|p| vec![p]), |p| {
         let (id, created) = s.answer_id("chatcmpl");
         let model = s.model_name.clone();
         Chat(ChatChunks { id, model, created }, p.include_usage)
