@@ -223,6 +223,89 @@ fn zero_2_on_two_gpu_workers_equals_unsharded() {
     }
 }
 
+/// A GPU worker hung mid-job (SIGSTOP: its sockets stay open, so NCCL sees no error and its
+/// peer's all-reduce would wait for ever) or killed (SIGKILL: NCCL's proxy sees the socket
+/// close) does not hold its peer: the coordinator gives it up after 2 s of silence, its stop
+/// order (or the NCCL watchdog) aborts the peer's communicator, the peer's rank ends, and a new
+/// GPU worker finishes the job with it from the last checkpoint.
+#[test]
+#[ignore = "needs a CUDA GPU and NCCL (scripts/gpu-test.sh)"]
+fn two_gpu_workers_one_hung_or_killed_the_peer_stops_at_once() {
+    for signal in ["STOP", "KILL"] {
+        let ws = Workspace::new(48);
+        let state = ws.path().join("state");
+        let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 2.0);
+        let w0 = start_gpu_worker(ws.path(), &addr, &state, "w0");
+        let w1 = start_gpu_worker(ws.path(), &addr, &state, "w1");
+        let job = ws.job(
+            "job.yaml",
+            "out",
+            "max_steps: 200\nsave_steps: 2\nsave_total_limit: 2\nworld_size: 2\n",
+        );
+        let out = run_ok(&mut client(
+            ws.path(),
+            &addr,
+            &state,
+            &["submit", job.to_str().unwrap()],
+        ));
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let logs = |w: &[&Proc]| {
+            w.iter()
+                .map(|p| format!("\n--- {} ---\n{}", p.log.display(), p.log_text()))
+                .collect::<String>()
+        };
+        let ckpt = ws.path().join("out/checkpoint-2/herd_manifest.json");
+        wait_until(
+            &format!("the first checkpoint{}", logs(&[&w0, &w1])),
+            Duration::from_secs(120),
+            || ckpt.is_file(),
+        );
+        w0.signal(signal);
+        let t0 = std::time::Instant::now();
+        wait_until(
+            &format!("{signal}: the peer to give the attempt up{}", logs(&[&w1])),
+            Duration::from_secs(30),
+            || {
+                let st = job_status(ws.path(), &addr, &state, &id);
+                st["state"] == "RESTARTING"
+                    && st["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("waiting for 2 idle workers (1 idle)"))
+            },
+        );
+        let took = t0.elapsed();
+        let peer_log = w1.log_text();
+        assert!(
+            peer_log.contains("aborted"),
+            "{signal}, {took:?}:{}",
+            logs(&[&w1])
+        );
+        let w2 = start_gpu_worker(ws.path(), &addr, &state, "w2");
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        let st = loop {
+            let st = job_status(ws.path(), &addr, &state, &id);
+            if ["SUCCEEDED", "FAILED", "CANCELLED"].contains(&st["state"].as_str().unwrap_or("")) {
+                break st;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{signal}: still {st} after 180 s{}",
+                logs(&[&w1, &w2])
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert_eq!(
+            st["state"],
+            "SUCCEEDED",
+            "{signal}: {st}{}",
+            logs(&[&w1, &w2])
+        );
+        assert_eq!(trainer_state(&ws.path().join("out"))["global_step"], 200);
+        eprintln!("{signal}: the peer gave the attempt up {took:?} after the signal");
+        drop(w0); // SIGKILL reaps a stopped process too
+    }
+}
+
 /// `herd train --device cuda:0` runs the demo job to the end on a GPU.
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-test.sh)"]

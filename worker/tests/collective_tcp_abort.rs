@@ -146,3 +146,45 @@ fn an_abort_before_forming_refuses_the_ring() {
     let (_, took1) = handles.remove(0).join().unwrap();
     assert!(took1 < Duration::from_secs(5), "rank 1 took {took1:?}");
 }
+
+/// What is bootstrapped over the ring (NCCL, on GPU ranks) hears of its abort through
+/// `on_abort`: a hook given before the abort runs once with its reason, one given after runs at
+/// once, and a second abort runs none again.
+#[test]
+fn abort_hooks_run_once_with_the_first_reason() {
+    use std::sync::Mutex;
+    let out = run_ring(2, same_secret(2), Duration::from_secs(60), |_, ring| {
+        let mut ring = ring.unwrap();
+        let heard = Arc::new(Mutex::new(Vec::<String>::new()));
+        let hook = |tag: &'static str| -> herd_worker::collective::AbortHook {
+            let heard = heard.clone();
+            Box::new(move |why: &str| heard.lock().unwrap().push(format!("{tag}: {why}")))
+        };
+        ring.on_abort(hook("before"));
+        let aborter = ring.aborter();
+        aborter.abort("stop order from the coordinator: gave up");
+        aborter.abort("a later reason");
+        ring.on_abort(hook("after"));
+        let e = ring
+            .all_reduce_sum(&mut [1.0f32; 8])
+            .unwrap_err()
+            .to_string();
+        let heard = heard.lock().unwrap().clone();
+        Some((heard, e))
+    });
+    for (rank, r) in out.into_iter().enumerate() {
+        let (heard, e) = r.unwrap();
+        assert_eq!(
+            heard,
+            [
+                "before: stop order from the coordinator: gave up",
+                "after: stop order from the coordinator: gave up"
+            ],
+            "rank {rank}"
+        );
+        assert!(
+            e.contains("aborted: stop order from the coordinator"),
+            "{e}"
+        );
+    }
+}

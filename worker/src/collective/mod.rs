@@ -56,8 +56,18 @@ pub trait Collective: Send {
     fn reduce_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
         through_host(t, |host| self.reduce(host, root))
     }
+    /// Runs `hook` with the reason when this collective is aborted from outside (the daemon's
+    /// stop order), at once if it already was, so a collective bootstrapped over it (NCCL over
+    /// the TCP ring) ends with it. A collective that cannot be aborted drops the hook.
+    fn on_abort(&mut self, hook: AbortHook) {
+        drop(hook);
+    }
     fn name(&self) -> &'static str;
 }
+
+/// What [`Collective::on_abort`] runs: it gets the abort's reason, on the aborting thread, so it
+/// must not block.
+pub type AbortHook = Box<dyn Fn(&str) + Send>;
 
 /// Whether a job's gradients go over NCCL, from the count of its GPU ranks (every rank
 /// all-reduces a 1 if it is on a GPU, first thing): all ranks or none must be GPU ranks, or the

@@ -42,7 +42,7 @@
 //! After any failure the ring shuts its sockets (so the neighbours fail fast too) and every later
 //! call returns the same error.
 
-use super::Collective;
+use super::{AbortHook, Collective};
 use crate::{Error, Result};
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -96,6 +96,8 @@ struct AborterSlot {
     reason: Option<String>,
     /// Clones of the rank's two streams once the ring has formed, only to shut them down.
     streams: Vec<TcpStream>,
+    /// What else ends with the ring (an NCCL communicator bootstrapped over it).
+    hooks: Vec<AbortHook>,
 }
 
 impl RingAborter {
@@ -106,6 +108,18 @@ impl RingAborter {
         if slot.reason.is_none() {
             slot.reason = Some(reason.to_string());
             shut(&slot.streams);
+            for hook in &slot.hooks {
+                hook(reason);
+            }
+        }
+    }
+
+    /// Runs `hook` with the reason when the ring is aborted, at once if it already was; once.
+    pub fn on_abort(&self, hook: AbortHook) {
+        let mut slot = self.slot();
+        match &slot.reason {
+            Some(why) => hook(why),
+            None => slot.hooks.push(hook),
         }
     }
 
@@ -550,6 +564,9 @@ impl Collective for TcpRing {
     }
     fn reduce(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         self.rooted("reduce into", root, |ring| ring.sum_into(buf, root))
+    }
+    fn on_abort(&mut self, hook: AbortHook) {
+        self.aborter.on_abort(hook);
     }
     fn name(&self) -> &'static str {
         BACKEND

@@ -7,6 +7,12 @@
 //! waits on another's report, and a restarted attempt gets a fresh id with its fresh ring. The
 //! Assignment's `nccl_id` field stays unused (reserved).
 //!
+//! Aborts: the communicator ([`comm`]) is non-blocking and its handle can be aborted from
+//! another thread. The daemon's stop order aborts the TCP ring, whose abort hook aborts the
+//! communicator; a watchdog thread aborts it on NCCL's asynchronous error. Either way a rank
+//! blocked in a collective on a dead or hung peer ends at once with "aborted: why", as a CPU
+//! rank's TCP ring does, and its GPU is free for the restarted attempt.
+//!
 //! ZeRO-1 shares each rank's updated weights with ncclBroadcast, and ZeRO-2 sends each gradient
 //! part to its owner with ncclReduce, both in place on the device.
 //!
@@ -18,24 +24,27 @@
 //! algorithm and protocol by size and topology and does not promise the same reduction order
 //! run to run (NCCL_ALGO and NCCL_PROTO pin them).
 
+mod comm;
+
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
-use candle_core::cuda_backend::cudarc::nccl::result::NcclError;
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
+use candle_core::cuda_backend::cudarc::nccl::result::get_uniqueid;
+use candle_core::cuda_backend::cudarc::nccl::safe::NcclType;
 use candle_core::cuda_backend::cudarc::nccl::sys;
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
 use half::bf16;
 
 use super::Collective;
 use crate::Result;
+use comm::{Communicator, Op};
 
 /// f32 elements per bucket (64 MiB; also the host path's staging memory).
 pub const BUCKET_ELEMS: usize = 16 << 20;
 
 pub struct NcclCollective {
-    comm: Comm,
+    comm: Communicator,
     stream: Arc<CudaStream>,
     staging: CudaSlice<f32>,
     device: Device,
@@ -43,8 +52,8 @@ pub struct NcclCollective {
     world: usize,
 }
 
-// SAFETY: the communicator and stream are used by one thread at a time (the rank's trainer
-// thread owns this value); NCCL allows a communicator to move between threads.
+// SAFETY: the stream and the staging buffer are used by one thread at a time (the rank's
+// trainer thread owns this value); the communicator guards its own handle.
 unsafe impl Send for NcclCollective {}
 
 fn nccl_error(rank: usize, world: usize, what: &str, e: impl std::fmt::Display) -> crate::Error {
@@ -54,45 +63,6 @@ fn nccl_error(rank: usize, world: usize, what: &str, e: impl std::fmt::Display) 
         message: format!("{what}: {e}"),
     }
     .into()
-}
-
-/// An NCCL call's failure in NCCL's own words: cudarc's error prints only "NcclError", so the
-/// code, its text and the last error NCCL recorded (which names the cause, such as "Duplicate
-/// GPU detected") are read back here.
-fn nccl_failed(rank: usize, world: usize, what: &str, e: &NcclError) -> crate::Error {
-    herd_kernels::Error::Nccl {
-        rank,
-        world,
-        message: format!("{what}: {}", describe(e)),
-    }
-    .into()
-}
-
-fn describe(e: &NcclError) -> String {
-    let text = |p: *const std::ffi::c_char| {
-        if p.is_null() {
-            String::new()
-        } else {
-            // SAFETY: NCCL returns NUL-terminated strings it owns and keeps (static for the
-            // error text, per thread for the last error); they are copied at once.
-            unsafe { std::ffi::CStr::from_ptr(p) }
-                .to_string_lossy()
-                .into_owned()
-        }
-    };
-    // SAFETY: plain queries; a null communicator asks for the last error of this thread.
-    let (what, last) = unsafe {
-        (
-            text(sys::ncclGetErrorString(e.0)),
-            text(sys::ncclGetLastError(std::ptr::null_mut())),
-        )
-    };
-    let last = if last.is_empty() {
-        " (NCCL_DEBUG=WARN makes NCCL explain itself in the log)".to_string()
-    } else {
-        format!("; NCCL: {last}")
-    };
-    format!("{:?} ({what}){last}", e.0)
 }
 
 impl NcclCollective {
@@ -109,16 +79,30 @@ impl NcclCollective {
         };
         let mut bytes = [0f32; 128];
         if rank == 0 {
-            let id = Id::new().map_err(|e| nccl_failed(rank, world, "ncclGetUniqueId", &e))?;
-            for (b, &c) in bytes.iter_mut().zip(id.internal().iter()) {
+            let id = get_uniqueid()
+                .map_err(|e| nccl_error(rank, world, "ncclGetUniqueId", comm::describe(e.0)))?;
+            for (b, &c) in bytes.iter_mut().zip(id.internal.iter()) {
                 *b = c as u8 as f32;
             }
         }
         bootstrap.all_reduce_sum(&mut bytes)?;
-        let id = Id::uninit(id_from_sums(&bytes));
+        let id = sys::ncclUniqueId {
+            internal: id_from_sums(&bytes),
+        };
         let stream = dev.cuda_stream();
-        let comm = Comm::from_rank(stream.clone(), rank, world, id)
-            .map_err(|e| nccl_failed(rank, world, "ncclCommInitRank", &e))?;
+        let comm = Communicator::start(stream.clone(), rank, world, id)
+            .map_err(|e| nccl_error(rank, world, "joining the NCCL job", e))?;
+        // A stop order that aborts the TCP ring (the daemon's handle on this rank) aborts the
+        // communicator too, from a thread of its own: NCCL's abort may take a moment.
+        let aborter = comm.aborter();
+        bootstrap.on_abort(Box::new(move |why: &str| {
+            let (aborter, why) = (aborter.clone(), why.to_string());
+            let _ = std::thread::Builder::new()
+                .name("nccl-abort".into())
+                .spawn(move || aborter.abort(&why));
+        }));
+        comm.ready()
+            .map_err(|e| nccl_error(rank, world, "joining the NCCL job", e))?;
         let staging = stream
             .alloc_zeros::<f32>(BUCKET_ELEMS)
             .map_err(|e| nccl_error(rank, world, "staging buffer", e))?;
@@ -136,11 +120,11 @@ impl NcclCollective {
     /// `op` in place on `t` where it lives when that is this GPU and `t` is f32 (or bf16, for a
     /// broadcast), in buckets on candle's stream; None otherwise, for the caller to stage
     /// through host memory.
-    fn on_device(&self, t: &Tensor, op: Bucketwise, what: &str) -> Result<Option<Tensor>> {
+    fn on_device(&self, t: &Tensor, op: Op, what: &str) -> Result<Option<Tensor>> {
         // A broadcast copies bf16 as it is; the sums are f32.
         let dtype_ok = match op {
-            Bucketwise::Broadcast(_) => matches!(t.dtype(), DType::F32 | DType::BF16),
-            Bucketwise::Sum | Bucketwise::Reduce(_) => t.dtype() == DType::F32,
+            Op::Broadcast(_) => matches!(t.dtype(), DType::F32 | DType::BF16),
+            Op::Sum | Op::Reduce(_) => t.dtype() == DType::F32,
         };
         if !t.device().same_device(&self.device) || !dtype_ok {
             return Ok(None);
@@ -179,8 +163,8 @@ impl Collective for NcclCollective {
                 .memcpy_htod(&*chunk, &mut dst)
                 .map_err(|e| nccl_error(rank, world, "copy to device", e))?;
             self.comm
-                .all_reduce_in_place(&mut dst, &ReduceOp::Sum)
-                .map_err(|e| nccl_failed(rank, world, "ncclAllReduce", &e))?;
+                .run(Op::Sum, &mut dst)
+                .map_err(|e| nccl_error(rank, world, "host buffer", e))?;
             self.stream
                 .memcpy_dtoh(&dst, chunk)
                 .map_err(|e| nccl_error(rank, world, "copy to host", e))?;
@@ -191,19 +175,19 @@ impl Collective for NcclCollective {
         Ok(())
     }
     fn all_reduce_sum_tensor(&mut self, t: Tensor) -> Result<Tensor> {
-        match self.on_device(&t, Bucketwise::Sum, "ncclAllReduce")? {
+        match self.on_device(&t, Op::Sum, "ncclAllReduce")? {
             Some(t) => Ok(t),
             None => super::through_host(t, |host| self.all_reduce_sum(host)),
         }
     }
     fn broadcast_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
-        match self.on_device(&t, Bucketwise::Broadcast(root as i32), "ncclBroadcast")? {
+        match self.on_device(&t, Op::Broadcast(root as i32), "ncclBroadcast")? {
             Some(t) => Ok(t),
             None => super::broadcast_through_host(self, t, root),
         }
     }
     fn reduce_tensor(&mut self, t: Tensor, root: usize) -> Result<Tensor> {
-        match self.on_device(&t, Bucketwise::Reduce(root as i32), "ncclReduce")? {
+        match self.on_device(&t, Op::Reduce(root as i32), "ncclReduce")? {
             Some(t) => Ok(t),
             None => super::through_host(t, |host| self.reduce(host, root)),
         }
@@ -213,30 +197,19 @@ impl Collective for NcclCollective {
     }
 }
 
-/// What an [`InPlace`] op does to each bucket.
-#[derive(Clone, Copy)]
-enum Bucketwise {
-    /// ncclAllReduce(sum).
-    Sum,
-    /// ncclBroadcast from the rank given.
-    Broadcast(i32),
-    /// ncclReduce(sum) into the rank given (ZeRO-2's gradient parts).
-    Reduce(i32),
-}
-
 /// An NCCL collective in place on a flat tensor's device memory (f32; bf16 for a broadcast),
 /// in buckets.
 struct InPlace<'a> {
-    comm: &'a Comm,
-    op: Bucketwise,
+    comm: &'a Communicator,
+    op: Op,
 }
 
 impl InplaceOp1 for InPlace<'_> {
     fn name(&self) -> &'static str {
         match self.op {
-            Bucketwise::Sum => "herd-nccl-all-reduce",
-            Bucketwise::Broadcast(_) => "herd-nccl-broadcast",
-            Bucketwise::Reduce(_) => "herd-nccl-reduce",
+            Op::Sum => "herd-nccl-all-reduce",
+            Op::Broadcast(_) => "herd-nccl-broadcast",
+            Op::Reduce(_) => "herd-nccl-reduce",
         }
     }
 
@@ -255,7 +228,7 @@ impl InplaceOp1 for InPlace<'_> {
         match storage.dtype() {
             DType::F32 => self.run(storage.as_cuda_slice_mut::<f32>()?, a..b),
             DType::BF16 => match self.op {
-                Bucketwise::Broadcast(_) => self.run(storage.as_cuda_slice_mut::<bf16>()?, a..b),
+                Op::Broadcast(_) => self.run(storage.as_cuda_slice_mut::<bf16>()?, a..b),
                 _ => candle_core::bail!("{}: sums are f32, this is bf16", self.name()),
             },
             other => candle_core::bail!("{}: no NCCL op on {other:?}", self.name()),
@@ -274,14 +247,9 @@ impl InPlace<'_> {
         while start < range.end {
             let end = (start + BUCKET_ELEMS).min(range.end);
             let mut bucket = slice.slice_mut(start..end);
-            match self.op {
-                Bucketwise::Sum => self.comm.all_reduce_in_place(&mut bucket, &ReduceOp::Sum),
-                Bucketwise::Broadcast(root) => self.comm.broadcast_in_place(&mut bucket, root),
-                Bucketwise::Reduce(root) => {
-                    self.comm.reduce_in_place(&mut bucket, &ReduceOp::Sum, root)
-                }
-            }
-            .map_err(|e| candle_core::Error::Msg(describe(&e)))?;
+            self.comm
+                .run(self.op, &mut bucket)
+                .map_err(candle_core::Error::Msg)?;
             start = end;
         }
         Ok(())
