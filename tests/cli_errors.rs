@@ -201,3 +201,40 @@ fn train_says_it_runs_one_rank_of_a_multi_rank_job() {
     let err = String::from_utf8_lossy(&ws.train(&plain, &[]).stderr).into_owned();
     assert!(!err.contains("runs one rank"), "{err}");
 }
+
+/// A DeepSpeed config whose numbers disagree with the job is refused as HF Trainer refuses it,
+/// every disagreement named; a broken config file is named with its line; nothing is written.
+#[test]
+fn a_deepspeed_config_that_disagrees_with_the_job_is_refused() {
+    let ws = Workspace::new(16);
+    std::fs::write(
+        ws.path().join("ds.json"),
+        r#"{"train_micro_batch_size_per_gpu": 7, "gradient_clipping": 0.3,
+            "zero_optimization": {"stage": 2}}"#,
+    )
+    .unwrap();
+    ws.job("job.yaml", "out", "deepspeed: ds.json\n");
+    let err = run_err(herd().current_dir(ws.path()).args(["train", "job.yaml"]));
+    assert!(err.contains("job.yaml: key `deepspeed`"), "{err}");
+    assert!(
+        err.contains(
+            "`train_micro_batch_size_per_gpu` is 7 but the job's per_device_train_batch_size is"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("`gradient_clipping` is 0.3 but the job's max_grad_norm is 1.0"),
+        "{err}"
+    );
+    std::fs::write(
+        ws.path().join("ds.json"),
+        "{\"zero_optimization\": {\"stage\": 2,}}",
+    )
+    .unwrap();
+    let err = run_err(herd().current_dir(ws.path()).args(["train", "job.yaml"]));
+    assert!(
+        err.contains("deepspeed") && err.contains("ds.json") && err.contains("line 1 column"),
+        "{err}"
+    );
+    assert_nothing_written(&ws);
+}

@@ -31,8 +31,8 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// `herd run JOB --workers 2`, keeping the workers' logs to check that both sharded (their
-/// logs say `needle`); then removes the kept state.
-fn run_sharded(ws: &Workspace, job: &Path, needle: &str) {
+/// logs say `needle`); then removes the kept state. Returns `herd run`'s stderr.
+fn run_sharded(ws: &Workspace, job: &Path, needle: &str) -> String {
     let out = run_ok(
         herd_clean()
             .current_dir(ws.path())
@@ -53,13 +53,14 @@ fn run_sharded(ws: &Workspace, job: &Path, needle: &str) {
         assert!(log.contains(needle), "worker {w}: {log}");
     }
     std::fs::remove_dir_all(state).unwrap();
+    stderr.into_owned()
 }
 
 #[test]
 fn zero_stage_1_equals_unsharded_and_its_checkpoint_resumes_at_another_world_size() {
     let ws = Workspace::new(32);
     let zero = ws.job("zero.yaml", "zero", &format!("{STEPS}zero_stage: 1\n"));
-    run_sharded(&ws, &zero, "ZeRO-1: this rank holds");
+    let _ = run_sharded(&ws, &zero, "ZeRO-1: this rank holds");
     let plain = ws.job("plain.yaml", "plain", STEPS);
     ws.run_workers(&plain, 2);
 
@@ -106,7 +107,7 @@ fn zero_stage_2_tracks_unsharded_through_accumulation_and_resumes_exactly() {
     let ws = Workspace::new(26);
     let steps = "max_steps: 4\nsave_steps: 2\ngradient_accumulation_steps: 2\n";
     let zero = ws.job("zero.yaml", "zero", &format!("{steps}zero_stage: 2\n"));
-    run_sharded(&ws, &zero, "ZeRO-2: this rank keeps the gradient");
+    let _ = run_sharded(&ws, &zero, "ZeRO-2: this rank keeps the gradient");
     let plain = ws.job("plain.yaml", "plain", steps);
     ws.run_workers(&plain, 2);
     let (z, p) = (ws.path().join("zero"), ws.path().join("plain"));
@@ -148,7 +149,7 @@ fn zero_stage_2_with_lora_trains_the_same_adapters() {
         let common = format!("{lora}bf16: {bf16}\n");
         let (z, p) = (format!("zero-{bf16}"), format!("plain-{bf16}"));
         let zero = ws.job("zero.yaml", &z, &format!("{common}zero_stage: 2\n"));
-        run_sharded(&ws, &zero, "ZeRO-2: this rank keeps the gradient");
+        let _ = run_sharded(&ws, &zero, "ZeRO-2: this rank keeps the gradient");
         let plain = ws.job("plain.yaml", &p, &common);
         ws.run_workers(&plain, 2);
         let adapters = |d: &str| bits(&ws.path().join(d).join("adapter_model.safetensors"));
@@ -156,4 +157,51 @@ fn zero_stage_2_with_lora_trains_the_same_adapters() {
         assert!(!pa.is_empty());
         assert_eq!(za, pa, "bf16 {bf16}: the adapters");
     }
+}
+
+/// The recipe's `--deepspeed ds_config.json` moves over as `deepspeed: ds_config.json`: the
+/// ZeRO-3 + offload config with "auto" values (and train_batch_size written out as the two
+/// workers' global batch) runs as stage 2, says what differs, and stores the config inline, so
+/// the workers never read the file; the model equals a `zero_stage: 2` job's bit for bit.
+#[test]
+fn a_deepspeed_config_file_runs_as_hf_trainer_reads_it() {
+    let ws = Workspace::new(16);
+    std::fs::create_dir_all(ws.path().join("configs")).unwrap();
+    std::fs::write(
+        ws.path().join("configs/ds_config.json"),
+        r#"{
+  "bf16": {"enabled": "auto"},
+  "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
+  "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}, "overlap_comm": true},
+  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+  "train_batch_size": 8, "train_micro_batch_size_per_gpu": "auto", "steps_per_print": 2000
+}"#,
+    )
+    .unwrap();
+    let steps = "max_steps: 2\nsave_steps: 2\nper_device_train_batch_size: 4\n";
+    let ds = ws.job(
+        "ds.yaml",
+        "ds",
+        &format!("{steps}deepspeed: configs/ds_config.json\n"),
+    );
+    let stderr = run_sharded(&ws, &ds, "ZeRO-2: this rank keeps the gradient");
+    for says in [
+        "ds.yaml: deepspeed: ZeRO stage 3 (sharded parameters) is not built: the job runs as stage 2",
+        "deepspeed: zero_optimization.offload_optimizer to cpu is not supported",
+        "deepspeed: ignored (herd sizes its own buckets and has no such setting): zero_optimization.overlap_comm",
+    ] {
+        assert!(stderr.contains(says), "{says:?} not in {stderr}");
+    }
+    let args =
+        std::fs::read_to_string(ws.path().join("ds/checkpoint-2/training_args.yaml")).unwrap();
+    assert!(
+        args.contains("zero_stage: 2") && args.contains("offload_optimizer"),
+        "{args}"
+    );
+    let zero = ws.job("zero.yaml", "zero", &format!("{steps}zero_stage: 2\n"));
+    let _ = run_sharded(&ws, &zero, "ZeRO-2: this rank keeps the gradient");
+    assert_eq!(
+        bits(&ws.path().join("ds/model.safetensors")),
+        bits(&ws.path().join("zero/model.safetensors")),
+    );
 }

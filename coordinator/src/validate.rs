@@ -42,6 +42,15 @@ pub fn validate_submission(
     if !base_dir.is_empty() {
         spec.resolve_paths(Path::new(base_dir));
     }
+    // `herd submit` sends the config inline; a file (a client of our own) is found where a
+    // relative data_path is, and stored inline so the workers need not read it.
+    let ds_base = Path::new(if base_dir.is_empty() { "." } else { base_dir });
+    for w in spec
+        .load_deepspeed(ds_base, source)
+        .map_err(|e| Refusal(e.to_string()))?
+    {
+        tracing::warn!(source, "deepspeed: {w}");
+    }
     let bad = |key: &str, msg: String| Err(Refusal(format!("{source}: `{key}`: {msg}")));
     let mut paths: Vec<(&str, &Path)> = vec![
         ("model_name_or_path", spec.model_name_or_path.as_path()),

@@ -427,6 +427,12 @@ pub struct JobSpec {
     /// Restarts allowed after a rank failure (orchestrator).
     #[serde(default = "d_max_restarts")]
     pub max_restarts: u32,
+    /// A DeepSpeed config (a JSON file's path, or the config inline), as HF Trainer's
+    /// `--deepspeed`: its "auto" values come from the job, its numbers must agree with it, and
+    /// `zero_optimization.stage` sets `zero_stage` (see [`deepspeed`]). A file is read when the
+    /// job is submitted or trained ([`JobSpec::load_deepspeed`]) and stored inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deepspeed: Option<deepspeed::DeepSpeed>,
 }
 
 fn d_max_restarts() -> u32 {
@@ -436,12 +442,42 @@ fn d_max_restarts() -> u32 {
 impl JobSpec {
     /// Parse and validate YAML text. `file` names the source in messages.
     pub fn from_yaml_str(text: &str, file: &str) -> Result<Self, JobError> {
-        let spec: JobSpec = serde_yaml::from_str(text).map_err(|e| JobError::Parse {
+        let mut spec: JobSpec = serde_yaml::from_str(text).map_err(|e| JobError::Parse {
             file: file.to_string(),
             message: e.to_string(),
         })?;
+        if let Some(deepspeed::DeepSpeed::Config(c)) = spec.deepspeed.clone() {
+            deepspeed::apply(&mut spec, &c, file)?;
+        }
         spec.validate(file)?;
         Ok(spec)
+    }
+
+    /// Reads the job's `deepspeed` file (relative to `base`, where a relative data_path is
+    /// found too) into the job, folds it in as HF Trainer does and validates the result; the
+    /// job then carries the config inline. Returns what herd does differently from DeepSpeed,
+    /// one sentence each, for the caller to show. Nothing to do (and no warnings) without one.
+    pub fn load_deepspeed(&mut self, base: &Path, file: &str) -> Result<Vec<String>, JobError> {
+        let config = match self.deepspeed.take() {
+            None => return Ok(vec![]),
+            Some(deepspeed::DeepSpeed::Config(c)) => c,
+            Some(deepspeed::DeepSpeed::File(p)) => {
+                let path = if p.is_relative() { base.join(&p) } else { p };
+                let shown = path.display().to_string();
+                let text = std::fs::read_to_string(&path).map_err(|source| JobError::Read {
+                    file: format!("{file}: deepspeed {shown}"),
+                    source,
+                })?;
+                serde_json::from_str(&text).map_err(|e| JobError::Parse {
+                    file: format!("{file}: deepspeed {shown}"),
+                    message: format!("{e} (expected a DeepSpeed JSON config object)"),
+                })?
+            }
+        };
+        let warnings = deepspeed::apply(self, &config, file)?;
+        self.deepspeed = Some(deepspeed::DeepSpeed::Config(config));
+        self.validate(file)?;
+        Ok(warnings)
     }
 
     /// Read, parse and validate a job file. Relative paths inside the job are resolved against
@@ -662,5 +698,6 @@ impl JobSpec {
     }
 }
 
+pub mod deepspeed;
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,8 @@
 //! coordinator, the workers and the CLI validate a job the same way.
 //!
 //! Invariant: parsing and validation here are pure (no file system access beyond reading the job
-//! text the caller hands in); checks that need the disk (does `data_path` exist?) belong to callers.
+//! text the caller hands in, and the DeepSpeed config file a job names when the caller asks);
+//! checks that need the disk (does `data_path` exist?) belong to callers.
 
 pub mod auth;
 pub mod job;

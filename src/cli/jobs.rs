@@ -26,13 +26,20 @@ async fn timed<T>(
     }
 }
 
-/// The job file's text with `world_size` replaced (the other keys as the user wrote them).
+/// The job file's text with `world_size` replaced and a `deepspeed` file read in (the other
+/// keys as the user wrote them), what herd does differently from that DeepSpeed config said
+/// on stderr.
 pub fn job_text(path: &Path, world_size: Option<usize>) -> Result<String> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let Some(n) = world_size else { return Ok(text) };
     let mut spec = herd_proto::JobSpec::from_yaml_str(&text, &path.display().to_string())?;
-    spec.world_size = n;
+    if world_size.is_none() && spec.deepspeed.is_none() {
+        return Ok(text);
+    }
+    if let Some(n) = world_size {
+        spec.world_size = n;
+    }
+    super::train::read_deepspeed(&mut spec, path)?;
     Ok(spec.to_yaml())
 }
 

@@ -140,9 +140,11 @@ fn tail(path: &Path, n: usize) -> String {
 pub fn run(a: &RunArgs) -> Result<()> {
     let t0 = Instant::now();
     anyhow::ensure!(a.workers >= 1, "--workers must be at least 1");
-    // Check the job here first so a typo costs no processes.
-    let job = super::train::load_job(&a.job)?;
+    // Check the job here first so a typo costs no processes (at the world size it will run at:
+    // a DeepSpeed config's train_batch_size is checked against it).
     let text = job_text(&a.job, Some(a.workers))?;
+    let job = herd_proto::JobSpec::from_yaml_str(&text, &a.job.display().to_string())?;
+    super::train::check_paths(&job)?;
     let job_out = job.output_dir.clone();
 
     let state = tempfile::Builder::new()

@@ -12,9 +12,22 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub fn load_job(path: &Path) -> Result<JobSpec> {
-    let job = JobSpec::from_file(path)?;
+    let mut job = JobSpec::from_file(path)?;
+    read_deepspeed(&mut job, path)?;
     check_paths(&job)?;
     Ok(job)
+}
+
+/// Folds the job's `deepspeed` config in (a file relative to the current directory, as
+/// `torchrun train.py --deepspeed ds_config.json` finds it) and says what herd does
+/// differently from DeepSpeed, on stderr.
+pub fn read_deepspeed(job: &mut JobSpec, path: &Path) -> Result<()> {
+    let cwd = std::env::current_dir().context("the current directory")?;
+    let file = path.display().to_string();
+    for w in job.load_deepspeed(&cwd, &file)? {
+        eprintln!("herd: warning: {file}: deepspeed: {w}");
+    }
+    Ok(())
 }
 
 /// The checks that need the disk, done before any work so bad input costs nothing.

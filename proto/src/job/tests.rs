@@ -218,3 +218,19 @@ fn the_shipped_configs_are_valid_jobs() {
     }
     assert!(seen >= 2, "configs/ holds the shipped jobs");
 }
+
+/// configs/ds_config.json (the recipe's ZeRO-3 offload config, as MISSION.md describes it) in
+/// place of gpt4-llm-7b.yaml's `zero_stage: 2` gives the same job.
+#[test]
+fn the_shipped_deepspeed_config_gives_the_shipped_7b_job() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("configs/gpt4-llm-7b.yaml")).unwrap();
+    let plain = JobSpec::from_yaml_str(&text, "7b").unwrap();
+    let with_ds = text.replace("zero_stage: 2\n", "deepspeed: configs/ds_config.json\n");
+    let mut ds = JobSpec::from_yaml_str(&with_ds, "7b-ds").unwrap();
+    let warnings = ds.load_deepspeed(&root, "7b-ds").unwrap();
+    assert_eq!(warnings.len(), 4, "{warnings:#?}");
+    assert_eq!(ds.zero_stage, 2);
+    ds.deepspeed = None;
+    assert_eq!(ds, plain);
+}
