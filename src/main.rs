@@ -158,9 +158,24 @@ fn keep_freed_memory_for_reuse() {
     }
 }
 
+/// candle's CPU thread pool spins 25,000 times between ops before a worker parks. On a quiet
+/// machine that saves a wake-up; on a busy one (CI, a shared node, several ranks per host)
+/// the spinning workers take the cores the computing thread needs, and 2 threads ran the
+/// demo 5× slower than 1. 2,000 spins keep most of the quiet-machine gain and halve the loss
+/// (bench/NOTES.md). The user's own CANDLE_BARRIER_POOL_SPIN_LIMIT wins.
+fn spin_less_between_ops() {
+    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(VAR).is_none() {
+        // Before any other thread exists, so nothing reads the environment meanwhile; herd's
+        // child processes (`herd run`'s workers) inherit it.
+        std::env::set_var(VAR, "2000");
+    }
+}
+
 fn main() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     keep_freed_memory_for_reuse();
+    spin_less_between_ops();
     let args = Args::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or(args.log.clone());
     tracing_subscriber::fmt()
