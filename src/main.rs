@@ -60,6 +60,12 @@ enum Cmd {
     Bench(cli::bench::BenchArgs),
     /// The no-download demo: a tiny LLaMA learns simple instruction tasks on the CPU.
     Demo(cli::demo::DemoArgs),
+    /// Print the job file of a torchrun / deepspeed / accelerate / python train.py command
+    /// (after `--`): TrainingArguments flags become job keys, the launcher gives world_size.
+    FromCommand {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
     /// Run a job on this machine: a private coordinator and N local workers (like torchrun --standalone).
     Run(cli::run::RunArgs),
     /// Serve the job and worker services (SQLite state in --state-dir).
@@ -213,6 +219,7 @@ fn main() {
         Cmd::Demo(a) => cli::demo::run(&a),
         Cmd::Bench(a) => cli::bench::run(&a),
         Cmd::Run(a) => cli::run::run(&a),
+        Cmd::FromCommand { command } => cli::from_command::run(&command),
         Cmd::Coordinator(a) => cli::coordinator::run(&a),
         Cmd::Worker(a) => cli::worker::run(&a),
         Cmd::Submit {

@@ -193,3 +193,56 @@ fn packing_with_gradient_checkpointing_trains_deterministically() {
         read(ws.path().join("b/model.safetensors"))
     );
 }
+
+/// `herd from-command -- torchrun … train.py --flags` prints a job file that trains, with the
+/// flags it left out as comments in it; an unknown flag is an error naming it, and no job.
+#[test]
+fn from_command_turns_a_torchrun_command_into_a_job_that_trains() {
+    let ws = Workspace::new(16);
+    let convert = |flags: &[&str]| {
+        herd()
+            .current_dir(ws.path())
+            .args(["from-command", "--", "torchrun", "--nproc_per_node=1"])
+            .args([
+                "--master_port=12345",
+                "train.py",
+                "--model_name_or_path",
+                "demo/model",
+            ])
+            .args(["--data_path", "small.json", "--output_dir", "out"])
+            .args(flags)
+            .output()
+            .unwrap()
+    };
+    let out = convert(&[
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--save_strategy",
+        "no",
+        "--model_max_length",
+        "64",
+        "--tf32",
+        "True",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(yaml.contains("# note: --tf32: not needed"), "{yaml}");
+    assert!(yaml.contains("\nlearning_rate: 0.001\n"), "{yaml}");
+    let job = ws.path().join("converted.yaml");
+    std::fs::write(&job, &yaml).unwrap();
+    ws.train(&job, &[]);
+    assert_eq!(trainer_state(&ws.path().join("out"))["global_step"], 2);
+
+    let out = convert(&["--learnig_rate", "1e-3"]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no job is printed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not a TrainingArguments or train.py flag herd knows: --learnig_rate"),
+        "{stderr}"
+    );
+}

@@ -699,5 +699,6 @@ impl JobSpec {
 }
 
 pub mod deepspeed;
+pub mod from_command;
 #[cfg(test)]
 mod tests;

@@ -4,6 +4,7 @@ pub mod coordinator;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod from_command;
 pub mod generate;
 pub mod jobs;
 pub mod merge;

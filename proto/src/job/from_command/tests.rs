@@ -1,0 +1,148 @@
+use super::*;
+
+fn words(s: &str) -> Vec<String> {
+    // The shell's split for these commands: whitespace, with "…" and '…' kept whole.
+    let mut out = vec![];
+    let mut cur = String::new();
+    let mut quote = None;
+    for c in s.chars() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, c) if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            (_, c) => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+fn job(c: &Converted) -> JobSpec {
+    JobSpec::from_yaml_str(&c.yaml, "converted").unwrap()
+}
+
+/// MISSION.md's command, as GPT-4-LLM and Alpaca run it.
+const RECIPE: &str = "torchrun --nproc_per_node=16 --master_port=12345 train.py \
+    --model_name_or_path PATH/TO/LLaMA --data_path ./data/alpaca_gpt4_data.json \
+    --output_dir PATH/TO/SAVE --num_train_epochs 3 \
+    --per_device_train_batch_size 1 --per_device_eval_batch_size 1 \
+    --gradient_accumulation_steps 4 --evaluation_strategy \"no\" \
+    --save_strategy \"steps\" --save_steps 200 --save_total_limit 1 \
+    --learning_rate 2e-5 --weight_decay 0. --warmup_ratio 0.03 \
+    --lr_scheduler_type \"cosine\" --logging_steps 1 --deepspeed configs/ds_config.json";
+
+#[test]
+fn the_recipes_command_is_the_shipped_7b_job() {
+    let c = convert(&words(RECIPE)).unwrap();
+    let mut got = job(&c);
+    // configs/gpt4-llm-7b.yaml adds what the command leaves to its DeepSpeed config and to
+    // train.py's defaults; with those, the two are one job.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("configs/gpt4-llm-7b.yaml")).unwrap();
+    let shipped = JobSpec::from_yaml_str(&text, "7b").unwrap();
+    assert!(matches!(
+        got.deepspeed,
+        Some(super::super::deepspeed::DeepSpeed::File(_))
+    ));
+    got.load_deepspeed(&root, "converted").unwrap();
+    got.deepspeed = None;
+    got.bf16 = true;
+    got.seed = shipped.seed;
+    assert_eq!(got, shipped);
+    assert!(
+        c.notes
+            .iter()
+            .any(|n| n.starts_with("--master_port: the launcher's, not needed")),
+        "{:?}",
+        c.notes
+    );
+}
+
+#[test]
+fn launchers_give_the_world_size() {
+    let tail = "train.py --model_name_or_path m --data_path d.json --output_dir o";
+    for (launch, world) in [
+        ("torchrun --nnodes 2 --nproc-per-node 8", 16),
+        ("torchrun --standalone --nnodes=1:4 --nproc_per_node=2", 8),
+        ("python -m torch.distributed.run --nproc_per_node 4", 4),
+        ("deepspeed --num_gpus 8 --num_nodes 2", 16),
+        (
+            "accelerate launch --multi_gpu --num_processes 6 --num_machines 2",
+            6,
+        ),
+        ("CUDA_VISIBLE_DEVICES=0,1 python", 1),
+        ("", 1),
+    ] {
+        let c = convert(&words(&format!("{launch} {tail}"))).unwrap();
+        assert_eq!(job(&c).world_size, world, "{launch}");
+    }
+    let e = convert(&words(&format!("deepspeed {tail}"))).unwrap_err();
+    assert!(e.contains("--num_gpus N"), "{e}");
+    let e = convert(&words(&format!("torchrun --nproc_per_node=gpu {tail}"))).unwrap_err();
+    assert!(e.contains("--nproc_per_node gpu: expected a number"), "{e}");
+    let e = convert(&words("srun train.py")).unwrap_err();
+    assert!(e.contains("srun: expected torchrun"), "{e}");
+}
+
+#[test]
+fn fastchat_and_alpaca_flags_convert_or_say_why_not() {
+    // FastChat's Vicuna command (abridged), with FSDP and TF32.
+    let cmd = "torchrun --nproc_per_node=8 --master_port=20001 fastchat/train/train_mem.py \
+        --model_name_or_path m --data_path data/sharegpt.json --bf16 True --output_dir o \
+        --num_train_epochs 3 --per_device_train_batch_size 2 --gradient_accumulation_steps 16 \
+        --fsdp \"full_shard auto_wrap\" --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer \
+        --tf32 True --model_max_length 2048 --gradient_checkpointing True --lazy_preprocess True \
+        --report_to none --optim adamw_torch --lora_target_modules q_proj v_proj";
+    let c = convert(&words(cmd)).unwrap();
+    let j = job(&c);
+    assert_eq!(
+        (
+            j.world_size,
+            j.bf16,
+            j.model_max_length,
+            j.gradient_checkpointing,
+            j.zero_stage
+        ),
+        (8, true, 2048, true, 2)
+    );
+    assert_eq!(j.lora_target_modules, ["q_proj", "v_proj"]);
+    for says in [
+        "--fsdp \"full_shard auto_wrap\": as `zero_stage: 2`",
+        "--tf32: not needed",
+        "--lazy_preprocess: not needed",
+        "--report_to: not needed",
+        "--optim adamw_torch: herd's fused AdamW",
+    ] {
+        assert!(
+            c.notes.iter().any(|n| n.starts_with(says)),
+            "{says:?} not in {:#?}",
+            c.notes
+        );
+    }
+}
+
+#[test]
+fn unknown_flags_and_other_optimizers_are_refused_by_name() {
+    let base = "torchrun train.py --model_name_or_path m --data_path d --output_dir o";
+    let e = convert(&words(&format!(
+        "{base} --learning_rat 1e-4 --warmup_ratios 0.1"
+    )))
+    .unwrap_err();
+    assert!(e.contains("--learning_rat, --warmup_ratios"), "{e}");
+    let e = convert(&words(&format!("{base} --optim adafactor"))).unwrap_err();
+    assert!(
+        e.contains("--optim adafactor: herd trains with AdamW"),
+        "{e}"
+    );
+    // A value of the wrong kind is the job file's own error.
+    let e = convert(&words(&format!("{base} --max_steps many"))).unwrap_err();
+    assert!(e.contains("max_steps"), "{e}");
+    let e = convert(&words(&format!("{base} --learning_rate 1e-4 2e-4"))).unwrap_err();
+    assert!(e.contains("--learning_rate: one value expected"), "{e}");
+}
