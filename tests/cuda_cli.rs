@@ -92,6 +92,58 @@ fn start_gpu_worker(dir: &Path, addr: &str, state: &Path, name: &str) -> Proc {
     Proc { child, log }
 }
 
+/// The workers' logs, for a failure's message.
+fn logs(workers: &[&Proc]) -> String {
+    workers
+        .iter()
+        .map(|p| format!("\n--- {} ---\n{}", p.log.display(), p.log_text()))
+        .collect()
+}
+
+/// Polls `cond` until it holds; past `within`, fails with the workers' logs as they are then.
+fn wait_for(what: &str, within: Duration, workers: &[&Proc], mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < within,
+            "no {what} after {within:?}{}",
+            logs(workers)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn submit(ws: &Workspace, addr: &str, state: &Path, job: &Path) -> String {
+    let out = run_ok(&mut client(
+        ws.path(),
+        addr,
+        state,
+        &["submit", job.to_str().unwrap()],
+    ));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits for job `id` to end and asserts it succeeded. Bounded, so a hang (an NCCL set-up that
+/// never completes) fails with the workers' logs instead of running into the device call's
+/// limit with nothing to show.
+fn assert_succeeds(ws: &Workspace, (addr, state): (&str, &Path), id: &str, workers: &[&Proc]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let st = loop {
+        let st = job_status(ws.path(), addr, state, id);
+        let now = st["state"].as_str().unwrap_or("").to_string();
+        if ["SUCCEEDED", "FAILED", "CANCELLED"].contains(&now.as_str()) {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the two-GPU job is still {now} after 180 s: {st}{}",
+            logs(workers)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(st["state"], "SUCCEEDED", "{st}{}", logs(workers));
+}
+
 /// Runs `job` on two GPU workers (one GPU, a host id each) through a coordinator to success.
 fn run_on_two_gpu_workers(ws: &Workspace, job: &Path) {
     let state = ws.path().join("state");
@@ -99,37 +151,8 @@ fn run_on_two_gpu_workers(ws: &Workspace, job: &Path) {
     let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 30.0);
     let w0 = start_gpu_worker(ws.path(), &addr, &state, "w0");
     let w1 = start_gpu_worker(ws.path(), &addr, &state, "w1");
-    let out = run_ok(&mut client(
-        ws.path(),
-        &addr,
-        &state,
-        &["submit", job.to_str().unwrap()],
-    ));
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    // Bounded, so a hang (an NCCL set-up that never completes) fails with the workers' logs
-    // instead of running into the device call's limit with nothing to show.
-    let logs = || {
-        format!(
-            "\n--- w0 ---\n{}\n--- w1 ---\n{}",
-            w0.log_text(),
-            w1.log_text()
-        )
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    let st = loop {
-        let st = job_status(ws.path(), &addr, &state, &id);
-        let state = st["state"].as_str().unwrap_or("").to_string();
-        if ["SUCCEEDED", "FAILED", "CANCELLED"].contains(&state.as_str()) {
-            break st;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the two-GPU job is still {state} after 180 s: {st}{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    assert_eq!(st["state"], "SUCCEEDED", "{st}{}", logs());
+    let id = submit(ws, &addr, &state, job);
+    assert_succeeds(ws, (&addr, &state), &id, &[&w0, &w1]);
 }
 
 const TWO_GPU_STEPS: &str = "max_steps: 4\nsave_steps: 4\nworld_size: 2\n";
@@ -242,37 +265,24 @@ fn two_gpu_workers_one_hung_or_killed_the_peer_stops_at_once() {
             "out",
             "max_steps: 200\nsave_steps: 2\nsave_total_limit: 2\nworld_size: 2\n",
         );
-        let out = run_ok(&mut client(
-            ws.path(),
-            &addr,
-            &state,
-            &["submit", job.to_str().unwrap()],
-        ));
-        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let logs = |w: &[&Proc]| {
-            w.iter()
-                .map(|p| format!("\n--- {} ---\n{}", p.log.display(), p.log_text()))
-                .collect::<String>()
-        };
+        let id = submit(&ws, &addr, &state, &job);
         let ckpt = ws.path().join("out/checkpoint-2/herd_manifest.json");
-        wait_until(
-            &format!("the first checkpoint{}", logs(&[&w0, &w1])),
+        wait_for(
+            "first checkpoint",
             Duration::from_secs(120),
+            &[&w0, &w1],
             || ckpt.is_file(),
         );
         w0.signal(signal);
         let t0 = std::time::Instant::now();
-        wait_until(
-            &format!("{signal}: the peer to give the attempt up{}", logs(&[&w1])),
-            Duration::from_secs(30),
-            || {
-                let st = job_status(ws.path(), &addr, &state, &id);
-                st["state"] == "RESTARTING"
-                    && st["reason"]
-                        .as_str()
-                        .is_some_and(|r| r.contains("waiting for 2 idle workers (1 idle)"))
-            },
-        );
+        let what = format!("{signal}: peer giving the attempt up");
+        wait_for(&what, Duration::from_secs(30), &[&w1], || {
+            let st = job_status(ws.path(), &addr, &state, &id);
+            st["state"] == "RESTARTING"
+                && st["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("waiting for 2 idle workers (1 idle)"))
+        });
         let took = t0.elapsed();
         let peer_log = w1.log_text();
         assert!(
@@ -281,25 +291,7 @@ fn two_gpu_workers_one_hung_or_killed_the_peer_stops_at_once() {
             logs(&[&w1])
         );
         let w2 = start_gpu_worker(ws.path(), &addr, &state, "w2");
-        let deadline = std::time::Instant::now() + Duration::from_secs(180);
-        let st = loop {
-            let st = job_status(ws.path(), &addr, &state, &id);
-            if ["SUCCEEDED", "FAILED", "CANCELLED"].contains(&st["state"].as_str().unwrap_or("")) {
-                break st;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{signal}: still {st} after 180 s{}",
-                logs(&[&w1, &w2])
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        assert_eq!(
-            st["state"],
-            "SUCCEEDED",
-            "{signal}: {st}{}",
-            logs(&[&w1, &w2])
-        );
+        assert_succeeds(&ws, (&addr, &state), &id, &[&w1, &w2]);
         assert_eq!(trainer_state(&ws.path().join("out"))["global_step"], 200);
         eprintln!("{signal}: the peer gave the attempt up {took:?} after the signal");
         drop(w0); // SIGKILL reaps a stopped process too
