@@ -99,6 +99,21 @@ const NOT_NEEDED: &[(&str, &str)] = &[
     ("fp16_full_eval", "evaluation runs in the training dtype"),
 ];
 
+/// Other scripts' names for job keys: HF's deprecated `per_gpu_*`, Alpaca-CoT's
+/// uniform_finetune.py and Alpaca-LoRA's finetune.py.
+const ALIASES: &[(&str, &str)] = &[
+    ("per_gpu_train_batch_size", "per_device_train_batch_size"),
+    ("per_gpu_eval_batch_size", "per_device_eval_batch_size"),
+    ("epochs", "num_train_epochs"),
+    ("num_epochs", "num_train_epochs"),
+    ("base_model", "model_name_or_path"),
+    ("micro_batch_size", "per_device_train_batch_size"),
+    ("cutoff_len", "model_max_length"),
+];
+
+/// Keys a job cannot do without.
+const REQUIRED: &[&str] = &["model_name_or_path", "data_path", "output_dir"];
+
 /// AdamW as HF names its implementations; anything else is refused.
 const ADAMW: &[&str] = &[
     "adamw_torch",
@@ -123,7 +138,13 @@ pub fn convert(command: &[String]) -> Result<Converted, String> {
     let keys = job_keys();
     let mut unknown = Vec::new();
     for (flag, values) in flags(script_args)? {
-        let key = flag.as_str();
+        let key = match ALIASES.iter().find(|(from, _)| *from == flag) {
+            Some((from, to)) => {
+                notes.push(format!("--{from}: as {to}"));
+                *to
+            }
+            None => flag.as_str(),
+        };
         if let Some((_, why)) = NOT_NEEDED.iter().find(|(k, _)| *k == key) {
             notes.push(format!("--{key}: not needed, {why}"));
             continue;
@@ -142,6 +163,23 @@ pub fn convert(command: &[String]) -> Result<Converted, String> {
                     job.insert("zero_stage".into(), 2.into());
                 }
                 continue;
+            }
+            "model_type" => {
+                let v = values.join(" ");
+                if v != "llama" {
+                    return Err(format!(
+                        "--model_type {v}: herd trains LLaMA-family models (config.json's \
+                         model_type llama)"
+                    ));
+                }
+                continue;
+            }
+            "data" => {
+                return Err(format!(
+                    "--data {}: herd reads data files, it downloads nothing: give --data_path \
+                     FILE (Alpaca or ShareGPT JSON/JSONL; several as a list in the job file)",
+                    values.join(" ")
+                ))
             }
             "optim" => {
                 let v = values.join(" ");
@@ -167,6 +205,18 @@ pub fn convert(command: &[String]) -> Result<Converted, String> {
             "not a TrainingArguments or train.py flag herd knows: {} (the job keys are listed \
              in the README)",
             unknown.join(", ")
+        ));
+    }
+    let missing: Vec<String> = REQUIRED
+        .iter()
+        .filter(|k| !job.contains_key(**k))
+        .map(|k| format!("--{k}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the command gives no {}: a job needs them (add them to the command, or to the \
+             job file)",
+            missing.join(", ")
         ));
     }
     let yaml = serde_yaml::to_string(&job).map_err(|e| e.to_string())?;

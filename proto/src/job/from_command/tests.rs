@@ -146,3 +146,51 @@ fn unknown_flags_and_other_optimizers_are_refused_by_name() {
     let e = convert(&words(&format!("{base} --learning_rate 1e-4 2e-4"))).unwrap_err();
     assert!(e.contains("--learning_rate: one value expected"), "{e}");
 }
+
+/// Alpaca-CoT's multi-GPU LoRA command (its README's), with a data file and output dir given,
+/// since herd downloads nothing.
+#[test]
+fn alpaca_cot_flags_are_read_by_their_job_names() {
+    let cmd = "python3 -m torch.distributed.launch --nproc_per_node 4 --nnodes=1 --node_rank=0 \
+        --master_addr=xxx --master_port=yyy uniform_finetune.py --model_type llama \
+        --model_name_or_path decapoda-research/llama-7b-hf --data_path alpaca-belle-cot.json \
+        --output_dir out --lora_target_modules q_proj v_proj --per_gpu_train_batch_size 4 \
+        --learning_rate 3e-4 --epochs 1 --lora_r 8";
+    let c = convert(&words(cmd)).unwrap();
+    let j = job(&c);
+    assert_eq!(
+        (
+            j.world_size,
+            j.per_device_train_batch_size,
+            j.num_train_epochs,
+            j.lora_r
+        ),
+        (4, 4, 1.0, Some(8))
+    );
+    assert_eq!(j.learning_rate, 3e-4);
+    assert!(
+        c.notes
+            .contains(&"--epochs: as num_train_epochs".to_string()),
+        "{:?}",
+        c.notes
+    );
+    let e = convert(&words(&cmd.replace(
+        "--data_path alpaca-belle-cot.json",
+        "--data alpaca-belle-cot",
+    )))
+    .unwrap_err();
+    assert!(
+        e.contains("--data alpaca-belle-cot: herd reads data files"),
+        "{e}"
+    );
+    let e = convert(&words(
+        &cmd.replace("--model_type llama", "--model_type chatglm"),
+    ))
+    .unwrap_err();
+    assert!(
+        e.contains("--model_type chatglm: herd trains LLaMA-family models"),
+        "{e}"
+    );
+    let e = convert(&words(&cmd.replace("--output_dir out", ""))).unwrap_err();
+    assert!(e.contains("the command gives no --output_dir"), "{e}");
+}
