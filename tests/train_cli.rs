@@ -246,3 +246,54 @@ fn from_command_turns_a_torchrun_command_into_a_job_that_trains() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_deepspeed_scheduler_section_sets_the_learning_rate_as_hf_trainer_with_deepspeed_logs_it() {
+    let ws = Workspace::new(16);
+    let ds = |warmup: &str| {
+        format!(
+            "max_steps: 4\nsave_steps: 4\ndeepspeed:\n  scheduler:\n    type: WarmupDecayLR\n    \
+             params: {{warmup_min_lr: auto, warmup_max_lr: auto, warmup_num_steps: {warmup}, \
+             total_num_steps: auto}}\n"
+        )
+    };
+    let job = ws.job("ds.yaml", "ds", &ds("auto"));
+    let out = ws.train(&job, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the learning rate follows DeepSpeed's WarmupDecayLR"),
+        "{stderr}"
+    );
+    let logged: Vec<f64> = trainer_state(&ws.path().join("ds"))["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["learning_rate"].as_f64())
+        .collect();
+    // warmup 2 (DeepSpeed's floor), 4 steps, lr 1e-3; HF logs at step g the lr of step g + 1,
+    // i.e. the schedule at iteration g − 1: ln(1)/ln(2), ln(2)/ln(2), then (4 − i)/(4 − 2).
+    let want = [0.0, 1e-3, 1e-3, 0.5e-3];
+    assert_eq!(logged.len(), want.len(), "{logged:?}");
+    for (g, w) in logged.iter().zip(want) {
+        assert!((g - w).abs() <= 1e-15, "{logged:?} vs {want:?}");
+    }
+    let scheduler: serde_json::Value = serde_json::from_slice(&common::read(
+        ws.path().join("ds/checkpoint-4/scheduler.json"),
+    ))
+    .unwrap();
+    assert_eq!(scheduler["lr_scheduler_type"], "deepspeed WarmupDecayLR");
+
+    // A step count that disagrees with the job stops it before any step, as HF Trainer does.
+    let job = ws.job("bad.yaml", "bad", &ds("10"));
+    let err = common::run_err(
+        herd()
+            .current_dir(ws.path())
+            .args(["train", "--no-progress"])
+            .arg(&job),
+    );
+    assert!(
+        err.contains("`scheduler.params.warmup_num_steps` is 10 but the job's warmup"),
+        "{err}"
+    );
+    assert!(!ws.path().join("bad/checkpoint-4").exists());
+}

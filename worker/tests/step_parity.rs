@@ -153,3 +153,40 @@ fn weight_decay_groups_match_hf_trainer() {
         .collect();
     assert_eq!(ours, hf);
 }
+
+/// DeepSpeed's `scheduler` section against HF Trainer + DeepSpeed's engine
+/// (tests/fixtures/make_ds_schedules.py): the lr every optimizer step used, and what HF logged.
+#[test]
+fn deepspeed_schedules_match_hf_trainer_with_deepspeed() {
+    use herd_proto::job::deepspeed::scheduler;
+    use herd_worker::schedule::{DeepSpeedSchedule, Schedule};
+    let text = std::fs::read_to_string(fixtures().join("ds_schedules.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert!(cases.iter().filter(|c| c["via"] == "trainer").count() >= 5);
+    let mut worst = 0.0f64;
+    for c in cases {
+        let lr = c["learning_rate"].as_f64().unwrap();
+        let (warmup, total) = (
+            c["warmup_steps"].as_u64().unwrap(),
+            c["total_steps"].as_u64().unwrap(),
+        );
+        let read = scheduler::read(&c["scheduler"], lr).unwrap();
+        let s = Schedule::DeepSpeed(DeepSpeedSchedule::new(read.resolve(warmup, total).unwrap()));
+        let lrs: Vec<f64> = serde_json::from_value(c["lrs"].clone()).unwrap();
+        let logged: Vec<f64> = serde_json::from_value(c["logged"].clone()).unwrap();
+        assert_eq!(lrs.len() as u64, total);
+        for (i, (want, want_logged)) in lrs.iter().zip(&logged).enumerate() {
+            let (got, got_logged) = (s.lr_at(i as u64), s.logged_lr(i as u64 + 1));
+            for (g, w, what) in [(got, *want, "lr"), (got_logged, *want_logged, "logged")] {
+                worst = worst.max((g - w).abs() / w.abs().max(1e-30));
+                assert!(
+                    (g - w).abs() <= 1e-12 * w.abs().max(1e-30),
+                    "{} step {i} {what}: {g} vs {w}",
+                    c["scheduler"]
+                );
+            }
+        }
+    }
+    eprintln!("deepspeed schedules: max relative |Δlr| {worst:.2e}");
+}

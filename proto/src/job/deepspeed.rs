@@ -8,15 +8,16 @@
 //! `zero_optimization.stage` becomes `zero_stage`. What herd does not have is said, not
 //! dropped silently: stage 3 runs as stage 2 (parameters whole on every rank), offload keeps
 //! the state on the GPU, and DeepSpeed's tuning knobs are ignored (herd sizes its own buckets).
-//! A `scheduler` section is refused: with one, HF Trainer uses DeepSpeed's schedule (its
-//! WarmupLR warms up logarithmically by default), which herd's `lr_scheduler_type` cannot
-//! reproduce.
+//! A `scheduler` section replaces `lr_scheduler_type`, as in HF Trainer: DeepSpeed's WarmupLR,
+//! WarmupDecayLR and WarmupCosineLR are reproduced ([`scheduler`]).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 
 use super::{JobError, JobSpec};
+
+pub mod scheduler;
 
 /// The job's `deepspeed` key: a file, or the config itself (what a file becomes once read, so
 /// a stored job is self-contained).
@@ -129,14 +130,16 @@ pub fn apply(
             ));
         }
     }
-    if let Some(sched) = config.get("scheduler") {
-        mismatches.push(format!(
-            "`scheduler` ({}) is not supported: with it HF Trainer follows DeepSpeed's schedule, \
-             which herd does not reproduce; leave the section out and set lr_scheduler_type \
-             ({}) and warmup_ratio or warmup_steps, as HF Trainer then does",
-            sched.get("type").unwrap_or(&Value::Null),
-            spec.lr_scheduler_type.as_str()
-        ));
+    if let Some(section) = config.get("scheduler") {
+        match scheduler::read(section, spec.learning_rate) {
+            Ok(s) => warnings.push(format!(
+                "the learning rate follows DeepSpeed's {} from the scheduler section, as in HF \
+                 Trainer; lr_scheduler_type ({}) is not used",
+                s.kind.as_str(),
+                spec.lr_scheduler_type.as_str()
+            )),
+            Err(errors) => mismatches.extend(errors),
+        }
     }
 
     let zero = config.get("zero_optimization");
@@ -210,6 +213,24 @@ pub fn apply(
             ),
         })
     }
+}
+
+/// The DeepSpeed schedule `spec` trains with, if its inline DeepSpeed config has a `scheduler`
+/// section (read by [`apply`] already, so an error here means the config changed since).
+pub fn scheduler_of(spec: &JobSpec) -> Result<Option<scheduler::DsScheduler>, JobError> {
+    let Some(DeepSpeed::Config(config)) = &spec.deepspeed else {
+        return Ok(None);
+    };
+    let Some(section) = config.get("scheduler") else {
+        return Ok(None);
+    };
+    scheduler::read(section, spec.learning_rate)
+        .map(Some)
+        .map_err(|errors| JobError::Invalid {
+            file: "the job".into(),
+            key: "deepspeed",
+            reason: errors.join("; "),
+        })
 }
 
 /// `a.b.c` in `config`.

@@ -20,7 +20,7 @@ use crate::data::mixture::{encode_record, load_mixture};
 use crate::data::order::epoch_permutation;
 use crate::error::{io_err, Result};
 use crate::optim::AdamWConfig;
-use crate::schedule::LrSchedule;
+use crate::schedule::{DeepSpeedSchedule, LrSchedule, Schedule};
 use candle_core::DType;
 use engine::{Engine, StepStats, Trainable};
 use herd_model::{Llama, Tokenizer};
@@ -181,13 +181,26 @@ pub fn adam_config(job: &JobSpec) -> AdamWConfig {
     }
 }
 
-pub fn schedule_for(job: &JobSpec, plan: &Plan) -> LrSchedule {
-    LrSchedule {
+/// The job's lr schedule once its number of optimizer steps is known; a DeepSpeed scheduler's
+/// step counts are checked against the job's here, where HF Trainer checks them.
+pub fn schedule_for(job: &JobSpec, plan: &Plan) -> Result<Schedule> {
+    let warmup_steps = job.warmup_steps_for(plan.total_steps);
+    if let Some(ds) = herd_proto::job::deepspeed::scheduler_of(job)? {
+        let resolved = ds
+            .resolve(warmup_steps, plan.total_steps)
+            .map_err(|reason| herd_proto::JobError::Invalid {
+                file: "the job".into(),
+                key: "deepspeed",
+                reason,
+            })?;
+        return Ok(Schedule::DeepSpeed(DeepSpeedSchedule::new(resolved)));
+    }
+    Ok(Schedule::Hf(LrSchedule {
         kind: job.lr_scheduler_type,
         base_lr: job.learning_rate,
-        warmup_steps: job.warmup_steps_for(plan.total_steps),
+        warmup_steps,
         total_steps: plan.total_steps,
-    }
+    }))
 }
 
 /// Run (or resume) `job` on this rank.
@@ -284,7 +297,7 @@ fn run_setup<O: Objective>(
     } = setup;
     let (rank, world) = (collective.rank(), collective.world_size());
     let plan = Plan::new(job, objective.len(), world)?;
-    let schedule = schedule_for(job, &plan);
+    let schedule = schedule_for(job, &plan)?;
 
     // Resume from the newest complete checkpoint, if any.
     let mut start_step = 0;
@@ -446,7 +459,7 @@ fn run_setup<O: Objective>(
             let mut entry = json!({
                 "epoch": round4(ts.epoch),
                 "grad_norm": stats.grad_norm,
-                "learning_rate": stats.learning_rate,
+                "learning_rate": schedule.logged_lr(step),
                 "loss": round4(window_loss / window_steps as f64),
                 "step": step,
             });
@@ -594,7 +607,7 @@ fn save_checkpoint<O: Objective>(
     engine: &Engine<O::Model>,
     collective: &mut dyn Collective,
     tokenizer: &Tokenizer,
-    schedule: &LrSchedule,
+    schedule: &Schedule,
     ts: &TrainerState,
     step: u64,
     world: usize,

@@ -4,7 +4,7 @@
 use crate::checkpoint::write_atomic;
 use crate::error::{io_err, Error, Result};
 use crate::optim::AdamW;
-use crate::schedule::LrSchedule;
+use crate::schedule::Schedule;
 use safetensors::tensor::{Dtype, View};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -115,13 +115,25 @@ pub struct SchedulerState {
     pub last_step: u64,
 }
 
-pub fn save_scheduler(dir: &Path, s: &LrSchedule, last_step: u64) -> Result<()> {
-    let st = SchedulerState {
-        lr_scheduler_type: s.kind.as_str().into(),
-        base_lr: s.base_lr,
-        num_warmup_steps: s.warmup_steps,
-        num_training_steps: s.total_steps,
-        last_step,
+pub fn save_scheduler(dir: &Path, s: &Schedule, last_step: u64) -> Result<()> {
+    let st = match s {
+        Schedule::Hf(s) => SchedulerState {
+            lr_scheduler_type: s.kind.as_str().into(),
+            base_lr: s.base_lr,
+            num_warmup_steps: s.warmup_steps,
+            num_training_steps: s.total_steps,
+            last_step,
+        },
+        Schedule::DeepSpeed(s) => {
+            let c = s.config();
+            SchedulerState {
+                lr_scheduler_type: format!("deepspeed {}", c.kind.as_str()),
+                base_lr: c.base_lr,
+                num_warmup_steps: c.warmup_num_steps.unwrap_or(0),
+                num_training_steps: c.total_num_steps.unwrap_or(0),
+                last_step,
+            }
+        }
     };
     write_atomic(
         &dir.join(SCHEDULER_FILE),

@@ -110,8 +110,8 @@ fn equal_numbers_agree_whatever_their_json_spelling() {
 fn what_herd_cannot_follow_is_refused_with_the_way_out() {
     let cases = [
         (
-            r#"{"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto"}}}"#,
-            "`scheduler` (\"WarmupDecayLR\") is not supported",
+            r#"{"scheduler": {"type": "OneCycle", "params": {"cycle_min_lr": 0}}}"#,
+            "`scheduler.type` OneCycle is not supported",
         ),
         (
             r#"{"optimizer": {"type": "Lamb"}}"#,
@@ -135,7 +135,37 @@ fn what_herd_cannot_follow_is_refused_with_the_way_out() {
     let e = apply(&mut job(), &config(cases[0].0), "j")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("set lr_scheduler_type (cosine)"), "{e}");
+    assert!(e.contains("to use the job's lr_scheduler_type"), "{e}");
+}
+
+#[test]
+fn a_deepspeed_scheduler_replaces_lr_scheduler_type_and_says_so() {
+    let mut spec = job();
+    let c = config(
+        r#"{"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto",
+            "warmup_max_lr": "auto", "warmup_num_steps": "auto", "total_num_steps": "auto"}}}"#,
+    );
+    let warnings = apply(&mut spec, &c, "j").unwrap();
+    assert_eq!(
+        warnings,
+        ["the learning rate follows DeepSpeed's WarmupDecayLR from the scheduler section, as in \
+          HF Trainer; lr_scheduler_type (cosine) is not used"]
+    );
+    spec.deepspeed = Some(DeepSpeed::Config(c));
+    let s = scheduler_of(&spec).unwrap().unwrap();
+    assert_eq!(s.kind, scheduler::DsScheduleKind::WarmupDecayLr);
+    assert_eq!(s.warmup_max_lr, 2e-5);
+    let e = apply(
+        &mut job(),
+        &config(r#"{"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 1e-3}}}"#),
+        "j",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("j: key `deepspeed`") && e.contains("warmup_max_lr` is 0.001"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -4,6 +4,37 @@
 
 use herd_proto::SchedulerType;
 
+mod deepspeed;
+pub use deepspeed::DeepSpeedSchedule;
+
+/// What a job's learning rate follows: its `lr_scheduler_type`, or the `scheduler` section of
+/// its DeepSpeed config, which replaces it as in HF Trainer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Schedule {
+    Hf(LrSchedule),
+    DeepSpeed(DeepSpeedSchedule),
+}
+
+impl Schedule {
+    /// The lr used by optimizer step `step` (0-based).
+    pub fn lr_at(&self, step: u64) -> f64 {
+        match self {
+            Schedule::Hf(s) => s.lr_at(step),
+            Schedule::DeepSpeed(s) => s.lr_at(step),
+        }
+    }
+
+    /// The `learning_rate` HF Trainer logs at `global_step` (≥ 1, after that many optimizer
+    /// steps): transformers 5 logs the lr of the step just taken, but under DeepSpeed it asks
+    /// the scheduler after the engine has stepped it, which gives the next step's lr.
+    pub fn logged_lr(&self, global_step: u64) -> f64 {
+        match self {
+            Schedule::Hf(s) => s.lr_at(global_step.saturating_sub(1)),
+            Schedule::DeepSpeed(s) => s.lr_at(global_step),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
     pub kind: SchedulerType,
