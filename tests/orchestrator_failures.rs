@@ -304,3 +304,32 @@ fn a_worker_hung_before_its_ring_formed_does_not_hold_its_peer() {
     );
     drop(w0);
 }
+
+#[test]
+fn an_error_in_the_job_itself_fails_it_at_once_instead_of_spending_its_restarts() {
+    let ws = Workspace::new(16);
+    // Valid at submit; the DeepSpeed schedule's warmup is checked against the job's when the
+    // ranks know their step count, as HF Trainer checks it, and disagrees.
+    let job = ws.job(
+        "bad.yaml",
+        "bad",
+        "max_steps: 4\nmax_restarts: 3\ndeepspeed:\n  scheduler:\n    type: WarmupLR\n    \
+         params: {warmup_num_steps: 10}\n",
+    );
+    let err = run_err(
+        herd_clean()
+            .current_dir(ws.path())
+            .arg("run")
+            .arg(&job)
+            .args(["--workers", "2"]),
+    );
+    assert!(
+        err.contains("`scheduler.params.warmup_num_steps` is 10 but the job's warmup"),
+        "{err}"
+    );
+    assert!(
+        err.contains("not restarted: the error comes from the job"),
+        "{err}"
+    );
+    assert!(!err.contains("restart 1 of 3"), "{err}");
+}

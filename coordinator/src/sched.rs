@@ -125,6 +125,8 @@ pub enum FailureKind {
         error: String,
         exit_code: i32,
         signal: i32,
+        /// The worker says a restart would meet the same error (the job, its data or model).
+        repeats_on_restart: bool,
     },
     /// The rank paused without being told to (SIGTERM to its worker: preemption).
     Preempted,
@@ -177,6 +179,7 @@ pub fn describe_failure(f: &Failure) -> String {
             error,
             exit_code,
             signal,
+            ..
         } => {
             let mut s = String::from("failed");
             if *signal != 0 {
@@ -212,8 +215,9 @@ pub fn describe_failure(f: &Failure) -> String {
 }
 
 /// Restart or fail, with the reason (torchft's quorum function style: the decision carries its
-/// explanation). Preemption always restarts and does not count; any other failure restarts while
-/// `restarts < max_restarts` and fails the job after that.
+/// explanation). Preemption always restarts and does not count; an error the rank says a restart
+/// would repeat fails the job at once; any other failure restarts while `restarts <
+/// max_restarts` and fails the job after that.
 pub fn restart_decision(job: RestartState, failure: &Failure) -> Decision {
     let what = describe_failure(failure);
     if failure.kind == FailureKind::Preempted {
@@ -222,6 +226,23 @@ pub fn restart_decision(job: RestartState, failure: &Failure) -> Decision {
             counts: false,
             reason: format!(
                 "attempt {}: {what}; restarting (preemption does not count)",
+                job.attempt
+            ),
+        };
+    }
+    if matches!(
+        failure.kind,
+        FailureKind::RankFailed {
+            repeats_on_restart: true,
+            ..
+        }
+    ) {
+        return Decision {
+            action: Action::Fail,
+            counts: false,
+            reason: format!(
+                "attempt {}: {what}; not restarted: the error comes from the job, its data or \
+                 its model files, and a restart from the last checkpoint would meet it again",
                 job.attempt
             ),
         };
@@ -314,6 +335,7 @@ mod tests {
                 error: "collective (tcp-ring) failed: rank 0: connection closed by rank 1".into(),
                 exit_code: 1,
                 signal: 0,
+                repeats_on_restart: false,
             },
         };
         let first = restart_decision(
@@ -490,6 +512,7 @@ mod tests {
             error: "\nboom: bad\nmore".into(),
             exit_code: 2,
             signal: 0,
+            repeats_on_restart: false,
         });
         let d = restart_decision(
             RestartState {
@@ -508,8 +531,36 @@ mod tests {
             error: String::new(),
             exit_code: 0,
             signal: 9,
+            repeats_on_restart: false,
         });
         assert!(describe_failure(&f).ends_with("failed (signal 9)"));
+    }
+
+    #[test]
+    fn an_error_a_restart_would_repeat_fails_the_job_with_restarts_left() {
+        let f = |repeats| {
+            failure(FailureKind::RankFailed {
+                error: "job: key `deepspeed`: warmup_num_steps is 10".into(),
+                exit_code: 1,
+                signal: 0,
+                repeats_on_restart: repeats,
+            })
+        };
+        let job = RestartState {
+            attempt: 1,
+            restarts: 0,
+            max_restarts: 3,
+        };
+        let d = restart_decision(job, &f(true));
+        assert_eq!((d.action, d.counts), (Action::Fail, false));
+        assert_eq!(
+            d.reason,
+            "attempt 1: rank 1 (worker w-2 on h, step 40): failed (exit code 1): job: key \
+             `deepspeed`: warmup_num_steps is 10; not restarted: the error comes from the job, \
+             its data or its model files, and a restart from the last checkpoint would meet it \
+             again"
+        );
+        assert_eq!(restart_decision(job, &f(false)).action, Action::Restart);
     }
 
     #[test]

@@ -231,7 +231,7 @@ pub fn render_status(st: &pb::JobStatus, now: f64) -> String {
         out.push('\n');
     }
     for (i, r) in st.restart_reasons.iter().enumerate() {
-        out.push_str(&format!("  restart {}: {r}\n", i + 1));
+        out.push_str(&format!("  failure {}: {r}\n", i + 1));
     }
     if let Some(e) = &st.last_eval {
         let values: Vec<String> = e

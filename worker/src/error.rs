@@ -44,10 +44,84 @@ pub enum Error {
     Interrupted { step: u64 },
 }
 
+impl Error {
+    /// Whether a restart from the newest checkpoint would meet this error again: it comes from
+    /// the job, its data, its model files or its numbers (resume is bit-identical, so a diverged
+    /// loss diverges again), not from a machine, a peer, a device or a file system. The
+    /// coordinator fails such a job at once instead of spending its restarts on it.
+    pub fn repeats_on_restart(&self) -> bool {
+        use crate::data::DataError;
+        use herd_model::tokenizer::TokenizerError;
+        match self {
+            Error::Data(e) => !matches!(e, DataError::Io { .. }),
+            Error::Tokenizer(e) => {
+                !matches!(e, TokenizerError::Io { .. } | TokenizerError::Write { .. })
+            }
+            Error::Model(e) => matches!(
+                e,
+                herd_model::Error::Json { .. }
+                    | herd_model::Error::Safetensors { .. }
+                    | herd_model::Error::NoWeights { .. }
+                    | herd_model::Error::MissingTensor { .. }
+                    | herd_model::Error::UnexpectedTensor { .. }
+                    | herd_model::Error::ShapeMismatch { .. }
+                    | herd_model::Error::UnsupportedDtype { .. }
+                    | herd_model::Error::Config(_)
+            ),
+            Error::Job(e) => !matches!(e, herd_proto::JobError::Read { .. }),
+            Error::TooFewExamples { .. }
+            | Error::Unsupported { .. }
+            | Error::NonFiniteLoss { .. } => true,
+            Error::Tensor(_)
+            | Error::Io { .. }
+            | Error::Checkpoint { .. }
+            | Error::Collective { .. }
+            | Error::Device(_)
+            | Error::Interrupted { .. } => false,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Attach a path to an I/O error.
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
     move |source| Error::Io { path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_jobs_own_errors_repeat_and_the_machines_do_not() {
+        let job = Error::Job(herd_proto::JobError::Invalid {
+            file: "j".into(),
+            key: "deepspeed",
+            reason: "r".into(),
+        });
+        assert!(job.repeats_on_restart());
+        assert!(Error::NonFiniteLoss {
+            step: 3,
+            loss: f32::NAN
+        }
+        .repeats_on_restart());
+        let io = || std::io::Error::other("stale NFS handle");
+        assert!(!Error::Io {
+            path: "x".into(),
+            source: io()
+        }
+        .repeats_on_restart());
+        assert!(!Error::Data(crate::data::DataError::Io {
+            path: "d".into(),
+            source: io()
+        })
+        .repeats_on_restart());
+        let peer = Error::Collective {
+            backend: "tcp",
+            reason: "connection closed".into(),
+        };
+        assert!(!peer.repeats_on_restart());
+    }
 }

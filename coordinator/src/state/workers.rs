@@ -401,6 +401,7 @@ impl Core {
                         error: req.error.clone(),
                         exit_code: req.exit_code,
                         signal: req.signal,
+                        repeats_on_restart: req.repeats_on_restart,
                     }),
                 )?,
             }

@@ -114,6 +114,7 @@ async fn failed_rank_stops_the_others_and_restarts_from_checkpoint() {
         host: "testhost".into(),
         exit_code: 1,
         signal: 0,
+        repeats_on_restart: false,
     })
     .await
     .unwrap();
@@ -370,6 +371,7 @@ async fn the_job_events_name_the_rank_that_died_when_a_survivor_reported_first()
         host: "testhost".into(),
         exit_code: 1,
         signal: 0,
+        repeats_on_restart: false,
     })
     .await
     .unwrap();

@@ -192,27 +192,32 @@ fn run_rank(
         host: ctx.host.clone(),
         exit_code: 0,
         signal: 0,
+        repeats_on_restart: false,
     };
 
     let mut total_steps = 0u64;
     let mut last_tps = 0.0f64;
     let reports = ctx.reports.clone();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-        || -> Result<Outcome, String> {
+        // The error, and whether a restart would meet it again (Error::repeats_on_restart).
+        || -> Result<Outcome, (String, bool)> {
             let mut job = JobSpec::from_yaml_str(&a.job_yaml, &format!("job {}", a.job_id))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| (e.to_string(), true))?;
             let world = a.world_size as usize;
             job.world_size = world;
             if a.rank as usize >= world {
-                return Err(format!("rank {} is outside world size {world}", a.rank));
+                return Err((
+                    format!("rank {} is outside world size {world}", a.rank),
+                    false,
+                ));
             }
             let mut collective: Box<dyn Collective> = if world == 1 {
                 Box::new(SingleProcess)
             } else {
-                let peers = peers_from(&a.peers, world)?;
+                let peers = peers_from(&a.peers, world).map_err(|e| (e, false))?;
                 let listener = ctx
                     .listener
-                    .ok_or("the collective listener is unavailable")?;
+                    .ok_or(("the collective listener is unavailable".to_string(), false))?;
                 lines.borrow_mut().push(format!(
                     "rank {} joining the ring of {world} ({})",
                     a.rank,
@@ -230,7 +235,7 @@ fn run_rank(
                     ctx.timeout,
                     aborter,
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| (e.to_string(), false))?;
                 Box::new(ring)
             };
             let until_step = (a.end_step > 0).then_some(a.end_step);
@@ -238,7 +243,7 @@ fn run_rank(
                 until_step,
                 stop: Some(stop.clone()),
                 device: herd_kernels::device::DeviceSpec::parse(&ctx.device)
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| (e.to_string(), false))?,
             };
             let mut observer = |e: &Event| match e {
                 Event::Started {
@@ -323,7 +328,7 @@ fn run_rank(
                 }
             };
             let outcome = trainer::run(&job, &opts, collective.as_mut(), &mut observer)
-                .map_err(|e| render(&e));
+                .map_err(|e| (render(&e), e.repeats_on_restart()));
             drop(collective);
             outcome
         },
@@ -342,10 +347,11 @@ fn run_rank(
                 .borrow_mut()
                 .push(format!("rank {} paused at step {s}", a.rank));
         }
-        Ok(Err(e)) => {
+        Ok(Err((e, repeats))) => {
             lines.borrow_mut().push(format!("error: {e}"));
             done.exit_code = 1;
             done.error = failure_text(&e, &lines.borrow().tail);
+            done.repeats_on_restart = repeats;
         }
         Err(panic) => {
             let msg = panic
