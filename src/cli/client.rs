@@ -416,7 +416,7 @@ mod tests {
             text.contains("rank  0  w-1  h  step 5  heartbeat 0.4s ago"),
             "{text}"
         );
-        assert!(text.contains("restart 1: rank 1 died"), "{text}");
+        assert!(text.contains("failure 1: rank 1 died"), "{text}");
         assert!(text.contains("restarts 1/3"), "{text}");
         s.state = JobState::Succeeded as i32;
         let text = render_status(&s, 110.0);

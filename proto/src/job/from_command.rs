@@ -219,9 +219,27 @@ pub fn convert(command: &[String]) -> Result<Converted, String> {
             missing.join(", ")
         ));
     }
-    let yaml = serde_yaml::to_string(&job).map_err(|e| e.to_string())?;
+    let yaml = quote_yaml11_booleans(&serde_yaml::to_string(&job).map_err(|e| e.to_string())?);
     JobSpec::from_yaml_str(&yaml, "the converted job").map_err(|e| e.to_string())?;
     Ok(Converted { yaml, notes })
+}
+
+/// serde_yaml writes the string `no` bare (`save_strategy: no`), which YAML 1.2 reads as a string
+/// but YAML 1.1 readers (PyYAML, so most Python tools) read as false: such top-level values are
+/// quoted, so the job means the same to every reader.
+fn quote_yaml11_booleans(yaml: &str) -> String {
+    const WORDS: &[&str] = &["y", "yes", "n", "no", "on", "off"];
+    yaml.lines()
+        .map(|line| match line.split_once(": ") {
+            Some((key, value))
+                if !key.starts_with([' ', '-', '#'])
+                    && WORDS.contains(&value.to_ascii_lowercase().as_str()) =>
+            {
+                format!("{key}: '{value}'\n")
+            }
+            _ => format!("{line}\n"),
+        })
+        .collect()
 }
 
 fn is_env(word: &str) -> bool {

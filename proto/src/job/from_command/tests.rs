@@ -194,3 +194,17 @@ fn alpaca_cot_flags_are_read_by_their_job_names() {
     let e = convert(&words(&cmd.replace("--output_dir out", ""))).unwrap_err();
     assert!(e.contains("the command gives no --output_dir"), "{e}");
 }
+
+#[test]
+fn words_yaml_1_1_reads_as_booleans_are_written_quoted() {
+    let c = convert(&words(
+        "python train.py --model_name_or_path m --data_path d.json --output_dir no \
+         --save_strategy no --eval_strategy no",
+    ))
+    .unwrap();
+    assert!(c.yaml.contains("\nsave_strategy: 'no'\n"), "{}", c.yaml);
+    assert!(c.yaml.contains("\noutput_dir: 'no'\n"), "{}", c.yaml);
+    let j = job(&c);
+    assert_eq!(j.save_strategy, crate::SaveStrategy::No);
+    assert_eq!(j.output_dir, std::path::PathBuf::from("no"));
+}
