@@ -240,11 +240,7 @@ pub fn restart_decision(job: RestartState, failure: &Failure) -> Decision {
         return Decision {
             action: Action::Fail,
             counts: false,
-            reason: format!(
-                "attempt {}: {what}; not restarted: the error comes from the job, its data or \
-                 its model files, and a restart from the last checkpoint would meet it again",
-                job.attempt
-            ),
+            reason: format!("attempt {}: {what}{NOT_RESTARTED}", job.attempt),
         };
     }
     if job.restarts < job.max_restarts {
@@ -287,6 +283,48 @@ pub fn likely_cause(reason: &str, attempt: u32, dead: &Failure) -> Option<String
 }
 
 const LIKELY_CAUSED: &str = ", which likely caused: ";
+
+const NOT_RESTARTED: &str = "; not restarted: the error comes from the job, its data or its \
+                             model files, and a restart from the last checkpoint would meet it \
+                             again";
+
+/// What becomes of a restart already decided when a late report calls it off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalledOff {
+    /// The attempt's reason re-told: the late rank's error first, what it likely caused after.
+    pub reason: String,
+    /// The restart had counted against max_restarts; it never ran, so it is given back.
+    pub refund: bool,
+}
+
+/// A rank's own error can reach the coordinator after the "connection closed" of a peer it took
+/// down, which already decided a restart. When that late error is one a restart would meet again
+/// (the job, its data or model files), the restart, not yet placed, is called off and the job
+/// fails with that error named first; otherwise (None) the restart stands. `reason` is the
+/// attempt's restart reason as restart_decision (or likely_cause) wrote it.
+pub fn call_off_restart(reason: &str, attempt: u32, late: &Failure) -> Option<CalledOff> {
+    if !matches!(
+        late.kind,
+        FailureKind::RankFailed {
+            repeats_on_restart: true,
+            ..
+        }
+    ) {
+        return None;
+    }
+    let prefix = format!("attempt {attempt}: ");
+    let rest = reason.strip_prefix(&prefix)?;
+    // The tail restart_decision put on a restart: "; restart N of M" (counted) or
+    // "; restarting (preemption does not count)".
+    let (earlier, tail) = rest.rsplit_once("; restart")?;
+    Some(CalledOff {
+        reason: format!(
+            "{prefix}{}{LIKELY_CAUSED}{earlier}{NOT_RESTARTED}",
+            describe_failure(late)
+        ),
+        refund: tail.starts_with(' '),
+    })
+}
 
 /// A worker is dead when its last heartbeat is older than `timeout`.
 pub fn is_dead(now: Instant, last_heartbeat: Instant, timeout: Duration) -> bool {
@@ -561,6 +599,64 @@ mod tests {
              again"
         );
         assert_eq!(restart_decision(job, &f(false)).action, Action::Restart);
+    }
+
+    #[test]
+    fn a_late_error_that_would_repeat_calls_off_the_restart_its_peer_decided() {
+        let survivor = Failure {
+            rank: 0,
+            worker_id: "w-1".into(),
+            host: "h".into(),
+            step: 40,
+            kind: FailureKind::RankFailed {
+                error: "collective (tcp-ring) failed: rank 0: connection closed by rank 1".into(),
+                exit_code: 1,
+                signal: 0,
+                repeats_on_restart: false,
+            },
+        };
+        let job = RestartState {
+            attempt: 2,
+            restarts: 1,
+            max_restarts: 3,
+        };
+        let first = restart_decision(job, &survivor);
+        assert_eq!((first.action, first.counts), (Action::Restart, true));
+        let late = |repeats| {
+            failure(FailureKind::RankFailed {
+                error: "data/alpaca.json record 7: `output` is not a string".into(),
+                exit_code: 1,
+                signal: 0,
+                repeats_on_restart: repeats,
+            })
+        };
+        let off = call_off_restart(&first.reason, 2, &late(true)).unwrap();
+        assert_eq!(
+            off.reason,
+            "attempt 2: rank 1 (worker w-2 on h, step 40): failed (exit code 1): \
+             data/alpaca.json record 7: `output` is not a string, which likely caused: rank 0 \
+             (worker w-1 on h, step 40): failed (exit code 1): collective (tcp-ring) failed: \
+             rank 0: connection closed by rank 1; not restarted: the error comes from the job, \
+             its data or its model files, and a restart from the last checkpoint would meet it \
+             again"
+        );
+        assert!(off.refund);
+        // An error a restart may cure leaves the restart alone; so does another attempt's reason.
+        assert_eq!(call_off_restart(&first.reason, 2, &late(false)), None);
+        assert_eq!(call_off_restart(&first.reason, 3, &late(true)), None);
+        // A preemption's restart did not count, so nothing is given back.
+        let pre = restart_decision(job, &failure(FailureKind::Preempted));
+        let off = call_off_restart(&pre.reason, 2, &late(true)).unwrap();
+        assert!(!off.refund);
+        assert!(
+            off.reason.contains(
+                "which likely caused: rank 1 (worker w-2 on h, step 40): \
+                                 preempted (its worker was told to stop and checkpointed); \
+                                 not restarted"
+            ),
+            "{}",
+            off.reason
+        );
     }
 
     #[test]

@@ -67,6 +67,34 @@ impl Core {
         Ok(())
     }
 
+    /// A rank's error arrives after a peer's report of the same attempt already decided a
+    /// restart. If a restart would meet that error again, the restart (not yet placed: this
+    /// rank's worker held it back) is called off and the job fails with that error named first
+    /// (sched::call_off_restart), the restart given back to max_restarts.
+    pub(super) fn late_failure(&mut self, job_id: &str, failure: Failure) -> Result<()> {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return Ok(());
+        };
+        if job.rec.state != JobState::Restarting {
+            self.publish(job_id);
+            return Ok(());
+        }
+        let attempt = job.rec.attempt;
+        let Some(last) = job.rec.restart_reasons.last_mut() else {
+            self.publish(job_id);
+            return Ok(());
+        };
+        let Some(off) = sched::call_off_restart(last, attempt, &failure) else {
+            self.publish(job_id); // a rank of the old attempt fewer to wait for
+            return Ok(());
+        };
+        *last = off.reason.clone();
+        if off.refund {
+            job.rec.restarts = job.rec.restarts.saturating_sub(1);
+        }
+        self.end_job(job_id, JobState::Failed, off.reason)
+    }
+
     /// A worker of `attempt` is found dead after a survivor's error already ended that attempt:
     /// its death is the likely cause, so the attempt's reason names it first
     /// (sched::likely_cause). The restart was already decided and counted.

@@ -334,6 +334,7 @@ impl Core {
         let job = self.jobs.get_mut(&req.job_id).expect("present");
         let current = job.rec.attempt == req.attempt;
         let running = current && job.rec.state == JobState::Running;
+        let restarting = current && job.rec.state == JobState::Restarting;
         if current {
             if let Some(r) = job.ranks.iter_mut().find(|r| r.rank == req.rank) {
                 r.done_kind = kind as i32;
@@ -354,7 +355,7 @@ impl Core {
                 req.step
             ),
         );
-        if running {
+        if running || restarting {
             let host = if req.host.is_empty() {
                 self.workers
                     .get(&req.worker_id)
@@ -371,6 +372,18 @@ impl Core {
                 kind,
             };
             match kind {
+                // This attempt already ended on a peer's report; only an error that calls off
+                // the restart changes anything.
+                DoneKind::FailedRank | DoneKind::Unspecified if restarting => self.late_failure(
+                    &req.job_id,
+                    failure(FailureKind::RankFailed {
+                        error: req.error.clone(),
+                        exit_code: req.exit_code,
+                        signal: req.signal,
+                        repeats_on_restart: req.repeats_on_restart,
+                    }),
+                )?,
+                _ if restarting => self.publish(&req.job_id),
                 DoneKind::Completed => {
                     if req.rank == 0 {
                         let job = self.jobs.get_mut(&req.job_id).expect("present");

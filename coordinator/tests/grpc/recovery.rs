@@ -415,3 +415,75 @@ async fn the_job_events_name_the_rank_that_died_when_a_survivor_reported_first()
     );
     srv.stop().await;
 }
+
+#[tokio::test]
+async fn a_late_error_the_restart_would_repeat_fails_the_job_its_peer_had_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    demo(dir.path());
+    let srv = Server::start(&dir.path().join("state"), Duration::from_secs(10)).await;
+    let mut j = srv.jobs(TOKEN).await;
+    let mut w = srv.workers().await;
+    let w1 = register(&mut w, 7401).await;
+    let w2 = register(&mut w, 7402).await;
+    let id = submit(&mut j, &job_yaml(2, 2), dir.path()).await;
+    await_assignment(&mut w, &w1, Duration::from_secs(5)).await;
+    await_assignment(&mut w, &w2, Duration::from_secs(5)).await;
+
+    // Rank 1 meets a bad record and exits; rank 0's "connection closed" is reported first.
+    let report = |worker: &str, rank, error: &str, repeats| pb::DoneReport {
+        worker_id: worker.to_string(),
+        job_id: id.clone(),
+        attempt: 1,
+        rank,
+        kind: DoneKind::FailedRank as i32,
+        step: 3,
+        error: error.into(),
+        host: "testhost".into(),
+        exit_code: 1,
+        signal: 0,
+        repeats_on_restart: repeats,
+    };
+    w.report_done(report(
+        &w1,
+        0,
+        "collective (tcp-ring) failed: rank 0: connection closed by rank 1",
+        false,
+    ))
+    .await
+    .unwrap();
+    let s = get(&mut j, &id).await;
+    assert_eq!((s.state(), s.restarts), (JobState::Restarting, 1));
+    w.report_done(report(
+        &w2,
+        1,
+        "data/alpaca.json record 7: `output` is not a string",
+        true,
+    ))
+    .await
+    .unwrap();
+    let s = get(&mut j, &id).await;
+    assert_eq!(
+        (s.state(), s.restarts),
+        (JobState::Failed, 0),
+        "{}",
+        s.reason
+    );
+    assert!(
+        s.reason.starts_with(&format!(
+            "attempt 1: rank 1 (worker {w2} on testhost, step 3): failed (exit code 1): \
+             data/alpaca.json record 7"
+        )) && s.reason.contains("which likely caused: rank 0 ")
+            && s.reason
+                .contains("not restarted: the error comes from the job"),
+        "{}",
+        s.reason
+    );
+    assert_eq!(s.restart_reasons, vec![s.reason.clone()]);
+    // The restart was never placed: no worker gets an attempt 2.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for worker in [&w1, &w2] {
+        let r = hb(&mut w, worker, "", 0, 0).await;
+        assert!(r.assignment.is_none(), "{r:?}");
+    }
+    srv.stop().await;
+}
