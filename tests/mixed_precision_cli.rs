@@ -120,8 +120,15 @@ fn two_bf16_workers_equal_one_process() {
         &ws.path().join("one/checkpoint-2/model.safetensors"),
         1e-5,
     );
-    assert_eq!(
+    // The logged losses are unrounded (as transformers 5 logs them): step 2's see the bf16
+    // weights that summed gradients of different grouping moved, equal to ~1e-7.
+    let (dp, one) = (
         losses(&ws.path().join("dp")),
-        losses(&ws.path().join("one"))
+        losses(&ws.path().join("one")),
     );
+    assert_eq!(dp.len(), one.len());
+    assert_eq!(dp[0], one[0]);
+    for (a, b) in dp.iter().zip(&one) {
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "{dp:?} vs {one:?}");
+    }
 }

@@ -297,3 +297,67 @@ fn a_deepspeed_scheduler_section_sets_the_learning_rate_as_hf_trainer_with_deeps
     );
     assert!(!ws.path().join("bad/checkpoint-4").exists());
 }
+
+#[test]
+fn a_per_epoch_job_logs_and_saves_where_each_epoch_ends_as_hf_trainer_does() {
+    // 20 examples, batch 4, accumulation 2: 5 micro-batches an epoch, steps of 2, 2 and 1.
+    let ws = Workspace::new(20);
+    let keys = "num_train_epochs: 2\ngradient_accumulation_steps: 2\n";
+    let every = ws.job(
+        "every.yaml",
+        "every",
+        &format!("{keys}save_strategy: 'no'\n"),
+    );
+    ws.train(&every, &[]);
+    let per_epoch = ws.job(
+        "epoch.yaml",
+        "epoch",
+        &format!("{keys}logging_strategy: epoch\nsave_strategy: epoch\n"),
+    );
+    ws.train(&per_epoch, &[]);
+
+    let history = |dir: &str| {
+        trainer_state(&ws.path().join(dir))["log_history"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let (every, epoch) = (history("every"), history("epoch"));
+    let field = |h: &[serde_json::Value], k: &str| -> Vec<f64> {
+        h.iter().filter_map(|e| e[k].as_f64()).collect()
+    };
+    // Logged every step: HF's epoch counts micro-batches (2/5, 4/5, 5/5, ...).
+    let epochs = field(&every, "epoch");
+    assert_eq!(epochs, [0.4, 0.8, 1.0, 1.4, 1.8, 2.0, 2.0], "{every:?}");
+    // Per epoch: one entry at each epoch's end, its loss the mean of that epoch's steps.
+    let steps: Vec<u64> = epoch.iter().filter_map(|e| e["step"].as_u64()).collect();
+    assert_eq!(steps, [3, 6, 6], "{epoch:?}");
+    let step_losses = field(&every, "loss");
+    let epoch_losses = field(&epoch, "loss");
+    assert_eq!(epoch_losses.len(), 2);
+    for (i, l) in epoch_losses.iter().enumerate() {
+        let mean = step_losses[3 * i..3 * i + 3].iter().sum::<f64>() / 3.0;
+        assert!((l - mean).abs() <= 1e-12 * mean, "{l} vs {mean}");
+    }
+    // train_loss is the mean over the run's steps, however the log was cut.
+    let mean = step_losses.iter().sum::<f64>() / 6.0;
+    for h in [&every, &epoch] {
+        let train_loss = field(h, "train_loss")[0];
+        assert!(
+            (train_loss - mean).abs() <= 1e-12 * mean,
+            "{train_loss} vs {mean}"
+        );
+    }
+    // save_strategy: epoch saved at both epochs' ends; `no` saved none.
+    let ckpts = |dir: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(ws.path().join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("checkpoint-"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ckpts("epoch"), ["checkpoint-3", "checkpoint-6"]);
+    assert!(ckpts("every").is_empty());
+}

@@ -55,6 +55,8 @@ pub enum SaveStrategy {
     Steps,
     /// Never save intermediate checkpoints (the final model is still written).
     No,
+    /// Save at the end of every epoch (and where a run ends mid-epoch).
+    Epoch,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -64,6 +66,21 @@ pub enum EvalStrategy {
     No,
     /// Evaluate on `eval_data_path` every `eval_steps` optimizer steps.
     Steps,
+    /// Evaluate at the end of every epoch.
+    Epoch,
+}
+
+/// HF's `logging_strategy`: when a `{loss, learning_rate, grad_norm, epoch, step}` entry is
+/// added to the log history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LoggingStrategy {
+    /// Every `logging_steps` optimizer steps (HF's default).
+    #[default]
+    Steps,
+    /// At the end of every epoch.
+    Epoch,
+    No,
 }
 
 /// What the job trains.
@@ -361,8 +378,13 @@ pub struct JobSpec {
     pub warmup_steps: u64,
     #[serde(default)]
     pub lr_scheduler_type: SchedulerType,
+    #[serde(default)]
+    pub logging_strategy: LoggingStrategy,
     #[serde(default = "d_500")]
     pub logging_steps: u64,
+    /// Also log after the first optimizer step.
+    #[serde(default)]
+    pub logging_first_step: bool,
     #[serde(default)]
     pub save_strategy: SaveStrategy,
     #[serde(default = "d_500")]
@@ -567,8 +589,11 @@ impl JobSpec {
                 format!("must be in [0, 1], got {}", self.warmup_ratio),
             );
         }
-        if self.logging_steps == 0 {
-            return bad("logging_steps", "must be at least 1".into());
+        if self.logging_strategy == LoggingStrategy::Steps && self.logging_steps == 0 {
+            return bad(
+                "logging_steps",
+                "must be at least 1 with logging_strategy: steps".into(),
+            );
         }
         if self.save_strategy == SaveStrategy::Steps && self.save_steps == 0 {
             return bad(
@@ -622,10 +647,16 @@ impl JobSpec {
                 format!("unknown module `{t}`, expected some of {TARGETS:?}"),
             );
         }
-        if self.eval_strategy == EvalStrategy::Steps && self.eval_data_path.is_none() {
+        if self.eval_strategy != EvalStrategy::No && self.eval_data_path.is_none() {
             return bad(
                 "eval_data_path",
-                "is required with eval_strategy: steps".into(),
+                format!(
+                    "is required with eval_strategy: {}",
+                    match self.eval_strategy {
+                        EvalStrategy::Epoch => "epoch",
+                        _ => "steps",
+                    }
+                ),
             );
         }
         if self.eval_steps == Some(0) {

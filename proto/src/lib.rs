@@ -11,8 +11,8 @@ pub mod auth;
 pub mod job;
 
 pub use job::{
-    DataEntry, DataFile, DataFormat, DataPath, EvalStrategy, JobError, JobSpec, SaveStrategy,
-    SchedulerType, Task,
+    DataEntry, DataFile, DataFormat, DataPath, EvalStrategy, JobError, JobSpec, LoggingStrategy,
+    SaveStrategy, SchedulerType, Task,
 };
 
 /// The gRPC messages and services of `proto/herd.proto` (package `herd.v1`).

@@ -27,6 +27,7 @@ const STRINGS: &[&str] = &[
     "deepspeed",
     "lr_scheduler_type",
     "save_strategy",
+    "logging_strategy",
     "eval_strategy",
     "evaluation_strategy",
     "task",
@@ -89,7 +90,6 @@ const NOT_NEEDED: &[(&str, &str)] = &[
     ("cache_dir", "nothing is downloaded"),
     ("local_rank", "the coordinator assigns ranks"),
     ("disable_tqdm", "`herd train --no-progress`"),
-    ("logging_first_step", "every logging_steps step is logged"),
     ("save_safetensors", "herd always writes safetensors"),
     (
         "group_by_length",

@@ -5,6 +5,7 @@
 //! (example order, batch slices, lr) is a pure function of the job and the step, so resuming from
 //! `checkpoint-<s>` needs only the weights, the optimizer moments and `s`.
 
+pub mod cadence;
 pub mod engine;
 pub mod mixed;
 pub mod objective;
@@ -24,7 +25,7 @@ use crate::schedule::{DeepSpeedSchedule, LrSchedule, Schedule};
 use candle_core::DType;
 use engine::{Engine, StepStats, Trainable};
 use herd_model::{Llama, Tokenizer};
-use herd_proto::{JobSpec, SaveStrategy, Task};
+use herd_proto::{JobSpec, Task};
 use objective::{CausalLm, Objective};
 pub use plan::Plan;
 use serde_json::json;
@@ -381,11 +382,10 @@ fn run_setup<O: Objective>(
         None => collective,
     };
     let mut ts = trainer_state.unwrap_or_else(|| new_trainer_state(job, &plan));
-    // eval_strategy: steps — only rank 0 evaluates; the others go straight on to the next
-    // collective, where they wait for it.
-    let eval_every = job.eval_steps.unwrap_or(job.logging_steps);
-    if let (Some(path), herd_proto::EvalStrategy::Steps) = (&job.eval_data_path, job.eval_strategy)
-    {
+    // When to log, evaluate and save, as HF Trainer decides it. Only rank 0 evaluates; the
+    // others go straight on to the next collective, where they wait for it.
+    let cadence = cadence::Cadence::of(job);
+    if let (Some(path), true) = (&job.eval_data_path, cadence.evaluate != cadence::Every::No) {
         if rank == 0 {
             objective.load_eval(&tokenizer, path, job.model_max_length)?;
         }
@@ -409,6 +409,8 @@ fn run_setup<O: Objective>(
     let mut window_loss = 0.0;
     let mut window_accuracy = 0.0;
     let mut window_steps = 0u64;
+    // HF's train_loss: the mean loss of the steps this run trained.
+    let mut run_loss = 0.0;
     let mut step = start_step;
     while step < end {
         let span = tracing::info_span!("step", step, rank);
@@ -452,19 +454,21 @@ fn run_setup<O: Objective>(
             stats,
             tokens_per_sec: seen_tokens as f64 / dt,
         });
+        run_loss += stats.loss;
         window_loss += stats.loss;
         window_accuracy += stats.accuracy.unwrap_or(0.0);
         window_steps += 1;
-        if step % job.logging_steps == 0 || step == plan.total_steps {
+        let due = cadence.after(&plan, step);
+        if due.log {
             let mut entry = json!({
-                "epoch": round4(ts.epoch),
+                "epoch": ts.epoch,
                 "grad_norm": stats.grad_norm,
                 "learning_rate": schedule.logged_lr(step),
-                "loss": round4(window_loss / window_steps as f64),
+                "loss": window_loss / window_steps as f64,
                 "step": step,
             });
             if stats.accuracy.is_some() {
-                entry["accuracy"] = json!(round4(window_accuracy / window_steps as f64));
+                entry["accuracy"] = json!(window_accuracy / window_steps as f64);
             }
             window_loss = 0.0;
             window_accuracy = 0.0;
@@ -473,7 +477,7 @@ fn run_setup<O: Objective>(
             ts.log_history.push(entry.clone());
             observer.event(&Event::Logged(entry));
         }
-        if rank == 0 && (step % eval_every == 0 || step == plan.total_steps) {
+        if rank == 0 && due.evaluate {
             if let Some(entry) = evaluate(job, &objective, &engine.model, ts.epoch, step)? {
                 tracing::info!(target: "herd::log", "{entry}");
                 ts.log_history.push(entry.clone());
@@ -485,9 +489,8 @@ fn run_setup<O: Objective>(
             // A sharded save needs every rank, so the ranks stop together.
             stop_requested = zero::any_rank(collective, stop_requested)?;
         }
-        let cadence = job.save_strategy == SaveStrategy::Steps && step % job.save_steps == 0;
         let range_end = step == end && step < plan.total_steps;
-        let save = cadence || ((range_end || stop_requested) && step < plan.total_steps);
+        let save = due.save || ((range_end || stop_requested) && step < plan.total_steps);
         if save && (rank == 0 || engine.shard().is_some()) {
             let saved = save_checkpoint(
                 job, &objective, &engine, collective, &tokenizer, &schedule, &ts, step, world,
@@ -507,16 +510,7 @@ fn run_setup<O: Objective>(
     if step < plan.total_steps {
         return Ok(Outcome::Paused { step });
     }
-    let train_loss = ts
-        .log_history
-        .iter()
-        .filter_map(|e| e.get("loss").and_then(|l| l.as_f64()))
-        .collect::<Vec<_>>();
-    let train_loss = if train_loss.is_empty() {
-        0.0
-    } else {
-        train_loss.iter().sum::<f64>() / train_loss.len() as f64
-    };
+    let train_loss = run_loss / (step - start_step).max(1) as f64;
     let runtime = t0.elapsed().as_secs_f64();
     // Sharded, every rank sends its part of the master weights; rank 0 writes them.
     let master = if rank == 0 || engine.shard().is_some() {
@@ -526,7 +520,7 @@ fn run_setup<O: Objective>(
     };
     if rank == 0 {
         ts.log_history.push(json!({
-            "epoch": round4(ts.epoch),
+            "epoch": ts.epoch,
             "step": step,
             "total_flos": ts.total_flos,
             "train_loss": train_loss,
@@ -559,7 +553,7 @@ fn evaluate<O: Objective>(
     };
     let dt = t.elapsed().as_secs_f64().max(1e-9);
     let mut entry = json!({
-        "epoch": round4(epoch),
+        "epoch": epoch,
         "eval_runtime": round4(dt),
         "eval_samples_per_second": round4(n as f64 / dt),
         "eval_steps_per_second": round4(n.div_ceil(batch.max(1)) as f64 / dt),

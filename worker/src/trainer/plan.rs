@@ -57,9 +57,30 @@ impl Plan {
         step / self.steps_per_epoch
     }
 
-    /// Fractional epoch after `steps_done` optimizer steps, as HF logs it.
+    /// The micro-batches of one epoch on one rank: HF's `len(train_dataloader)`, ceil(examples
+    /// / (per_device · world_size)).
+    pub fn micro_batches_per_epoch(&self) -> u64 {
+        self.examples.div_ceil(self.per_device * self.world_size) as u64
+    }
+
+    /// Fractional epoch after `steps_done` optimizer steps, as HF Trainer counts it: epoch e
+    /// plus the share of the epoch's micro-batches done, so an epoch whose micro-batches do
+    /// not divide by the accumulation is 3/7, 6/7, 7/7 done after its steps, not 1/3, 2/3, 1.
     pub fn epoch_progress(&self, steps_done: u64) -> f64 {
-        steps_done as f64 / self.steps_per_epoch as f64
+        if steps_done == 0 {
+            return 0.0;
+        }
+        let epoch = (steps_done - 1) / self.steps_per_epoch;
+        let in_epoch = steps_done - epoch * self.steps_per_epoch;
+        let micro = self.micro_batches_per_epoch();
+        let done = (in_epoch * self.accumulation as u64).min(micro);
+        epoch as f64 + done as f64 / micro as f64
+    }
+
+    /// Whether optimizer step `steps_done` ends an epoch (the last one may end early, at
+    /// total_steps, as HF's epoch loop does when training stops).
+    pub fn ends_epoch(&self, steps_done: u64) -> bool {
+        steps_done.is_multiple_of(self.steps_per_epoch) || steps_done == self.total_steps
     }
 
     /// Positions in the epoch's permutation for micro-batch `micro` of `rank` at `step`.

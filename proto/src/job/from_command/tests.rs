@@ -208,3 +208,23 @@ fn words_yaml_1_1_reads_as_booleans_are_written_quoted() {
     assert_eq!(j.save_strategy, crate::SaveStrategy::No);
     assert_eq!(j.output_dir, std::path::PathBuf::from("no"));
 }
+
+#[test]
+fn epoch_strategies_and_logging_first_step_become_the_job_keys() {
+    let c = convert(&words(
+        "python train.py --model_name_or_path m --data_path d.json --output_dir o \
+         --save_strategy epoch --logging_strategy epoch --logging_first_step True \
+         --eval_strategy epoch --eval_data_path e.json",
+    ))
+    .unwrap();
+    let j = job(&c);
+    assert_eq!(j.save_strategy, crate::SaveStrategy::Epoch);
+    assert_eq!(j.logging_strategy, crate::LoggingStrategy::Epoch);
+    assert_eq!(j.eval_strategy, crate::EvalStrategy::Epoch);
+    assert!(j.logging_first_step);
+    assert!(
+        c.notes.iter().all(|n| !n.contains("logging_first_step")),
+        "{:?}",
+        c.notes
+    );
+}
