@@ -70,6 +70,75 @@ pub enum EvalStrategy {
     Epoch,
 }
 
+/// A `logging_steps`/`save_steps`/`eval_steps` value: a number of optimizer steps, or (below 1)
+/// HF's ratio of the run's total steps, ceil(total × ratio).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum StepCount {
+    Steps(u64),
+    Ratio(f64),
+}
+
+impl<'de> Deserialize<'de> for StepCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = StepCount;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of steps, or a ratio of the total steps in (0, 1)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<StepCount, E> {
+                Ok(StepCount::Steps(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<StepCount, E> {
+                u64::try_from(v)
+                    .map(StepCount::Steps)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<StepCount, E> {
+                Ok(StepCount::Ratio(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl StepCount {
+    /// The steps between two events of a run of `total_steps` (0 only for `Steps(0)`, which
+    /// the job refuses where it is used).
+    pub fn resolve(self, total_steps: u64) -> u64 {
+        match self {
+            StepCount::Steps(n) => n,
+            StepCount::Ratio(r) if r < 1.0 => ((total_steps as f64 * r).ceil() as u64).max(1),
+            StepCount::Ratio(r) => r as u64,
+        }
+    }
+
+    /// None when usable; else what is wrong (HF refuses the same values).
+    fn problem(self) -> Option<String> {
+        match self {
+            StepCount::Steps(0) => {
+                Some("must be at least 1, or a ratio of the total steps in (0, 1)".into())
+            }
+            StepCount::Steps(_) => None,
+            StepCount::Ratio(r) if r > 0.0 && r < 1.0 => None,
+            StepCount::Ratio(r) if r >= 1.0 && r.fract() == 0.0 && r.is_finite() => None,
+            StepCount::Ratio(r) => Some(format!(
+                "must be a whole number of steps, or a ratio of the total steps in (0, 1), got {r}"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for StepCount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepCount::Steps(n) => write!(f, "{n}"),
+            StepCount::Ratio(r) => write!(f, "{r}"),
+        }
+    }
+}
+
 /// HF's `logging_strategy`: when a `{loss, learning_rate, grad_norm, epoch, step}` entry is
 /// added to the log history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -128,8 +197,8 @@ fn d_eps() -> f64 {
 fn d_grad_norm() -> f64 {
     1.0
 }
-fn d_500() -> u64 {
-    500
+fn d_500() -> StepCount {
+    StepCount::Steps(500)
 }
 fn d_max_len() -> usize {
     512
@@ -381,21 +450,21 @@ pub struct JobSpec {
     #[serde(default)]
     pub logging_strategy: LoggingStrategy,
     #[serde(default = "d_500")]
-    pub logging_steps: u64,
+    pub logging_steps: StepCount,
     /// Also log after the first optimizer step.
     #[serde(default)]
     pub logging_first_step: bool,
     #[serde(default)]
     pub save_strategy: SaveStrategy,
     #[serde(default = "d_500")]
-    pub save_steps: u64,
+    pub save_steps: StepCount,
     #[serde(default)]
     pub save_total_limit: Option<usize>,
     #[serde(default, alias = "evaluation_strategy")]
     pub eval_strategy: EvalStrategy,
     /// Evaluate every N steps with `eval_strategy: steps` (HF: defaults to logging_steps).
     #[serde(default)]
-    pub eval_steps: Option<u64>,
+    pub eval_steps: Option<StepCount>,
     /// Held-out data for `eval_strategy: steps` (same formats as `data_path`).
     #[serde(default)]
     pub eval_data_path: Option<PathBuf>,
@@ -589,17 +658,23 @@ impl JobSpec {
                 format!("must be in [0, 1], got {}", self.warmup_ratio),
             );
         }
-        if self.logging_strategy == LoggingStrategy::Steps && self.logging_steps == 0 {
-            return bad(
+        let steps_keys = [
+            (
                 "logging_steps",
-                "must be at least 1 with logging_strategy: steps".into(),
-            );
-        }
-        if self.save_strategy == SaveStrategy::Steps && self.save_steps == 0 {
-            return bad(
+                Some(self.logging_steps),
+                self.logging_strategy == LoggingStrategy::Steps,
+            ),
+            (
                 "save_steps",
-                "must be at least 1 with save_strategy: steps".into(),
-            );
+                Some(self.save_steps),
+                self.save_strategy == SaveStrategy::Steps,
+            ),
+            ("eval_steps", self.eval_steps, true),
+        ];
+        for (key, value, used) in steps_keys {
+            if let (Some(problem), true) = (value.and_then(StepCount::problem), used) {
+                return bad(key, problem);
+            }
         }
         if self.save_total_limit == Some(0) {
             return bad(
@@ -658,9 +733,6 @@ impl JobSpec {
                     }
                 ),
             );
-        }
-        if self.eval_steps == Some(0) {
-            return bad("eval_steps", "must be at least 1".into());
         }
         if let Err(reason) = self.data_path.check() {
             return bad("data_path", reason);

@@ -25,7 +25,7 @@ fn logs_evaluations_checkpoints_and_epochs_fall_where_hf_trainer_puts_them() {
     let text = std::fs::read_to_string(common::fixtures().join("cadence.json")).unwrap();
     let fixture: Value = serde_json::from_str(&text).unwrap();
     let cases = fixture["cases"].as_array().unwrap();
-    assert!(cases.len() >= 7);
+    assert!(cases.len() >= 8);
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let mut keys = case["job"].clone();
@@ -43,7 +43,7 @@ fn logs_evaluations_checkpoints_and_epochs_fall_where_hf_trainer_puts_them() {
             case["max_steps"].as_u64().unwrap(),
             "{name}"
         );
-        let cadence = Cadence::of(&job);
+        let cadence = Cadence::of(&job, plan.total_steps);
         let (mut logs, mut evals, mut saved, mut kept) = (vec![], vec![], vec![], vec![]);
         for step in 1..=plan.total_steps {
             let due = cadence.after(&plan, step);

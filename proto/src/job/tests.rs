@@ -234,3 +234,43 @@ fn the_shipped_deepspeed_config_gives_the_shipped_7b_job() {
     ds.deepspeed = None;
     assert_eq!(ds, plain);
 }
+
+#[test]
+fn step_counts_take_steps_or_hf_ratios_of_the_total() {
+    let j = JobSpec::from_yaml_str(
+        &format!("{MIN}logging_steps: 0.25\nsave_steps: 40\neval_steps: 2.0\n"),
+        "j.yaml",
+    )
+    .unwrap();
+    assert_eq!(j.logging_steps, StepCount::Ratio(0.25));
+    assert_eq!(j.logging_steps.resolve(10), 3); // ceil(2.5), as HF
+    assert_eq!(j.save_steps.resolve(10), 40);
+    assert_eq!(j.eval_steps.unwrap().resolve(10), 2);
+    assert_eq!(StepCount::Ratio(0.01).resolve(10), 1);
+    for (extra, key, says) in [
+        ("save_steps: 1.5", "save_steps", "whole number of steps"),
+        ("logging_steps: 0", "logging_steps", "at least 1"),
+        (
+            "eval_steps: -0.5",
+            "eval_steps",
+            "ratio of the total steps in (0, 1)",
+        ),
+        (
+            "logging_steps: -3",
+            "logging_steps",
+            "ratio of the total steps in (0, 1)",
+        ),
+        ("logging_steps: ten", "logging_steps", "a number of steps"),
+    ] {
+        let err = JobSpec::from_yaml_str(&format!("{MIN}{extra}\n"), "j.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key) && err.contains(says), "{extra}: {err}");
+    }
+    // Not used, not checked: save_steps with save_strategy: 'no'.
+    JobSpec::from_yaml_str(
+        &format!("{MIN}save_strategy: 'no'\nsave_steps: 0\n"),
+        "j.yaml",
+    )
+    .unwrap();
+}

@@ -13,7 +13,7 @@
 //! The last epoch ends at the last step even when it is cut short (`max_steps`, a fractional
 //! `num_train_epochs`): HF's epoch loop stops there and runs its epoch-end callback.
 
-use herd_proto::{EvalStrategy, JobSpec, LoggingStrategy, SaveStrategy};
+use herd_proto::{EvalStrategy, JobSpec, LoggingStrategy, SaveStrategy, StepCount};
 
 use super::plan::Plan;
 
@@ -42,25 +42,25 @@ pub struct Cadence {
 }
 
 impl Cadence {
-    /// The job's cadences; `evaluate` is No without held-out data (the job refuses an
-    /// eval_strategy without eval_data_path).
-    pub fn of(job: &JobSpec) -> Cadence {
+    /// The job's cadences for a run of `total_steps` (a `*_steps` below 1 is a ratio of it);
+    /// `evaluate` is No without held-out data (the job refuses an eval_strategy without
+    /// eval_data_path).
+    pub fn of(job: &JobSpec, total_steps: u64) -> Cadence {
+        let steps = |n: StepCount| Every::Steps(n.resolve(total_steps));
         Cadence {
             log: match job.logging_strategy {
-                LoggingStrategy::Steps => Every::Steps(job.logging_steps),
+                LoggingStrategy::Steps => steps(job.logging_steps),
                 LoggingStrategy::Epoch => Every::Epoch,
                 LoggingStrategy::No => Every::No,
             },
             log_first_step: job.logging_first_step,
             evaluate: match (job.eval_strategy, &job.eval_data_path) {
                 (_, None) | (EvalStrategy::No, _) => Every::No,
-                (EvalStrategy::Steps, _) => {
-                    Every::Steps(job.eval_steps.unwrap_or(job.logging_steps))
-                }
+                (EvalStrategy::Steps, _) => steps(job.eval_steps.unwrap_or(job.logging_steps)),
                 (EvalStrategy::Epoch, _) => Every::Epoch,
             },
             save: match job.save_strategy {
-                SaveStrategy::Steps => Every::Steps(job.save_steps),
+                SaveStrategy::Steps => steps(job.save_steps),
                 SaveStrategy::Epoch => Every::Epoch,
                 SaveStrategy::No => Every::No,
             },

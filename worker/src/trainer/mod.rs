@@ -384,7 +384,7 @@ fn run_setup<O: Objective>(
     let mut ts = trainer_state.unwrap_or_else(|| new_trainer_state(job, &plan));
     // When to log, evaluate and save, as HF Trainer decides it. Only rank 0 evaluates; the
     // others go straight on to the next collective, where they wait for it.
-    let cadence = cadence::Cadence::of(job);
+    let cadence = cadence::Cadence::of(job, plan.total_steps);
     if let (Some(path), true) = (&job.eval_data_path, cadence.evaluate != cadence::Every::No) {
         if rank == 0 {
             objective.load_eval(&tokenizer, path, job.model_max_length)?;
@@ -574,17 +574,20 @@ fn new_trainer_state(job: &JobSpec, plan: &Plan) -> TrainerState {
         best_metric: None,
         best_model_checkpoint: None,
         epoch: 0.0,
-        eval_steps: job.eval_steps.unwrap_or(job.logging_steps),
+        eval_steps: job
+            .eval_steps
+            .unwrap_or(job.logging_steps)
+            .resolve(plan.total_steps),
         global_step: 0,
         is_hyper_param_search: false,
         is_local_process_zero: true,
         is_world_process_zero: true,
         log_history: vec![],
-        logging_steps: job.logging_steps,
+        logging_steps: job.logging_steps.resolve(plan.total_steps),
         max_steps: plan.total_steps,
         num_input_tokens_seen: 0,
         num_train_epochs: (plan.total_steps.div_ceil(plan.steps_per_epoch)).max(1),
-        save_steps: job.save_steps,
+        save_steps: job.save_steps.resolve(plan.total_steps),
         total_flos: 0.0,
         train_batch_size: job.per_device_train_batch_size,
         trial_name: None,
