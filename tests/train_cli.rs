@@ -361,3 +361,62 @@ fn a_per_epoch_job_logs_and_saves_where_each_epoch_ends_as_hf_trainer_does() {
     assert_eq!(ckpts("epoch"), ["checkpoint-3", "checkpoint-6"]);
     assert!(ckpts("every").is_empty());
 }
+
+#[test]
+fn load_best_model_at_end_makes_the_best_checkpoint_the_final_model_and_keeps_only_it() {
+    let ws = Workspace::new(24);
+    let heldout: Vec<serde_json::Value> =
+        serde_json::from_slice(&read(ws.path().join("demo/data/eval.json"))).unwrap();
+    std::fs::write(
+        ws.path().join("heldout.json"),
+        serde_json::to_vec(&heldout[..8]).unwrap(),
+    )
+    .unwrap();
+    // greater_is_better on the loss: the best is an early checkpoint, not the last one.
+    let job = ws.job(
+        "best.yaml",
+        "best",
+        "max_steps: 6\nsave_steps: 2\nsave_total_limit: 1\neval_strategy: steps\n\
+         eval_steps: 2\neval_data_path: heldout.json\nload_best_model_at_end: true\n\
+         metric_for_best_model: loss\ngreater_is_better: true\n",
+    );
+    ws.train(&job, &[]);
+    let out = ws.path().join("best");
+    let st = trainer_state(&out);
+    let evals: Vec<(u64, f64)> = st["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["step"].as_u64()?, e["eval_loss"].as_f64()?)))
+        .collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 6]);
+    // The first strictly greatest eval loss, as HF picks it.
+    let (best_step, best_loss) =
+        evals
+            .iter()
+            .copied()
+            .fold((0, f64::NEG_INFINITY), |b, e| if e.1 > b.1 { e } else { b });
+    assert_eq!(st["best_metric"].as_f64(), Some(best_loss), "{st}");
+    assert_eq!(st["best_global_step"].as_u64(), Some(best_step), "{st}");
+    let named = st["best_model_checkpoint"].as_str().unwrap();
+    assert!(
+        named.ends_with(&format!("checkpoint-{best_step}")),
+        "{named}"
+    );
+    // save_total_limit 1: only the best checkpoint is left, and the final model is its weights.
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(left, [format!("checkpoint-{best_step}")]);
+    assert_weights_close(
+        &out.join("model.safetensors"),
+        &out.join(format!("checkpoint-{best_step}/model.safetensors")),
+        0.0,
+    );
+    assert_ne!(
+        best_step, 6,
+        "the test wants a best before the last step: {evals:?}"
+    );
+}

@@ -57,6 +57,8 @@ pub enum SaveStrategy {
     No,
     /// Save at the end of every epoch (and where a run ends mid-epoch).
     Epoch,
+    /// Save after an evaluation that improves `metric_for_best_model`.
+    Best,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -460,6 +462,17 @@ pub struct JobSpec {
     pub save_steps: StepCount,
     #[serde(default)]
     pub save_total_limit: Option<usize>,
+    /// HF's `load_best_model_at_end`: the final model is the best checkpoint's (by
+    /// `metric_for_best_model`), which rotation never deletes.
+    #[serde(default)]
+    pub load_best_model_at_end: bool,
+    /// An evaluation metric (`loss` or `eval_loss`, `accuracy` for reward models) that picks the
+    /// best checkpoint; "loss" under load_best_model_at_end.
+    #[serde(default)]
+    pub metric_for_best_model: Option<String>,
+    /// Whether a higher metric is better; by default false for a metric ending in "loss".
+    #[serde(default)]
+    pub greater_is_better: Option<bool>,
     #[serde(default, alias = "evaluation_strategy")]
     pub eval_strategy: EvalStrategy,
     /// Evaluate every N steps with `eval_strategy: steps` (HF: defaults to logging_steps).
@@ -531,6 +544,84 @@ fn d_max_restarts() -> u32 {
 }
 
 impl JobSpec {
+    /// The metric that picks the best checkpoint, as the evaluation names it (`eval_loss`), and
+    /// whether higher is better: HF's rules (metric "loss" under load_best_model_at_end, the
+    /// `eval_` prefix added, greater_is_better false for a metric ending in "loss").
+    pub fn best_metric(&self) -> Option<(String, bool)> {
+        let metric = match (&self.metric_for_best_model, self.load_best_model_at_end) {
+            (Some(m), _) => m.clone(),
+            (None, true) => "loss".to_string(),
+            (None, false) => return None,
+        };
+        let greater = self.greater_is_better.unwrap_or(!metric.ends_with("loss"));
+        let metric = if metric.starts_with("eval_") {
+            metric
+        } else {
+            format!("eval_{metric}")
+        };
+        Some((metric, greater))
+    }
+
+    /// HF's checks of load_best_model_at_end and save_strategy: best, with the key to blame.
+    fn best_model_problem(&self) -> Option<(&'static str, String)> {
+        let saves_best = self.save_strategy == SaveStrategy::Best;
+        if (saves_best || self.load_best_model_at_end) && self.eval_strategy == EvalStrategy::No {
+            let key = if saves_best {
+                "save_strategy"
+            } else {
+                "load_best_model_at_end"
+            };
+            return Some((key, "needs an evaluation to pick the best checkpoint: set eval_strategy (steps or epoch) and eval_data_path".into()));
+        }
+        if saves_best && self.metric_for_best_model.is_none() && !self.load_best_model_at_end {
+            return Some((
+                "metric_for_best_model",
+                "is required with save_strategy: best (e.g. loss)".into(),
+            ));
+        }
+        if !self.load_best_model_at_end || saves_best {
+            return None;
+        }
+        let same = matches!(
+            (self.eval_strategy, self.save_strategy),
+            (EvalStrategy::Steps, SaveStrategy::Steps) | (EvalStrategy::Epoch, SaveStrategy::Epoch)
+        );
+        if !same {
+            return Some((
+                "load_best_model_at_end",
+                format!(
+                    "needs eval_strategy and save_strategy to match (or save_strategy: best), got eval_strategy {:?} and save_strategy {:?}",
+                    self.eval_strategy, self.save_strategy
+                )
+                .to_lowercase(),
+            ));
+        }
+        if self.eval_strategy != EvalStrategy::Steps {
+            return None;
+        }
+        let eval = self.eval_steps.unwrap_or(self.logging_steps);
+        let whole = |c: StepCount| match c {
+            StepCount::Ratio(r) if r >= 1.0 => StepCount::Steps(r as u64),
+            c => c,
+        };
+        let multiple = match (whole(self.save_steps), whole(eval)) {
+            (StepCount::Steps(s), StepCount::Steps(e)) => e > 0 && s % e == 0,
+            (StepCount::Ratio(s), StepCount::Ratio(e)) => {
+                let (s, e) = ((s * 1e6).round() as u64, (e * 1e6).round() as u64);
+                e > 0 && s % e == 0
+            }
+            _ => false,
+        };
+        (!multiple).then(|| {
+            (
+                "load_best_model_at_end",
+                format!(
+                    "needs save_steps ({}) to be a multiple of eval_steps ({eval}), so every evaluation that may be the best has its checkpoint (both steps, or both ratios)",
+                    self.save_steps
+                ),
+            )
+        })
+    }
     /// Parse and validate YAML text. `file` names the source in messages.
     pub fn from_yaml_str(text: &str, file: &str) -> Result<Self, JobError> {
         let mut spec: JobSpec = serde_yaml::from_str(text).map_err(|e| JobError::Parse {
@@ -733,6 +824,9 @@ impl JobSpec {
                     }
                 ),
             );
+        }
+        if let Some((key, reason)) = self.best_model_problem() {
+            return bad(key, reason);
         }
         if let Err(reason) = self.data_path.check() {
             return bad("data_path", reason);

@@ -196,21 +196,81 @@ pub fn latest_complete(output_dir: &Path) -> Result<Option<(u64, PathBuf, Manife
     Ok(None)
 }
 
-/// Which complete checkpoints `save_total_limit` removes: all but the newest `limit`. Pure; the
-/// newest is never among them.
-pub fn rotation_victims(complete_steps: &[u64], limit: Option<usize>) -> Vec<u64> {
-    let Some(limit) = limit else { return vec![] };
+/// Which complete checkpoints `save_total_limit` removes, as transformers' rotate_checkpoints:
+/// the oldest first, never the newest (to resume from) nor the best (`best`, the step of the
+/// trainer state's best_model_checkpoint), until `limit` are left, or the protected ones. Pure.
+pub fn rotation_victims(
+    complete_steps: &[u64],
+    limit: Option<usize>,
+    best: Option<u64>,
+) -> Vec<u64> {
+    let Some(limit) = limit.filter(|&l| l > 0) else {
+        return vec![];
+    };
     let mut steps = complete_steps.to_vec();
     steps.sort_unstable();
     steps.dedup();
-    let keep = limit.max(1);
-    let cut = steps.len().saturating_sub(keep);
-    steps[..cut].to_vec()
+    let Some(&newest) = steps.last() else {
+        return vec![];
+    };
+    let protected = |s: u64| s == newest || Some(s) == best;
+    let protected_count = if best.is_some_and(|b| b != newest) {
+        2
+    } else {
+        1
+    };
+    let keep = limit.max(protected_count);
+    let mut remaining = steps.len();
+    let mut victims = vec![];
+    for s in steps {
+        if remaining <= keep {
+            break;
+        }
+        if !protected(s) {
+            victims.push(s);
+            remaining -= 1;
+        }
+    }
+    victims
 }
 
-/// Apply `save_total_limit` after a successful save. Incomplete checkpoints older than the newest
-/// complete one are leftovers of crashes and are removed too.
-pub fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<Vec<u64>> {
+/// What is removed once training ends: with `save_total_limit: 1` and a best checkpoint, every
+/// other one, the newest too (transformers does the same after loading the best). Pure.
+pub fn final_victims(complete_steps: &[u64], limit: Option<usize>, best: Option<u64>) -> Vec<u64> {
+    match (limit, best) {
+        (Some(1), Some(best)) => complete_steps
+            .iter()
+            .copied()
+            .filter(|&s| s != best)
+            .collect(),
+        _ => vec![],
+    }
+}
+
+/// Remove the complete checkpoints `steps` (final_victims); the removed steps.
+pub fn remove(output_dir: &Path, steps: &[u64]) -> Result<Vec<u64>> {
+    let mut removed = vec![];
+    for (step, dir) in list(output_dir)? {
+        if steps.contains(&step) {
+            fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+            removed.push(step);
+        }
+    }
+    Ok(removed)
+}
+
+/// The steps of the complete checkpoints in `output_dir`.
+pub fn complete_steps(output_dir: &Path) -> Result<Vec<u64>> {
+    Ok(list(output_dir)?
+        .iter()
+        .filter(|(_, d)| verify(d, false).is_ok())
+        .map(|(s, _)| *s)
+        .collect())
+}
+
+/// Apply `save_total_limit` after a successful save, keeping the best checkpoint. Incomplete
+/// checkpoints older than the newest complete one are leftovers of crashes and are removed too.
+pub fn rotate(output_dir: &Path, limit: Option<usize>, best: Option<u64>) -> Result<Vec<u64>> {
     let all = list(output_dir)?;
     let complete: Vec<u64> = all
         .iter()
@@ -221,7 +281,7 @@ pub fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<Vec<u64>> {
         return Ok(vec![]);
     };
     let mut removed = vec![];
-    let victims = rotation_victims(&complete, limit);
+    let victims = rotation_victims(&complete, limit, best);
     for (step, dir) in &all {
         let stale = !complete.contains(step) && *step < newest;
         if victims.contains(step) || stale {
@@ -238,12 +298,32 @@ mod tests {
 
     #[test]
     fn rotation_keeps_the_newest_n() {
-        assert_eq!(rotation_victims(&[200, 400, 600], Some(1)), vec![200, 400]);
-        assert_eq!(rotation_victims(&[600, 200, 400], Some(2)), vec![200]);
-        assert_eq!(rotation_victims(&[200], Some(1)), Vec::<u64>::new());
-        assert_eq!(rotation_victims(&[200, 400], None), Vec::<u64>::new());
+        assert_eq!(
+            rotation_victims(&[200, 400, 600], Some(1), None),
+            vec![200, 400]
+        );
+        assert_eq!(rotation_victims(&[600, 200, 400], Some(2), None), vec![200]);
+        assert_eq!(rotation_victims(&[200], Some(1), None), Vec::<u64>::new());
+        assert_eq!(rotation_victims(&[200, 400], None, None), Vec::<u64>::new());
+        // The best is kept besides the newest, even past the limit.
+        assert_eq!(
+            rotation_victims(&[2, 4, 6, 8], Some(2), Some(4)),
+            vec![2, 6]
+        );
+        assert_eq!(
+            rotation_victims(&[2, 4, 6, 8], Some(1), Some(4)),
+            vec![2, 6]
+        );
+        assert_eq!(
+            rotation_victims(&[2, 4, 6, 8], Some(1), Some(8)),
+            vec![2, 4, 6]
+        );
+        // At the end, one checkpoint allowed: only the best stays.
+        assert_eq!(final_victims(&[6, 12], Some(1), Some(6)), vec![12]);
+        assert_eq!(final_victims(&[6, 12], Some(2), Some(6)), Vec::<u64>::new());
+        assert_eq!(final_victims(&[12], Some(1), None), Vec::<u64>::new());
         // Numeric, not lexicographic: checkpoint-1000 is newer than checkpoint-999.
-        assert_eq!(rotation_victims(&[999, 1000], Some(1)), vec![999]);
+        assert_eq!(rotation_victims(&[999, 1000], Some(1), None), vec![999]);
     }
 
     fn save(out: &Path, step: u64, body: &[u8]) -> PathBuf {
@@ -278,7 +358,7 @@ mod tests {
         save(out, 1, b"a");
         fs::create_dir_all(out.join("checkpoint-2")).unwrap(); // crashed save
         save(out, 3, b"c");
-        let removed = rotate(out, Some(1)).unwrap();
+        let removed = rotate(out, Some(1), None).unwrap();
         assert_eq!(removed, vec![1, 2]);
         assert_eq!(
             list(out).unwrap().iter().map(|x| x.0).collect::<Vec<_>>(),
@@ -286,7 +366,7 @@ mod tests {
         );
         // A crashed save newer than the newest complete one is left for resume to skip.
         fs::create_dir_all(out.join("checkpoint-9")).unwrap();
-        assert_eq!(rotate(out, Some(1)).unwrap(), Vec::<u64>::new());
+        assert_eq!(rotate(out, Some(1), None).unwrap(), Vec::<u64>::new());
         assert!(out.join("checkpoint-3").exists());
     }
 

@@ -28,6 +28,7 @@ const STRINGS: &[&str] = &[
     "lr_scheduler_type",
     "save_strategy",
     "logging_strategy",
+    "metric_for_best_model",
     "eval_strategy",
     "evaluation_strategy",
     "task",

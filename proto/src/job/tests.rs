@@ -274,3 +274,66 @@ fn step_counts_take_steps_or_hf_ratios_of_the_total() {
     )
     .unwrap();
 }
+
+#[test]
+fn best_model_keys_follow_hf_defaults_and_checks() {
+    let job = |extra: &str| JobSpec::from_yaml_str(&format!("{MIN}{extra}"), "j.yaml");
+    let eval = "eval_strategy: steps\neval_steps: 2\neval_data_path: e.json\n";
+    let j = job(&format!(
+        "{eval}save_steps: 4\nload_best_model_at_end: true\n"
+    ))
+    .unwrap();
+    assert_eq!(j.best_metric(), Some(("eval_loss".to_string(), false)));
+    let j = job(&format!("{eval}metric_for_best_model: eval_accuracy\n")).unwrap();
+    assert_eq!(j.best_metric(), Some(("eval_accuracy".to_string(), true)));
+    let j = job(&format!(
+        "{eval}metric_for_best_model: loss\ngreater_is_better: true\n"
+    ))
+    .unwrap();
+    assert_eq!(j.best_metric(), Some(("eval_loss".to_string(), true)));
+    assert_eq!(job("").unwrap().best_metric(), None);
+    job("eval_strategy: steps\neval_steps: 0.25\neval_data_path: e.json\nsave_steps: 0.5\nload_best_model_at_end: true\n")
+        .unwrap();
+    job(&format!(
+        "{eval}save_strategy: best\nmetric_for_best_model: loss\n"
+    ))
+    .unwrap();
+    for (extra, key, says) in [
+        (
+            "load_best_model_at_end: true\n",
+            "load_best_model_at_end",
+            "needs an evaluation",
+        ),
+        (
+            "save_strategy: best\n",
+            "save_strategy",
+            "needs an evaluation",
+        ),
+        (
+            &format!("{eval}save_strategy: best\n"),
+            "metric_for_best_model",
+            "required with save_strategy: best",
+        ),
+        (
+            &format!("{eval}save_steps: 5\nload_best_model_at_end: true\n"),
+            "load_best_model_at_end",
+            "multiple of eval_steps (2)",
+        ),
+        (
+            &format!("{eval}save_strategy: epoch\nload_best_model_at_end: true\n"),
+            "load_best_model_at_end",
+            "to match",
+        ),
+        (
+            &format!("{eval}save_steps: 0.5\nload_best_model_at_end: true\n"),
+            "load_best_model_at_end",
+            "multiple of eval_steps",
+        ),
+    ] {
+        let err = job(extra).unwrap_err();
+        assert!(
+            matches!(&err, JobError::Invalid { key: k, reason, .. } if *k == key && reason.contains(says)),
+            "{extra}: {err}"
+        );
+    }
+}

@@ -62,7 +62,8 @@ impl Cadence {
             save: match job.save_strategy {
                 SaveStrategy::Steps => steps(job.save_steps),
                 SaveStrategy::Epoch => Every::Epoch,
-                SaveStrategy::No => Every::No,
+                // save_strategy: best saves after an evaluation, when it improves the metric.
+                SaveStrategy::No | SaveStrategy::Best => Every::No,
             },
         }
     }

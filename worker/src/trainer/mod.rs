@@ -5,6 +5,7 @@
 //! (example order, batch slices, lr) is a pure function of the job and the step, so resuming from
 //! `checkpoint-<s>` needs only the weights, the optimizer moments and `s`.
 
+pub mod best;
 pub mod cadence;
 pub mod engine;
 pub mod mixed;
@@ -385,6 +386,7 @@ fn run_setup<O: Objective>(
     // When to log, evaluate and save, as HF Trainer decides it. Only rank 0 evaluates; the
     // others go straight on to the next collective, where they wait for it.
     let cadence = cadence::Cadence::of(job, plan.total_steps);
+    let best_rule = best::BestRule::of(job);
     if let (Some(path), true) = (&job.eval_data_path, cadence.evaluate != cadence::Every::No) {
         if rank == 0 {
             objective.load_eval(&tokenizer, path, job.model_max_length)?;
@@ -477,12 +479,22 @@ fn run_setup<O: Objective>(
             ts.log_history.push(entry.clone());
             observer.event(&Event::Logged(entry));
         }
+        let mut new_best = false;
         if rank == 0 && due.evaluate {
             if let Some(entry) = evaluate(job, &objective, &engine.model, ts.epoch, step)? {
+                if let Some(rule) = &best_rule {
+                    new_best = track_best(rule, &entry, &mut ts, job, step)?;
+                }
                 tracing::info!(target: "herd::log", "{entry}");
                 ts.log_history.push(entry.clone());
                 observer.event(&Event::Evaluated(entry));
             }
+        }
+        // save_strategy: best saves after an evaluation that improved the metric; sharded, every
+        // rank must learn it from rank 0, who evaluated.
+        let saves_best = job.save_strategy == herd_proto::SaveStrategy::Best;
+        if saves_best && due.evaluate && engine.shard().is_some() {
+            new_best = zero::any_rank(collective, new_best)?;
         }
         let mut stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
         if engine.shard().is_some() {
@@ -490,7 +502,19 @@ fn run_setup<O: Objective>(
             stop_requested = zero::any_rank(collective, stop_requested)?;
         }
         let range_end = step == end && step < plan.total_steps;
-        let save = due.save || ((range_end || stop_requested) && step < plan.total_steps);
+        let save = due.save
+            || (saves_best && new_best)
+            || ((range_end || stop_requested) && step < plan.total_steps);
+        if save && rank == 0 {
+            let existing = checkpoint::complete_steps(&job.output_dir)?;
+            let named = best::named_after_save(
+                ts.best_global_step,
+                step,
+                &existing,
+                ts.best_checkpoint_step(),
+            );
+            ts.best_model_checkpoint = named.map(|b| checkpoint_path(job, b));
+        }
         if save && (rank == 0 || engine.shard().is_some()) {
             let saved = save_checkpoint(
                 job, &objective, &engine, collective, &tokenizer, &schedule, &ts, step, world,
@@ -513,11 +537,21 @@ fn run_setup<O: Objective>(
     let train_loss = run_loss / (step - start_step).max(1) as f64;
     let runtime = t0.elapsed().as_secs_f64();
     // Sharded, every rank sends its part of the master weights; rank 0 writes them.
-    let master = if rank == 0 || engine.shard().is_some() {
+    let mut master = if rank == 0 || engine.shard().is_some() {
         engine.master_model(collective)?
     } else {
         None
     };
+    let best_checkpoint = ts.best_checkpoint_step();
+    if let (0, true, Some(b)) = (rank, job.load_best_model_at_end, best_checkpoint) {
+        // load_best_model_at_end: the final model is the best checkpoint's weights.
+        let dir = job.output_dir.join(format!("checkpoint-{b}"));
+        tracing::info!(dir = %dir.display(), best_metric = ?ts.best_metric, "loading the best model");
+        match master.as_mut() {
+            Some(m) => objective.resume(m, &dir)?,
+            None => objective.resume(&mut engine.model, &dir)?,
+        }
+    }
     if rank == 0 {
         ts.log_history.push(json!({
             "epoch": ts.epoch,
@@ -529,6 +563,15 @@ fn run_setup<O: Objective>(
             "train_steps_per_second": round4((step - start_step) as f64 / runtime),
         }));
         save_final(job, &objective, &engine, master, &tokenizer, &ts)?;
+        let complete = checkpoint::complete_steps(&job.output_dir)?;
+        let victims = checkpoint::final_victims(&complete, job.save_total_limit, best_checkpoint);
+        let removed = checkpoint::remove(&job.output_dir, &victims)?;
+        if !removed.is_empty() {
+            tracing::info!(
+                ?removed,
+                "save_total_limit 1: only the best checkpoint is kept"
+            );
+        }
     }
     observer.event(&Event::Finished {
         output_dir: job.output_dir.clone(),
@@ -536,6 +579,53 @@ fn run_setup<O: Objective>(
         runtime_s: runtime,
     });
     Ok(Outcome::Completed { steps: step })
+}
+
+/// An evaluation's `metric_for_best_model` against the best so far; true when it is a new best
+/// (recorded in the trainer state, its step only when checkpoints are saved, as HF).
+fn track_best(
+    rule: &best::BestRule,
+    entry: &serde_json::Value,
+    ts: &mut TrainerState,
+    job: &JobSpec,
+    step: u64,
+) -> Result<bool> {
+    let Some(value) = entry.get(&rule.metric).and_then(serde_json::Value::as_f64) else {
+        let given: Vec<&str> = entry
+            .as_object()
+            .map(|m| {
+                m.keys()
+                    .filter(|k| k.starts_with("eval_"))
+                    .map(String::as_str)
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Err(herd_proto::JobError::Invalid {
+            file: "the job".into(),
+            key: "metric_for_best_model",
+            reason: format!(
+                "is `{}`, which the evaluation does not give; it gives {}",
+                rule.metric,
+                given.join(", ")
+            ),
+        }
+        .into());
+    };
+    if !rule.improves(value, ts.best_metric) {
+        return Ok(false);
+    }
+    ts.best_metric = Some(value);
+    if job.save_strategy != herd_proto::SaveStrategy::No {
+        ts.best_global_step = Some(step);
+    }
+    Ok(true)
+}
+
+fn checkpoint_path(job: &JobSpec, step: u64) -> String {
+    job.output_dir
+        .join(format!("checkpoint-{step}"))
+        .display()
+        .to_string()
 }
 
 /// One HF-style eval entry of the log history (None without an eval set on this rank).
@@ -572,6 +662,7 @@ fn round4(x: f64) -> f64 {
 fn new_trainer_state(job: &JobSpec, plan: &Plan) -> TrainerState {
     TrainerState {
         best_metric: None,
+        best_global_step: None,
         best_model_checkpoint: None,
         epoch: 0.0,
         eval_steps: job
@@ -631,7 +722,11 @@ fn save_checkpoint<O: Objective>(
         job.to_yaml().as_bytes(),
     )?;
     let path = checkpoint::commit(&job.output_dir, &staging, step, world)?;
-    let rotated = checkpoint::rotate(&job.output_dir, job.save_total_limit)?;
+    let rotated = checkpoint::rotate(
+        &job.output_dir,
+        job.save_total_limit,
+        ts.best_checkpoint_step(),
+    )?;
     tracing::info!(step, path = %path.display(), ?rotated, "checkpoint saved");
     Ok(Some((path, rotated)))
 }

@@ -144,7 +144,12 @@ pub fn save_scheduler(dir: &Path, s: &Schedule, last_step: u64) -> Result<()> {
 /// HF's `trainer_state.json`, with the fields HF writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
+    /// The evaluations' best `metric_for_best_model` so far.
     pub best_metric: Option<f64>,
+    /// The step of that evaluation (transformers 5); absent from older states.
+    #[serde(default)]
+    pub best_global_step: Option<u64>,
+    /// `output_dir/checkpoint-<step>` of the best evaluation once that checkpoint exists.
     pub best_model_checkpoint: Option<String>,
     pub epoch: f64,
     pub eval_steps: u64,
@@ -165,6 +170,13 @@ pub struct TrainerState {
 }
 
 impl TrainerState {
+    /// The step of the checkpoint named best (`…/checkpoint-<step>`).
+    pub fn best_checkpoint_step(&self) -> Option<u64> {
+        let name = self.best_model_checkpoint.as_deref()?;
+        let name = Path::new(name).file_name()?.to_str()?;
+        name.strip_prefix("checkpoint-")?.parse().ok()
+    }
+
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(TRAINER_STATE_FILE);
         let text = std::fs::read(&path).map_err(io_err(&path))?;

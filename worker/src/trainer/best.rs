@@ -1,0 +1,78 @@
+//! The best checkpoint, as HF Trainer keeps it: each evaluation's `metric_for_best_model` is
+//! compared with the best so far (strictly: a tie is no new best); the checkpoint of the best
+//! evaluation, once it exists, is named in the trainer state, rotation never deletes it, and
+//! under `load_best_model_at_end` the final model is its weights. Proven against the real
+//! Trainer by worker/tests/cadence_parity.rs.
+
+use herd_proto::JobSpec;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BestRule {
+    /// As the evaluation entry names it: `eval_loss`.
+    pub metric: String,
+    pub greater_is_better: bool,
+}
+
+impl BestRule {
+    pub fn of(job: &JobSpec) -> Option<BestRule> {
+        job.best_metric()
+            .map(|(metric, greater_is_better)| BestRule {
+                metric,
+                greater_is_better,
+            })
+    }
+
+    /// Whether `value` beats `best` (HF's np.greater / np.less against ±inf at first).
+    pub fn improves(&self, value: f64, best: Option<f64>) -> bool {
+        if self.greater_is_better {
+            value > best.unwrap_or(f64::NEG_INFINITY)
+        } else {
+            value < best.unwrap_or(f64::INFINITY)
+        }
+    }
+}
+
+/// The checkpoint named best once checkpoint `saving` is written: the best evaluation's, if it
+/// exists (it is this one, or an earlier one still in `existing`); else the one named before.
+/// An evaluation between checkpoints is never named, as in HF.
+pub fn named_after_save(
+    best_step: Option<u64>,
+    saving: u64,
+    existing: &[u64],
+    named: Option<u64>,
+) -> Option<u64> {
+    match best_step {
+        Some(b) if b == saving || existing.contains(&b) => Some(b),
+        _ => named,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tie_is_no_new_best_and_direction_follows_the_rule() {
+        let lower = BestRule {
+            metric: "eval_loss".into(),
+            greater_is_better: false,
+        };
+        assert!(lower.improves(3.0, None));
+        assert!(lower.improves(2.9, Some(3.0)));
+        assert!(!lower.improves(3.0, Some(3.0)));
+        assert!(!lower.improves(f64::NAN, None));
+        let higher = BestRule {
+            greater_is_better: true,
+            ..lower
+        };
+        assert!(higher.improves(3.1, Some(3.0)) && !higher.improves(2.9, Some(3.0)));
+    }
+
+    #[test]
+    fn only_a_checkpoint_that_exists_is_named() {
+        assert_eq!(named_after_save(Some(6), 6, &[2, 4], None), Some(6));
+        assert_eq!(named_after_save(Some(6), 8, &[4], Some(4)), Some(4));
+        assert_eq!(named_after_save(Some(4), 8, &[4, 6], Some(2)), Some(4));
+        assert_eq!(named_after_save(None, 8, &[4], None), None);
+    }
+}
