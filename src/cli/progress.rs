@@ -91,7 +91,7 @@ impl Observer for Progress {
                     ));
                 }
             }
-            Event::Logged(entry) | Event::Evaluated(entry) => self.println(entry.to_string()),
+            Event::Logged(entry) | Event::Evaluated(entry) => self.println(short(entry)),
             Event::Saved {
                 step,
                 path,
@@ -117,5 +117,72 @@ impl Observer for Progress {
                 );
             }
         }
+    }
+}
+
+/// A log entry as HF Trainer prints it: floats to 4 significant digits (the trainer_state.json
+/// keeps them whole), e.g. `{"epoch": 0.4286, "grad_norm": 1.699, "loss": 4.109, "step": 3}`.
+fn short(entry: &serde_json::Value) -> String {
+    let Some(map) = entry.as_object() else {
+        return entry.to_string();
+    };
+    let fields: Vec<String> = map
+        .iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::Number(n) if n.is_f64() => {
+                format!("\"{k}\": {}", g4(n.as_f64().unwrap_or(f64::NAN)))
+            }
+            _ => format!("\"{k}\": {v}"),
+        })
+        .collect();
+    format!("{{{}}}", fields.join(", "))
+}
+
+/// Python's `f"{x:.4g}"`: 4 significant digits, trailing zeros dropped, an exponent outside
+/// [1e-4, 1e4).
+fn g4(x: f64) -> String {
+    if x == 0.0 || !x.is_finite() {
+        return format!("{x}");
+    }
+    let exp = x.abs().log10().floor() as i32;
+    if !(-4..4).contains(&exp) {
+        let s = format!("{x:.3e}");
+        let (mantissa, e) = s.split_once('e').unwrap_or((&s, "0"));
+        let mantissa = trim_zeros(mantissa);
+        let e: i32 = e.parse().unwrap_or(0);
+        return format!("{mantissa}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs());
+    }
+    trim_zeros(&format!("{x:.*}", (3 - exp) as usize)).to_string()
+}
+
+fn trim_zeros(s: &str) -> &str {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_print_as_pythons_4g() {
+        for (x, want) in [
+            (4.10912, "4.109"),
+            (0.42857142857142855, "0.4286"),
+            (0.001, "0.001"),
+            (1.0, "1"),
+            (2.0e-5, "2e-05"),
+            (1.6666e-4, "0.0001667"),
+            (12345.6, "1.235e+04"),
+            (1699.0, "1699"),
+            (-3.14159, "-3.142"),
+        ] {
+            assert_eq!(g4(x), want, "{x}");
+        }
+        let e = serde_json::json!({"epoch": 0.42857142857142855, "loss": 4.10912, "step": 3});
+        assert_eq!(short(&e), r#"{"epoch": 0.4286, "loss": 4.109, "step": 3}"#);
     }
 }
