@@ -378,7 +378,7 @@ fn load_best_model_at_end_makes_the_best_checkpoint_the_final_model_and_keeps_on
         "best",
         "max_steps: 6\nsave_steps: 2\nsave_total_limit: 1\neval_strategy: steps\n\
          eval_steps: 2\neval_data_path: heldout.json\nload_best_model_at_end: true\n\
-         metric_for_best_model: loss\ngreater_is_better: true\n",
+         metric_for_best_model: loss\ngreater_is_better: true\neval_on_start: true\n",
     );
     ws.train(&job, &[]);
     let out = ws.path().join("best");
@@ -389,13 +389,14 @@ fn load_best_model_at_end_makes_the_best_checkpoint_the_final_model_and_keeps_on
         .iter()
         .filter_map(|e| Some((e["step"].as_u64()?, e["eval_loss"].as_f64()?)))
         .collect();
-    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 6]);
-    // The first strictly greatest eval loss, as HF picks it.
-    let (best_step, best_loss) =
-        evals
-            .iter()
-            .copied()
-            .fold((0, f64::NEG_INFINITY), |b, e| if e.1 > b.1 { e } else { b });
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 2, 4, 6]);
+    // The first strictly greatest eval loss, as HF picks it; the untrained model's evaluation
+    // before the first step (the greatest loss of all) takes no part.
+    assert!(evals[0].1 > evals[1].1, "{evals:?}");
+    let (best_step, best_loss) = evals[1..]
+        .iter()
+        .copied()
+        .fold((0, f64::NEG_INFINITY), |b, e| if e.1 > b.1 { e } else { b });
     assert_eq!(st["best_metric"].as_f64(), Some(best_loss), "{st}");
     assert_eq!(st["best_global_step"].as_u64(), Some(best_step), "{st}");
     let named = st["best_model_checkpoint"].as_str().unwrap();

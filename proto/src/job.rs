@@ -32,8 +32,12 @@ pub enum SchedulerType {
     #[default]
     Linear,
     Cosine,
+    CosineWithRestarts,
+    Polynomial,
     Constant,
     ConstantWithWarmup,
+    InverseSqrt,
+    CosineWithMinLr,
 }
 
 impl SchedulerType {
@@ -41,8 +45,99 @@ impl SchedulerType {
         match self {
             SchedulerType::Linear => "linear",
             SchedulerType::Cosine => "cosine",
+            SchedulerType::CosineWithRestarts => "cosine_with_restarts",
+            SchedulerType::Polynomial => "polynomial",
             SchedulerType::Constant => "constant",
             SchedulerType::ConstantWithWarmup => "constant_with_warmup",
+            SchedulerType::InverseSqrt => "inverse_sqrt",
+            SchedulerType::CosineWithMinLr => "cosine_with_min_lr",
+        }
+    }
+
+    /// The `lr_scheduler_kwargs` transformers' scheduler function takes.
+    pub fn kwargs(self) -> &'static [&'static str] {
+        match self {
+            SchedulerType::Cosine | SchedulerType::CosineWithRestarts => &["num_cycles"],
+            SchedulerType::Polynomial => &["lr_end", "power"],
+            SchedulerType::InverseSqrt => &["timescale"],
+            SchedulerType::CosineWithMinLr => &["num_cycles", "min_lr", "min_lr_rate"],
+            SchedulerType::Linear | SchedulerType::Constant | SchedulerType::ConstantWithWarmup => {
+                &[]
+            }
+        }
+    }
+}
+
+/// HF's `lr_scheduler_kwargs`: the scheduler function's own arguments (see
+/// [`SchedulerType::kwargs`]); unset ones take transformers' defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerKwargs {
+    /// cosine: 0.5 (half a wave), cosine_with_restarts: 1, cosine_with_min_lr: 0.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_cycles: Option<f64>,
+    /// polynomial: 1e-7.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_end: Option<f64>,
+    /// polynomial: 1.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power: Option<f64>,
+    /// inverse_sqrt: the warmup steps, or 10000 without warmup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timescale: Option<u64>,
+    /// cosine_with_min_lr: the floor, as an lr or as a ratio of the lr (one of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_lr: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_lr_rate: Option<f64>,
+}
+
+impl SchedulerKwargs {
+    fn given(&self) -> Vec<&'static str> {
+        [
+            ("num_cycles", self.num_cycles.is_some()),
+            ("lr_end", self.lr_end.is_some()),
+            ("power", self.power.is_some()),
+            ("timescale", self.timescale.is_some()),
+            ("min_lr", self.min_lr.is_some()),
+            ("min_lr_rate", self.min_lr_rate.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
+    }
+
+    /// None when `kind` takes these, with the job's `lr`; else what is wrong (transformers
+    /// raises on the same).
+    fn problem(&self, kind: SchedulerType, lr: f64) -> Option<String> {
+        if let Some(k) = self
+            .given()
+            .into_iter()
+            .find(|k| !kind.kwargs().contains(k))
+        {
+            let takes = match kind.kwargs() {
+                [] => "none".to_string(),
+                ks => ks.join(", "),
+            };
+            return Some(format!(
+                "`{k}` is not an argument of {} (it takes {takes})",
+                kind.as_str()
+            ));
+        }
+        match kind {
+            SchedulerType::Polynomial if self.lr_end.unwrap_or(1e-7) >= lr => Some(format!(
+                "lr_end ({}) must be smaller than learning_rate ({lr})",
+                self.lr_end.unwrap_or(1e-7)
+            )),
+            SchedulerType::CosineWithMinLr => match (self.min_lr, self.min_lr_rate) {
+                (Some(_), Some(_)) => Some("give min_lr or min_lr_rate, not both".into()),
+                (None, None) => Some("cosine_with_min_lr needs min_lr or min_lr_rate".into()),
+                _ => None,
+            },
+            SchedulerType::InverseSqrt if self.timescale == Some(0) => {
+                Some("timescale must be at least 1".into())
+            }
+            _ => None,
         }
     }
 }
@@ -450,6 +545,8 @@ pub struct JobSpec {
     #[serde(default)]
     pub lr_scheduler_type: SchedulerType,
     #[serde(default)]
+    pub lr_scheduler_kwargs: SchedulerKwargs,
+    #[serde(default)]
     pub logging_strategy: LoggingStrategy,
     #[serde(default = "d_500")]
     pub logging_steps: StepCount,
@@ -475,6 +572,12 @@ pub struct JobSpec {
     pub greater_is_better: Option<bool>,
     #[serde(default, alias = "evaluation_strategy")]
     pub eval_strategy: EvalStrategy,
+    /// No evaluation before this many steps (eval_strategy: steps) or epochs (epoch).
+    #[serde(default)]
+    pub eval_delay: f64,
+    /// Also evaluate before the first step (a sanity check of the evaluation, as HF).
+    #[serde(default)]
+    pub eval_on_start: bool,
     /// Evaluate every N steps with `eval_strategy: steps` (HF: defaults to logging_steps).
     #[serde(default)]
     pub eval_steps: Option<StepCount>,
@@ -824,6 +927,24 @@ impl JobSpec {
                     }
                 ),
             );
+        }
+        if !(self.eval_delay.is_finite() && self.eval_delay >= 0.0) {
+            return bad(
+                "eval_delay",
+                format!("must be >= 0 (steps or epochs), got {}", self.eval_delay),
+            );
+        }
+        if self.eval_on_start && self.eval_strategy == EvalStrategy::No {
+            return bad(
+                "eval_on_start",
+                "needs an evaluation: set eval_strategy (steps or epoch) and eval_data_path".into(),
+            );
+        }
+        if let Some(reason) = self
+            .lr_scheduler_kwargs
+            .problem(self.lr_scheduler_type, self.learning_rate)
+        {
+            return bad("lr_scheduler_kwargs", reason);
         }
         if let Some((key, reason)) = self.best_model_problem() {
             return bad(key, reason);

@@ -116,6 +116,7 @@ fn lr_schedules_match_transformers() {
             base_lr: c["base_lr"].as_f64().unwrap(),
             warmup_steps: c["num_warmup_steps"].as_u64().unwrap(),
             total_steps: c["num_training_steps"].as_u64().unwrap(),
+            kwargs: Default::default(),
         };
         let lrs: Vec<f64> = serde_json::from_value(c["lrs"].clone()).unwrap();
         assert_eq!(lrs.len() as u64, s.total_steps);
@@ -136,6 +137,40 @@ fn lr_schedules_match_transformers() {
         }
     }
     eprintln!("lr schedules: max |Δlr| {worst:.2e}");
+}
+
+/// The other schedulers and their lr_scheduler_kwargs (tests/fixtures/make_hf_schedules.py, which
+/// also checked that HF Trainer logs these lrs).
+#[test]
+fn more_lr_schedules_and_their_kwargs_match_transformers() {
+    let text = std::fs::read_to_string(fixtures().join("hf_schedules.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert!(cases.len() >= 9);
+    let mut worst = 0.0f64;
+    for c in cases {
+        let kind: SchedulerType = serde_json::from_value(c["scheduler"].clone()).unwrap();
+        let s = LrSchedule {
+            kind,
+            base_lr: c["base_lr"].as_f64().unwrap(),
+            warmup_steps: c["num_warmup_steps"].as_u64().unwrap(),
+            total_steps: c["num_training_steps"].as_u64().unwrap(),
+            kwargs: serde_json::from_value(c["kwargs"].clone()).unwrap(),
+        };
+        let lrs: Vec<f64> = serde_json::from_value(c["lrs"].clone()).unwrap();
+        assert_eq!(lrs.len() as u64, s.total_steps);
+        for (i, want) in lrs.iter().enumerate() {
+            let got = s.lr_at(i as u64);
+            let rel = (got - want).abs() / want.abs().max(1e-30);
+            worst = worst.max(rel);
+            assert!(
+                rel <= 1e-12,
+                "{kind:?} {} step {i}: {got} vs {want}",
+                c["kwargs"]
+            );
+        }
+    }
+    eprintln!("more lr schedules: max relative |Δlr| {worst:.2e}");
 }
 
 #[test]

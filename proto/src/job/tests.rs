@@ -76,15 +76,54 @@ fn nonsense_values_are_refused_with_the_key() {
 
 #[test]
 fn scheduler_names_are_hf_names() {
-    for name in ["linear", "cosine", "constant", "constant_with_warmup"] {
+    for name in [
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+    ] {
         let j = JobSpec::from_yaml_str(&format!("{MIN}lr_scheduler_type: {name}\n"), "j").unwrap();
         assert_eq!(j.lr_scheduler_type.as_str(), name);
     }
-    assert!(JobSpec::from_yaml_str(
-        &format!("{MIN}lr_scheduler_type: cosine_with_restarts\n"),
-        "j"
+    let err = JobSpec::from_yaml_str(
+        &format!("{MIN}lr_scheduler_type: reduce_lr_on_plateau\n"),
+        "j",
     )
-    .is_err());
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("unknown variant `reduce_lr_on_plateau`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn scheduler_kwargs_are_the_scheduler_functions_arguments() {
+    let job = |extra: &str| JobSpec::from_yaml_str(&format!("{MIN}{extra}"), "j.yaml");
+    let j = job("lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 1.0e-6}\n")
+        .unwrap();
+    assert_eq!(j.lr_scheduler_kwargs.min_lr, Some(1e-6));
+    job("lr_scheduler_type: cosine\nlr_scheduler_kwargs: {num_cycles: 1.5}\n").unwrap();
+    for (extra, says) in [
+        ("lr_scheduler_type: cosine\nlr_scheduler_kwargs: {power: 2}\n", "`power` is not an argument of cosine (it takes num_cycles)"),
+        ("lr_scheduler_kwargs: {num_cycles: 2}\n", "`num_cycles` is not an argument of linear (it takes none)"),
+        ("lr_scheduler_type: cosine_with_min_lr\n", "needs min_lr or min_lr_rate"),
+        ("lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 0.0, min_lr_rate: 0.1}\n", "not both"),
+        ("lr_scheduler_type: polynomial\nlearning_rate: 1.0e-8\n", "lr_end (0.0000001) must be smaller"),
+    ] {
+        let err = job(extra).unwrap_err();
+        assert!(
+            matches!(&err, JobError::Invalid { key: "lr_scheduler_kwargs", reason, .. } if reason.contains(says)),
+            "{extra}: {err}"
+        );
+    }
+    let err = job("lr_scheduler_kwargs: {cycles: 2}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown field `cycles`"), "{err}");
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! `transformers.get_scheduler` (a `LambdaLR` over the base lr). Step 0 is the first optimizer
 //! step; with warmup it runs at lr 0, exactly as transformers does.
 
-use herd_proto::SchedulerType;
+use herd_proto::{SchedulerKwargs, SchedulerType};
+use std::f64::consts::PI;
 
 mod deepspeed;
 pub use deepspeed::DeepSpeedSchedule;
@@ -41,6 +42,8 @@ pub struct LrSchedule {
     pub base_lr: f64,
     pub warmup_steps: u64,
     pub total_steps: u64,
+    /// `lr_scheduler_kwargs` (the job checked they belong to `kind`).
+    pub kwargs: SchedulerKwargs,
 }
 
 impl LrSchedule {
@@ -49,38 +52,58 @@ impl LrSchedule {
         self.base_lr * self.factor(step)
     }
 
+    /// transformers' lr_lambda of the scheduler, written as it computes it so the floats agree.
     fn factor(&self, step: u64) -> f64 {
         let (s, w, t) = (
             step as f64,
             self.warmup_steps as f64,
             self.total_steps as f64,
         );
-        let warming = step < self.warmup_steps;
-        let warm = || s / w.max(1.0);
+        if step < self.warmup_steps && self.kind != SchedulerType::Constant {
+            return s / w.max(1.0);
+        }
+        let progress = (s - w) / (t - w).max(1.0);
+        let k = &self.kwargs;
         match self.kind {
-            SchedulerType::Constant => 1.0,
-            SchedulerType::ConstantWithWarmup => {
-                if warming {
-                    warm()
-                } else {
-                    1.0
-                }
-            }
-            SchedulerType::Linear => {
-                if warming {
-                    warm()
-                } else {
-                    ((t - s) / (t - w).max(1.0)).max(0.0)
-                }
-            }
+            SchedulerType::Constant | SchedulerType::ConstantWithWarmup => 1.0,
+            SchedulerType::Linear => ((t - s) / (t - w).max(1.0)).max(0.0),
             SchedulerType::Cosine => {
-                if warming {
-                    warm()
-                } else {
-                    // transformers' num_cycles = 0.5: half a cosine from 1 down to 0.
-                    let progress = (s - w) / (t - w).max(1.0);
-                    (0.5 * (1.0 + (std::f64::consts::PI * 0.5 * 2.0 * progress).cos())).max(0.0)
+                // num_cycles 0.5: half a cosine from 1 down to 0.
+                let cycles = k.num_cycles.unwrap_or(0.5);
+                (0.5 * (1.0 + (PI * cycles * 2.0 * progress).cos())).max(0.0)
+            }
+            SchedulerType::CosineWithRestarts => {
+                if progress >= 1.0 {
+                    return 0.0;
                 }
+                let cycles = k.num_cycles.unwrap_or(1.0);
+                (0.5 * (1.0 + (PI * ((cycles * progress) % 1.0)).cos())).max(0.0)
+            }
+            SchedulerType::Polynomial => {
+                let (lr_init, lr_end) = (self.base_lr, k.lr_end.unwrap_or(1e-7));
+                if step > self.total_steps {
+                    return lr_end / lr_init;
+                }
+                let decay_steps = (t - w).max(1.0);
+                let remaining = 1.0 - (s - w) / decay_steps;
+                ((lr_init - lr_end) * remaining.powf(k.power.unwrap_or(1.0)) + lr_end) / lr_init
+            }
+            SchedulerType::InverseSqrt => {
+                let timescale = k.timescale.unwrap_or(match self.warmup_steps {
+                    0 => 10_000,
+                    w => w,
+                }) as i64;
+                let shift = timescale - self.warmup_steps as i64;
+                1.0 / ((step as i64 + shift) as f64 / timescale as f64).sqrt()
+            }
+            SchedulerType::CosineWithMinLr => {
+                let rate = match (k.min_lr, k.min_lr_rate) {
+                    (Some(min_lr), _) => min_lr / self.base_lr,
+                    (None, rate) => rate.unwrap_or(0.0),
+                };
+                let cycles = k.num_cycles.unwrap_or(0.5);
+                let f = 0.5 * (1.0 + (PI * cycles * 2.0 * progress).cos());
+                (f * (1.0 - rate) + rate).max(0.0)
             }
         }
     }
@@ -96,6 +119,7 @@ mod tests {
             base_lr: 1.0,
             warmup_steps: 4,
             total_steps: 20,
+            kwargs: SchedulerKwargs::default(),
         }
     }
 

@@ -6,7 +6,7 @@
 //! - log every `logging_steps` (`logging_strategy: steps`), or at each epoch's end (`epoch`),
 //!   and after step 1 with `logging_first_step`; never just because training ended;
 //! - evaluate every `eval_steps` and also at the last step (`eval_strategy: steps`), or at each
-//!   epoch's end (`epoch`);
+//!   epoch's end (`epoch`), none before `eval_delay` steps (or epochs);
 //! - save every `save_steps` and also at the last step (`save_strategy: steps`), or at each
 //!   epoch's end (`epoch`).
 //!
@@ -33,11 +33,13 @@ pub struct Actions {
     pub save: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Cadence {
     pub log: Every,
     pub log_first_step: bool,
     pub evaluate: Every,
+    /// `eval_delay`: no evaluation before this many steps (Every::Steps) or epochs (Epoch).
+    pub eval_delay: f64,
     pub save: Every,
 }
 
@@ -59,6 +61,7 @@ impl Cadence {
                 (EvalStrategy::Steps, _) => steps(job.eval_steps.unwrap_or(job.logging_steps)),
                 (EvalStrategy::Epoch, _) => Every::Epoch,
             },
+            eval_delay: job.eval_delay,
             save: match job.save_strategy {
                 SaveStrategy::Steps => steps(job.save_steps),
                 SaveStrategy::Epoch => Every::Epoch,
@@ -76,9 +79,13 @@ impl Cadence {
             Every::Steps(n) => (n > 0 && steps_done.is_multiple_of(n)) || (also_last && last),
             Every::Epoch => plan.ends_epoch(steps_done),
         };
+        let delayed = match self.evaluate {
+            Every::Epoch => self.eval_delay > plan.epoch_progress(steps_done),
+            _ => self.eval_delay > steps_done as f64,
+        };
         Actions {
             log: at(self.log, false) || (self.log_first_step && steps_done == 1),
-            evaluate: at(self.evaluate, true),
+            evaluate: at(self.evaluate, true) && !delayed,
             save: at(self.save, true),
         }
     }
@@ -109,6 +116,7 @@ mod tests {
             log: Every::Steps(4),
             log_first_step: false,
             evaluate: Every::Steps(5),
+            eval_delay: 0.0,
             save: Every::Steps(6),
         };
         assert_eq!(steps_where(&c, &p, |a| a.log), [4, 8, 12]);
@@ -123,6 +131,7 @@ mod tests {
             log: Every::Epoch,
             log_first_step: true,
             evaluate: Every::Epoch,
+            eval_delay: 0.0,
             save: Every::No,
         };
         assert_eq!(steps_where(&c, &p, |a| a.log), [1, 4, 7]);

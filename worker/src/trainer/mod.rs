@@ -199,6 +199,7 @@ pub fn schedule_for(job: &JobSpec, plan: &Plan) -> Result<Schedule> {
     }
     Ok(Schedule::Hf(LrSchedule {
         kind: job.lr_scheduler_type,
+        kwargs: job.lr_scheduler_kwargs,
         base_lr: job.learning_rate,
         warmup_steps,
         total_steps: plan.total_steps,
@@ -402,6 +403,15 @@ fn run_setup<O: Objective>(
         added_tokens,
     });
 
+    // eval_on_start: one evaluation before the first step (of every run, a resumed one too, as
+    // HF's train() does); it does not take part in picking the best checkpoint.
+    if rank == 0 && job.eval_on_start {
+        if let Some(entry) = evaluate(job, &objective, &engine.model, ts.epoch, start_step)? {
+            tracing::info!(target: "herd::log", "{entry}");
+            ts.log_history.push(entry.clone());
+            observer.event(&Event::Evaluated(entry));
+        }
+    }
     let end = opts
         .until_step
         .unwrap_or(plan.total_steps)

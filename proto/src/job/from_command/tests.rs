@@ -228,3 +228,15 @@ fn epoch_strategies_and_logging_first_step_become_the_job_keys() {
         c.notes
     );
 }
+
+#[test]
+fn lr_scheduler_kwargs_come_as_the_json_hf_takes() {
+    let c = convert(&words(
+        "python train.py --model_name_or_path m --data_path d.json --output_dir o \
+         --lr_scheduler_type cosine_with_min_lr --lr_scheduler_kwargs '{\"min_lr\": 1e-6}'",
+    ))
+    .unwrap();
+    let j = job(&c);
+    assert_eq!(j.lr_scheduler_type, crate::SchedulerType::CosineWithMinLr);
+    assert_eq!(j.lr_scheduler_kwargs.min_lr, Some(1e-6));
+}
