@@ -17,6 +17,7 @@ pub mod logprob;
 pub mod lora;
 pub mod loss;
 pub mod mlp;
+pub mod neftune;
 pub mod net;
 pub mod norm;
 pub mod recompute;

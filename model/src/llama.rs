@@ -291,6 +291,12 @@ impl Llama {
         self.lora.as_ref().is_some_and(|l| l.config.dropout > 0.0)
     }
 
+    /// NEFTune noise on the embeddings of the next training forwards (alpha, one key per batch
+    /// row; see [`crate::neftune`]), or none with None.
+    pub fn set_embedding_noise(&self, noise: Option<(f64, Vec<u64>)>) {
+        self.net.noise.set(noise);
+    }
+
     /// Turns LoRA dropout on for the next training forwards, one key per batch row (see
     /// [`lora::dropout_row_key`]), or off with None. No effect without LoRA dropout.
     pub fn set_lora_dropout_keys(&self, keys: Option<Vec<u64>>) {

@@ -417,7 +417,7 @@ impl LoraDropout {
 }
 
 /// Two words into one well-mixed word (a SplitMix64 step of their combination).
-fn mix(a: u64, b: u64) -> u64 {
+pub(crate) fn mix(a: u64, b: u64) -> u64 {
     SplitMix64::new(a ^ b.wrapping_mul(0xD1B5_4A32_D192_ED03)).next_u64()
 }
 

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::lora::Lora;
 use crate::mlp::{Linear, LoraPath, Mlp, MlpGraph};
+use crate::neftune::EmbeddingNoise;
 use crate::norm::{Normed, RmsNorm};
 use crate::rope::Rope;
 
@@ -91,6 +92,8 @@ pub struct Net {
     norm: RmsNorm,
     lm_head: Linear, // [vocab, hidden]; embed_tokens itself when tied
     rope: Rope,
+    /// NEFTune's noise on the embeddings, set for training forwards only.
+    pub(crate) noise: EmbeddingNoise,
 }
 
 impl Net {
@@ -146,6 +149,7 @@ impl Net {
             norm: RmsNorm::new(get("model.norm.weight"), cfg.rms_norm_eps),
             lm_head: Linear::new(get(head_name), None),
             rope: Rope::new(cfg),
+            noise: EmbeddingNoise::default(),
         }
     }
 
@@ -210,14 +214,15 @@ impl Net {
     }
 
     /// input_ids: [b, t] -> [b, t, hidden]. Embedding lookup as index_select, whose backward
-    /// (index_add) candle records.
+    /// (index_add) candle records; plus NEFTune's noise in a training forward that set it.
     pub(crate) fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let ids = input_ids.flatten_all()?.to_dtype(DType::U32)?;
-        Ok(self
+        let x = self
             .embed_tokens
             .index_select(&ids, 0)?
-            .reshape((b, t, ()))?)
+            .reshape((b, t, ()))?;
+        self.noise.apply(&x)
     }
 
     /// [b, t, hidden] -> logits [b, t, vocab]

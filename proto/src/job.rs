@@ -572,6 +572,10 @@ pub struct JobSpec {
     pub greater_is_better: Option<bool>,
     #[serde(default, alias = "evaluation_strategy")]
     pub eval_strategy: EvalStrategy,
+    /// NEFTune: uniform noise of magnitude alpha / sqrt(seq_len · hidden) on the training
+    /// forwards' input embeddings (HF Trainer's `neftune_noise_alpha`; the paper uses 5).
+    #[serde(default)]
+    pub neftune_noise_alpha: Option<f64>,
     /// No evaluation before this many steps (eval_strategy: steps) or epochs (epoch).
     #[serde(default)]
     pub eval_delay: f64,
@@ -927,6 +931,17 @@ impl JobSpec {
                     }
                 ),
             );
+        }
+        if let Some(alpha) = self.neftune_noise_alpha {
+            if !pos_finite(alpha) {
+                return bad("neftune_noise_alpha", format!("must be > 0, got {alpha}"));
+            }
+            if self.task == Task::Reward {
+                return bad(
+                    "neftune_noise_alpha",
+                    "applies to instruction tuning (task: causal_lm), not to reward models".into(),
+                );
+            }
         }
         if !(self.eval_delay.is_finite() && self.eval_delay >= 0.0) {
             return bad(

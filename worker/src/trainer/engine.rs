@@ -68,6 +68,8 @@ pub struct Engine<M: Trainable = Llama> {
     max_grad_norm: f64,
     /// Salts the LoRA dropout masks (the job seed); see `herd_model::lora::dropout_row_key`.
     pub dropout_seed: u64,
+    /// NEFTune's `neftune_noise_alpha` (0: none): noise on the training forwards' embeddings.
+    pub neftune_alpha: f64,
     /// Recompute each decoder layer in backward instead of keeping its activations
     /// (`gradient_checkpointing`): less memory, one more forward.
     recompute: bool,
@@ -126,6 +128,7 @@ impl<M: Trainable> Engine<M> {
             correct: 0,
             max_grad_norm,
             dropout_seed: 0,
+            neftune_alpha: 0.0,
             recompute: false,
             device: Device::Cpu,
             mixed: None,
@@ -473,8 +476,9 @@ impl Engine<Llama> {
     /// Forward and backward one micro-batch, adding d(sum of token NLL)/dθ into the buffer.
     /// Returns (loss sum, counted tokens) of this micro-batch.
     pub fn accumulate(&mut self, batch: &Batch) -> Result<(f64, usize)> {
-        if self.model.has_lora_dropout() {
-            let keys = (0..batch.batch)
+        let neftune = self.neftune_alpha > 0.0;
+        if self.model.has_lora_dropout() || neftune {
+            let keys: Vec<u64> = (0..batch.batch)
                 .map(|i| {
                     let mask = &batch.attention_mask[i * batch.seq_len..(i + 1) * batch.seq_len];
                     let tokens: Vec<u32> = batch
@@ -487,10 +491,15 @@ impl Engine<Llama> {
                     dropout_row_key(self.dropout_seed, self.optimizer.steps, &tokens)
                 })
                 .collect();
+            if neftune {
+                self.model
+                    .set_embedding_noise(Some((self.neftune_alpha, keys.clone())));
+            }
             self.model.set_lora_dropout_keys(Some(keys));
         }
         let result = self.forward_backward(batch);
         self.model.set_lora_dropout_keys(None);
+        self.model.set_embedding_noise(None);
         result
     }
 

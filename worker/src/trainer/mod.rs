@@ -316,6 +316,7 @@ fn run_setup<O: Objective>(
     let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm)
         .with_gradient_checkpointing(job.gradient_checkpointing);
     engine.dropout_seed = job.seed;
+    engine.neftune_alpha = job.neftune_noise_alpha.unwrap_or(0.0);
     if let Some(dir) = &resumed_from {
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
