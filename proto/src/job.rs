@@ -38,6 +38,18 @@ pub enum SchedulerType {
     ConstantWithWarmup,
     InverseSqrt,
     CosineWithMinLr,
+    WarmupStableDecay,
+}
+
+/// The curve of a warmup_stable_decay warmup or decay (`warmup_type`, `decay_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WsdCurve {
+    #[serde(rename = "linear")]
+    Linear,
+    #[serde(rename = "cosine")]
+    Cosine,
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
 }
 
 impl SchedulerType {
@@ -51,6 +63,7 @@ impl SchedulerType {
             SchedulerType::ConstantWithWarmup => "constant_with_warmup",
             SchedulerType::InverseSqrt => "inverse_sqrt",
             SchedulerType::CosineWithMinLr => "cosine_with_min_lr",
+            SchedulerType::WarmupStableDecay => "warmup_stable_decay",
         }
     }
 
@@ -61,6 +74,14 @@ impl SchedulerType {
             SchedulerType::Polynomial => &["lr_end", "power"],
             SchedulerType::InverseSqrt => &["timescale"],
             SchedulerType::CosineWithMinLr => &["num_cycles", "min_lr", "min_lr_rate"],
+            SchedulerType::WarmupStableDecay => &[
+                "num_decay_steps",
+                "num_stable_steps",
+                "warmup_type",
+                "decay_type",
+                "min_lr_ratio",
+                "num_cycles",
+            ],
             SchedulerType::Linear | SchedulerType::Constant | SchedulerType::ConstantWithWarmup => {
                 &[]
             }
@@ -90,6 +111,19 @@ pub struct SchedulerKwargs {
     pub min_lr: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_lr_rate: Option<f64>,
+    /// warmup_stable_decay: the decay's steps (required), the stable steps (default: what
+    /// warmup and decay leave of the total), the curves (linear warmup, cosine decay) and the
+    /// floor as a ratio of the lr (0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_decay_steps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_stable_steps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_type: Option<WsdCurve>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decay_type: Option<WsdCurve>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_lr_ratio: Option<f64>,
 }
 
 impl SchedulerKwargs {
@@ -101,6 +135,11 @@ impl SchedulerKwargs {
             ("timescale", self.timescale.is_some()),
             ("min_lr", self.min_lr.is_some()),
             ("min_lr_rate", self.min_lr_rate.is_some()),
+            ("num_decay_steps", self.num_decay_steps.is_some()),
+            ("num_stable_steps", self.num_stable_steps.is_some()),
+            ("warmup_type", self.warmup_type.is_some()),
+            ("decay_type", self.decay_type.is_some()),
+            ("min_lr_ratio", self.min_lr_ratio.is_some()),
         ]
         .into_iter()
         .filter_map(|(k, set)| set.then_some(k))
@@ -134,6 +173,9 @@ impl SchedulerKwargs {
                 (None, None) => Some("cosine_with_min_lr needs min_lr or min_lr_rate".into()),
                 _ => None,
             },
+            SchedulerType::WarmupStableDecay if self.num_decay_steps.is_none() => {
+                Some("warmup_stable_decay needs num_decay_steps".into())
+            }
             SchedulerType::InverseSqrt if self.timescale == Some(0) => {
                 Some("timescale must be at least 1".into())
             }

@@ -376,3 +376,22 @@ fn best_model_keys_follow_hf_defaults_and_checks() {
         );
     }
 }
+
+#[test]
+fn warmup_stable_decay_takes_its_curves_and_needs_its_decay_steps() {
+    let job = |extra: &str| JobSpec::from_yaml_str(&format!("{MIN}{extra}"), "j.yaml");
+    let j = job("lr_scheduler_type: warmup_stable_decay\nlr_scheduler_kwargs: {num_decay_steps: 10, decay_type: 1-sqrt}\n")
+        .unwrap();
+    assert_eq!(
+        j.lr_scheduler_kwargs.decay_type,
+        Some(WsdCurve::OneMinusSqrt)
+    );
+    let err = job("lr_scheduler_type: warmup_stable_decay\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs num_decay_steps"), "{err}");
+    let err = job("lr_scheduler_type: warmup_stable_decay\nlr_scheduler_kwargs: {num_decay_steps: 1, decay_type: sqrt}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown variant `sqrt`"), "{err}");
+}

@@ -2,7 +2,7 @@
 //! `transformers.get_scheduler` (a `LambdaLR` over the base lr). Step 0 is the first optimizer
 //! step; with warmup it runs at lr 0, exactly as transformers does.
 
-use herd_proto::{SchedulerKwargs, SchedulerType};
+use herd_proto::{SchedulerKwargs, SchedulerType, WsdCurve};
 use std::f64::consts::PI;
 
 mod deepspeed;
@@ -59,6 +59,9 @@ impl LrSchedule {
             self.warmup_steps as f64,
             self.total_steps as f64,
         );
+        if self.kind == SchedulerType::WarmupStableDecay {
+            return self.wsd_factor(step);
+        }
         if step < self.warmup_steps && self.kind != SchedulerType::Constant {
             return s / w.max(1.0);
         }
@@ -96,6 +99,7 @@ impl LrSchedule {
                 let shift = timescale - self.warmup_steps as i64;
                 1.0 / ((step as i64 + shift) as f64 / timescale as f64).sqrt()
             }
+            SchedulerType::WarmupStableDecay => unreachable!("handled above"),
             SchedulerType::CosineWithMinLr => {
                 let rate = match (k.min_lr, k.min_lr_rate) {
                     (Some(min_lr), _) => min_lr / self.base_lr,
@@ -106,6 +110,42 @@ impl LrSchedule {
                 (f * (1.0 - rate) + rate).max(0.0)
             }
         }
+    }
+
+    /// transformers' warmup_stable_decay: warmup from min_lr_ratio to 1, flat, decay to
+    /// min_lr_ratio, then min_lr_ratio.
+    fn wsd_factor(&self, step: u64) -> f64 {
+        let k = &self.kwargs;
+        let floor = k.min_lr_ratio.unwrap_or(0.0);
+        let (warmup, decay) = (self.warmup_steps, k.num_decay_steps.unwrap_or(0));
+        let stable = k.num_stable_steps.unwrap_or_else(|| {
+            (self.total_steps as i64 - warmup as i64 - decay as i64).max(0) as u64
+        });
+        let curve = |c: WsdCurve, p: f64, rising: bool| match (c, rising) {
+            (WsdCurve::Linear, true) => p,
+            (WsdCurve::Linear, false) => 1.0 - p,
+            (WsdCurve::Cosine, true) => 0.5 * (1.0 - (PI * p).cos()),
+            (WsdCurve::Cosine, false) => {
+                0.5 * (1.0 + (PI * k.num_cycles.unwrap_or(0.5) * 2.0 * p).cos())
+            }
+            (WsdCurve::OneMinusSqrt, true) => 1.0 - (1.0 - p).sqrt(),
+            (WsdCurve::OneMinusSqrt, false) => 1.0 - p.sqrt(),
+        };
+        let s = step as f64;
+        if step < warmup {
+            let p = s / (warmup as f64).max(1.0);
+            let f = curve(k.warmup_type.unwrap_or(WsdCurve::Linear), p, true);
+            return (f * (1.0 - floor) + floor).max(0.0);
+        }
+        if step < warmup + stable {
+            return 1.0;
+        }
+        if step < warmup + stable + decay {
+            let p = (s - warmup as f64 - stable as f64) / (decay as f64).max(1.0);
+            let f = curve(k.decay_type.unwrap_or(WsdCurve::Cosine), p, false);
+            return (f * (1.0 - floor) + floor).max(0.0);
+        }
+        floor
     }
 }
 
