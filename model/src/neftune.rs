@@ -72,26 +72,24 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    fn values_of(noise: &EmbeddingNoise, x: &Tensor) -> Vec<f32> {
+        noise
+            .apply(x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     #[test]
     fn noise_is_bounded_centred_keyed_and_off_by_default() {
         let x = Tensor::zeros((2, 8, 16), DType::F32, &Device::Cpu).unwrap();
         let noise = EmbeddingNoise::default();
-        let plain: Vec<f32> = noise
-            .apply(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let plain = values_of(&noise, &x);
         assert!(plain.iter().all(|&v| v == 0.0));
         noise.set(Some((5.0, vec![11, 12])));
-        let a: Vec<f32> = noise
-            .apply(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let a = values_of(&noise, &x);
         let m = (5.0 / (8.0f64 * 16.0).sqrt()) as f32;
         assert!(
             a.iter().all(|v| v.abs() <= m),
@@ -102,35 +100,14 @@ mod tests {
         let mean = a.iter().sum::<f32>() / a.len() as f32;
         assert!(mean.abs() < 0.05 * m, "centred: mean {mean}");
         // The same keys give the same noise; a row's noise depends only on its own key.
-        let again: Vec<f32> = noise
-            .apply(&x)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let again = values_of(&noise, &x);
         assert_eq!(a, again);
         noise.set(Some((5.0, vec![12])));
         let one = Tensor::zeros((1, 8, 16), DType::F32, &Device::Cpu).unwrap();
-        let row: Vec<f32> = noise
-            .apply(&one)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let row = values_of(&noise, &one);
         assert_eq!(row, a[128..]);
         noise.set(None);
-        assert_eq!(
-            noise
-                .apply(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-            plain
-        );
+        assert_eq!(values_of(&noise, &x), plain);
         noise.set(Some((5.0, vec![1])));
         assert!(noise.apply(&x).is_err(), "one key per row");
     }

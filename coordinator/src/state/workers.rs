@@ -371,18 +371,18 @@ impl Core {
                 step: req.step,
                 kind,
             };
+            let rank_failed = || FailureKind::RankFailed {
+                error: req.error.clone(),
+                exit_code: req.exit_code,
+                signal: req.signal,
+                repeats_on_restart: req.repeats_on_restart,
+            };
             match kind {
                 // This attempt already ended on a peer's report; only an error that calls off
                 // the restart changes anything.
-                DoneKind::FailedRank | DoneKind::Unspecified if restarting => self.late_failure(
-                    &req.job_id,
-                    failure(FailureKind::RankFailed {
-                        error: req.error.clone(),
-                        exit_code: req.exit_code,
-                        signal: req.signal,
-                        repeats_on_restart: req.repeats_on_restart,
-                    }),
-                )?,
+                DoneKind::FailedRank | DoneKind::Unspecified if restarting => {
+                    self.late_failure(&req.job_id, failure(rank_failed()))?
+                }
                 _ if restarting => self.publish(&req.job_id),
                 DoneKind::Completed => {
                     if req.rank == 0 {
@@ -408,15 +408,9 @@ impl Core {
                     }
                     self.rank_failed(&req.job_id, failure(FailureKind::Preempted))?
                 }
-                DoneKind::FailedRank | DoneKind::Unspecified => self.rank_failed(
-                    &req.job_id,
-                    failure(FailureKind::RankFailed {
-                        error: req.error.clone(),
-                        exit_code: req.exit_code,
-                        signal: req.signal,
-                        repeats_on_restart: req.repeats_on_restart,
-                    }),
-                )?,
+                DoneKind::FailedRank | DoneKind::Unspecified => {
+                    self.rank_failed(&req.job_id, failure(rank_failed()))?
+                }
             }
         } else {
             self.publish(&req.job_id);
