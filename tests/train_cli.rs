@@ -295,6 +295,10 @@ fn a_deepspeed_scheduler_section_sets_the_learning_rate_as_hf_trainer_with_deeps
         err.contains("`scheduler.params.warmup_num_steps` is 10 but the job's warmup"),
         "{err}"
     );
+    assert!(
+        err.contains("bad.yaml: key `deepspeed`"),
+        "names the job file: {err}"
+    );
     assert!(!ws.path().join("bad/checkpoint-4").exists());
 }
 

@@ -544,10 +544,34 @@ impl<'de> Deserialize<'de> for DataPath {
     }
 }
 
+/// Where a job was read from. Not part of what the job is: two jobs equal in every key are
+/// equal whatever files they came from.
+#[derive(Debug, Clone, Default)]
+pub struct Source(pub String);
+
+impl PartialEq for Source {
+    fn eq(&self, _: &Source) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_str() {
+            "" => f.write_str("the job"),
+            s => f.write_str(s),
+        }
+    }
+}
+
 /// One training job. Field names and defaults follow `transformers.TrainingArguments`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
+    /// Where the job was read from (the file, or "job <id>" under a coordinator), for errors
+    /// found once training starts; not a key of the file.
+    #[serde(skip)]
+    pub source: Source,
     /// A directory in HF layout: config.json, model.safetensors (or an index), tokenizer files.
     pub model_name_or_path: PathBuf,
     /// The training data: one file (Alpaca or ShareGPT JSON/JSONL, format detected) or a list of
@@ -781,6 +805,7 @@ impl JobSpec {
             deepspeed::apply(&mut spec, &c, file)?;
         }
         spec.validate(file)?;
+        spec.source = Source(file.to_string());
         Ok(spec)
     }
 

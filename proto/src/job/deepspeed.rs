@@ -227,7 +227,7 @@ pub fn scheduler_of(spec: &JobSpec) -> Result<Option<scheduler::DsScheduler>, Jo
     scheduler::read(section, spec.learning_rate)
         .map(Some)
         .map_err(|errors| JobError::Invalid {
-            file: "the job".into(),
+            file: spec.source.to_string(),
             key: "deepspeed",
             reason: errors.join("; "),
         })

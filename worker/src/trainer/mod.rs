@@ -191,7 +191,7 @@ pub fn schedule_for(job: &JobSpec, plan: &Plan) -> Result<Schedule> {
         let resolved = ds
             .resolve(warmup_steps, plan.total_steps)
             .map_err(|reason| herd_proto::JobError::Invalid {
-                file: "the job".into(),
+                file: job.source.to_string(),
                 key: "deepspeed",
                 reason,
             })?;
@@ -612,7 +612,7 @@ fn track_best(
             })
             .unwrap_or_default();
         return Err(herd_proto::JobError::Invalid {
-            file: "the job".into(),
+            file: job.source.to_string(),
             key: "metric_for_best_model",
             reason: format!(
                 "is `{}`, which the evaluation does not give; it gives {}",
