@@ -195,13 +195,7 @@ fn eval_during_training_predict_and_eval() {
 #[test]
 fn eval_with_two_workers_runs_on_rank_zero() {
     let ws = Workspace::new(48);
-    let eval_all: Vec<serde_json::Value> =
-        serde_json::from_slice(&read(ws.path().join("demo/data/eval.json"))).unwrap();
-    std::fs::write(
-        ws.path().join("heldout.json"),
-        serde_json::to_string(&eval_all[..8]).unwrap(),
-    )
-    .unwrap();
+    ws.heldout(8);
     let job = ws.job(
         "job.yaml",
         "w2",

@@ -71,13 +71,7 @@ fn bf16_run_resumes_bit_identically_saves_bf16_and_tracks_f32() {
 #[test]
 fn bf16_with_packing_recompute_and_eval_trains() {
     let ws = Workspace::new(24);
-    let heldout: Vec<serde_json::Value> =
-        serde_json::from_slice(&read(ws.path().join("demo/data/eval.json"))).unwrap();
-    std::fs::write(
-        ws.path().join("heldout.json"),
-        serde_json::to_vec(&heldout[..8]).unwrap(),
-    )
-    .unwrap();
+    ws.heldout(8);
     let extra = "max_steps: 3\nsave_steps: 100\npacking: true\ngradient_checkpointing: true\n\
                  per_device_train_batch_size: 2\nmodel_max_length: 256\nbf16: true\n\
                  eval_strategy: steps\neval_steps: 3\neval_data_path: heldout.json\n";

@@ -369,13 +369,7 @@ fn a_per_epoch_job_logs_and_saves_where_each_epoch_ends_as_hf_trainer_does() {
 #[test]
 fn load_best_model_at_end_makes_the_best_checkpoint_the_final_model_and_keeps_only_it() {
     let ws = Workspace::new(24);
-    let heldout: Vec<serde_json::Value> =
-        serde_json::from_slice(&read(ws.path().join("demo/data/eval.json"))).unwrap();
-    std::fs::write(
-        ws.path().join("heldout.json"),
-        serde_json::to_vec(&heldout[..8]).unwrap(),
-    )
-    .unwrap();
+    ws.heldout(8);
     // greater_is_better on the loss: the best is an early checkpoint, not the last one.
     let job = ws.job(
         "best.yaml",

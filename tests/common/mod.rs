@@ -83,6 +83,17 @@ impl Workspace {
         p
     }
 
+    /// `heldout.json`: the first `n` of the demo's held-out records (an eval_data_path).
+    pub fn heldout(&self, n: usize) {
+        let all: Vec<serde_json::Value> =
+            serde_json::from_slice(&read(self.path().join("demo/data/eval.json"))).unwrap();
+        std::fs::write(
+            self.path().join("heldout.json"),
+            serde_json::to_vec(&all[..n]).unwrap(),
+        )
+        .unwrap();
+    }
+
     /// `herd run JOB --workers N` here (coordinator and workers on loopback); its stderr.
     pub fn run_workers(&self, job: &Path, workers: usize) -> String {
         let out = run_ok(

@@ -261,22 +261,22 @@ pub fn remove(output_dir: &Path, steps: &[u64]) -> Result<Vec<u64>> {
 
 /// The steps of the complete checkpoints in `output_dir`.
 pub fn complete_steps(output_dir: &Path) -> Result<Vec<u64>> {
-    Ok(list(output_dir)?
-        .iter()
+    Ok(complete_of(&list(output_dir)?))
+}
+
+/// The steps of `list`'s checkpoints whose manifest verifies.
+fn complete_of(all: &[(u64, PathBuf)]) -> Vec<u64> {
+    all.iter()
         .filter(|(_, d)| verify(d, false).is_ok())
         .map(|(s, _)| *s)
-        .collect())
+        .collect()
 }
 
 /// Apply `save_total_limit` after a successful save, keeping the best checkpoint. Incomplete
 /// checkpoints older than the newest complete one are leftovers of crashes and are removed too.
 pub fn rotate(output_dir: &Path, limit: Option<usize>, best: Option<u64>) -> Result<Vec<u64>> {
     let all = list(output_dir)?;
-    let complete: Vec<u64> = all
-        .iter()
-        .filter(|(_, d)| verify(d, false).is_ok())
-        .map(|(s, _)| *s)
-        .collect();
+    let complete = complete_of(&all);
     let Some(&newest) = complete.iter().max() else {
         return Ok(vec![]);
     };

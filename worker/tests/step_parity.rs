@@ -102,6 +102,20 @@ fn gradient_is_the_token_mean_across_micro_batches() {
     assert!(wdiff < 1e-5, "{wdiff} at {wname}");
 }
 
+/// A fixture case's schedule: `scheduler`, `base_lr`, the step counts and `kwargs` if given.
+fn fixture_schedule(c: &serde_json::Value) -> LrSchedule {
+    LrSchedule {
+        kind: serde_json::from_value::<SchedulerType>(c["scheduler"].clone()).unwrap(),
+        base_lr: c["base_lr"].as_f64().unwrap(),
+        warmup_steps: c["num_warmup_steps"].as_u64().unwrap(),
+        total_steps: c["num_training_steps"].as_u64().unwrap(),
+        kwargs: match &c["kwargs"] {
+            serde_json::Value::Null => Default::default(),
+            k => serde_json::from_value(k.clone()).unwrap(),
+        },
+    }
+}
+
 #[test]
 fn lr_schedules_match_transformers() {
     let text = std::fs::read_to_string(fixtures().join("schedules.json")).unwrap();
@@ -110,14 +124,8 @@ fn lr_schedules_match_transformers() {
     assert!(cases.len() >= 8);
     let mut worst = 0.0f64;
     for c in cases {
-        let kind: SchedulerType = serde_json::from_value(c["scheduler"].clone()).unwrap();
-        let s = LrSchedule {
-            kind,
-            base_lr: c["base_lr"].as_f64().unwrap(),
-            warmup_steps: c["num_warmup_steps"].as_u64().unwrap(),
-            total_steps: c["num_training_steps"].as_u64().unwrap(),
-            kwargs: Default::default(),
-        };
+        let s = fixture_schedule(c);
+        let kind = s.kind;
         let lrs: Vec<f64> = serde_json::from_value(c["lrs"].clone()).unwrap();
         assert_eq!(lrs.len() as u64, s.total_steps);
         for (i, want) in lrs.iter().enumerate() {
@@ -149,14 +157,8 @@ fn more_lr_schedules_and_their_kwargs_match_transformers() {
     assert!(cases.len() >= 12);
     let mut worst = 0.0f64;
     for c in cases {
-        let kind: SchedulerType = serde_json::from_value(c["scheduler"].clone()).unwrap();
-        let s = LrSchedule {
-            kind,
-            base_lr: c["base_lr"].as_f64().unwrap(),
-            warmup_steps: c["num_warmup_steps"].as_u64().unwrap(),
-            total_steps: c["num_training_steps"].as_u64().unwrap(),
-            kwargs: serde_json::from_value(c["kwargs"].clone()).unwrap(),
-        };
+        let s = fixture_schedule(c);
+        let kind = s.kind;
         let lrs: Vec<f64> = serde_json::from_value(c["lrs"].clone()).unwrap();
         assert_eq!(lrs.len() as u64, s.total_steps);
         for (i, want) in lrs.iter().enumerate() {

@@ -72,23 +72,22 @@ impl Core {
     /// rank's worker held it back) is called off and the job fails with that error named first
     /// (sched::call_off_restart), the restart given back to max_restarts.
     pub(super) fn late_failure(&mut self, job_id: &str, failure: Failure) -> Result<()> {
-        let Some(job) = self.jobs.get_mut(job_id) else {
-            return Ok(());
-        };
-        if job.rec.state != JobState::Restarting {
-            self.publish(job_id);
-            return Ok(());
-        }
-        let attempt = job.rec.attempt;
-        let Some(last) = job.rec.restart_reasons.last_mut() else {
-            self.publish(job_id);
-            return Ok(());
-        };
-        let Some(off) = sched::call_off_restart(last, attempt, &failure) else {
+        let off = self
+            .jobs
+            .get(job_id)
+            .filter(|j| j.rec.state == JobState::Restarting)
+            .and_then(|j| {
+                let reason = j.rec.restart_reasons.last()?;
+                sched::call_off_restart(reason, j.rec.attempt, &failure)
+            });
+        let Some(off) = off else {
             self.publish(job_id); // a rank of the old attempt fewer to wait for
             return Ok(());
         };
-        *last = off.reason.clone();
+        let job = self.jobs.get_mut(job_id).expect("present");
+        if let Some(last) = job.rec.restart_reasons.last_mut() {
+            *last = off.reason.clone();
+        }
         if off.refund {
             job.rec.restarts = job.rec.restarts.saturating_sub(1);
         }

@@ -68,10 +68,17 @@ impl StepCount {
     /// The steps between two events of a run of `total_steps` (0 only for `Steps(0)`, which
     /// the job refuses where it is used).
     pub fn resolve(self, total_steps: u64) -> u64 {
-        match self {
+        match self.whole() {
             StepCount::Steps(n) => n,
-            StepCount::Ratio(r) if r < 1.0 => ((total_steps as f64 * r).ceil() as u64).max(1),
-            StepCount::Ratio(r) => r as u64,
+            StepCount::Ratio(r) => ((total_steps as f64 * r).ceil() as u64).max(1),
+        }
+    }
+
+    /// A ratio of 1 or more (`10.0`) as the steps it means; a ratio below 1 stays one.
+    fn whole(self) -> StepCount {
+        match self {
+            StepCount::Ratio(r) if r >= 1.0 => StepCount::Steps(r as u64),
+            c => c,
         }
     }
 
@@ -170,11 +177,7 @@ impl JobSpec {
             return None;
         }
         let eval = self.eval_steps.unwrap_or(self.logging_steps);
-        let whole = |c: StepCount| match c {
-            StepCount::Ratio(r) if r >= 1.0 => StepCount::Steps(r as u64),
-            c => c,
-        };
-        let multiple = match (whole(self.save_steps), whole(eval)) {
+        let multiple = match (self.save_steps.whole(), eval.whole()) {
             (StepCount::Steps(s), StepCount::Steps(e)) => e > 0 && s % e == 0,
             (StepCount::Ratio(s), StepCount::Ratio(e)) => {
                 let (s, e) = ((s * 1e6).round() as u64, (e * 1e6).round() as u64);
