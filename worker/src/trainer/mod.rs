@@ -412,9 +412,7 @@ fn run_setup<O: Objective>(
     // HF's train() does); it does not take part in picking the best checkpoint.
     if rank == 0 && job.eval_on_start {
         if let Some(entry) = evaluate(job, &objective, &engine.model, ts.epoch, start_step)? {
-            tracing::info!(target: "herd::log", "{entry}");
-            ts.log_history.push(entry.clone());
-            observer.event(&Event::Evaluated(entry));
+            record_eval(&mut ts, observer, entry);
         }
     }
     let end = opts
@@ -500,9 +498,7 @@ fn run_setup<O: Objective>(
                 if let Some(rule) = &best_rule {
                     new_best = track_best(rule, &entry, &mut ts, job, step)?;
                 }
-                tracing::info!(target: "herd::log", "{entry}");
-                ts.log_history.push(entry.clone());
-                observer.event(&Event::Evaluated(entry));
+                record_eval(&mut ts, observer, entry);
             }
         }
         // save_strategy: best saves after an evaluation that improved the metric; sharded, every
@@ -594,4 +590,11 @@ fn run_setup<O: Objective>(
         runtime_s: runtime,
     });
     Ok(Outcome::Completed { steps: step })
+}
+
+/// An evaluation entry into the log history, the log and the observer.
+fn record_eval(ts: &mut TrainerState, observer: &mut dyn Observer, entry: serde_json::Value) {
+    tracing::info!(target: "herd::log", "{entry}");
+    ts.log_history.push(entry.clone());
+    observer.event(&Event::Evaluated(entry));
 }
