@@ -192,28 +192,41 @@ fn eval_during_training_predict_and_eval() {
     ]));
 }
 
+/// Two workers: rank 0 evaluates, and the checkpoint it names best reaches the coordinator, whose
+/// status shows it as the trainer state names it.
 #[test]
-fn eval_with_two_workers_runs_on_rank_zero() {
+fn eval_with_two_workers_runs_on_rank_zero_and_status_shows_the_best_checkpoint() {
     let ws = Workspace::new(48);
     ws.heldout(8);
     let job = ws.job(
         "job.yaml",
         "w2",
-        "per_device_train_batch_size: 2\nmax_steps: 4\nsave_steps: 100\neval_strategy: steps\neval_steps: 2\neval_data_path: heldout.json\n",
+        "per_device_train_batch_size: 2\nmax_steps: 4\nsave_steps: 2\neval_strategy: steps\neval_steps: 2\neval_data_path: heldout.json\nmetric_for_best_model: eval_loss\n",
     );
     let stderr = ws.run_workers(&job, 2);
     assert!(stderr.contains("SUCCEEDED"));
     let st = trainer_state(&ws.path().join("w2"));
-    let steps: Vec<u64> = st["log_history"]
+    let evals: Vec<(u64, f64)> = st["log_history"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| {
-            e["eval_loss"]
-                .as_f64()
-                .is_some_and(|l| l.is_finite() && l > 0.0)
-        })
-        .map(|e| e["step"].as_u64().unwrap())
+        .filter_map(|e| Some((e["step"].as_u64()?, e["eval_loss"].as_f64()?)))
         .collect();
-    assert_eq!(steps, vec![2, 4]);
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![2, 4]);
+    assert!(evals.iter().all(|e| e.1.is_finite() && e.1 > 0.0));
+    let best = if evals[1].1 < evals[0].1 {
+        evals[1]
+    } else {
+        evals[0]
+    };
+    let named = st["best_model_checkpoint"].as_str().unwrap();
+    assert!(
+        named.ends_with(&format!("checkpoint-{}", best.0)),
+        "{named}"
+    );
+    let line = format!(
+        "best checkpoint: step {} (eval_loss {:.4}) at {named}",
+        best.0, best.1
+    );
+    assert!(stderr.contains(&line), "no {line:?} in\n{stderr}");
 }

@@ -44,6 +44,8 @@ pub struct JobRecord {
     pub last_metric: Option<pb::Metric>,
     /// The newest evaluation during training (eval_strategy: steps).
     pub last_eval: Option<pb::EvalMetric>,
+    /// metric_for_best_model: the checkpoint the newest save named best.
+    pub best_checkpoint: Option<pb::BestCheckpoint>,
     pub last_checkpoint_step: u64,
     pub last_checkpoint_path: String,
     pub output_dir: String,
@@ -137,6 +139,21 @@ fn eval_from_json(s: &str) -> Option<pb::EvalMetric> {
     })
 }
 
+fn best_to_json(b: &pb::BestCheckpoint) -> String {
+    serde_json::json!({ "step": b.step, "path": b.path, "metric": b.metric, "value": b.value })
+        .to_string()
+}
+
+fn best_from_json(s: &str) -> Option<pb::BestCheckpoint> {
+    let v: serde_json::Value = serde_json::from_str(s).ok()?;
+    Some(pb::BestCheckpoint {
+        step: v.get("step")?.as_u64()?,
+        path: v.get("path")?.as_str()?.to_string(),
+        metric: v.get("metric")?.as_str()?.to_string(),
+        value: v.get("value")?.as_f64()?,
+    })
+}
+
 fn metric_from_json(s: &str) -> Option<pb::Metric> {
     let v: serde_json::Value = serde_json::from_str(s).ok()?;
     let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
@@ -170,8 +187,9 @@ impl Db {
             .execute(
                 "INSERT OR REPLACE INTO jobs (id, seq, state, reason, source_name, spec_yaml, world_size,
                  max_restarts, restarts, restart_reasons, attempt, secret, step, total_steps, last_metric,
-                 last_checkpoint_step, last_checkpoint_path, output_dir, submitted, started, finished, last_eval)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
+                 last_checkpoint_step, last_checkpoint_path, output_dir, submitted, started, finished, last_eval,
+                 best_checkpoint)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
                 params![
                     j.id,
                     j.seq as i64,
@@ -195,6 +213,7 @@ impl Db {
                     j.started,
                     j.finished,
                     j.last_eval.as_ref().map(eval_to_json),
+                    j.best_checkpoint.as_ref().map(best_to_json),
                 ],
             )
             .map_err(self.ctx())?;
@@ -425,7 +444,8 @@ impl Db {
                 .prepare(
                     "SELECT id, seq, state, reason, source_name, spec_yaml, world_size, max_restarts, restarts,
                      restart_reasons, attempt, secret, step, total_steps, last_metric, last_checkpoint_step,
-                     last_checkpoint_path, output_dir, submitted, started, finished, last_eval FROM jobs ORDER BY seq",
+                     last_checkpoint_path, output_dir, submitted, started, finished, last_eval, best_checkpoint
+                     FROM jobs ORDER BY seq",
                 )
                 .map_err(self.ctx())?;
             let rows = st
@@ -453,6 +473,10 @@ impl Db {
                             .get::<_, Option<String>>(21)?
                             .as_deref()
                             .and_then(eval_from_json),
+                        best_checkpoint: r
+                            .get::<_, Option<String>>(22)?
+                            .as_deref()
+                            .and_then(best_from_json),
                         last_checkpoint_step: r.get::<_, i64>(15)? as u64,
                         last_checkpoint_path: r.get(16)?,
                         output_dir: r.get(17)?,

@@ -251,6 +251,12 @@ pub fn render_status(st: &pb::JobStatus, now: f64) -> String {
             st.last_checkpoint_step
         ));
     }
+    if let Some(b) = &st.best_checkpoint {
+        out.push_str(&format!(
+            "  best checkpoint: step {} ({} {:.4}) at {}\n",
+            b.step, b.metric, b.value, b.path
+        ));
+    }
     out.push_str(&format!("  output_dir: {}\n", st.output_dir));
     if st.finished_unix > 0.0 && st.submitted_unix > 0.0 {
         out.push_str(&format!(
@@ -288,6 +294,9 @@ pub fn status_json(st: &pb::JobStatus) -> serde_json::Value {
             "step": e.step, "epoch": e.epoch, "values": e.values,
         })),
         "last_checkpoint_step": st.last_checkpoint_step,
+        "best_checkpoint": st.best_checkpoint.as_ref().map(|b| serde_json::json!({
+            "step": b.step, "path": b.path, "metric": b.metric, "value": b.value,
+        })),
         "output_dir": st.output_dir,
         "submitted_unix": st.submitted_unix,
         "started_unix": st.started_unix,
@@ -418,6 +427,19 @@ mod tests {
         );
         assert!(text.contains("failure 1: rank 1 died"), "{text}");
         assert!(text.contains("restarts 1/3"), "{text}");
+        assert!(!text.contains("best checkpoint"), "{text}");
+        s.best_checkpoint = Some(pb::BestCheckpoint {
+            step: 4,
+            path: "/out/checkpoint-4".into(),
+            metric: "eval_loss".into(),
+            value: 1.23456,
+        });
+        let text = render_status(&s, 110.0);
+        assert!(
+            text.contains("best checkpoint: step 4 (eval_loss 1.2346) at /out/checkpoint-4\n"),
+            "{text}"
+        );
+        assert_eq!(status_json(&s)["best_checkpoint"]["step"], 4);
         s.state = JobState::Succeeded as i32;
         let text = render_status(&s, 110.0);
         assert!(text.contains("rank  0  w-1  h  step 5\n"), "{text}");

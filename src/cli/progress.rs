@@ -96,13 +96,13 @@ impl Observer for Progress {
                 step,
                 path,
                 rotated,
-            } => {
-                let mut line = format!("saved checkpoint-{step} at {}", path.display());
-                if !rotated.is_empty() {
-                    line.push_str(&format!(" (removed {rotated:?} per save_total_limit)"));
-                }
-                self.println(line);
-            }
+                best,
+            } => self.println(herd_worker::trainer::saved_line(
+                *step,
+                path,
+                rotated,
+                best.as_ref(),
+            )),
             Event::Finished {
                 output_dir,
                 train_loss,

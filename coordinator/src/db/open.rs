@@ -7,7 +7,14 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{Db, DB_FILE_NAME};
 use crate::error::{Error, Result};
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
+
+/// What takes a database from version `v` to `v + 1`, by `v` (1 had no last_eval column, 2 no
+/// best_checkpoint column; nothing else changed).
+const MIGRATIONS: [(i64, &str); 2] = [
+    (1, "ALTER TABLE jobs ADD COLUMN last_eval TEXT;"),
+    (2, "ALTER TABLE jobs ADD COLUMN best_checkpoint TEXT;"),
+];
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -28,6 +35,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     total_steps INTEGER NOT NULL,
     last_metric TEXT,
     last_eval TEXT,
+    best_checkpoint TEXT,
     last_checkpoint_step INTEGER NOT NULL,
     last_checkpoint_path TEXT NOT NULL,
     output_dir TEXT NOT NULL,
@@ -193,13 +201,19 @@ impl Db {
                 .map_err(ctx)?;
             }
             Some(v) if v == SCHEMA_VERSION.to_string() => {}
-            // Version 1 had no last_eval column; nothing else changed.
-            Some(v) if v == "1" => {
-                conn.execute_batch(
-                    "BEGIN; ALTER TABLE jobs ADD COLUMN last_eval TEXT;
-                     UPDATE meta SET value = '2' WHERE key = 'schema_version'; COMMIT;",
-                )
-                .map_err(ctx)?;
+            Some(v) if MIGRATIONS.iter().any(|(from, _)| from.to_string() == v) => {
+                // Each step and its new version in one transaction, so a crash between
+                // steps leaves a database some version opens.
+                for (from, sql) in MIGRATIONS
+                    .iter()
+                    .skip_while(|(from, _)| from.to_string() != v)
+                {
+                    conn.execute_batch(&format!(
+                        "BEGIN; {sql} UPDATE meta SET value = '{}' WHERE key = 'schema_version'; COMMIT;",
+                        from + 1
+                    ))
+                    .map_err(ctx)?;
+                }
             }
             Some(v) => {
                 return Err(Error::Schema {

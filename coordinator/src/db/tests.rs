@@ -30,6 +30,12 @@ fn job(id: &str, seq: u64) -> JobRecord {
             epoch: 0.4,
             values: [("eval_loss".to_string(), 1.75)].into(),
         }),
+        best_checkpoint: Some(pb::BestCheckpoint {
+            step: 20,
+            path: "/out/checkpoint-20".into(),
+            metric: "eval_loss".into(),
+            value: 1.625,
+        }),
         last_checkpoint_step: 30,
         last_checkpoint_path: "/out/checkpoint-30".into(),
         output_dir: "/out".into(),
@@ -137,37 +143,74 @@ fn round_trip_survives_reopen() {
     assert_eq!(mode.to_lowercase(), "wal");
 }
 
-/// A state dir written by a version-1 coordinator (no last_eval column) opens, gains the
-/// column, and keeps its jobs.
+/// A state dir written by a version-1 coordinator (no last_eval, no best_checkpoint column)
+/// or a version-2 one (no best_checkpoint) opens, gains the columns, and keeps its jobs.
 #[test]
-fn version_1_database_is_migrated() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut j = job("job-1", 1);
-    j.last_eval = None;
-    {
+fn older_databases_are_migrated() {
+    for (version, dropped) in [
+        (1, &["last_eval", "best_checkpoint"][..]),
+        (2, &["best_checkpoint"]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = job("job-1", 1);
+        j.last_eval = None;
+        j.best_checkpoint = None;
+        {
+            let db = Db::open_in(dir.path()).unwrap();
+            db.save_job(&j).unwrap();
+            for c in dropped {
+                db.conn
+                    .execute_batch(&format!("ALTER TABLE jobs DROP COLUMN {c};"))
+                    .unwrap();
+            }
+            db.conn
+                .execute(
+                    "UPDATE meta SET value = ?1 WHERE key = 'schema_version'",
+                    [version.to_string()],
+                )
+                .unwrap();
+        }
         let db = Db::open_in(dir.path()).unwrap();
+        assert_eq!(
+            db.load().unwrap().jobs,
+            vec![j.clone()],
+            "from version {version}"
+        );
+        let full = job("job-1", 1);
+        j.last_eval = full.last_eval;
+        j.best_checkpoint = full.best_checkpoint;
         db.save_job(&j).unwrap();
-        db.conn
-            .execute_batch(
-                "ALTER TABLE jobs DROP COLUMN last_eval;
-                 UPDATE meta SET value = '1' WHERE key = 'schema_version';",
+        assert_eq!(db.load().unwrap().jobs, vec![j]);
+        let v: String = db
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
             )
             .unwrap();
+        assert_eq!(v, "3");
     }
-    let db = Db::open_in(dir.path()).unwrap();
-    assert_eq!(db.load().unwrap().jobs, vec![j.clone()]);
-    j.last_eval = job("job-1", 1).last_eval;
-    db.save_job(&j).unwrap();
-    assert_eq!(db.load().unwrap().jobs, vec![j]);
-    let v: String = db
-        .conn
-        .query_row(
-            "SELECT value FROM meta WHERE key='schema_version'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(v, "2");
+}
+
+/// A database from a newer coordinator is refused, naming both versions, and left as it is.
+#[test]
+fn a_newer_database_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = Db::open_in(dir.path()).unwrap();
+        db.conn
+            .execute_batch("UPDATE meta SET value = '9' WHERE key = 'schema_version';")
+            .unwrap();
+    }
+    let Err(e) = Db::open_in(dir.path()) else {
+        panic!("a version-9 database was opened");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("schema version 9") && e.contains("knows 3"),
+        "{e}"
+    );
 }
 
 fn mode(p: &std::path::Path) -> u32 {

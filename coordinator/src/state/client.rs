@@ -37,6 +37,7 @@ impl Core {
             total_steps: 0,
             last_metric: None,
             last_eval: None,
+            best_checkpoint: None,
             last_checkpoint_step: 0,
             last_checkpoint_path: String::new(),
             output_dir: out,

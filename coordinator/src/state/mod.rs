@@ -219,6 +219,7 @@ impl Core {
             ranks,
             last_metric: r.last_metric,
             last_eval: r.last_eval.clone(),
+            best_checkpoint: r.best_checkpoint.clone(),
             last_checkpoint_step: r.last_checkpoint_step,
             output_dir: r.output_dir.clone(),
             submitted_unix: r.submitted,

@@ -26,6 +26,7 @@ async fn silent_worker_restarts_job_elsewhere_then_fails_after_max_restarts() {
         step: 2,
         path: "/ckpt/checkpoint-2".into(),
         rotated: vec![],
+        best: None,
     })
     .await
     .unwrap();
@@ -63,6 +64,7 @@ async fn silent_worker_restarts_job_elsewhere_then_fails_after_max_restarts() {
         step: 9,
         path: "/ckpt/checkpoint-9".into(),
         rotated: vec![],
+        best: None,
     })
     .await
     .unwrap();
@@ -308,6 +310,7 @@ async fn preempted_rank_restarts_without_counting_and_elsewhere() {
         step: 3,
         path: "/c/checkpoint-3".into(),
         rotated: vec![],
+        best: None,
     })
     .await
     .unwrap();

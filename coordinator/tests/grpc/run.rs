@@ -77,6 +77,12 @@ async fn fake_worker_runs_a_job_to_success() {
     })
     .await
     .unwrap();
+    let best = pb::BestCheckpoint {
+        step: 5,
+        path: dir.path().join("out/checkpoint-5").display().to_string(),
+        metric: "eval_loss".into(),
+        value: 1.25,
+    };
     w.report_checkpoint(pb::CheckpointReport {
         worker_id: wid.clone(),
         job_id: id.clone(),
@@ -84,11 +90,13 @@ async fn fake_worker_runs_a_job_to_success() {
         step: 5,
         path: dir.path().join("out/checkpoint-5").display().to_string(),
         rotated: vec![],
+        best: Some(best.clone()),
     })
     .await
     .unwrap();
     let s = get(&mut j, &id).await;
     assert_eq!((s.step, s.total_steps, s.last_checkpoint_step), (5, 10, 5));
+    assert_eq!(s.best_checkpoint, Some(best));
     assert_eq!(s.last_metric.unwrap().loss, 2.5);
     assert_eq!(s.ranks.len(), 1);
     assert_eq!(s.ranks[0].worker_id, wid);

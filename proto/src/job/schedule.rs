@@ -15,6 +15,9 @@ pub enum SchedulerType {
     ConstantWithWarmup,
     InverseSqrt,
     CosineWithMinLr,
+    /// cosine_with_min_lr whose warmup starts above 0 (at `warmup_lr_rate`, or 1/warmup) and
+    /// whose decay starts one step in.
+    CosineWarmupWithMinLr,
     WarmupStableDecay,
 }
 
@@ -40,6 +43,7 @@ impl SchedulerType {
             SchedulerType::ConstantWithWarmup => "constant_with_warmup",
             SchedulerType::InverseSqrt => "inverse_sqrt",
             SchedulerType::CosineWithMinLr => "cosine_with_min_lr",
+            SchedulerType::CosineWarmupWithMinLr => "cosine_warmup_with_min_lr",
             SchedulerType::WarmupStableDecay => "warmup_stable_decay",
         }
     }
@@ -51,6 +55,9 @@ impl SchedulerType {
             SchedulerType::Polynomial => &["lr_end", "power"],
             SchedulerType::InverseSqrt => &["timescale"],
             SchedulerType::CosineWithMinLr => &["num_cycles", "min_lr", "min_lr_rate"],
+            SchedulerType::CosineWarmupWithMinLr => {
+                &["num_cycles", "min_lr", "min_lr_rate", "warmup_lr_rate"]
+            }
             SchedulerType::WarmupStableDecay => &[
                 "num_decay_steps",
                 "num_stable_steps",
@@ -88,6 +95,10 @@ pub struct SchedulerKwargs {
     pub min_lr: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_lr_rate: Option<f64>,
+    /// cosine_warmup_with_min_lr: the first warmup step's lr as a ratio of the lr (default
+    /// 1/warmup, rising by as much each step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_lr_rate: Option<f64>,
     /// warmup_stable_decay: the decay's steps (required), the stable steps (default: what
     /// warmup and decay leave of the total), the curves (linear warmup, cosine decay) and the
     /// floor as a ratio of the lr (0).
@@ -112,6 +123,7 @@ impl SchedulerKwargs {
             ("timescale", self.timescale.is_some()),
             ("min_lr", self.min_lr.is_some()),
             ("min_lr_rate", self.min_lr_rate.is_some()),
+            ("warmup_lr_rate", self.warmup_lr_rate.is_some()),
             ("num_decay_steps", self.num_decay_steps.is_some()),
             ("num_stable_steps", self.num_stable_steps.is_some()),
             ("warmup_type", self.warmup_type.is_some()),
@@ -145,11 +157,13 @@ impl SchedulerKwargs {
                 "lr_end ({}) must be smaller than learning_rate ({lr})",
                 self.lr_end.unwrap_or(1e-7)
             )),
-            SchedulerType::CosineWithMinLr => match (self.min_lr, self.min_lr_rate) {
-                (Some(_), Some(_)) => Some("give min_lr or min_lr_rate, not both".into()),
-                (None, None) => Some("cosine_with_min_lr needs min_lr or min_lr_rate".into()),
-                _ => None,
-            },
+            SchedulerType::CosineWithMinLr | SchedulerType::CosineWarmupWithMinLr => {
+                match (self.min_lr, self.min_lr_rate) {
+                    (Some(_), Some(_)) => Some("give min_lr or min_lr_rate, not both".into()),
+                    (None, None) => Some(format!("{} needs min_lr or min_lr_rate", kind.as_str())),
+                    _ => None,
+                }
+            }
             SchedulerType::WarmupStableDecay if self.num_decay_steps.is_none() => {
                 Some("warmup_stable_decay needs num_decay_steps".into())
             }

@@ -112,6 +112,8 @@ fn scheduler_kwargs_are_the_scheduler_functions_arguments() {
         ("lr_scheduler_kwargs: {num_cycles: 2}\n", "`num_cycles` is not an argument of linear (it takes none)"),
         ("lr_scheduler_type: cosine_with_min_lr\n", "needs min_lr or min_lr_rate"),
         ("lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 0.0, min_lr_rate: 0.1}\n", "not both"),
+        ("lr_scheduler_type: cosine_warmup_with_min_lr\nlr_scheduler_kwargs: {warmup_lr_rate: 0.1}\n", "cosine_warmup_with_min_lr needs min_lr or min_lr_rate"),
+        ("lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 0.0, warmup_lr_rate: 0.1}\n", "`warmup_lr_rate` is not an argument of cosine_with_min_lr"),
         ("lr_scheduler_type: polynomial\nlearning_rate: 1.0e-8\n", "lr_end (0.0000001) must be smaller"),
     ] {
         let err = job(extra).unwrap_err();

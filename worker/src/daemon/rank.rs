@@ -300,12 +300,20 @@ fn run_rank(
                     step: s,
                     path,
                     rotated,
+                    best,
                 } => {
-                    let mut line = format!("saved checkpoint-{s} at {}", path.display());
-                    if !rotated.is_empty() {
-                        line.push_str(&format!(" (removed {rotated:?} per save_total_limit)"));
-                    }
+                    let line = trainer::saved_line(*s, path, rotated, best.as_ref());
                     lines.borrow_mut().push(line);
+                    let best = best.as_ref().map(|b| pb::BestCheckpoint {
+                        step: b.step,
+                        // A sibling of the checkpoint just saved.
+                        path: path
+                            .with_file_name(format!("checkpoint-{}", b.step))
+                            .display()
+                            .to_string(),
+                        metric: b.metric.clone(),
+                        value: b.value,
+                    });
                     let _ = reports.send(Report::Checkpoint(pb::CheckpointReport {
                         worker_id: ctx.worker_id.clone(),
                         job_id: a.job_id.clone(),
@@ -313,6 +321,7 @@ fn run_rank(
                         step: *s,
                         path: path.display().to_string(),
                         rotated: rotated.clone(),
+                        best,
                     }));
                 }
                 Event::Finished {

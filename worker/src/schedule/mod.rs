@@ -62,6 +62,9 @@ impl LrSchedule {
         if self.kind == SchedulerType::WarmupStableDecay {
             return self.wsd_factor(step);
         }
+        if self.kind == SchedulerType::CosineWarmupWithMinLr {
+            return self.cosine_warmup_min_lr_factor(step);
+        }
         if step < self.warmup_steps && self.kind != SchedulerType::Constant {
             return s / w.max(1.0);
         }
@@ -99,17 +102,41 @@ impl LrSchedule {
                 let shift = timescale - self.warmup_steps as i64;
                 1.0 / ((step as i64 + shift) as f64 / timescale as f64).sqrt()
             }
-            SchedulerType::WarmupStableDecay => unreachable!("handled above"),
-            SchedulerType::CosineWithMinLr => {
-                let rate = match (k.min_lr, k.min_lr_rate) {
-                    (Some(min_lr), _) => min_lr / self.base_lr,
-                    (None, rate) => rate.unwrap_or(0.0),
-                };
-                let cycles = k.num_cycles.unwrap_or(0.5);
-                let f = 0.5 * (1.0 + (PI * cycles * 2.0 * progress).cos());
-                (f * (1.0 - rate) + rate).max(0.0)
+            SchedulerType::WarmupStableDecay | SchedulerType::CosineWarmupWithMinLr => {
+                unreachable!("handled above")
             }
+            SchedulerType::CosineWithMinLr => self.cosine_to_floor(progress),
         }
+    }
+
+    /// A cosine of `num_cycles` (0.5) waves from 1 down to the min_lr floor at progress 1.
+    fn cosine_to_floor(&self, progress: f64) -> f64 {
+        let k = &self.kwargs;
+        let rate = match (k.min_lr, k.min_lr_rate) {
+            (Some(min_lr), _) => min_lr / self.base_lr,
+            (None, rate) => rate.unwrap_or(0.0),
+        };
+        let cycles = k.num_cycles.unwrap_or(0.5);
+        let f = 0.5 * (1.0 + (PI * cycles * 2.0 * progress).cos());
+        (f * (1.0 - rate) + rate).max(0.0)
+    }
+
+    /// transformers' cosine_warmup_with_min_lr: the warmup's first step is already above 0
+    /// ((step + 1) / warmup, or from warmup_lr_rate to 1 over warmup - 1 steps), and the
+    /// decay's progress counts the step it is in.
+    fn cosine_warmup_min_lr_factor(&self, step: u64) -> f64 {
+        let (s, w, t) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
+        if step < self.warmup_steps {
+            return match self.kwargs.warmup_lr_rate {
+                None => (s + 1.0) / w.max(1.0),
+                Some(r) => r + (1.0 - r) * s / (w - 1.0).max(1.0),
+            };
+        }
+        self.cosine_to_floor((s - w + 1.0) / (t - w).max(1.0))
     }
 
     /// transformers' warmup_stable_decay: warmup from min_lr_ratio to 1, flat, decay to

@@ -47,9 +47,39 @@ pub fn named_after_save(
     }
 }
 
+/// The checkpoint named best, with the evaluation that made it best (what `herd status` shows).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Named {
+    pub step: u64,
+    pub metric: String,
+    pub value: f64,
+}
+
+/// The named checkpoint `named` with its evaluation's value, looked up in the log history: the
+/// newest eval entry at that step that gives the metric (None if none does).
+pub fn named_with_value(
+    rule: &BestRule,
+    named: Option<u64>,
+    history: &[serde_json::Value],
+) -> Option<Named> {
+    let step = named?;
+    let value = history.iter().rev().find_map(|e| {
+        let at = e.get("step").and_then(serde_json::Value::as_u64);
+        (at == Some(step))
+            .then(|| e.get(&rule.metric).and_then(serde_json::Value::as_f64))
+            .flatten()
+    })?;
+    Some(Named {
+        step,
+        metric: rule.metric.clone(),
+        value,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_tie_is_no_new_best_and_direction_follows_the_rule() {
@@ -74,5 +104,29 @@ mod tests {
         assert_eq!(named_after_save(Some(6), 8, &[4], Some(4)), Some(4));
         assert_eq!(named_after_save(Some(4), 8, &[4, 6], Some(2)), Some(4));
         assert_eq!(named_after_save(None, 8, &[4], None), None);
+    }
+
+    #[test]
+    fn the_named_checkpoint_carries_its_own_evaluation_not_the_newest_best() {
+        let rule = BestRule {
+            metric: "eval_loss".into(),
+            greater_is_better: false,
+        };
+        let history = [
+            json!({"step": 4, "loss": 2.0}),
+            json!({"step": 4, "eval_loss": 1.5}),
+            json!({"step": 5, "eval_loss": 1.2}), // a better evaluation, no checkpoint at 5
+        ];
+        let named = named_with_value(&rule, Some(4), &history).unwrap();
+        assert_eq!(
+            named,
+            Named {
+                step: 4,
+                metric: "eval_loss".into(),
+                value: 1.5
+            }
+        );
+        assert_eq!(named_with_value(&rule, Some(6), &history), None);
+        assert_eq!(named_with_value(&rule, None, &history), None);
     }
 }

@@ -35,7 +35,7 @@ use outputs::{
 pub use plan::Plan;
 use serde_json::json;
 use state::TrainerState;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -76,12 +76,29 @@ pub enum Event {
         step: u64,
         path: PathBuf,
         rotated: Vec<u64>,
+        /// metric_for_best_model: the checkpoint named best once this one is written.
+        best: Option<best::Named>,
     },
     Finished {
         output_dir: PathBuf,
         train_loss: f64,
         runtime_s: f64,
     },
+}
+
+/// The line a save is logged as, by `herd train` and by a worker daemon.
+pub fn saved_line(step: u64, path: &Path, rotated: &[u64], best: Option<&best::Named>) -> String {
+    let mut line = format!("saved checkpoint-{step} at {}", path.display());
+    if !rotated.is_empty() {
+        line.push_str(&format!(" (removed {rotated:?} per save_total_limit)"));
+    }
+    if let Some(b) = best {
+        line.push_str(&format!(
+            "; best: checkpoint-{} ({} {:.4})",
+            b.step, b.metric, b.value
+        ));
+    }
+    line
 }
 
 pub trait Observer {
@@ -531,10 +548,14 @@ fn run_setup<O: Objective>(
                 job, &objective, &engine, collective, &tokenizer, &schedule, &ts, step, world,
             )?;
             if let Some((path, rotated)) = saved {
+                let best = best_rule.as_ref().and_then(|rule| {
+                    best::named_with_value(rule, ts.best_checkpoint_step(), &ts.log_history)
+                });
                 observer.event(&Event::Saved {
                     step,
                     path,
                     rotated,
+                    best,
                 });
             }
         }
