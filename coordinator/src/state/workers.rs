@@ -291,9 +291,7 @@ impl Core {
             job.rec.last_checkpoint_step = req.step;
             job.rec.last_checkpoint_path = req.path.clone();
             // The newest save names the best checkpoint as its trainer state does.
-            if req.best.is_some() {
-                job.rec.best_checkpoint = req.best.clone();
-            }
+            job.rec.best_checkpoint = req.best.clone();
         }
         let c = CheckpointRecord {
             job_id: req.job_id.clone(),

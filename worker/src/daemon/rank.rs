@@ -306,11 +306,7 @@ fn run_rank(
                     lines.borrow_mut().push(line);
                     let best = best.as_ref().map(|b| pb::BestCheckpoint {
                         step: b.step,
-                        // A sibling of the checkpoint just saved.
-                        path: path
-                            .with_file_name(format!("checkpoint-{}", b.step))
-                            .display()
-                            .to_string(),
+                        path: b.path.clone(),
                         metric: b.metric.clone(),
                         value: b.value,
                     });

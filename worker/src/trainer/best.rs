@@ -4,6 +4,7 @@
 //! under `load_best_model_at_end` the final model is its weights. Proven against the real
 //! Trainer by worker/tests/cadence_parity.rs.
 
+use super::state::TrainerState;
 use herd_proto::JobSpec;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,19 +52,17 @@ pub fn named_after_save(
 #[derive(Debug, Clone, PartialEq)]
 pub struct Named {
     pub step: u64,
+    /// As the trainer state names it: `output_dir/checkpoint-<step>`.
+    pub path: String,
     pub metric: String,
     pub value: f64,
 }
 
-/// The named checkpoint `named` with its evaluation's value, looked up in the log history: the
-/// newest eval entry at that step that gives the metric (None if none does).
-pub fn named_with_value(
-    rule: &BestRule,
-    named: Option<u64>,
-    history: &[serde_json::Value],
-) -> Option<Named> {
-    let step = named?;
-    let value = history.iter().rev().find_map(|e| {
+/// The checkpoint the trainer state names best, with its evaluation's value looked up in the
+/// log history: the newest eval entry at that step that gives the metric (None if none does).
+pub fn named_with_value(rule: &BestRule, ts: &TrainerState) -> Option<Named> {
+    let step = ts.best_checkpoint_step()?;
+    let value = ts.log_history.iter().rev().find_map(|e| {
         let at = e.get("step").and_then(serde_json::Value::as_u64);
         (at == Some(step))
             .then(|| e.get(&rule.metric).and_then(serde_json::Value::as_f64))
@@ -71,6 +70,7 @@ pub fn named_with_value(
     })?;
     Some(Named {
         step,
+        path: ts.best_model_checkpoint.clone()?,
         metric: rule.metric.clone(),
         value,
     })
@@ -112,21 +112,32 @@ mod tests {
             metric: "eval_loss".into(),
             greater_is_better: false,
         };
-        let history = [
-            json!({"step": 4, "loss": 2.0}),
-            json!({"step": 4, "eval_loss": 1.5}),
-            json!({"step": 5, "eval_loss": 1.2}), // a better evaluation, no checkpoint at 5
-        ];
-        let named = named_with_value(&rule, Some(4), &history).unwrap();
+        let mut ts: TrainerState = serde_json::from_value(json!({
+            "best_metric": 1.2, "best_global_step": 5, "best_model_checkpoint": "/out/checkpoint-4",
+            "epoch": 1.0, "eval_steps": 1, "global_step": 5, "is_hyper_param_search": false,
+            "is_local_process_zero": true, "is_world_process_zero": true, "logging_steps": 1,
+            "max_steps": 10, "num_input_tokens_seen": 0, "num_train_epochs": 1, "save_steps": 4,
+            "total_flos": 0.0, "train_batch_size": 1, "trial_name": null, "trial_params": null,
+            "log_history": [
+                {"step": 4, "loss": 2.0},
+                {"step": 4, "eval_loss": 1.5},
+                {"step": 5, "eval_loss": 1.2}, // a better evaluation, no checkpoint at 5
+            ],
+        }))
+        .unwrap();
+        let named = named_with_value(&rule, &ts).unwrap();
         assert_eq!(
             named,
             Named {
                 step: 4,
+                path: "/out/checkpoint-4".into(),
                 metric: "eval_loss".into(),
                 value: 1.5
             }
         );
-        assert_eq!(named_with_value(&rule, Some(6), &history), None);
-        assert_eq!(named_with_value(&rule, None, &history), None);
+        ts.best_model_checkpoint = Some("/out/checkpoint-6".into());
+        assert_eq!(named_with_value(&rule, &ts), None);
+        ts.best_model_checkpoint = None;
+        assert_eq!(named_with_value(&rule, &ts), None);
     }
 }

@@ -548,9 +548,9 @@ fn run_setup<O: Objective>(
                 job, &objective, &engine, collective, &tokenizer, &schedule, &ts, step, world,
             )?;
             if let Some((path, rotated)) = saved {
-                let best = best_rule.as_ref().and_then(|rule| {
-                    best::named_with_value(rule, ts.best_checkpoint_step(), &ts.log_history)
-                });
+                let best = best_rule
+                    .as_ref()
+                    .and_then(|rule| best::named_with_value(rule, &ts));
                 observer.event(&Event::Saved {
                     step,
                     path,
