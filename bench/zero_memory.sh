@@ -9,48 +9,14 @@
 #   JOBS="bf16-0 bf16-1 bf16-2" bench/zero_memory.sh   # some of the jobs only
 set -euo pipefail
 HERD=$(realpath "${HERD:-target/debug/herd}")
+BENCH=$(realpath "$(dirname "$0")")
 ROUNDS=${ROUNDS:-2}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 "$HERD" demo init --dir demo >/dev/null 2>&1
 cp -r demo/model big
-python3 - <<'PY'
-import array, json, random, struct
-cfg = json.load(open("big/config.json"))
-h, i, L, v = 512, 1376, 8, cfg["vocab_size"]
-cfg.update(hidden_size=h, intermediate_size=i, num_hidden_layers=L,
-           num_attention_heads=8, num_key_value_heads=8)
-json.dump(cfg, open("big/config.json", "w"), indent=2)
-shapes = {"model.embed_tokens.weight": [v, h], "model.norm.weight": [h], "lm_head.weight": [v, h]}
-for l in range(L):
-    p = f"model.layers.{l}."
-    for n in ["q_proj", "k_proj", "v_proj", "o_proj"]:
-        shapes[p + f"self_attn.{n}.weight"] = [h, h]
-    shapes.update({p + "mlp.gate_proj.weight": [i, h], p + "mlp.up_proj.weight": [i, h],
-                   p + "mlp.down_proj.weight": [h, i], p + "input_layernorm.weight": [h],
-                   p + "post_attention_layernorm.weight": [h]})
-rng = random.Random(0)
-pool = [rng.gauss(0, 0.02) for _ in range(4096)]
-header, blobs, off = {}, [], 0
-for name, s in sorted(shapes.items()):
-    n = 1
-    for d in s:
-        n *= d
-    a = array.array("f", [1.0] * n if name.endswith("norm.weight")
-                    else (pool[(k * 2654435761) % 4096] for k in range(n)))
-    b = a.tobytes()
-    header[name] = {"dtype": "F32", "shape": s, "data_offsets": [off, off + len(b)]}
-    off += len(b)
-    blobs.append(b)
-hj = json.dumps(header).encode()
-hj += b" " * ((8 - len(hj) % 8) % 8)
-with open("big/model.safetensors", "wb") as f:
-    f.write(struct.pack("<Q", len(hj)) + hj)
-    for b in blobs:
-        f.write(b)
-print(f"model: {off // 4} parameters")
-PY
+python3 "$BENCH/random_llama.py" big
 for prec in f32 bf16; do
   for z in 0 1 2; do
     cat >"$prec-$z.yaml" <<JOB

@@ -305,6 +305,11 @@ impl Net {
         self.lm_head.plain_weight()
     }
 
+    /// The embedding table [vocab, hidden] (the lm_head's weight too, when tied).
+    pub(crate) fn embed_weight(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
     /// Where the weights live.
     pub fn device(&self) -> Device {
         self.embed_tokens.device().clone()

@@ -19,6 +19,12 @@
 //! held: it is computed without a graph and its backward starts from `swiglu_linear`'s inputs
 //! (`MlpGraph::root`).
 //!
+//! After each stage of the backward (the head, each layer, the embedding) the caller hears which
+//! parameters' gradients are now final ([`Llama::loss_and_gradients_with`]): a data-parallel
+//! trainer folds them into its flat sum and starts reducing them while the layers below are
+//! still in backward, as PyTorch's DDP does with its buckets. Every parameter but the embedding
+//! is read by one stage only; the embedding (also the head, when tied) is final at the end.
+//!
 //! Recompute: only each layer's input is kept; the layer runs forward again, with its graph,
 //! just before its backward. Memory ~ layers × [b, t, hidden] + one layer's activations, at the
 //! cost of one more forward of every layer. Gradients equal the plain path's up to float
@@ -71,7 +77,23 @@ impl Llama {
         recompute: bool,
         loss: impl FnOnce(&Top) -> Result<(Tensor, T)>,
     ) -> Result<(Tensor, T, Gradients)> {
+        self.loss_and_gradients_with(input_ids, layout, recompute, loss, |_, _| Ok(()))
+    }
+
+    /// [`Llama::loss_and_gradients`], calling `on_final(grads, idx)` after each stage of the
+    /// backward with the indices (into `trainable()`) whose gradients no later stage changes,
+    /// each index once, last layer first. The callee may take those gradients out of `grads`;
+    /// what it leaves is returned. Indices that never got a gradient are never named.
+    pub fn loss_and_gradients_with<T>(
+        &self,
+        input_ids: &Tensor,
+        layout: Option<&Layout>,
+        recompute: bool,
+        loss: impl FnOnce(&Top) -> Result<(Tensor, T)>,
+        mut on_final: impl FnMut(&mut Gradients, &[usize]) -> Result<()>,
+    ) -> Result<(Tensor, T, Gradients)> {
         let mut grads = vec![None; self.trainable().len()];
+        let mut finals = Finals::new(self.trainable(), self.net.embed_weight());
         let net = &self.net;
         let pos = net.positions(input_ids, layout)?;
         let embedded = net.embed(input_ids)?; // [b, t, hidden], graph only to embed_tokens
@@ -100,7 +122,11 @@ impl Llama {
         })?;
         let store = value.backward()?;
         self.accumulate(&mut grads, &store)?;
+        on_final(&mut grads, &finals.after_stage(&store))?;
         let Some(mut grad_out) = store.get(top.as_tensor()).map(Tensor::detach) else {
+            drop(store);
+            let rest = finals.rest(&grads);
+            on_final(&mut grads, &rest)?;
             return Ok((value.detach(), extra, grads)); // the loss does not depend on the layers
         };
         drop(store);
@@ -120,6 +146,7 @@ impl Llama {
             let store = mlp.root(&h, &grad_out)?.backward()?;
             drop((h, mlp));
             self.accumulate(&mut grads, &store)?;
+            on_final(&mut grads, &finals.after_stage(&store))?;
             grad_out = match store.get(input.as_tensor()) {
                 Some(g) => g.detach(),
                 None => grad_out.zeros_like()?,
@@ -129,6 +156,8 @@ impl Llama {
             let store = (embedded * &grad_out)?.sum_all()?.backward()?;
             self.accumulate(&mut grads, &store)?;
         }
+        let rest = finals.rest(&grads);
+        on_final(&mut grads, &rest)?;
         Ok((value.detach(), extra, grads))
     }
 
@@ -143,5 +172,48 @@ impl Llama {
             }
         }
         Ok(())
+    }
+}
+
+/// Which parameters' gradients are final after a stage of the layer-by-layer backward.
+struct Finals<'a> {
+    params: &'a [(String, Var)],
+    /// The index read by the embedding stage (the embedding, which a tied head shares): final
+    /// only at the end.
+    embedding: Option<usize>,
+    named: Vec<bool>,
+}
+
+impl<'a> Finals<'a> {
+    fn new(params: &'a [(String, Var)], embed_weight: &Tensor) -> Self {
+        let embedding = params
+            .iter()
+            .position(|(_, v)| v.as_tensor().id() == embed_weight.id());
+        Finals {
+            params,
+            embedding,
+            named: vec![false; params.len()],
+        }
+    }
+
+    /// The indices this stage gave a gradient, not named before, but the embedding's.
+    fn after_stage(&mut self, store: &GradStore) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (i, (_, var)) in self.params.iter().enumerate() {
+            if !self.named[i] && Some(i) != self.embedding && store.get(var.as_tensor()).is_some() {
+                self.named[i] = true;
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    /// Every index with a gradient not named yet (the backward is over).
+    fn rest(&mut self, grads: &Gradients) -> Vec<usize> {
+        let out: Vec<usize> = (0..self.params.len())
+            .filter(|&i| !self.named[i] && grads[i].is_some())
+            .collect();
+        out.iter().for_each(|&i| self.named[i] = true);
+        out
     }
 }

@@ -7,7 +7,8 @@ use candle_core::{DType, Device, Tensor};
 use herd_model::loss::causal_lm_loss_sum;
 use herd_model::Llama;
 
-fn check_all_gradients(model: &Llama) {
+/// Two rows of ids and their labels, some masked.
+fn two_rows() -> (Tensor, Tensor) {
     let input = common::ids(&[&[1, 5, 9, 13, 2, 40, 7], &[3, 3, 17, 29, 44, 0, 0]]);
     let labels = Tensor::new(
         &[
@@ -17,6 +18,11 @@ fn check_all_gradients(model: &Llama) {
         &Device::Cpu,
     )
     .unwrap();
+    (input, labels)
+}
+
+fn check_all_gradients(model: &Llama) {
+    let (input, labels) = two_rows();
     let logits = model.forward(&input).unwrap();
     let (sum, count) = causal_lm_loss_sum(&logits, &labels).unwrap();
     assert_eq!(count, 9);
@@ -116,4 +122,65 @@ fn gradient_matches_finite_difference() {
             );
         }
     }
+}
+
+/// The stage callback names every parameter once, as soon as its gradient is final: the final
+/// norm and an untied head first, then the layers from the last to the first, the embedding
+/// (which a tied head shares) last. The gradients it takes out are the plain backward's, bit for
+/// bit, with or without recompute.
+fn check_final_gradients_stage_by_stage(tied: bool, recompute: bool) {
+    let model = Llama::random(common::tiny_config(tied), 3).unwrap();
+    let (input, labels) = two_rows();
+    let loss = |top: &herd_model::recompute::Top| causal_lm_loss_sum(&top.logits()?, &labels);
+    let (_, _, plain) = model
+        .loss_and_gradients(&input, None, recompute, loss)
+        .unwrap();
+
+    let names: Vec<String> = model.trainable().iter().map(|(n, _)| n.clone()).collect();
+    let mut stages: Vec<Vec<String>> = vec![];
+    let mut taken: Vec<Option<Tensor>> = vec![None; names.len()];
+    let (_, _, left) = model
+        .loss_and_gradients_with(&input, None, recompute, loss, |grads, idx| {
+            stages.push(idx.iter().map(|&i| names[i].clone()).collect());
+            for &i in idx {
+                assert!(taken[i].is_none(), "{} named twice", names[i]);
+                taken[i] = grads[i].take();
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(left.iter().all(Option::is_none), "every gradient was named");
+    for (i, name) in names.iter().enumerate() {
+        let (a, b) = (taken[i].as_ref().unwrap(), plain[i].as_ref().unwrap());
+        assert_eq!(common::max_abs_diff(a, b), 0.0, "{name}");
+    }
+    let layers = common::tiny_config(tied).num_hidden_layers;
+    let stage_of = |name: &str| stages.iter().position(|s| s.iter().any(|n| n == name));
+    let mut head = vec!["model.norm.weight"];
+    if !tied {
+        head.push("lm_head.weight");
+    }
+    for name in head {
+        assert_eq!(stage_of(name), Some(0), "{name}: {stages:?}");
+    }
+    for l in 0..layers {
+        let name = format!("model.layers.{l}.mlp.down_proj.weight");
+        assert_eq!(stage_of(&name), Some(layers - l), "{name}: {stages:?}");
+        let q = format!("model.layers.{l}.self_attn.q_proj.weight");
+        assert_eq!(stage_of(&q), Some(layers - l), "{q}: {stages:?}");
+    }
+    assert_eq!(
+        stages.last().unwrap(),
+        &vec!["model.embed_tokens.weight".to_string()]
+    );
+}
+
+#[test]
+fn gradients_are_named_final_stage_by_stage_untied() {
+    check_final_gradients_stage_by_stage(false, false);
+}
+
+#[test]
+fn gradients_are_named_final_stage_by_stage_tied_with_recompute() {
+    check_final_gradients_stage_by_stage(true, true);
 }

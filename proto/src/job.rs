@@ -216,6 +216,11 @@ pub struct JobSpec {
     /// backward (less memory, one more forward per step, same gradients).
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// HF's `ddp_bucket_cap_mb` (DDP's `bucket_cap_mb`, 25 by default): the gradient sum
+    /// across ranks starts bucket by bucket, each of at least this many MiB of whole parameters
+    /// from the last layer down, while the layers below are still in backward.
+    #[serde(default)]
+    pub ddp_bucket_cap_mb: Option<u64>,
     /// ZeRO stage, as DeepSpeed's `zero_optimization.stage`: 0 keeps the whole optimizer state
     /// on every rank; 1 shards it (each rank holds AdamW's moments — and under mixed precision
     /// the f32 masters' low halves — for its part of the parameters, updates that part and

@@ -12,7 +12,7 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use common::{batch, load_step, resized_model, torch_adam};
+use common::{batch, load_step, resized_model, rows, torch_adam, weight_bits};
 use herd_kernels::FusedOnCpu;
 use herd_worker::collective::TcpRing;
 use herd_worker::data::Batch;
@@ -51,20 +51,6 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 fn from_bits(v: &[u32]) -> Vec<f32> {
     v.iter().map(|&x| f32::from_bits(x)).collect()
-}
-
-/// Rows `rows` of the fixture batch.
-fn rows(b: &Batch, rows: std::ops::Range<usize>) -> Batch {
-    let t = b.seq_len;
-    let cut = rows.start * t..rows.end * t;
-    Batch {
-        input_ids: b.input_ids[cut.clone()].to_vec(),
-        labels: b.labels[cut.clone()].to_vec(),
-        attention_mask: b.attention_mask[cut].to_vec(),
-        batch: rows.len(),
-        seq_len: t,
-        layout: None,
-    }
 }
 
 fn run(s: Setup) -> Vec<Ended> {
@@ -120,15 +106,7 @@ fn run(s: Setup) -> Vec<Ended> {
                 let gradient = e.gradient_bytes();
                 let master = e.master_model(&mut ring).unwrap();
                 let opt = e.optimizer_to_save(&mut ring).unwrap();
-                let weights = e
-                    .model
-                    .trainable()
-                    .iter()
-                    .map(|(_, v)| {
-                        let t = v.as_tensor().to_dtype(DType::F32).unwrap();
-                        bits(&t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-                    })
-                    .collect();
+                let weights = weight_bits(&e.model);
                 let saved_master = master.filter(|_| rank == 0).map(|m| {
                     m.trainable()
                         .iter()

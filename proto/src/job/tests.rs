@@ -64,6 +64,7 @@ fn nonsense_values_are_refused_with_the_key() {
         ("num_train_epochs: 0", "num_train_epochs"),
         ("packing: true\ntask: reward", "packing"),
         ("zero_stage: 3", "zero_stage"),
+        ("ddp_bucket_cap_mb: 0", "ddp_bucket_cap_mb"),
     ] {
         let err = JobSpec::from_yaml_str(&format!("{MIN}{extra}\n"), "j.yaml").unwrap_err();
         assert!(

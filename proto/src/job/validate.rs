@@ -152,6 +152,12 @@ impl JobSpec {
                 ),
             );
         }
+        if self.ddp_bucket_cap_mb == Some(0) {
+            return bad(
+                "ddp_bucket_cap_mb",
+                "must be at least 1 (MiB of gradient per bucket)".into(),
+            );
+        }
         if let Some(alpha) = self.neftune_noise_alpha {
             if !pos_finite(alpha) {
                 return bad("neftune_noise_alpha", format!("must be > 0, got {alpha}"));

@@ -13,7 +13,10 @@ use herd_model::lora::dropout_row_key;
 use herd_model::loss::{causal_lm_loss_sum, causal_lm_loss_sum_fused};
 use herd_model::{Llama, RewardModel};
 
+mod overlap;
 mod sharding;
+
+pub use overlap::{bucket_elems, bucket_plan, DEFAULT_BUCKET_CAP_MB};
 
 /// A model the engine can train: its parameters that get gradients, in a fixed order, and how
 /// it moves between devices and dtypes.
@@ -88,6 +91,16 @@ pub struct Engine<M: Trainable = Llama> {
     /// ZeRO: elements per bucket of the gradient reduces and weight broadcasts
     /// ([`zero::BUCKET_ELEMS`]; tests cut smaller).
     pub bucket_elems: usize,
+    /// f32 elements per bucket of the gradient sum overlapped with the backward
+    /// (`ddp_bucket_cap_mb`; see [`Engine::overlapped`]).
+    pub ddp_bucket_elems: usize,
+    /// Which parameters' gradients this micro-batch's backward already added into `grad`, as
+    /// each became final (so the gradient tensors are freed during the backward).
+    folded: Vec<bool>,
+    /// During an overlapped micro-batch: the buckets still to send.
+    overlap: Option<overlap::Overlap>,
+    /// `grad` already holds the sum across ranks (an overlapped backward summed it).
+    grad_reduced: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -136,6 +149,10 @@ impl<M: Trainable> Engine<M> {
             reduce_to_owner: false,
             pending: None,
             bucket_elems: zero::BUCKET_ELEMS,
+            ddp_bucket_elems: bucket_elems(DEFAULT_BUCKET_CAP_MB),
+            folded: vec![false; sizes.len()],
+            overlap: None,
+            grad_reduced: false,
         }
     }
 
@@ -301,6 +318,7 @@ impl<M: Trainable> Engine<M> {
             m.zero_grad()?;
         }
         self.pending = None;
+        self.grad_reduced = false;
         self.loss_sum = 0.0;
         self.tokens = 0;
         self.correct = 0;
@@ -332,20 +350,20 @@ impl<M: Trainable> Engine<M> {
         count: usize,
         correct: usize,
     ) -> Result<f64> {
-        for ((name, _), g) in self.model.trainable().iter().zip(grads) {
-            if g.is_none() {
+        let params = self.model.trainable().iter().zip(grads).zip(&self.folded);
+        for (((name, _), g), &folded) in params {
+            if g.is_none() && !folded {
                 tracing::warn!(param = %name, "parameter received no gradient");
             }
         }
+        self.folded.fill(false);
         match self.mixed.as_mut() {
             _ if self.reduce_to_owner => self.hold_for_reduce(grads)?,
             Some(m) => m.add(grads)?, // stays on the device
             None => {
                 for (i, g) in grads.iter().enumerate() {
                     let Some(g) = g else { continue };
-                    let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                    let dst = &mut self.grad[self.offsets[i]..self.offsets[i + 1]];
-                    dst.iter_mut().zip(&g).for_each(|(d, s)| *d += s);
+                    add_into(&mut self.grad[self.offsets[i]..self.offsets[i + 1]], g)?;
                 }
             }
         }
@@ -376,6 +394,7 @@ impl<M: Trainable> Engine<M> {
             match self.mixed.as_mut() {
                 _ if self.reduce_to_owner => {}
                 Some(m) => m.all_reduce(collective)?,
+                None if self.grad_reduced => {} // summed during the backward
                 None => collective.all_reduce_sum(&mut self.grad)?,
             }
             collective.all_reduce_sum(&mut totals)?;
@@ -515,7 +534,16 @@ impl Engine<Llama> {
         let input = Tensor::from_vec(batch.input_ids.clone(), shape, &dev)?;
         let labels = Tensor::from_vec(batch.labels.clone(), shape, &dev)?;
         let fused = herd_kernels::fused(&dev);
-        let (sum, count, grads) = self.model.loss_and_gradients(
+        // The host f32 sum takes each gradient as soon as it is final (and an overlapped step
+        // sends it on); mixed precision and ZeRO-2 take them all after the backward.
+        let fold = self.mixed.is_none() && !self.reduce_to_owner;
+        let (grad, folded, overlap, offsets) = (
+            &mut self.grad,
+            &mut self.folded,
+            &mut self.overlap,
+            &self.offsets,
+        );
+        let (sum, count, grads) = self.model.loss_and_gradients_with(
             &input,
             batch.layout.as_ref(),
             self.recompute,
@@ -523,8 +551,30 @@ impl Engine<Llama> {
                 Some(head) if fused => causal_lm_loss_sum_fused(&top.normed()?, head, &labels),
                 _ => causal_lm_loss_sum(&top.logits()?.to_dtype(DType::F32)?, &labels),
             },
+            |grads, idx| {
+                if !fold {
+                    return Ok(());
+                }
+                for &i in idx {
+                    if let Some(g) = grads[i].take() {
+                        add_into(&mut grad[offsets[i]..offsets[i + 1]], &g)?;
+                        folded[i] = true;
+                    }
+                }
+                if let Some(o) = overlap.as_mut() {
+                    o.send_ready(folded, grad, offsets);
+                }
+                Ok(())
+            },
         )?;
         let s = self.add_gradients(&sum, &grads, count, 0)?;
         Ok((s, count))
     }
+}
+
+/// dst += g, g any float tensor of dst's length.
+fn add_into(dst: &mut [f32], g: &Tensor) -> candle_core::Result<()> {
+    let g = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    dst.iter_mut().zip(&g).for_each(|(d, s)| *d += s);
+    Ok(())
 }

@@ -338,6 +338,8 @@ fn run_setup<O: Objective>(
         .with_gradient_checkpointing(job.gradient_checkpointing);
     engine.dropout_seed = job.seed;
     engine.neftune_alpha = job.neftune_noise_alpha.unwrap_or(0.0);
+    engine.ddp_bucket_elems =
+        engine::bucket_elems((job.ddp_bucket_cap_mb).unwrap_or(engine::DEFAULT_BUCKET_CAP_MB));
     if let Some(dir) = &resumed_from {
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
@@ -462,11 +464,17 @@ fn run_setup<O: Objective>(
                 engine.reduce_micro_batch(collective)?;
             }
             let positions = plan.micro_batch_positions(step, rank, micro);
-            if positions.is_empty() {
-                continue;
-            }
             let idx: Vec<usize> = positions.map(|p| perm[p]).collect();
-            seen_tokens += objective.accumulate(&mut engine, &idx)?;
+            let run = |engine: &mut Engine<O::Model>| match idx.is_empty() {
+                true => Ok(0),
+                false => objective.accumulate(engine, &idx),
+            };
+            // The last micro-batch's backward overlaps the gradient sum across ranks (every
+            // rank takes part, with or without examples of its own).
+            seen_tokens += match micro + 1 == plan.accumulation {
+                true => engine.overlapped(collective, run)?,
+                false => run(&mut engine)?,
+            };
         }
         let stats = engine.apply(collective, schedule.lr_at(step))?;
         if !stats.loss.is_finite() {

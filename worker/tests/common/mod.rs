@@ -50,3 +50,27 @@ pub fn batch(step: &HashMap<String, Tensor>) -> Batch {
         layout: None,
     }
 }
+
+/// Rows `r` of a batch (the rows a rank takes in the multi-rank tests).
+pub fn rows(b: &Batch, r: std::ops::Range<usize>) -> Batch {
+    let t = b.seq_len;
+    let cut = r.start * t..r.end * t;
+    Batch {
+        input_ids: b.input_ids[cut.clone()].to_vec(),
+        labels: b.labels[cut.clone()].to_vec(),
+        attention_mask: b.attention_mask[cut].to_vec(),
+        batch: r.len(),
+        seq_len: t,
+        layout: None,
+    }
+}
+
+/// Every trainable parameter's weights as the bits of their f32 values.
+pub fn weight_bits(model: &Llama) -> Vec<Vec<u32>> {
+    let f32_bits = |v: &candle_core::Var| {
+        let t = v.as_tensor().to_dtype(candle_core::DType::F32).unwrap();
+        let t = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        t.iter().map(|x| x.to_bits()).collect()
+    };
+    model.trainable().iter().map(|(_, v)| f32_bits(v)).collect()
+}

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# overlap.sh: the gradient sum overlapped with the backward (`ddp_bucket_cap_mb`), measured on
+# two CPU workers (`herd run --workers 2`, the TCP ring on loopback). The same random LLaMA as
+# zero_memory.sh (26M parameters, hidden 512, 8 layers) trains on the demo data in f32,
+# alternating, ROUNDS times (default 2):
+#   base   the BASE binary (herd before overlap), if BASE is set: one sum after the backward
+#   one    ddp_bucket_cap_mb: 100000, one bucket: the sum starts when the backward ends
+#   25     the default (DDP's): buckets of at least 25 MiB, last layer first
+#   4      4 MiB buckets
+# Prints steps/s (trainer_state.json's train_steps_per_second) and each worker's peak RSS.
+#   BASE=/tmp/herd-base bench/overlap.sh          # HERD (default target/debug/herd) for the rest
+#   BATCH=1 STEPS=40 JOBS="one 25" bench/overlap.sh
+set -euo pipefail
+HERD=$(realpath "${HERD:-target/debug/herd}")
+BASE=${BASE:+$(realpath "$BASE")}
+BENCH=$(realpath "$(dirname "$0")")
+ROUNDS=${ROUNDS:-2}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+cd "$WORK"
+"$HERD" demo init --dir demo >/dev/null 2>&1
+cp -r demo/model big
+python3 "$BENCH/random_llama.py" big
+job() { # name, extra key
+  cat >"$1.yaml" <<JOB
+model_name_or_path: big
+data_path: demo/data/train.json
+output_dir: out-$1
+per_device_train_batch_size: ${BATCH:-4}
+learning_rate: 1.0e-4
+logging_steps: 1
+model_max_length: 64
+max_steps: ${STEPS:-30}
+save_strategy: "no"
+$2
+JOB
+}
+job base ""
+job one "ddp_bucket_cap_mb: 100000"
+job 25 ""
+job 4 "ddp_bucket_cap_mb: 4"
+measure() { # job
+  local bin=$HERD
+  if [[ $1 == base ]]; then
+    [[ -n $BASE ]] || return 0
+    bin=$BASE
+  fi
+  rm -rf "out-$1"
+  "$bin" run "$1.yaml" --workers 2 >run.log 2>&1 &
+  local pid=$! p
+  : >samples.txt
+  while kill -0 $pid 2>/dev/null; do
+    for p in $(pgrep -f "herd worker" || true); do
+      awk -v p="$p" '/VmHWM/{h=$2} END{if (h) print p, h}' "/proc/$p/status" \
+        2>/dev/null >>samples.txt || true
+    done
+    sleep 0.2
+  done
+  wait $pid || { cat run.log; exit 1; }
+  python3 - "$1" <<'PY'
+import json, sys
+job = sys.argv[1]
+peak = {}
+for line in open("samples.txt"):
+    p, h = line.split()
+    peak[p] = int(h)
+hist = json.load(open(f"out-{job}/trainer_state.json"))["log_history"]
+end = [e for e in hist if "train_steps_per_second" in e][0]
+losses = [e["loss"] for e in hist if "loss" in e]
+print(f"{job:5} {end['train_steps_per_second']:.3f} steps/s  final loss {losses[-1]:.6f}  "
+      f"peak RSS {' '.join(f'{h / 1024:.0f}' for _, h in sorted(peak.items()))} MB")
+PY
+}
+for r in $(seq "$ROUNDS"); do
+  echo "round $r"
+  for j in ${JOBS:-base one 25 4}; do measure "$j"; done
+done
