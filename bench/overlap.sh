@@ -7,7 +7,9 @@
 #   one    ddp_bucket_cap_mb: 100000, one bucket: the sum starts when the backward ends
 #   25     the default (DDP's): buckets of at least 25 MiB, last layer first
 #   4      4 MiB buckets
-# Prints steps/s (trainer_state.json's train_steps_per_second) and each worker's peak RSS.
+# Prints steps/s (trainer_state.json's train_steps_per_second), each worker's peak RSS and the
+# median time a step waited for the gradient sum once its backward was done (the workers' debug
+# log; the sum's exposed part, which overlap shrinks).
 #   BASE=/tmp/herd-base bench/overlap.sh          # HERD (default target/debug/herd) for the rest
 #   BATCH=1 STEPS=40 JOBS="one 25" bench/overlap.sh
 set -euo pipefail
@@ -46,11 +48,12 @@ measure() { # job
     bin=$BASE
   fi
   rm -rf "out-$1"
-  "$bin" run "$1.yaml" --workers 2 >run.log 2>&1 &
+  RUST_LOG=info,herd_worker::trainer::engine=debug "$bin" run "$1.yaml" --workers 2 --keep-state \
+    >run.log 2>&1 &
   local pid=$! p
   : >samples.txt
   while kill -0 $pid 2>/dev/null; do
-    for p in $(pgrep -f "herd worker" || true); do
+    for p in $(pgrep -f "$bin worker" || true); do
       awk -v p="$p" '/VmHWM/{h=$2} END{if (h) print p, h}' "/proc/$p/status" \
         2>/dev/null >>samples.txt || true
     done
@@ -58,7 +61,7 @@ measure() { # job
   done
   wait $pid || { cat run.log; exit 1; }
   python3 - "$1" <<'PY'
-import json, sys
+import glob, json, re, shutil, statistics, sys
 job = sys.argv[1]
 peak = {}
 for line in open("samples.txt"):
@@ -67,8 +70,17 @@ for line in open("samples.txt"):
 hist = json.load(open(f"out-{job}/trainer_state.json"))["log_history"]
 end = [e for e in hist if "train_steps_per_second" in e][0]
 losses = [e["loss"] for e in hist if "loss" in e]
+# the time each step waited for the gradient sum after its backward (workers' debug lines;
+# the BASE binary has none), median over the steps after the first, per worker
+state = [l.split("kept in ")[1].strip() for l in open("run.log") if "kept in " in l][-1]
+waits = []
+for log in sorted(glob.glob(f"{state}/worker-*.log")):
+    w = [float(m) for m in re.findall(r'waited_ms="?([0-9.]+)', open(log).read())][1:]
+    waits.append(f"{statistics.median(w):.0f}" if w else "-")
+shutil.rmtree(state, ignore_errors=True)
 print(f"{job:5} {end['train_steps_per_second']:.3f} steps/s  final loss {losses[-1]:.6f}  "
-      f"peak RSS {' '.join(f'{h / 1024:.0f}' for _, h in sorted(peak.items()))} MB")
+      f"peak RSS {' '.join(f'{h / 1024:.0f}' for _, h in sorted(peak.items()))} MB  "
+      f"waited {' '.join(waits)} ms/step")
 PY
 }
 for r in $(seq "$ROUNDS"); do

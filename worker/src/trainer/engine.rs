@@ -395,7 +395,13 @@ impl<M: Trainable> Engine<M> {
                 _ if self.reduce_to_owner => {}
                 Some(m) => m.all_reduce(collective)?,
                 None if self.grad_reduced => {} // summed during the backward
-                None => collective.all_reduce_sum(&mut self.grad)?,
+                None => {
+                    let t = std::time::Instant::now();
+                    collective.all_reduce_sum(&mut self.grad)?;
+                    let waited = t.elapsed().as_secs_f64() * 1e3;
+                    let waited_ms = format!("{waited:.1}");
+                    tracing::debug!(waited_ms, "gradient sum after the backward");
+                }
             }
             collective.all_reduce_sum(&mut totals)?;
             sum_sq = sum_sq.map(|_| totals[3] as f64);

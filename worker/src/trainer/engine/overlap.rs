@@ -48,18 +48,31 @@ pub fn bucket_plan(sizes: &[usize], cap: usize) -> Vec<Range<usize>> {
     plan
 }
 
-/// The sending side during a step's last micro-batch.
+/// A bucket on its way: its index in the plan and its values.
+type Bucket = (usize, Vec<f32>);
+
+/// The trainer's side of an overlapped micro-batch: buckets go to the reducing thread and come
+/// back summed, and each is copied into the gradient buffer as it returns, so at most the
+/// buckets in flight exist twice.
 pub(super) struct Overlap {
     plan: Vec<Range<usize>>,
     /// The next bucket of the plan to send.
     next: usize,
     /// None once the reducing thread has stopped (its error comes from the join).
-    tx: Option<mpsc::Sender<Vec<f32>>>,
+    tx: Option<mpsc::Sender<Bucket>>,
+    /// The summed buckets, back from the reducing thread.
+    done: mpsc::Receiver<Bucket>,
+    /// How many came back.
+    returned: usize,
 }
 
 impl Overlap {
-    /// Sends, in plan order, each bucket whose parameters are all `folded` into `grad`.
-    pub(super) fn send_ready(&mut self, folded: &[bool], grad: &[f32], offsets: &[usize]) {
+    /// Takes back the buckets summed so far, then sends, in plan order, each bucket whose
+    /// parameters are all `folded` into `grad`.
+    pub(super) fn send_ready(&mut self, folded: &[bool], grad: &mut [f32], offsets: &[usize]) {
+        while let Ok(bucket) = self.done.try_recv() {
+            self.take_back(bucket, grad, offsets);
+        }
         while let Some(r) = self.plan.get(self.next) {
             if !r.clone().all(|i| folded[i]) {
                 break;
@@ -68,22 +81,36 @@ impl Overlap {
         }
     }
 
-    /// Sends every bucket not sent yet.
-    fn send_rest(&mut self, grad: &[f32], offsets: &[usize]) {
-        while self.next < self.plan.len() {
+    /// Sends every bucket not sent yet (unless the micro-batch failed: `send_rest` false),
+    /// closes the channel and takes back what the reducing thread sends until it ends. Returns
+    /// whether every bucket came back.
+    fn finish(mut self, send_rest: bool, grad: &mut [f32], offsets: &[usize]) -> bool {
+        while send_rest && self.next < self.plan.len() {
             self.send_next(grad, offsets);
         }
+        self.tx = None;
+        while let Ok(bucket) = self.done.recv() {
+            self.take_back(bucket, grad, offsets);
+        }
+        self.returned == self.plan.len()
     }
 
     fn send_next(&mut self, grad: &[f32], offsets: &[usize]) {
-        let r = &self.plan[self.next];
+        let k = self.next;
+        let r = &self.plan[k];
         self.next += 1;
         let values = grad[offsets[r.start]..offsets[r.end]].to_vec();
         if let Some(tx) = &self.tx {
-            if tx.send(values).is_err() {
+            if tx.send((k, values)).is_err() {
                 self.tx = None;
             }
         }
+    }
+
+    fn take_back(&mut self, (k, values): Bucket, grad: &mut [f32], offsets: &[usize]) {
+        let r = &self.plan[k];
+        grad[offsets[r.start]..offsets[r.end]].copy_from_slice(&values);
+        self.returned += 1;
     }
 }
 
@@ -107,39 +134,57 @@ impl<M: Trainable> Engine<M> {
         }
         let sizes: Vec<usize> = self.offsets.windows(2).map(|w| w[1] - w[0]).collect();
         let plan = bucket_plan(&sizes, self.ddp_bucket_elems);
+        let buckets = plan.len();
         std::thread::scope(|s| {
-            let (tx, rx) = mpsc::channel::<Vec<f32>>();
+            let (tx, rx) = mpsc::channel::<Bucket>();
+            let (done_tx, done) = mpsc::channel::<Bucket>();
             let reducer = std::thread::Builder::new()
                 .name("grad-reduce".into())
-                .spawn_scoped(s, move || -> Result<Vec<Vec<f32>>> {
-                    rx.into_iter()
-                        .map(|mut bucket| collective.all_reduce_sum(&mut bucket).map(|()| bucket))
-                        .collect()
+                .spawn_scoped(s, move || -> Result<()> {
+                    for (k, mut values) in rx {
+                        collective.all_reduce_sum(&mut values)?;
+                        if done_tx.send((k, values)).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(())
                 })
                 .map_err(|e| Error::Collective {
                     backend: "overlap",
                     reason: format!("cannot start the gradient-reduce thread: {e}"),
                 })?;
             self.overlap = Some(Overlap {
-                plan: plan.clone(),
+                plan,
                 next: 0,
                 tx: Some(tx),
+                done,
+                returned: 0,
             });
             let out = f(self);
-            if let Some(mut overlap) = self.overlap.take() {
-                if out.is_ok() {
-                    overlap.send_rest(&self.grad, &self.offsets);
-                }
-            } // the channel closes: the thread ends after the buckets sent
-            let reduced = match reducer.join() {
-                Ok(r) => r,
-                Err(panic) => std::panic::resume_unwind(panic),
+            let backward_done = std::time::Instant::now();
+            let all_back = match self.overlap.take() {
+                Some(o) => o.finish(out.is_ok(), &mut self.grad, &self.offsets),
+                None => false,
             };
+            match reducer.join() {
+                Ok(r) => r?,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
             let out = out?;
-            for (r, values) in plan.iter().zip(reduced?) {
-                self.grad[self.offsets[r.start]..self.offsets[r.end]].copy_from_slice(&values);
+            if !all_back {
+                return Err(Error::Collective {
+                    backend: "overlap",
+                    reason: "the gradient-reduce thread ended before every bucket was summed"
+                        .into(),
+                });
             }
             self.grad_reduced = true;
+            let waited = backward_done.elapsed().as_secs_f64() * 1e3;
+            tracing::debug!(
+                waited_ms = format!("{waited:.1}"),
+                buckets,
+                "gradient sum overlapped with the backward: waited after it"
+            );
             Ok(out)
         })
     }
@@ -187,22 +232,48 @@ mod tests {
     #[test]
     fn buckets_go_out_in_plan_order_once_all_their_parameters_are_final() {
         let (tx, rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel();
         let offsets = [0, 1, 3, 6, 10]; // sizes 1 2 3 4
-        let grad: Vec<f32> = (0..10).map(|x| x as f32).collect();
+        let mut grad: Vec<f32> = (0..10).map(|x| x as f32).collect();
         let mut o = Overlap {
             plan: bucket_plan(&[1, 2, 3, 4], 4), // [3..4, 1..3, 0..1]
             next: 0,
             tx: Some(tx),
+            done,
+            returned: 0,
         };
         // the middle bucket is final before the last one: nothing may overtake the plan
-        o.send_ready(&[false, true, true, false], &grad, &offsets);
+        o.send_ready(&[false, true, true, false], &mut grad, &offsets);
         assert!(rx.try_recv().is_err());
-        o.send_ready(&[false, true, true, true], &grad, &offsets);
-        assert_eq!(rx.try_recv().unwrap(), vec![6.0, 7.0, 8.0, 9.0]);
-        assert_eq!(rx.try_recv().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+        o.send_ready(&[false, true, true, true], &mut grad, &offsets);
+        assert_eq!(rx.try_recv().unwrap(), (0, vec![6.0, 7.0, 8.0, 9.0]));
+        assert_eq!(rx.try_recv().unwrap(), (1, vec![1.0, 2.0, 3.0, 4.0, 5.0]));
         assert!(rx.try_recv().is_err());
-        o.send_rest(&grad, &offsets);
-        assert_eq!(rx.try_recv().unwrap(), vec![0.0]);
-        assert!(rx.try_recv().is_err());
+        // a summed bucket is copied in at the next chance
+        done_tx.send((0, vec![-6.0, -7.0, -8.0, -9.0])).unwrap();
+        o.send_ready(&[false, true, true, true], &mut grad, &offsets);
+        assert_eq!(&grad[6..], &[-6.0, -7.0, -8.0, -9.0]);
+        // the rest goes out at the end, and what comes back before the thread ends is taken
+        done_tx.send((1, vec![-1.0; 5])).unwrap();
+        done_tx.send((2, vec![-0.5])).unwrap();
+        drop(done_tx);
+        assert!(o.finish(true, &mut grad, &offsets));
+        assert_eq!(rx.try_recv().unwrap(), (2, vec![0.0]));
+        assert_eq!(grad[..6], [-0.5, -1.0, -1.0, -1.0, -1.0, -1.0]);
+    }
+
+    #[test]
+    fn a_bucket_that_never_comes_back_is_noticed() {
+        let (tx, _rx) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel::<Bucket>();
+        drop(done_tx); // the reducing thread ended early (its error comes from the join)
+        let o = Overlap {
+            plan: bucket_plan(&[1], 1),
+            next: 0,
+            tx: Some(tx),
+            done,
+            returned: 0,
+        };
+        assert!(!o.finish(true, &mut [1.0], &[0, 1]));
     }
 }
