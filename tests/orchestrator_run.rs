@@ -66,6 +66,26 @@ fn run_with_two_workers_equals_one_process_with_twice_the_accumulation() {
     assert!(dp.join("checkpoint-6/herd_manifest.json").is_file());
 }
 
+/// Two worker processes sum their gradients bucket by bucket during the backward
+/// (`ddp_bucket_cap_mb: 1` cuts the demo model's 3.6 MB into several buckets) or in one bucket
+/// once the backward is done: the same bits, since a sum over two ranks has one order.
+#[test]
+fn bucketed_gradient_sums_on_two_workers_equal_one_sum_after_the_backward() {
+    let ws = Workspace::new(24);
+    let mut models = vec![];
+    for (name, cap) in [("buckets", 1), ("one", 1000)] {
+        let job = ws.job(
+            &format!("{name}.yaml"),
+            name,
+            &format!("{STEPS}ddp_bucket_cap_mb: {cap}\n"),
+        );
+        let stderr = ws.run_workers(&job, 2);
+        assert!(stderr.contains("SUCCEEDED"), "{stderr}");
+        models.push(read(ws.path().join(name).join("model.safetensors")));
+    }
+    assert!(models[0] == models[1], "the two runs' weights differ");
+}
+
 /// LoRA dropout masks are keyed by the example, not by where it sits, so even with dropout on,
 /// 2 workers train the same adapter as 1 process with twice the accumulation.
 #[test]

@@ -398,8 +398,7 @@ impl<M: Trainable> Engine<M> {
                 None => {
                     let t = std::time::Instant::now();
                     collective.all_reduce_sum(&mut self.grad)?;
-                    let waited = t.elapsed().as_secs_f64() * 1e3;
-                    let waited_ms = format!("{waited:.1}");
+                    let waited_ms = (t.elapsed().as_secs_f64() * 1e4).round() / 10.0;
                     tracing::debug!(waited_ms, "gradient sum after the backward");
                 }
             }

@@ -179,9 +179,9 @@ impl<M: Trainable> Engine<M> {
                 });
             }
             self.grad_reduced = true;
-            let waited = backward_done.elapsed().as_secs_f64() * 1e3;
+            let waited_ms = (backward_done.elapsed().as_secs_f64() * 1e4).round() / 10.0;
             tracing::debug!(
-                waited_ms = format!("{waited:.1}"),
+                waited_ms,
                 buckets,
                 "gradient sum overlapped with the backward: waited after it"
             );
