@@ -338,8 +338,10 @@ fn run_setup<O: Objective>(
         .with_gradient_checkpointing(job.gradient_checkpointing);
     engine.dropout_seed = job.seed;
     engine.neftune_alpha = job.neftune_noise_alpha.unwrap_or(0.0);
-    engine.ddp_bucket_elems =
-        engine::bucket_elems((job.ddp_bucket_cap_mb).unwrap_or(engine::DEFAULT_BUCKET_CAP_MB));
+    let bucket_mb = job
+        .ddp_bucket_cap_mb
+        .unwrap_or(engine::DEFAULT_BUCKET_CAP_MB);
+    engine.ddp_bucket_elems = engine::bucket_elems(bucket_mb);
     if let Some(dir) = &resumed_from {
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");

@@ -116,9 +116,11 @@ impl Overlap {
 
 impl<M: Trainable> Engine<M> {
     /// Whether this engine sums its gradient buffer across `world` ranks bucket by bucket during
-    /// the backward (f32 on the host, not ZeRO-2, several ranks).
+    /// the backward (a CPU rank in f32, not ZeRO-2, several ranks). GPU ranks are never in
+    /// f32 (they train in mixed precision), and their collective must not be driven from a
+    /// thread that has no CUDA context.
     fn overlaps(&self, world: usize) -> bool {
-        world > 1 && self.mixed.is_none() && !self.reduce_to_owner
+        world > 1 && self.mixed.is_none() && !self.reduce_to_owner && self.device.is_cpu()
     }
 
     /// Runs `f` (a step's last micro-batch: its forward and backward) with the gradient sum
