@@ -15,14 +15,10 @@
 set -euo pipefail
 HERD=$(realpath "${HERD:-target/debug/herd}")
 BASE=${BASE:+$(realpath "$BASE")}
-BENCH=$(realpath "$(dirname "$0")")
 ROUNDS=${ROUNDS:-2}
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-cd "$WORK"
-"$HERD" demo init --dir demo >/dev/null 2>&1
-cp -r demo/model big
-python3 "$BENCH/random_llama.py" big
+# shellcheck source=two_workers.sh
+source "$(dirname "$0")/two_workers.sh"
+two_workers_setup "$HERD"
 job() { # name, extra key
   cat >"$1.yaml" <<JOB
 model_name_or_path: big
@@ -48,24 +44,14 @@ measure() { # job
     bin=$BASE
   fi
   rm -rf "out-$1"
-  RUST_LOG=info,herd_worker::trainer::engine=debug "$bin" run "$1.yaml" --workers 2 --keep-state \
-    >run.log 2>&1 &
-  local pid=$! p
-  : >samples.txt
-  while kill -0 $pid 2>/dev/null; do
-    for p in $(pgrep -f "$bin worker" || true); do
-      awk -v p="$p" '/VmHWM/{h=$2} END{if (h) print p, h}' "/proc/$p/status" \
-        2>/dev/null >>samples.txt || true
-    done
-    sleep 0.2
-  done
-  wait $pid || { cat run.log; exit 1; }
+  RUST_LOG=info,herd_worker::trainer::engine=debug \
+    sample_workers "$bin" run "$1.yaml" --workers 2 --keep-state || exit 1
   python3 - "$1" <<'PY'
 import glob, json, re, shutil, statistics, sys
 job = sys.argv[1]
 peak = {}
 for line in open("samples.txt"):
-    p, h = line.split()
+    p, _, h = line.split()
     peak[p] = int(h)
 hist = json.load(open(f"out-{job}/trainer_state.json"))["log_history"]
 end = [e for e in hist if "train_steps_per_second" in e][0]

@@ -9,14 +9,10 @@
 #   JOBS="bf16-0 bf16-1 bf16-2" bench/zero_memory.sh   # some of the jobs only
 set -euo pipefail
 HERD=$(realpath "${HERD:-target/debug/herd}")
-BENCH=$(realpath "$(dirname "$0")")
 ROUNDS=${ROUNDS:-2}
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-cd "$WORK"
-"$HERD" demo init --dir demo >/dev/null 2>&1
-cp -r demo/model big
-python3 "$BENCH/random_llama.py" big
+# shellcheck source=two_workers.sh
+source "$(dirname "$0")/two_workers.sh"
+two_workers_setup "$HERD"
 for prec in f32 bf16; do
   for z in 0 1 2; do
     cat >"$prec-$z.yaml" <<JOB
@@ -36,17 +32,7 @@ JOB
 done
 measure() { # job: run it on two workers, sampling the workers' memory
   rm -rf "out-$1"
-  "$HERD" run "$1.yaml" --workers 2 >run.log 2>&1 &
-  local pid=$! p
-  : >samples.txt
-  while kill -0 $pid 2>/dev/null; do
-    for p in $(pgrep -f "herd worker" || true); do
-      awk -v p="$p" '/VmRSS/{r=$2} /VmHWM/{h=$2} END{if (r) print p, r, h}' "/proc/$p/status" \
-        2>/dev/null >>samples.txt || true
-    done
-    sleep 0.1
-  done
-  wait $pid || { cat run.log; exit 1; }
+  sample_workers "$HERD" run "$1.yaml" --workers 2 || exit 1
   python3 - "$1" <<'PY'
 import collections, json, statistics, sys
 job = sys.argv[1]
