@@ -75,6 +75,16 @@ fn missing_paths_are_named() {
         "{err}"
     );
     assert_eq!(std::fs::read(ws.path().join("a-file")).unwrap(), b"mine");
+    ws.job(
+        "noeval.yaml",
+        "out",
+        "eval_strategy: steps\neval_steps: 1\neval_data_path: heldout.json\n",
+    );
+    let err = run_err(herd().current_dir(ws.path()).args(["train", "noeval.yaml"]));
+    assert!(
+        err.contains("eval_data_path") && err.contains("heldout.json: no such file"),
+        "{err}"
+    );
     assert_nothing_written(&ws);
 }
 

@@ -62,6 +62,9 @@ pub fn validate_submission(
     if let Some(t) = spec.tokenizer_name.as_ref() {
         paths.push(("tokenizer_name", t.as_path()));
     }
+    if let Some(e) = spec.eval_data_path.as_ref() {
+        paths.push(("eval_data_path", e.as_path()));
+    }
     for (key, p) in paths {
         if p.is_relative() {
             return bad(
@@ -119,6 +122,26 @@ pub fn validate_submission(
             .records
             .len()
     };
+    // The held-out set is read too, so a missing or malformed one is refused now rather than
+    // failing every attempt at its first evaluation's set-up.
+    if let Some(eval) = spec.eval_data_path.as_ref() {
+        if !eval.is_file() {
+            return bad(
+                "eval_data_path",
+                format!("{} does not exist or is not a file", eval.display()),
+            );
+        }
+        let read = if spec.task == herd_proto::Task::Reward {
+            herd_worker::data::comparisons::load_comparisons(eval, false)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        } else {
+            herd_worker::eval::read_records(eval)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        read.map_err(|e| Refusal(format!("{source}: `eval_data_path`: {e}")))?;
+    }
     let data = &spec.data_path;
     if spec.world_size > n {
         return bad(
@@ -226,6 +249,30 @@ mod tests {
         .unwrap();
         let v = validate_submission(&mixed, "j.yaml", base).unwrap();
         assert_eq!(v.records, 4);
+        // The held-out set: missing, then a bad record, is named before the job is queued.
+        let with_eval =
+            format!("{ok}eval_strategy: steps\neval_steps: 1\neval_data_path: e.json\n");
+        let e = validate_submission(&with_eval, "j.yaml", base).unwrap_err();
+        assert!(
+            e.0.contains("`eval_data_path`") && e.0.contains("e.json does not exist"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("e.json"), r#"[{"instruction":2}]"#).unwrap();
+        let e = validate_submission(&with_eval, "j.yaml", base).unwrap_err();
+        assert!(
+            e.0.contains("`eval_data_path`")
+                && e.0.contains("e.json")
+                && e.0.contains("instruction"),
+            "{e}"
+        );
+        std::fs::write(
+            dir.path().join("e.json"),
+            r#"[{"instruction":"a","output":"b"}]"#,
+        )
+        .unwrap();
+        let v = validate_submission(&with_eval, "j.yaml", base).unwrap();
+        assert!(v.spec.eval_data_path.unwrap().is_absolute());
+
         std::fs::write(dir.path().join("d.json"), "[{\"instruction\": 1}]").unwrap();
         let e = validate_submission(ok, "j.yaml", base).unwrap_err();
         assert!(e.0.contains("data_path"), "{e}");

@@ -188,7 +188,8 @@ pub struct JobSpec {
     /// Evaluate every N steps with `eval_strategy: steps` (HF: defaults to logging_steps).
     #[serde(default)]
     pub eval_steps: Option<StepCount>,
-    /// Held-out data for `eval_strategy: steps` (same formats as `data_path`).
+    /// Held-out data for `eval_strategy` steps or epoch: one Alpaca file (comparisons for
+    /// `task: reward`), not a mixture.
     #[serde(default)]
     pub eval_data_path: Option<PathBuf>,
     #[serde(default)]
@@ -232,7 +233,8 @@ pub struct JobSpec {
     pub zero_stage: u8,
     #[serde(default = "d_seed")]
     pub seed: u64,
-    /// Train in bf16 with f32 master weights (GPU workers); the final model is written in bf16.
+    /// Train in bf16 with f32 master weights and write the final model in bf16 (GPU ranks
+    /// compute in bf16 either way; without this key their final model is f32).
     #[serde(default)]
     pub bf16: bool,
     #[serde(default)]

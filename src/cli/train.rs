@@ -45,6 +45,13 @@ pub fn check_paths(job: &JobSpec) -> Result<()> {
             p.display()
         );
     }
+    if let Some(p) = &job.eval_data_path {
+        anyhow::ensure!(
+            p.is_file(),
+            "eval_data_path {}: no such file (expected held-out data in the training data's format)",
+            p.display()
+        );
+    }
     let out = &job.output_dir;
     anyhow::ensure!(
         !out.exists() || out.is_dir(),
