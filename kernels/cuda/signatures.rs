@@ -310,6 +310,8 @@ pub fn launchers(files: &[String], entries: &[EntryPoint]) -> String {
              ///\n/// # Safety\n/// The buffers must hold what the kernel reads and writes under `grid`.\n\
              #[allow(clippy::too_many_arguments, dead_code, non_snake_case)]\n\
              pub(crate) unsafe fn {name}{generic}(dev: &CudaDevice, grid: LaunchConfig{params}) -> Result<()> {{\n    \
+             // No work: CUDA refuses an empty grid (the host emulator would just run nothing).\n    \
+             if grid.grid_dim.0 == 0 {{\n        return Ok(());\n    }}\n    \
              let k = {lookup};\n    let mut b = k.builder();{pushes}\n    \
              // SAFETY: the arguments are the .cu's parameters, in order and typed (this file is generated from it).\n    \
              unsafe {{ b.launch(grid) }}.w()?;\n    Ok(())\n}}\n",

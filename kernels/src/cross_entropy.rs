@@ -60,16 +60,19 @@ pub fn fused_linear_cross_entropy(
     let count = rows.len();
     let zero = Tensor::zeros((), DType::F32, dev)?;
     if count == 0 {
-        return Ok(((hidden.apply_op2(weight, GradCarrier::none())? + zero)?, 0));
+        let none = GradCarrier { dh: None, dw: None };
+        return Ok(((hidden.apply_op2(weight, none)? + zero)?, 0));
     }
     let idx = Tensor::from_vec(rows, count, dev)?;
     let h = hidden.detach().index_select(&idx, 0)?; // [c, D]
     let w = weight.detach();
-    let want_grad = hidden.track_op() || weight.track_op();
+    // Each gradient only where autograd wants it: a frozen lm_head (LoRA) costs no dW GEMM and
+    // no [V, D] sum.
+    let (want_dh, want_dw) = (hidden.track_op(), weight.track_op());
     let step = chunk_rows(count, vocab, hidden.dtype(), budget_bytes);
     let mut loss = zero;
     let mut dh_parts = Vec::new();
-    let mut dw = want_grad
+    let mut dw = want_dw
         .then(|| Tensor::zeros((vocab, d), DType::F32, dev))
         .transpose()?;
     for start in (0..count).step_by(step) {
@@ -79,25 +82,29 @@ pub fn fused_linear_cross_entropy(
         let lab = Tensor::from_slice(&kept[start..start + len], len, dev)?;
         let out = logits.apply_op2_no_bwd(&lab, &CeChunk)?; // f32 [len·V + len]
         loss = (loss + out.narrow(0, len * vocab, len)?.sum_all()?)?;
-        if let Some(dw) = dw.as_mut() {
+        if want_dh || want_dw {
             let dlogits = out
                 .narrow(0, 0, len * vocab)?
                 .reshape((len, vocab))?
                 .to_dtype(h.dtype())?;
-            dh_parts.push(dlogits.matmul(&w)?); // [len, D]
-            *dw = (&*dw + dlogits.t()?.matmul(&hc)?.to_dtype(DType::F32)?)?; // [V, D]
-        }
-    }
-    let carrier = match dw {
-        None => GradCarrier::none(),
-        Some(dw) => {
-            let dh_sel = Tensor::cat(&dh_parts, 0)?; // [c, D]
-            let dh = hidden.zeros_like()?.detach().index_add(&idx, &dh_sel, 0)?; // [n, D]
-            GradCarrier {
-                grads: Some((dh, dw.to_dtype(weight.dtype())?)),
+            if want_dh {
+                dh_parts.push(dlogits.matmul(&w)?); // [len, D]
+            }
+            if let Some(dw) = dw.as_mut() {
+                *dw = (&*dw + dlogits.t()?.matmul(&hc)?.to_dtype(DType::F32)?)?;
+                // [V, D]
             }
         }
+    }
+    let dh = match want_dh {
+        false => None,
+        true => {
+            let dh_sel = Tensor::cat(&dh_parts, 0)?; // [c, D]
+            Some(hidden.zeros_like()?.detach().index_add(&idx, &dh_sel, 0)?) // [n, D]
+        }
     };
+    let dw = dw.map(|dw| dw.to_dtype(weight.dtype())).transpose()?;
+    let carrier = GradCarrier { dh, dw };
     // value = loss (no graph), gradient = the carrier's.
     Ok(((hidden.apply_op2(weight, carrier)? + loss)?, count))
 }
@@ -180,15 +187,11 @@ impl CustomOp2 for CeChunk {
     }
 }
 
-/// (hidden, weight) -> f32 scalar 0 whose backward is grad·(dh, dW), precomputed.
+/// (hidden, weight) -> f32 scalar 0 whose backward is grad·(dh, dW), precomputed (either may
+/// be absent: not wanted).
 struct GradCarrier {
-    grads: Option<(Tensor, Tensor)>,
-}
-
-impl GradCarrier {
-    fn none() -> Self {
-        GradCarrier { grads: None }
-    }
+    dh: Option<Tensor>,
+    dw: Option<Tensor>,
 }
 
 impl CustomOp2 for GradCarrier {
@@ -229,11 +232,12 @@ impl CustomOp2 for GradCarrier {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some((dh, dw)) = &self.grads else {
+        if self.dh.is_none() && self.dw.is_none() {
             return Ok((None, None));
-        };
+        }
         let g = grad.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
-        Ok((Some((dh * g)?), Some((dw * g)?)))
+        let scaled = |t: &Option<Tensor>| t.as_ref().map(|t| t * g).transpose();
+        Ok((scaled(&self.dh)?, scaled(&self.dw)?))
     }
 }
 
@@ -299,6 +303,29 @@ mod tests {
             assert_close(g.get(&h).unwrap(), &(g0.get(&h).unwrap() * 0.5)?, 1e-4);
             assert_close(g.get(&w).unwrap(), &(g0.get(&w).unwrap() * 0.5)?, 1e-4);
         }
+        Ok(())
+    }
+
+    /// A frozen lm_head (LoRA) or frozen hidden states: the wanted gradient still equals the
+    /// unfused one's.
+    #[test]
+    fn only_the_wanted_gradient_is_made() -> Result<()> {
+        let (n, d, vocab) = (9, 8, 30);
+        let (hv, wv) = (randn(&[n, d], 45), randn(&[vocab, d], 46));
+        let lab = labels(n, vocab);
+        let (h, w) = (Var::from_tensor(&hv)?, Var::from_tensor(&wv)?);
+        let g0 = reference(&h, &w, &lab)?.backward()?;
+
+        let (l, _) = fused_linear_cross_entropy(&h, &wv, &lab, 1 << 20).unwrap();
+        let g = l.backward()?;
+        assert_close(g.get(&h).unwrap(), g0.get(&h).unwrap(), 1e-4);
+        let (l, _) = fused_linear_cross_entropy(&hv, &w, &lab, 1 << 20).unwrap();
+        let g = l.backward()?;
+        assert_close(g.get(&w).unwrap(), g0.get(&w).unwrap(), 1e-4);
+
+        // Neither wanted: the loss is a constant.
+        let (l, _) = fused_linear_cross_entropy(&hv, &wv, &lab, 1 << 20).unwrap();
+        assert!(!l.track_op());
         Ok(())
     }
 

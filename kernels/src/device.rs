@@ -52,8 +52,16 @@ pub fn open(spec: DeviceSpec) -> Result<Device> {
 }
 
 #[cfg(feature = "cuda")]
+mod pool;
+
+#[cfg(feature = "cuda")]
 fn open_cuda(n: usize, spec: DeviceSpec) -> Result<Device> {
-    Device::new_cuda(n).map_err(|e| classify(e, &spec.to_string(), "opening the device"))
+    let device =
+        Device::new_cuda(n).map_err(|e| classify(e, &spec.to_string(), "opening the device"))?;
+    if let Device::Cuda(d) = &device {
+        pool::keep_freed(d);
+    }
+    Ok(device)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -63,10 +71,13 @@ fn open_cuda(_: usize, spec: DeviceSpec) -> Result<Device> {
     })
 }
 
-/// Free and total memory of the current CUDA context's device (None off CUDA or on failure).
+/// Free and total memory of the current CUDA context's device (None off CUDA or on failure),
+/// the memory pool's unused reserve counted as free.
 pub fn memory_info(device: &Device) -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
+        // Memory the pool keeps for reuse is free for this purpose.
+        pool::trim(d);
         // The stream's context must be current on this thread for cuMemGetInfo.
         let _ = d.cuda_stream().context().bind_to_thread();
         return candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
@@ -85,28 +96,7 @@ pub fn memory_info(device: &Device) -> Option<(u64, u64)> {
 pub fn peak_allocated(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let stream = d.cuda_stream();
-        let ctx = stream.context();
-        if ctx.bind_to_thread().is_err() || !ctx.has_async_alloc() {
-            return None;
-        }
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut high: u64 = 0;
-        // SAFETY: both calls only write the out-pointers handed to them; the context is current.
-        unsafe {
-            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-                .result()
-                .ok()?;
-            sys::cuMemPoolGetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                &mut high as *mut u64 as *mut std::ffi::c_void,
-            )
-            .result()
-            .ok()?;
-        }
-        return Some(high);
+        return pool::used_high(d);
     }
     let _ = device;
     None

@@ -15,6 +15,24 @@ pub fn accumulate(acc: &Tensor, offset: usize, g: &Tensor) -> Result<()> {
     acc.inplace_op2(&g.contiguous()?, &Accumulate { offset })
 }
 
+/// Elements per fill in [`zero`]: candle's CUDA fill launches `el_count as u32` threads and
+/// counts them in a 32-bit index, so one fill over more than 2³² elements (a 7B model's flat
+/// f32 sum has 6.7e9) would never end.
+pub const ZERO_CHUNK: usize = 1 << 30;
+
+/// Sets a 1-D tensor to zero in place, [`ZERO_CHUNK`] elements per fill.
+pub fn zero(t: &Tensor) -> Result<()> {
+    zero_in_chunks(t, ZERO_CHUNK)
+}
+
+fn zero_in_chunks(t: &Tensor, chunk: usize) -> Result<()> {
+    let n = t.dims1()?;
+    for start in (0..n).step_by(chunk.max(1)) {
+        t.narrow(0, start, chunk.min(n - start))?.zero_set()?;
+    }
+    Ok(())
+}
+
 /// Σ x² of an f32 tensor: per-block partial sums in the launch's fixed order, added on the host
 /// in f64. The same value every run on a given device.
 pub fn sum_squares(x: &Tensor) -> Result<f64> {
@@ -294,6 +312,32 @@ mod tests {
         let exact: f64 = xs.iter().map(|&v| v as f64 * v as f64).sum();
         assert!((got - exact).abs() <= 1e-6 * exact, "{got} vs {exact}");
         Ok(())
+    }
+
+    /// Chunked zeroing covers the view's every element, the short last chunk included, and
+    /// nothing outside it (the fills run on narrowed views with a start offset).
+    fn zeroes_exactly_the_view(dev: &Device) -> Result<()> {
+        let all = Tensor::arange(1f32, 15., dev)?; // 1..=14
+        let view = all.narrow(0, 2, 10)?;
+        zero_in_chunks(&view, 3)?;
+        let mut want: Vec<f32> = (1..=14).map(|v| v as f32).collect();
+        want[2..12].fill(0.0);
+        assert_eq!(all.to_vec1::<f32>()?, want);
+        zero(&all)?;
+        assert_eq!(all.to_vec1::<f32>()?, vec![0f32; 14]);
+        Ok(())
+    }
+
+    #[test]
+    fn zero_fills_in_chunks_within_the_view() -> Result<()> {
+        zeroes_exactly_the_view(&Device::Cpu)
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    #[ignore = "needs a CUDA GPU (run scripts/gpu-test.sh)"]
+    fn gpu_zero_fills_in_chunks_within_the_view() -> Result<()> {
+        zeroes_exactly_the_view(&gpu())
     }
 
     #[cfg(feature = "cuda")]

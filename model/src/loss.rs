@@ -71,11 +71,34 @@ pub fn causal_lm_loss_sum_fused(
     head: &Tensor,
     labels: &Tensor,
 ) -> Result<(Tensor, usize)> {
-    let (b, t, d) = hidden.dims3()?;
+    let (b, t, _) = hidden.dims3()?;
     if labels.dims() != [b, t] {
         return Err(Error::InvalidArgument(format!(
             "labels shape {:?} does not match hidden {:?}",
             labels.dims(),
+            hidden.dims()
+        )));
+    }
+    let labels = labels
+        .to_dtype(DType::I64)?
+        .flatten_all()?
+        .to_vec1::<i64>()?;
+    causal_lm_loss_sum_fused_host(hidden, head, &labels)
+}
+
+/// [`causal_lm_loss_sum_fused`] with the labels as the host has them ([b, t] row-major): the
+/// fused loss picks its rows on the host, so labels that live there need no trip to the GPU
+/// and back (which would also wait for the forward to finish before the loss is queued).
+pub fn causal_lm_loss_sum_fused_host(
+    hidden: &Tensor,
+    head: &Tensor,
+    labels: &[i64],
+) -> Result<(Tensor, usize)> {
+    let (b, t, d) = hidden.dims3()?;
+    if labels.len() != b * t {
+        return Err(Error::InvalidArgument(format!(
+            "{} labels do not match hidden {:?}",
+            labels.len(),
             hidden.dims()
         )));
     }
@@ -84,15 +107,15 @@ pub fn causal_lm_loss_sum_fused(
     }
     let n = b * (t - 1);
     let h = hidden.narrow(1, 0, t - 1)?.reshape((n, d))?; // predictions for 1..t
-    let labels = labels
-        .to_dtype(DType::I64)?
-        .narrow(1, 1, t - 1)?
-        .flatten_all()?
-        .to_vec1::<i64>()?;
+    let shifted: Vec<i64> = labels
+        .chunks(t)
+        .flat_map(|row| &row[1..])
+        .copied()
+        .collect();
     let (sum, count) = herd_kernels::fused_linear_cross_entropy(
         &h,
         head,
-        &labels,
+        &shifted,
         herd_kernels::cross_entropy::CHUNK_BUDGET_BYTES,
     )?;
     Ok((sum, count))

@@ -10,7 +10,7 @@ use crate::optim::{clip_grad_norm, clip_to_norm, AdamW, AdamWConfig};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use herd_model::lora::dropout_row_key;
-use herd_model::loss::{causal_lm_loss_sum, causal_lm_loss_sum_fused};
+use herd_model::loss::{causal_lm_loss_sum, causal_lm_loss_sum_fused_host};
 use herd_model::{Llama, RewardModel};
 
 mod overlap;
@@ -537,7 +537,6 @@ impl Engine<Llama> {
         let dev = self.device.clone();
         let shape = (batch.batch, batch.seq_len);
         let input = Tensor::from_vec(batch.input_ids.clone(), shape, &dev)?;
-        let labels = Tensor::from_vec(batch.labels.clone(), shape, &dev)?;
         let fused = herd_kernels::fused(&dev);
         // The host f32 sum takes each gradient as soon as it is final (and an overlapped step
         // sends it on); mixed precision and ZeRO-2 take them all after the backward.
@@ -553,8 +552,13 @@ impl Engine<Llama> {
             batch.layout.as_ref(),
             self.recompute,
             |top| match top.plain_head_weight() {
-                Some(head) if fused => causal_lm_loss_sum_fused(&top.normed()?, head, &labels),
-                _ => causal_lm_loss_sum(&top.logits()?.to_dtype(DType::F32)?, &labels),
+                Some(head) if fused => {
+                    causal_lm_loss_sum_fused_host(&top.normed()?, head, &batch.labels)
+                }
+                _ => {
+                    let labels = Tensor::from_vec(batch.labels.clone(), shape, &dev)?;
+                    causal_lm_loss_sum(&top.logits()?.to_dtype(DType::F32)?, &labels)
+                }
             },
             |grads, idx| {
                 if !fold {

@@ -161,7 +161,7 @@ impl MixedState {
         self.pending = None;
         if self.dirty {
             if let Some(g) = &self.grad {
-                g.zero_set()?;
+                herd_kernels::grad::zero(g)?;
             }
             self.dirty = false;
         }
@@ -278,7 +278,7 @@ impl MixedState {
                     self.adamw
                         .step(&self.state, &weights, Grad::Flat(&own), hyper, grad_scale)?;
                 }
-                sum.zero_set()?;
+                herd_kernels::grad::zero(&sum)?;
             }
         }
         drop(table);
@@ -334,8 +334,8 @@ impl MixedState {
     /// its own moments may be empty, as the engine frees them once they live here).
     pub fn moments_into(&self, optimizer: &mut AdamW) -> Result<()> {
         let n = self.adamw.len();
-        let m = self.per_owned(&self.state.narrow(0, 0, n)?.to_vec1::<f32>()?);
-        let v = self.per_owned(&self.state.narrow(0, n, n)?.to_vec1::<f32>()?);
+        let m = self.per_owned(&span_to_host(&self.state, 0, n)?);
+        let v = self.per_owned(&span_to_host(&self.state, n, n)?);
         for ((s, m), v) in optimizer.states[self.owned.clone()]
             .iter_mut()
             .zip(m)
@@ -346,6 +346,28 @@ impl MixedState {
         }
         Ok(())
     }
+}
+
+/// Elements of `t` (1-D f32) from `start` on the host. On a GPU candle's `to_vec1` of a view
+/// first copies the view's whole storage to the host, so a span of the optimizer state would
+/// cost the whole state (11 GB at 1.1B parameters) per read: the span is copied out on the
+/// device in bounded pieces instead (256 MiB each), and only those cross to the host.
+fn span_to_host(t: &Tensor, start: usize, len: usize) -> Result<Vec<f32>> {
+    span_to_host_in(t, start, len, 1 << 26)
+}
+
+fn span_to_host_in(t: &Tensor, start: usize, len: usize, piece: usize) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(len);
+    for a in (0..len).step_by(piece.max(1)) {
+        let view = t.narrow(0, start + a, piece.min(len - a))?;
+        // The host reads a view in place; a GPU view is first made its own storage.
+        let view = match t.device().is_cuda() {
+            true => view.force_contiguous()?,
+            false => view,
+        };
+        out.extend(view.to_vec1::<f32>()?);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -369,6 +391,20 @@ mod tests {
     fn words(m: &MixedState) -> Vec<u32> {
         let w = m.state.to_vec1::<f32>().unwrap();
         w.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn a_span_is_read_piece_by_piece_whole_and_in_order() {
+        let t = Tensor::arange(0f32, 20., &Device::Cpu).unwrap();
+        let want: Vec<f32> = (5..16).map(|v| v as f32).collect();
+        for piece in [1, 3, 11, 64] {
+            assert_eq!(
+                span_to_host_in(&t, 5, 11, piece).unwrap(),
+                want,
+                "piece {piece}"
+            );
+        }
+        assert!(span_to_host(&t, 20, 0).unwrap().is_empty());
     }
 
     /// The device state's master weights step as the host optimizer's f32 weights, up to the
