@@ -48,7 +48,7 @@ for line in sys.stdin:
   done <"$DIR/tests.txt"
   cp "$CARGO_TARGET_DIR/debug/herd" "$bin/herd" && strip "$bin/herd"
   # Stripped, the binaries are ~220 MB (candle's PTX is text inside each); xz brings them to
-  # ~30 MB, under the device tool's 64 MiB carry limit.
+  # ~23 MB, under the device tool's 64 MiB carry limit.
   tar -C "$DIR" -cf - bin | xz -T0 -6 >"$DIR/bin.tar.xz"
   rm -rf "$bin"
   # Test binaries carry absolute paths baked in at build time (CARGO_MANIFEST_DIR for the

@@ -248,3 +248,49 @@ fn a_deepspeed_config_that_disagrees_with_the_job_is_refused() {
     );
     assert_nothing_written(&ws);
 }
+
+#[test]
+fn an_output_file_that_cannot_be_written_is_refused_before_generating() {
+    let ws = Workspace::new(4);
+    let data = ws.path().join("small.json");
+    let before = std::fs::read(&data).unwrap();
+    std::fs::create_dir_all(ws.path().join("adir")).unwrap();
+    std::fs::write(ws.path().join("afile"), "mine").unwrap();
+    let predict = |out: &str| {
+        run_err(herd().current_dir(ws.path()).args([
+            "predict",
+            "--model",
+            "demo/model",
+            "--data",
+            "small.json",
+            "--out",
+            out,
+        ]))
+    };
+    let err = predict("adir");
+    assert!(err.contains("adir: is a directory"), "{err}");
+    let err = predict("afile/x.jsonl");
+    assert!(
+        err.contains("its directory afile cannot be created: afile is not a directory")
+            || err.contains("afile exists and is not a directory"),
+        "{err}"
+    );
+    let err = predict("./small.json");
+    assert!(err.contains("is the data file being read"), "{err}");
+    assert_eq!(std::fs::read(&data).unwrap(), before);
+    assert_eq!(std::fs::read(ws.path().join("afile")).unwrap(), b"mine");
+    // Refused before the model was even loaded: nothing was generated.
+    assert!(!err.contains("generated"), "{err}");
+}
+
+#[test]
+fn a_job_whose_every_answer_is_truncated_away_is_refused() {
+    let ws = Workspace::new(4);
+    ws.job("short.yaml", "out", "model_max_length: 2\nmax_steps: 1\n");
+    let err = run_err(herd().current_dir(ws.path()).args(["train", "short.yaml"]));
+    assert!(
+        err.contains("no example keeps an answer token after truncation to model_max_length 2"),
+        "{err}"
+    );
+    assert!(!ws.path().join("out").exists(), "output_dir was written");
+}

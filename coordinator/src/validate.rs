@@ -166,10 +166,10 @@ pub fn validate_submission(
             ),
         );
     }
-    if spec.output_dir.is_file() {
+    if let Some(problem) = herd_worker::checkpoint::output_dir_problem(&spec.output_dir) {
         return bad(
             "output_dir",
-            format!("{} is a file", spec.output_dir.display()),
+            format!("{} {problem}", spec.output_dir.display()),
         );
     }
     let yaml = spec.to_yaml();

@@ -126,7 +126,10 @@ impl LlamaConfig {
             source,
         })?;
         let cfg = cfg.normalized();
-        cfg.validate()?;
+        cfg.validate().map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
+            e => e,
+        })?;
         Ok(cfg)
     }
 
@@ -173,6 +176,24 @@ impl LlamaConfig {
     /// Rejects configs whose math this crate does not implement, instead of computing something else.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
+        for (key, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return bad(format!("{key} must be at least 1"));
+            }
+        }
+        for (key, v) in [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{key} must be a finite number > 0, got {v}"));
+            }
+        }
         if self.num_attention_heads == 0 || self.kv_heads() == 0 {
             return bad("num_attention_heads and num_key_value_heads must be positive".into());
         }

@@ -49,6 +49,17 @@ pub enum Error {
     /// rope_type or hidden_act), or is inconsistent (heads not dividing hidden_size).
     #[error("config: {0}")]
     Config(String),
+    /// A save found NaN or infinite weights (a diverged run) and wrote nothing.
+    #[error(
+        "{path}: tensor `{name}` holds {bad} NaN or infinite values of {of}: the weights \
+         diverged (a learning rate or schedule too large?); refusing to save them"
+    )]
+    NonFiniteWeights {
+        path: PathBuf,
+        name: String,
+        bad: usize,
+        of: usize,
+    },
     /// A caller passed an argument that makes no sense (empty prompt, shrinking the vocabulary).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -216,20 +216,67 @@ pub(crate) fn write_safetensors(
     let mut header = serde_json::to_vec(&Value::Object(header)).expect("json values serialize");
     header.resize(header.len().next_multiple_of(8), b' ');
 
-    write_atomic_with(path, |w| {
+    let written = write_atomic_with(path, |w| {
         w.write_all(&(header.len() as u64).to_le_bytes())?;
         w.write_all(&header)?;
-        for (_, t) in tensors.iter().map(|e| (&e.0, &e.1)) {
-            write_tensor_bytes(w, t, dtype)?;
+        for (name, t) in tensors.iter().map(|e| (&e.0, &e.1)) {
+            write_tensor_bytes(w, name, t, dtype)?;
         }
         Ok(())
-    })
+    });
+    // A refusal travels through the writer as an io::Error; give it back its own variant.
+    match written {
+        Err(Error::Io { path, source }) => {
+            match source.get_ref().and_then(|e| e.downcast_ref::<NonFinite>()) {
+                Some(n) => Err(Error::NonFiniteWeights {
+                    path,
+                    name: n.name.clone(),
+                    bad: n.bad,
+                    of: n.of,
+                }),
+                None => Err(Error::Io { path, source }),
+            }
+        }
+        other => other,
+    }
 }
 
-fn write_tensor_bytes(w: &mut dyn Write, t: &Tensor, dtype: DType) -> std::io::Result<()> {
+/// NaN or infinite values found while writing tensor `name`.
+#[derive(Debug)]
+struct NonFinite {
+    name: String,
+    bad: usize,
+    of: usize,
+}
+
+impl std::fmt::Display for NonFinite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tensor `{}`: {} non-finite values", self.name, self.bad)
+    }
+}
+
+impl std::error::Error for NonFinite {}
+
+/// Writes `t`'s values in `dtype`; refuses NaN or infinite ones (the file, written under a
+/// temporary name, is then dropped): weights like that come from a diverged run, and a
+/// checkpoint of them would be resumed from as if it were good.
+fn write_tensor_bytes(
+    w: &mut dyn Write,
+    name: &str,
+    t: &Tensor,
+    dtype: DType,
+) -> std::io::Result<()> {
     let flat = t.flatten_all().map_err(std::io::Error::other)?;
     let values = flat.to_dtype(DType::F32).and_then(|f| f.to_vec1::<f32>());
     let values = values.map_err(std::io::Error::other)?;
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(std::io::Error::other(NonFinite {
+            name: name.to_string(),
+            bad,
+            of: values.len(),
+        }));
+    }
     let mut buf = Vec::with_capacity(values.len() * 4);
     match dtype {
         DType::F32 => values

@@ -30,6 +30,32 @@ fn config_accepts_legacy_and_list_forms() {
 }
 
 #[test]
+fn config_values_no_model_can_have_are_named() {
+    let cases: [(&str, fn(&mut LlamaConfig)); 5] = [
+        ("vocab_size must be at least 1", |c| c.vocab_size = 0),
+        ("max_position_embeddings must be at least 1", |c| {
+            c.max_position_embeddings = 0
+        }),
+        ("rms_norm_eps must be a finite number > 0, got -1", |c| {
+            c.rms_norm_eps = -1.0
+        }),
+        ("rope_theta must be a finite number > 0, got 0", |c| {
+            c.rope_theta = 0.0
+        }),
+        ("rope_theta must be a finite number > 0, got NaN", |c| {
+            c.rope_theta = f64::NAN
+        }),
+    ];
+    for (says, break_it) in cases {
+        let mut cfg = common::tiny_config(false);
+        cfg.validate().unwrap();
+        break_it(&mut cfg);
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains(says), "{says}: {err}");
+    }
+}
+
+#[test]
 fn random_init_is_deterministic_and_scaled() {
     let a = Llama::random(common::tiny_config(false), 5).unwrap();
     let b = Llama::random(common::tiny_config(false), 5).unwrap();

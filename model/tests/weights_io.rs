@@ -252,3 +252,36 @@ fn from_tensors_accepts_f16_and_bf16() {
     let loaded = Llama::from_tensors(model.config().clone(), tensors).unwrap();
     assert!(loaded.vars().iter().all(|(_, v)| v.dtype() == DType::F32));
 }
+
+#[test]
+fn non_finite_weights_are_refused_and_the_saved_model_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = saved(dir.path());
+    let before = std::fs::read(dir.path().join(SINGLE_FILE)).unwrap();
+    let (name, var) = &model.vars()[3];
+    let mut values = var
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    values[1] = f32::NAN;
+    values[2] = f32::INFINITY;
+    var.set(&Tensor::from_vec(values, var.shape(), var.device()).unwrap())
+        .unwrap();
+    let err = model.save(dir.path(), DType::F32).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("tensor `{name}` holds 2 NaN or infinite values"))
+            && err.contains("refusing to save"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(dir.path().join(SINGLE_FILE)).unwrap(), before);
+    let leftovers = std::fs::read_dir(dir.path()).unwrap().filter(|e| {
+        e.as_ref()
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.')
+    });
+    assert_eq!(leftovers.count(), 0);
+}

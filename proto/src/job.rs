@@ -263,6 +263,8 @@ fn d_max_restarts() -> u32 {
 impl JobSpec {
     /// Parse and validate YAML text. `file` names the source in messages.
     pub fn from_yaml_str(text: &str, file: &str) -> Result<Self, JobError> {
+        // A byte-order mark (Windows editors write one) is not part of the first key.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut spec: JobSpec = serde_yaml::from_str(text).map_err(|e| JobError::Parse {
             file: file.to_string(),
             message: e.to_string(),
@@ -283,6 +285,17 @@ impl JobSpec {
         let config = match self.deepspeed.take() {
             None => return Ok(vec![]),
             Some(deepspeed::DeepSpeed::Config(c)) => c,
+            // A JSON object given as a string, as HF Trainer also takes it (`--deepspeed
+            // '{"zero_optimization": ...}'`): parsed here, never looked for as a file.
+            Some(deepspeed::DeepSpeed::File(p))
+                if p.to_str().is_some_and(|s| s.trim_start().starts_with('{')) =>
+            {
+                let text = p.to_string_lossy();
+                serde_json::from_str(&text).map_err(|e| JobError::Parse {
+                    file: format!("{file}: deepspeed (an inline JSON config)"),
+                    message: format!("{e} (expected a DeepSpeed JSON config object)"),
+                })?
+            }
             Some(deepspeed::DeepSpeed::File(p)) => {
                 let path = if p.is_relative() { base.join(&p) } else { p };
                 let shown = path.display().to_string();

@@ -132,6 +132,9 @@ fn predict_all(
 /// Best-of-n: `n` samples per record (record i, sample k uses seed + i·n + k, so n = 1 is plain
 /// `predict_all`), each scored by the reward model on (instruction + input, answer); the highest
 /// (the first of ties) is kept. Returns the kept answers and their rewards.
+/// The most samples `--best-of` takes per record.
+const MAX_BEST_OF: usize = 256;
+
 fn best_of_n(
     g: &Generator,
     scorer: &Scorer,
@@ -171,6 +174,37 @@ fn write_predictions(path: &Path, records: &[RawRecord], predictions: &[String])
     write_text(path, &text)
 }
 
+/// Refuses, before any generation, an output file that could not be written at the end or
+/// that would replace `data`, the file being read.
+pub fn check_out(out: &Path, data: &Path) -> Result<()> {
+    if out.is_dir() {
+        bail!(
+            "{}: is a directory (expected a file to write)",
+            out.display()
+        );
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Some(problem) = herd_worker::checkpoint::output_dir_problem(dir) {
+            bail!(
+                "{}: its directory {} {problem}",
+                out.display(),
+                dir.display()
+            );
+        }
+    }
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same(out, data) {
+        bail!(
+            "{}: is the data file being read; writing the output there would replace it (give another path)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Writes `text` to `path` atomically, creating its directory.
 pub fn write_text(path: &Path, text: &str) -> Result<()> {
     // A bare file name has an empty parent, which write_atomic cannot fsync: anchor it at ".".
@@ -188,6 +222,7 @@ pub fn write_text(path: &Path, text: &str) -> Result<()> {
 }
 
 pub fn predict(a: &PredictArgs) -> Result<()> {
+    check_out(&a.out, &a.data)?;
     let records = load(&a.data, a.limit)?;
     let g = Generator::load(&a.model, &a.placement)?;
     let predictions = predict_all(&g, &records, &a.sampling, a.batch_size)?;
@@ -203,6 +238,16 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
 pub fn run_eval(a: &EvalArgs) -> Result<()> {
     if a.best_of == 0 {
         bail!("--best-of must be at least 1");
+    }
+    if let Some(p) = &a.predictions {
+        check_out(p, &a.data)?;
+    }
+    if a.best_of > MAX_BEST_OF {
+        bail!(
+            "--best-of {} is more than {MAX_BEST_OF} samples per record (each is a full \
+             generation, and all of a record's are held at once)",
+            a.best_of
+        );
     }
     if a.best_of > 1 && a.sampling.temperature <= 0.0 {
         bail!("--best-of {} needs sampling: set --temperature above 0 (greedy decoding gives {} identical answers)", a.best_of, a.best_of);

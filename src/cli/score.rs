@@ -119,6 +119,9 @@ fn is_comparison_file(path: &Path) -> Result<bool> {
 }
 
 pub fn run(a: &ScoreArgs) -> Result<()> {
+    if let Some(out) = &a.out {
+        super::eval::check_out(out, &a.data)?;
+    }
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }

@@ -53,11 +53,12 @@ pub fn check_paths(job: &JobSpec) -> Result<()> {
         );
     }
     let out = &job.output_dir;
-    anyhow::ensure!(
-        !out.exists() || out.is_dir(),
-        "output_dir {}: exists and is not a directory (expected a directory for the checkpoints and the final model, or a path that does not exist yet)",
-        out.display()
-    );
+    if let Some(problem) = herd_worker::checkpoint::output_dir_problem(out) {
+        anyhow::bail!(
+            "output_dir {}: {problem} (expected a directory for the checkpoints and the final model, or a path that can be created)",
+            out.display()
+        );
+    }
     Ok(())
 }
 

@@ -38,6 +38,26 @@ fn staging_dir(output_dir: &Path, step: u64) -> PathBuf {
     output_dir.join(format!(".{PREFIX}{step}.partial"))
 }
 
+/// Why `dir` cannot hold a job's checkpoints and final model, found before any work rather
+/// than at the first save: it is a file, or the path runs through a file. None when it is a
+/// directory or can be created (its nearest existing ancestor is a directory).
+pub fn output_dir_problem(dir: &Path) -> Option<String> {
+    if dir.exists() {
+        return (!dir.is_dir()).then(|| "exists and is not a directory".to_string());
+    }
+    let existing = dir
+        .ancestors()
+        .skip(1)
+        .find(|a| a.as_os_str().is_empty() || a.exists())?;
+    if existing.as_os_str().is_empty() || existing.is_dir() {
+        return None;
+    }
+    Some(format!(
+        "cannot be created: {} is not a directory",
+        existing.display()
+    ))
+}
+
 /// Write `bytes` to `path` atomically: temporary name beside it, fsync, rename, fsync the dir.
 /// (One implementation for the whole project: the model crate's.)
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -295,6 +315,25 @@ pub fn rotate(output_dir: &Path, limit: Option<usize>, best: Option<u64>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_output_dir_through_a_file_is_refused_before_any_work() {
+        let t = tempfile::tempdir().unwrap();
+        let file = t.path().join("afile");
+        fs::write(&file, "mine").unwrap();
+        assert_eq!(output_dir_problem(t.path()), None);
+        assert_eq!(output_dir_problem(&t.path().join("new/deeper")), None);
+        assert_eq!(output_dir_problem(Path::new("relative-new")), None);
+        assert_eq!(
+            output_dir_problem(&file).as_deref(),
+            Some("exists and is not a directory")
+        );
+        let e = output_dir_problem(&file.join("sub/out")).unwrap();
+        assert!(
+            e.contains("cannot be created") && e.contains("afile is not a directory"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn rotation_keeps_the_newest_n() {

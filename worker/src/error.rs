@@ -28,6 +28,11 @@ pub enum Error {
         examples: usize,
         global_batch: usize,
     },
+    #[error(
+        "no example keeps an answer token after truncation to model_max_length {max_len}: every \
+         label is masked, so training would learn nothing; raise model_max_length"
+    )]
+    NoLabelTokens { max_len: usize },
     #[error("collective ({backend}) failed: {reason}")]
     Collective {
         backend: &'static str,
@@ -67,9 +72,11 @@ impl Error {
                     | herd_model::Error::ShapeMismatch { .. }
                     | herd_model::Error::UnsupportedDtype { .. }
                     | herd_model::Error::Config(_)
+                    | herd_model::Error::NonFiniteWeights { .. }
             ),
             Error::Job(e) => !matches!(e, herd_proto::JobError::Read { .. }),
             Error::TooFewExamples { .. }
+            | Error::NoLabelTokens { .. }
             | Error::Unsupported { .. }
             | Error::NonFiniteLoss { .. } => true,
             Error::Tensor(_)

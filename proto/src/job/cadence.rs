@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::JobSpec;
+use super::{JobSpec, Task};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -139,8 +139,40 @@ impl JobSpec {
         Some((metric, greater))
     }
 
-    /// HF's checks of load_best_model_at_end and save_strategy: best, with the key to blame.
+    /// The metrics an evaluation of this job's task logs (with the `eval_` prefix).
+    pub fn eval_metrics(&self) -> &'static [&'static str] {
+        match self.task {
+            Task::Reward => &[
+                "eval_loss",
+                "eval_accuracy",
+                "eval_runtime",
+                "eval_samples_per_second",
+                "eval_steps_per_second",
+            ],
+            _ => &[
+                "eval_loss",
+                "eval_runtime",
+                "eval_samples_per_second",
+                "eval_steps_per_second",
+            ],
+        }
+    }
+
+    /// HF's checks of load_best_model_at_end and save_strategy: best, with the key to blame;
+    /// and, before any step rather than at the first evaluation as HF finds it, a metric the
+    /// evaluation does not log.
     pub(super) fn best_model_problem(&self) -> Option<(&'static str, String)> {
+        if let Some((metric, _)) = self.best_metric() {
+            if !self.eval_metrics().contains(&metric.as_str()) {
+                return Some((
+                    "metric_for_best_model",
+                    format!(
+                        "the evaluation logs no `{metric}` (it logs {})",
+                        self.eval_metrics().join(", ")
+                    ),
+                ));
+            }
+        }
         let saves_best = self.save_strategy == SaveStrategy::Best;
         if (saves_best || self.load_best_model_at_end) && self.eval_strategy == EvalStrategy::No {
             let key = if saves_best {

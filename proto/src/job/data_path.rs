@@ -110,18 +110,27 @@ impl DataPath {
         }
     }
 
-    /// Value checks: at least one file, weights finite and > 0.
+    /// The largest weight: a weight repeats its file's records that many times, so a typo
+    /// (1e9) would ask for billions of examples before the first step.
+    pub const MAX_WEIGHT: f64 = 1000.0;
+
+    /// Value checks: at least one file, paths not empty, weights finite, > 0 and at most
+    /// [`Self::MAX_WEIGHT`].
     pub fn check(&self) -> Result<(), String> {
         let files = self.files();
         if files.is_empty() {
             return Err("the list names no file".into());
         }
         for (i, f) in files.iter().enumerate() {
-            if !(f.weight.is_finite() && f.weight > 0.0) {
+            if f.path.as_os_str().is_empty() {
+                return Err(format!("entry {}: the path is empty", i + 1));
+            }
+            if !(f.weight.is_finite() && f.weight > 0.0 && f.weight <= Self::MAX_WEIGHT) {
                 return Err(format!(
-                    "entry {} ({}): weight must be a number > 0, got {}",
+                    "entry {} ({}): weight must be a number > 0 and at most {}, got {:e}",
                     i + 1,
                     f.path.display(),
+                    Self::MAX_WEIGHT,
                     f.weight
                 ));
             }

@@ -135,6 +135,27 @@ impl SchedulerKwargs {
         .collect()
     }
 
+    /// A value no schedule can use: not finite, or outside the range its formula makes sense
+    /// in (a NaN power or a negative floor would train on a NaN or negative learning rate).
+    fn value_problem(&self) -> Option<String> {
+        let ranges: [(&str, Option<f64>, f64, f64); 7] = [
+            ("num_cycles", self.num_cycles, 0.0, f64::MAX),
+            ("lr_end", self.lr_end, 0.0, f64::MAX),
+            ("power", self.power, 0.0, f64::MAX),
+            ("min_lr", self.min_lr, 0.0, f64::MAX),
+            ("min_lr_rate", self.min_lr_rate, 0.0, 1.0),
+            ("warmup_lr_rate", self.warmup_lr_rate, 0.0, 1.0),
+            ("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0),
+        ];
+        ranges.into_iter().find_map(|(key, v, lo, hi)| {
+            let v = v?;
+            (!(v.is_finite() && (lo..=hi).contains(&v))).then(|| match hi {
+                f64::MAX => format!("{key} must be a finite number >= 0, got {v}"),
+                _ => format!("{key} must be in [{lo}, {hi}], got {v}"),
+            })
+        })
+    }
+
     /// None when `kind` takes these, with the job's `lr`; else what is wrong (transformers
     /// raises on the same).
     pub(super) fn problem(&self, kind: SchedulerType, lr: f64) -> Option<String> {
@@ -151,6 +172,9 @@ impl SchedulerKwargs {
                 "`{k}` is not an argument of {} (it takes {takes})",
                 kind.as_str()
             ));
+        }
+        if let Some(p) = self.value_problem() {
+            return Some(p);
         }
         match kind {
             SchedulerType::Polynomial if self.lr_end.unwrap_or(1e-7) >= lr => Some(format!(

@@ -65,6 +65,8 @@ fn nonsense_values_are_refused_with_the_key() {
         ("packing: true\ntask: reward", "packing"),
         ("zero_stage: 3", "zero_stage"),
         ("ddp_bucket_cap_mb: 0", "ddp_bucket_cap_mb"),
+        ("num_train_epochs: 1.0e300", "num_train_epochs"),
+        ("tokenizer_name: ''", "tokenizer_name"),
     ] {
         let err = JobSpec::from_yaml_str(&format!("{MIN}{extra}\n"), "j.yaml").unwrap_err();
         assert!(
@@ -73,6 +75,44 @@ fn nonsense_values_are_refused_with_the_key() {
         );
         assert!(err.to_string().contains(key), "{err}");
     }
+}
+
+#[test]
+fn empty_or_overlapping_paths_are_refused() {
+    for (text, key, says) in [
+        (
+            "model_name_or_path: m\ndata_path: d.json\noutput_dir: ''\n",
+            "output_dir",
+            "must not be empty",
+        ),
+        (
+            "model_name_or_path: ''\ndata_path: d.json\noutput_dir: o\n",
+            "model_name_or_path",
+            "must not be empty",
+        ),
+        (
+            "model_name_or_path: m\ndata_path: d.json\noutput_dir: m/\n",
+            "output_dir",
+            "overwrite the base model",
+        ),
+        (
+            "model_name_or_path: m\ndata_path: ['']\noutput_dir: o\n",
+            "data_path",
+            "entry 1: the path is empty",
+        ),
+    ] {
+        let err = JobSpec::from_yaml_str(text, "j.yaml").unwrap_err();
+        assert!(
+            matches!(&err, JobError::Invalid { key: k, reason, .. } if *k == key && reason.contains(says)),
+            "{text}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_byte_order_mark_is_not_part_of_the_first_key() {
+    let j = JobSpec::from_yaml_str(&format!("\u{feff}{MIN}"), "j.yaml").unwrap();
+    assert_eq!(j.data_path.paths()[0], Path::new("d.json"));
 }
 
 #[test]
@@ -116,6 +156,9 @@ fn scheduler_kwargs_are_the_scheduler_functions_arguments() {
         ("lr_scheduler_type: cosine_warmup_with_min_lr\nlr_scheduler_kwargs: {warmup_lr_rate: 0.1}\n", "cosine_warmup_with_min_lr needs min_lr or min_lr_rate"),
         ("lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: 0.0, warmup_lr_rate: 0.1}\n", "`warmup_lr_rate` is not an argument of cosine_with_min_lr"),
         ("lr_scheduler_type: polynomial\nlearning_rate: 1.0e-8\n", "lr_end (0.0000001) must be smaller"),
+        ("lr_scheduler_type: polynomial\nlr_scheduler_kwargs: {power: .nan}\n", "power must be a finite number >= 0, got NaN"),
+        ("lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr: -1.0}\n", "min_lr must be a finite number >= 0"),
+        ("lr_scheduler_type: cosine_with_min_lr\nlr_scheduler_kwargs: {min_lr_rate: 1.5}\n", "min_lr_rate must be in [0, 1]"),
     ] {
         let err = job(extra).unwrap_err();
         assert!(
@@ -207,6 +250,14 @@ fn data_path_errors() {
                 ..
             }
         ),
+        "{err}"
+    );
+    let text = format!("{base}data_path:\n  - path: c.json\n    weight: 1.0e300\n");
+    let err = JobSpec::from_yaml_str(&text, "j.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("entry 1 (c.json): weight must be a number > 0 and at most 1000"),
         "{err}"
     );
     let err = JobSpec::from_yaml_str(&format!("{base}data_path: []\n"), "j.yaml").unwrap_err();
@@ -326,7 +377,10 @@ fn best_model_keys_follow_hf_defaults_and_checks() {
     ))
     .unwrap();
     assert_eq!(j.best_metric(), Some(("eval_loss".to_string(), false)));
-    let j = job(&format!("{eval}metric_for_best_model: eval_accuracy\n")).unwrap();
+    let j = job(&format!(
+        "{eval}task: reward\nmetric_for_best_model: eval_accuracy\n"
+    ))
+    .unwrap();
     assert_eq!(j.best_metric(), Some(("eval_accuracy".to_string(), true)));
     let j = job(&format!(
         "{eval}metric_for_best_model: loss\ngreater_is_better: true\n"
@@ -355,6 +409,11 @@ fn best_model_keys_follow_hf_defaults_and_checks() {
             &format!("{eval}save_strategy: best\n"),
             "metric_for_best_model",
             "required with save_strategy: best",
+        ),
+        (
+            &format!("{eval}metric_for_best_model: accuracy\n"),
+            "metric_for_best_model",
+            "the evaluation logs no `eval_accuracy` (it logs eval_loss, eval_runtime",
         ),
         (
             &format!("{eval}save_steps: 5\nload_best_model_at_end: true\n"),

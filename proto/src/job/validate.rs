@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// More epochs than any fine-tune runs; a larger number is a typo, and would overflow the
+/// step count.
+const MAX_EPOCHS: f64 = 1e6;
+
 impl JobSpec {
     /// Checks that need no disk access.
     pub fn validate(&self, file: &str) -> Result<(), JobError> {
@@ -14,6 +18,28 @@ impl JobSpec {
             })
         };
         let pos_finite = |x: f64| x.is_finite() && x > 0.0;
+        let paths = [
+            ("model_name_or_path", Some(&self.model_name_or_path)),
+            ("output_dir", Some(&self.output_dir)),
+            ("tokenizer_name", self.tokenizer_name.as_ref()),
+            ("eval_data_path", self.eval_data_path.as_ref()),
+        ];
+        for (key, path) in paths {
+            if path.is_some_and(|p| p.as_os_str().is_empty()) {
+                return bad(key, "must not be empty".into());
+            }
+        }
+        // The final model's files would replace the base model's.
+        if self.output_dir == self.model_name_or_path {
+            return bad(
+                "output_dir",
+                format!(
+                    "is model_name_or_path ({}): the trained model would overwrite the base \
+                     model; give another directory",
+                    self.output_dir.display()
+                ),
+            );
+        }
         if self.per_device_train_batch_size == 0 {
             return bad("per_device_train_batch_size", "must be at least 1".into());
         }
@@ -31,6 +57,15 @@ impl JobSpec {
                 "num_train_epochs",
                 format!(
                     "must be a positive number when max_steps is unset, got {}",
+                    self.num_train_epochs
+                ),
+            );
+        }
+        if self.max_steps <= 0 && self.num_train_epochs > MAX_EPOCHS {
+            return bad(
+                "num_train_epochs",
+                format!(
+                    "must be at most {MAX_EPOCHS} (got {}); to train by steps, set max_steps",
                     self.num_train_epochs
                 ),
             );

@@ -406,7 +406,8 @@ pub fn check_length(
     max_new_tokens: usize,
     context: usize,
 ) -> Result<(), ApiError> {
-    if prompt_tokens + max_new_tokens > context {
+    // Saturating: a max_new_tokens near 2^64 must not wrap around into "fits".
+    if prompt_tokens.saturating_add(max_new_tokens) > context {
         return Err(ApiError::bad(format!(
             "the prompt is {prompt_tokens} tokens and {max_new_tokens} more were asked for, \
              over the model's context of {context} tokens (max_position_embeddings); \
@@ -492,5 +493,7 @@ mod tests {
         let e = check_length(100, 29, 128).unwrap_err();
         assert_eq!(e.status, 400);
         assert!(e.message.contains("context of 128 tokens"), "{}", e.message);
+        let e = check_length(100, usize::MAX - 50, 128).unwrap_err();
+        assert_eq!(e.status, 400);
     }
 }

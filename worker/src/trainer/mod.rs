@@ -169,6 +169,16 @@ pub fn prepare(job: &JobSpec) -> Result<Prepared> {
         .iter()
         .map(|r| encode_record(&tokenizer, r, job.model_max_length))
         .collect::<std::result::Result<Vec<_>, _>>()?;
+    let counted = |e: &Example| {
+        e.labels
+            .iter()
+            .any(|&l| l != herd_model::loss::IGNORE_INDEX)
+    };
+    if !examples.is_empty() && !examples.iter().any(counted) {
+        return Err(crate::Error::NoLabelTokens {
+            max_len: job.model_max_length,
+        });
+    }
     Ok(Prepared {
         tokenizer,
         model,

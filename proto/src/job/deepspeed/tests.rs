@@ -233,6 +233,21 @@ fn a_config_file_is_read_relative_to_the_base_and_stored_inline() {
         "{e}"
     );
     assert!(e.contains("line 3 column 1"), "{e}");
+    // JSON in a string, as `--deepspeed '{...}'` passes it: read as the config, not a path.
+    let inline = format!("{JOB}deepspeed: '{{\"zero_optimization\": {{\"stage\": 1}}}}'\n");
+    let mut spec = JobSpec::from_yaml_str(&inline, "job.yaml").unwrap();
+    spec.load_deepspeed(&dir, "job.yaml").unwrap();
+    assert_eq!(spec.zero_stage, 1);
+    let cut = format!("{JOB}deepspeed: '{{\"zero_optimization\": {{\"stage\": 1'\n");
+    let mut cut = JobSpec::from_yaml_str(&cut, "job.yaml").unwrap();
+    let e = cut
+        .load_deepspeed(&dir, "job.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("deepspeed (an inline JSON config)") && e.contains("EOF"),
+        "{e}"
+    );
     // A missing one.
     let mut gone =
         JobSpec::from_yaml_str(&format!("{JOB}deepspeed: nowhere.json\n"), "job.yaml").unwrap();
