@@ -117,6 +117,23 @@ fn lora_job_trains_adapter_only_resumes_and_merges() {
     );
     assert_eq!(losses(&out), losses(&ws.path().join("out2")));
 
+    // Merging over what is read is refused before anything is written.
+    let base_before = read(ws.path().join("demo/model/model.safetensors"));
+    let err = run_err(herd().current_dir(ws.path()).args([
+        "merge",
+        "--base",
+        "demo/model",
+        "--adapter",
+        "out",
+        "--out",
+        "demo/model/",
+    ]));
+    assert!(err.contains("is the --base directory"), "{err}");
+    assert_eq!(
+        read(ws.path().join("demo/model/model.safetensors")),
+        base_before
+    );
+
     // Merge: plain HF model, same logits as base + adapter.
     let o = run_ok(herd().current_dir(ws.path()).args([
         "merge",

@@ -31,7 +31,8 @@ fn config_accepts_legacy_and_list_forms() {
 
 #[test]
 fn config_values_no_model_can_have_are_named() {
-    let cases: [(&str, fn(&mut LlamaConfig)); 5] = [
+    type Break = fn(&mut LlamaConfig);
+    let cases: [(&str, Break); 5] = [
         ("vocab_size must be at least 1", |c| c.vocab_size = 0),
         ("max_position_embeddings must be at least 1", |c| {
             c.max_position_embeddings = 0

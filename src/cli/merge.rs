@@ -24,6 +24,20 @@ pub struct MergeArgs {
 }
 
 pub fn run(a: &MergeArgs) -> Result<()> {
+    // The merged model's files would replace what is being read.
+    let same = |x: &std::path::Path, y: &std::path::Path| match (x.canonicalize(), y.canonicalize())
+    {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    };
+    for (flag, dir) in [("--base", &a.base), ("--adapter", &a.adapter)] {
+        if same(&a.out, dir) {
+            anyhow::bail!(
+                "--out {} is the {flag} directory: the merged model would overwrite it (give another directory)",
+                a.out.display()
+            );
+        }
+    }
     let mut model = Llama::load(&a.base)
         .with_context(|| format!("loading the base model in {}", a.base.display()))?;
     model
