@@ -221,8 +221,32 @@ pub fn convert(command: &[String]) -> Result<Converted, String> {
         ));
     }
     let yaml = quote_yaml11_booleans(&serde_yaml::to_string(&job).map_err(|e| e.to_string())?);
-    JobSpec::from_yaml_str(&yaml, "the converted job").map_err(|e| e.to_string())?;
+    JobSpec::from_yaml_str(&yaml, "the converted job").map_err(|e| blame_flag(e, &job))?;
     Ok(Converted { yaml, notes })
+}
+
+/// A refusal of the converted job told in terms of the command's flag, not of a file the user
+/// never sees: `--learning_rate: invalid type: boolean ...` rather than `the converted job:
+/// learning_rate: ... at line 5 column 16`.
+fn blame_flag(e: super::JobError, job: &Mapping) -> String {
+    use super::JobError;
+    let (key, what) = match &e {
+        JobError::Invalid { key, reason, .. } => (key.to_string(), reason.clone()),
+        JobError::Parse { message, .. } => match message.split_once(": ") {
+            Some((key, rest)) if job.contains_key(key) => {
+                let rest = rest.split(" at line ").next().unwrap_or(rest);
+                (key.to_string(), rest.to_string())
+            }
+            _ => return e.to_string(),
+        },
+        JobError::Read { .. } => return e.to_string(),
+    };
+    let bare = matches!(job.get(key.as_str()), Some(Value::Bool(true)));
+    let hint = match bare {
+        true => " (a flag given without a value reads as true)",
+        false => "",
+    };
+    format!("--{key}: {what}{hint}")
 }
 
 /// serde_yaml writes the string `no` bare (`save_strategy: no`), which YAML 1.2 reads as a string
