@@ -53,10 +53,7 @@ pub fn comparison_from_value(v: &Value, at: &Location) -> Result<Comparison> {
 }
 
 pub fn load_comparisons(path: &Path, skip_bad: bool) -> Result<LoadedComparisons> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = super::read_text(path)?;
     parse_comparisons(path, &text, skip_bad)
 }
 

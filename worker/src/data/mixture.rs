@@ -87,10 +87,7 @@ fn shape(v: &Value) -> Option<DataFormat> {
 
 /// Load one file in `format` (Auto: detected from the first record).
 pub fn load_file(path: &Path, format: DataFormat, skip_bad: bool) -> Result<LoadedFile> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = super::read_text(path)?;
     let values = read_values(path, &text)?;
     // The first record that parsed decides (or checks) the format.
     let first = values.iter().find_map(|(_, v)| v.as_ref().ok());

@@ -18,7 +18,7 @@ pub mod records;
 pub mod stats;
 pub mod template;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use chat::{
     encode_conversation, render as render_conversation, Conversation, Message, Role, VICUNA_SYSTEM,
@@ -54,6 +54,23 @@ impl std::fmt::Display for Location {
     }
 }
 
+/// A data file's text; a byte that is not UTF-8 is named by its line.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        let byte = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..byte].iter().filter(|&&b| b == b'\n').count();
+        DataError::NotUtf8 {
+            path: path.to_path_buf(),
+            line,
+            byte: byte + 1,
+        }
+    })
+}
+
 /// Everything that can go wrong in the data pipeline, with enough context to fix the data.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -62,6 +79,15 @@ pub enum DataError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    /// The file is not UTF-8 text (JSON is); where the first bad byte is.
+    #[error(
+        "{path}: line {line}: not UTF-8 text (byte {byte} of the file); JSON data must be UTF-8"
+    )]
+    NotUtf8 {
+        path: PathBuf,
+        line: usize,
+        byte: usize,
     },
     /// The file as a whole is not valid JSON (a JSON array file; JSONL errors are per record).
     #[error("{path}: invalid JSON at line {line}, column {column}: {message}")]

@@ -108,10 +108,7 @@ pub(crate) fn is_jsonl(path: &Path, text: &str) -> bool {
 /// Load records from `path`: a JSON array (`[...]`) or JSON Lines (`.jsonl`/`.ndjson`, or any
 /// file not starting with `[`; blank lines are ignored but still counted as lines).
 pub fn load_records(path: &Path, skip_bad: bool) -> Result<Loaded> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = super::read_text(path)?;
     parse_records(path, &text, skip_bad)
 }
 
@@ -226,6 +223,31 @@ fn strip_position(e: &serde_json::Error) -> String {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_byte_that_is_not_utf8_is_named_by_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("latin1.jsonl");
+        let mut bytes = b"{\"instruction\": \"a\", \"output\": \"b\"}\n".to_vec();
+        bytes.extend(b"{\"instruction\": \"caf\xe9\", \"output\": \"b\"}\n");
+        std::fs::write(&p, &bytes).unwrap();
+        let e = load_records(&p, false).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                DataError::NotUtf8 {
+                    line: 2,
+                    byte: 57,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("latin1.jsonl: line 2: not UTF-8"),
+            "{e}"
+        );
+    }
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);

@@ -9,7 +9,6 @@ pub mod rouge;
 use crate::data::encode::{encode_alpaca, Example};
 use crate::data::records::AlpacaRecord;
 use crate::data::{DataError, Location};
-use crate::error::io_err;
 use crate::Result;
 use herd_model::Tokenizer;
 use serde_json::Value;
@@ -32,7 +31,7 @@ pub struct RawRecord {
 /// must be a string; `input` may be absent or null; `output` may be absent (then `has_output` is
 /// false and the reference is empty).
 pub fn read_records(path: &Path) -> Result<Vec<RawRecord>> {
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let text = crate::data::read_text(path)?;
     let values: Vec<(Value, Option<usize>)> = if text.trim_start().starts_with('[') {
         let v: Vec<Value> = serde_json::from_str(&text).map_err(|e| DataError::Syntax {
             path: path.to_path_buf(),
