@@ -463,3 +463,50 @@ fn neftune_noise_changes_training_resumes_bit_identically_and_matches_across_wor
         1e-5,
     );
 }
+
+#[test]
+fn a_second_interrupt_exits_at_once() {
+    let ws = Workspace::new(16);
+    ws.job(
+        "long.yaml",
+        "long",
+        "max_steps: 1000000\nsave_steps: 1000000\n",
+    );
+    let log = ws.path().join("long.log");
+    let mut child = herd()
+        .current_dir(ws.path())
+        .args(["train", "long.yaml", "--no-progress"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The handlers are in place once the job has started reading its data.
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log).unwrap().contains("data file") {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let interrupt = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    interrupt();
+    interrupt();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "still running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // 130: the second signal's exit, not the first one's checkpoint and clean stop (0).
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+}

@@ -109,6 +109,11 @@ pub fn run_job_on(
 ) -> Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // The first signal stops at the next step with a checkpoint; a second one exits at
+        // once (before the first step, while the data is prepared, there is nothing to save,
+        // and a checkpoint cannot be half-written: it is renamed into place when complete).
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
+            .context("installing the signal handler")?;
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
     }
     let opts = RunOptions {
