@@ -294,3 +294,43 @@ fn a_job_whose_every_answer_is_truncated_away_is_refused() {
     );
     assert!(!ws.path().join("out").exists(), "output_dir was written");
 }
+
+#[test]
+fn nonsense_command_line_numbers_are_named() {
+    let ws = Workspace::new(4);
+    for (args, says) in [
+        (
+            vec!["bench", "--steps", "1", "--peak-tflops", "NaN"],
+            "--peak-tflops must be a number > 0",
+        ),
+        (
+            vec![
+                "bench",
+                "--steps",
+                "1",
+                "--lora-r",
+                "2",
+                "--lora-dropout",
+                "2",
+            ],
+            "--lora-dropout must be in [0, 1), got 2",
+        ),
+        (
+            vec![
+                "predict",
+                "--model",
+                "demo/model",
+                "--data",
+                "small.json",
+                "--out",
+                "p.jsonl",
+                "--batch-size",
+                "0",
+            ],
+            "--batch-size must be at least 1",
+        ),
+    ] {
+        let err = run_err(herd().current_dir(ws.path()).args(&args));
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}

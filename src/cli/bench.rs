@@ -171,6 +171,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.batch == 0 || a.seq < 2 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1 and --seq at least 2");
     }
+    if let Some(p) = a.peak_tflops.filter(|p| !(p.is_finite() && *p > 0.0)) {
+        bail!("--peak-tflops must be a number > 0 (the device's dense peak), got {p}");
+    }
+    if !(0.0..1.0).contains(&a.lora_dropout) {
+        bail!("--lora-dropout must be in [0, 1), got {}", a.lora_dropout);
+    }
     let placement = Placement::new(&herd_kernels::device::open(spec)?, a.bf16);
     let device = &placement.device;
     let mixed = placement.mixed.is_some();

@@ -223,6 +223,9 @@ pub fn write_text(path: &Path, text: &str) -> Result<()> {
 
 pub fn predict(a: &PredictArgs) -> Result<()> {
     check_out(&a.out, &a.data)?;
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
     let records = load(&a.data, a.limit)?;
     let g = Generator::load(&a.model, &a.placement)?;
     let predictions = predict_all(&g, &records, &a.sampling, a.batch_size)?;
@@ -236,8 +239,8 @@ pub fn predict(a: &PredictArgs) -> Result<()> {
 }
 
 pub fn run_eval(a: &EvalArgs) -> Result<()> {
-    if a.best_of == 0 {
-        bail!("--best-of must be at least 1");
+    if a.best_of == 0 || a.batch_size == 0 {
+        bail!("--best-of and --batch-size must be at least 1");
     }
     if let Some(p) = &a.predictions {
         check_out(p, &a.data)?;
