@@ -334,3 +334,26 @@ fn nonsense_command_line_numbers_are_named() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn a_checkpoint_of_another_kind_of_job_is_not_resumed() {
+    let ws = Workspace::new(8);
+    let lora = ws.job(
+        "lora.yaml",
+        "out",
+        "lora_r: 4\nmax_steps: 2\nsave_steps: 2\n",
+    );
+    ws.train(&lora, &[]);
+    let adapter = ws.path().join("out/checkpoint-2/adapter_model.safetensors");
+    let before = std::fs::read(&adapter).unwrap();
+    ws.job("full.yaml", "out", "max_steps: 4\n");
+    let err = run_err(herd().current_dir(ws.path()).args(["train", "full.yaml"]));
+    assert!(
+        err.contains("key `output_dir`")
+            && err.contains(
+                "checkpoint-2 was written by a job with lora_r 4 (this job: none (full fine-tune))"
+            ),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&adapter).unwrap(), before);
+}
