@@ -39,16 +39,26 @@ pub fn check_paths(job: &JobSpec) -> Result<()> {
         job.model_name_or_path.display()
     );
     for p in job.data_path.paths() {
+        let what = if p.is_dir() {
+            "a directory"
+        } else {
+            "no such file"
+        };
         anyhow::ensure!(
             p.is_file(),
-            "data_path {}: no such file (expected an Alpaca or ShareGPT JSON or JSONL file)",
+            "data_path {}: {what} (expected an Alpaca or ShareGPT JSON or JSONL file)",
             p.display()
         );
     }
     if let Some(p) = &job.eval_data_path {
+        let what = if p.is_dir() {
+            "a directory"
+        } else {
+            "no such file"
+        };
         anyhow::ensure!(
             p.is_file(),
-            "eval_data_path {}: no such file (expected held-out data in the training data's format)",
+            "eval_data_path {}: {what} (expected held-out data in the training data's format)",
             p.display()
         );
     }

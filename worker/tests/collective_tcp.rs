@@ -366,6 +366,34 @@ fn a_stray_connection_does_not_break_the_ring() {
     assert_eq!(r1.join().unwrap(), vec![3.0, 4.0]);
 }
 
+#[test]
+fn silent_connections_do_not_keep_the_neighbour_waiting() {
+    // Strangers connect to rank 1's port first and send nothing, and stay connected: the real
+    // neighbour is still admitted at once, well within a timeout the strangers would use up.
+    let (mut ls, addrs) = listeners(2);
+    let l1 = ls.remove(1);
+    let l0 = ls.remove(0);
+    let silent: Vec<_> = (0..3)
+        .map(|_| std::net::TcpStream::connect(addrs[1]).unwrap())
+        .collect();
+    let timeout = Duration::from_secs(3);
+    let t0 = std::time::Instant::now();
+    let a1 = addrs.clone();
+    let r1 = thread::spawn(move || {
+        let mut ring = TcpRing::with_listener(1, l1, a1, SECRET, timeout).unwrap();
+        let mut v = vec![2.0f32, 3.0];
+        ring.all_reduce_sum(&mut v).unwrap();
+        v
+    });
+    let mut ring = TcpRing::with_listener(0, l0, addrs, SECRET, timeout).unwrap();
+    let mut v = vec![1.0f32, 1.0];
+    ring.all_reduce_sum(&mut v).unwrap();
+    assert_eq!(v, vec![3.0, 4.0]);
+    assert_eq!(r1.join().unwrap(), vec![3.0, 4.0]);
+    assert!(t0.elapsed() < timeout, "waited {:?}", t0.elapsed());
+    drop(silent);
+}
+
 /// Rank `root`'s buffer with values a sum would not keep: -0.0, a NaN payload, infinities.
 fn special_input(root: usize, len: usize) -> Vec<f32> {
     let mut v = float_input(root, len, 7);

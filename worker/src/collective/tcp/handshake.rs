@@ -53,6 +53,9 @@ pub(super) fn connect_right(
         .map_err(|reason| err(ctx(&reason)))
 }
 
+/// Handshakes in flight at once on one listener; a connection beyond them is dropped unread.
+const MAX_PENDING_HANDSHAKES: usize = 16;
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn accept_left(
     listener: &TcpListener,
@@ -65,83 +68,132 @@ pub(super) fn accept_left(
     timeout: Duration,
     abort: &Abort,
 ) -> Result<TcpStream> {
-    // A connection that fails the handshake (a stale one from an earlier attempt, a stranger)
-    // does not break the ring: keep accepting until the deadline, then report the last failure.
+    // Every accepted connection is handshaken on a thread of its own while accepting goes on,
+    // so a connection that sends nothing (a stranger holding the port, a stale attempt) cannot
+    // keep the real neighbour waiting in the backlog until the timeout. The first connection
+    // that proves the secret is the left neighbour; one that fails does not break the ring:
+    // keep accepting until the deadline, then report the last failure.
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| err(format!("rank {rank}: cannot configure the listener: {e}")))?;
+    let (tx, rx) = std::sync::mpsc::channel::<std::result::Result<TcpStream, String>>();
+    let mut pending = 0usize;
     let mut last_failure: Option<String> = None;
-    loop {
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| err(format!("rank {rank}: cannot configure the listener: {e}")))?;
-        let (stream, from) = loop {
-            if let Some((reason, since, grace)) = abort.get() {
-                // This rank is not joining after all. For a short while, answer a neighbour that
-                // is (or is about to be) connecting with the reason, instead of a bare reset.
-                // Not after an abort from outside: the coordinator stops the neighbours itself,
-                // and the listener may soon serve this worker's next ring.
-                let grace_end =
-                    (since + if grace { ABORT_GRACE } else { Duration::ZERO }).min(deadline);
-                while Instant::now() < grace_end {
-                    match listener.accept() {
-                        Ok((mut s, _)) => {
-                            let _ = s.set_nonblocking(false);
-                            let _ = s.set_read_timeout(Some(ABORT_GRACE));
-                            let _ = s.set_write_timeout(Some(ABORT_GRACE));
-                            let mut hello = [0u8; 16 + NONCE_LEN];
-                            if s.read_exact(&mut hello).is_ok() {
-                                reject(
-                                    &mut s,
-                                    &format!("rank {rank} is not joining the ring: {reason}"),
-                                );
-                            }
-                            break;
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                    }
-                }
-                return Err(err(format!(
-                    "rank {rank}: waiting for rank {left} was abandoned"
-                )));
+    let mut take = |r: std::result::Result<TcpStream, String>, pending: &mut usize| {
+        *pending -= 1;
+        match r {
+            Ok(s) => Some(s),
+            Err(reason) => {
+                tracing::warn!("{reason}; still waiting for rank {left}");
+                last_failure = Some(reason);
+                None
             }
-            match listener.accept() {
-                Ok(pair) => break pair,
-                Err(e)
-                    if e.kind() == io::ErrorKind::WouldBlock
-                        || e.kind() == io::ErrorKind::Interrupted =>
-                {
-                    if Instant::now() >= deadline {
-                        return Err(err(match &last_failure {
+        }
+    };
+    loop {
+        if let Some((reason, since, grace)) = abort.get() {
+            answer_while_abandoning(listener, rank, &reason, since, grace, deadline);
+            return Err(err(format!(
+                "rank {rank}: waiting for rank {left} was abandoned"
+            )));
+        }
+        while let Ok(r) = rx.try_recv() {
+            if let Some(s) = take(r, &mut pending) {
+                return Ok(s);
+            }
+        }
+        match listener.accept() {
+            Ok((stream, from)) => {
+                if pending >= MAX_PENDING_HANDSHAKES {
+                    continue; // a flood of connections: this one is dropped
+                }
+                let ctx = move |what: &str| {
+                    format!(
+                        "rank {rank}: a connection from {from} (rank {left} is expected from \
+                         {left_addr}) failed the handshake: {what}"
+                    )
+                };
+                let (tx, secret) = (tx.clone(), secret.to_vec());
+                let handshake = move || {
+                    let r = stream
+                        .set_nonblocking(false)
+                        .and_then(|()| configure(&stream, timeout))
+                        .map_err(|e| ctx(&e.to_string()))
+                        .and_then(|()| {
+                            server_handshake(stream, rank, left, world, &secret, timeout)
+                                .map_err(|reason| ctx(&reason))
+                        });
+                    let _ = tx.send(r); // the ring may have formed without it
+                };
+                std::thread::Builder::new()
+                    .name(format!("tcp-ring-handshake-{rank}"))
+                    .spawn(handshake)
+                    .map_err(|e| err(format!("rank {rank}: cannot spawn a handshake: {e}")))?;
+                pending += 1;
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                if Instant::now() >= deadline {
+                    // Handshakes already under way may still bring the neighbour.
+                    while pending > 0 {
+                        match rx.recv_timeout(timeout) {
+                            Ok(r) => {
+                                if let Some(s) = take(r, &mut pending) {
+                                    return Ok(s);
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    return Err(err(match &last_failure {
                         Some(reason) => reason.clone(),
                         None => format!(
                             "rank {rank}: rank {left} (expected from {left_addr}) did not connect within {timeout:?}"
                         ),
                     }));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
                 }
-                Err(e) => {
-                    return Err(err(format!(
-                        "rank {rank}: accepting rank {left} failed: {e}"
-                    )))
-                }
+                std::thread::sleep(Duration::from_millis(5));
             }
-        };
-        let ctx = |what: &str| {
-            format!("rank {rank}: handshake with rank {left} (connected from {from}): {what}")
-        };
-        stream
-            .set_nonblocking(false)
-            .map_err(|e| err(ctx(&e.to_string())))?;
-        configure(&stream, timeout).map_err(|e| err(ctx(&e.to_string())))?;
-        match server_handshake(stream, rank, left, world, secret, timeout) {
-            Ok(s) => return Ok(s),
-            Err(reason) => {
-                let reason = ctx(&reason);
-                if Instant::now() >= deadline {
-                    return Err(err(reason));
-                }
-                tracing::warn!("{reason}; still waiting for rank {left}");
-                last_failure = Some(reason);
+            Err(e) => {
+                return Err(err(format!(
+                    "rank {rank}: accepting rank {left} failed: {e}"
+                )))
             }
+        }
+    }
+}
+
+/// This rank is not joining after all. For a short while, answer a neighbour that is (or is
+/// about to be) connecting with the reason, instead of a bare reset. Not after an abort from
+/// outside (`grace` false): the coordinator stops the neighbours itself, and the listener may
+/// soon serve this worker's next ring.
+fn answer_while_abandoning(
+    listener: &TcpListener,
+    rank: usize,
+    reason: &str,
+    since: Instant,
+    grace: bool,
+    deadline: Instant,
+) {
+    let grace_end = (since + if grace { ABORT_GRACE } else { Duration::ZERO }).min(deadline);
+    while Instant::now() < grace_end {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(ABORT_GRACE));
+                let _ = s.set_write_timeout(Some(ABORT_GRACE));
+                let mut hello = [0u8; 16 + NONCE_LEN];
+                if s.read_exact(&mut hello).is_ok() {
+                    reject(
+                        &mut s,
+                        &format!("rank {rank} is not joining the ring: {reason}"),
+                    );
+                }
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
 }
