@@ -77,6 +77,18 @@ pub fn validate_submission(
         }
     }
 
+    // One directory, one spelling: through a symlink or `..` two jobs could otherwise share an
+    // output_dir that the coordinator's "still in use" check sees as two.
+    spec.output_dir = canonical(&spec.output_dir);
+    if spec.output_dir == canonical(&spec.model_name_or_path) {
+        return bad(
+            "output_dir",
+            format!(
+                "{} is model_name_or_path: the trained model would overwrite the base model",
+                spec.output_dir.display()
+            ),
+        );
+    }
     let model = &spec.model_name_or_path;
     if !model.is_dir() {
         return bad(
@@ -181,6 +193,26 @@ pub fn validate_submission(
     })
 }
 
+/// `p` with symlinks and `..` resolved as far as it exists; the part that does not exist yet
+/// is kept as written.
+fn canonical(p: &Path) -> std::path::PathBuf {
+    let mut missing = Vec::new();
+    let mut existing = p;
+    loop {
+        if let Ok(mut c) = existing.canonicalize() {
+            c.extend(missing.iter().rev());
+            return c;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +304,23 @@ mod tests {
         .unwrap();
         let v = validate_submission(&with_eval, "j.yaml", base).unwrap();
         assert!(v.spec.eval_data_path.unwrap().is_absolute());
+
+        // output_dir is stored in one spelling: through a symlink, or with `..`, it is the
+        // directory it names (the part that does not exist yet kept as written).
+        std::fs::create_dir_all(dir.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("link")).unwrap();
+        let real = dir.path().canonicalize().unwrap().join("real");
+        for out in ["link", "model/../real/", "real"] {
+            let job = ok.replace("output_dir: out", &format!("output_dir: {out}"));
+            let v = validate_submission(&job, "j.yaml", base).unwrap();
+            assert_eq!(v.spec.output_dir, real, "{out}");
+        }
+        let job = ok.replace("output_dir: out", "output_dir: real/../model");
+        let e = validate_submission(&job, "j.yaml", base).unwrap_err();
+        assert!(e.0.contains("overwrite the base model"), "{e}");
+        let job = ok.replace("output_dir: out", "output_dir: link/new/run1");
+        let v = validate_submission(&job, "j.yaml", base).unwrap();
+        assert_eq!(v.spec.output_dir, real.join("new/run1"));
 
         std::fs::write(dir.path().join("d.json"), "[{\"instruction\": 1}]").unwrap();
         let e = validate_submission(ok, "j.yaml", base).unwrap_err();
