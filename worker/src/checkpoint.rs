@@ -58,6 +58,20 @@ pub fn output_dir_problem(dir: &Path) -> Option<String> {
     ))
 }
 
+/// Creates `output_dir` and writes and removes a file in it, so a directory the job cannot
+/// write (permissions, a read-only mount) stops it before its first step, not at its first
+/// save hours later.
+pub fn probe_writable(output_dir: &Path) -> Result<()> {
+    let why = |e: std::io::Error| Error::Checkpoint {
+        path: output_dir.to_path_buf(),
+        reason: format!("output_dir is not writable ({e}); nothing was trained"),
+    };
+    fs::create_dir_all(output_dir).map_err(why)?;
+    let probe = output_dir.join(format!(".herd-write-probe.{}", std::process::id()));
+    fs::write(&probe, b"").map_err(why)?;
+    fs::remove_file(&probe).map_err(why)
+}
+
 /// Write `bytes` to `path` atomically: temporary name beside it, fsync, rename, fsync the dir.
 /// (One implementation for the whole project: the model crate's.)
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -315,6 +329,16 @@ pub fn rotate(output_dir: &Path, limit: Option<usize>, best: Option<u64>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unwritable_output_dir_is_found_by_the_probe() {
+        let t = tempfile::tempdir().unwrap();
+        probe_writable(&t.path().join("new/out")).unwrap();
+        assert!(t.path().join("new/out").is_dir());
+        assert_eq!(fs::read_dir(t.path().join("new/out")).unwrap().count(), 0);
+        let e = probe_writable(Path::new("/proc/herd-probe")).unwrap_err();
+        assert!(e.to_string().contains("output_dir is not writable"), "{e}");
+    }
 
     #[test]
     fn an_output_dir_through_a_file_is_refused_before_any_work() {

@@ -389,6 +389,9 @@ fn run_setup<O: Objective>(
         trainer_state = Some(TrainerState::load(&dir)?);
         resumed_from = Some(dir);
     }
+    if rank == 0 {
+        checkpoint::probe_writable(&job.output_dir)?;
+    }
     let parameters = objective.num_parameters(&model);
     let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm)
         .with_gradient_checkpointing(job.gradient_checkpointing);
