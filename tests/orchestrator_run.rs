@@ -229,6 +229,18 @@ fn calls_without_or_with_a_wrong_token_are_refused_and_change_nothing() {
     assert!(none.to_lowercase().contains("unauthenticated"), "{none}");
     let bad_file = ws.path().join("bad-token");
     std::fs::write(&bad_file, "not-the-token\n").unwrap();
+    let loose = run_err(
+        herd_clean()
+            .current_dir(ws.path())
+            .args(["submit", "job.yaml", "--coordinator", &addr, "--token-file"])
+            .arg(&bad_file),
+    );
+    assert!(loose.contains("chmod 600"), "{loose}");
+    std::fs::set_permissions(
+        &bad_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let wrong = run_err(
         herd_clean()
             .current_dir(ws.path())

@@ -88,7 +88,15 @@ pub fn load_or_create_token(state_dir: &Path) -> io::Result<String> {
         check_private(&path)?;
         return read_token_file(&path);
     }
-    std::fs::create_dir_all(state_dir)
+    // A directory made here holds the token: this user's only (one that exists is left as is).
+    let mut dir = std::fs::DirBuilder::new();
+    dir.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        dir.mode(0o700);
+    }
+    dir.create(state_dir)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", state_dir.display())))?;
     let token = generate_token()?;
     let tmp = state_dir.join(format!(".token.tmp.{}", std::process::id()));
@@ -130,6 +138,9 @@ pub fn load_or_create_token(state_dir: &Path) -> io::Result<String> {
 /// if set and non-empty, else `Ok(None)`.
 pub fn try_token_from_env_or_file(file: Option<&Path>) -> io::Result<Option<String>> {
     if let Some(f) = file {
+        // A token file is a credential wherever it comes from: the same rule as the state
+        // dir's own token (and ssh's for keys).
+        check_private(f)?;
         return read_token_file(f).map(Some);
     }
     match std::env::var(TOKEN_ENV) {
@@ -147,6 +158,25 @@ pub fn token_from_env_or_file(file: Option<&Path>) -> Option<String> {
             None
         }
     }
+}
+
+/// The shortest token a server (coordinator, `herd serve`) accepts to enforce: its own are 64
+/// hex characters; a short one given by hand can be guessed.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Refuse to serve behind a token shorter than [`MIN_TOKEN_LEN`].
+pub fn check_strength(token: &str, source: &str) -> io::Result<()> {
+    if token.len() < MIN_TOKEN_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{source}: the token has {} characters, fewer than {MIN_TOKEN_LEN}: too easy to \
+                 guess for a server (leave it out and one of 64 random hex characters is made)",
+                token.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Compare two byte strings in time independent of where they differ (the length may leak).
@@ -252,6 +282,15 @@ mod tests {
         }
         assert_eq!(load_or_create_token(&d).unwrap(), t);
         assert_eq!(read_token_file(&token_path(&d)).unwrap(), t);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let fresh = d.join("fresh/state");
+            load_or_create_token(&fresh).unwrap();
+            let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700);
+            std::fs::remove_dir_all(d.join("fresh")).unwrap();
+        }
         // no temporary files left
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
         let _ = std::fs::remove_dir_all(&d);
@@ -267,6 +306,25 @@ mod tests {
         let e = load_or_create_token(&d).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         assert!(e.to_string().contains("chmod 600"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_given_token_file_is_a_credential_too() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tmpdir("given");
+        let p = d.join("t");
+        std::fs::write(&p, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = try_token_from_env_or_file(Some(&p)).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let t = try_token_from_env_or_file(Some(&p)).unwrap().unwrap();
+        assert_eq!(t, "0123456789abcdef0123");
+        check_strength(&t, "t").unwrap();
+        let e = check_strength("a", "--token-file t").unwrap_err();
+        assert!(e.to_string().contains("1 characters, fewer than 16"), "{e}");
         let _ = std::fs::remove_dir_all(&d);
     }
 

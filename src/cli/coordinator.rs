@@ -46,6 +46,16 @@ pub fn run(a: &CoordinatorArgs) -> Result<()> {
     );
     let token = herd_proto::auth::try_token_from_env_or_file(a.token_file.as_deref())
         .context("reading the token")?;
+    if let Some(t) = &token {
+        herd_proto::auth::check_strength(t, "--token-file / HERD_TOKEN")?;
+    }
+    if !a.listen.ip().is_loopback() && a.tls_cert.is_none() {
+        eprintln!(
+            "herd: warning: listening on {} without TLS: the bearer token and the jobs' \
+             collective secrets cross the network in the clear (give --tls-cert and --tls-key)",
+            a.listen
+        );
+    }
     let mut opts = CoordinatorOptions::new(a.listen, &a.state_dir);
     opts.token = token;
     opts.heartbeat_timeout = Duration::from_secs_f64(a.heartbeat_timeout_s);

@@ -126,9 +126,17 @@ pub fn worker_threads(workers: usize) -> usize {
     (cores / workers.max(1)).max(1)
 }
 
+/// A child's log, readable by this user only (it may name paths and jobs of the run).
 fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     let p = dir.join(name);
-    std::fs::File::create(&p).with_context(|| format!("creating {}", p.display()))
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p)
+        .with_context(|| format!("creating {}", p.display()))
 }
 
 fn tail(path: &Path, n: usize) -> String {
@@ -152,6 +160,12 @@ pub fn run(a: &RunArgs) -> Result<()> {
         .tempdir()
         .context("creating the private state directory")?;
     let state_dir = state.path().to_path_buf();
+    // It holds the run's token and job database: this user's only, as a coordinator's is.
+    std::fs::set_permissions(
+        &state_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .context("making the private state directory private")?;
     herd_proto::auth::load_or_create_token(&state_dir).context("creating the token")?;
     let exe = std::env::current_exe().context("locating the herd binary")?;
     let mut children = Children {

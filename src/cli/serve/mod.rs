@@ -95,7 +95,10 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         match herd_proto::auth::try_token_from_env_or_file(a.token_file.as_deref())
             .context("reading the token")?
         {
-            Some(t) => (t, "the given token".to_string()),
+            Some(t) => {
+                herd_proto::auth::check_strength(&t, "--token-file / HERD_TOKEN")?;
+                (t, "the given token".to_string())
+            }
             None => (
                 herd_proto::auth::load_or_create_token(&a.state_dir)
                     .context("creating the token")?,
@@ -166,7 +169,11 @@ async fn authenticate(
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        // The scheme is case-insensitive (RFC 7235): "bearer x" is "Bearer x".
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        });
     match given {
         Some(t) if herd_proto::auth::constant_time_eq(t.trim().as_bytes(), s.token.as_bytes()) => {
             next.run(req).await
