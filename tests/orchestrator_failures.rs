@@ -217,6 +217,64 @@ fn sigterm_makes_a_worker_checkpoint_report_paused_and_exit() {
 }
 
 #[test]
+fn sigterm_to_the_worker_of_rank_1_checkpoints_the_whole_job() {
+    let ws = Workspace::new(48);
+    let state = ws.path().join("state");
+    let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 3.0);
+    let workers = [
+        start_worker(ws.path(), &addr, &state, "w0"),
+        start_worker(ws.path(), &addr, &state, "w1"),
+    ];
+    let job = ws.job(
+        "job.yaml",
+        "out",
+        "max_steps: 40
+save_steps: 100
+world_size: 2
+",
+    );
+    let id = submit(&ws, &addr, &state, &job);
+    let mut rank1 = String::new();
+    wait_until("a step on both ranks", Duration::from_secs(60), || {
+        let st = job_status(ws.path(), &addr, &state, &id);
+        let ranks = st["ranks"].as_array().cloned().unwrap_or_default();
+        if let Some(r) = ranks.iter().find(|r| r["rank"] == 1) {
+            rank1 = r["worker_id"].as_str().unwrap_or_default().to_string();
+        }
+        st["step"].as_u64().unwrap_or(0) >= 1 && !rank1.is_empty()
+    });
+    // The worker whose log names the id of rank 1.
+    let victim = workers
+        .iter()
+        .find(|w| {
+            w.log_text()
+                .contains(&format!("herd worker {rank1} registered"))
+        })
+        .expect("the worker of rank 1");
+    victim.signal("TERM");
+    wait_until(
+        "the checkpoint of the stop",
+        Duration::from_secs(60),
+        || {
+            let st = job_status(ws.path(), &addr, &state, &id);
+            st["last_checkpoint_step"]
+                .as_u64()
+                .is_some_and(|s| (1..40).contains(&s))
+        },
+    );
+    let st = job_status(ws.path(), &addr, &state, &id);
+    let ckpt = st["last_checkpoint_step"].as_u64().unwrap();
+    assert!(ws
+        .path()
+        .join(format!("out/checkpoint-{ckpt}/herd_manifest.json"))
+        .is_file());
+    // A new worker takes rank 1's place and the job ends.
+    let _w2 = start_worker(ws.path(), &addr, &state, "w2");
+    let st = watch_to_end(&ws, &addr, &state, &id);
+    assert_eq!(st["state"], "SUCCEEDED", "{st}");
+}
+
+#[test]
 fn a_hung_worker_is_given_up_and_its_peer_stops_at_once() {
     let ws = Workspace::new(48);
     let state = ws.path().join("state");

@@ -594,8 +594,11 @@ fn run_setup<O: Objective>(
             new_best = zero::any_rank(collective, new_best)?;
         }
         let mut stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-        if engine.shard().is_some() {
-            // A sharded save needs every rank, so the ranks stop together.
+        if world > 1 {
+            // The ranks stop together, at the same step, with one checkpoint: a stop told to
+            // one rank only (its worker preempted by SIGTERM) would otherwise leave the others
+            // waiting on it in the next collective, and rank 0, which writes the checkpoint,
+            // would never save it. A sharded save needs every rank anyway.
             stop_requested = zero::any_rank(collective, stop_requested)?;
         }
         let range_end = step == end && step < plan.total_steps;
