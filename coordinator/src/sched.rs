@@ -331,6 +331,18 @@ pub fn is_dead(now: Instant, last_heartbeat: Instant, timeout: Duration) -> bool
     now.saturating_duration_since(last_heartbeat) > timeout
 }
 
+/// A gap between two periodic checks beyond which the coordinator itself was stalled (stopped,
+/// swapped out, a VM pause, a long fsync), far above the 250 ms tick.
+pub const STALL: Duration = Duration::from_secs(2);
+
+/// The time the coordinator was stalled between its checks at `last` and `now`, if it was:
+/// the gap less the `tick` it expected. Workers' heartbeats sent meanwhile were not read, so
+/// this much of their silence is not theirs and must not be counted against them.
+pub fn stalled_for(last: Option<Instant>, now: Instant, tick: Duration) -> Option<Duration> {
+    let gap = now.saturating_duration_since(last?);
+    (gap > STALL).then(|| gap.saturating_sub(tick))
+}
+
 /// The ids of the workers whose last heartbeat is older than `timeout`, sorted.
 pub fn dead_workers<'a>(
     now: Instant,
@@ -349,6 +361,25 @@ pub fn dead_workers<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stall_of_the_coordinator_is_not_the_workers_silence() {
+        let t0 = Instant::now();
+        let tick = Duration::from_millis(250);
+        assert_eq!(stalled_for(None, t0, tick), None);
+        assert_eq!(stalled_for(Some(t0), t0 + tick, tick), None);
+        assert_eq!(stalled_for(Some(t0), t0 + STALL, tick), None);
+        let paused = stalled_for(Some(t0), t0 + Duration::from_secs(20), tick).unwrap();
+        assert_eq!(paused, Duration::from_millis(19_750));
+        // Credited, a worker that last beat just before the pause is alive after it ...
+        let timeout = Duration::from_secs(10);
+        let now = t0 + Duration::from_secs(20);
+        let last = t0 - Duration::from_millis(500);
+        assert!(is_dead(now, last, timeout));
+        assert!(!is_dead(now, last + paused, timeout));
+        // ... and one silent for longer than the timeout before it is still dead.
+        assert!(is_dead(now, t0 - Duration::from_secs(11) + paused, timeout));
+    }
 
     fn dead_rank_1() -> Failure {
         Failure {

@@ -221,6 +221,18 @@ impl Core {
     /// The periodic check: dead workers, ranks that vanished, scheduling.
     pub fn tick(&mut self, now: Instant) -> Result<()> {
         let timeout = self.cfg.heartbeat_timeout;
+        if let Some(stalled) = sched::stalled_for(self.last_tick, now, crate::TICK) {
+            // Heartbeats that came while this process was stalled were not read yet: the
+            // stall is credited to every worker rather than declaring healthy ones dead.
+            tracing::warn!(
+                "the coordinator was stalled for {:.1} s; not counted as workers' silence",
+                stalled.as_secs_f64()
+            );
+            for w in self.workers.values_mut() {
+                w.last_heartbeat = (w.last_heartbeat + stalled).min(now);
+            }
+        }
+        self.last_tick = Some(now);
         let dead = sched::dead_workers(
             now,
             self.workers

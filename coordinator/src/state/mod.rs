@@ -88,6 +88,8 @@ pub struct Core {
     next_job_seq: u64,
     next_worker_seq: u64,
     watchers: HashMap<String, watch::Sender<pb::JobStatus>>,
+    /// When the last periodic check ran (a long gap means this process was stalled).
+    last_tick: Option<Instant>,
 }
 
 fn random_bytes(n: usize) -> Result<Vec<u8>> {
@@ -149,6 +151,7 @@ impl Core {
             next_job_seq,
             next_worker_seq,
             watchers: HashMap::new(),
+            last_tick: None,
         };
         if n_jobs + n_workers > 0 {
             tracing::info!(
