@@ -45,15 +45,7 @@ fn single_file_round_trip() {
     );
     assert_eq!(loaded.config().extra["torch_dtype"], "float32");
     assert_eq!(loaded.config().rope_scaling, model.config().rope_scaling);
-    // No temporary files left behind.
-    let leftovers = std::fs::read_dir(dir.path()).unwrap().filter(|e| {
-        e.as_ref()
-            .unwrap()
-            .file_name()
-            .to_string_lossy()
-            .starts_with('.')
-    });
-    assert_eq!(leftovers.count(), 0);
+    assert_no_leftovers(dir.path());
     // Metadata {"format": "pt"} is what transformers requires.
     let bytes = std::fs::read(dir.path().join(SINGLE_FILE)).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -276,7 +268,12 @@ fn non_finite_weights_are_refused_and_the_saved_model_is_kept() {
         "{err}"
     );
     assert_eq!(std::fs::read(dir.path().join(SINGLE_FILE)).unwrap(), before);
-    let leftovers = std::fs::read_dir(dir.path()).unwrap().filter(|e| {
+    assert_no_leftovers(dir.path());
+}
+
+/// No temporary (dot) files left behind in `dir`.
+fn assert_no_leftovers(dir: &Path) {
+    let leftovers = std::fs::read_dir(dir).unwrap().filter(|e| {
         e.as_ref()
             .unwrap()
             .file_name()

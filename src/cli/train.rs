@@ -30,6 +30,21 @@ pub fn read_deepspeed(job: &mut JobSpec, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `key`'s file `p` exists and is a file.
+fn check_file(key: &str, p: &Path, expected: &str) -> Result<()> {
+    let what = if p.is_dir() {
+        "a directory"
+    } else {
+        "no such file"
+    };
+    anyhow::ensure!(
+        p.is_file(),
+        "{key} {}: {what} (expected {expected})",
+        p.display()
+    );
+    Ok(())
+}
+
 /// The checks that need the disk, done before any work so bad input costs nothing.
 pub fn check_paths(job: &JobSpec) -> Result<()> {
     let cfg = job.model_name_or_path.join("config.json");
@@ -39,28 +54,14 @@ pub fn check_paths(job: &JobSpec) -> Result<()> {
         job.model_name_or_path.display()
     );
     for p in job.data_path.paths() {
-        let what = if p.is_dir() {
-            "a directory"
-        } else {
-            "no such file"
-        };
-        anyhow::ensure!(
-            p.is_file(),
-            "data_path {}: {what} (expected an Alpaca or ShareGPT JSON or JSONL file)",
-            p.display()
-        );
+        check_file("data_path", p, "an Alpaca or ShareGPT JSON or JSONL file")?;
     }
     if let Some(p) = &job.eval_data_path {
-        let what = if p.is_dir() {
-            "a directory"
-        } else {
-            "no such file"
-        };
-        anyhow::ensure!(
-            p.is_file(),
-            "eval_data_path {}: {what} (expected held-out data in the training data's format)",
-            p.display()
-        );
+        check_file(
+            "eval_data_path",
+            p,
+            "held-out data in the training data's format",
+        )?;
     }
     let out = &job.output_dir;
     if let Some(problem) = herd_worker::checkpoint::output_dir_problem(out) {
