@@ -25,13 +25,8 @@ pub struct MergeArgs {
 
 pub fn run(a: &MergeArgs) -> Result<()> {
     // The merged model's files would replace what is being read.
-    let same = |x: &std::path::Path, y: &std::path::Path| match (x.canonicalize(), y.canonicalize())
-    {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    };
     for (flag, dir) in [("--base", &a.base), ("--adapter", &a.adapter)] {
-        if same(&a.out, dir) {
+        if super::eval::same_path(&a.out, dir) {
             anyhow::bail!(
                 "--out {} is the {flag} directory: the merged model would overwrite it (give another directory)",
                 a.out.display()
