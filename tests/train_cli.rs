@@ -470,7 +470,7 @@ fn a_second_interrupt_exits_at_once() {
     ws.job(
         "long.yaml",
         "long",
-        "max_steps: 1000000\nsave_steps: 1000000\n",
+        "max_steps: 1000000\nsave_steps: 1000000\ngradient_accumulation_steps: 4\n",
     );
     let log = ws.path().join("long.log");
     let mut child = herd()
@@ -485,12 +485,13 @@ fn a_second_interrupt_exits_at_once() {
         assert!(t0.elapsed() < Duration::from_secs(60), "never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Both signals microseconds apart (a `kill` process each left time, on a loaded machine,
-    // for the first one's clean stop to finish before the second came).
     let pid = child.id() as libc::pid_t;
     for _ in 0..2 {
         // SAFETY: a signal to our own child, which is alive (not yet waited for).
         assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+        // Two at once would merge into one pending signal: the second comes once the first
+        // was taken, well inside the step it lets finish (four micro-batches).
+        std::thread::sleep(Duration::from_millis(20));
     }
     let t0 = Instant::now();
     let status = loop {
