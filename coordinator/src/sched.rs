@@ -42,11 +42,18 @@ pub fn assign_ranks(idle_workers: &[String], n: usize) -> Option<Vec<String>> {
     (sorted.len() >= n).then(|| sorted.into_iter().take(n).collect())
 }
 
-/// Strict FIFO gang scheduling: walk the jobs oldest first; a job starts when `world_size` idle
-/// live workers exist (taking the lowest ids, rank r ← r-th); the first job that cannot start
-/// blocks the ones behind it (so a big job is never starved by small ones). Every job not placed
-/// gets a reason.
-pub fn schedule(queued: &[PendingJob], idle_workers: &[String]) -> ScheduleOutcome {
+/// FIFO gang scheduling: walk the jobs oldest first; a job starts when `world_size` idle live
+/// workers exist (taking the lowest ids, rank r ← r-th); the first job that cannot start blocks
+/// the ones behind it (so a big job is never starved by small ones). A job wanting more workers
+/// than are alive at all (`live_workers`, idle or busy) blocks nothing: no amount of waiting
+/// for the running jobs would start it, so one oversized job does not stall the queue (Slurm
+/// holds such a job too, rather than the partition). Once enough workers have joined it is
+/// first in line again. Every job not placed gets a reason.
+pub fn schedule(
+    queued: &[PendingJob],
+    idle_workers: &[String],
+    live_workers: usize,
+) -> ScheduleOutcome {
     let mut free: Vec<String> = idle_workers.to_vec();
     free.sort();
     free.dedup();
@@ -82,6 +89,19 @@ pub fn schedule(queued: &[PendingJob], idle_workers: &[String]) -> ScheduleOutco
             out.waiting.push(Waiting {
                 job_id: job.job_id.clone(),
                 reason: "world_size is 0".into(),
+            });
+            continue;
+        }
+        if job.world_size > live_workers {
+            out.waiting.push(Waiting {
+                job_id: job.job_id.clone(),
+                reason: format!(
+                    "needs {} worker{}, {live_workers} {} alive: waiting for more to join (jobs \
+                     behind it may start meanwhile)",
+                    job.world_size,
+                    plural(job.world_size),
+                    if live_workers == 1 { "is" } else { "are" }
+                ),
             });
             continue;
         }

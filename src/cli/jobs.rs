@@ -70,8 +70,15 @@ pub fn submit(args: &ClientArgs, job: &Path, world_size: Option<usize>) -> Resul
             .as_ref()
             .map(|s| state_name(s.state))
             .unwrap_or("QUEUED");
+        // Why it waits (too few workers, behind another job), so nobody has to ask status.
+        let reason = resp
+            .status
+            .as_ref()
+            .filter(|s| !s.reason.is_empty())
+            .map(|s| format!(": {}", s.reason))
+            .unwrap_or_default();
         eprintln!(
-            "submitted {} as job {} ({state})",
+            "submitted {} as job {} ({state}{reason})",
             job.display(),
             resp.job_id
         );

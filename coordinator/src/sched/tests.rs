@@ -92,7 +92,7 @@ fn ws(ids: &[&str]) -> Vec<String> {
 
 #[test]
 fn gang_places_when_enough_idle_with_sorted_ranks() {
-    let out = schedule(&[job("j1", 2)], &ws(&["w-3", "w-1", "w-2"]));
+    let out = schedule(&[job("j1", 2)], &ws(&["w-3", "w-1", "w-2"]), 3);
     assert_eq!(
         out.placements,
         vec![Placement {
@@ -105,7 +105,7 @@ fn gang_places_when_enough_idle_with_sorted_ranks() {
 
 #[test]
 fn waits_with_reason_and_fifo_blocks_later_jobs() {
-    let out = schedule(&[job("j1", 4), job("j2", 1)], &ws(&["w-1", "w-2"]));
+    let out = schedule(&[job("j1", 4), job("j2", 1)], &ws(&["w-1", "w-2"]), 4);
     assert!(out.placements.is_empty());
     assert_eq!(out.waiting[0].reason, "waiting for 4 idle workers (2 idle)");
     assert_eq!(out.waiting[1].job_id, "j2");
@@ -117,10 +117,46 @@ fn waits_with_reason_and_fifo_blocks_later_jobs() {
 }
 
 #[test]
+fn a_job_bigger_than_the_cluster_waits_without_blocking_the_queue() {
+    // 3 workers alive, 2 idle: a 4-worker job can never start on them, so the 1-worker job
+    // submitted after it starts; a 3-worker job behind it still queues in FIFO order.
+    let out = schedule(
+        &[job("big", 4), job("small", 1), job("three", 3)],
+        &ws(&["w2", "w1"]),
+        3,
+    );
+    assert_eq!(
+        out.placements,
+        vec![Placement {
+            job_id: "small".into(),
+            workers: ws(&["w1"])
+        }]
+    );
+    assert_eq!(out.waiting[0].job_id, "big");
+    assert_eq!(
+        out.waiting[0].reason,
+        "needs 4 workers, 3 are alive: waiting for more to join (jobs behind it may start \
+         meanwhile)"
+    );
+    assert_eq!(out.waiting[1].job_id, "three");
+    assert_eq!(out.waiting[1].reason, "waiting for 3 idle workers (1 idle)");
+
+    // Once a fourth worker has joined, the big job is first in line again and holds the rest.
+    let out = schedule(&[job("big", 4), job("small", 1)], &ws(&["w1", "w2"]), 4);
+    assert!(out.placements.is_empty());
+    assert!(
+        out.waiting[1].reason.contains("behind big"),
+        "{:?}",
+        out.waiting
+    );
+}
+
+#[test]
 fn several_jobs_take_disjoint_workers_in_order() {
     let out = schedule(
         &[job("a", 1), job("b", 2), job("c", 2)],
         &ws(&["w4", "w1", "w3", "w2"]),
+        4,
     );
     assert_eq!(
         out.placements,
@@ -148,7 +184,7 @@ fn several_jobs_take_disjoint_workers_in_order() {
 fn draining_job_waits_and_blocks() {
     let mut j = job("a", 1);
     j.draining_ranks = 1;
-    let out = schedule(&[j, job("b", 1)], &ws(&["w1", "w2"]));
+    let out = schedule(&[j, job("b", 1)], &ws(&["w1", "w2"]), 3);
     assert!(out.placements.is_empty());
     assert_eq!(
         out.waiting[0].reason,
@@ -158,8 +194,8 @@ fn draining_job_waits_and_blocks() {
 
 #[test]
 fn schedule_is_deterministic_regardless_of_input_order() {
-    let a = schedule(&[job("a", 3)], &ws(&["c", "a", "b", "d"]));
-    let b = schedule(&[job("a", 3)], &ws(&["d", "b", "c", "a"]));
+    let a = schedule(&[job("a", 3)], &ws(&["c", "a", "b", "d"]), 4);
+    let b = schedule(&[job("a", 3)], &ws(&["d", "b", "c", "a"]), 4);
     assert_eq!(a, b);
     assert_eq!(assign_ranks(&ws(&["b", "a"]), 2), Some(ws(&["a", "b"])));
     assert_eq!(assign_ranks(&ws(&["b", "a"]), 3), None);

@@ -149,7 +149,8 @@ impl Core {
             .filter(|w| w.idle())
             .map(|w| w.rec.id.clone())
             .collect();
-        let outcome = sched::schedule(&queued, &idle);
+        let live = self.workers.values().filter(|w| w.rec.alive).count();
+        let outcome = sched::schedule(&queued, &idle, live);
         for wait in outcome.waiting {
             let job = self.jobs.get_mut(&wait.job_id).expect("present");
             let reason = if job.rec.state == JobState::Restarting {
