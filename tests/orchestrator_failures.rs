@@ -90,6 +90,20 @@ fn a_worker_killed_mid_job_restarts_from_the_checkpoint_with_the_same_result() {
             && kinds.last() == Some(&"SUCCEEDED"),
         "{events}"
     );
+    // Rank 0 says where each attempt really began: the first from the model, a later one from
+    // the checkpoint it loaded.
+    let started: Vec<&str> = events
+        .lines()
+        .filter(|l| l.contains("  started  "))
+        .collect();
+    assert!(
+        started.len() >= 2
+            && started[0].ends_with("attempt 1 at step 0 from the model")
+            && started[1..]
+                .iter()
+                .all(|l| l.contains("resumed from") && l.contains("checkpoint-")),
+        "{events}"
+    );
     let cluster = run_ok(&mut client(ws.path(), &addr, &state, &["events"]));
     assert!(
         String::from_utf8_lossy(&cluster.stdout).contains("worker"),

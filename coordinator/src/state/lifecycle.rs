@@ -205,16 +205,18 @@ impl Core {
             w.no_report_since = None;
             self.save_worker(wid)?;
         }
+        // Where training really begins, rank 0 says in its first report ("started"): it also
+        // resumes from a checkpoint the coordinator never saw (one already in output_dir).
         let from = if resume.is_empty() {
-            "from the start".to_string()
+            String::new()
         } else {
-            format!("resuming from {resume}")
+            format!(" (resuming from {resume})")
         };
         self.event(
             job_id,
             "",
             "RUNNING",
-            &format!("attempt {attempt} on {} ({from})", workers.join(", ")),
+            &format!("attempt {attempt} on {}{from}", workers.join(", ")),
         );
         self.save_job(job_id)
     }

@@ -260,6 +260,23 @@ impl Core {
         if current && req.rank == 0 && job.rec.state == JobState::Running && req.eval.is_some() {
             job.rec.last_eval = req.eval;
         }
+        let started = (current && req.rank == 0)
+            .then_some(req.started.as_ref())
+            .flatten()
+            .map(|s| {
+                job.rec.step = s.start_step;
+                if s.resumed_from.is_empty() {
+                    format!(
+                        "attempt {} at step {} from the model",
+                        req.attempt, s.start_step
+                    )
+                } else {
+                    format!(
+                        "attempt {} at step {}, resumed from {}",
+                        req.attempt, s.start_step, s.resumed_from
+                    )
+                }
+            });
         let attempt = job.rec.attempt;
         self.db.add_log_lines(
             &req.job_id,
@@ -276,6 +293,9 @@ impl Core {
                 self.db.save_rank(&r)?;
             }
             self.save_job(&req.job_id)?;
+        }
+        if let Some(line) = started {
+            self.event(&req.job_id, &req.worker_id, "started", &line);
         }
         Ok(())
     }

@@ -203,6 +203,7 @@ async fn coordinator_restart_keeps_jobs_and_running_ranks() {
             }),
             log_lines: vec!["before the restart".into()],
             eval: None,
+            started: None,
         })
         .await
         .unwrap();

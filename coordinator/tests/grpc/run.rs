@@ -78,6 +78,7 @@ async fn fake_worker_runs_a_job_to_success() {
         metric: Some(metric),
         log_lines: vec!["step 5 loss 2.5".into(), "hello".into()],
         eval: None,
+        started: None,
     })
     .await
     .unwrap();

@@ -173,6 +173,7 @@ fn run_rank(
     });
     let progress = |total_steps: u64, metric: Option<pb::Metric>| pb::ProgressReport {
         eval: None,
+        started: None,
         worker_id: ctx.worker_id.clone(),
         job_id: a.job_id.clone(),
         attempt: a.attempt,
@@ -261,7 +262,15 @@ fn run_rank(
                         line.push_str(&format!("; resumed from {}", d.display()));
                     }
                     lines.borrow_mut().push(line);
-                    let _ = reports.send(Report::Progress(progress(total_steps, None)));
+                    let mut report = progress(total_steps, None);
+                    report.started = Some(pb::Started {
+                        start_step: *start_step,
+                        resumed_from: resumed_from
+                            .as_ref()
+                            .map(|d| d.display().to_string())
+                            .unwrap_or_default(),
+                    });
+                    let _ = reports.send(Report::Progress(report));
                 }
                 Event::Step {
                     step: s,

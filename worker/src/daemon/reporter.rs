@@ -44,6 +44,9 @@ pub(super) fn merge(prev: &mut Report, next: Report) -> Option<Report> {
             if n.eval.is_some() {
                 p.eval = n.eval;
             }
+            if n.started.is_some() {
+                p.started = n.started;
+            }
             None
         }
         (_, n) => Some(n),
@@ -173,10 +176,19 @@ mod tests {
     fn progress_reports_merge_keeping_lines_and_newest_metric() {
         let mut a = prog(&["a"], Some(1));
         assert!(merge(&mut a, prog(&["b", "c"], Some(2))).is_none());
-        assert!(merge(&mut a, prog(&["d"], None)).is_none());
+        let mut started = prog(&["d"], None);
+        if let Report::Progress(p) = &mut started {
+            p.started = Some(pb::Started {
+                start_step: 4,
+                resumed_from: "out/checkpoint-4".into(),
+            });
+        }
+        assert!(merge(&mut a, started).is_none());
+        assert!(merge(&mut a, prog(&["e"], None)).is_none());
         let Report::Progress(p) = a else { panic!() };
-        assert_eq!(p.log_lines, vec!["a", "b", "c", "d"]);
+        assert_eq!(p.log_lines, vec!["a", "b", "c", "d", "e"]);
         assert_eq!(p.metric.unwrap().step, 2);
+        assert_eq!(p.started.unwrap().start_step, 4);
     }
 
     #[test]
