@@ -18,8 +18,8 @@ fn unknown_key_and_wrong_type_name_line_and_column() {
     let err = run_err(herd().current_dir(ws.path()).args(["train", "job.yaml"]));
     assert!(
         err.contains("job.yaml")
-            && err.contains("unknown field `learning_rat`")
-            && err.contains("line 11 column 1"),
+            && err
+                .contains("line 11: `learning_rat`: unknown field, did you mean `learning_rate`?"),
         "{err}"
     );
     std::fs::write(

@@ -18,6 +18,7 @@ fn train_writes_hf_layout_history_and_rotates_checkpoints() {
     for f in [
         "config.json",
         "model.safetensors",
+        "generation_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",
@@ -26,6 +27,11 @@ fn train_writes_hf_layout_history_and_rotates_checkpoints() {
     ] {
         assert!(o.join(f).is_file(), "missing {f}");
     }
+    // The demo model has no generation config: the one transformers derives from config.json.
+    let gen: serde_json::Value =
+        serde_json::from_slice(&read(o.join("generation_config.json"))).unwrap();
+    assert_eq!(gen["_from_model_config"], true, "{gen}");
+    assert_eq!(gen["eos_token_id"], 2, "{gen}");
     // The [PAD] token grew the vocabulary, as train.py's resize does.
     let cfg: serde_json::Value = serde_json::from_slice(&read(o.join("config.json"))).unwrap();
     let base: serde_json::Value =
@@ -49,6 +55,7 @@ fn train_writes_hf_layout_history_and_rotates_checkpoints() {
         "trainer_state.json",
         "herd_manifest.json",
         "tokenizer.json",
+        "generation_config.json",
     ] {
         assert!(
             o.join("checkpoint-6").join(f).is_file(),
@@ -82,7 +89,11 @@ fn train_writes_hf_layout_history_and_rotates_checkpoints() {
 fn stop_and_resume_is_bit_identical() {
     let ws = Workspace::new(48);
     let full = ws.job("full.yaml", "full", STEPS);
-    ws.train(&full, &[]);
+    let done = String::from_utf8_lossy(&ws.train(&full, &[]).stderr).into_owned();
+    assert!(
+        done.contains("done in ") && done.contains(": 6 steps, train_loss "),
+        "{done}"
+    );
     let parted = ws.job("parted.yaml", "parted", STEPS);
     // First run stops after step 3 (a checkpoint is written there), the second resumes.
     let out = ws.train(&parted, &["--until-step", "3"]);
@@ -108,6 +119,12 @@ fn stop_and_resume_is_bit_identical() {
     );
     assert!(!a.is_empty());
     assert_eq!(a, b);
+    // Run again once finished, it says so rather than reporting a loss of 0 over no steps.
+    let again = String::from_utf8_lossy(&ws.train(&parted, &[]).stderr).into_owned();
+    assert!(
+        again.contains("nothing left to train: resumed at the last step (6)"),
+        "{again}"
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod decode;
 pub mod error;
 pub mod generate;
+pub mod generation_config;
 pub mod init;
 pub mod layout;
 pub mod llama;

@@ -265,9 +265,16 @@ impl JobSpec {
     pub fn from_yaml_str(text: &str, file: &str) -> Result<Self, JobError> {
         // A byte-order mark (Windows editors write one) is not part of the first key.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let mut spec: JobSpec = serde_yaml::from_str(text).map_err(|e| JobError::Parse {
-            file: file.to_string(),
-            message: e.to_string(),
+        let mut spec: JobSpec = serde_yaml::from_str(text).map_err(|e| {
+            let message = e.to_string();
+            let message = match message.starts_with("unknown field") {
+                true => unknown_keys::explain(text).unwrap_or(message),
+                false => message,
+            };
+            JobError::Parse {
+                file: file.to_string(),
+                message,
+            }
         })?;
         if let Some(deepspeed::DeepSpeed::Config(c)) = spec.deepspeed.clone() {
             deepspeed::apply(&mut spec, &c, file)?;
@@ -374,6 +381,7 @@ mod data_path;
 pub mod deepspeed;
 pub mod from_command;
 mod schedule;
+mod unknown_keys;
 mod validate;
 
 pub use cadence::{EvalStrategy, LoggingStrategy, SaveStrategy, StepCount};

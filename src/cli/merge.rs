@@ -42,6 +42,8 @@ pub fn run(a: &MergeArgs) -> Result<()> {
     merged
         .save(&a.out, if a.bf16 { DType::BF16 } else { DType::F32 })
         .with_context(|| format!("writing {}", a.out.display()))?;
+    herd_model::generation_config::save(&a.base, merged.config(), &a.out)
+        .with_context(|| format!("writing the generation config to {}", a.out.display()))?;
     // The tokenizer the adapter was trained with (it may have gained [PAD]), else the base's.
     let tok_dir = if a.adapter.join("tokenizer.json").exists() {
         &a.adapter

@@ -103,18 +103,11 @@ impl Observer for Progress {
                 rotated,
                 best.as_ref(),
             )),
-            Event::Finished {
-                output_dir,
-                train_loss,
-                runtime_s,
-            } => {
+            Event::Finished { .. } => {
                 if let Some(pb) = &self.bar {
                     pb.finish_and_clear();
                 }
-                eprintln!(
-                    "done in {runtime_s:.1}s, mean logged loss {train_loss:.4}; final model in {}",
-                    output_dir.display()
-                );
+                eprintln!("{}", herd_worker::trainer::finished_line(e));
             }
         }
     }

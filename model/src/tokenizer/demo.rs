@@ -101,6 +101,7 @@ impl Tokenizer {
             unk: Some("<unk>".into()),
             model_max_length: None,
             config,
+            vocab_file: None,
         })
     }
 }

@@ -15,7 +15,8 @@
 //! - For `LlamaTokenizer(Fast)` configs the post-processor is rebuilt from `add_bos_token` /
 //!   `add_eos_token` as `LlamaTokenizerFast.update_post_processor` does.
 //!
-//! `save` writes the three files atomically (temporary name, fsync, rename).
+//! `save` writes the three files atomically (temporary name, fsync, rename), and copies the
+//! sentencepiece `tokenizer.model` the tokenizer was loaded beside.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -87,7 +88,14 @@ pub struct Tokenizer {
     model_max_length: Option<usize>,
     /// tokenizer_config.json as loaded (or built), kept so `save` round-trips unknown keys.
     config: Map<String, Value>,
+    /// The sentencepiece model (`tokenizer.model`) beside the tokenizer loaded, if any: `save`
+    /// copies it, as `LlamaTokenizerFast.save_pretrained` does, so the slow `LlamaTokenizer`
+    /// (Alpaca's train.py loads with `use_fast=False`) can load what we write.
+    vocab_file: Option<PathBuf>,
 }
+
+/// The sentencepiece model file of LLaMA tokenizers.
+pub const VOCAB_FILE: &str = "tokenizer.model";
 
 /// A special token value in HF files: `"</s>"` or `{"content": "</s>", ...}` (maybe with
 /// `"__type": "AddedToken"`), or null.
@@ -224,6 +232,7 @@ impl Tokenizer {
             unk: roles["unk_token"].clone(),
             model_max_length,
             config,
+            vocab_file: Some(dir.join(VOCAB_FILE)).filter(|p| p.is_file()),
         };
         // HF's per-call settings (no truncation, no padding) override those stored in the file.
         tok.inner
@@ -514,6 +523,17 @@ impl Tokenizer {
         let map_text = serde_json::to_string_pretty(&Value::Object(smap))
             .map_err(|e| TokenizerError::Invalid(e.to_string()))?;
         atomic_write(&dir.join("special_tokens_map.json"), map_text.as_bytes())?;
+        if let Some(src) = &self.vocab_file {
+            let dst = dir.join(VOCAB_FILE);
+            let same = matches!((src.canonicalize(), dst.canonicalize()), (Ok(a), Ok(b)) if a == b);
+            if !same {
+                let bytes = fs::read(src).map_err(|source| TokenizerError::Io {
+                    path: src.clone(),
+                    source,
+                })?;
+                atomic_write(&dst, &bytes)?;
+            }
+        }
         Ok(())
     }
 }

@@ -153,6 +153,29 @@ fn save_and_reload() {
 }
 
 #[test]
+fn the_sentencepiece_model_beside_the_tokenizer_is_saved_with_it() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    Tokenizer::demo(WORDS).unwrap().save(src.path()).unwrap();
+    let sp = b"\x0a\x0bnot parsed, only copied";
+    fs::write(src.path().join(VOCAB_FILE), sp).unwrap();
+    let t = Tokenizer::from_dir(src.path()).unwrap();
+    t.save(dst.path()).unwrap();
+    assert_eq!(fs::read(dst.path().join(VOCAB_FILE)).unwrap(), sp);
+    // Saved again where it was loaded from, it stays as it is.
+    t.save(src.path()).unwrap();
+    assert_eq!(fs::read(src.path().join(VOCAB_FILE)).unwrap(), sp);
+    // A tokenizer loaded without one writes none.
+    fs::remove_file(dst.path().join(VOCAB_FILE)).unwrap();
+    let bare = tempfile::tempdir().unwrap();
+    Tokenizer::from_dir(dst.path())
+        .unwrap()
+        .save(bare.path())
+        .unwrap();
+    assert!(!bare.path().join(VOCAB_FILE).exists());
+}
+
+#[test]
 fn special_values_as_dicts_and_llama_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let t = Tokenizer::demo(WORDS).unwrap();

@@ -35,7 +35,7 @@ const STRINGS: &[&str] = &[
 ];
 
 /// HF flags with no herd key, and why they need none.
-const NOT_NEEDED: &[(&str, &str)] = &[
+pub(super) const NOT_NEEDED: &[(&str, &str)] = &[
     (
         "tf32",
         "GPU ranks compute in bf16 with f32 accumulation; no TF32 switch",
@@ -102,7 +102,7 @@ const NOT_NEEDED: &[(&str, &str)] = &[
 
 /// Other scripts' names for job keys: HF's deprecated `per_gpu_*`, Alpaca-CoT's
 /// uniform_finetune.py and Alpaca-LoRA's finetune.py.
-const ALIASES: &[(&str, &str)] = &[
+pub(super) const ALIASES: &[(&str, &str)] = &[
     ("per_gpu_train_batch_size", "per_device_train_batch_size"),
     ("per_gpu_eval_batch_size", "per_device_eval_batch_size"),
     ("epochs", "num_train_epochs"),
@@ -116,7 +116,7 @@ const ALIASES: &[(&str, &str)] = &[
 const REQUIRED: &[&str] = &["model_name_or_path", "data_path", "output_dir"];
 
 /// AdamW as HF names its implementations; anything else is refused.
-const ADAMW: &[&str] = &[
+pub(super) const ADAMW: &[&str] = &[
     "adamw_torch",
     "adamw_torch_fused",
     "adamw_hf",
@@ -444,7 +444,7 @@ fn value(key: &str, values: &[String]) -> Result<Value, String> {
 }
 
 /// The job file's keys (and HF's alias for one of them).
-fn job_keys() -> Vec<String> {
+pub(super) fn job_keys() -> Vec<String> {
     let min = JobSpec::from_yaml_str(
         "model_name_or_path: m\ndata_path: d\noutput_dir: o\n",
         "keys",

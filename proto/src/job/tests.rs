@@ -26,9 +26,14 @@ fn unknown_key_names_line_and_column() {
     let err = JobSpec::from_yaml_str(&text, "job.yaml")
         .unwrap_err()
         .to_string();
-    assert!(err.starts_with("job.yaml: "), "{err}");
-    assert!(err.contains("unknown field `learning_rat`"), "{err}");
-    assert!(err.contains("line 4 column 1"), "{err}");
+    assert!(
+        err.starts_with("job.yaml: 1 key herd does not take"),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 4: `learning_rat`: unknown field, did you mean `learning_rate`?"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -329,16 +329,9 @@ fn run_rank(
                         best,
                     }));
                 }
-                Event::Finished {
-                    output_dir,
-                    train_loss,
-                    runtime_s,
-                } => {
-                    lines.borrow_mut().push(format!(
-                    "rank {} done in {runtime_s:.1}s, mean logged loss {train_loss:.4}; final model in {}",
-                    a.rank,
-                    output_dir.display()
-                ));
+                Event::Finished { .. } => {
+                    let line = trainer::finished_line(e);
+                    lines.borrow_mut().push(format!("rank {} {line}", a.rank));
                 }
             };
             let outcome = trainer::run(&job, &opts, collective.as_mut(), &mut observer)

@@ -81,9 +81,39 @@ pub enum Event {
     },
     Finished {
         output_dir: PathBuf,
+        /// HF's `train_loss`: the mean loss of the steps this run trained.
         train_loss: f64,
         runtime_s: f64,
+        /// Optimizer steps this run trained (0 when it resumed at the last step).
+        steps_trained: u64,
+        total_steps: u64,
     },
+}
+
+/// The line the end of training is logged as, by `herd train` and by a worker daemon.
+pub fn finished_line(e: &Event) -> String {
+    let Event::Finished {
+        output_dir,
+        train_loss,
+        runtime_s,
+        steps_trained,
+        total_steps,
+    } = e
+    else {
+        return String::new();
+    };
+    let out = output_dir.display();
+    if *steps_trained == 0 {
+        return format!(
+            "nothing left to train: resumed at the last step ({total_steps}); final model \
+             rewritten in {out}"
+        );
+    }
+    format!(
+        "done in {runtime_s:.1}s: {steps_trained} step{}, train_loss {train_loss:.4}; final model \
+         in {out}",
+        if *steps_trained == 1 { "" } else { "s" }
+    )
 }
 
 /// The line a save is logged as, by `herd train` and by a worker daemon.
@@ -663,7 +693,7 @@ fn run_setup<O: Objective>(
             "total_flos": ts.total_flos,
             "train_loss": train_loss,
             "train_runtime": round4(runtime),
-            "train_samples_per_second": round4((step - start_step) as f64 * plan.global_batch() as f64 / runtime),
+            "train_samples_per_second": round4(plan.examples_in_steps(start_step, step) as f64 / runtime),
             "train_steps_per_second": round4((step - start_step) as f64 / runtime),
         }));
         save_final(job, &objective, &engine, master, &tokenizer, &ts)?;
@@ -681,6 +711,8 @@ fn run_setup<O: Objective>(
         output_dir: job.output_dir.clone(),
         train_loss,
         runtime_s: runtime,
+        steps_trained: step - start_step,
+        total_steps: plan.total_steps,
     });
     Ok(Outcome::Completed { steps: step })
 }

@@ -150,11 +150,14 @@ impl Objective for CausalLm {
     }
 }
 
-/// The full model in HF layout, or with LoRA the PEFT adapter (always f32, as PEFT saves it) whose
-/// `base_model_name_or_path` is the job's model as an absolute path.
+/// The full model in HF layout with its generation config (as `save_pretrained` writes them), or
+/// with LoRA the PEFT adapter (always f32, as PEFT saves it) whose `base_model_name_or_path` is
+/// the job's model as an absolute path.
 fn save_weights(job: &JobSpec, model: &Llama, dir: &Path, dtype: DType) -> Result<()> {
     if model.lora().is_none() {
-        return Ok(model.save(dir, dtype)?);
+        model.save(dir, dtype)?;
+        herd_model::generation_config::save(&job.model_name_or_path, model.config(), dir)?;
+        return Ok(());
     }
     let base = std::path::absolute(&job.model_name_or_path)
         .unwrap_or_else(|_| job.model_name_or_path.clone());

@@ -83,6 +83,19 @@ impl Plan {
         steps_done.is_multiple_of(self.steps_per_epoch) || steps_done == self.total_steps
     }
 
+    /// Examples the optimizer steps `from..to` train on (all ranks): a full global batch each,
+    /// except an epoch's last, partial one. What `train_samples_per_second` counts, so a run
+    /// of whole epochs reports HF's `num_examples × num_train_epochs`.
+    pub fn examples_in_steps(&self, from: u64, to: u64) -> u64 {
+        let global = self.global_batch() as u64;
+        (from..to)
+            .map(|s| {
+                let start = (s % self.steps_per_epoch) * global;
+                global.min(self.examples as u64 - start)
+            })
+            .sum()
+    }
+
     /// Positions in the epoch's permutation for micro-batch `micro` of `rank` at `step`.
     /// Empty when the epoch's last, partial batch does not reach this rank's part.
     pub fn micro_batch_positions(
@@ -134,6 +147,16 @@ mod tests {
         let mut j = job(2, 2, 3.0);
         j.max_steps = 5;
         assert_eq!(Plan::new(&j, 10, 1).unwrap().total_steps, 5);
+    }
+
+    #[test]
+    fn examples_trained_count_the_partial_last_batch_of_each_epoch() {
+        // 112 examples, global batch 48: steps of 48, 48, 16 per epoch.
+        let p = Plan::new(&job(16, 3, 2.0), 112, 1).unwrap();
+        assert_eq!(p.total_steps, 6);
+        assert_eq!(p.examples_in_steps(0, 6), 224);
+        assert_eq!(p.examples_in_steps(2, 4), 16 + 48);
+        assert_eq!(p.examples_in_steps(3, 3), 0);
     }
 
     #[test]
