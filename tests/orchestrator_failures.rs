@@ -405,3 +405,67 @@ fn an_error_in_the_job_itself_fails_it_at_once_instead_of_spending_its_restarts(
     );
     assert!(!err.contains("restart 1 of 3"), "{err}");
 }
+
+/// `herd run` starts a worker that died again, as torchrun restarts its workers: the job
+/// restarts from its checkpoint on it and ends with an uninterrupted run's weights.
+#[test]
+fn herd_run_starts_a_killed_worker_again_and_the_job_finishes() {
+    let ws = Workspace::new(48);
+    // Long enough that the kill comes mid-job on any machine.
+    let steps = "max_steps: 40\nsave_steps: 2\nsave_total_limit: 2\n";
+    let job = ws.job("job.yaml", "out", &format!("{steps}world_size: 2\n"));
+    let err_path = ws.path().join("run.stderr");
+    let mut run = herd_clean()
+        .current_dir(ws.path())
+        .arg("run")
+        .arg(&job)
+        .args(["--workers", "2", "--heartbeat-timeout-s", "2"])
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let out = ws.path().join("out");
+    wait_until("the first checkpoint", Duration::from_secs(60), || {
+        out.join("checkpoint-2/herd_manifest.json").is_file()
+    });
+    // The workers are the processes started with `worker ... --state-dir <the run's dir>`.
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    let state = stderr
+        .split("state and logs in ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("herd run names its state dir")
+        .to_string();
+    let worker = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .find_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            (cmd.contains(" worker ") && cmd.contains(&state)).then_some(pid)
+        })
+        .expect("a worker of the run");
+    // SAFETY: kill(2) on a process this test's child started.
+    unsafe {
+        libc::kill(worker, libc::SIGKILL);
+    }
+    let status = run.wait().unwrap();
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("starting it again (restart 1 of max_restarts 3)"),
+        "{stderr}"
+    );
+    assert_eq!(trainer_state(&out)["global_step"], 40);
+    let one = ws.job(
+        "one.yaml",
+        "one",
+        &format!("{steps}gradient_accumulation_steps: 2\n"),
+    );
+    ws.train(&one, &[]);
+    assert_weights_close(
+        &out.join("model.safetensors"),
+        &ws.path().join("one/model.safetensors"),
+        1e-5,
+    );
+}

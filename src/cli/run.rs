@@ -3,7 +3,8 @@
 //! submits the job with `world_size = N`, follows it, and exits with its result. Every child is
 //! stopped on exit, on error and on Ctrl-C; on Linux they also die with this process
 //! (PR_SET_PDEATHSIG), so nothing is left behind. Ctrl-C lets the workers checkpoint first:
-//! running the same command again resumes from there.
+//! running the same command again resumes from there. A worker that dies is started again
+//! (up to the job's max_restarts), as torchrun restarts its worker group.
 
 use super::client::{client_token, runtime, Client, ClientArgs};
 use super::jobs::{exit_for, job_text, submit_text, watch_job};
@@ -222,27 +223,30 @@ pub fn run(a: &RunArgs) -> Result<()> {
     // Like torchrun's OMP_NUM_THREADS=1: split the cores between the local workers so N
     // processes don't each start (and spin) a thread per core.
     let threads = worker_threads(a.workers);
-    for i in 0..a.workers {
+    let spawn_worker = |i: usize, log: &str| -> Result<Child> {
         let mut cmd = child_command(&exe);
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             cmd.env("RAYON_NUM_THREADS", threads.to_string());
         }
-        let w = cmd
-            .args([
-                "worker",
-                "--coordinator",
-                &addr,
-                "--collective-listen",
-                "127.0.0.1:0",
-                "--state-dir",
-            ])
-            .arg(&state_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file(&state_dir, &format!("worker-{i}.log"))?)
-            .spawn()
-            .with_context(|| format!("starting worker {i}"))?;
-        children.workers.push(w);
+        cmd.args([
+            "worker",
+            "--coordinator",
+            &addr,
+            "--collective-listen",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(&state_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(&state_dir, log)?)
+        .spawn()
+        .with_context(|| format!("starting worker {i}"))
+    };
+    for i in 0..a.workers {
+        children
+            .workers
+            .push(spawn_worker(i, &format!("worker-{i}.log"))?);
     }
     eprintln!(
         "herd run: coordinator {addr} and {} worker(s) started ({:.1}s); state and logs in {}",
@@ -261,6 +265,8 @@ pub fn run(a: &RunArgs) -> Result<()> {
     };
     let _ = client_token(None, Some(&state_dir))?;
     let rt = runtime()?;
+    let mut worker_logs: Vec<String> = (0..a.workers).map(|i| format!("worker-{i}.log")).collect();
+    let mut respawns = 0u32;
     let result: Result<herd_proto::pb::JobStatus> = rt.block_on(async {
         let mut c = Client::connect(&args)?;
         let resp = submit_text(&mut c, text, &a.job).await?;
@@ -276,11 +282,25 @@ pub fn run(a: &RunArgs) -> Result<()> {
                     if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
                         bail!("interrupted; the workers checkpoint before they exit, and `herd run` with the same job resumes from {}", job_out.display());
                     }
-                    // A worker or the coordinator that exits on its own is an error here.
+                    // The coordinator exiting on its own is an error here.
                     if let Some(c) = children.coordinator.as_mut() {
                         if let Ok(Some(s)) = c.try_wait() {
                             bail!("the coordinator exited ({s}); its log ({}):\n{}", coord_log.display(), tail(&coord_log, 20));
                         }
+                    }
+                    // A worker that died is started again, as torchrun restarts its workers:
+                    // the coordinator restarts the job from its last checkpoint on it. Past
+                    // the job's max_restarts the run ends with the dead worker's log.
+                    for i in 0..children.workers.len() {
+                        let Ok(Some(status)) = children.workers[i].try_wait() else { continue };
+                        let log = state_dir.join(&worker_logs[i]);
+                        if respawns >= job.max_restarts {
+                            bail!("worker {i} exited ({status}) and {respawns} worker restart(s) of max_restarts {} are used; its log ({}):\n{}", job.max_restarts, log.display(), tail(&log, 20));
+                        }
+                        respawns += 1;
+                        worker_logs[i] = format!("worker-{i}.restart-{respawns}.log");
+                        eprintln!("herd run: worker {i} exited ({status}; log {}); starting it again (restart {respawns} of max_restarts {})", log.display(), job.max_restarts);
+                        children.workers[i] = spawn_worker(i, &worker_logs[i])?;
                     }
                 }
             }
