@@ -291,16 +291,16 @@ pub fn run(a: &RunArgs) -> Result<()> {
                     // A worker that died is started again, as torchrun restarts its workers:
                     // the coordinator restarts the job from its last checkpoint on it. Past
                     // the job's max_restarts the run ends with the dead worker's log.
-                    for i in 0..children.workers.len() {
-                        let Ok(Some(status)) = children.workers[i].try_wait() else { continue };
-                        let log = state_dir.join(&worker_logs[i]);
+                    for (i, (worker, log_name)) in children.workers.iter_mut().zip(worker_logs.iter_mut()).enumerate() {
+                        let Ok(Some(status)) = worker.try_wait() else { continue };
+                        let log = state_dir.join(&*log_name);
                         if respawns >= job.max_restarts {
                             bail!("worker {i} exited ({status}) and {respawns} worker restart(s) of max_restarts {} are used; its log ({}):\n{}", job.max_restarts, log.display(), tail(&log, 20));
                         }
                         respawns += 1;
-                        worker_logs[i] = format!("worker-{i}.restart-{respawns}.log");
+                        *log_name = format!("worker-{i}.restart-{respawns}.log");
                         eprintln!("herd run: worker {i} exited ({status}; log {}); starting it again (restart {respawns} of max_restarts {})", log.display(), job.max_restarts);
-                        children.workers[i] = spawn_worker(i, &worker_logs[i])?;
+                        *worker = spawn_worker(i, log_name)?;
                     }
                 }
             }
