@@ -103,11 +103,9 @@ fn stop_and_resume_is_bit_identical() {
         "no final model before the end"
     );
     let out = ws.train(&parted, &[]);
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("resumed at step 3"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("resumed at step 3"), "{stderr}");
+    assert!(!stderr.contains("the job changed"), "{stderr}");
     assert_eq!(
         read(ws.path().join("full/model.safetensors")),
         read(ws.path().join("parted/model.safetensors"))
@@ -125,6 +123,22 @@ fn stop_and_resume_is_bit_identical() {
         again.contains("nothing left to train: resumed at the last step (6)"),
         "{again}"
     );
+}
+
+#[test]
+fn resuming_with_changed_keys_says_which_changed() {
+    let ws = Workspace::new(48);
+    let job = ws.job("job.yaml", "out", STEPS);
+    ws.train(&job, &["--until-step", "2"]);
+    let text = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, text.replace("max_steps: 6", "max_steps: 8")).unwrap();
+    let stderr = String::from_utf8_lossy(&ws.train(&job, &[]).stderr).into_owned();
+    assert!(
+        stderr
+            .contains("warning: the job changed since the checkpoint it resumes (max_steps 6 → 8)"),
+        "{stderr}"
+    );
+    assert_eq!(trainer_state(&ws.path().join("out"))["global_step"], 8);
 }
 
 #[test]

@@ -45,6 +45,7 @@ impl Observer for Progress {
                 skipped_records,
                 parameters,
                 resumed_from,
+                changed_since_checkpoint,
                 added_tokens,
             } => {
                 let mut line = format!(
@@ -65,6 +66,11 @@ impl Observer for Progress {
                     ));
                 }
                 self.println(line);
+                if !changed_since_checkpoint.is_empty() {
+                    self.println(herd_worker::trainer::resume::changed_line(
+                        changed_since_checkpoint,
+                    ));
+                }
                 if let Some(pb) = &self.bar {
                     pb.set_length(*total_steps);
                     pb.set_position(*start_step);

@@ -270,10 +270,18 @@ impl Core {
                         "attempt {} at step {} from the model",
                         req.attempt, s.start_step
                     )
-                } else {
+                } else if s.changed.is_empty() {
                     format!(
                         "attempt {} at step {}, resumed from {}",
                         req.attempt, s.start_step, s.resumed_from
+                    )
+                } else {
+                    format!(
+                        "attempt {} at step {}, resumed from {}; the job changed since: {}",
+                        req.attempt,
+                        s.start_step,
+                        s.resumed_from,
+                        s.changed.join(", ")
                     )
                 }
             });

@@ -253,6 +253,7 @@ fn run_rank(
                     examples,
                     parameters,
                     resumed_from,
+                    changed_since_checkpoint,
                     ..
                 } => {
                     total_steps = *t;
@@ -262,6 +263,10 @@ fn run_rank(
                         line.push_str(&format!("; resumed from {}", d.display()));
                     }
                     lines.borrow_mut().push(line);
+                    if !changed_since_checkpoint.is_empty() {
+                        let line = trainer::resume::changed_line(changed_since_checkpoint);
+                        lines.borrow_mut().push(format!("rank {} {line}", a.rank));
+                    }
                     let mut report = progress(total_steps, None);
                     report.started = Some(pb::Started {
                         start_step: *start_step,
@@ -269,6 +274,7 @@ fn run_rank(
                             .as_ref()
                             .map(|d| d.display().to_string())
                             .unwrap_or_default(),
+                        changed: changed_since_checkpoint.clone(),
                     });
                     let _ = reports.send(Report::Progress(report));
                 }

@@ -181,6 +181,7 @@ mod tests {
             p.started = Some(pb::Started {
                 start_step: 4,
                 resumed_from: "out/checkpoint-4".into(),
+                changed: vec![],
             });
         }
         assert!(merge(&mut a, started).is_none());

@@ -12,6 +12,7 @@ pub mod mixed;
 pub mod objective;
 mod outputs;
 pub mod plan;
+pub mod resume;
 pub mod reward;
 pub mod state;
 pub mod zero;
@@ -61,6 +62,8 @@ pub enum Event {
         skipped_records: usize,
         parameters: usize,
         resumed_from: Option<PathBuf>,
+        /// Job keys that differ from the resumed checkpoint's job (`key old → new`).
+        changed_since_checkpoint: Vec<String>,
         added_tokens: usize,
     },
     Step {
@@ -218,51 +221,6 @@ pub fn prepare(job: &JobSpec) -> Result<Prepared> {
     })
 }
 
-/// A checkpoint resumes only the kind of job that wrote it: a reward model's or a LoRA run's
-/// state cannot continue a full causal-LM fine-tune (nor the reverse), which would otherwise
-/// fail on a missing tensor. Read from the checkpoint's training_args.yaml (older checkpoints
-/// without one are not checked).
-fn same_recipe(job: &JobSpec, dir: &Path) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(dir.join("training_args.yaml")) else {
-        return Ok(());
-    };
-    let Ok(saved) = serde_yaml::from_str::<serde_yaml::Mapping>(&text) else {
-        return Ok(());
-    };
-    let task = |t: Task| serde_yaml::to_value(t).unwrap_or_default();
-    let saved_task = saved.get("task").cloned().unwrap_or(task(Task::CausalLm));
-    let saved_r = saved.get("lora_r").and_then(serde_yaml::Value::as_u64);
-    let mismatch = if saved_task != task(job.task) {
-        Some(format!(
-            "task {} (this job: {})",
-            saved_task.as_str().unwrap_or("?"),
-            task(job.task).as_str().unwrap_or("?")
-        ))
-    } else if saved_r != job.lora_r.map(|r| r as u64) {
-        let r = |r: Option<u64>| r.map_or("none (full fine-tune)".to_string(), |r| r.to_string());
-        Some(format!(
-            "lora_r {} (this job: {})",
-            r(saved_r),
-            r(job.lora_r.map(|r| r as u64))
-        ))
-    } else {
-        None
-    };
-    match mismatch {
-        None => Ok(()),
-        Some(what) => Err(herd_proto::JobError::Invalid {
-            file: job.source.0.clone(),
-            key: "output_dir",
-            reason: format!(
-                "{} was written by a job with {what}; a job resumes only its own kind of \
-                 checkpoint: give this job another output_dir",
-                dir.display()
-            ),
-        }
-        .into()),
-    }
-}
-
 /// Job keys that parse but that this trainer does not implement yet are refused, never ignored.
 pub fn check_supported(job: &JobSpec) -> Result<()> {
     let no = |key: &'static str, reason: &str| {
@@ -413,7 +371,7 @@ fn run_setup<O: Objective>(
     let mut trainer_state = None;
     let mut resumed_from = None;
     if let Some((step, dir, _)) = checkpoint::latest_complete(&job.output_dir)? {
-        same_recipe(job, &dir)?;
+        resume::same_recipe(job, &dir)?;
         objective.resume(&mut model, &dir)?;
         start_step = step;
         trainer_state = Some(TrainerState::load(&dir)?);
@@ -514,6 +472,10 @@ fn run_setup<O: Objective>(
         examples: objective.len(),
         skipped_records,
         parameters,
+        changed_since_checkpoint: resumed_from
+            .as_deref()
+            .map(|d| resume::changed_since(job, d))
+            .unwrap_or_default(),
         resumed_from: resumed_from.clone(),
         added_tokens,
     });

@@ -1,0 +1,155 @@
+//! What a resumed run checks against the checkpoint it loads: the same kind of job (refused
+//! otherwise), and which job keys changed since (told, not refused: HF Trainer also lets a
+//! resumed run change its arguments, and warns only about some).
+
+use crate::error::Result;
+use herd_proto::{JobSpec, Task};
+use serde_yaml::{Mapping, Value};
+use std::path::Path;
+
+/// The job the checkpoint was written by (`training_args.yaml`; older checkpoints have none).
+fn saved_args(dir: &Path) -> Option<Mapping> {
+    let text = std::fs::read_to_string(dir.join("training_args.yaml")).ok()?;
+    serde_yaml::from_str::<Mapping>(&text).ok()
+}
+
+/// A checkpoint resumes only the kind of job that wrote it: a reward model's or a LoRA run's
+/// state cannot continue a full causal-LM fine-tune (nor the reverse), which would otherwise
+/// fail on a missing tensor. Read from the checkpoint's training_args.yaml (older checkpoints
+/// without one are not checked).
+pub fn same_recipe(job: &JobSpec, dir: &Path) -> Result<()> {
+    let Some(saved) = saved_args(dir) else {
+        return Ok(());
+    };
+    let task = |t: Task| serde_yaml::to_value(t).unwrap_or_default();
+    let saved_task = saved.get("task").cloned().unwrap_or(task(Task::CausalLm));
+    let saved_r = saved.get("lora_r").and_then(serde_yaml::Value::as_u64);
+    let mismatch = if saved_task != task(job.task) {
+        Some(format!(
+            "task {} (this job: {})",
+            saved_task.as_str().unwrap_or("?"),
+            task(job.task).as_str().unwrap_or("?")
+        ))
+    } else if saved_r != job.lora_r.map(|r| r as u64) {
+        let r = |r: Option<u64>| r.map_or("none (full fine-tune)".to_string(), |r| r.to_string());
+        Some(format!(
+            "lora_r {} (this job: {})",
+            r(saved_r),
+            r(job.lora_r.map(|r| r as u64))
+        ))
+    } else {
+        None
+    };
+    match mismatch {
+        None => Ok(()),
+        Some(what) => Err(herd_proto::JobError::Invalid {
+            file: job.source.0.clone(),
+            key: "output_dir",
+            reason: format!(
+                "{} was written by a job with {what}; a job resumes only its own kind of \
+                 checkpoint: give this job another output_dir",
+                dir.display()
+            ),
+        }
+        .into()),
+    }
+}
+
+/// The job keys whose values differ from the checkpoint's job, as `key old → new` (sorted by
+/// key): a resumed run with another learning rate, batch size or step count trains something
+/// else than either job alone, and the user should hear it. Paths naming the same file are
+/// equal; `output_dir` is where the checkpoint was found, so it is not compared.
+pub fn changed_since(job: &JobSpec, dir: &Path) -> Vec<String> {
+    let Some(saved) = saved_args(dir) else {
+        return vec![];
+    };
+    let Ok(Value::Mapping(now)) = serde_yaml::to_value(job) else {
+        return vec![];
+    };
+    let mut keys: Vec<&str> = saved
+        .keys()
+        .chain(now.keys())
+        .filter_map(Value::as_str)
+        .filter(|k| *k != "output_dir")
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (a, b) = (saved.get(k), now.get(k));
+            (!same_value(a, b)).then(|| format!("{k} {} → {}", show(a), show(b)))
+        })
+        .collect()
+}
+
+/// The warning a resumed run prints when its job changed since the checkpoint.
+pub fn changed_line(changed: &[String]) -> String {
+    format!(
+        "warning: the job changed since the checkpoint it resumes ({}); the run continues with \
+         the new values (use another output_dir to start afresh)",
+        changed.join(", ")
+    )
+}
+
+fn same_value(a: Option<&Value>, b: Option<&Value>) -> bool {
+    match (a, b) {
+        (Some(Value::String(x)), Some(Value::String(y))) if x != y => {
+            matches!((Path::new(x).canonicalize(), Path::new(y).canonicalize()), (Ok(p), Ok(q)) if p == q)
+        }
+        (Some(Value::Number(x)), Some(Value::Number(y))) => x.as_f64() == y.as_f64(),
+        (x, y) => x.unwrap_or(&Value::Null) == y.unwrap_or(&Value::Null),
+    }
+}
+
+fn show(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "(unset)".into(),
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => serde_json::to_string(v).unwrap_or_else(|_| "?".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(extra: &str) -> JobSpec {
+        JobSpec::from_yaml_str(
+            &format!("model_name_or_path: m\ndata_path: d\noutput_dir: o\n{extra}"),
+            "j",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn changed_keys_are_listed_old_to_new_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let saved = job("learning_rate: 1.0e-3\nmax_steps: 200\n");
+        std::fs::write(dir.path().join("training_args.yaml"), saved.to_yaml()).unwrap();
+        assert!(changed_since(&saved, dir.path()).is_empty());
+        let mut now = job("learning_rate: 0.01\nmax_steps: 220\nper_device_train_batch_size: 4\n");
+        now.output_dir = "elsewhere".into();
+        assert_eq!(
+            changed_since(&now, dir.path()),
+            vec![
+                "learning_rate 0.001 → 0.01",
+                "max_steps 200 → 220",
+                "per_device_train_batch_size 8 → 4",
+            ]
+        );
+        // No training_args.yaml (an older checkpoint): nothing to compare.
+        assert!(changed_since(&now, tempfile::tempdir().unwrap().path()).is_empty());
+    }
+
+    #[test]
+    fn a_path_spelled_another_way_is_the_same_path() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("m")).unwrap();
+        let mut saved = job("");
+        saved.model_name_or_path = dir.path().join("m");
+        std::fs::write(dir.path().join("training_args.yaml"), saved.to_yaml()).unwrap();
+        let mut now = job("");
+        now.model_name_or_path = dir.path().join("m/../m");
+        assert!(changed_since(&now, dir.path()).is_empty());
+    }
+}
