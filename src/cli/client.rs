@@ -150,11 +150,12 @@ pub fn eta_s(st: &pb::JobStatus, now: f64) -> Option<f64> {
     if st.total_steps == 0 || st.started_unix <= 0.0 || st.step >= st.total_steps {
         return None;
     }
-    // The attempt started at the last checkpoint when it is a restart, else at 0.
-    let base = if st.restarts > 0 {
-        st.last_checkpoint_step.min(st.step)
-    } else {
-        0
+    // Where the attempt began, as its rank 0 said; without that (a coordinator from before,
+    // or restarted since), the last checkpoint when it is a restart, else 0.
+    let base = match st.attempt_start_step {
+        Some(s) => s.min(st.step),
+        None if st.restarts > 0 => st.last_checkpoint_step.min(st.step),
+        None => 0,
     };
     let done = st.step.saturating_sub(base);
     if done == 0 {
@@ -455,5 +456,21 @@ mod tests {
         s.step = 0;
         assert!(eta_s(&s, 110.0).is_none());
         assert_eq!(fmt_duration(3725.0), "1:02:05");
+    }
+
+    #[test]
+    fn eta_measures_the_rate_from_where_the_attempt_began() {
+        // Resumed at step 160 of 300 (no restart counted: a resubmitted job), 10 s ago, now at
+        // 170: 1 s per step, 130 steps to go.
+        let mut s = st();
+        s.step = 170;
+        s.total_steps = 300;
+        s.attempt_start_step = Some(160);
+        assert_eq!(eta_s(&s, 110.0), Some(130.0));
+        // A restart whose rank 0 has not said yet: from the last checkpoint, as before.
+        s.attempt_start_step = None;
+        s.restarts = 1;
+        s.last_checkpoint_step = 160;
+        assert_eq!(eta_s(&s, 110.0), Some(130.0));
     }
 }

@@ -52,6 +52,7 @@ impl Core {
             Job {
                 rec,
                 ranks: Vec::new(),
+                attempt_start_step: None,
             },
         );
         self.event(

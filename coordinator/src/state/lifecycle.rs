@@ -179,6 +179,7 @@ impl Core {
         job.rec.reason = String::new();
         job.rec.started = 0.0;
         job.rec.step = job.rec.last_checkpoint_step;
+        job.attempt_start_step = None;
         let attempt = job.rec.attempt;
         job.ranks = workers
             .iter()

@@ -49,6 +49,9 @@ pub struct Job {
     pub rec: JobRecord,
     /// The current attempt's ranks (empty before the first placement).
     pub ranks: Vec<RankRecord>,
+    /// The step the current attempt began at, from its rank 0's first report (kept in memory:
+    /// status's ETA measures the attempt's rate from it).
+    pub attempt_start_step: Option<u64>,
 }
 
 pub struct Worker {
@@ -113,6 +116,7 @@ impl Core {
                 Job {
                     rec,
                     ranks: Vec::new(),
+                    attempt_start_step: None,
                 },
             );
         }
@@ -228,6 +232,7 @@ impl Core {
             submitted_unix: r.submitted,
             started_unix: r.started,
             finished_unix: r.finished,
+            attempt_start_step: job.attempt_start_step,
         }
     }
 

@@ -265,6 +265,7 @@ impl Core {
             .flatten()
             .map(|s| {
                 job.rec.step = s.start_step;
+                job.attempt_start_step = Some(s.start_step);
                 if s.resumed_from.is_empty() {
                     format!(
                         "attempt {} at step {} from the model",

@@ -82,7 +82,10 @@ async fn invalid_jobs_are_refused_and_nothing_is_queued() {
     let cases: Vec<(String, &[&str])> = vec![
         (
             format!("{ok}learning_rat: 1.0\n"),
-            &["job.yaml", "learning_rat", "line 8", "column"],
+            &[
+                "job.yaml",
+                "line 8: `learning_rat`: unknown field, did you mean `learning_rate`?",
+            ],
         ),
         (
             ok.replace("world_size: 1", "world_size: 0"),
