@@ -58,7 +58,13 @@ impl Error {
         use crate::data::DataError;
         use herd_model::tokenizer::TokenizerError;
         match self {
-            Error::Data(e) => !matches!(e, DataError::Io { .. }),
+            // A data file that is not there (deleted, or never mounted on this worker, which
+            // the restart gets again) is missing for the restart too; other read errors may
+            // pass (a stale NFS handle).
+            Error::Data(DataError::Io { source, .. }) => {
+                source.kind() == std::io::ErrorKind::NotFound
+            }
+            Error::Data(_) => true,
             Error::Tokenizer(e) => {
                 !matches!(e, TokenizerError::Io { .. } | TokenizerError::Write { .. })
             }
@@ -123,6 +129,11 @@ mod tests {
         assert!(!Error::Data(crate::data::DataError::Io {
             path: "d".into(),
             source: io()
+        })
+        .repeats_on_restart());
+        assert!(Error::Data(crate::data::DataError::Io {
+            path: "d".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound)
         })
         .repeats_on_restart());
         let peer = Error::Collective {
