@@ -118,6 +118,13 @@ pub struct Db {
     path: PathBuf,
 }
 
+impl Db {
+    /// The directory the database lives in (the coordinator's state directory).
+    pub fn dir(&self) -> &std::path::Path {
+        self.path.parent().unwrap_or(std::path::Path::new("."))
+    }
+}
+
 fn metric_to_json(m: &pb::Metric) -> String {
     serde_json::json!({
         "step": m.step, "epoch": m.epoch, "loss": m.loss, "learning_rate": m.learning_rate,

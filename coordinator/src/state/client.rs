@@ -5,6 +5,18 @@ impl Core {
     // ------------------------------------------------------------------ the client side
 
     pub fn submit(&mut self, v: ValidatedJob) -> Result<pb::JobStatus, Status> {
+        // The state directory holds the token: a model written there would be shared with it.
+        let state = self.db.dir();
+        let state = state.canonicalize().unwrap_or_else(|_| state.to_path_buf());
+        if v.spec.output_dir.starts_with(&state) {
+            return Err(Status::invalid_argument(format!(
+                "{}: `output_dir`: {} is inside the coordinator's state directory {} (its \
+                 database and token): give another directory",
+                v.source_name,
+                v.spec.output_dir.display(),
+                state.display()
+            )));
+        }
         let out = v.spec.output_dir.display().to_string();
         if let Some(other) = self
             .jobs

@@ -118,6 +118,10 @@ async fn invalid_jobs_are_refused_and_nothing_is_queued() {
             ),
             &["fewer than one global batch of 5000"],
         ),
+        (
+            ok.replace("output_dir: out", "output_dir: state/run1"),
+            &["`output_dir`", "inside the coordinator's state directory"],
+        ),
     ];
     for (yaml, needles) in cases {
         let e = j.submit(submit_req(&yaml, dir.path())).await.unwrap_err();
