@@ -318,8 +318,16 @@ fn report_change(
         say(line);
     }
     let prev_restarts = prev.map(|p| p.restart_reasons.len()).unwrap_or(0);
+    let counted = st.restarts > prev.map_or(0, |p| p.restarts);
     for r in st.restart_reasons.iter().skip(prev_restarts) {
-        say(format!("restart {}/{}: {r}", st.restarts, st.max_restarts));
+        match counted {
+            true => say(format!("restart {}/{}: {r}", st.restarts, st.max_restarts)),
+            // A preemption restarts the job without using one of its max_restarts.
+            false => say(format!(
+                "restart (not counted; {}/{} used): {r}",
+                st.restarts, st.max_restarts
+            )),
+        }
     }
     if prev.is_some_and(|p| p.last_checkpoint_step != st.last_checkpoint_step)
         && st.last_checkpoint_step > 0
@@ -363,7 +371,10 @@ pub fn list(args: &ClientArgs, json: bool) -> Result<()> {
                 "{:<12} {:<10} {:>11} {:>5} {:>8}  {}",
                 j.job_id,
                 state_name(j.state),
-                format!("{}/{}", j.step, j.total_steps),
+                match j.total_steps {
+                    0 => format!("{}/?", j.step), // not known before a rank has started
+                    t => format!("{}/{t}", j.step),
+                },
                 j.world_size,
                 j.restarts,
                 j.output_dir

@@ -373,6 +373,12 @@ impl Core {
                 let r = r.clone();
                 self.db.save_rank(&r)?;
             }
+            // A cancelled job's ranks finish their step and checkpoint after the CANCELLED
+            // state: its status shows the step they stopped at, as its rank lines do.
+            if job.rec.state == JobState::Cancelled && req.step > job.rec.step {
+                job.rec.step = req.step;
+                self.save_job(&req.job_id)?;
+            }
         }
         self.event(
             &req.job_id,

@@ -174,6 +174,22 @@ async fn failed_rank_stops_the_others_and_restarts_from_checkpoint() {
     assert_eq!(s.state(), JobState::Cancelled);
     assert!(hb(&mut w, &w1, &id, 2, 4).await.stop.is_some());
     assert!(hb(&mut w, &w2, &id, 2, 4).await.stop.is_some());
+    // They finish their step and checkpoint: the cancelled job shows where they stopped.
+    for (wid, rank) in [(&w1, 0), (&w2, 1)] {
+        w.report_done(pb::DoneReport {
+            worker_id: wid.clone(),
+            job_id: id.clone(),
+            attempt: 2,
+            rank,
+            kind: DoneKind::Paused as i32,
+            step: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let s = get(&mut j, &id).await;
+    assert_eq!((s.state(), s.step), (JobState::Cancelled, 5));
     srv.stop().await;
 }
 
