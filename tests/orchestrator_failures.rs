@@ -224,10 +224,18 @@ fn sigterm_makes_a_worker_checkpoint_report_paused_and_exit() {
         "{}",
         String::from_utf8_lossy(&logs.stdout)
     );
+    // The worker said goodbye: counted out at once, not found dead after the timeout.
+    let events = run_ok(&mut client(ws.path(), &addr, &state, &["events"]));
+    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    assert!(events.contains("left: stopped by SIGTERM"), "{events}");
+    assert!(!events.contains("heartbeats again"), "{events}");
     // A new worker picks the job up where it stopped and finishes it.
     let _w1 = start_worker(ws.path(), &addr, &state, "w1");
     let st = watch_to_end(&ws, &addr, &state, &id);
     assert_eq!(st["state"], "SUCCEEDED", "{st}");
+    let events = run_ok(&mut client(ws.path(), &addr, &state, &["events"]));
+    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    assert!(!events.contains("dead: no heartbeat"), "{events}");
 }
 
 #[test]

@@ -174,4 +174,9 @@ impl pb::workers_server::Workers for Coordinator {
         self.lock().done(request.into_inner())?;
         Ok(Response::new(pb::Ack {}))
     }
+
+    async fn leave(&self, request: Request<pb::LeaveRequest>) -> Result<Response<pb::Ack>, Status> {
+        self.lock().leave(request.into_inner())?;
+        Ok(Response::new(pb::Ack {}))
+    }
 }

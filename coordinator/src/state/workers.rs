@@ -130,9 +130,15 @@ impl Core {
         w.reported_job = req.job_id.clone();
         w.reported_attempt = req.attempt;
         w.reported_step = req.step;
-        let came_back = !w.rec.alive;
         let wid = w.rec.id.clone();
-        if came_back {
+        if req.leaving {
+            // Shutting down: it finishes (and reports) the rank it holds, takes no new one.
+            if w.rec.alive && w.rec.job_id.is_empty() {
+                w.rec.alive = false;
+                self.save_worker(&wid)?;
+                self.event("", &wid, "worker", "leaving: it is shutting down");
+            }
+        } else if !w.rec.alive {
             w.rec.alive = true;
             w.rec.last_seen = unix_now();
             self.save_worker(&wid)?;
@@ -227,6 +233,24 @@ impl Core {
             self.save_job(&j)?;
         }
         Ok(resp)
+    }
+
+    /// A worker exiting on a signal. One that still holds a rank is left to the rank's own
+    /// report or its heartbeat timeout, as a rank that vanished is.
+    pub fn leave(&mut self, req: pb::LeaveRequest) -> Result<(), Status> {
+        let Some(w) = self.workers.get_mut(&req.worker_id) else {
+            return Err(Status::not_found(format!("no worker {:?}", req.worker_id)));
+        };
+        if !w.rec.job_id.is_empty() {
+            return Ok(());
+        }
+        w.rec.alive = false;
+        w.reported_job.clear();
+        let wid = w.rec.id.clone();
+        self.save_worker(&wid)?;
+        self.event("", &wid, "worker", &format!("left: {}", req.reason));
+        self.schedule()?;
+        Ok(())
     }
 
     pub fn progress(&mut self, req: pb::ProgressReport) -> Result<(), Status> {

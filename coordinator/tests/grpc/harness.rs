@@ -133,6 +133,7 @@ pub(crate) async fn hb(
         job_id: job.into(),
         attempt,
         step,
+        leaving: false,
     })
     .await
     .unwrap()

@@ -149,3 +149,50 @@ async fn fake_worker_runs_a_job_to_success() {
     assert!(hb(&mut w, "w-nobody", "", 0, 0).await.unknown_worker);
     srv.stop().await;
 }
+
+/// A worker shutting down takes no new rank, and its goodbye counts it out at once.
+#[tokio::test]
+async fn a_leaving_worker_gets_no_work_and_its_goodbye_counts_it_out() {
+    let dir = tempfile::tempdir().unwrap();
+    demo(dir.path());
+    let srv = Server::start(&dir.path().join("state"), Duration::from_secs(10)).await;
+    let mut j = srv.jobs(TOKEN).await;
+    let mut w = srv.workers().await;
+    let leaving = register(&mut w, 7501).await;
+    let leaving_hb = pb::HeartbeatRequest {
+        worker_id: leaving.clone(),
+        leaving: true,
+        ..Default::default()
+    };
+    w.heartbeat(leaving_hb.clone()).await.unwrap();
+    let id = submit(&mut j, &job_yaml(1, 0), dir.path()).await;
+    let r = w.heartbeat(leaving_hb).await.unwrap().into_inner();
+    assert!(r.assignment.is_none());
+    let st = get(&mut j, &id).await;
+    assert_eq!(st.state(), JobState::Queued, "{}", st.reason);
+    assert!(st.reason.contains("0 are alive"), "{}", st.reason);
+
+    w.leave(pb::LeaveRequest {
+        worker_id: leaving.clone(),
+        reason: "stopped by SIGTERM".into(),
+    })
+    .await
+    .unwrap();
+    let events = j
+        .get_events(pb::JobRef { job_id: "".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.worker_id == leaving && e.message == "left: stopped by SIGTERM"),
+        "{events:?}"
+    );
+    // Another worker gets the job.
+    let other = register(&mut w, 7502).await;
+    let a = await_assignment(&mut w, &other, Duration::from_secs(5)).await;
+    assert_eq!(a.job_id, id);
+    srv.stop().await;
+}

@@ -10,7 +10,9 @@
 //! answers `unknown_worker`; the daemon registers again under its old id and keeps training.
 //!
 //! Shutdown (SIGTERM/SIGINT in the binary): the running rank gets its stop flag, checkpoints at
-//! the end of its current step, reports `PAUSED`, and the daemon exits.
+//! the end of its current step, reports `PAUSED`, and the daemon exits. Its heartbeats say
+//! `leaving` meanwhile (no new work for it) and its last call is `Leave`, so the coordinator
+//! counts it out at once instead of finding it dead after the heartbeat timeout.
 
 mod address;
 mod rank;
@@ -306,6 +308,7 @@ pub async fn run(
     let mut current: Option<RankHandle> = None;
     let mut pending: Option<pb::Assignment> = None;
     let mut exiting_since: Option<Instant> = None;
+    let mut exit_signal = 15;
     let mut failures = 0u32;
     let mut offline_since: Option<Instant> = None;
     let mut next_beat = tokio::time::Instant::now();
@@ -349,7 +352,7 @@ pub async fn run(
                     Some(c) => (c.job_id.clone(), c.attempt, c.step.load(Ordering::Relaxed)),
                     None => (String::new(), 0, 0),
                 };
-                let req = pb::HeartbeatRequest { worker_id: worker_id.clone(), job_id, attempt, step };
+                let req = pb::HeartbeatRequest { worker_id: worker_id.clone(), job_id, attempt, step, leaving: exiting_since.is_some() };
                 let res = tokio::time::timeout(Duration::from_secs(5), client.heartbeat(authed(token.as_deref(), req))).await;
                 let res = match res {
                     Ok(r) => r,
@@ -454,6 +457,7 @@ pub async fn run(
             }
             r = shutdown.changed(), if exiting_since.is_none() => {
                 let sig = if r.is_ok() { *shutdown.borrow() } else { 15 };
+                exit_signal = sig;
                 exiting_since = Some(Instant::now());
                 pending = None;
                 match &current {
@@ -465,6 +469,25 @@ pub async fn run(
                     None => break,
                 }
             }
+        }
+    }
+    // Counted out at once, rather than found dead after the heartbeat timeout.
+    if exiting_since.is_some() {
+        let bye = pb::LeaveRequest {
+            worker_id: worker_id.clone(),
+            reason: match exit_signal {
+                2 => "stopped by SIGINT".to_string(),
+                15 => "stopped by SIGTERM".to_string(),
+                n => format!("stopped by signal {n}"),
+            },
+        };
+        let sent = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.leave(authed(token.as_deref(), bye)),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(_))) {
+            tracing::warn!("could not tell the coordinator this worker leaves");
         }
     }
     drop(listener);
