@@ -281,7 +281,7 @@ fn two_gpu_workers_one_hung_or_killed_the_peer_stops_at_once() {
             st["state"] == "RESTARTING"
                 && st["reason"]
                     .as_str()
-                    .is_some_and(|r| r.contains("needs 2 workers, 1 is alive"))
+                    .is_some_and(|r| r.contains("waiting for 2 idle workers (1 idle)"))
         });
         let took = t0.elapsed();
         let peer_log = w1.log_text();

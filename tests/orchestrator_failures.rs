@@ -344,7 +344,7 @@ fn peer_gives_up_and_a_new_worker_finishes(
         st["state"] == "RESTARTING"
             && st["reason"]
                 .as_str()
-                .is_some_and(|r| r.contains("needs 2 workers, 1 is alive"))
+                .is_some_and(|r| r.contains("waiting for 2 idle workers (1 idle)"))
     });
     assert!(t0.elapsed() < within);
     let peer_log = peer.log_text();

@@ -11,7 +11,16 @@ pub struct PendingJob {
     /// Ranks of the previous attempt still running (they were told to stop). A job is not
     /// started again until they are gone, so two attempts never write one output_dir.
     pub draining_ranks: usize,
+    /// Whether it ran before (a restart): its size fitted the cluster then.
+    pub placed_before: bool,
+    /// How long it has been in the queue since submission.
+    pub waited: Duration,
 }
+
+/// How long a job bigger than the live cluster holds the queue before the jobs behind it may
+/// start: workers started together register within seconds, so a cluster that is coming up
+/// keeps FIFO order.
+pub const OVERSIZED_GRACE: Duration = Duration::from_secs(60);
 
 /// A job started on workers; `workers[r]` runs rank `r`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,11 +53,12 @@ pub fn assign_ranks(idle_workers: &[String], n: usize) -> Option<Vec<String>> {
 
 /// FIFO gang scheduling: walk the jobs oldest first; a job starts when `world_size` idle live
 /// workers exist (taking the lowest ids, rank r ← r-th); the first job that cannot start blocks
-/// the ones behind it (so a big job is never starved by small ones). A job wanting more workers
-/// than are alive at all (`live_workers`, idle or busy) blocks nothing: no amount of waiting
-/// for the running jobs would start it, so one oversized job does not stall the queue (Slurm
-/// holds such a job too, rather than the partition). Once enough workers have joined it is
-/// first in line again. Every job not placed gets a reason.
+/// the ones behind it (so a big job is never starved by small ones). A job that never ran and
+/// has wanted more workers than are alive at all (`live_workers`, idle or busy) for
+/// [`OVERSIZED_GRACE`] blocks nothing: no amount of waiting for the running jobs would start
+/// it, so one oversized job does not stall the queue (Slurm holds such a job too, rather than
+/// the partition). Once enough workers have joined it is first in line again. A restarting job
+/// keeps its place whatever the count: it fitted before. Every job not placed gets a reason.
 pub fn schedule(
     queued: &[PendingJob],
     idle_workers: &[String],
@@ -92,7 +102,7 @@ pub fn schedule(
             });
             continue;
         }
-        if job.world_size > live_workers {
+        if job.world_size > live_workers && !job.placed_before && job.waited >= OVERSIZED_GRACE {
             out.waiting.push(Waiting {
                 job_id: job.job_id.clone(),
                 reason: format!(

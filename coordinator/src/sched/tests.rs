@@ -84,6 +84,8 @@ fn job(id: &str, n: usize) -> PendingJob {
         job_id: id.into(),
         world_size: n,
         draining_ranks: 0,
+        placed_before: false,
+        waited: Duration::ZERO,
     }
 }
 fn ws(ids: &[&str]) -> Vec<String> {
@@ -118,10 +120,15 @@ fn waits_with_reason_and_fifo_blocks_later_jobs() {
 
 #[test]
 fn a_job_bigger_than_the_cluster_waits_without_blocking_the_queue() {
-    // 3 workers alive, 2 idle: a 4-worker job can never start on them, so the 1-worker job
-    // submitted after it starts; a 3-worker job behind it still queues in FIFO order.
+    // 3 workers alive, 2 idle: a 4-worker job queued for over a minute cannot start on them,
+    // so the 1-worker job submitted after it starts; a 3-worker job behind it still queues in
+    // FIFO order.
+    let big = PendingJob {
+        waited: OVERSIZED_GRACE,
+        ..job("big", 4)
+    };
     let out = schedule(
-        &[job("big", 4), job("small", 1), job("three", 3)],
+        &[big.clone(), job("small", 1), job("three", 3)],
         &ws(&["w2", "w1"]),
         3,
     );
@@ -142,13 +149,28 @@ fn a_job_bigger_than_the_cluster_waits_without_blocking_the_queue() {
     assert_eq!(out.waiting[1].reason, "waiting for 3 idle workers (1 idle)");
 
     // Once a fourth worker has joined, the big job is first in line again and holds the rest.
-    let out = schedule(&[job("big", 4), job("small", 1)], &ws(&["w1", "w2"]), 4);
+    let out = schedule(&[big.clone(), job("small", 1)], &ws(&["w1", "w2"]), 4);
     assert!(out.placements.is_empty());
     assert!(
         out.waiting[1].reason.contains("behind big"),
         "{:?}",
         out.waiting
     );
+
+    // Within its first minute (a cluster still coming up) it keeps FIFO order ...
+    let fresh = schedule(&[job("big", 4), job("small", 1)], &ws(&["w1"]), 1);
+    assert!(fresh.placements.is_empty(), "{fresh:?}");
+    assert_eq!(
+        fresh.waiting[0].reason,
+        "waiting for 4 idle workers (1 idle)"
+    );
+    // ... and a restarting job keeps its place whatever the count: it fitted before.
+    let restarting = PendingJob {
+        placed_before: true,
+        ..big
+    };
+    let out = schedule(&[restarting, job("small", 1)], &ws(&["w1"]), 1);
+    assert!(out.placements.is_empty(), "{out:?}");
 }
 
 #[test]

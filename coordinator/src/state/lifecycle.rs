@@ -129,11 +129,14 @@ impl Core {
             return Ok(());
         }
         pending.sort_by_key(|j| j.rec.seq);
+        let now = unix_now();
         let queued: Vec<PendingJob> = pending
             .iter()
             .map(|j| PendingJob {
                 job_id: j.rec.id.clone(),
                 world_size: j.rec.world_size as usize,
+                placed_before: j.rec.attempt > 0,
+                waited: Duration::from_secs_f64((now - j.rec.submitted).max(0.0)),
                 draining_ranks: self
                     .workers
                     .values()

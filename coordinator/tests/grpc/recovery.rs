@@ -351,7 +351,7 @@ async fn preempted_rank_restarts_without_counting_and_elsewhere() {
         s.restart_reasons
     );
     assert!(
-        s.reason.contains("needs 1 worker, 0 are alive"),
+        s.reason.contains("waiting for 1 idle worker (0 idle)"),
         "{}",
         s.reason
     );
