@@ -420,7 +420,7 @@ fn an_error_in_the_job_itself_fails_it_at_once_instead_of_spending_its_restarts(
 fn herd_run_starts_a_killed_worker_again_and_the_job_finishes() {
     let ws = Workspace::new(48);
     // Long enough that the kill comes mid-job on any machine.
-    let steps = "max_steps: 40\nsave_steps: 2\nsave_total_limit: 2\n";
+    let steps = "max_steps: 60\nsave_steps: 2\nsave_total_limit: 2\n";
     let job = ws.job("job.yaml", "out", &format!("{steps}world_size: 2\n"));
     let err_path = ws.path().join("run.stderr");
     let mut run = herd_clean()
@@ -464,7 +464,7 @@ fn herd_run_starts_a_killed_worker_again_and_the_job_finishes() {
         stderr.contains("starting it again (restart 1 of max_restarts 3)"),
         "{stderr}"
     );
-    assert_eq!(trainer_state(&out)["global_step"], 40);
+    assert_eq!(trainer_state(&out)["global_step"], 60);
     let one = ws.job(
         "one.yaml",
         "one",

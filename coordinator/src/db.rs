@@ -121,7 +121,10 @@ pub struct Db {
 impl Db {
     /// The directory the database lives in (the coordinator's state directory).
     pub fn dir(&self) -> &std::path::Path {
-        self.path.parent().unwrap_or(std::path::Path::new("."))
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        }
     }
 }
 

@@ -301,6 +301,7 @@ pub fn status_json(st: &pb::JobStatus) -> serde_json::Value {
         "output_dir": st.output_dir,
         "submitted_unix": st.submitted_unix,
         "started_unix": st.started_unix,
+        "attempt_start_step": st.attempt_start_step,
         "finished_unix": st.finished_unix,
     })
 }

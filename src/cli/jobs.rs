@@ -318,15 +318,11 @@ fn report_change(
         say(line);
     }
     let prev_restarts = prev.map(|p| p.restart_reasons.len()).unwrap_or(0);
-    let counted = st.restarts > prev.map_or(0, |p| p.restarts);
+    // Each restart's reason says whether it counted ("restart 1 of 3", "preemption does not
+    // count"); the newest is usually the state's reason, printed just above.
     for r in st.restart_reasons.iter().skip(prev_restarts) {
-        match counted {
-            true => say(format!("restart {}/{}: {r}", st.restarts, st.max_restarts)),
-            // A preemption restarts the job without using one of its max_restarts.
-            false => say(format!(
-                "restart (not counted; {}/{} used): {r}",
-                st.restarts, st.max_restarts
-            )),
+        if !(changed_state && *r == st.reason) {
+            say(format!("restart: {r}"));
         }
     }
     if prev.is_some_and(|p| p.last_checkpoint_step != st.last_checkpoint_step)

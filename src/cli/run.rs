@@ -266,7 +266,8 @@ pub fn run(a: &RunArgs) -> Result<()> {
     let _ = client_token(None, Some(&state_dir))?;
     let rt = runtime()?;
     let mut worker_logs: Vec<String> = (0..a.workers).map(|i| format!("worker-{i}.log")).collect();
-    let mut respawns = 0u32;
+    let mut respawns = 0u32; // after failed exits, bounded by max_restarts
+    let mut starts = 0u32; // every worker started again, naming its log
     let result: Result<herd_proto::pb::JobStatus> = rt.block_on(async {
         let mut c = Client::connect(&args)?;
         let resp = submit_text(&mut c, text, &a.job).await?;
@@ -290,15 +291,24 @@ pub fn run(a: &RunArgs) -> Result<()> {
                     }
                     // A worker that died is started again, as torchrun restarts its workers:
                     // the coordinator restarts the job from its last checkpoint on it. Past
-                    // the job's max_restarts the run ends with the dead worker's log.
+                    // the job's max_restarts failed exits the run ends with the dead worker's log.
                     for (i, (worker, log_name)) in children.workers.iter_mut().zip(worker_logs.iter_mut()).enumerate() {
                         let Ok(Some(status)) = worker.try_wait() else { continue };
                         let log = state_dir.join(&*log_name);
+                        // A worker that exits cleanly was told to stop (SIGTERM: it checkpointed,
+                        // a preemption, which the coordinator does not count either).
+                        starts += 1;
+                        if status.success() {
+                            *log_name = format!("worker-{i}.start-{starts}.log");
+                            eprintln!("herd run: worker {i} stopped ({status}; log {}); starting it again", log.display());
+                            *worker = spawn_worker(i, log_name)?;
+                            continue;
+                        }
                         if respawns >= job.max_restarts {
                             bail!("worker {i} exited ({status}) and {respawns} worker restart(s) of max_restarts {} are used; its log ({}):\n{}", job.max_restarts, log.display(), tail(&log, 20));
                         }
                         respawns += 1;
-                        *log_name = format!("worker-{i}.restart-{respawns}.log");
+                        *log_name = format!("worker-{i}.start-{starts}.log");
                         eprintln!("herd run: worker {i} exited ({status}; log {}); starting it again (restart {respawns} of max_restarts {})", log.display(), job.max_restarts);
                         *worker = spawn_worker(i, log_name)?;
                     }

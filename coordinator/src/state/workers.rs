@@ -277,14 +277,8 @@ impl Core {
         } else {
             None
         };
-        if let Some(m) = &metric {
-            job.rec.step = m.step;
-            job.rec.last_metric = Some(*m);
-        }
-        if current && req.rank == 0 && job.rec.state == JobState::Running && req.eval.is_some() {
-            job.rec.last_eval = req.eval;
-        }
-        let started = (current && req.rank == 0)
+        // Before the metric: a merged report carries the start and a later step.
+        let started = (current && req.rank == 0 && job.rec.state == JobState::Running)
             .then_some(req.started.as_ref())
             .flatten()
             .map(|s| {
@@ -310,6 +304,13 @@ impl Core {
                     )
                 }
             });
+        if let Some(m) = &metric {
+            job.rec.step = m.step;
+            job.rec.last_metric = Some(*m);
+        }
+        if current && req.rank == 0 && job.rec.state == JobState::Running && req.eval.is_some() {
+            job.rec.last_eval = req.eval;
+        }
         let attempt = job.rec.attempt;
         self.db.add_log_lines(
             &req.job_id,

@@ -88,10 +88,11 @@ pub struct Tokenizer {
     model_max_length: Option<usize>,
     /// tokenizer_config.json as loaded (or built), kept so `save` round-trips unknown keys.
     config: Map<String, Value>,
-    /// The sentencepiece model (`tokenizer.model`) beside the tokenizer loaded, if any: `save`
-    /// copies it, as `LlamaTokenizerFast.save_pretrained` does, so the slow `LlamaTokenizer`
-    /// (Alpaca's train.py loads with `use_fast=False`) can load what we write.
-    vocab_file: Option<PathBuf>,
+    /// The sentencepiece model (`tokenizer.model`) beside the tokenizer loaded, if any, read
+    /// at load (a save after hours of training does not depend on the model dir still being
+    /// there): `save` writes it, as `LlamaTokenizerFast.save_pretrained` does, so the slow
+    /// `LlamaTokenizer` (Alpaca's train.py loads with `use_fast=False`) can load what we write.
+    vocab_file: Option<(PathBuf, std::sync::Arc<Vec<u8>>)>,
 }
 
 /// The sentencepiece model file of LLaMA tokenizers.
@@ -127,6 +128,20 @@ fn read_json(path: &Path) -> Result<Value> {
 /// Atomic writes are the crate's one implementation.
 fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::weights::write_atomic(path, bytes)
+}
+
+/// `dir/tokenizer.model`, when there is one.
+#[allow(clippy::type_complexity)]
+fn read_vocab_file(dir: &Path) -> Result<Option<(PathBuf, std::sync::Arc<Vec<u8>>)>> {
+    let path = dir.join(VOCAB_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let bytes = fs::read(&path).map_err(|source| TokenizerError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some((path, std::sync::Arc::new(bytes))))
 }
 
 fn is_llama_class(config: &Map<String, Value>) -> bool {
@@ -232,7 +247,7 @@ impl Tokenizer {
             unk: roles["unk_token"].clone(),
             model_max_length,
             config,
-            vocab_file: Some(dir.join(VOCAB_FILE)).filter(|p| p.is_file()),
+            vocab_file: read_vocab_file(dir)?,
         };
         // HF's per-call settings (no truncation, no padding) override those stored in the file.
         tok.inner
@@ -523,15 +538,11 @@ impl Tokenizer {
         let map_text = serde_json::to_string_pretty(&Value::Object(smap))
             .map_err(|e| TokenizerError::Invalid(e.to_string()))?;
         atomic_write(&dir.join("special_tokens_map.json"), map_text.as_bytes())?;
-        if let Some(src) = &self.vocab_file {
+        if let Some((src, bytes)) = &self.vocab_file {
             let dst = dir.join(VOCAB_FILE);
             let same = matches!((src.canonicalize(), dst.canonicalize()), (Ok(a), Ok(b)) if a == b);
             if !same {
-                let bytes = fs::read(src).map_err(|source| TokenizerError::Io {
-                    path: src.clone(),
-                    source,
-                })?;
-                atomic_write(&dst, &bytes)?;
+                atomic_write(&dst, bytes)?;
             }
         }
         Ok(())

@@ -162,6 +162,13 @@ fn the_sentencepiece_model_beside_the_tokenizer_is_saved_with_it() {
     let t = Tokenizer::from_dir(src.path()).unwrap();
     t.save(dst.path()).unwrap();
     assert_eq!(fs::read(dst.path().join(VOCAB_FILE)).unwrap(), sp);
+    // Read at load: the save still writes it once the source is gone.
+    let moved = tempfile::tempdir().unwrap();
+    fs::rename(src.path().join(VOCAB_FILE), moved.path().join(VOCAB_FILE)).unwrap();
+    let later = tempfile::tempdir().unwrap();
+    t.save(later.path()).unwrap();
+    assert_eq!(fs::read(later.path().join(VOCAB_FILE)).unwrap(), sp);
+    fs::rename(moved.path().join(VOCAB_FILE), src.path().join(VOCAB_FILE)).unwrap();
     // Saved again where it was loaded from, it stays as it is.
     t.save(src.path()).unwrap();
     assert_eq!(fs::read(src.path().join(VOCAB_FILE)).unwrap(), sp);

@@ -55,31 +55,87 @@ pub fn same_recipe(job: &JobSpec, dir: &Path) -> Result<()> {
     }
 }
 
+/// Keys not compared: `output_dir` is where the checkpoint was found; the batch split
+/// (`world_size`, the per-device batch, the accumulation) is compared as the global batch it
+/// makes, which is what the updates depend on (`herd run --workers 2` resumes `herd train`'s
+/// run with the same global batch); `max_restarts` does not change training.
+const NOT_COMPARED: &[&str] = &[
+    "output_dir",
+    "world_size",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_restarts",
+];
+
+/// Path keys: relative paths resolve against whatever directory the job was started from,
+/// which the checkpoint does not record, so they are compared only when both are absolute.
+const PATHS: &[&str] = &[
+    "model_name_or_path",
+    "data_path",
+    "eval_data_path",
+    "tokenizer_name",
+];
+
 /// The job keys whose values differ from the checkpoint's job, as `key old → new` (sorted by
-/// key): a resumed run with another learning rate, batch size or step count trains something
-/// else than either job alone, and the user should hear it. Paths naming the same file are
-/// equal; `output_dir` is where the checkpoint was found, so it is not compared.
+/// key): a resumed run with another learning rate, global batch or step count trains something
+/// else than either job alone, and the user should hear it. The saved job is read as a job
+/// (defaults filled in, so a key added to herd since is not a change).
 pub fn changed_since(job: &JobSpec, dir: &Path) -> Vec<String> {
-    let Some(saved) = saved_args(dir) else {
+    let path = dir.join("training_args.yaml");
+    let Some(saved) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| JobSpec::from_yaml_str(&t, &path.display().to_string()).ok())
+    else {
         return vec![];
     };
-    let Ok(Value::Mapping(now)) = serde_yaml::to_value(job) else {
+    let (Ok(Value::Mapping(then)), Ok(Value::Mapping(now))) =
+        (serde_yaml::to_value(&saved), serde_yaml::to_value(job))
+    else {
         return vec![];
     };
-    let mut keys: Vec<&str> = saved
+    let mut keys: Vec<&str> = then
         .keys()
         .chain(now.keys())
         .filter_map(Value::as_str)
-        .filter(|k| *k != "output_dir")
+        .filter(|k| !NOT_COMPARED.contains(k))
         .collect();
     keys.sort_unstable();
     keys.dedup();
-    keys.into_iter()
+    let mut changed: Vec<String> = keys
+        .into_iter()
         .filter_map(|k| {
-            let (a, b) = (saved.get(k), now.get(k));
-            (!same_value(a, b)).then(|| format!("{k} {} → {}", show(a), show(b)))
+            let (a, b) = (then.get(k), now.get(k));
+            let same = match PATHS.contains(&k) {
+                true => same_path(a, b),
+                false => same_value(a, b),
+            };
+            (!same).then(|| format!("{k} {} → {}", show(a), show(b)))
         })
-        .collect()
+        .collect();
+    let (a, b) = (saved.global_batch_size(), job.global_batch_size());
+    if a != b {
+        changed.push(format!(
+            "global batch {a} → {b} (per_device_train_batch_size × gradient_accumulation_steps \
+             × world_size)"
+        ));
+    }
+    changed
+}
+
+/// Equal unless both are absolute paths naming different files.
+fn same_path(a: Option<&Value>, b: Option<&Value>) -> bool {
+    match (a, b) {
+        (Some(Value::String(x)), Some(Value::String(y)))
+            if Path::new(x).is_absolute() && Path::new(y).is_absolute() =>
+        {
+            x == y
+                || matches!(
+                    (Path::new(x).canonicalize(), Path::new(y).canonicalize()),
+                    (Ok(p), Ok(q)) if p == q
+                )
+        }
+        _ => true,
+    }
 }
 
 /// The warning a resumed run prints when its job changed since the checkpoint.
@@ -93,9 +149,6 @@ pub fn changed_line(changed: &[String]) -> String {
 
 fn same_value(a: Option<&Value>, b: Option<&Value>) -> bool {
     match (a, b) {
-        (Some(Value::String(x)), Some(Value::String(y))) if x != y => {
-            matches!((Path::new(x).canonicalize(), Path::new(y).canonicalize()), (Ok(p), Ok(q)) if p == q)
-        }
         (Some(Value::Number(x)), Some(Value::Number(y))) => x.as_f64() == y.as_f64(),
         (x, y) => x.unwrap_or(&Value::Null) == y.unwrap_or(&Value::Null),
     }
@@ -129,12 +182,14 @@ mod tests {
         assert!(changed_since(&saved, dir.path()).is_empty());
         let mut now = job("learning_rate: 0.01\nmax_steps: 220\nper_device_train_batch_size: 4\n");
         now.output_dir = "elsewhere".into();
+        now.max_restarts = 9;
         assert_eq!(
             changed_since(&now, dir.path()),
             vec![
                 "learning_rate 0.001 → 0.01",
                 "max_steps 200 → 220",
-                "per_device_train_batch_size 8 → 4",
+                "global batch 8 → 4 (per_device_train_batch_size × gradient_accumulation_steps \
+                 × world_size)",
             ]
         );
         // No training_args.yaml (an older checkpoint): nothing to compare.
@@ -142,14 +197,43 @@ mod tests {
     }
 
     #[test]
-    fn a_path_spelled_another_way_is_the_same_path() {
+    fn the_same_global_batch_split_another_way_is_no_change() {
+        // herd train (1 rank, accumulation 2) resumed by herd run --workers 2.
+        let dir = tempfile::tempdir().unwrap();
+        let saved = job("gradient_accumulation_steps: 2\n");
+        std::fs::write(dir.path().join("training_args.yaml"), saved.to_yaml()).unwrap();
+        let now = job("world_size: 2\n");
+        assert!(changed_since(&now, dir.path()).is_empty());
+    }
+
+    #[test]
+    fn paths_are_compared_only_when_both_are_absolute() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("m")).unwrap();
+        let saved = job(""); // model_name_or_path: m (relative)
+        std::fs::write(dir.path().join("training_args.yaml"), saved.to_yaml()).unwrap();
+        let mut now = job("");
+        now.model_name_or_path = dir.path().join("m");
+        assert!(changed_since(&now, dir.path()).is_empty());
+        // Both absolute: the same directory spelled another way is no change, another is.
         let mut saved = job("");
         saved.model_name_or_path = dir.path().join("m");
         std::fs::write(dir.path().join("training_args.yaml"), saved.to_yaml()).unwrap();
-        let mut now = job("");
         now.model_name_or_path = dir.path().join("m/../m");
         assert!(changed_since(&now, dir.path()).is_empty());
+        now.model_name_or_path = dir.path().join("other");
+        assert_eq!(changed_since(&now, dir.path()).len(), 1);
+    }
+
+    #[test]
+    fn a_key_herd_added_since_is_its_default_not_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        // An older herd wrote only these keys.
+        std::fs::write(
+            dir.path().join("training_args.yaml"),
+            "model_name_or_path: m\ndata_path: d\noutput_dir: o\n",
+        )
+        .unwrap();
+        assert!(changed_since(&job(""), dir.path()).is_empty());
     }
 }
