@@ -94,6 +94,11 @@ fn stop_and_resume_is_bit_identical() {
         done.contains("done in ") && done.contains(": 6 steps, train_loss "),
         "{done}"
     );
+    // The final metrics, as HF Trainer prints them when training ends.
+    assert!(
+        done.contains("\"train_runtime\": ") && done.contains("\"train_samples_per_second\": "),
+        "{done}"
+    );
     let parted = ws.job("parted.yaml", "parted", STEPS);
     // First run stops after step 3 (a checkpoint is written there), the second resumes.
     let out = ws.train(&parted, &["--until-step", "3"]);

@@ -109,9 +109,12 @@ impl Observer for Progress {
                 rotated,
                 best.as_ref(),
             )),
-            Event::Finished { .. } => {
+            Event::Finished { summary, .. } => {
                 if let Some(pb) = &self.bar {
                     pb.finish_and_clear();
+                }
+                if !summary.is_null() {
+                    eprintln!("{}", short(summary));
                 }
                 eprintln!("{}", herd_worker::trainer::finished_line(e));
             }

@@ -335,7 +335,10 @@ fn run_rank(
                         best,
                     }));
                 }
-                Event::Finished { .. } => {
+                Event::Finished { summary, .. } => {
+                    if !summary.is_null() {
+                        lines.borrow_mut().push(summary.to_string());
+                    }
                     let line = trainer::finished_line(e);
                     lines.borrow_mut().push(format!("rank {} {line}", a.rank));
                 }

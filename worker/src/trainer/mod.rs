@@ -90,6 +90,9 @@ pub enum Event {
         /// Optimizer steps this run trained (0 when it resumed at the last step).
         steps_trained: u64,
         total_steps: u64,
+        /// The log history's final entry (train_runtime, train_loss, ...), which HF Trainer
+        /// prints as the run ends; null on ranks other than 0.
+        summary: serde_json::Value,
     },
 }
 
@@ -101,6 +104,7 @@ pub fn finished_line(e: &Event) -> String {
         runtime_s,
         steps_trained,
         total_steps,
+        ..
     } = e
     else {
         return String::new();
@@ -648,8 +652,9 @@ fn run_setup<O: Objective>(
             None => objective.resume(&mut engine.model, &dir)?,
         }
     }
+    let mut summary = serde_json::Value::Null;
     if rank == 0 {
-        ts.log_history.push(json!({
+        summary = json!({
             "epoch": ts.epoch,
             "step": step,
             "total_flos": ts.total_flos,
@@ -657,7 +662,8 @@ fn run_setup<O: Objective>(
             "train_runtime": round4(runtime),
             "train_samples_per_second": round4(plan.examples_in_steps(start_step, step) as f64 / runtime),
             "train_steps_per_second": round4((step - start_step) as f64 / runtime),
-        }));
+        });
+        ts.log_history.push(summary.clone());
         save_final(job, &objective, &engine, master, &tokenizer, &ts)?;
         let complete = checkpoint::complete_steps(&job.output_dir)?;
         let victims = checkpoint::final_victims(&complete, job.save_total_limit, best_checkpoint);
@@ -675,6 +681,7 @@ fn run_setup<O: Objective>(
         runtime_s: runtime,
         steps_trained: step - start_step,
         total_steps: plan.total_steps,
+        summary,
     });
     Ok(Outcome::Completed { steps: step })
 }
