@@ -147,6 +147,31 @@ fn resuming_with_changed_keys_says_which_changed() {
 }
 
 #[test]
+fn save_only_model_checkpoints_hold_the_weights_and_are_not_resumed() {
+    let ws = Workspace::new(48);
+    let job = ws.job(
+        "job.yaml",
+        "out",
+        &format!("{STEPS}save_only_model: true\n"),
+    );
+    ws.train(&job, &["--until-step", "2"]);
+    let ckpt = ws.path().join("out/checkpoint-2");
+    assert!(ckpt.join("model.safetensors").is_file());
+    assert!(ckpt.join("trainer_state.json").is_file());
+    assert!(!ckpt.join("optimizer.safetensors").exists());
+    assert!(!ckpt.join("scheduler.json").exists());
+    let err = run_err(
+        herd()
+            .current_dir(ws.path())
+            .args(["train", "job.yaml", "--no-progress"]),
+    );
+    assert!(
+        err.contains("checkpoint-2 has no optimizer state (saved with save_only_model)"),
+        "{err}"
+    );
+}
+
+#[test]
 fn sigkill_mid_run_then_rerun_matches_uninterrupted() {
     let ws = Workspace::new(48);
     let steps = "max_steps: 8\nsave_steps: 2\nsave_total_limit: 1\n";

@@ -162,6 +162,11 @@ pub struct JobSpec {
     pub save_steps: StepCount,
     #[serde(default)]
     pub save_total_limit: Option<usize>,
+    /// HF's `save_only_model`: checkpoints hold the weights (and trainer state) without the
+    /// optimizer and scheduler state, a third of the size with AdamW; such a checkpoint cannot
+    /// be resumed (HF Trainer refuses too).
+    #[serde(default)]
+    pub save_only_model: bool,
     /// HF's `load_best_model_at_end`: the final model is the best checkpoint's (by
     /// `metric_for_best_model`), which rotation never deletes.
     #[serde(default)]

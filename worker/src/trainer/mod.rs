@@ -376,6 +376,7 @@ fn run_setup<O: Objective>(
     let mut resumed_from = None;
     if let Some((step, dir, _)) = checkpoint::latest_complete(&job.output_dir)? {
         resume::same_recipe(job, &dir)?;
+        resume::has_optimizer_state(job, &dir)?;
         objective.resume(&mut model, &dir)?;
         start_step = step;
         trainer_state = Some(TrainerState::load(&dir)?);

@@ -138,7 +138,11 @@ pub(super) fn save_checkpoint<O: Objective>(
 ) -> Result<Option<(PathBuf, Vec<u64>)>> {
     // the f32 master weights under mixed precision, so a resumed run continues exactly
     let master = engine.master_model(collective)?;
-    let optimizer = engine.optimizer_to_save(collective)?;
+    // Every rank takes the same branch: gathering ZeRO shards is a collective.
+    let optimizer = match job.save_only_model {
+        true => None,
+        false => Some(engine.optimizer_to_save(collective)?),
+    };
     if collective.rank() != 0 {
         return Ok(None);
     }
@@ -150,8 +154,10 @@ pub(super) fn save_checkpoint<O: Objective>(
         DType::F32,
     )?;
     tokenizer.save(&staging)?;
-    state::save_optimizer(&staging, &optimizer)?;
-    state::save_scheduler(&staging, schedule, step)?;
+    if let Some(optimizer) = &optimizer {
+        state::save_optimizer(&staging, optimizer)?;
+        state::save_scheduler(&staging, schedule, step)?;
+    }
     ts.save(&staging)?;
     checkpoint::write_atomic(
         &staging.join("training_args.yaml"),

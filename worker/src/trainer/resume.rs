@@ -55,6 +55,25 @@ pub fn same_recipe(job: &JobSpec, dir: &Path) -> Result<()> {
     }
 }
 
+/// A checkpoint written with `save_only_model` has no optimizer state to continue from; HF
+/// Trainer refuses to resume it, and so does herd, naming it (a restart would meet it again).
+pub fn has_optimizer_state(job: &JobSpec, dir: &Path) -> Result<()> {
+    if dir.join(super::state::OPTIMIZER_FILE).is_file() {
+        return Ok(());
+    }
+    Err(herd_proto::JobError::Invalid {
+        file: job.source.0.clone(),
+        key: "output_dir",
+        reason: format!(
+            "{} has no optimizer state (saved with save_only_model), so it cannot be resumed: \
+             give this job another output_dir, or remove its checkpoint-* folders to train \
+             again from the start",
+            dir.display()
+        ),
+    }
+    .into())
+}
+
 /// Keys not compared: `output_dir` is where the checkpoint was found; the batch split
 /// (`world_size`, the per-device batch, the accumulation) is compared as the global batch it
 /// makes, which is what the updates depend on (`herd run --workers 2` resumes `herd train`'s
