@@ -187,7 +187,7 @@ fn streamed_answers_come_in_pieces_that_join_to_the_whole_answer() {
 
     // Chat: a role chunk, content chunks, the finish reason, the usage, [DONE].
     let chat = serde_json::json!({"messages": [{"role": "user", "content": "Repeat: a b c"}],
-                                  "max_tokens": 12});
+                                  "max_tokens": 12, "temperature": 0});
     let (_, plain) = http(
         &srv.addr,
         "POST",

@@ -49,6 +49,108 @@ fn chat_completions_have_the_openai_shape_and_bad_requests_name_the_field() {
     assert!(e.contains("context of 256 tokens"), "{e}");
     let (st, _) = http(&srv.addr, "GET", "/v1/nothing", t, "");
     assert_eq!(st, 404);
+    // The model by name (the SDK's models.retrieve); a wrong method gets an OpenAI error body.
+    let (st, out) = http(&srv.addr, "GET", "/v1/models/model", t, "");
+    assert_eq!(st, 200, "{out}");
+    assert!(json(&out)["created"].as_u64().unwrap() > 0, "{out}");
+    let (st, out) = http(&srv.addr, "GET", "/v1/models/gpt-4", t, "");
+    assert_eq!(st, 404, "{out}");
+    assert_eq!(json(&out)["error"]["code"], "not_found");
+    let (st, out) = http(&srv.addr, "GET", "/v1/chat/completions", t, "");
+    assert_eq!(st, 405, "{out}");
+    let e = &json(&out)["error"];
+    assert!(
+        e["message"].is_string() && e.get("param").is_some(),
+        "{out}"
+    );
+
+    // What herd cannot do is refused, not silently skipped; asking for nothing is fine.
+    let chat = |extra: serde_json::Value| {
+        let mut b = serde_json::json!({"messages": [{"role": "user", "content": "cat dog"}],
+                                       "max_tokens": 4, "temperature": 0});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        http(&srv.addr, "POST", "/v1/chat/completions", t, &b.to_string())
+    };
+    for (extra, names) in [
+        (
+            serde_json::json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
+        (
+            serde_json::json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (
+            serde_json::json!({"presence_penalty": 0.5}),
+            "presence_penalty",
+        ),
+        (serde_json::json!({"logit_bias": {"5": 10}}), "logit_bias"),
+    ] {
+        let (st, out) = chat(extra);
+        assert_eq!(st, 400, "{out}");
+        assert!(
+            json(&out)["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(names),
+            "{out}"
+        );
+    }
+    for extra in [
+        serde_json::json!({"presence_penalty": 0, "frequency_penalty": 0, "user": "u"}),
+        serde_json::json!({"tools": [], "response_format": {"type": "text"}}),
+    ] {
+        let (st, out) = chat(extra);
+        assert_eq!(st, 200, "{out}");
+    }
+    // Content as a list of text parts, and the `developer` role, as current SDKs send them.
+    let (_, plain) = chat(serde_json::json!({}));
+    let (st, parts) = chat(serde_json::json!({"messages": [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "cat "}, {"type": "text", "text": "dog"}]}]}));
+    assert_eq!(st, 200, "{parts}");
+    let (_, system) = chat(serde_json::json!({"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "cat dog"}]}));
+    assert_eq!(json(&parts)["choices"], json(&system)["choices"]);
+    assert_eq!(json(&plain)["object"], "chat.completion");
+
+    // OpenAI's defaults: temperature 1 with a fresh seed per request, so two samples differ;
+    // without max_tokens the answer may run to the end of the context.
+    let sample = serde_json::json!({"messages": [{"role": "user", "content": "cat dog"}],
+                                    "max_tokens": 8});
+    let ask = || {
+        let (_, out) = http(
+            &srv.addr,
+            "POST",
+            "/v1/chat/completions",
+            t,
+            &sample.to_string(),
+        );
+        json(&out)["choices"][0]["message"]["content"].clone()
+    };
+    assert_ne!(ask(), ask(), "two unseeded samples gave one answer");
+    let (st, out) = http(
+        &srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        t,
+        r#"{"messages": [{"role": "user", "content": "cat dog"}], "temperature": 0}"#,
+    );
+    assert_eq!(st, 200, "{out}");
+    let v = json(&out);
+    let used = v["usage"]["prompt_tokens"].as_u64().unwrap()
+        + v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(
+        v["choices"][0]["finish_reason"] == "stop" || used == 256,
+        "{v}"
+    );
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() > 128
+            || v["choices"][0]["finish_reason"] == "stop",
+        "{v}"
+    );
 }
 
 #[test]
@@ -56,7 +158,8 @@ fn text_completions_continue_the_prompt_as_it_is() {
     let ws = Workspace::new(8);
     let srv = start_server(ws.path(), &[]);
     let t = Some(srv.token.as_str());
-    let ask = serde_json::json!({"model": "x", "prompt": "cat dog", "max_tokens": 12});
+    let ask =
+        serde_json::json!({"model": "x", "prompt": "cat dog", "max_tokens": 12, "temperature": 0});
     let (st, body) = http(&srv.addr, "POST", "/v1/completions", t, &ask.to_string());
     assert_eq!(st, 200, "{body}");
     let v = json(&body);
@@ -89,7 +192,7 @@ fn text_completions_continue_the_prompt_as_it_is() {
         "length"
     );
     // Several prompts: one choice each, in order, each what it gets alone.
-    let many = serde_json::json!({"prompt": ["sun", "cat dog", "red"], "max_tokens": 12});
+    let many = serde_json::json!({"prompt": ["sun", "cat dog", "red"], "max_tokens": 12, "temperature": 0});
     let (st, body) = http(&srv.addr, "POST", "/v1/completions", t, &many.to_string());
     assert_eq!(st, 200, "{body}");
     let v = json(&body);
@@ -147,7 +250,7 @@ fn echo_and_logprobs_score_prompts_as_lm_eval_asks() {
     // Decoding: each new token's log-probability and its top 2.
     let v = post(
         "/v1/completions",
-        serde_json::json!({"prompt": "cat dog", "max_tokens": 4, "logprobs": 2}),
+        serde_json::json!({"prompt": "cat dog", "max_tokens": 4, "logprobs": 2, "temperature": 0}),
     );
     let lp = &v["choices"][0]["logprobs"];
     let decoded = lp["token_logprobs"].as_array().unwrap();
@@ -251,7 +354,8 @@ fn echo_and_logprobs_score_prompts_as_lm_eval_asks() {
     let chat = post(
         "/v1/chat/completions",
         serde_json::json!({"messages": [{"role": "user", "content": "cat dog"}],
-                           "max_tokens": 3, "logprobs": true, "top_logprobs": 2}),
+                           "max_tokens": 3, "logprobs": true, "top_logprobs": 2,
+                           "temperature": 0}),
     );
     let content = chat["choices"][0]["logprobs"]["content"]
         .as_array()

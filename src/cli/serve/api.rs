@@ -42,7 +42,12 @@ impl ApiError {
             500 => "server_error",
             _ => "invalid_request_error",
         };
-        json!({"error": {"message": self.message, "type": kind}})
+        let code = match self.status {
+            401 => json!("invalid_api_key"),
+            404 => json!("not_found"),
+            _ => Value::Null,
+        };
+        json!({"error": {"message": self.message, "type": kind, "param": null, "code": code}})
     }
 }
 
@@ -68,6 +73,9 @@ pub struct Prompt {
     pub echo: bool,
     /// Answers wanted (OpenAI's `n`): copy i decodes with seed + i, so sampled choices differ.
     pub choices: usize,
+    /// No length was asked for: the answer may fill the context (`options.max_new_tokens` is
+    /// set from the prompt's length when it is admitted).
+    pub fill_context: bool,
 }
 
 /// Most choices (`n`) per prompt.
@@ -152,10 +160,27 @@ fn stops(stop: Option<Stop>) -> Result<Vec<String>, ApiError> {
 pub const MAX_STOPS: usize = 16;
 
 /// The fields OpenAI's chat and text completions share. OpenAI clients also send `model`; one
-/// model is served, so any name is accepted. Other OpenAI fields (presence_penalty, user,
-/// ...) are ignored, as most OpenAI-compatible servers do.
+/// model is served, so any name is accepted. Fields that only describe the caller (`user`,
+/// `metadata`, ...) are ignored; those asking for a behaviour herd does not have (tools, JSON
+/// output, penalties) are refused unless they ask for nothing, so no answer silently lacks it.
 #[derive(Deserialize)]
 pub(super) struct OpenAiFields {
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
+    #[serde(default)]
+    presence_penalty: Option<f64>,
+    #[serde(default)]
+    frequency_penalty: Option<f64>,
+    #[serde(default)]
+    logit_bias: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    best_of: Option<usize>,
+    #[serde(default)]
+    suffix: Option<String>,
     /// An integer on text completions, a boolean on chat (with `top_logprobs`).
     #[serde(default)]
     logprobs: Option<Value>,
@@ -183,7 +208,8 @@ pub(super) struct OpenAiFields {
 pub(super) struct Shape {
     /// The route's own length field (chat's `max_completion_tokens`), before `max_tokens`.
     pub preferred_max: Option<usize>,
-    pub default_max: usize,
+    /// Without a length field: this many tokens, or `None` to fill the context.
+    pub default_max: Option<usize>,
     /// As [`Prompt::raw`].
     pub raw: bool,
     /// `max_tokens: 0` is allowed (text completions with `echo`: scoring the prompt only).
@@ -195,6 +221,7 @@ pub(super) struct Shape {
 impl OpenAiFields {
     /// The prompt of `text` with these fields checked.
     pub(super) fn prompt(self, text: String, shape: Shape) -> Result<Prompt, ApiError> {
+        self.refuse_what_herd_lacks()?;
         let choices = self.n.unwrap_or(1);
         if !(1..=MAX_CHOICES).contains(&choices) {
             return Err(ApiError::bad(format!(
@@ -212,29 +239,21 @@ impl OpenAiFields {
                 "logprobs: not available on a streamed answer yet; ask without `stream`",
             ));
         }
-        let max = shape
-            .preferred_max
-            .or(self.max_tokens)
-            .unwrap_or(shape.default_max);
+        let asked = shape.preferred_max.or(self.max_tokens);
+        let fill_context = asked.is_none() && shape.default_max.is_none();
+        // Filling the context: the length is set once the prompt's is known (at least 1).
+        let max = asked.or(shape.default_max).unwrap_or(1);
+        // OpenAI's defaults: temperature 1, and a fresh seed for each request that gives none
+        // (a client sampling many times must not get one answer again and again).
+        let temperature = self.temperature.or(Some(1.0));
+        let seed = Some(self.seed.unwrap_or_else(fresh_seed));
         let mut options = if max == 0 && shape.zero_ok {
             GenerateOptions {
                 max_new_tokens: 0,
-                ..options(
-                    Some(1),
-                    "max_tokens",
-                    self.temperature,
-                    self.top_p,
-                    self.seed,
-                )?
+                ..options(Some(1), "max_tokens", temperature, self.top_p, seed)?
             }
         } else {
-            options(
-                Some(max),
-                "max_tokens",
-                self.temperature,
-                self.top_p,
-                self.seed,
-            )?
+            options(Some(max), "max_tokens", temperature, self.top_p, seed)?
         };
         options.logprobs = shape.logprobs;
         Ok(Prompt {
@@ -250,7 +269,52 @@ impl OpenAiFields {
             ids: None,
             echo: false,
             choices,
+            fill_context,
         })
+    }
+
+    fn refuse_what_herd_lacks(&self) -> Result<(), ApiError> {
+        let tool_choice_none = matches!(&self.tool_choice, Some(Value::String(s)) if s == "none");
+        if self.tools.as_ref().is_some_and(|t| !t.is_empty()) && !tool_choice_none {
+            return Err(ApiError::bad(
+                "tools: herd serves the model as a plain chat model, without function calling; \
+                 ask without `tools` (or with `tool_choice: \"none\"`)",
+            ));
+        }
+        if let Some(f) = &self.response_format {
+            if f.get("type").and_then(Value::as_str) != Some("text") {
+                return Err(ApiError::bad(
+                    "response_format: herd does not constrain the output to JSON; ask without \
+                     it (or with {\"type\": \"text\"})",
+                ));
+            }
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if v.is_some_and(|v| v != 0.0) {
+                return Err(ApiError::bad(format!(
+                    "{name}: not implemented by herd; ask with 0 or without it"
+                )));
+            }
+        }
+        if self.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
+            return Err(ApiError::bad(
+                "logit_bias: not implemented by herd; ask without it",
+            ));
+        }
+        if self.best_of.is_some_and(|b| b > self.n.unwrap_or(1)) {
+            return Err(ApiError::bad(
+                "best_of: not implemented by herd (ask for `n` answers and rank them)",
+            ));
+        }
+        if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::bad(
+                "suffix: herd's models continue a prompt, they do not fill in; ask without it",
+            ));
+        }
+        Ok(())
     }
 
     /// Text completions' `logprobs`: how many alternatives per token (0 is the chosen token's
@@ -358,7 +422,20 @@ pub fn generate_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
         ids: None,
         echo: false,
         choices: 1,
+        fill_context: false,
     })
+}
+
+/// A seed from the OS for a request that gives none (the clock if the OS has no randomness).
+fn fresh_seed() -> u64 {
+    let mut b = [0u8; 8];
+    match getrandom::fill(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    }
 }
 
 /// What the model produced for one prompt.

@@ -137,8 +137,13 @@ impl<'g> Server<'g> {
     fn admit(&mut self, waiting: Vec<Pending>) {
         let context = self.g.model.config().max_position_embeddings;
         let mut ready = Vec::with_capacity(waiting.len());
-        for p in waiting {
+        for mut p in waiting {
             let ids = self.prompt_ids(&p.prompt).and_then(|ids| {
+                if p.prompt.fill_context {
+                    // No length asked for: up to the end of the context (at least one token,
+                    // so a prompt that fills it alone is refused as too long).
+                    p.prompt.options.max_new_tokens = context.saturating_sub(ids.len()).max(1);
+                }
                 check_length(ids.len(), p.prompt.options.max_new_tokens, context)?;
                 Ok(ids)
             });

@@ -3,9 +3,7 @@
 //! Vicuna v1.1 template the chat recipe trains with, and the `chat.completion` answer and
 //! `chat.completion.chunk`s of a stream (pure functions).
 
-use super::api::{
-    parse, usage, ApiError, Completion, OpenAiFields, Prompt, Shape, DEFAULT_MAX_NEW_TOKENS,
-};
+use super::api::{parse, usage, ApiError, Completion, OpenAiFields, Prompt, Shape};
 use super::logprobs;
 use herd_worker::data::chat::{render_text, Conversation, Message, Role};
 use serde::Deserialize;
@@ -24,10 +22,47 @@ struct ChatBody {
 #[serde(deny_unknown_fields)]
 struct ChatMessage {
     role: String,
-    content: String,
+    content: Content,
     #[serde(default)]
     #[allow(dead_code)]
     name: Option<String>,
+}
+
+/// A message's content as OpenAI clients send it: a string, or a list of parts of which herd
+/// reads the text ones (`{"type": "text", "text": ...}`; current SDKs and LangChain send this).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+impl Content {
+    fn text(&self, i: usize) -> Result<String, ApiError> {
+        match self {
+            Content::Text(t) => Ok(t.clone()),
+            Content::Parts(parts) => parts
+                .iter()
+                .enumerate()
+                .map(|(j, p)| match (p.kind.as_str(), &p.text) {
+                    ("text", Some(t)) => Ok(t.as_str()),
+                    (kind, _) => Err(ApiError::bad(format!(
+                        "messages[{i}].content[{j}]: a part of type `{kind}`; herd's models \
+                         read text parts only (`{{\"type\": \"text\", \"text\": ...}}`)"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|texts| texts.concat()),
+        }
+    }
 }
 
 /// `POST /v1/chat/completions`: the Vicuna v1.1 prompt of the conversation, ending in
@@ -36,17 +71,19 @@ pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
     let b: ChatBody = parse(body)?;
     let mut conv = Conversation::default();
     for (i, m) in b.messages.iter().enumerate() {
+        let content = m.content.text(i)?;
         let expected = if conv.messages.len() % 2 == 0 {
             Role::User
         } else {
             Role::Assistant
         };
+        // OpenAI's newer name for the system role is `developer`.
         let role = match m.role.as_str() {
-            "system" if i == 0 => {
-                conv.system = Some(m.content.clone());
+            "system" | "developer" if i == 0 => {
+                conv.system = Some(content);
                 continue;
             }
-            "system" => {
+            "system" | "developer" => {
                 return Err(ApiError::bad(format!(
                     "messages[{i}]: a system message may only come first"
                 )))
@@ -55,7 +92,8 @@ pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
             "assistant" => Role::Assistant,
             other => {
                 return Err(ApiError::bad(format!(
-                    "messages[{i}]: role `{other}` is not one of system, user, assistant"
+                    "messages[{i}]: role `{other}` is not one of system (or developer), user, \
+                     assistant"
                 )))
             }
         };
@@ -72,7 +110,7 @@ pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
         }
         conv.messages.push(Message {
             role,
-            value: m.content.clone(),
+            value: content,
         });
     }
     if conv.messages.last().map(|m| m.role) != Some(Role::User) {
@@ -90,7 +128,8 @@ pub fn chat_prompt(body: &[u8]) -> Result<Prompt, ApiError> {
         render_text(&conv),
         Shape {
             preferred_max: b.max_completion_tokens,
-            default_max: DEFAULT_MAX_NEW_TOKENS,
+            // Without a limit the answer may fill the context, as OpenAI and vLLM let it.
+            default_max: None,
             raw: false,
             zero_ok: false,
             logprobs,

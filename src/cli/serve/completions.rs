@@ -64,7 +64,7 @@ pub fn completion_prompts(body: &[u8]) -> Result<Vec<Prompt>, ApiError> {
     let logprobs = b.openai.text_logprobs()?;
     let shape = Shape {
         preferred_max: None,
-        default_max: DEFAULT_MAX_TOKENS,
+        default_max: Some(DEFAULT_MAX_TOKENS),
         raw: true,
         zero_ok: echo,
         logprobs,

@@ -63,12 +63,18 @@ pub struct ServeArgs {
     /// instead of queueing without bound.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
+    /// The model's name in `/v1/models` and in answers (vLLM's --served-model-name; default:
+    /// the model directory's name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
     #[command(flatten)]
     pub placement: DeviceArgs,
 }
 
 struct AppState {
     model_name: String,
+    /// When the server started (the model object's `created`).
+    started: u64,
     token: String,
     queue: std::sync::mpsc::Sender<batcher::Pending>,
     next_id: AtomicU64,
@@ -110,13 +116,19 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         };
     let (dir, placement) = (a.model.clone(), a.placement.clone());
     let queue = batcher::spawn(move || Generator::load(&dir, &placement), a.max_batch)?;
-    let model_name = a
-        .model
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| a.model.display().to_string());
+    let model_name = a.served_model_name.clone().unwrap_or_else(|| {
+        a.model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| a.model.display().to_string())
+    });
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let state = Arc::new(AppState {
         model_name,
+        started,
         token,
         queue,
         next_id: AtomicU64::new(1),
@@ -125,6 +137,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     });
     let api = Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/generate", post(generate))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(text_completion))
@@ -134,6 +147,9 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         .route("/health", get(|| async { "ok\n" }))
         .merge(api)
         .fallback(|| async { failure(ApiError::new(404, "no such route")) })
+        .method_not_allowed_fallback(|| async {
+            failure(ApiError::new(405, "this route does not take that method"))
+        })
         .with_state(state);
 
     super::client::runtime()?.block_on(async {
@@ -187,11 +203,26 @@ async fn authenticate(
 }
 
 async fn models(State(s): State<Arc<AppState>>) -> Response {
-    Json(serde_json::json!({
-        "object": "list",
-        "data": [{"id": s.model_name, "object": "model", "owned_by": "herd"}],
-    }))
-    .into_response()
+    Json(serde_json::json!({"object": "list", "data": [model_object(&s)]})).into_response()
+}
+
+/// `GET /v1/models/{id}` (the SDK's `models.retrieve`).
+async fn model(
+    State(s): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    match id == s.model_name {
+        true => Json(model_object(&s)).into_response(),
+        false => failure(ApiError::new(
+            404,
+            format!("no model `{id}`: this server serves `{}`", s.model_name),
+        )),
+    }
+}
+
+fn model_object(s: &AppState) -> serde_json::Value {
+    serde_json::json!({"id": s.model_name, "object": "model", "created": s.started,
+                       "owned_by": "herd"})
 }
 
 /// Counts a request in flight until dropped (when its answer, or its stream, is done, also when
