@@ -75,6 +75,8 @@ struct AppState {
     model_name: String,
     /// When the server started (the model object's `created`).
     started: u64,
+    /// Random per server start, so answer ids do not repeat across restarts.
+    id_run: String,
     token: String,
     queue: std::sync::mpsc::Sender<batcher::Pending>,
     next_id: AtomicU64,
@@ -84,14 +86,14 @@ struct AppState {
 }
 
 impl AppState {
-    /// A fresh answer id (`<prefix>-<n>`) and the Unix time it was made.
+    /// A fresh answer id (`<prefix>-<run><n>`) and the Unix time it was made.
     fn answer_id(&self, prefix: &str) -> (String, u64) {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        (format!("{prefix}-{n}"), created)
+        (format!("{prefix}-{}{n}", self.id_run), created)
     }
 }
 
@@ -126,9 +128,13 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let id_run = herd_proto::auth::generate_token()
+        .map(|t| t[..8].to_string())
+        .unwrap_or_else(|_| format!("{started:x}"));
     let state = Arc::new(AppState {
         model_name,
         started,
+        id_run,
         token,
         queue,
         next_id: AtomicU64::new(1),
@@ -150,6 +156,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         .method_not_allowed_fallback(|| async {
             failure(ApiError::new(405, "this route does not take that method"))
         })
+        .layer(middleware::map_response(json_413))
         .with_state(state);
 
     super::client::runtime()?.block_on(async {
@@ -172,7 +179,28 @@ pub fn run(a: &ServeArgs) -> Result<()> {
 
 fn failure(e: ApiError) -> Response {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, Json(e.body())).into_response()
+    let mut r = (status, Json(e.body())).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // Busy: clients (the openai SDK among them) wait this long before retrying.
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    r
+}
+
+/// axum refuses an oversized body with a plain-text 413; clients expect OpenAI's error body.
+async fn json_413(r: Response) -> Response {
+    let json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    match r.status() == StatusCode::PAYLOAD_TOO_LARGE && !json {
+        true => failure(ApiError::new(
+            413,
+            "the request body is too large (axum's default limit, 2 MB)",
+        )),
+        false => r,
+    }
 }
 
 /// Every API route needs the bearer token (compared in constant time).
