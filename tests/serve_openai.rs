@@ -105,14 +105,15 @@ fn chat_completions_have_the_openai_shape_and_bad_requests_name_the_field() {
         let (st, out) = chat(extra);
         assert_eq!(st, 200, "{out}");
     }
-    // Content as a list of text parts, and the `developer` role, as current SDKs send them.
+    // Content as a list of text parts (joined by newlines, as vLLM does), and the `developer`
+    // role, as current SDKs send them.
     let (_, plain) = chat(serde_json::json!({}));
     let (st, parts) = chat(serde_json::json!({"messages": [
         {"role": "developer", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "cat "}, {"type": "text", "text": "dog"}]}]}));
+        {"role": "user", "content": [{"type": "text", "text": "cat"}, {"type": "text", "text": "dog"}]}]}));
     assert_eq!(st, 200, "{parts}");
     let (_, system) = chat(serde_json::json!({"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "cat dog"}]}));
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "cat\ndog"}]}));
     assert_eq!(json(&parts)["choices"], json(&system)["choices"]);
     assert_eq!(json(&plain)["object"], "chat.completion");
 
@@ -151,6 +152,37 @@ fn chat_completions_have_the_openai_shape_and_bad_requests_name_the_field() {
             || v["choices"][0]["finish_reason"] == "stop",
         "{v}"
     );
+    drop(srv);
+
+    // --default-max-tokens caps an answer that asked for no length; a served name with a
+    // slash (as vLLM users write them) is found by models.retrieve.
+    let srv = start_server(
+        ws.path(),
+        &[
+            "--default-max-tokens",
+            "20",
+            "--served-model-name",
+            "org/tiny-llama",
+        ],
+    );
+    let t = Some(srv.token.as_str());
+    let (st, out) = http(
+        &srv.addr,
+        "POST",
+        "/v1/chat/completions",
+        t,
+        r#"{"messages": [{"role": "user", "content": "cat dog"}], "temperature": 0}"#,
+    );
+    assert_eq!(st, 200, "{out}");
+    let v = json(&out);
+    assert!(
+        v["usage"]["completion_tokens"].as_u64().unwrap() <= 20,
+        "{v}"
+    );
+    assert_eq!(v["model"], "org/tiny-llama");
+    let (st, out) = http(&srv.addr, "GET", "/v1/models/org/tiny-llama", t, "");
+    assert_eq!(st, 200, "{out}");
+    assert_eq!(json(&out)["id"], "org/tiny-llama");
 }
 
 #[test]

@@ -147,26 +147,37 @@ fn resuming_with_changed_keys_says_which_changed() {
 }
 
 #[test]
-fn save_only_model_checkpoints_hold_the_weights_and_are_not_resumed() {
+fn save_only_model_checkpoints_hold_the_weights_and_only_pauses_are_resumed() {
     let ws = Workspace::new(48);
     let job = ws.job(
         "job.yaml",
         "out",
         &format!("{STEPS}save_only_model: true\n"),
     );
+    // A stop (here --until-step) checkpoints with the optimizer: the run goes on from it.
     ws.train(&job, &["--until-step", "2"]);
-    let ckpt = ws.path().join("out/checkpoint-2");
+    let out = ws.path().join("out");
+    assert!(out.join("checkpoint-2/optimizer.safetensors").is_file());
+    let stderr = String::from_utf8_lossy(&ws.train(&job, &[]).stderr).into_owned();
+    assert!(stderr.contains("resumed at step 2"), "{stderr}");
+    // The cadence's checkpoints hold the weights and the trainer state only.
+    let ckpt = out.join("checkpoint-4");
     assert!(ckpt.join("model.safetensors").is_file());
     assert!(ckpt.join("trainer_state.json").is_file());
     assert!(!ckpt.join("optimizer.safetensors").exists());
     assert!(!ckpt.join("scheduler.json").exists());
+    // Run again at the end: nothing to train, no optimizer needed.
+    let again = String::from_utf8_lossy(&ws.train(&job, &[]).stderr).into_owned();
+    assert!(again.contains("nothing left to train"), "{again}");
+    // Without checkpoint-6, the newest is checkpoint-4, which cannot be resumed.
+    std::fs::remove_dir_all(out.join("checkpoint-6")).unwrap();
     let err = run_err(
         herd()
             .current_dir(ws.path())
             .args(["train", "job.yaml", "--no-progress"]),
     );
     assert!(
-        err.contains("checkpoint-2 has no optimizer state (saved with save_only_model)"),
+        err.contains("checkpoint-4 has no optimizer state (saved with save_only_model)"),
         "{err}"
     );
 }

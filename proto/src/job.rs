@@ -164,7 +164,7 @@ pub struct JobSpec {
     pub save_total_limit: Option<usize>,
     /// HF's `save_only_model`: checkpoints hold the weights (and trainer state) without the
     /// optimizer and scheduler state, a third of the size with AdamW; such a checkpoint cannot
-    /// be resumed (HF Trainer refuses too).
+    /// be resumed (HF Trainer refuses too). The checkpoint a run pauses at keeps them.
     #[serde(default)]
     pub save_only_model: bool,
     /// HF's `load_best_model_at_end`: the final model is the best checkpoint's (by

@@ -167,6 +167,11 @@ pub const MAX_STOPS: usize = 16;
 pub(super) struct OpenAiFields {
     #[serde(default)]
     tools: Option<Vec<Value>>,
+    /// The older form of `tools`.
+    #[serde(default)]
+    functions: Option<Vec<Value>>,
+    #[serde(default)]
+    function_call: Option<Value>,
     #[serde(default)]
     tool_choice: Option<Value>,
     #[serde(default)]
@@ -279,6 +284,14 @@ impl OpenAiFields {
             return Err(ApiError::bad(
                 "tools: herd serves the model as a plain chat model, without function calling; \
                  ask without `tools` (or with `tool_choice: \"none\"`)",
+            ));
+        }
+        let function_call_none =
+            matches!(&self.function_call, Some(Value::String(s)) if s == "none");
+        if self.functions.as_ref().is_some_and(|f| !f.is_empty()) && !function_call_none {
+            return Err(ApiError::bad(
+                "functions: herd serves the model as a plain chat model, without function \
+                 calling; ask without `functions`",
             ));
         }
         if let Some(f) = &self.response_format {

@@ -63,6 +63,7 @@ struct Live {
 pub fn spawn(
     load: impl FnOnce() -> anyhow::Result<Generator> + Send + 'static,
     max_batch: usize,
+    default_max_tokens: usize,
 ) -> anyhow::Result<mpsc::Sender<Pending>> {
     let (tx, rx) = mpsc::channel::<Pending>();
     let (loaded_tx, loaded_rx) = mpsc::channel::<anyhow::Result<()>>();
@@ -79,7 +80,9 @@ pub fn spawn(
                     return;
                 }
             };
-            Server::new(&generator).serve(&rx, max_batch.max(1));
+            let mut server = Server::new(&generator);
+            server.default_max_tokens = default_max_tokens.max(1);
+            server.serve(&rx, max_batch.max(1));
         })?;
     loaded_rx
         .recv()
@@ -91,6 +94,9 @@ struct Server<'g> {
     g: &'g Generator,
     batch: DecodeBatch,
     live: HashMap<SeqId, Live>,
+    /// The most tokens a request that asked for no length gets (it also stops at the context):
+    /// one long answer widens every row of the batch's KV cache.
+    default_max_tokens: usize,
 }
 
 impl<'g> Server<'g> {
@@ -99,6 +105,7 @@ impl<'g> Server<'g> {
             g,
             batch: DecodeBatch::new(&g.model, g.tokenizer.eos_id()),
             live: HashMap::new(),
+            default_max_tokens: usize::MAX,
         }
     }
 
@@ -140,9 +147,16 @@ impl<'g> Server<'g> {
         for mut p in waiting {
             let ids = self.prompt_ids(&p.prompt).and_then(|ids| {
                 if p.prompt.fill_context {
-                    // No length asked for: up to the end of the context (at least one token,
-                    // so a prompt that fills it alone is refused as too long).
-                    p.prompt.options.max_new_tokens = context.saturating_sub(ids.len()).max(1);
+                    // No length asked for: up to the end of the context, at most the default.
+                    if ids.len() >= context {
+                        return Err(ApiError::bad(format!(
+                            "the prompt is {} tokens, the model's whole context of {context} \
+                             (max_position_embeddings): shorten it",
+                            ids.len()
+                        )));
+                    }
+                    p.prompt.options.max_new_tokens =
+                        (context - ids.len()).min(self.default_max_tokens);
                 }
                 check_length(ids.len(), p.prompt.options.max_new_tokens, context)?;
                 Ok(ids)

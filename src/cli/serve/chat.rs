@@ -60,7 +60,8 @@ impl Content {
                     ))),
                 })
                 .collect::<Result<Vec<_>, _>>()
-                .map(|texts| texts.concat()),
+                // As vLLM joins a message's text parts.
+                .map(|texts| texts.join("\n")),
         }
     }
 }

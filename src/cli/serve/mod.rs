@@ -1,7 +1,8 @@
 //! `herd serve --model DIR`: the model over HTTP, as Alpaca-CoT and FastChat serve theirs.
 //!
 //! Routes: `GET /` a chat page (static; the browser sends the token the user types), `GET
-//! /health`, and, with `Authorization: Bearer <token>`, `GET /v1/models`, `POST /v1/generate`
+//! /health`, and, with `Authorization: Bearer <token>`, `GET /v1/models` (and `/v1/models/{id}`),
+//! `POST /v1/generate`
 //! (the Alpaca prompt, as `herd generate`), `POST /v1/chat/completions` (OpenAI's shape,
 //! the Vicuna v1.1 prompt) and `POST /v1/completions` (OpenAI's text completion, the prompt as
 //! it is); with `"stream": true` all three answer in server-sent events as the
@@ -63,6 +64,10 @@ pub struct ServeArgs {
     /// instead of queueing without bound.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
+    /// The most tokens a chat answer gets when the request gives no `max_tokens` (it also
+    /// stops at the end of the model's context).
+    #[arg(long, default_value_t = 2048)]
+    pub default_max_tokens: usize,
     /// The model's name in `/v1/models` and in answers (vLLM's --served-model-name; default:
     /// the model directory's name).
     #[arg(long)]
@@ -117,7 +122,11 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             ),
         };
     let (dir, placement) = (a.model.clone(), a.placement.clone());
-    let queue = batcher::spawn(move || Generator::load(&dir, &placement), a.max_batch)?;
+    let queue = batcher::spawn(
+        move || Generator::load(&dir, &placement),
+        a.max_batch,
+        a.default_max_tokens,
+    )?;
     let model_name = a.served_model_name.clone().unwrap_or_else(|| {
         a.model
             .file_name()
@@ -143,7 +152,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     });
     let api = Router::new()
         .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model))
+        .route("/v1/models/{*id}", get(model))
         .route("/v1/generate", post(generate))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(text_completion))
@@ -287,7 +296,8 @@ fn submit(
 }
 
 fn stopped() -> ApiError {
-    ApiError::new(503, "the model thread has stopped")
+    // Permanent (a 503 would have clients retry a server that cannot answer).
+    ApiError::new(500, "the model thread has stopped")
 }
 
 /// The whole answer (the model thread sends no pieces for an unstreamed request).

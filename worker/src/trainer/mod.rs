@@ -376,7 +376,10 @@ fn run_setup<O: Objective>(
     let mut resumed_from = None;
     if let Some((step, dir, _)) = checkpoint::latest_complete(&job.output_dir)? {
         resume::same_recipe(job, &dir)?;
-        resume::has_optimizer_state(job, &dir)?;
+        // Resumed at the last step there is nothing to train, and no optimizer to restore.
+        if step < plan.total_steps {
+            resume::has_optimizer_state(job, &dir)?;
+        }
         objective.resume(&mut model, &dir)?;
         start_step = step;
         trainer_state = Some(TrainerState::load(&dir)?);
@@ -394,7 +397,10 @@ fn run_setup<O: Objective>(
         .ddp_bucket_cap_mb
         .unwrap_or(engine::DEFAULT_BUCKET_CAP_MB);
     engine.ddp_bucket_elems = engine::bucket_elems(bucket_mb);
-    if let Some(dir) = &resumed_from {
+    if let Some(dir) = resumed_from
+        .as_ref()
+        .filter(|_| start_step < plan.total_steps)
+    {
         state::load_optimizer(dir, &mut engine.optimizer)?;
         tracing::info!(step = start_step, dir = %dir.display(), "resumed from checkpoint");
     }
@@ -613,8 +619,19 @@ fn run_setup<O: Objective>(
             ts.best_model_checkpoint = named.map(|b| checkpoint_path(job, b));
         }
         if save && (rank == 0 || engine.shard().is_some()) {
+            // save_only_model leaves the optimizer out, except from a checkpoint this run
+            // pauses at (a stop, the end of its step range): that one is resumed. The same on
+            // every rank (stop_requested is agreed), as the sharded gather needs.
+            let with_optimizer = !job.save_only_model || range_end || stop_requested;
             let saved = save_checkpoint(
-                job, &objective, &engine, collective, &tokenizer, &schedule, &ts, step, world,
+                job,
+                &objective,
+                &engine,
+                collective,
+                (&tokenizer, &schedule, &ts),
+                step,
+                world,
+                with_optimizer,
             )?;
             if let Some((path, rotated)) = saved {
                 let best = best_rule

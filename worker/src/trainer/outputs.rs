@@ -130,18 +130,17 @@ pub(super) fn save_checkpoint<O: Objective>(
     objective: &O,
     engine: &Engine<O::Model>,
     collective: &mut dyn Collective,
-    tokenizer: &Tokenizer,
-    schedule: &Schedule,
-    ts: &TrainerState,
+    (tokenizer, schedule, ts): (&Tokenizer, &Schedule, &TrainerState),
     step: u64,
     world: usize,
+    with_optimizer: bool,
 ) -> Result<Option<(PathBuf, Vec<u64>)>> {
     // the f32 master weights under mixed precision, so a resumed run continues exactly
     let master = engine.master_model(collective)?;
     // Every rank takes the same branch: gathering ZeRO shards is a collective.
-    let optimizer = match job.save_only_model {
-        true => None,
-        false => Some(engine.optimizer_to_save(collective)?),
+    let optimizer = match with_optimizer {
+        true => Some(engine.optimizer_to_save(collective)?),
+        false => None,
     };
     if collective.rank() != 0 {
         return Ok(None);
