@@ -310,7 +310,8 @@ fn report_change(
         return;
     }
     let changed_state = prev.is_none_or(|p| p.state != st.state || p.reason != st.reason);
-    if changed_state {
+    // The end is told once, by the watcher's closing line.
+    if changed_state && !is_terminal(st.state) {
         let mut line = format!("job {} {}", st.job_id, state_name(st.state));
         if !st.reason.is_empty() {
             line.push_str(&format!(": {}", st.reason));
