@@ -46,6 +46,10 @@ fn run_with_two_workers_equals_one_process_with_twice_the_accumulation() {
     ws.train(&single, &[]);
     let (dp, one) = (ws.path().join("dp"), ws.path().join("single"));
     assert_eq!(trainer_state(&dp)["global_step"], 6);
+    // total_flos sums both ranks' input tokens: the one process's count.
+    let flos = trainer_state(&dp)["total_flos"].as_f64().unwrap();
+    assert!(flos > 0.0);
+    assert_eq!(flos, trainer_state(&one)["total_flos"].as_f64().unwrap());
     assert_weights_close(
         &dp.join("model.safetensors"),
         &one.join("model.safetensors"),

@@ -122,6 +122,14 @@ fn stop_and_resume_is_bit_identical() {
     );
     assert!(!a.is_empty());
     assert_eq!(a, b);
+    // total_flos (HF's estimate: 6 × non-embedding parameters × input tokens) carries over too.
+    let flos = |d: &str| {
+        trainer_state(&ws.path().join(d))["total_flos"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(flos("full") > 0.0);
+    assert_eq!(flos("full"), flos("parted"));
     // Run again once finished, it says so rather than reporting a loss of 0 over no steps.
     let again = String::from_utf8_lossy(&ws.train(&parted, &[]).stderr).into_owned();
     assert!(

@@ -389,6 +389,7 @@ fn run_setup<O: Objective>(
         checkpoint::probe_writable(&job.output_dir)?;
     }
     let parameters = objective.num_parameters(&model);
+    let flos_per_input_token = objective.flos_per_input_token(&model);
     let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm)
         .with_gradient_checkpointing(job.gradient_checkpointing);
     engine.dropout_seed = job.seed;
@@ -520,7 +521,7 @@ fn run_setup<O: Objective>(
             perm_epoch = epoch;
         }
         engine.zero_grad()?;
-        let mut seen_tokens = 0usize;
+        let mut fed = objective::Fed::default();
         for micro in 0..plan.accumulation {
             // ZeRO-2: the previous micro-batch's gradients go to their owners first, on every
             // rank alike (a collective), whether or not this rank has examples in this one.
@@ -530,12 +531,12 @@ fn run_setup<O: Objective>(
             let positions = plan.micro_batch_positions(step, rank, micro);
             let idx: Vec<usize> = positions.map(|p| perm[p]).collect();
             let run = |engine: &mut Engine<O::Model>| match idx.is_empty() {
-                true => Ok(0),
+                true => Ok(objective::Fed::default()),
                 false => objective.accumulate(engine, &idx),
             };
             // The last micro-batch's backward overlaps the gradient sum across ranks (every
             // rank takes part, with or without examples of its own).
-            seen_tokens += match micro + 1 == plan.accumulation {
+            fed += match micro + 1 == plan.accumulation {
                 true => engine.overlapped(collective, run)?,
                 false => run(&mut engine)?,
             };
@@ -550,6 +551,7 @@ fn run_setup<O: Objective>(
         step += 1;
         ts.global_step = step;
         ts.epoch = plan.epoch_progress(step);
+        let seen_tokens = fed.tokens;
         ts.num_input_tokens_seen += seen_tokens as u64;
         let dt = ts_step.elapsed().as_secs_f64().max(1e-9);
         observer.event(&Event::Step {
@@ -602,8 +604,14 @@ fn run_setup<O: Objective>(
             // one rank only (its worker preempted by SIGTERM) would otherwise leave the others
             // waiting on it in the next collective, and rank 0, which writes the checkpoint,
             // would never save it. A sharded save needs every rank anyway.
-            stop_requested = zero::any_rank(collective, stop_requested)?;
+            let (stop, input_tokens) =
+                zero::agree_step(collective, stop_requested, fed.input_tokens)?;
+            stop_requested = stop;
+            fed.input_tokens = input_tokens;
         }
+        // HF's total_flos: every rank's input tokens (padding included) × 6 × the
+        // non-embedding parameters, before this step's checkpoint saves the trainer state.
+        ts.total_flos += flos_per_input_token * fed.input_tokens as f64;
         let range_end = step == end && step < plan.total_steps;
         let save = due.save
             || (saves_best && new_best)

@@ -27,8 +27,8 @@ pub trait Objective {
     }
 
     /// Forward and backward the examples `idx` as one micro-batch into `engine`; returns the
-    /// non-padding tokens fed (for throughput and `num_input_tokens_seen`).
-    fn accumulate(&self, engine: &mut Engine<Self::Model>, idx: &[usize]) -> Result<usize>;
+    /// tokens fed.
+    fn accumulate(&self, engine: &mut Engine<Self::Model>, idx: &[usize]) -> Result<Fed>;
 
     /// Read the held-out set of `eval_data_path` (rank 0 only).
     fn load_eval(&mut self, tokenizer: &Tokenizer, path: &Path, max_len: usize) -> Result<()>;
@@ -47,6 +47,27 @@ pub trait Objective {
     fn save(&self, job: &JobSpec, model: &Self::Model, dir: &Path, dtype: DType) -> Result<()>;
 
     fn num_parameters(&self, model: &Self::Model) -> usize;
+
+    /// HF's `floating_point_ops` per input token: 6 × the parameters outside the embedding
+    /// (`num_parameters(exclude_embeddings=True)`, adapters included), the estimate HF Trainer
+    /// adds up into `total_flos`.
+    fn flos_per_input_token(&self, model: &Self::Model) -> f64;
+}
+
+/// What one micro-batch fed the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Fed {
+    /// Non-padding tokens (throughput, `num_input_tokens_seen`).
+    pub tokens: usize,
+    /// `input_ids.numel()`, padding included: what HF's `total_flos` counts.
+    pub input_tokens: usize,
+}
+
+impl std::ops::AddAssign for Fed {
+    fn add_assign(&mut self, o: Fed) {
+        self.tokens += o.tokens;
+        self.input_tokens += o.input_tokens;
+    }
 }
 
 /// Instruction tuning: token NLL of the response (Alpaca's train.py).
@@ -107,10 +128,13 @@ impl Objective for CausalLm {
         self.units.len()
     }
 
-    fn accumulate(&self, engine: &mut Engine<Llama>, idx: &[usize]) -> Result<usize> {
+    fn accumulate(&self, engine: &mut Engine<Llama>, idx: &[usize]) -> Result<Fed> {
         let batch = self.micro_batch(idx);
         engine.accumulate(&batch)?;
-        Ok(batch.attention_mask.iter().filter(|&&m| m != 0).count())
+        Ok(Fed {
+            tokens: batch.attention_mask.iter().filter(|&&m| m != 0).count(),
+            input_tokens: batch.input_ids.len(),
+        })
     }
 
     fn load_eval(&mut self, tokenizer: &Tokenizer, path: &Path, max_len: usize) -> Result<()> {
@@ -147,6 +171,14 @@ impl Objective for CausalLm {
 
     fn num_parameters(&self, model: &Llama) -> usize {
         model.num_parameters()
+    }
+
+    fn flos_per_input_token(&self, model: &Llama) -> f64 {
+        let c = model.config();
+        let adapters = model.lora().map_or(0, |l| l.num_parameters());
+        let outside =
+            (model.num_parameters() + adapters).saturating_sub(c.vocab_size * c.hidden_size);
+        6.0 * outside as f64
     }
 }
 

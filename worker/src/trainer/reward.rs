@@ -11,7 +11,7 @@ use herd_proto::{DataFormat, JobSpec};
 use serde_json::{json, Map, Value};
 
 use super::engine::Engine;
-use super::objective::Objective;
+use super::objective::{Fed, Objective};
 use super::Setup;
 use crate::data::comparisons::{
     encode_comparison, load_comparisons, pad_rows, Comparison, PairExample,
@@ -104,17 +104,22 @@ impl Objective for RewardPairs {
         self.pairs.len()
     }
 
-    fn accumulate(&self, engine: &mut Engine<RewardModel>, idx: &[usize]) -> Result<usize> {
+    fn accumulate(&self, engine: &mut Engine<RewardModel>, idx: &[usize]) -> Result<Fed> {
         let batch: Vec<&PairExample> = idx.iter().map(|&i| &self.pairs[i]).collect();
         let n = batch.len();
         if n == 0 {
-            return Ok(0);
+            return Ok(Fed::default());
         }
         let (ids, tokens) = pair_batch(&batch, self.pad_id, engine.device())?;
         let r = engine.model.scores(&ids)?.to_dtype(DType::F32)?; // the loss in f32
         let (sum, correct) = pairwise_loss_sum(&r.narrow(0, 0, n)?, &r.narrow(0, n, n)?)?;
         engine.add_loss(&sum, n, correct)?;
-        Ok(tokens)
+        // HF counts no flos here: TRL's reward inputs have no `input_ids` for
+        // `floating_point_ops` to estimate from, so its total_flos stays 0.
+        Ok(Fed {
+            tokens,
+            input_tokens: 0,
+        })
     }
 
     fn load_eval(&mut self, tokenizer: &Tokenizer, path: &Path, max_len: usize) -> Result<()> {
@@ -158,5 +163,9 @@ impl Objective for RewardPairs {
 
     fn num_parameters(&self, model: &RewardModel) -> usize {
         model.num_parameters()
+    }
+
+    fn flos_per_input_token(&self, _model: &RewardModel) -> f64 {
+        0.0 // no input tokens are counted (see accumulate)
     }
 }
