@@ -8,6 +8,7 @@
 pub mod best;
 pub mod cadence;
 pub mod engine;
+mod events;
 pub mod mixed;
 pub mod objective;
 mod outputs;
@@ -26,7 +27,8 @@ use crate::error::Result;
 use crate::optim::AdamWConfig;
 use crate::schedule::{DeepSpeedSchedule, LrSchedule, Schedule};
 use candle_core::DType;
-use engine::{Engine, StepStats, Trainable};
+use engine::{Engine, Trainable};
+pub use events::{finished_line, saved_line, Event, Observer};
 use herd_model::{Llama, Tokenizer};
 use herd_proto::{JobSpec, Task};
 use objective::{CausalLm, Objective};
@@ -36,7 +38,6 @@ use outputs::{
 pub use plan::Plan;
 use serde_json::json;
 use state::TrainerState;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,102 +51,6 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// cpu, or cuda:N: bf16 compute on the GPU, f32 master weights and AdamW on the host.
     pub device: herd_kernels::device::DeviceSpec,
-}
-
-/// What the loop tells its observer (progress bar, logs, a worker's reports).
-#[derive(Debug, Clone)]
-pub enum Event {
-    Started {
-        start_step: u64,
-        total_steps: u64,
-        examples: usize,
-        skipped_records: usize,
-        parameters: usize,
-        resumed_from: Option<PathBuf>,
-        /// Job keys that differ from the resumed checkpoint's job (`key old → new`).
-        changed_since_checkpoint: Vec<String>,
-        added_tokens: usize,
-    },
-    Step {
-        step: u64,
-        total_steps: u64,
-        stats: StepStats,
-        tokens_per_sec: f64,
-    },
-    Logged(serde_json::Value),
-    /// An eval entry of the log history (`eval_loss`, `step`, `epoch`, ...), rank 0 only.
-    Evaluated(serde_json::Value),
-    Saved {
-        step: u64,
-        path: PathBuf,
-        rotated: Vec<u64>,
-        /// metric_for_best_model: the checkpoint named best once this one is written.
-        best: Option<best::Named>,
-    },
-    Finished {
-        output_dir: PathBuf,
-        /// HF's `train_loss`: the mean loss of the steps this run trained.
-        train_loss: f64,
-        runtime_s: f64,
-        /// Optimizer steps this run trained (0 when it resumed at the last step).
-        steps_trained: u64,
-        total_steps: u64,
-        /// The log history's final entry (train_runtime, train_loss, ...), which HF Trainer
-        /// prints as the run ends; null on ranks other than 0.
-        summary: serde_json::Value,
-    },
-}
-
-/// The line the end of training is logged as, by `herd train` and by a worker daemon.
-pub fn finished_line(e: &Event) -> String {
-    let Event::Finished {
-        output_dir,
-        train_loss,
-        runtime_s,
-        steps_trained,
-        total_steps,
-        ..
-    } = e
-    else {
-        return String::new();
-    };
-    let out = output_dir.display();
-    if *steps_trained == 0 {
-        return format!(
-            "nothing left to train: resumed at the last step ({total_steps}); final model \
-             rewritten in {out}"
-        );
-    }
-    format!(
-        "done in {runtime_s:.1}s: {steps_trained} step{}, train_loss {train_loss:.4}; final model \
-         in {out}",
-        if *steps_trained == 1 { "" } else { "s" }
-    )
-}
-
-/// The line a save is logged as, by `herd train` and by a worker daemon.
-pub fn saved_line(step: u64, path: &Path, rotated: &[u64], best: Option<&best::Named>) -> String {
-    let mut line = format!("saved checkpoint-{step} at {}", path.display());
-    if !rotated.is_empty() {
-        line.push_str(&format!(" (removed {rotated:?} per save_total_limit)"));
-    }
-    if let Some(b) = best {
-        line.push_str(&format!(
-            "; best: checkpoint-{} ({} {:.4})",
-            b.step, b.metric, b.value
-        ));
-    }
-    line
-}
-
-pub trait Observer {
-    fn event(&mut self, e: &Event);
-}
-
-impl<F: FnMut(&Event)> Observer for F {
-    fn event(&mut self, e: &Event) {
-        self(e)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
