@@ -30,7 +30,7 @@ pub fn save(src: &Path, cfg: &LlamaConfig, dst: &Path) -> Result<()> {
             }
             Err(source) => return Err(Error::Json { path: from, source }),
         }
-        if same_file(&from, &to) {
+        if crate::weights::same_file(&from, &to) {
             return Ok(());
         }
         return crate::weights::write_atomic(&to, &bytes);
@@ -64,13 +64,6 @@ fn derived(cfg: &LlamaConfig) -> Map<String, Value> {
         m.insert("transformers_version".into(), v.clone());
     }
     m
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
 }
 
 #[cfg(test)]

@@ -315,6 +315,15 @@ fn remove_stale_shards(dir: &Path, keep: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Whether two paths name one existing file (symlinks and `..` resolved): a write to one
+/// would replace the other.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// Atomically replaces `path` with `bytes`.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |w| w.write_all(bytes))

@@ -174,14 +174,6 @@ fn write_predictions(path: &Path, records: &[RawRecord], predictions: &[String])
     write_text(path, &text)
 }
 
-/// Whether two existing paths name the same file or directory (symlinks and `..` resolved).
-pub fn same_path(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    }
-}
-
 /// Refuses, before any generation, an output file that could not be written at the end or
 /// that would replace `data`, the file being read.
 pub fn check_out(out: &Path, data: &Path) -> Result<()> {
@@ -200,7 +192,7 @@ pub fn check_out(out: &Path, data: &Path) -> Result<()> {
             );
         }
     }
-    if same_path(out, data) {
+    if herd_model::weights::same_file(out, data) {
         bail!(
             "{}: is the data file being read; writing the output there would replace it (give another path)",
             out.display()

@@ -26,7 +26,7 @@ pub struct MergeArgs {
 pub fn run(a: &MergeArgs) -> Result<()> {
     // The merged model's files would replace what is being read.
     for (flag, dir) in [("--base", &a.base), ("--adapter", &a.adapter)] {
-        if super::eval::same_path(&a.out, dir) {
+        if herd_model::weights::same_file(&a.out, dir) {
             anyhow::bail!(
                 "--out {} is the {flag} directory: the merged model would overwrite it (give another directory)",
                 a.out.display()

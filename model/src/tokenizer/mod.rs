@@ -540,8 +540,7 @@ impl Tokenizer {
         atomic_write(&dir.join("special_tokens_map.json"), map_text.as_bytes())?;
         if let Some((src, bytes)) = &self.vocab_file {
             let dst = dir.join(VOCAB_FILE);
-            let same = matches!((src.canonicalize(), dst.canonicalize()), (Ok(a), Ok(b)) if a == b);
-            if !same {
+            if !crate::weights::same_file(src, &dst) {
                 atomic_write(&dst, bytes)?;
             }
         }
