@@ -32,7 +32,8 @@ fn state_dir_of(stderr: &str) -> String {
 #[test]
 fn run_with_two_workers_equals_one_process_with_twice_the_accumulation() {
     let ws = Workspace::new(48);
-    let job = ws.job("job.yaml", "dp", STEPS);
+    const SEEN: &str = "include_num_input_tokens_seen: non_padding\n";
+    let job = ws.job("job.yaml", "dp", &format!("{STEPS}{SEEN}"));
     let stderr = ws.run_workers(&job, 2);
     assert!(stderr.contains("SUCCEEDED"), "{stderr}");
     assert!(stderr.contains("loss"), "progress is shown: {stderr}");
@@ -41,15 +42,17 @@ fn run_with_two_workers_equals_one_process_with_twice_the_accumulation() {
     let single = ws.job(
         "single.yaml",
         "single",
-        &format!("{STEPS}gradient_accumulation_steps: 2\n"),
+        &format!("{STEPS}{SEEN}gradient_accumulation_steps: 2\n"),
     );
     ws.train(&single, &[]);
     let (dp, one) = (ws.path().join("dp"), ws.path().join("single"));
     assert_eq!(trainer_state(&dp)["global_step"], 6);
-    // total_flos sums both ranks' input tokens: the one process's count.
-    let flos = trainer_state(&dp)["total_flos"].as_f64().unwrap();
-    assert!(flos > 0.0);
-    assert_eq!(flos, trainer_state(&one)["total_flos"].as_f64().unwrap());
+    // total_flos and num_input_tokens_seen sum both ranks' tokens: the one process's counts.
+    for key in ["total_flos", "num_input_tokens_seen"] {
+        let n = trainer_state(&dp)[key].as_f64().unwrap();
+        assert!(n > 0.0, "{key}");
+        assert_eq!(n, trainer_state(&one)[key].as_f64().unwrap(), "{key}");
+    }
     assert_weights_close(
         &dp.join("model.safetensors"),
         &one.join("model.safetensors"),

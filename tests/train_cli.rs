@@ -590,10 +590,11 @@ fn a_second_interrupt_exits_at_once() {
     );
 }
 
-/// `total_flos` against the real HF Trainer (tests/fixtures/make_flos.py): train.py's data on the
-/// parity models, untied, tied, with accumulation and with LoRA adapters.
+/// `total_flos` and `num_input_tokens_seen` against the real HF Trainer
+/// (tests/fixtures/make_flos.py): train.py's data on the parity models, untied, tied, with
+/// accumulation and with LoRA adapters; the log entries have the keys HF's have.
 #[test]
-fn total_flos_is_what_hf_trainer_counts() {
+fn total_flos_and_tokens_seen_are_what_hf_trainer_counts() {
     let parity = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
     let fixture: serde_json::Value =
         serde_json::from_slice(&read(parity.join("flos.json"))).unwrap();
@@ -633,12 +634,28 @@ fn total_flos_is_what_hf_trainer_counts() {
                 .arg("--no-progress"),
         );
         let state = trainer_state(&dir.path().join(name));
-        let last = state["log_history"].as_array().unwrap().last().unwrap();
+        let history = state["log_history"].as_array().unwrap();
+        let last = history.last().unwrap();
         for (got, want) in [
             (&state["total_flos"], &case["total_flos"]),
             (&last["total_flos"], &case["logged_total_flos"]),
+            (
+                &state["num_input_tokens_seen"],
+                &case["num_input_tokens_seen"],
+            ),
         ] {
             assert_eq!(got.as_f64(), want.as_f64(), "{name}");
         }
+        let keys = |entry: &serde_json::Value| -> Vec<String> {
+            let mut k: Vec<String> = entry.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let names = |v: &serde_json::Value| -> Vec<String> {
+            let list = v.as_array().unwrap().iter();
+            list.map(|k| k.as_str().unwrap().to_string()).collect()
+        };
+        assert_eq!(keys(&history[0]), names(&case["log_keys"]), "{name}");
+        assert_eq!(keys(last), names(&case["summary_keys"]), "{name}");
     }
 }

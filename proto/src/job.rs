@@ -37,6 +37,44 @@ pub enum Task {
     Reward,
 }
 
+/// Which input tokens `num_input_tokens_seen` counts (HF's `include_num_input_tokens_seen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TokensSeen {
+    /// Not counted: the trainer state keeps 0, as HF's default.
+    #[default]
+    No,
+    /// Every input id, padding included (`input_ids.numel()`).
+    All,
+    /// The attention mask's ones.
+    NonPadding,
+}
+
+impl<'de> Deserialize<'de> for TokensSeen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // HF takes a boolean too: true is "all", false "no".
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Given {
+            Flag(bool),
+            Name(String),
+        }
+        match Given::deserialize(d)? {
+            Given::Flag(true) => Ok(TokensSeen::All),
+            Given::Flag(false) => Ok(TokensSeen::No),
+            Given::Name(n) => match n.as_str() {
+                "no" => Ok(TokensSeen::No),
+                "all" => Ok(TokensSeen::All),
+                "non_padding" => Ok(TokensSeen::NonPadding),
+                _ => Err(serde::de::Error::custom(format!(
+                    "include_num_input_tokens_seen: expected `all`, `non_padding`, `no` or a \
+                     boolean, got `{n}`"
+                ))),
+            },
+        }
+    }
+}
+
 fn d_lora_alpha() -> f64 {
     8.0
 }
@@ -244,6 +282,11 @@ pub struct JobSpec {
     pub bf16: bool,
     #[serde(default)]
     pub fp16: bool,
+    /// HF's `include_num_input_tokens_seen`: count the input tokens of every rank into the
+    /// trainer state's `num_input_tokens_seen` and log it (`all` counts padding, `non_padding`
+    /// does not; true is `all`, false `no`).
+    #[serde(default)]
+    pub include_num_input_tokens_seen: TokensSeen,
     /// Skip (and count) malformed data records instead of failing the job.
     #[serde(default)]
     pub skip_bad_records: bool,

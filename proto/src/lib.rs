@@ -12,7 +12,7 @@ pub mod job;
 
 pub use job::{
     DataEntry, DataFile, DataFormat, DataPath, EvalStrategy, JobError, JobSpec, LoggingStrategy,
-    SaveStrategy, SchedulerKwargs, SchedulerType, StepCount, Task, WsdCurve,
+    SaveStrategy, SchedulerKwargs, SchedulerType, StepCount, Task, TokensSeen, WsdCurve,
 };
 
 /// The gRPC messages and services of `proto/herd.proto` (package `herd.v1`).

@@ -462,3 +462,37 @@ fn warmup_stable_decay_takes_its_curves_and_needs_its_decay_steps() {
         .to_string();
     assert!(err.contains("unknown variant `sqrt`"), "{err}");
 }
+
+#[test]
+fn tokens_seen_takes_hf_names_and_booleans() {
+    let parse = |v: &str| {
+        JobSpec::from_yaml_str(
+            &format!("{MIN}include_num_input_tokens_seen: {v}\n"),
+            "job.yaml",
+        )
+    };
+    assert_eq!(
+        JobSpec::from_yaml_str(MIN, "j")
+            .unwrap()
+            .include_num_input_tokens_seen,
+        TokensSeen::No
+    );
+    for (v, want) in [
+        ("true", TokensSeen::All),
+        ("false", TokensSeen::No),
+        ("all", TokensSeen::All),
+        ("non_padding", TokensSeen::NonPadding),
+        ("'no'", TokensSeen::No),
+    ] {
+        assert_eq!(parse(v).unwrap().include_num_input_tokens_seen, want, "{v}");
+    }
+    let err = parse("some").unwrap_err().to_string();
+    assert!(
+        err.contains("expected `all`, `non_padding`, `no` or a boolean, got `some`"),
+        "{err}"
+    );
+    // Saved jobs (training_args.yaml, the coordinator's copy) read back the same.
+    let j = parse("non_padding").unwrap();
+    let again = JobSpec::from_yaml_str(&serde_yaml::to_string(&j).unwrap(), "j").unwrap();
+    assert_eq!(again.include_num_input_tokens_seen, TokensSeen::NonPadding);
+}

@@ -30,10 +30,11 @@ use candle_core::DType;
 use engine::{Engine, Trainable};
 pub use events::{finished_line, saved_line, Event, Observer};
 use herd_model::{Llama, Tokenizer};
-use herd_proto::{JobSpec, Task};
+use herd_proto::{JobSpec, Task, TokensSeen};
 use objective::{CausalLm, Objective};
 use outputs::{
-    checkpoint_path, evaluate, new_trainer_state, round4, save_checkpoint, save_final, track_best,
+    checkpoint_path, evaluate, new_trainer_state, round3, round4, save_checkpoint, save_final,
+    track_best,
 };
 pub use plan::Plan;
 use serde_json::json;
@@ -401,7 +402,7 @@ fn run_setup<O: Objective>(
     // HF's train() does); it does not take part in picking the best checkpoint.
     if rank == 0 && job.eval_on_start {
         if let Some(entry) = evaluate(job, &objective, &engine.model, ts.epoch, start_step)? {
-            record_eval(&mut ts, observer, entry);
+            record_eval(job, &mut ts, observer, entry);
         }
     }
     let end = opts
@@ -416,6 +417,7 @@ fn run_setup<O: Objective>(
     // HF's train_loss: the mean loss of the steps this run trained.
     let mut run_loss = 0.0;
     let mut step = start_step;
+    let tokens_at_start = ts.num_input_tokens_seen;
     while step < end {
         let span = tracing::info_span!("step", step, rank);
         let _g = span.enter();
@@ -457,7 +459,21 @@ fn run_setup<O: Objective>(
         ts.global_step = step;
         ts.epoch = plan.epoch_progress(step);
         let seen_tokens = fed.tokens;
-        ts.num_input_tokens_seen += seen_tokens as u64;
+        // The ranks stop together, at the same step, with one checkpoint: a stop told to one
+        // rank only (its worker preempted by SIGTERM) would otherwise leave the others waiting
+        // on it in the next collective, and rank 0, which writes the checkpoint, would never
+        // save it. A sharded save needs every rank anyway. The same all-reduce sums what the
+        // ranks fed.
+        let stop_flag = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        let (stop_requested, all_fed) = zero::agree_step(collective, stop_flag, fed)?;
+        // HF's total_flos: every rank's input tokens (padding included) × 6 × the
+        // non-embedding parameters, before this step's checkpoint saves the trainer state.
+        ts.total_flos += flos_per_input_token * all_fed.input_tokens as f64;
+        ts.num_input_tokens_seen += match job.include_num_input_tokens_seen {
+            TokensSeen::No => 0,
+            TokensSeen::All => all_fed.input_tokens as u64,
+            TokensSeen::NonPadding => all_fed.tokens as u64,
+        };
         let dt = ts_step.elapsed().as_secs_f64().max(1e-9);
         observer.event(&Event::Step {
             step,
@@ -481,6 +497,14 @@ fn run_setup<O: Objective>(
             if stats.accuracy.is_some() {
                 entry["accuracy"] = json!(window_accuracy / window_steps as f64);
             }
+            if job.include_num_input_tokens_seen != TokensSeen::No {
+                // HF adds the count and this run's token throughput to every training log.
+                let runtime = t0.elapsed().as_secs_f64().max(1e-9);
+                let tokens = ts.num_input_tokens_seen - tokens_at_start;
+                entry["num_input_tokens_seen"] = json!(ts.num_input_tokens_seen);
+                entry["train_runtime"] = json!(round4(runtime));
+                entry["train_tokens_per_second"] = json!(round3(tokens as f64 / runtime));
+            }
             window_loss = 0.0;
             window_accuracy = 0.0;
             window_steps = 0;
@@ -494,7 +518,7 @@ fn run_setup<O: Objective>(
                 if let Some(rule) = &best_rule {
                     new_best = track_best(rule, &entry, &mut ts, job, step)?;
                 }
-                record_eval(&mut ts, observer, entry);
+                record_eval(job, &mut ts, observer, entry);
             }
         }
         // save_strategy: best saves after an evaluation that improved the metric; sharded, every
@@ -503,20 +527,6 @@ fn run_setup<O: Objective>(
         if saves_best && due.evaluate && engine.shard().is_some() {
             new_best = zero::any_rank(collective, new_best)?;
         }
-        let mut stop_requested = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-        if world > 1 {
-            // The ranks stop together, at the same step, with one checkpoint: a stop told to
-            // one rank only (its worker preempted by SIGTERM) would otherwise leave the others
-            // waiting on it in the next collective, and rank 0, which writes the checkpoint,
-            // would never save it. A sharded save needs every rank anyway.
-            let (stop, input_tokens) =
-                zero::agree_step(collective, stop_requested, fed.input_tokens)?;
-            stop_requested = stop;
-            fed.input_tokens = input_tokens;
-        }
-        // HF's total_flos: every rank's input tokens (padding included) × 6 × the
-        // non-embedding parameters, before this step's checkpoint saves the trainer state.
-        ts.total_flos += flos_per_input_token * fed.input_tokens as f64;
         let range_end = step == end && step < plan.total_steps;
         let save = due.save
             || (saves_best && new_best)
@@ -591,9 +601,12 @@ fn run_setup<O: Objective>(
             "total_flos": ts.total_flos,
             "train_loss": train_loss,
             "train_runtime": round4(runtime),
-            "train_samples_per_second": round4(plan.examples_in_steps(start_step, step) as f64 / runtime),
-            "train_steps_per_second": round4((step - start_step) as f64 / runtime),
+            "train_samples_per_second": round3(plan.examples_in_steps(start_step, step) as f64 / runtime),
+            "train_steps_per_second": round3((step - start_step) as f64 / runtime),
         });
+        if job.include_num_input_tokens_seen != TokensSeen::No {
+            summary["num_input_tokens_seen"] = json!(ts.num_input_tokens_seen);
+        }
         ts.log_history.push(summary.clone());
         save_final(job, &objective, &engine, master, &tokenizer, &ts)?;
         let complete = checkpoint::complete_steps(&job.output_dir)?;
@@ -618,7 +631,15 @@ fn run_setup<O: Objective>(
 }
 
 /// An evaluation entry into the log history, the log and the observer.
-fn record_eval(ts: &mut TrainerState, observer: &mut dyn Observer, entry: serde_json::Value) {
+fn record_eval(
+    job: &JobSpec,
+    ts: &mut TrainerState,
+    observer: &mut dyn Observer,
+    mut entry: serde_json::Value,
+) {
+    if job.include_num_input_tokens_seen != TokensSeen::No {
+        entry["num_input_tokens_seen"] = json!(ts.num_input_tokens_seen);
+    }
     tracing::info!(target: "herd::log", "{entry}");
     ts.log_history.push(entry.clone());
     observer.event(&Event::Evaluated(entry));

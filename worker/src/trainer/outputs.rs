@@ -81,14 +81,19 @@ pub(super) fn evaluate<O: Objective>(
     let mut entry = json!({
         "epoch": epoch,
         "eval_runtime": round4(dt),
-        "eval_samples_per_second": round4(n as f64 / dt),
-        "eval_steps_per_second": round4(n.div_ceil(batch.max(1)) as f64 / dt),
+        "eval_samples_per_second": round3(n as f64 / dt),
+        "eval_steps_per_second": round3(n.div_ceil(batch.max(1)) as f64 / dt),
         "step": step,
     });
     for (k, v) in metrics {
         entry[k] = v;
     }
     Ok(Some(entry))
+}
+
+/// HF's `speed_metrics` rounds runtimes to 4 decimals, rates to 3.
+pub(super) fn round3(x: f64) -> f64 {
+    (x * 1e3).round() / 1e3
 }
 
 pub(super) fn round4(x: f64) -> f64 {

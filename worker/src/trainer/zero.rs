@@ -32,6 +32,7 @@
 
 use std::ops::Range;
 
+use super::objective::Fed;
 use crate::collective::Collective;
 use crate::Result;
 
@@ -173,24 +174,28 @@ pub fn gather_to_first(
     Ok((rank == 0).then_some(all))
 }
 
-/// Whether any rank says yes (one tiny all-reduce): sharded ranks must agree on when to save,
-/// since a save needs every rank's shard.
-/// The step's agreement, in one small all-reduce: whether any rank was told to stop, and the
-/// input tokens all ranks fed (`total_flos` counts them; f32 holds a sum exactly up to 2^24
-/// tokens per step, an estimate's precision beyond).
-pub fn agree_step(
-    c: &mut dyn Collective,
-    stop: bool,
-    input_tokens: usize,
-) -> Result<(bool, usize)> {
+/// The step's agreement, in one small all-reduce: whether any rank was told to stop, and what
+/// all ranks fed (`total_flos` and `num_input_tokens_seen` count it; f32 holds a sum exactly up
+/// to 2^24 tokens per step, an estimate's precision beyond).
+pub fn agree_step(c: &mut dyn Collective, stop: bool, fed: Fed) -> Result<(bool, Fed)> {
     if c.world_size() == 1 {
-        return Ok((stop, input_tokens));
+        return Ok((stop, fed));
     }
-    let mut v = [stop as u8 as f32, input_tokens as f32];
+    let mut v = [
+        stop as u8 as f32,
+        fed.tokens as f32,
+        fed.input_tokens as f32,
+    ];
     c.all_reduce_sum(&mut v)?;
-    Ok((v[0] > 0.0, v[1].round() as usize))
+    let all = Fed {
+        tokens: v[1].round() as usize,
+        input_tokens: v[2].round() as usize,
+    };
+    Ok((v[0] > 0.0, all))
 }
 
+/// Whether any rank says yes (one tiny all-reduce): sharded ranks must agree on when to save,
+/// since a save needs every rank's shard.
 pub fn any_rank(c: &mut dyn Collective, yes: bool) -> Result<bool> {
     if c.world_size() == 1 {
         return Ok(yes);
