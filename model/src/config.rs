@@ -152,6 +152,20 @@ impl LlamaConfig {
         self
     }
 
+    /// Records the dtype the weights are saved in (`torch.float32` as "float32"), as
+    /// `save_pretrained` does: under transformers 5's `dtype` and 4.x's `torch_dtype` alike, since
+    /// transformers 5 reads `dtype` first and a base's bf16 there would load f32 weights in bf16.
+    pub fn set_saved_dtype(&mut self, dtype: candle_core::DType) {
+        let name = match dtype {
+            candle_core::DType::BF16 => "bfloat16",
+            candle_core::DType::F16 => "float16",
+            _ => "float32",
+        };
+        for key in ["dtype", "torch_dtype"] {
+            self.extra.insert(key.into(), name.into());
+        }
+    }
+
     /// Writes `dir/config.json` atomically (pretty-printed, like transformers).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join("config.json");
@@ -209,6 +223,28 @@ impl LlamaConfig {
                 "head_dim {} must be even and positive",
                 self.head_dim()
             ));
+        }
+        match self.extra.get("model_type").and_then(Value::as_str) {
+            None | Some("llama") => {}
+            // Mistral's math is LLaMA's but for the sliding window, which limits attention to
+            // the last `sliding_window` tokens: computing full attention instead would silently
+            // give other logits than transformers.
+            Some("mistral") => {
+                let window = self.extra.get("sliding_window").and_then(Value::as_u64);
+                if let Some(w) = window.filter(|&w| (w as usize) < self.max_position_embeddings) {
+                    return bad(format!(
+                        "model_type \"mistral\" with sliding_window {w} is not supported: herd \
+                         attends to every earlier token (a Mistral config with sliding_window \
+                         null, as from v0.2 on, is)"
+                    ));
+                }
+            }
+            Some(other) => {
+                return bad(format!(
+                    "model_type {other:?} is not supported: herd runs LLaMA-family models \
+                     (model_type \"llama\", or \"mistral\" without a sliding window)"
+                ))
+            }
         }
         if let Some(act) = self.extra.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {

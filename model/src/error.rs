@@ -26,8 +26,8 @@ pub enum Error {
         #[source]
         source: safetensors::SafeTensorError,
     },
-    #[error("{path}: no model.safetensors or model.safetensors.index.json")]
-    NoWeights { path: PathBuf },
+    #[error("{path}: no model.safetensors or model.safetensors.index.json{hint}")]
+    NoWeights { path: PathBuf, hint: &'static str },
     #[error("{path}: tensor `{name}` is missing")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: unexpected tensor `{name}`")]

@@ -190,12 +190,7 @@ impl Llama {
         weights::save_dir(dir, &tensors, dtype, max_shard_bytes)?;
         // Like transformers, record the dtype the weights were saved in.
         let mut cfg = self.cfg.clone();
-        let name = match dtype {
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-            _ => "float32",
-        };
-        cfg.extra.insert("torch_dtype".into(), name.into());
+        cfg.set_saved_dtype(dtype);
         cfg.save(dir)
     }
 

@@ -214,16 +214,11 @@ impl RewardModel {
         let mut cfg = self.llama.config().clone();
         cfg.tie_word_embeddings = self.tie_word_embeddings;
         cfg.pad_token_id = self.pad_token_id;
-        let dtype_name = match dtype {
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-            _ => "float32",
-        };
+        cfg.set_saved_dtype(dtype);
         for (k, v) in [
             ("architectures", json!([ARCHITECTURE])),
             ("id2label", json!({"0": "LABEL_0"})),
             ("label2id", json!({"LABEL_0": 0})),
-            ("torch_dtype", json!(dtype_name)),
         ] {
             cfg.extra.insert(k.into(), v);
         }

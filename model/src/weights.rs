@@ -42,8 +42,19 @@ pub fn load_dir_sourced(dir: &Path) -> Result<Sourced> {
         return Ok((tensors, sources));
     }
     if !index.is_file() {
+        // A PyTorch pickle is not read (loading one runs code); say how to convert it.
+        let pickled = ["pytorch_model.bin", "pytorch_model.bin.index.json"];
+        let hint = match pickled.iter().any(|f| dir.join(f).is_file()) {
+            true => {
+                " (pytorch_model.bin is not read: convert it once with transformers, \
+                 `AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)`, which writes \
+                 safetensors)"
+            }
+            false => "",
+        };
         return Err(Error::NoWeights {
             path: dir.to_path_buf(),
+            hint,
         });
     }
     // Group the weight_map by shard so each shard is read once.

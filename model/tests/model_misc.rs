@@ -32,8 +32,18 @@ fn config_accepts_legacy_and_list_forms() {
 #[test]
 fn config_values_no_model_can_have_are_named() {
     type Break = fn(&mut LlamaConfig);
-    let cases: [(&str, Break); 5] = [
+    let cases: [(&str, Break); 7] = [
         ("vocab_size must be at least 1", |c| c.vocab_size = 0),
+        (r#"model_type "qwen2" is not supported"#, |c| {
+            c.extra.insert("model_type".into(), "qwen2".into());
+        }),
+        (
+            r#"model_type "mistral" with sliding_window 16 is not supported"#,
+            |c| {
+                c.extra.insert("model_type".into(), "mistral".into());
+                c.extra.insert("sliding_window".into(), 16.into());
+            },
+        ),
         ("max_position_embeddings must be at least 1", |c| {
             c.max_position_embeddings = 0
         }),
@@ -47,6 +57,13 @@ fn config_values_no_model_can_have_are_named() {
             c.rope_theta = f64::NAN
         }),
     ];
+    // Mistral without a window (or one no sequence can exceed) is LLaMA's math.
+    for window in [serde_json::Value::Null, 64.into()] {
+        let mut cfg = common::tiny_config(false);
+        cfg.extra.insert("model_type".into(), "mistral".into());
+        cfg.extra.insert("sliding_window".into(), window);
+        cfg.validate().unwrap();
+    }
     for (says, break_it) in cases {
         let mut cfg = common::tiny_config(false);
         cfg.validate().unwrap();

@@ -33,6 +33,9 @@ fn single_file_round_trip() {
     let mut cfg = common::tiny_config(false);
     cfg.extra
         .insert("some_future_key".into(), serde_json::json!({"a": [1, 2]}));
+    // A bf16 base as transformers 5 writes it: its `dtype` must not outlive an f32 save, since
+    // transformers 5 reads it before `torch_dtype` and would load the f32 weights in bf16.
+    cfg.extra.insert("dtype".into(), "bfloat16".into());
     let model = Llama::random(cfg, 11).unwrap();
     model.save(dir.path(), DType::F32).unwrap();
     assert!(dir.path().join(SINGLE_FILE).is_file());
@@ -44,6 +47,7 @@ fn single_file_round_trip() {
         serde_json::json!({"a": [1, 2]})
     );
     assert_eq!(loaded.config().extra["torch_dtype"], "float32");
+    assert_eq!(loaded.config().extra["dtype"], "float32");
     assert_eq!(loaded.config().rope_scaling, model.config().rope_scaling);
     assert_no_leftovers(dir.path());
     // Metadata {"format": "pt"} is what transformers requires.
@@ -206,6 +210,10 @@ fn missing_shard_and_missing_weights_are_named() {
         Err(Error::NoWeights { .. })
     ));
     assert!(matches!(Llama::load(empty.path()), Err(Error::Io { .. })));
+    // A PyTorch-only directory is told how to convert.
+    std::fs::write(empty.path().join("pytorch_model.bin"), b"pickle").unwrap();
+    let err = weights::load_dir(empty.path()).unwrap_err().to_string();
+    assert!(err.contains("pytorch_model.bin is not read: convert it"), "{err}");
 }
 
 #[test]
