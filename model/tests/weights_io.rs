@@ -213,7 +213,10 @@ fn missing_shard_and_missing_weights_are_named() {
     // A PyTorch-only directory is told how to convert.
     std::fs::write(empty.path().join("pytorch_model.bin"), b"pickle").unwrap();
     let err = weights::load_dir(empty.path()).unwrap_err().to_string();
-    assert!(err.contains("pytorch_model.bin is not read: convert it"), "{err}");
+    assert!(
+        err.contains("pytorch_model.bin is not read: convert it"),
+        "{err}"
+    );
 }
 
 #[test]
