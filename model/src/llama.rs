@@ -356,7 +356,7 @@ impl Llama {
         if let Some(e) = tensors.get(&embeds[0].1) {
             let rows = e.dim(0)?;
             if rows != self.cfg.vocab_size {
-                self.resize_token_embeddings(rows)?;
+                self.resize_token_embeddings(rows, 0)?;
             }
             for (hf, peft) in &embeds {
                 let t = tensors.remove(peft).ok_or_else(|| Error::MissingTensor {
@@ -431,29 +431,32 @@ impl Llama {
     }
 
     /// Grows (or truncates) the vocabulary as train.py's `smart_tokenizer_and_embedding_resize`:
-    /// each new row of embed_tokens is the mean of its old rows, and likewise, separately, for
-    /// lm_head (tied: only embed_tokens, which is also the head).
-    pub fn resize_token_embeddings(&mut self, new_vocab: usize) -> Result<()> {
+    /// the matrix gets `new_vocab` rows, and the last `added` rows (the tokens just added to the
+    /// tokenizer), like any row beyond the old ones, become the mean of the rows before them;
+    /// likewise, separately, for lm_head (tied: only embed_tokens, which is also the head). A
+    /// padded vocabulary larger than the tokenizer is cut to it, as train.py's resize to
+    /// `len(tokenizer)` does.
+    pub fn resize_token_embeddings(&mut self, new_vocab: usize, added: usize) -> Result<()> {
         let old_vocab = self.cfg.vocab_size;
-        if new_vocab == 0 {
-            return Err(Error::InvalidArgument("vocabulary size 0".into()));
+        if new_vocab == 0 || added > new_vocab {
+            return Err(Error::InvalidArgument(format!(
+                "vocabulary size {new_vocab} with {added} added tokens"
+            )));
         }
-        if new_vocab == old_vocab {
+        // Rows kept as they are; the mean is taken over them.
+        let kept = old_vocab.min(new_vocab - added);
+        if new_vocab == old_vocab && kept == old_vocab {
             return Ok(());
         }
         for (name, var) in self.vars.iter_mut() {
             if name != "model.embed_tokens.weight" && name != "lm_head.weight" {
                 continue;
             }
-            let old = var.as_tensor().detach();
-            let resized = if new_vocab < old_vocab {
-                old.narrow(0, 0, new_vocab)?.contiguous()?
-            } else {
-                let hidden = old.dim(1)?;
-                let mean = old.mean_keepdim(0)?; // [1, hidden]
-                let extra = mean.broadcast_as((new_vocab - old_vocab, hidden))?;
-                Tensor::cat(&[&old, &extra], 0)?.contiguous()?
-            };
+            let old = var.as_tensor().detach().narrow(0, 0, kept)?;
+            let hidden = old.dim(1)?;
+            let mean = old.mean_keepdim(0)?; // [1, hidden]
+            let extra = mean.broadcast_as((new_vocab - kept, hidden))?;
+            let resized = Tensor::cat(&[&old, &extra], 0)?.contiguous()?;
             *var = Var::from_tensor(&resized)?;
         }
         self.cfg.vocab_size = new_vocab;

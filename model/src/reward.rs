@@ -146,8 +146,8 @@ impl RewardModel {
     }
 
     /// Grows the vocabulary as `Llama::resize_token_embeddings` (embed_tokens only: no lm_head).
-    pub fn resize_token_embeddings(&mut self, new_vocab: usize) -> Result<()> {
-        self.llama.resize_token_embeddings(new_vocab)?;
+    pub fn resize_token_embeddings(&mut self, new_vocab: usize, added: usize) -> Result<()> {
+        self.llama.resize_token_embeddings(new_vocab, added)?;
         self.relist();
         Ok(())
     }

@@ -101,7 +101,7 @@ fn resize_appends_mean_rows() {
             .iter()
             .map(|(_, v)| v.as_tensor().clone())
             .collect();
-        model.resize_token_embeddings(53).unwrap();
+        model.resize_token_embeddings(53, 3).unwrap();
         assert_eq!(model.config().vocab_size, 53);
         for ((name, var), old) in model.vars().iter().zip(&before) {
             if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
@@ -122,6 +122,34 @@ fn resize_appends_mean_rows() {
         let logits = model.forward(&common::ids(&[&[1, 52, 51]])).unwrap();
         assert_eq!(logits.dims(), [1, 3, 53]);
     }
+}
+
+/// A vocabulary padded beyond the tokenizer is cut to it, as train.py's resize to
+/// len(tokenizer) does, and the added token's row is the mean of the rows kept before it.
+#[test]
+fn resize_to_a_smaller_tokenizer_cuts_and_means_the_added_rows() {
+    let mut model = Llama::random(common::tiny_config(false), 9).unwrap();
+    let embed = |m: &Llama| {
+        let vars = m.vars();
+        let (_, v) = vars
+            .iter()
+            .find(|(n, _)| n == "model.embed_tokens.weight")
+            .unwrap();
+        v.as_tensor().clone()
+    };
+    let before = embed(&model);
+    // 44 tokens in the tokenizer, one added ([PAD]): 45 rows.
+    model.resize_token_embeddings(45, 1).unwrap();
+    let after = embed(&model);
+    assert_eq!(after.dims(), [45, 32]);
+    let kept = before.narrow(0, 0, 44).unwrap();
+    assert_eq!(
+        common::max_abs_diff(&after.narrow(0, 0, 44).unwrap(), &kept),
+        0.0
+    );
+    let mean = kept.mean_keepdim(0).unwrap();
+    assert!(common::max_abs_diff(&after.narrow(0, 44, 1).unwrap(), &mean) < 1e-7);
+    assert_eq!(model.config().vocab_size, 45);
 }
 
 #[test]

@@ -114,7 +114,7 @@ fn logits_loss_and_gradients_match_transformers() {
 fn resize_matches_train_py() {
     let step = load_st("step.safetensors");
     let mut model = Llama::load(&fixtures().join("model")).unwrap();
-    model.resize_token_embeddings(308).unwrap();
+    model.resize_token_embeddings(308, 1).unwrap();
     assert_eq!(model.config().vocab_size, 308);
     for name in ["model.embed_tokens.weight", "lm_head.weight"] {
         let var = &model.vars().iter().find(|(n, _)| n == name).unwrap().1;

@@ -91,8 +91,10 @@ pub fn prepare(job: &JobSpec) -> Result<Prepared> {
     let mut tokenizer = Tokenizer::from_dir(tok_dir)?;
     let added_tokens = tokenizer.add_missing_special_tokens();
     let mut model = Llama::load(&job.model_name_or_path)?;
-    if tokenizer.len() > model.config().vocab_size {
-        model.resize_token_embeddings(tokenizer.len())?;
+    // train.py resizes to len(tokenizer) whatever the model's size; a LoRA job keeps a larger
+    // (padded) vocabulary, as PEFT scripts do not resize, so the adapter fits the base as it is.
+    if job.lora_r.is_none() || tokenizer.len() > model.config().vocab_size {
+        model.resize_token_embeddings(tokenizer.len(), added_tokens)?;
     }
     if let Some(r) = job.lora_r {
         let cfg = herd_model::lora::LoraConfig::new(

@@ -37,7 +37,7 @@ pub fn prepare(job: &JobSpec) -> Result<Setup<RewardPairs>> {
     let added_tokens = tokenizer.add_missing_special_tokens();
     let mut model = RewardModel::load(&job.model_name_or_path, job.seed)?;
     if tokenizer.len() > model.backbone().config().vocab_size {
-        model.resize_token_embeddings(tokenizer.len())?;
+        model.resize_token_embeddings(tokenizer.len(), added_tokens)?;
     }
     let pad_id = tokenizer
         .pad_id()
