@@ -171,7 +171,6 @@ fn a_deepspeed_config_file_runs_as_hf_trainer_reads_it() {
         ws.path().join("configs/ds_config.json"),
         r#"{
   "bf16": {"enabled": "auto"},
-  "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}},
   "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}, "overlap_comm": true},
   "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
   "train_batch_size": 8, "train_micro_batch_size_per_gpu": "auto", "steps_per_print": 2000
@@ -198,10 +197,51 @@ fn a_deepspeed_config_file_runs_as_hf_trainer_reads_it() {
         args.contains("zero_stage: 2") && args.contains("offload_optimizer"),
         "{args}"
     );
+    // (The config has no optimizer section: with one, norms and biases are decayed too, as the
+    // next test shows, which a `zero_stage: 2` job does not do.)
     let zero = ws.job("zero.yaml", "zero", &format!("{steps}zero_stage: 2\n"));
     let _ = run_sharded(&ws, &zero, "ZeRO-2: this rank keeps the gradient");
     assert_eq!(
         bits(&ws.path().join("ds/model.safetensors")),
         bits(&ws.path().join("zero/model.safetensors")),
     );
+}
+
+/// A DeepSpeed `optimizer` section makes HF Trainer hand DeepSpeed every parameter in one group
+/// (`DummyOptim(params=model_parameters)`), so its AdamW decays the norm weights too, which HF's
+/// own optimizer leaves out. Two steps (the first at lr 0, warming up): every other tensor equals
+/// the plain job's bit for bit, and each norm weight is smaller by lr × weight_decay × itself.
+#[test]
+fn a_deepspeed_optimizer_section_decays_every_parameter() {
+    let ws = Workspace::new(8);
+    let steps = "max_steps: 2\nsave_strategy: 'no'\n";
+    let ds = ws.job(
+        "ds.yaml",
+        "ds",
+        &format!(
+            "{steps}deepspeed: {{optimizer: {{type: AdamW, params: {{lr: auto, betas: auto, \
+             eps: auto, weight_decay: auto}}}}}}\n"
+        ),
+    );
+    let plain = ws.job("plain.yaml", "plain", steps);
+    ws.train(&ds, &[]);
+    ws.train(&plain, &[]);
+    let base = tensors(&ws.path().join("demo/model/model.safetensors"));
+    let a = tensors(&ws.path().join("ds/model.safetensors"));
+    let b = tensors(&ws.path().join("plain/model.safetensors"));
+    // Warmup 2 of 2 cosine steps from 1e-3: the second step's lr is 5e-4; weight_decay 0.01.
+    let shrink = 5e-4 * 0.01;
+    let mut norms = 0;
+    for (name, got) in &a {
+        let want = &b[name];
+        if !name.ends_with("norm.weight") {
+            assert_eq!(got, want, "{name}");
+            continue;
+        }
+        norms += 1;
+        for ((g, w), w0) in got.iter().zip(want).zip(&base[name]) {
+            assert!(((w - g) - shrink * w0).abs() < 3e-7, "{name}: {g} {w} {w0}");
+        }
+    }
+    assert!(norms > 0);
 }

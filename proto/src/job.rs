@@ -179,10 +179,12 @@ pub struct JobSpec {
     pub adam_epsilon: f64,
     #[serde(default = "d_grad_norm")]
     pub max_grad_norm: f64,
+    /// transformers 4.x's warmup as a share of the steps (5.x gives it as `warmup_steps` < 1).
     #[serde(default)]
     pub warmup_ratio: f64,
+    /// Warmup optimizer steps; below 1 a ratio of the total steps, as transformers 5.x reads it.
     #[serde(default)]
-    pub warmup_steps: u64,
+    pub warmup_steps: f64,
     #[serde(default)]
     pub lr_scheduler_type: SchedulerType,
     #[serde(default)]
@@ -390,12 +392,17 @@ impl JobSpec {
         self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
     }
 
-    /// HF's `TrainingArguments.get_warmup_steps`.
+    /// HF's `TrainingArguments.get_warmup_steps`: `warmup_steps` ≥ 1 is a count (its integer
+    /// part), one in (0, 1) a ratio of the total rounded up (5.x); without it `warmup_ratio`
+    /// (4.x, where steps win over the ratio).
     pub fn warmup_steps_for(&self, total_steps: u64) -> u64 {
-        if self.warmup_steps > 0 {
-            self.warmup_steps
+        let ratio = |r: f64| (total_steps as f64 * r).ceil() as u64;
+        if self.warmup_steps >= 1.0 {
+            self.warmup_steps as u64
+        } else if self.warmup_steps > 0.0 {
+            ratio(self.warmup_steps)
         } else {
-            (total_steps as f64 * self.warmup_ratio).ceil() as u64
+            ratio(self.warmup_ratio)
         }
     }
 

@@ -45,9 +45,25 @@ pub struct AdamW {
     pub states: Vec<ParamState>,
     /// Completed optimizer steps (torch's `state["step"]`).
     pub steps: u64,
+    /// Decay norms and biases too ([`AdamW::decay_every_parameter`]).
+    pub decay_all: bool,
 }
 
 impl AdamW {
+    /// Weight decay for every parameter, as DeepSpeed's optimizer applies it over the one group
+    /// HF Trainer gives it when the DeepSpeed config has an `optimizer` section.
+    pub fn decay_every_parameter(&mut self) {
+        self.decay_all = true;
+        for s in &mut self.states {
+            s.decay = true;
+        }
+    }
+
+    /// Whether parameter `name` is decayed.
+    pub fn decays(&self, name: &str) -> bool {
+        self.decay_all || decays(name)
+    }
+
     pub fn new(config: AdamWConfig, params: &[(String, usize)]) -> Self {
         let states = params
             .iter()
@@ -62,6 +78,7 @@ impl AdamW {
             config,
             states,
             steps: 0,
+            decay_all: false,
         }
     }
 

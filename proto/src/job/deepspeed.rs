@@ -233,6 +233,14 @@ pub fn scheduler_of(spec: &JobSpec) -> Result<Option<scheduler::DsScheduler>, Jo
         })
 }
 
+/// Whether the job's DeepSpeed config has an `optimizer` section. HF Trainer then hands
+/// DeepSpeed all trainable parameters as one group (`DummyOptim(params=model_parameters)`), so
+/// weight decay applies to every parameter, norms and biases too, rather than HF's own two
+/// groups.
+pub fn has_optimizer(spec: &JobSpec) -> bool {
+    matches!(&spec.deepspeed, Some(DeepSpeed::Config(c)) if c.contains_key("optimizer"))
+}
+
 /// `a.b.c` in `config`.
 fn lookup<'a>(config: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     let (first, rest) = key.split_once('.').unwrap_or((key, ""));

@@ -185,6 +185,35 @@ fn warmup_ratio_rounds_up_like_hf() {
     let j = JobSpec::from_yaml_str(&format!("{MIN}warmup_ratio: 0.03\nwarmup_steps: 5\n"), "j")
         .unwrap();
     assert_eq!(j.warmup_steps_for(100), 5);
+    // transformers 5.x: warmup_steps below 1 is the ratio, rounded up; above, its integer part.
+    for (v, want) in [
+        ("0.03", 3),
+        ("0.5", 50),
+        ("5", 5),
+        ("7.9", 7),
+        ("1", 1),
+        ("0", 0),
+    ] {
+        let j = JobSpec::from_yaml_str(
+            &format!(
+                "{MIN}warmup_steps: {v}
+"
+            ),
+            "j",
+        )
+        .unwrap();
+        assert_eq!(j.warmup_steps_for(100), want, "{v}");
+    }
+    let err = JobSpec::from_yaml_str(
+        &format!(
+            "{MIN}warmup_steps: -1
+"
+        ),
+        "j",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("warmup_steps"), "{err}");
 }
 
 #[test]

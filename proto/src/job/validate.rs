@@ -105,6 +105,15 @@ impl JobSpec {
                 ),
             );
         }
+        if !(self.warmup_steps.is_finite() && self.warmup_steps >= 0.0) {
+            return bad(
+                "warmup_steps",
+                format!(
+                    "must be a number >= 0 (below 1, a ratio of the steps), got {}",
+                    self.warmup_steps
+                ),
+            );
+        }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
             return bad(
                 "warmup_ratio",

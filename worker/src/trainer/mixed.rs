@@ -27,7 +27,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use herd_kernels::{AdamWHyper, FusedAdamW, Grad, GradTable};
 
 use crate::collective::Collective;
-use crate::optim::{clip_coefficient, decays, AdamW};
+use crate::optim::{clip_coefficient, AdamW};
 use crate::Result;
 
 pub struct MixedState {
@@ -65,7 +65,7 @@ impl MixedState {
     ) -> Result<(Self, Vec<Tensor>)> {
         let table: Vec<(usize, bool)> = params[owned.clone()]
             .iter()
-            .map(|(name, v)| (v.elem_count(), decays(name)))
+            .map(|(name, v)| (v.elem_count(), optimizer.decays(name)))
             .collect();
         let adamw = FusedAdamW::new(&table);
         let mut spans = Vec::with_capacity(params.len());

@@ -232,8 +232,8 @@ pub fn read(section: &Value, learning_rate: f64) -> Result<DsScheduler, Vec<Stri
 
 impl DsScheduler {
     /// HF's `trainer_config_finalize` once the job's optimizer steps are known: "auto" takes the
-    /// job's warmup (`warmup_steps`, else ceil(warmup_ratio × total)) and total, and a number
-    /// must equal them. The result has both step counts set.
+    /// job's warmup (`warmup_steps`, else ceil(warmup_ratio × total), at least 1) and total, and
+    /// a number must equal them. The result has both step counts set.
     pub fn resolve(&self, job_warmup: u64, job_total: u64) -> Result<DsScheduler, String> {
         let mut mismatches = Vec::new();
         let mut fill = |key: &str, given: Option<u64>, ours: u64, what: &str| match given {
@@ -245,11 +245,13 @@ impl DsScheduler {
             }
             _ => ours,
         };
+        // transformers 5 fills at least 1, so that a job without warmup still runs (DeepSpeed
+        // refuses 0, and warms up over max(2, n) steps anyway).
         let warmup = fill(
             "warmup_num_steps",
             self.warmup_num_steps,
-            job_warmup,
-            "warmup (warmup_steps, or warmup_ratio × steps)",
+            job_warmup.max(1),
+            "warmup (warmup_steps, or warmup_ratio × steps, at least 1)",
         );
         let total = match self.kind {
             DsScheduleKind::WarmupLr => None,
@@ -260,11 +262,6 @@ impl DsScheduler {
                 "number of optimizer steps",
             )),
         };
-        if warmup == 0 && mismatches.is_empty() {
-            mismatches.push(warmup_of_no_steps(
-                "comes to 0 (the job has no warmup_steps or warmup_ratio)",
-            ));
-        }
         if mismatches.is_empty() {
             Ok(DsScheduler {
                 warmup_num_steps: Some(warmup),

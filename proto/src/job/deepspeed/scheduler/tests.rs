@@ -58,15 +58,17 @@ fn numbers_that_disagree_with_the_job_are_refused_when_training_starts() {
 }
 
 #[test]
-fn a_warmup_of_no_steps_is_refused_as_deepspeed_refuses_it() {
+fn a_warmup_of_no_steps_is_refused_as_deepspeed_refuses_it_but_auto_fills_one() {
     let e = err(json!({"type": "WarmupLR", "params": {"warmup_num_steps": 0}}));
     assert!(e.contains("at least one step"), "{e}");
-    let s = ok(json!({"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}));
-    let e = s.resolve(0, 100).unwrap_err();
-    assert!(
-        e.contains("comes to 0") && e.contains("set warmup_steps or warmup_ratio"),
-        "{e}"
-    );
+    // transformers 5 fills "auto" with max(1, warmup), so a job without warmup runs, and a
+    // config that says 1 agrees with it.
+    for given in [json!("auto"), json!(1)] {
+        let s = ok(json!({"type": "WarmupDecayLR", "params": {
+            "warmup_num_steps": given, "total_num_steps": "auto"}}));
+        let r = s.resolve(0, 100).unwrap();
+        assert_eq!(r.warmup_num_steps, Some(1), "{given}");
+    }
 }
 
 #[test]
