@@ -427,7 +427,8 @@ fn herd_run_starts_a_killed_worker_again_and_the_job_finishes() {
         .current_dir(ws.path())
         .arg("run")
         .arg(&job)
-        .args(["--workers", "2", "--heartbeat-timeout-s", "2"])
+        // No --workers: the job's world_size (2) is the number of workers.
+        .args(["--heartbeat-timeout-s", "2"])
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()
         .unwrap();
@@ -464,6 +465,16 @@ fn herd_run_starts_a_killed_worker_again_and_the_job_finishes() {
         stderr.contains("starting it again (restart 1 of max_restarts 3)"),
         "{stderr}"
     );
+    // The dead worker's log is kept, where the run said it was.
+    assert!(
+        stderr.contains(&format!("state and logs kept in {state}")),
+        "{stderr}"
+    );
+    assert!(
+        Path::new(&state).join("worker-0.log").is_file()
+            || Path::new(&state).join("worker-1.log").is_file()
+    );
+    std::fs::remove_dir_all(&state).unwrap();
     assert_eq!(trainer_state(&out)["global_step"], 60);
     let one = ws.job(
         "one.yaml",

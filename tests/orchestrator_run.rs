@@ -37,6 +37,10 @@ fn run_with_two_workers_equals_one_process_with_twice_the_accumulation() {
     let stderr = ws.run_workers(&job, 2);
     assert!(stderr.contains("SUCCEEDED"), "{stderr}");
     assert!(stderr.contains("loss"), "progress is shown: {stderr}");
+    assert!(
+        stderr.contains("--workers 2 overrides the job's world_size 1: global batch 4 → 8"),
+        "{stderr}"
+    );
     assert_no_process_mentions(&state_dir_of(&stderr));
 
     let single = ws.job(

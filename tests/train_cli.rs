@@ -545,7 +545,7 @@ fn neftune_noise_changes_training_resumes_bit_identically_and_matches_across_wor
 }
 
 #[test]
-fn a_second_interrupt_exits_at_once() {
+fn a_signal_pauses_with_its_exit_code_and_a_second_one_exits_at_once() {
     let ws = Workspace::new(16);
     ws.job(
         "long.yaml",
@@ -553,41 +553,55 @@ fn a_second_interrupt_exits_at_once() {
         "max_steps: 1000000\nsave_steps: 1000000\ngradient_accumulation_steps: 4\n",
     );
     let log = ws.path().join("long.log");
-    let mut child = herd()
-        .current_dir(ws.path())
-        .args(["train", "long.yaml", "--no-progress"])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    // The handlers are in place once the job has started reading its data.
-    let t0 = Instant::now();
-    while !std::fs::read_to_string(&log).unwrap().contains("data file") {
-        assert!(t0.elapsed() < Duration::from_secs(60), "never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let pid = child.id() as libc::pid_t;
-    for _ in 0..2 {
-        // SAFETY: a signal to our own child, which is alive (not yet waited for).
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
-        // Two at once would merge into one pending signal: the second comes once the first
-        // was taken, well inside the step it lets finish (four micro-batches).
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
+    // Signals `sigs` (20 ms apart) once the run has started; its exit code and stderr.
+    let run = |sigs: &[libc::c_int]| {
+        let mut child = herd()
+            .current_dir(ws.path())
+            .args(["train", "long.yaml", "--no-progress"])
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // The handlers are in place once the job has started reading its data.
+        let t0 = Instant::now();
+        while !std::fs::read_to_string(&log).unwrap().contains("data file") {
+            assert!(t0.elapsed() < Duration::from_secs(60), "never started");
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(t0.elapsed() < Duration::from_secs(20), "still running");
-        std::thread::sleep(Duration::from_millis(20));
+        let pid = child.id() as libc::pid_t;
+        for &sig in sigs {
+            // SAFETY: a signal to our own child, which is alive (not yet waited for).
+            assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+            // Two at once would merge into one pending signal: the second comes once the
+            // first was taken, well inside the step it lets finish (four micro-batches).
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "still running");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status.code(), std::fs::read_to_string(&log).unwrap())
     };
-    // 130: the second signal's exit, not the first one's checkpoint and clean stop (0).
-    assert_eq!(
-        status.code(),
-        Some(130),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
+    // One SIGTERM (a service manager's stop): the step finishes, a checkpoint is written and
+    // the exit is 143 (128 + 15), not the 0 of a finished run.
+    let (code, stderr) = run(&[libc::SIGTERM]);
+    assert_eq!(code, Some(143), "{stderr}");
+    assert!(
+        stderr.contains("with a checkpoint (SIGTERM); run the same command to resume"),
+        "{stderr}"
     );
+    assert!(ws.path().join("long").read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("checkpoint-")));
+    // Two SIGINTs: 130 at once, from the second signal, without the first one's checkpoint.
+    let (code, stderr) = run(&[libc::SIGINT, libc::SIGINT]);
+    assert_eq!(code, Some(130), "{stderr}");
+    assert!(!stderr.contains("stopped at step"), "{stderr}");
 }
 
 /// `total_flos` and `num_input_tokens_seen` against the real HF Trainer

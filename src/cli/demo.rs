@@ -191,7 +191,7 @@ fn train_with_workers(dir: &Path, mut job: JobSpec, workers: usize) -> Result<()
     std::fs::write(&path, job.to_yaml()).with_context(|| format!("writing {}", path.display()))?;
     super::run::run(&super::run::RunArgs {
         job: path,
-        workers,
+        workers: Some(workers),
         heartbeat_timeout_s: 10.0,
         keep_state: false,
     })

@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     pub job: PathBuf,
-    /// Worker daemons to start (the job's world_size becomes this).
-    #[arg(long, default_value_t = 2)]
-    pub workers: usize,
+    /// Worker daemons to start [default: the job's world_size]; another number becomes the
+    /// job's world_size (and so changes its global batch).
+    #[arg(long)]
+    pub workers: Option<usize>,
     /// A worker silent for longer than this is dead.
     #[arg(long, default_value_t = 10.0)]
     pub heartbeat_timeout_s: f64,
@@ -148,11 +149,25 @@ fn tail(path: &Path, n: usize) -> String {
 
 pub fn run(a: &RunArgs) -> Result<()> {
     let t0 = Instant::now();
-    anyhow::ensure!(a.workers >= 1, "--workers must be at least 1");
+    anyhow::ensure!(a.workers != Some(0), "--workers must be at least 1");
+    let source = a.job.display().to_string();
+    let asked = std::fs::read_to_string(&a.job).with_context(|| format!("reading {source}"))?;
+    let asked = herd_proto::JobSpec::from_yaml_str(&asked, &source)?;
+    let workers = a.workers.unwrap_or(asked.world_size);
+    if workers != asked.world_size {
+        // As torchrun's --nproc_per_node, the worker count sets the ranks; say what that does
+        // to a batch the job file sized for another count.
+        eprintln!(
+            "herd run: --workers {workers} overrides the job's world_size {}: global batch {} → {}",
+            asked.world_size,
+            asked.global_batch_size(),
+            asked.global_batch_size() / asked.world_size.max(1) * workers
+        );
+    }
     // Check the job here first so a typo costs no processes (at the world size it will run at:
     // a DeepSpeed config's train_batch_size is checked against it).
-    let text = job_text(&a.job, Some(a.workers))?;
-    let job = herd_proto::JobSpec::from_yaml_str(&text, &a.job.display().to_string())?;
+    let text = job_text(&a.job, Some(workers))?;
+    let job = herd_proto::JobSpec::from_yaml_str(&text, &source)?;
     super::train::check_paths(&job)?;
     let job_out = job.output_dir.clone();
 
@@ -222,7 +237,7 @@ pub fn run(a: &RunArgs) -> Result<()> {
 
     // Like torchrun's OMP_NUM_THREADS=1: split the cores between the local workers so N
     // processes don't each start (and spin) a thread per core.
-    let threads = worker_threads(a.workers);
+    let threads = worker_threads(workers);
     let spawn_worker = |i: usize, log: &str| -> Result<Child> {
         let mut cmd = child_command(&exe);
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
@@ -243,14 +258,14 @@ pub fn run(a: &RunArgs) -> Result<()> {
         .spawn()
         .with_context(|| format!("starting worker {i}"))
     };
-    for i in 0..a.workers {
+    for i in 0..workers {
         children
             .workers
             .push(spawn_worker(i, &format!("worker-{i}.log"))?);
     }
     eprintln!(
         "herd run: coordinator {addr} and {} worker(s) started ({:.1}s); state and logs in {}",
-        a.workers,
+        workers,
         t0.elapsed().as_secs_f64(),
         state_dir.display()
     );
@@ -265,14 +280,14 @@ pub fn run(a: &RunArgs) -> Result<()> {
     };
     let _ = client_token(None, Some(&state_dir))?;
     let rt = runtime()?;
-    let mut worker_logs: Vec<String> = (0..a.workers).map(|i| format!("worker-{i}.log")).collect();
+    let mut worker_logs: Vec<String> = (0..workers).map(|i| format!("worker-{i}.log")).collect();
     let mut respawns = 0u32; // after failed exits, bounded by max_restarts
     let mut starts = 0u32; // every worker started again, naming its log
     let result: Result<herd_proto::pb::JobStatus> = rt.block_on(async {
         let mut c = Client::connect(&args)?;
         let resp = submit_text(&mut c, text, &a.job).await?;
         let job_id = resp.job_id.clone();
-        eprintln!("herd run: job {job_id} submitted with world_size {}", a.workers);
+        eprintln!("herd run: job {job_id} submitted with world_size {workers}");
         let watch = watch_job(&c, &job_id, false, Some(t0));
         tokio::pin!(watch);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -319,7 +334,8 @@ pub fn run(a: &RunArgs) -> Result<()> {
     match result {
         Ok(st) => {
             children.stop(Duration::from_secs(10));
-            if a.keep_state || exit_for(&st).is_err() {
+            // A worker that died during the run leaves its log as the evidence.
+            if a.keep_state || exit_for(&st).is_err() || starts > 0 {
                 let kept = state.keep();
                 eprintln!("herd run: state and logs kept in {}", kept.display());
             }

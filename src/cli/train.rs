@@ -8,7 +8,7 @@ use herd_proto::JobSpec;
 use herd_worker::collective::SingleProcess;
 use herd_worker::trainer::{self, Outcome, RunOptions};
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub fn load_job(path: &Path) -> Result<JobSpec> {
@@ -119,6 +119,7 @@ pub fn run_job_on(
     device: DeviceSpec,
 ) -> Result<Outcome> {
     let stop = Arc::new(AtomicBool::new(false));
+    let mut got = vec![];
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // The first signal stops at the next step with a checkpoint; a second one exits at
         // once (before the first step, while the data is prepared, there is nothing to save,
@@ -126,6 +127,9 @@ pub fn run_job_on(
         signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
             .context("installing the signal handler")?;
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
+        let this = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(sig, this.clone()).context("installing the signal handler")?;
+        got.push((sig, this));
     }
     let opts = RunOptions {
         until_step,
@@ -137,7 +141,25 @@ pub fn run_job_on(
     let _g = span.enter();
     let outcome = trainer::run(job, &opts, &mut SingleProcess, &mut observer)?;
     if let Outcome::Paused { step } = outcome {
-        eprintln!("stopped at step {step} with a checkpoint; run the same command to resume");
+        let signal = got.iter().find(|(_, f)| f.load(Ordering::SeqCst));
+        let Some((sig, _)) = signal else {
+            eprintln!(
+                "stopped at step {step} with a checkpoint (--until-step); run without \
+                 --until-step, or with a later one, to go on"
+            );
+            return Ok(outcome);
+        };
+        // Stopped by a signal: the shell's code for it (128 + its number), so a script or a
+        // service manager tells a paused run from a finished one (exit 0).
+        let name = if *sig == signal_hook::consts::SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        eprintln!(
+            "stopped at step {step} with a checkpoint ({name}); run the same command to resume"
+        );
+        std::process::exit(128 + sig);
     }
     Ok(outcome)
 }

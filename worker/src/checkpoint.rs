@@ -95,6 +95,31 @@ pub fn begin(output_dir: &Path, step: u64) -> Result<PathBuf> {
     Ok(staging)
 }
 
+/// Removes the staging directories of saves that never finished (a second Ctrl-C, a SIGKILL
+/// mid-save), which nothing resumes from and which hold a whole checkpoint's bytes each; the
+/// steps whose leftovers went. Called when a run starts, before it saves anything.
+pub fn remove_unfinished_saves(output_dir: &Path) -> Result<Vec<u64>> {
+    let mut removed = vec![];
+    let entries = match fs::read_dir(output_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(io_err(output_dir)(e)),
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let step = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".partial"))
+            .and_then(parse_step);
+        if let Some(step) = step.filter(|_| e.path().is_dir()) {
+            fs::remove_dir_all(e.path()).map_err(io_err(&e.path()))?;
+            removed.push(step);
+        }
+    }
+    removed.sort_unstable();
+    Ok(removed)
+}
+
 fn sha256_file(path: &Path) -> Result<(u64, String)> {
     let mut f = fs::File::open(path).map_err(io_err(path))?;
     let mut h = Sha256::new();
@@ -412,6 +437,26 @@ mod tests {
         fs::write(out.join("checkpoint-2/model.safetensors"), b"tw").unwrap();
         assert!(verify(&out.join("checkpoint-2"), false).is_err());
         assert!(latest_complete(out).unwrap().is_none());
+    }
+
+    #[test]
+    fn unfinished_saves_are_removed_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path();
+        assert!(remove_unfinished_saves(&out.join("absent"))
+            .unwrap()
+            .is_empty());
+        save(out, 2, b"a");
+        let partial = begin(out, 4).unwrap();
+        fs::write(partial.join("model.safetensors"), b"half").unwrap();
+        fs::create_dir_all(out.join(".checkpoint-6.partial")).unwrap();
+        fs::write(out.join(".checkpoint-8.partial"), b"a file, not ours").unwrap();
+        fs::create_dir_all(out.join(".other.partial")).unwrap();
+        assert_eq!(remove_unfinished_saves(out).unwrap(), vec![4, 6]);
+        assert!(!partial.exists() && !out.join(".checkpoint-6.partial").exists());
+        for kept in ["checkpoint-2", ".checkpoint-8.partial", ".other.partial"] {
+            assert!(out.join(kept).exists(), "{kept}");
+        }
     }
 
     #[test]

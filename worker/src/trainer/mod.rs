@@ -295,11 +295,18 @@ fn run_setup<O: Objective>(
     }
     if rank == 0 {
         checkpoint::probe_writable(&job.output_dir)?;
+        let removed = checkpoint::remove_unfinished_saves(&job.output_dir)?;
+        if !removed.is_empty() {
+            tracing::warn!(steps = ?removed, "removed the staging folders of saves that never finished");
+        }
     }
     let parameters = objective.num_parameters(&model);
     let flos_per_input_token = objective.flos_per_input_token(&model);
     let mut engine = Engine::new(model, adam_config(job), job.max_grad_norm)
         .with_gradient_checkpointing(job.gradient_checkpointing);
+    if herd_proto::job::deepspeed::has_optimizer(job) {
+        engine.optimizer.decay_every_parameter();
+    }
     engine.dropout_seed = job.seed;
     engine.neftune_alpha = job.neftune_noise_alpha.unwrap_or(0.0);
     let bucket_mb = job
