@@ -116,6 +116,43 @@ fn answers_equal_herd_generate_alone_and_batched_and_need_the_token() {
     );
 }
 
+/// `generate` stops at every eos id of generation_config.json, as transformers does (Llama 3
+/// instruct lists `<|eot_id|>` there): with every id of the vocabulary listed, the answer ends
+/// before its first token, in `herd generate` and in `herd serve` alike.
+#[test]
+fn generation_stops_at_the_generation_configs_eos_ids() {
+    let ws = Workspace::new(8);
+    let free = cli_answer(ws.path(), ASKS[0].0, ASKS[0].1, 6);
+    assert!(!free.is_empty());
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&read(ws.path().join("demo/model/config.json"))).unwrap();
+    let vocab = cfg["vocab_size"].as_u64().unwrap();
+    let every: Vec<u64> = (0..vocab).collect();
+    std::fs::write(
+        ws.path().join("demo/model/generation_config.json"),
+        serde_json::json!({"eos_token_id": every}).to_string(),
+    )
+    .unwrap();
+    assert_eq!(cli_answer(ws.path(), ASKS[0].0, ASKS[0].1, 6), "");
+    let srv = start_server(ws.path(), &[]);
+    let body =
+        serde_json::json!({"instruction": ASKS[0].0, "input": ASKS[0].1, "max_new_tokens": 6});
+    let (st, body) = http(
+        &srv.addr,
+        "POST",
+        "/v1/generate",
+        Some(&srv.token),
+        &body.to_string(),
+    );
+    assert_eq!(st, 200, "{body}");
+    let answer = json(&body);
+    assert_eq!(
+        (answer["output"].as_str(), answer["finish_reason"].as_str()),
+        (Some(""), Some("stop")),
+        "{body}"
+    );
+}
+
 #[test]
 fn a_bad_model_dir_fails_at_start_naming_it() {
     let ws = Workspace::new(8);

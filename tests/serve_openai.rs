@@ -266,7 +266,8 @@ fn echo_and_logprobs_score_prompts_as_lm_eval_asks() {
         max_new_tokens: 4,
         ..Default::default()
     };
-    let answer = herd_model::generate::generate(&model, &prompt, tok.eos_id(), &opts).unwrap();
+    let answer =
+        herd_model::generate::generate(&model, &prompt, tok.eos_id().as_slice(), &opts).unwrap();
     assert_eq!(
         answer.len(),
         4,

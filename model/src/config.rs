@@ -75,20 +75,17 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     #[serde(default = "default_init_range")]
     pub initializer_range: f64,
-    /// Llama-3 instruct configs give `eos_token_id` as a list; the first id is kept (and a list is
-    /// written back as that single id). bos/pad accept the same forms for symmetry.
+    /// bos/pad may be given as a list too (the first id is kept); `eos_token_id` keeps its list
+    /// (Llama 3 instruct: end of text and end of turn), which generation stops at and a save
+    /// writes back.
     #[serde(
         default,
         deserialize_with = "first_id",
         skip_serializing_if = "Option::is_none"
     )]
     pub bos_token_id: Option<u32>,
-    #[serde(
-        default,
-        deserialize_with = "first_id",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub eos_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<TokenIds>,
     #[serde(
         default,
         deserialize_with = "first_id",
@@ -102,6 +99,28 @@ pub struct LlamaConfig {
     /// Every key not named above (architectures, model_type, hidden_act, torch_dtype, ...).
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// A special token given as one id or as a list of ids (serialized in the form it came in).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// The first id (the one a single-id field means).
+    pub fn first(&self) -> Option<u32> {
+        self.all().first().copied()
+    }
+
+    pub fn all(&self) -> &[u32] {
+        match self {
+            TokenIds::One(id) => std::slice::from_ref(id),
+            TokenIds::Many(ids) => ids,
+        }
+    }
 }
 
 fn first_id<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<u32>, D::Error> {

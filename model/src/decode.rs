@@ -64,7 +64,8 @@ struct Row {
 pub struct DecodeBatch {
     net: Net,
     device: Device,
-    eos: Option<u32>,
+    /// The eos ids: a row stops before any of them.
+    stop: Vec<u32>,
     rows: Vec<Row>,
     /// Per layer, [rows, kv_heads, width, head_dim]; empty when no row is in.
     caches: Vec<LayerCache>,
@@ -72,13 +73,13 @@ pub struct DecodeBatch {
 }
 
 impl DecodeBatch {
-    pub fn new(model: &Llama, eos: Option<u32>) -> Self {
+    pub fn new(model: &Llama, stop: &[u32]) -> Self {
         let net = model.inference_net();
         let caches = vec![LayerCache::default(); net.num_layers()];
         DecodeBatch {
             net,
             device: model.device(),
-            eos,
+            stop: stop.to_vec(),
             rows: Vec::new(),
             caches,
             next_seq: 0,
@@ -218,7 +219,7 @@ impl DecodeBatch {
             Some(top) => Some(of_row(&logits.to_vec1::<f32>()?, token, top)?),
             None => None,
         };
-        if Some(token) == self.eos {
+        if self.stop.contains(&token) {
             return Ok(Emitted {
                 seq: row.seq,
                 token: None,

@@ -35,12 +35,12 @@ impl Default for GenerateOptions {
     }
 }
 
-/// Returns the generated ids after `prompt_ids`, stopping before `eos_id` or after
-/// `max_new_tokens`.
+/// Returns the generated ids after `prompt_ids`, stopping before any of `stop` (the eos ids) or
+/// after `max_new_tokens`.
 pub fn generate(
     model: &Llama,
     prompt_ids: &[u32],
-    eos_id: Option<u32>,
+    stop: &[u32],
     opts: &GenerateOptions,
 ) -> Result<Vec<u32>> {
     if prompt_ids.is_empty() {
@@ -58,7 +58,7 @@ pub fn generate(
         let logits = net.forward(&ids, Some(&mut caches))?; // [1, t, vocab]
         let last = host_f32(&logits.narrow(1, input.len() - 1, 1)?.flatten_all()?)?;
         let next = choose(&last, opts, &mut rng)?;
-        if Some(next) == eos_id {
+        if stop.contains(&next) {
             break;
         }
         out.push(next);
@@ -87,7 +87,7 @@ pub(crate) fn check_options(opts: &GenerateOptions) -> Result<()> {
 pub fn generate_batch(
     model: &Llama,
     prompts: &[Vec<u32>],
-    eos_id: Option<u32>,
+    stop: &[u32],
     opts: &[GenerateOptions],
 ) -> Result<Vec<Vec<u32>>> {
     if prompts.len() != opts.len() {
@@ -102,7 +102,7 @@ pub fn generate_batch(
         .zip(opts)
         .map(|(p, o)| (p.as_slice(), o.clone()))
         .collect();
-    let mut batch = crate::decode::DecodeBatch::new(model, eos_id);
+    let mut batch = crate::decode::DecodeBatch::new(model, stop);
     let mut out: Vec<Vec<u32>> = vec![vec![]; prompts.len()];
     let mut row_of = std::collections::HashMap::new();
     for (i, e) in batch.admit_all(&requests)?.into_iter().enumerate() {

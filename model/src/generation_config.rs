@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::config::TokenIds;
 use crate::{Error, LlamaConfig, Result};
 
 pub const FILE: &str = "generation_config.json";
@@ -46,18 +47,54 @@ pub fn save(src: &Path, cfg: &LlamaConfig, dst: &Path) -> Result<()> {
     crate::weights::write_atomic(&to, text.as_bytes())
 }
 
+/// The ids generation stops at, as transformers' `generate` takes them from the generation
+/// config (`eos_token_id`, one id or a list: Llama 3 instruct stops at `<|eot_id|>` too) in
+/// `dir`, else from `cfg`; with `also` (the tokenizer's eos) added when it is not among them.
+pub fn stop_ids(dir: &Path, cfg: &LlamaConfig, also: Option<u32>) -> Result<Vec<u32>> {
+    let path = dir.join(FILE);
+    let from_file = match std::fs::read(&path) {
+        Ok(bytes) => {
+            let v: Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+                path: path.clone(),
+                source,
+            })?;
+            match v.get("eos_token_id") {
+                None | Some(Value::Null) => None,
+                Some(ids) => Some(serde_json::from_value::<TokenIds>(ids.clone()).map_err(
+                    |_| {
+                        Error::Config(format!(
+                            "{}: eos_token_id is {ids}, expected an id or a list of ids",
+                            path.display()
+                        ))
+                    },
+                )?),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(&path)(e)),
+    };
+    let mut ids: Vec<u32> = from_file
+        .or_else(|| cfg.eos_token_id.clone())
+        .map(|t| t.all().to_vec())
+        .unwrap_or_default();
+    if let Some(id) = also.filter(|id| !ids.contains(id)) {
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 /// What `GenerationConfig.from_model_config` keeps of a LLaMA config: the special token ids
 /// that are set.
 fn derived(cfg: &LlamaConfig) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("_from_model_config".into(), Value::Bool(true));
     for (key, id) in [
-        ("bos_token_id", cfg.bos_token_id),
-        ("eos_token_id", cfg.eos_token_id),
-        ("pad_token_id", cfg.pad_token_id),
+        ("bos_token_id", cfg.bos_token_id.map(TokenIds::One)),
+        ("eos_token_id", cfg.eos_token_id.clone()),
+        ("pad_token_id", cfg.pad_token_id.map(TokenIds::One)),
     ] {
         if let Some(id) = id {
-            m.insert(key.into(), id.into());
+            m.insert(key.into(), serde_json::to_value(id).expect("ids serialize"));
         }
     }
     if let Some(v) = cfg.extra.get("transformers_version") {
@@ -115,6 +152,31 @@ mod tests {
             serde_json::json!({"_from_model_config": true, "bos_token_id": 1,
                 "eos_token_id": 2, "transformers_version": "4.46.0"})
         );
+    }
+
+    #[test]
+    fn generation_stops_at_every_eos_id_of_the_generation_config_or_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let listed = cfg(serde_json::json!({"eos_token_id": [5, 7]}));
+        // No generation config: config.json's list, and the tokenizer's eos if it is another.
+        assert_eq!(stop_ids(dir.path(), &listed, Some(7)).unwrap(), vec![5, 7]);
+        assert_eq!(
+            stop_ids(dir.path(), &listed, Some(2)).unwrap(),
+            vec![5, 7, 2]
+        );
+        // The generation config wins, in either form; a list survives a derived save.
+        std::fs::write(dir.path().join(FILE), r#"{"eos_token_id": [3, 6]}"#).unwrap();
+        assert_eq!(stop_ids(dir.path(), &listed, None).unwrap(), vec![3, 6]);
+        std::fs::write(dir.path().join(FILE), r#"{"eos_token_id": 4}"#).unwrap();
+        assert_eq!(stop_ids(dir.path(), &listed, Some(4)).unwrap(), vec![4]);
+        let out = tempfile::tempdir().unwrap();
+        save(out.path(), &listed, out.path()).unwrap();
+        let v: Value =
+            serde_json::from_slice(&std::fs::read(out.path().join(FILE)).unwrap()).unwrap();
+        assert_eq!(v["eos_token_id"], serde_json::json!([5, 7]));
+        std::fs::write(dir.path().join(FILE), r#"{"eos_token_id": "x"}"#).unwrap();
+        let e = stop_ids(dir.path(), &listed, None).unwrap_err().to_string();
+        assert!(e.contains("expected an id or a list of ids"), "{e}");
     }
 
     #[test]

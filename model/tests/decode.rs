@@ -40,7 +40,7 @@ fn prompts() -> Vec<Vec<u32>> {
 
 /// Admit prompt i before step `joins[i]`, step until all have ended.
 fn run(model: &Llama, eos: Option<u32>, opts: &[GenerateOptions], joins: &[usize]) -> Record {
-    let mut batch = DecodeBatch::new(model, eos);
+    let mut batch = DecodeBatch::new(model, eos.as_slice());
     let mut rec = Record::default();
     let ps = prompts();
     let mut step = 0;
@@ -85,12 +85,12 @@ fn sequences_joining_a_running_batch_get_the_answers_they_get_alone() {
             .collect();
         for eos in [
             None,
-            Some(generate(&model, &prompts()[0], None, &opts[0]).unwrap()[3]),
+            Some(generate(&model, &prompts()[0], &[], &opts[0]).unwrap()[3]),
         ] {
             let rec = run(&model, eos, &opts, &joins);
             let joins = format!("{joins:?}");
             for (i, p) in prompts().iter().enumerate() {
-                let alone = generate(&model, p, eos, &opts[i]).unwrap();
+                let alone = generate(&model, p, eos.as_slice(), &opts[i]).unwrap();
                 assert_eq!(
                     rec.tokens[&i], alone,
                     "sequence {i}, joins {joins}, temperature {temperature}, eos {eos:?}"
@@ -120,7 +120,7 @@ fn leaving_rows_cut_the_pads_and_a_cancelled_row_leaves_the_rest_unchanged() {
         ..Default::default()
     };
     let (short, long) = (vec![1u32, 9], vec![1u32, 45, 3, 17, 8, 8, 21, 30]);
-    let mut batch = DecodeBatch::new(&model, None);
+    let mut batch = DecodeBatch::new(&model, &[]);
     let a = batch.admit(&short, opts(20)).unwrap();
     let b = batch.admit(&long, opts(3)).unwrap();
     let c = batch.admit(&short, opts(20)).unwrap();
@@ -150,12 +150,9 @@ fn leaving_rows_cut_the_pads_and_a_cancelled_row_leaves_the_rest_unchanged() {
     }
     assert_eq!(
         got[&a.seq],
-        generate(&model, &short, None, &opts(20)).unwrap()
+        generate(&model, &short, &[], &opts(20)).unwrap()
     );
-    assert_eq!(
-        got[&b.seq],
-        generate(&model, &long, None, &opts(3)).unwrap()
-    );
+    assert_eq!(got[&b.seq], generate(&model, &long, &[], &opts(3)).unwrap());
     assert_eq!(got[&c.seq].len(), 3, "c ran until it was cancelled");
     assert!(batch.step().unwrap().is_empty());
 }
@@ -163,7 +160,7 @@ fn leaving_rows_cut_the_pads_and_a_cancelled_row_leaves_the_rest_unchanged() {
 #[test]
 fn a_sequence_can_end_at_admission_and_bad_input_is_refused() {
     let model = Llama::random(common::tiny_config(false), 7).unwrap();
-    let mut batch = DecodeBatch::new(&model, None);
+    let mut batch = DecodeBatch::new(&model, &[]);
     let opts = |n| GenerateOptions {
         max_new_tokens: n,
         ..Default::default()
@@ -173,7 +170,7 @@ fn a_sequence_can_end_at_admission_and_bad_input_is_refused() {
     let one = batch.admit(&[1, 2], opts(1)).unwrap();
     assert_eq!(
         one.token,
-        generate(&model, &[1, 2], None, &opts(1))
+        generate(&model, &[1, 2], &[], &opts(1))
             .unwrap()
             .first()
             .copied()
@@ -181,7 +178,7 @@ fn a_sequence_can_end_at_admission_and_bad_input_is_refused() {
     assert_eq!(one.finish, Some(Finish::Length));
     assert!(batch.is_empty(), "neither joined the batch");
     let first = one.token.unwrap();
-    let mut stops = DecodeBatch::new(&model, Some(first));
+    let mut stops = DecodeBatch::new(&model, &[first]);
     let e = stops.admit(&[1, 2], opts(5)).unwrap();
     assert_eq!((e.token, e.finish), (None, Some(Finish::Eos)));
     // Prefilled together, one ends at once, one never runs, one joins; the joining row's pads
@@ -199,7 +196,7 @@ fn a_sequence_can_end_at_admission_and_bad_input_is_refused() {
     while !batch.is_empty() {
         got.extend(batch.step().unwrap().into_iter().filter_map(|e| e.token));
     }
-    assert_eq!(got, generate(&model, &[1, 2], None, &opts(4)).unwrap());
+    assert_eq!(got, generate(&model, &[1, 2], &[], &opts(4)).unwrap());
     assert!(batch.admit(&[], opts(3)).is_err());
     let bad = GenerateOptions {
         top_p: 0.0,
@@ -214,7 +211,7 @@ fn a_sequence_can_end_at_admission_and_bad_input_is_refused() {
 #[test]
 fn reported_logprobs_equal_scoring_the_whole_sequence() {
     let model = Llama::random(common::tiny_config(false), 11).unwrap();
-    let mut batch = DecodeBatch::new(&model, None);
+    let mut batch = DecodeBatch::new(&model, &[]);
     let opts = |temperature, seed| GenerateOptions {
         max_new_tokens: 6,
         temperature,

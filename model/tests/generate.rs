@@ -27,7 +27,7 @@ fn greedy_with_cache_equals_full_recomputation() {
             max_new_tokens: 20,
             ..Default::default()
         };
-        let out = generate(&model, &prompt, None, &opts).unwrap();
+        let out = generate(&model, &prompt, &[], &opts).unwrap();
         assert_eq!(out.len(), 20);
         let mut seq = prompt.to_vec();
         for &tok in &out {
@@ -71,9 +71,9 @@ fn stops_at_eos_and_excludes_it() {
         max_new_tokens: 10,
         ..Default::default()
     };
-    let free = generate(&model, &prompt, None, &opts).unwrap();
+    let free = generate(&model, &prompt, &[], &opts).unwrap();
     let eos = free[3];
-    let stopped = generate(&model, &prompt, Some(eos), &opts).unwrap();
+    let stopped = generate(&model, &prompt, &[eos], &opts).unwrap();
     let first = free.iter().position(|&t| t == eos).unwrap();
     assert_eq!(stopped, free[..first]);
 }
@@ -89,17 +89,16 @@ fn sampling_is_seeded_and_top_p_narrows() {
         seed,
         logprobs: None,
     };
-    let a = generate(&model, &prompt, None, &opts(7, 0.9)).unwrap();
-    assert_eq!(a, generate(&model, &prompt, None, &opts(7, 0.9)).unwrap());
+    let a = generate(&model, &prompt, &[], &opts(7, 0.9)).unwrap();
+    assert_eq!(a, generate(&model, &prompt, &[], &opts(7, 0.9)).unwrap());
     assert!(a.iter().all(|&t| t < 50));
-    let seeds_differ =
-        (8..12).any(|s| generate(&model, &prompt, None, &opts(s, 1.0)).unwrap() != a);
+    let seeds_differ = (8..12).any(|s| generate(&model, &prompt, &[], &opts(s, 1.0)).unwrap() != a);
     assert!(seeds_differ);
     // A nucleus so small it keeps only the top token is greedy decoding.
     let greedy = generate(
         &model,
         &prompt,
-        None,
+        &[],
         &GenerateOptions {
             max_new_tokens: 12,
             ..Default::default()
@@ -107,10 +106,10 @@ fn sampling_is_seeded_and_top_p_narrows() {
     )
     .unwrap();
     assert_eq!(
-        generate(&model, &prompt, None, &opts(9, 1e-9)).unwrap(),
+        generate(&model, &prompt, &[], &opts(9, 1e-9)).unwrap(),
         greedy
     );
-    assert!(generate(&model, &[], None, &opts(1, 0.9)).is_err());
+    assert!(generate(&model, &[], &[], &opts(1, 0.9)).is_err());
 }
 
 /// Prompts of different lengths decoded together (left-padded, one forward per token) give each
@@ -137,21 +136,21 @@ fn batched_generation_equals_one_prompt_at_a_time() {
         let one_by_one: Vec<Vec<u32>> = prompts
             .iter()
             .zip(&opts)
-            .map(|(p, o)| generate(&model, p, None, o).unwrap())
+            .map(|(p, o)| generate(&model, p, &[], o).unwrap())
             .collect();
-        let batched = generate_batch(&model, &prompts, None, &opts).unwrap();
+        let batched = generate_batch(&model, &prompts, &[], &opts).unwrap();
         assert_eq!(batched, one_by_one, "temperature {temperature}");
         assert_eq!(batched[3].len(), 15);
         // With an EOS that some rows produce, rows stop independently.
         let eos = one_by_one[0][3];
-        let stopped = generate_batch(&model, &prompts, Some(eos), &opts).unwrap();
+        let stopped = generate_batch(&model, &prompts, &[eos], &opts).unwrap();
         for ((p, o), got) in prompts.iter().zip(&opts).zip(&stopped) {
-            assert_eq!(got, &generate(&model, p, Some(eos), o).unwrap());
+            assert_eq!(got, &generate(&model, p, &[eos], o).unwrap());
         }
         assert_eq!(stopped[0].len(), 3);
     }
-    assert!(generate_batch(&model, &[vec![]], None, &[GenerateOptions::default()]).is_err());
-    assert!(generate_batch(&model, &prompts, None, &[GenerateOptions::default()]).is_err());
+    assert!(generate_batch(&model, &[vec![]], &[], &[GenerateOptions::default()]).is_err());
+    assert!(generate_batch(&model, &prompts, &[], &[GenerateOptions::default()]).is_err());
 }
 
 /// Decoding a bf16 copy on the fused path (what `--dtype bf16` and a GPU run): the cached
@@ -190,9 +189,9 @@ fn bf16_decoding_on_the_fused_path_tracks_f32() {
         max_new_tokens: 7,
         ..Default::default()
     };
-    assert_eq!(generate(&bf16, &seq[..3], None, &opts).unwrap().len(), 7);
+    assert_eq!(generate(&bf16, &seq[..3], &[], &opts).unwrap().len(), 7);
     let prompts = vec![seq[..3].to_vec(), seq[..6].to_vec()];
-    let batched = generate_batch(&bf16, &prompts, None, &[opts.clone(), opts]).unwrap();
+    let batched = generate_batch(&bf16, &prompts, &[], &[opts.clone(), opts]).unwrap();
     assert!(batched
         .iter()
         .all(|r| r.len() == 7 && r.iter().all(|&t| t < 50)));

@@ -15,8 +15,12 @@ fn config_accepts_legacy_and_list_forms() {
     std::fs::write(dir.path().join("config.json"), json).unwrap();
     let cfg = LlamaConfig::from_file(&dir.path().join("config.json")).unwrap();
     assert_eq!(
-        (cfg.eos_token_id, cfg.kv_heads(), cfg.head_dim()),
-        (Some(7), 2, 4)
+        (
+            cfg.eos_token_id.as_ref().map(|e| e.all().to_vec()),
+            cfg.kv_heads(),
+            cfg.head_dim()
+        ),
+        (Some(vec![7, 8, 9]), 2, 4)
     );
     assert_eq!(cfg.rope_scaling.as_ref().unwrap().kind(), "linear");
     cfg.save(dir.path()).unwrap();

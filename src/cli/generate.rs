@@ -30,6 +30,9 @@ pub struct GenerateArgs {
 pub struct Generator {
     pub model: Llama,
     pub tokenizer: Tokenizer,
+    /// The ids an answer ends before: generation_config.json's eos ids (or config.json's), as
+    /// transformers' `generate` stops, and the tokenizer's eos.
+    pub stop: Vec<u32>,
     _placed: Placed,
 }
 
@@ -45,9 +48,12 @@ impl Generator {
                 .to_device(&placed.device, placed.dtype)
                 .with_context(|| format!("moving the model to {}", placement.device))?;
         }
+        let stop =
+            herd_model::generation_config::stop_ids(dir, model.config(), tokenizer.eos_id())?;
         Ok(Generator {
             model,
             tokenizer,
+            stop,
             _placed: placed,
         })
     }
@@ -55,7 +61,7 @@ impl Generator {
     /// The model's answer to an Alpaca record's instruction (and input).
     pub fn answer(&self, rec: &AlpacaRecord, opts: &GenerateOptions) -> Result<String> {
         let prompt = self.tokenizer.encode(&source_text(rec))?;
-        let ids = generate(&self.model, &prompt, self.tokenizer.eos_id(), opts)?;
+        let ids = generate(&self.model, &prompt, &self.stop, opts)?;
         Ok(self.tokenizer.decode(&ids, true)?.trim().to_string())
     }
 
@@ -66,7 +72,7 @@ impl Generator {
             .iter()
             .map(|r| self.tokenizer.encode(&source_text(r)))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        generate_batch(&self.model, &prompts, self.tokenizer.eos_id(), opts)?
+        generate_batch(&self.model, &prompts, &self.stop, opts)?
             .iter()
             .map(|ids| Ok(self.tokenizer.decode(ids, true)?.trim().to_string()))
             .collect()

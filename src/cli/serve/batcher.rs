@@ -103,7 +103,7 @@ impl<'g> Server<'g> {
     fn new(g: &'g Generator) -> Self {
         Server {
             g,
-            batch: DecodeBatch::new(&g.model, g.tokenizer.eos_id()),
+            batch: DecodeBatch::new(&g.model, &g.stop),
             live: HashMap::new(),
             default_max_tokens: usize::MAX,
         }
@@ -423,6 +423,6 @@ impl<'g> Server<'g> {
                 format!("the model failed: {e}"),
             ))));
         }
-        self.batch = DecodeBatch::new(&self.g.model, self.g.tokenizer.eos_id());
+        self.batch = DecodeBatch::new(&self.g.model, &self.g.stop);
     }
 }
