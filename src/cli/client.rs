@@ -213,7 +213,7 @@ pub fn render_status(st: &pb::JobStatus, now: f64) -> String {
     out.push_str(&format!("  {}\n", progress_line(st, now)));
     if !st.reason.is_empty() {
         let label = match JobState::try_from(st.state).unwrap_or(JobState::Unspecified) {
-            JobState::Queued => "waiting",
+            JobState::Queued => "queued",
             JobState::Restarting => "restarting",
             JobState::Failed => "failed",
             _ => "reason",
@@ -232,7 +232,7 @@ pub fn render_status(st: &pb::JobStatus, now: f64) -> String {
         out.push('\n');
     }
     for (i, r) in st.restart_reasons.iter().enumerate() {
-        out.push_str(&format!("  failure {}: {r}\n", i + 1));
+        out.push_str(&format!("  restart {}: {r}\n", i + 1));
     }
     if let Some(e) = &st.last_eval {
         let values: Vec<String> = e
@@ -427,7 +427,7 @@ mod tests {
             text.contains("rank  0  w-1  h  step 5  heartbeat 0.4s ago"),
             "{text}"
         );
-        assert!(text.contains("failure 1: rank 1 died"), "{text}");
+        assert!(text.contains("restart 1: rank 1 died"), "{text}");
         assert!(text.contains("restarts 1/3"), "{text}");
         assert!(!text.contains("best checkpoint"), "{text}");
         s.best_checkpoint = Some(pb::BestCheckpoint {
@@ -448,7 +448,7 @@ mod tests {
         let mut q = st();
         q.state = JobState::Queued as i32;
         q.reason = "waiting for 4 idle workers (2 idle)".into();
-        assert!(render_status(&q, 0.0).contains("waiting: waiting for 4 idle workers"));
+        assert!(render_status(&q, 0.0).contains("queued: waiting for 4 idle workers"));
     }
 
     #[test]

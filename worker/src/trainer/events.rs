@@ -13,6 +13,7 @@ pub enum Event {
         total_steps: u64,
         examples: usize,
         skipped_records: usize,
+        /// The trainable parameters (LoRA: the adapters only).
         parameters: usize,
         resumed_from: Option<PathBuf>,
         /// Job keys that differ from the resumed checkpoint's job (`key old → new`).

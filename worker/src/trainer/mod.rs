@@ -398,7 +398,13 @@ fn run_setup<O: Objective>(
         total_steps: plan.total_steps,
         examples: objective.len(),
         skipped_records,
-        parameters,
+        // What trains (with LoRA the adapters, as PEFT's print_trainable_parameters counts).
+        parameters: engine
+            .model
+            .trainable()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum(),
         changed_since_checkpoint: resumed_from
             .as_deref()
             .map(|d| resume::changed_since(job, d))
