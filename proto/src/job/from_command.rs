@@ -1,10 +1,15 @@
 //! A job file from the command a user runs today: `torchrun --nproc_per_node=16 train.py
-//! --model_name_or_path ... --deepspeed ds_config.json` (or `python -m torch.distributed.run`,
-//! `deepspeed --num_gpus`, `accelerate launch`, plain `python train.py`). The launcher gives
-//! `world_size` (nodes × processes per node); the script's flags are HF `TrainingArguments`
-//! and Alpaca `train.py` arguments, which are the job's own key names. Flags herd has no use
-//! for (rendezvous ports, `--tf32`, `--report_to` …) become notes saying why; a flag it does
-//! not know is an error naming it, never a silent drop. Pure: the caller prints the result.
+//! --model_name_or_path ... --deepspeed ds_config.json` (or `python -m torch.distributed.run` /
+//! `.launch`, `deepspeed`, `accelerate launch`, plain `python train.py`, or alpaca-lora's
+//! `finetune.py`). The launcher gives `world_size` as it would count its processes (a DeepSpeed
+//! hostfile and an accelerate config file are read through [`Files`], so the conversion stays
+//! pure), and accelerate's settings give `bf16` and `zero_stage`; the script's flags are HF
+//! `TrainingArguments` and Alpaca `train.py` arguments, which are the job's own key names
+//! (finetune.py's are its own, with its defaults). Flags herd has no use for
+//! (rendezvous ports, `--tf32`, `--report_to` …) become notes saying why, and a flag whose
+//! outcome herd does not match gets a note saying so plainly; a flag it does not know is an
+//! error naming it, never a silent drop, and every refusal is reported at once. Pure: the caller
+//! prints the result.
 
 use serde_yaml::{Mapping, Value};
 
@@ -82,11 +87,13 @@ pub(super) const NOT_NEEDED: &[(&str, &str)] = &[
     ("do_eval", "evaluation is eval_strategy"),
     (
         "overwrite_output_dir",
-        "a job resumes from output_dir's newest complete checkpoint",
+        "herd never overwrites: a job resumes from output_dir's newest complete checkpoint, so \
+         a new output_dir starts fresh",
     ),
     (
         "resume_from_checkpoint",
-        "a job resumes from output_dir's newest complete checkpoint",
+        "a job resumes from output_dir's newest complete checkpoint, and from no other \
+         (copy another into output_dir to resume from it)",
     ),
     ("cache_dir", "nothing is downloaded"),
     ("local_rank", "the coordinator assigns ranks"),
@@ -98,6 +105,43 @@ pub(super) const NOT_NEEDED: &[(&str, &str)] = &[
     ),
     ("bf16_full_eval", "evaluation runs in the training dtype"),
     ("fp16_full_eval", "evaluation runs in the training dtype"),
+    (
+        "gradient_checkpointing_kwargs",
+        "herd's recompute has one form (no reentrant variants); gradient_checkpointing turns \
+         it on",
+    ),
+    (
+        "torch_compile",
+        "herd has no torch.compile: its kernels are built ahead of time",
+    ),
+    (
+        "torch_compile_backend",
+        "herd has no torch.compile: its kernels are built ahead of time",
+    ),
+    (
+        "torch_compile_mode",
+        "herd has no torch.compile: its kernels are built ahead of time",
+    ),
+    (
+        "save_on_each_node",
+        "checkpoints are written once, into output_dir, not once per node",
+    ),
+    (
+        "ddp_backend",
+        "herd picks the collective: NCCL between GPU ranks, its TCP ring between CPU ranks",
+    ),
+    (
+        "log_level",
+        "`herd --log FILTER` (or RUST_LOG) sets what each process logs",
+    ),
+    (
+        "log_level_replica",
+        "`herd --log FILTER` (or RUST_LOG) sets what each process logs",
+    ),
+    (
+        "log_on_each_node",
+        "`herd --log FILTER` (or RUST_LOG) sets what each process logs",
+    ),
 ];
 
 /// Other scripts' names for job keys: HF's deprecated `per_gpu_*`, Alpaca-CoT's
@@ -112,6 +156,10 @@ pub(super) const ALIASES: &[(&str, &str)] = &[
     ("cutoff_len", "model_max_length"),
 ];
 
+/// What herd does instead of fp16 mixed precision.
+const FP16: &str = "herd has no fp16 training: GPU ranks compute in bf16 either way (CPU ranks \
+                    in f32), and the final model is written in f32 unless `bf16: true`";
+
 /// Keys a job cannot do without.
 const REQUIRED: &[&str] = &["model_name_or_path", "data_path", "output_dir"];
 
@@ -121,92 +169,76 @@ pub(super) const ADAMW: &[&str] = &[
     "adamw_torch_fused",
     "adamw_hf",
     "adamw_apex_fused",
+    "paged_adamw_32bit",
 ];
 
-/// Reads `command` (its words, as the shell split them; leading `VAR=value` words allowed).
+/// What the conversion may read besides the command: the files it names (a DeepSpeed
+/// hostfile, an accelerate config), which change the number of ranks. The caller (the CLI)
+/// reads them; `convert` reads none, so it stays pure.
+pub trait Files {
+    /// The text of `path` as the command gives it (relative to where it runs), or why not.
+    fn read(&self, path: &str) -> Result<String, String>;
+    /// Where `accelerate launch` finds its default config file when given no --config_file
+    /// (~/.cache/huggingface/accelerate/default_config.yaml, or under $HF_HOME).
+    fn accelerate_default_config(&self) -> Option<String> {
+        None
+    }
+}
+
+/// No files: a command that needs one to count its ranks is refused with what to do instead.
+pub struct NoFiles;
+
+impl Files for NoFiles {
+    fn read(&self, _: &str) -> Result<String, String> {
+        Err("no file is read here".into())
+    }
+}
+
+/// Reads `command` (its words, as the shell split them; leading `VAR=value` words allowed),
+/// reading no file.
 pub fn convert(command: &[String]) -> Result<Converted, String> {
+    convert_with(command, &NoFiles)
+}
+
+/// [`convert`], with the hostfile or accelerate config the command names read through `files`.
+/// Every refusal is reported at once, one line each.
+pub fn convert_with(command: &[String], files: &dyn Files) -> Result<Converted, String> {
     let mut notes = Vec::new();
+    let mut errors = Vec::new();
     let mut words = command;
-    while let Some((env, rest)) = words.split_first().filter(|(w, _)| is_env(w)) {
+    let mut env = Vec::new();
+    while let Some((word, rest)) = words.split_first().filter(|(w, _)| is_env(w)) {
+        let (k, v) = word.split_once('=').expect("is_env");
         notes.push(format!(
-            "{env}: the environment is the worker's, set it there"
+            "{}: the environment is the worker's, set it there",
+            redact_env(word)
         ));
+        env.push((k.to_string(), v.to_string()));
         words = rest;
     }
-    let (world, script_args) = launcher(words, &mut notes)?;
+    let launch = launcher::read(words, &env, files, &mut notes, &mut errors)?;
     let mut job = Mapping::new();
-    job.insert("world_size".into(), Value::from(world as u64));
-    let keys = job_keys();
-    let mut unknown = Vec::new();
-    for (flag, values) in flags(script_args)? {
-        let key = match ALIASES.iter().find(|(from, _)| *from == flag) {
-            Some((from, to)) => {
-                notes.push(format!("--{from}: as {to}"));
-                *to
-            }
-            None => flag.as_str(),
-        };
-        if let Some((_, why)) = NOT_NEEDED.iter().find(|(k, _)| *k == key) {
-            notes.push(format!("--{key}: not needed, {why}"));
-            continue;
-        }
-        match key {
-            "fsdp" => {
-                let v = values.join(" ");
-                if v.contains("full_shard")
-                    || v.contains("shard_grad_op")
-                    || v.contains("hybrid_shard")
-                {
-                    notes.push(format!(
-                        "--fsdp {v:?}: as `zero_stage: 2` (optimizer state and gradients sharded; \
-                         full_shard also shards the parameters, which herd does not)"
-                    ));
-                    job.insert("zero_stage".into(), 2.into());
-                }
-                continue;
-            }
-            "model_type" => {
-                let v = values.join(" ");
-                if v != "llama" {
-                    return Err(format!(
-                        "--model_type {v}: herd trains LLaMA-family models (config.json's \
-                         model_type llama)"
-                    ));
-                }
-                continue;
-            }
-            "data" => {
-                return Err(format!(
-                    "--data {}: herd reads data files, it downloads nothing: give --data_path \
-                     FILE (Alpaca or ShareGPT JSON/JSONL; several as a list in the job file)",
-                    values.join(" ")
-                ))
-            }
-            "optim" => {
-                let v = values.join(" ");
-                if !ADAMW.contains(&v.as_str()) {
-                    return Err(format!(
-                        "--optim {v}: herd trains with AdamW ({}); use one of those",
-                        ADAMW.join(", ")
-                    ));
-                }
-                notes.push(format!("--optim {v}: herd's fused AdamW"));
-                continue;
-            }
-            _ => {}
-        }
-        if !keys.iter().any(|k| k == key) {
-            unknown.push(format!("--{key}"));
-            continue;
-        }
-        job.insert(key.into(), value(key, &values)?);
+    job.insert("world_size".into(), Value::from(launch.world as u64));
+    for (k, v) in launch.keys {
+        job.insert(k.into(), v);
     }
-    if !unknown.is_empty() {
-        return Err(format!(
-            "not a TrainingArguments or train.py flag herd knows: {} (the job keys are listed \
-             in the README)",
-            unknown.join(", ")
-        ));
+    match flags(launch.args) {
+        Err(e) => errors.push(e),
+        Ok(flags) if finetune::is_finetune(launch.script, &flags) => {
+            notes.push(format!(
+                "{}: read as tloen/alpaca-lora's finetune.py: its arguments, with its defaults \
+                 (not HF TrainingArguments')",
+                launch.script
+            ));
+            finetune::read(launch.world, flags, &mut job, &mut notes, &mut errors);
+        }
+        Ok(flags) => {
+            notes.push(format!(
+                "{}: its flags read as TrainingArguments and train.py arguments",
+                launch.script
+            ));
+            script::read(flags, &mut job, &mut notes, &mut errors);
+        }
     }
     let missing: Vec<String> = REQUIRED
         .iter()
@@ -214,15 +246,58 @@ pub fn convert(command: &[String]) -> Result<Converted, String> {
         .map(|k| format!("--{k}"))
         .collect();
     if !missing.is_empty() {
-        return Err(format!(
+        errors.push(format!(
             "the command gives no {}: a job needs them (add them to the command, or to the \
              job file)",
             missing.join(", ")
         ));
     }
+    if !errors.is_empty() {
+        return Err(errors.join("\n"));
+    }
     let yaml = quote_yaml11_booleans(&serde_yaml::to_string(&job).map_err(|e| e.to_string())?);
     JobSpec::from_yaml_str(&yaml, "the converted job").map_err(|e| blame_flag(e, &job))?;
     Ok(Converted { yaml, notes })
+}
+
+/// Flags whose value is a secret: never repeated in a note or in the job file's header.
+const SECRET_FLAGS: &[&str] = &["hub_token", "aws_access_key_id", "aws_secret_access_key"];
+
+/// `command` as it may be shown: the values of token flags (`--hub_token`) and of secret-looking
+/// environment words (`HF_TOKEN=…`) replaced by `…`.
+pub fn redacted(command: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(command.len());
+    let mut hide_next = false;
+    for w in command {
+        if std::mem::take(&mut hide_next) {
+            out.push("…".to_string());
+            continue;
+        }
+        let name = w.trim_start_matches('-').replace('-', "_");
+        match name.split_once('=') {
+            Some((k, _)) if w.starts_with('-') && SECRET_FLAGS.contains(&k) => {
+                out.push(format!("{}=…", w.split_once('=').expect("has =").0))
+            }
+            None if w.starts_with('-') && SECRET_FLAGS.contains(&name.as_str()) => {
+                hide_next = true;
+                out.push(w.clone());
+            }
+            _ if is_env(w) => out.push(redact_env(w)),
+            _ => out.push(w.clone()),
+        }
+    }
+    out
+}
+
+fn redact_env(word: &str) -> String {
+    let (k, _) = word.split_once('=').unwrap_or((word, ""));
+    let secret = ["TOKEN", "KEY", "SECRET", "PASSWORD"]
+        .iter()
+        .any(|s| k.contains(s));
+    match secret {
+        true => format!("{k}=…"),
+        false => word.to_string(),
+    }
 }
 
 /// A refusal of the converted job told in terms of the command's flag, not of a file the user
@@ -273,129 +348,6 @@ fn is_env(word: &str) -> bool {
             && k.chars()
                 .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
     })
-}
-
-/// World size from the launcher's options, and the script's words after it.
-fn launcher<'a>(
-    words: &'a [String],
-    notes: &mut Vec<String>,
-) -> Result<(usize, &'a [String]), String> {
-    let Some(first) = words.first() else {
-        return Err("no command given: pass the launch command after `--`".into());
-    };
-    let name = first.rsplit('/').next().unwrap_or(first);
-    let (kind, rest) = if name == "torchrun" {
-        (Launcher::Torchrun, &words[1..])
-    } else if name == "deepspeed" {
-        (Launcher::DeepSpeed, &words[1..])
-    } else if name == "accelerate" && words.get(1).is_some_and(|w| w == "launch") {
-        (Launcher::Accelerate, &words[2..])
-    } else if name.starts_with("python") {
-        match (
-            words.get(1).map(String::as_str),
-            words.get(2).map(String::as_str),
-        ) {
-            (Some("-m"), Some("torch.distributed.run" | "torch.distributed.launch")) => {
-                (Launcher::Torchrun, &words[3..])
-            }
-            _ => (Launcher::Python, &words[1..]),
-        }
-    } else if name.ends_with(".py") {
-        (Launcher::Python, words)
-    } else {
-        return Err(format!(
-            "{first}: expected torchrun, python, deepspeed or accelerate launch, then the training script"
-        ));
-    };
-    let (opts, script) = launcher_options(rest)?;
-    let Some((script_name, script_args)) = script.split_first() else {
-        return Err("the command names no training script".into());
-    };
-    let int = |k: &str, v: &str| {
-        v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            format!("--{k} {v}: expected a number of processes (herd needs the count)")
-        })
-    };
-    let mut per_node = 1;
-    let mut nodes = 1;
-    let mut total = None;
-    for (k, v) in &opts {
-        let v = v.as_deref().unwrap_or("");
-        match (kind, k.as_str()) {
-            (Launcher::Torchrun, "nproc_per_node") | (Launcher::DeepSpeed, "num_gpus") => {
-                per_node = int(k, v)?
-            }
-            (Launcher::Torchrun, "nnodes") => {
-                // An elastic range MIN:MAX: the job is sized for the most.
-                let max = v.rsplit(':').next().unwrap_or(v);
-                if max != v {
-                    notes.push(format!("--nnodes {v}: world_size counts {max} nodes"));
-                }
-                nodes = int(k, max)?;
-            }
-            (Launcher::DeepSpeed, "num_nodes") | (Launcher::Accelerate, "num_machines") => {
-                nodes = int(k, v)?
-            }
-            (Launcher::Accelerate, "num_processes") => total = Some(int(k, v)?),
-            (Launcher::Torchrun, "max_restarts") => notes.push(format!(
-                "--max_restarts {v}: herd's max_restarts is a job key; set it there"
-            )),
-            _ => notes.push(format!(
-                "--{k}: the launcher's, not needed: herd's coordinator assigns ranks and rendezvous"
-            )),
-        }
-    }
-    if kind == Launcher::DeepSpeed && !opts.iter().any(|(k, _)| k == "num_gpus") {
-        return Err("deepspeed without --num_gpus uses every GPU of its machine: say how many with --num_gpus N".into());
-    }
-    let world = total.unwrap_or(per_node * nodes);
-    notes.push(format!(
-        "{script_name}: its flags read as TrainingArguments and train.py arguments"
-    ));
-    Ok((world, script_args))
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Launcher {
-    Torchrun,
-    DeepSpeed,
-    Accelerate,
-    Python,
-}
-
-/// Launcher options before the script: `--k v`, `--k=v`, or a flag alone.
-type Opts = Vec<(String, Option<String>)>;
-
-fn launcher_options(words: &[String]) -> Result<(Opts, &[String]), String> {
-    const FLAGS: &[&str] = &[
-        "standalone",
-        "no_python",
-        "module",
-        "m",
-        "run_path",
-        "multi_gpu",
-        "use_deepspeed",
-        "use_fsdp",
-        "cpu",
-    ];
-    let mut opts = Vec::new();
-    let mut i = 0;
-    while i < words.len() && words[i].starts_with('-') {
-        let raw = words[i].trim_start_matches('-').replace('-', "_");
-        if let Some((k, v)) = raw.split_once('=') {
-            opts.push((k.to_string(), Some(v.to_string())));
-        } else if FLAGS.contains(&raw.as_str()) {
-            opts.push((raw, None));
-        } else {
-            let v = words
-                .get(i + 1)
-                .ok_or_else(|| format!("--{raw}: no value"))?;
-            opts.push((raw, Some(v.clone())));
-            i += 1;
-        }
-        i += 1;
-    }
-    Ok((opts, &words[i..]))
 }
 
 /// The script's `--key value…`, `--key=value` and bare `--flag` (true), in order.
@@ -461,5 +413,11 @@ pub(super) fn job_keys() -> Vec<String> {
     keys
 }
 
+mod accelerate;
+mod finetune;
+mod hostfile;
+mod launcher;
+mod options;
+mod script;
 #[cfg(test)]
 mod tests;

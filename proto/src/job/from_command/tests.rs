@@ -253,3 +253,8 @@ fn lr_scheduler_kwargs_come_as_the_json_hf_takes() {
     assert_eq!(j.lr_scheduler_type, crate::SchedulerType::CosineWithMinLr);
     assert_eq!(j.lr_scheduler_kwargs.min_lr, Some(1e-6));
 }
+
+mod files;
+mod finetune;
+mod launchers;
+mod script_flags;
