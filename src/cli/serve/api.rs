@@ -372,7 +372,15 @@ struct StreamOptions {
 }
 
 pub(super) fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the request body: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "the request body is not a JSON object"
+            }
+            _ => "the request body",
+        };
+        ApiError::bad(format!("{what}: {e}"))
+    })
 }
 
 /// Decoding options from the request's fields, checked.
