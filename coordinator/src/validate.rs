@@ -14,6 +14,9 @@ pub struct ValidatedJob {
     pub yaml: String,
     pub source_name: String,
     pub records: usize,
+    /// What the job's DeepSpeed config asks that herd does otherwise (stage 3 runs as 2,
+    /// offload, ignored knobs): kept as the job's events, not only told at submit.
+    pub warnings: Vec<String>,
 }
 
 /// Why a job was refused (the message the client sees).
@@ -45,10 +48,10 @@ pub fn validate_submission(
     // `herd submit` sends the config inline; a file (a client of our own) is found where a
     // relative data_path is, and stored inline so the workers need not read it.
     let ds_base = Path::new(if base_dir.is_empty() { "." } else { base_dir });
-    for w in spec
+    let warnings = spec
         .load_deepspeed(ds_base, source)
-        .map_err(|e| Refusal(e.to_string()))?
-    {
+        .map_err(|e| Refusal(e.to_string()))?;
+    for w in &warnings {
         tracing::warn!(source, "deepspeed: {w}");
     }
     let bad = |key: &str, msg: String| Err(Refusal(format!("{source}: `{key}`: {msg}")));
@@ -190,6 +193,7 @@ pub fn validate_submission(
         yaml,
         source_name: source.to_string(),
         records: n,
+        warnings,
     })
 }
 
@@ -235,6 +239,15 @@ mod tests {
         std::fs::write(model.join("config.json"), "{}").unwrap();
         let v = validate_submission(ok, "j.yaml", base).unwrap();
         assert_eq!(v.records, 2);
+        assert!(v.warnings.is_empty());
+        // What a DeepSpeed config asks that herd does otherwise is kept for the job's events.
+        let ds = format!("{ok}deepspeed: {{zero_optimization: {{stage: 3}}}}\n");
+        let v = validate_submission(&ds, "j.yaml", base).unwrap();
+        assert!(
+            v.warnings.iter().any(|w| w.contains("stage 3")),
+            "{:?}",
+            v.warnings
+        );
         assert!(v.spec.data_path.paths()[0].is_absolute());
         assert!(v.yaml.contains(base));
 

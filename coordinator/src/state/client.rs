@@ -76,6 +76,9 @@ impl Core {
                 v.source_name, v.records, v.spec.world_size
             ),
         );
+        for w in &v.warnings {
+            self.event(&id, "", "warning", &format!("deepspeed: {w}"));
+        }
         self.schedule()?;
         self.job_status(&id)
     }
