@@ -356,9 +356,14 @@ fn report_text(loss: &EvalLoss, s: &GenerationScores) -> String {
         .map(|(k, g)| (k.as_str(), g))
         .chain([("all", &s.overall)])
     {
+        // A bucket no reference falls in has no score (not a score of 0).
+        let (rouge, exact) = match g.count {
+            0 => ("-".to_string(), "-".to_string()),
+            _ => (format!("{:.4}", g.rouge_l), format!("{:.4}", g.exact_match)),
+        };
         out.push_str(&format!(
-            "{:<12} {:>6} {:>8.4} {:>8.4}\n",
-            name, g.count, g.rouge_l, g.exact_match
+            "{:<12} {:>6} {:>8} {:>8}\n",
+            name, g.count, rouge, exact
         ));
     }
     out

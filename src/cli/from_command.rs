@@ -52,9 +52,14 @@ pub fn run(command: &[String]) -> Result<()> {
         "# herd from-command -- {}\n",
         shell_words(&redacted(command))
     );
+    // The notes are comments in the job file; on stderr too when the file goes elsewhere
+    // (on a terminal they would show twice).
+    let to_terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
     for n in &c.notes {
         out.push_str(&format!("# note: {n}\n"));
-        eprintln!("herd: note: {n}");
+        if !to_terminal {
+            eprintln!("herd: note: {n}");
+        }
     }
     out.push_str(&c.yaml);
     print!("{out}");

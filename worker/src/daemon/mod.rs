@@ -176,6 +176,13 @@ pub fn channel(addr: &str, tls: &ClientTls) -> Result<Channel, DaemonError> {
         addr: addr.to_string(),
         reason,
     };
+    if addr.trim().is_empty() {
+        // `HERD_COORDINATOR=` set but empty overrides the default, so say where it came from.
+        return Err(bad(
+            "empty (is HERD_COORDINATOR set to nothing?): give HOST:PORT or http(s)://HOST:PORT"
+                .into(),
+        ));
+    }
     let ep = Endpoint::from_shared(url.clone())
         .map_err(|e| bad(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))

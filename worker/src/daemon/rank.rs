@@ -339,7 +339,11 @@ fn run_rank(
                     if !summary.is_null() {
                         lines.borrow_mut().push(summary.to_string());
                     }
-                    let line = trainer::finished_line(e);
+                    // Only rank 0 writes the final model; the others just finished their part.
+                    let line = match a.rank {
+                        0 => trainer::finished_line(e),
+                        _ => "done (rank 0 writes the final model)".to_string(),
+                    };
                     lines.borrow_mut().push(format!("rank {} {line}", a.rank));
                 }
             };
