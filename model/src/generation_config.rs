@@ -51,7 +51,16 @@ pub fn save(src: &Path, cfg: &LlamaConfig, dst: &Path) -> Result<()> {
 /// config (`eos_token_id`, one id or a list: Llama 3 instruct stops at `<|eot_id|>` too) in
 /// `dir`, else from `cfg`; with `also` (the tokenizer's eos) added when it is not among them.
 pub fn stop_ids(dir: &Path, cfg: &LlamaConfig, also: Option<u32>) -> Result<Vec<u32>> {
-    let path = dir.join(FILE);
+    // A PEFT adapter directory has none of its own: its base's counts, as PEFT generates
+    // with the base model's generation config.
+    let adapter = dir.join(crate::lora::ADAPTER_CONFIG);
+    let base = match !dir.join(FILE).exists() && !dir.join("config.json").exists() {
+        true if adapter.is_file() => crate::lora::LoraConfig::from_file(&adapter)?
+            .1
+            .map(|b| crate::lora::resolve_base(dir, &b)),
+        _ => None,
+    };
+    let path = base.as_deref().unwrap_or(dir).join(FILE);
     let from_file = match std::fs::read(&path) {
         Ok(bytes) => {
             let v: Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
@@ -174,6 +183,17 @@ mod tests {
         let v: Value =
             serde_json::from_slice(&std::fs::read(out.path().join(FILE)).unwrap()).unwrap();
         assert_eq!(v["eos_token_id"], serde_json::json!([5, 7]));
+        // A PEFT adapter directory stops where its base's generation config says.
+        let adapter = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE), r#"{"eos_token_id": [3, 6]}"#).unwrap();
+        std::fs::write(
+            adapter.path().join(crate::lora::ADAPTER_CONFIG),
+            serde_json::json!({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"],
+                "base_model_name_or_path": dir.path()})
+            .to_string(),
+        )
+        .unwrap();
+        assert_eq!(stop_ids(adapter.path(), &listed, None).unwrap(), vec![3, 6]);
         std::fs::write(dir.path().join(FILE), r#"{"eos_token_id": "x"}"#).unwrap();
         let e = stop_ids(dir.path(), &listed, None).unwrap_err().to_string();
         assert!(e.contains("expected an id or a list of ids"), "{e}");

@@ -189,7 +189,6 @@ pub fn run(
     collective: &mut dyn Collective,
     observer: &mut dyn Observer,
 ) -> Result<Outcome> {
-    let t0 = Instant::now();
     // CUDA issue #5: open the GPU first, so a missing driver costs no data loading.
     let device = herd_kernels::device::open(opts.device)?;
     let placement = placement(job, &device);
@@ -217,12 +216,12 @@ pub fn run(
                 skipped_records: p.skipped_records,
                 added_tokens: p.added_tokens,
             };
-            run_setup(job, opts, collective, observer, setup, &placement, t0)
+            run_setup(job, opts, collective, observer, setup, &placement)
         }
         Task::Reward => {
             check_supported(job)?;
             let setup = reward::prepare(job)?;
-            run_setup(job, opts, collective, observer, setup, &placement, t0)
+            run_setup(job, opts, collective, observer, setup, &placement)
         }
     }
 }
@@ -265,7 +264,6 @@ fn run_setup<O: Objective>(
     observer: &mut dyn Observer,
     setup: Setup<O>,
     placement: &Placement,
-    t0: Instant,
 ) -> Result<Outcome> {
     let Setup {
         tokenizer,
@@ -433,6 +431,9 @@ fn run_setup<O: Objective>(
     let mut run_loss = 0.0;
     let mut step = start_step;
     let tokens_at_start = ts.num_input_tokens_seen;
+    // HF's start_time: taken once the model, data and checkpoint are ready, so train_runtime
+    // and the rates count the training loop only.
+    let t_loop = Instant::now();
     while step < end {
         let span = tracing::info_span!("step", step, rank);
         let _g = span.enter();
@@ -484,7 +485,10 @@ fn run_setup<O: Objective>(
         // HF's total_flos: every rank's input tokens (padding included) × 6 × the
         // non-embedding parameters, before this step's checkpoint saves the trainer state.
         ts.total_flos += flos_per_input_token * all_fed.input_tokens as f64;
+        // A reward model's batches (TRL's input_ids_chosen/_rejected) give HF no input_ids to
+        // count, as for total_flos.
         ts.num_input_tokens_seen += match job.include_num_input_tokens_seen {
+            _ if job.task == Task::Reward => 0,
             TokensSeen::No => 0,
             TokensSeen::All => all_fed.input_tokens as u64,
             TokensSeen::NonPadding => all_fed.tokens as u64,
@@ -514,7 +518,7 @@ fn run_setup<O: Objective>(
             }
             if job.include_num_input_tokens_seen != TokensSeen::No {
                 // HF adds the count and this run's token throughput to every training log.
-                let runtime = t0.elapsed().as_secs_f64().max(1e-9);
+                let runtime = t_loop.elapsed().as_secs_f64().max(1e-9);
                 let tokens = ts.num_input_tokens_seen - tokens_at_start;
                 entry["num_input_tokens_seen"] = json!(ts.num_input_tokens_seen);
                 entry["train_runtime"] = json!(round4(runtime));
@@ -591,7 +595,7 @@ fn run_setup<O: Objective>(
         return Ok(Outcome::Paused { step });
     }
     let train_loss = run_loss / (step - start_step).max(1) as f64;
-    let runtime = t0.elapsed().as_secs_f64();
+    let runtime = t_loop.elapsed().as_secs_f64().max(1e-9);
     // Sharded, every rank sends its part of the master weights; rank 0 writes them.
     let mut master = if rank == 0 || engine.shard().is_some() {
         engine.master_model(collective)?

@@ -83,6 +83,9 @@ pub struct DsScheduler {
     pub cos_min_ratio: f64,
     pub warmup_num_steps: Option<u64>,
     pub total_num_steps: Option<u64>,
+    /// `warmup_num_steps` was left out: DeepSpeed's default (1000) runs, and HF's
+    /// `fill_match` checks nothing against the job, as it only fills keys that are there.
+    pub warmup_defaulted: bool,
 }
 
 /// Reads `section` (the value of `scheduler`) for a job whose `learning_rate` is
@@ -224,6 +227,7 @@ pub fn read(section: &Value, learning_rate: f64) -> Result<DsScheduler, Vec<Stri
             cos_min_ratio,
             warmup_num_steps,
             total_num_steps,
+            warmup_defaulted: params.get("warmup_num_steps").is_none(),
         })
     } else {
         Err(errors)
@@ -247,12 +251,15 @@ impl DsScheduler {
         };
         // transformers 5 fills at least 1, so that a job without warmup still runs (DeepSpeed
         // refuses 0, and warms up over max(2, n) steps anyway).
-        let warmup = fill(
-            "warmup_num_steps",
-            self.warmup_num_steps,
-            job_warmup.max(1),
-            "warmup (warmup_steps, or warmup_ratio × steps, at least 1)",
-        );
+        let warmup = match (self.warmup_defaulted, self.warmup_num_steps) {
+            (true, Some(n)) => n,
+            _ => fill(
+                "warmup_num_steps",
+                self.warmup_num_steps,
+                job_warmup.max(1),
+                "warmup (warmup_steps, or warmup_ratio × steps, at least 1)",
+            ),
+        };
         let total = match self.kind {
             DsScheduleKind::WarmupLr => None,
             _ => Some(fill(

@@ -264,6 +264,13 @@ pub(super) fn read(
          rounding differ"
             .into(),
     );
+    notes.push(
+        "finetune.py pads with id 0 (<unk>) and never resizes the embeddings: NOT matched: \
+         herd adds a [PAD] token when the tokenizer has none, as train.py does, so the adapter \
+         also holds the resized embed_tokens and lm_head, and PEFT loads it on a base resized to \
+         the saved tokenizer's length"
+            .into(),
+    );
     match arg("prompt_template_name").as_str() {
         "alpaca_legacy" => notes.push(
             "--prompt_template_name alpaca_legacy: herd's prompt, Stanford Alpaca's, word for \

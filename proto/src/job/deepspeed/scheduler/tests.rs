@@ -31,6 +31,8 @@ fn auto_values_take_the_jobs_and_the_step_counts_wait_for_training() {
 fn left_out_parameters_take_deepspeeds_defaults() {
     let s = ok(json!({"type": "WarmupLR"}));
     assert_eq!(s.warmup_num_steps, Some(1000));
+    // Left out, DeepSpeed's default runs whatever the job's warmup: HF checks only keys given.
+    assert_eq!(s.resolve(30, 100).unwrap().warmup_num_steps, Some(1000));
     assert_eq!((s.warmup_min_lr, s.warmup_max_lr), (0.0, LR));
     assert_eq!(s.total_num_steps, None);
     // WarmupDecayLR hands WarmupLR its own default peak, 0.001.
