@@ -95,6 +95,7 @@ enum Cmd {
     },
     /// List the coordinator's jobs.
     List {
+        /// Print JSON (each job as `herd status --json` prints it).
         #[arg(long)]
         json: bool,
         #[command(flatten)]

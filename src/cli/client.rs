@@ -225,14 +225,26 @@ pub fn render_status(st: &pb::JobStatus, now: f64) -> String {
             "  rank {:>2}  {}  {}  step {}",
             r.rank, r.worker_id, r.host, r.last_step
         ));
-        // The last attempt's ranks of an ended job: how long ago they beat says nothing.
-        if !is_terminal(st.state) {
-            out.push_str(&format!("  heartbeat {:.1}s ago", r.heartbeat_age_s));
+        // How a rank ended, or why its worker is silent, says more than a growing age; an
+        // ended job's last heartbeats say nothing.
+        match r.state.as_str() {
+            "" | "running" if !is_terminal(st.state) => {
+                out.push_str(&format!("  heartbeat {:.1}s ago", r.heartbeat_age_s))
+            }
+            "worker lost" if !is_terminal(st.state) => out.push_str(&format!(
+                "  worker lost (last heartbeat {:.0}s ago)",
+                r.heartbeat_age_s
+            )),
+            "" | "running" | "worker lost" => {}
+            state => out.push_str(&format!("  {state}")),
         }
         out.push('\n');
     }
     for (i, r) in st.restart_reasons.iter().enumerate() {
         out.push_str(&format!("  restart {}: {r}\n", i + 1));
+    }
+    if !st.attempt_started.is_empty() {
+        out.push_str(&format!("  started: {}\n", st.attempt_started));
     }
     if let Some(e) = &st.last_eval {
         let values: Vec<String> = e
@@ -286,9 +298,10 @@ pub fn status_json(st: &pb::JobStatus) -> serde_json::Value {
         "restarts": st.restarts,
         "max_restarts": st.max_restarts,
         "restart_reasons": st.restart_reasons,
+        "attempt_started": st.attempt_started,
         "ranks": st.ranks.iter().map(|r| serde_json::json!({
             "rank": r.rank, "worker_id": r.worker_id, "host": r.host, "last_step": r.last_step,
-            "heartbeat_age_s": r.heartbeat_age_s,
+            "heartbeat_age_s": r.heartbeat_age_s, "state": r.state,
         })).collect::<Vec<_>>(),
         "last_metric": m,
         "last_eval": st.last_eval.as_ref().map(|e| serde_json::json!({
@@ -394,6 +407,7 @@ mod tests {
                 host: "h".into(),
                 last_step: 5,
                 heartbeat_age_s: 0.4,
+                state: "running".into(),
             }],
             ..Default::default()
         }
@@ -428,6 +442,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("restart 1: rank 1 died"), "{text}");
+        assert!(!text.contains("started:"), "{text}");
+        s.attempt_started = "attempt 2 at step 4, resumed from /out/checkpoint-4".into();
+        let text = render_status(&s, 110.0);
+        assert!(
+            text.contains("  started: attempt 2 at step 4, resumed from /out/checkpoint-4\n"),
+            "{text}"
+        );
         assert!(text.contains("restarts 1/3"), "{text}");
         assert!(!text.contains("best checkpoint"), "{text}");
         s.best_checkpoint = Some(pb::BestCheckpoint {
@@ -445,6 +466,25 @@ mod tests {
         s.state = JobState::Succeeded as i32;
         let text = render_status(&s, 110.0);
         assert!(text.contains("rank  0  w-1  h  step 5\n"), "{text}");
+        s.ranks[0].state = "completed".into();
+        let text = render_status(&s, 110.0);
+        assert!(
+            text.contains("rank  0  w-1  h  step 5  completed\n"),
+            "{text}"
+        );
+        assert_eq!(status_json(&s)["ranks"][0]["state"], "completed");
+        let mut r = st();
+        r.state = JobState::Restarting as i32;
+        r.ranks[0].state = "worker left".into();
+        r.ranks[0].heartbeat_age_s = 41.0;
+        let text = render_status(&r, 110.0);
+        assert!(text.contains("step 5  worker left\n"), "{text}");
+        r.ranks[0].state = "worker lost".into();
+        let text = render_status(&r, 110.0);
+        assert!(
+            text.contains("step 5  worker lost (last heartbeat 41s ago)\n"),
+            "{text}"
+        );
         let mut q = st();
         q.state = JobState::Queued as i32;
         q.reason = "waiting for 4 idle workers (2 idle)".into();

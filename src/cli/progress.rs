@@ -27,6 +27,14 @@ impl Progress {
         }
     }
 
+    /// Leave the bar where a paused run stopped it, so the lines after it start on their own
+    /// (an exit with the signal's code runs no destructor that would).
+    pub fn leave(&self) {
+        if let Some(pb) = self.bar.as_ref().filter(|pb| !pb.is_finished()) {
+            pb.abandon();
+        }
+    }
+
     fn println(&self, line: String) {
         match &self.bar {
             Some(pb) => pb.println(line),

@@ -141,6 +141,7 @@ pub fn run_job_on(
     let _g = span.enter();
     let outcome = trainer::run(job, &opts, &mut SingleProcess, &mut observer)?;
     if let Outcome::Paused { step } = outcome {
+        observer.leave();
         let signal = got.iter().find(|(_, f)| f.load(Ordering::SeqCst));
         let Some((sig, _)) = signal else {
             eprintln!(

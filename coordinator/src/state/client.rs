@@ -65,6 +65,7 @@ impl Core {
                 rec,
                 ranks: Vec::new(),
                 attempt_start_step: None,
+                attempt_started: None,
             },
         );
         self.event(

@@ -183,6 +183,7 @@ impl Core {
         job.rec.started = 0.0;
         job.rec.step = job.rec.last_checkpoint_step;
         job.attempt_start_step = None;
+        job.attempt_started = None;
         let attempt = job.rec.attempt;
         job.ranks = workers
             .iter()

@@ -32,6 +32,22 @@ pub fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// What a rank line says besides its step: how the rank ended, or why its worker is silent.
+fn rank_state(rank: &RankRecord, worker: Option<&Worker>) -> &'static str {
+    match DoneKind::try_from(rank.done_kind).unwrap_or(DoneKind::Unspecified) {
+        DoneKind::Completed => return "completed",
+        DoneKind::Paused => return "paused",
+        DoneKind::FailedRank => return "failed",
+        DoneKind::Stopped => return "stopped",
+        DoneKind::Unspecified => {}
+    }
+    match worker {
+        Some(w) if w.rec.alive => "running",
+        Some(w) if w.left => "worker left",
+        _ => "worker lost",
+    }
+}
+
 fn is_terminal(s: JobState) -> bool {
     matches!(
         s,
@@ -52,6 +68,8 @@ pub struct Job {
     /// The step the current attempt began at, from its rank 0's first report (kept in memory:
     /// status's ETA measures the attempt's rate from it).
     pub attempt_start_step: Option<u64>,
+    /// How the current attempt began, as its rank 0 said (the "started" event's line).
+    pub attempt_started: Option<String>,
 }
 
 pub struct Worker {
@@ -65,6 +83,8 @@ pub struct Worker {
     pub reported_step: u64,
     /// Since when it says it runs nothing while holding a delivered rank (awaiting ReportDone).
     pub no_report_since: Option<Instant>,
+    /// It said it is leaving (a goodbye, a preemption) rather than falling silent.
+    pub left: bool,
 }
 
 impl Worker {
@@ -117,6 +137,7 @@ impl Core {
                     rec,
                     ranks: Vec::new(),
                     attempt_start_step: None,
+                    attempt_started: None,
                 },
             );
         }
@@ -141,6 +162,7 @@ impl Core {
                 last_heartbeat: now,
                 seen: false,
                 no_report_since: None,
+                left: false,
                 rec,
             };
             workers.insert(w.rec.id.clone(), w);
@@ -210,15 +232,26 @@ impl Core {
                                 .as_secs_f64()
                         })
                         .unwrap_or(0.0),
+                    state: rank_state(rk, w).into(),
                 }
             })
             .collect();
+        // Rank 0's heartbeats carry every step; the job's step otherwise moves only with the
+        // logged metrics (logging_steps apart).
+        let step = match r.state {
+            JobState::Running => job
+                .ranks
+                .iter()
+                .find(|rk| rk.rank == 0)
+                .map_or(r.step, |rk| r.step.max(rk.last_step)),
+            _ => r.step,
+        };
         pb::JobStatus {
             job_id: r.id.clone(),
             state: r.state as i32,
             reason: r.reason.clone(),
             world_size: r.world_size,
-            step: r.step,
+            step,
             total_steps: r.total_steps,
             restarts: r.restarts,
             max_restarts: r.max_restarts,
@@ -233,6 +266,7 @@ impl Core {
             started_unix: r.started,
             finished_unix: r.finished,
             attempt_start_step: job.attempt_start_step,
+            attempt_started: job.attempt_started.clone().unwrap_or_default(),
         }
     }
 

@@ -78,6 +78,7 @@ impl Core {
                 reported_attempt: 0,
                 reported_step: 0,
                 no_report_since: None,
+                left: false,
             },
         );
         self.event("", &id, "worker", &msg);
@@ -130,6 +131,7 @@ impl Core {
         w.reported_job = req.job_id.clone();
         w.reported_attempt = req.attempt;
         w.reported_step = req.step;
+        w.left = req.leaving;
         let wid = w.rec.id.clone();
         if req.leaving {
             // Shutting down: it finishes (and reports) the rank it holds, takes no new one.
@@ -245,6 +247,7 @@ impl Core {
             return Ok(());
         }
         w.rec.alive = false;
+        w.left = true;
         w.reported_job.clear();
         let wid = w.rec.id.clone();
         self.save_worker(&wid)?;
@@ -284,6 +287,8 @@ impl Core {
             .map(|s| {
                 job.rec.step = s.start_step;
                 job.attempt_start_step = Some(s.start_step);
+                // The ETA's clock starts with the training loop, not with the model's loading.
+                job.rec.started = unix_now();
                 if s.resumed_from.is_empty() {
                     format!(
                         "attempt {} at step {} from the model",
@@ -304,6 +309,9 @@ impl Core {
                     )
                 }
             });
+        if let Some(line) = &started {
+            job.attempt_started = Some(line.clone());
+        }
         if let Some(m) = &metric {
             job.rec.step = m.step;
             job.rec.last_metric = Some(*m);
@@ -366,6 +374,13 @@ impl Core {
         Ok(())
     }
 
+    /// Whether every rank of the job's current attempt has reported its end.
+    fn all_ranks_done(&self, job_id: &str) -> bool {
+        self.jobs
+            .get(job_id)
+            .is_some_and(|j| j.ranks.iter().all(|r| r.done_kind != 0))
+    }
+
     pub fn done(&mut self, req: pb::DoneReport) -> Result<(), Status> {
         let kind = DoneKind::try_from(req.kind).unwrap_or(DoneKind::Unspecified);
         // Free the worker if this ends the rank it holds.
@@ -391,6 +406,16 @@ impl Core {
         let current = job.rec.attempt == req.attempt;
         let running = current && job.rec.state == JobState::Running;
         let restarting = current && job.rec.state == JobState::Restarting;
+        // An error after the attempt ended (a cancel, a restart, a peer's failure) is the
+        // rank being stopped: its collective was aborted or its peers went away.
+        let kind = match kind {
+            DoneKind::FailedRank | DoneKind::Unspecified
+                if current && !running && !req.repeats_on_restart =>
+            {
+                DoneKind::Stopped
+            }
+            k => k,
+        };
         if current {
             if let Some(r) = job.ranks.iter_mut().find(|r| r.rank == req.rank) {
                 r.done_kind = kind as i32;
@@ -460,17 +485,28 @@ impl Core {
                         )?;
                     }
                 }
+                // Nobody told it to stop. The ranks agree each step on stopping, so when one
+                // worker is preempted every rank pauses at the same step; the signal is in the
+                // report of the rank whose worker got it, and that one names the cause.
+                DoneKind::Paused if req.signal == 0 && !self.all_ranks_done(&req.job_id) => {
+                    self.publish(&req.job_id)
+                }
                 DoneKind::Paused => {
-                    // Nobody told it to stop: its worker was preempted (SIGTERM) and is leaving.
-                    // Give it no new rank until it heartbeats again.
-                    if let Some(w) = self.workers.get_mut(&req.worker_id) {
+                    // Its worker was preempted (SIGTERM) and is leaving: give it no new rank
+                    // until it heartbeats again.
+                    if let Some(w) = self
+                        .workers
+                        .get_mut(&req.worker_id)
+                        .filter(|_| req.signal != 0)
+                    {
                         w.rec.alive = false;
+                        w.left = true;
                         let id = w.rec.id.clone();
                         self.save_worker(&id)?;
                     }
                     self.rank_failed(&req.job_id, failure(FailureKind::Preempted))?
                 }
-                DoneKind::FailedRank | DoneKind::Unspecified => {
+                DoneKind::FailedRank | DoneKind::Unspecified | DoneKind::Stopped => {
                     self.rank_failed(&req.job_id, failure(rank_failed()))?
                 }
             }

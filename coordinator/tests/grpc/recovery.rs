@@ -122,6 +122,8 @@ async fn failed_rank_stops_the_others_and_restarts_from_checkpoint() {
     .unwrap();
     let s = get(&mut j, &id).await;
     assert_eq!(s.state(), JobState::Restarting);
+    let states: Vec<&str> = s.ranks.iter().map(|r| r.state.as_str()).collect();
+    assert_eq!(states, ["running", "failed"]);
     assert!(
         s.reason
             .contains("waiting for 1 rank of the previous attempt to stop"),
@@ -174,15 +176,17 @@ async fn failed_rank_stops_the_others_and_restarts_from_checkpoint() {
     assert_eq!(s.state(), JobState::Cancelled);
     assert!(hb(&mut w, &w1, &id, 2, 4).await.stop.is_some());
     assert!(hb(&mut w, &w2, &id, 2, 4).await.stop.is_some());
-    // They finish their step and checkpoint: the cancelled job shows where they stopped.
-    for (wid, rank) in [(&w1, 0), (&w2, 1)] {
+    // Rank 0 finishes its step and checkpoints; rank 1's ring broke when rank 0 left, an error
+    // after the cancel: the cancelled job shows where they stopped, and no rank as failed.
+    for (wid, rank, kind) in [(&w1, 0, DoneKind::Paused), (&w2, 1, DoneKind::FailedRank)] {
         w.report_done(pb::DoneReport {
             worker_id: wid.clone(),
             job_id: id.clone(),
             attempt: 2,
             rank,
-            kind: DoneKind::Paused as i32,
+            kind: kind as i32,
             step: 5,
+            error: "connection closed by rank 0".into(),
             ..Default::default()
         })
         .await
@@ -190,6 +194,8 @@ async fn failed_rank_stops_the_others_and_restarts_from_checkpoint() {
     }
     let s = get(&mut j, &id).await;
     assert_eq!((s.state(), s.step), (JobState::Cancelled, 5));
+    let states: Vec<&str> = s.ranks.iter().map(|r| r.state.as_str()).collect();
+    assert_eq!(states, ["paused", "stopped"]);
     srv.stop().await;
 }
 
@@ -339,6 +345,7 @@ async fn preempted_rank_restarts_without_counting_and_elsewhere() {
         rank: 0,
         kind: DoneKind::Paused as i32,
         step: 3,
+        signal: 15,
         ..Default::default()
     })
     .await
@@ -505,5 +512,50 @@ async fn a_late_error_the_restart_would_repeat_fails_the_job_its_peer_had_restar
         let r = hb(&mut w, worker, "", 0, 0).await;
         assert!(r.assignment.is_none(), "{r:?}");
     }
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_preemption_names_the_worker_that_got_the_signal_not_the_first_to_report() {
+    let dir = tempfile::tempdir().unwrap();
+    demo(dir.path());
+    let srv = Server::start(&dir.path().join("state"), Duration::from_secs(10)).await;
+    let mut j = srv.jobs(TOKEN).await;
+    let mut w = srv.workers().await;
+    let w1 = register(&mut w, 7501).await;
+    let w2 = register(&mut w, 7502).await;
+    let id = submit(&mut j, &job_yaml(2, 0), dir.path()).await;
+    await_assignment(&mut w, &w1, Duration::from_secs(5)).await;
+    await_assignment(&mut w, &w2, Duration::from_secs(5)).await;
+    let paused = |wid: &String, rank, signal| pb::DoneReport {
+        worker_id: wid.clone(),
+        job_id: id.clone(),
+        attempt: 1,
+        rank,
+        kind: DoneKind::Paused as i32,
+        step: 4,
+        signal,
+        ..Default::default()
+    };
+    // w2 got SIGTERM; both ranks agreed to stop at step 4, and rank 0 (w1) reports first.
+    w.report_done(paused(&w1, 0, 0)).await.unwrap();
+    let s = get(&mut j, &id).await;
+    assert_eq!(s.state(), JobState::Running, "{}", s.reason);
+    assert_eq!(s.ranks[0].state, "paused");
+    w.report_done(paused(&w2, 1, 15)).await.unwrap();
+    let s = get(&mut j, &id).await;
+    assert_eq!((s.state(), s.restarts), (JobState::Restarting, 0));
+    let reason = &s.restart_reasons[0];
+    assert!(
+        reason.contains("rank 1") && reason.contains(&w2) && reason.contains("preempted"),
+        "{reason}"
+    );
+    assert!(!reason.contains(&w1), "{reason}");
+    // w1 was not signalled: it stays in the pool; with a new worker for w2's place, attempt 2
+    // starts on both.
+    let w3 = register(&mut w, 7503).await;
+    let a = await_assignment(&mut w, &w1, Duration::from_secs(5)).await;
+    let b = await_assignment(&mut w, &w3, Duration::from_secs(5)).await;
+    assert_eq!((a.attempt, b.attempt), (2, 2));
     srv.stop().await;
 }

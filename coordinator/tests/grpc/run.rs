@@ -102,6 +102,11 @@ async fn fake_worker_runs_a_job_to_success() {
     assert_eq!(s.ranks.len(), 1);
     assert_eq!(s.ranks[0].worker_id, wid);
     assert_eq!(s.ranks[0].host, "testhost");
+    // Between logging steps the step moves with rank 0's heartbeats.
+    hb(&mut w, &wid, &id, 1, 7).await;
+    let s = get(&mut j, &id).await;
+    assert_eq!((s.step, s.last_metric.unwrap().step), (7, 5));
+    assert_eq!(s.ranks[0].state, "running");
 
     w.report_done(pb::DoneReport {
         worker_id: wid.clone(),
@@ -118,6 +123,7 @@ async fn fake_worker_runs_a_job_to_success() {
     let s = get(&mut j, &id).await;
     assert_eq!(s.state(), JobState::Succeeded, "{}", s.reason);
     assert_eq!(s.step, 10);
+    assert_eq!(s.ranks[0].state, "completed");
     assert!(s.finished_unix > 0.0);
     let states = tokio::time::timeout(Duration::from_secs(5), watcher)
         .await

@@ -65,6 +65,12 @@ impl CollectiveAbort {
         }
     }
 
+    /// Why the collective was ended, if the daemon ended it.
+    fn reason(&self) -> Option<String> {
+        let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        slot.reason.clone()
+    }
+
     fn attach(&self, ring: RingAborter) {
         let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(reason) = &slot.reason {
@@ -366,6 +372,18 @@ fn run_rank(
             lines
                 .borrow_mut()
                 .push(format!("rank {} paused at step {s}", a.rank));
+        }
+        // The coordinator gave the attempt up and this daemon ended its collective: the error
+        // that follows is the stop, not a failure of the rank.
+        Ok(Err((_, false))) if abort.reason().is_some() => {
+            // The error only retells the abort ("... aborted: stop order ..."): say it once.
+            let why = abort.reason().unwrap_or_default();
+            done.kind = pb::DoneKind::Stopped as i32;
+            done.error = why.clone();
+            lines.borrow_mut().push(format!(
+                "rank {} stopped at step {}: {why}",
+                a.rank, done.step
+            ));
         }
         Ok(Err((e, repeats))) => {
             lines.borrow_mut().push(format!("error: {e}"));
