@@ -48,6 +48,20 @@ pub fn named_after_save(
     }
 }
 
+/// At resume: a best checkpoint the trainer state names but that is gone (deleted by hand, a
+/// rotation outside herd) is forgotten, as HF Trainer does ("recorded in the resumed state does
+/// not exist anymore. Ignoring it for this run"); `best_metric` stays, so only a better
+/// evaluation names a new one, and load_best_model_at_end without one keeps the last weights.
+/// Returns the forgotten path. Otherwise the run would end failing to read it, on every rerun.
+pub fn forget_missing(ts: &mut TrainerState, output_dir: &std::path::Path) -> Option<String> {
+    let step = ts.best_checkpoint_step();
+    let here = step.map(|s| output_dir.join(format!("checkpoint-{s}")));
+    if here.is_some_and(|d| d.is_dir()) || ts.best_model_checkpoint.is_none() {
+        return None;
+    }
+    ts.best_model_checkpoint.take()
+}
+
 /// The checkpoint named best, with the evaluation that made it best (what `herd status` shows).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Named {
@@ -80,6 +94,35 @@ pub fn named_with_value(rule: &BestRule, ts: &TrainerState) -> Option<Named> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_best_checkpoint_that_is_gone_is_forgotten_at_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ts: TrainerState = serde_json::from_value(json!({
+            "best_metric": 1.2, "best_global_step": 4,
+            "best_model_checkpoint": "/elsewhere/checkpoint-4",
+            "epoch": 1.0, "eval_steps": 4, "global_step": 8, "is_hyper_param_search": false,
+            "is_local_process_zero": true, "is_world_process_zero": true, "log_history": [],
+            "logging_steps": 1, "max_steps": 10, "num_input_tokens_seen": 0,
+            "num_train_epochs": 1, "save_steps": 4, "total_flos": 0.0, "train_batch_size": 2,
+            "trial_name": null, "trial_params": null,
+        }))
+        .unwrap();
+        // Found where herd reads it (output_dir/checkpoint-4), whatever the recorded path.
+        std::fs::create_dir(dir.path().join("checkpoint-4")).unwrap();
+        assert_eq!(forget_missing(&mut ts, dir.path()), None);
+        assert_eq!(ts.best_checkpoint_step(), Some(4));
+        std::fs::remove_dir(dir.path().join("checkpoint-4")).unwrap();
+        assert_eq!(
+            forget_missing(&mut ts, dir.path()).as_deref(),
+            Some("/elsewhere/checkpoint-4")
+        );
+        assert_eq!(
+            (ts.best_model_checkpoint.as_ref(), ts.best_metric),
+            (None, Some(1.2))
+        );
+        assert_eq!(forget_missing(&mut ts, dir.path()), None);
+    }
 
     #[test]
     fn a_tie_is_no_new_best_and_direction_follows_the_rule() {

@@ -288,7 +288,13 @@ fn run_setup<O: Objective>(
         }
         objective.resume(&mut model, &dir)?;
         start_step = step;
-        trainer_state = Some(TrainerState::load(&dir)?);
+        let mut ts = TrainerState::load(&dir)?;
+        if let Some(gone) = best::forget_missing(&mut ts, &job.output_dir) {
+            if rank == 0 {
+                tracing::warn!("the best checkpoint {gone} recorded in the resumed state does not exist anymore; ignoring it for this run (a better evaluation names a new one)");
+            }
+        }
+        trainer_state = Some(ts);
         resumed_from = Some(dir);
     }
     if rank == 0 {
@@ -435,7 +441,8 @@ fn run_setup<O: Objective>(
     // and the rates count the training loop only.
     let t_loop = Instant::now();
     while step < end {
-        let span = tracing::info_span!("step", step, rank);
+        // Numbered as its log entry and checkpoint will be (the optimizer steps done after it).
+        let span = tracing::info_span!("step", step = step + 1, rank);
         let _g = span.enter();
         let ts_step = Instant::now();
         let epoch = plan.epoch_of(step);

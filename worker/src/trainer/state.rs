@@ -193,3 +193,41 @@ impl TrainerState {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resumed run's log_history is the one written: every float read back is the f64 that
+    /// was saved (serde_json's default parser is one ulp off for some, e.g. this learning rate).
+    #[test]
+    fn a_trainer_state_read_back_is_the_one_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let lr: f64 = "0.0009468163201617061".parse().unwrap();
+        let st = TrainerState {
+            best_metric: Some(0.1 + 0.2),
+            best_global_step: None,
+            best_model_checkpoint: None,
+            epoch: 2.0 / 3.0,
+            eval_steps: 4,
+            global_step: 13,
+            is_hyper_param_search: false,
+            is_local_process_zero: true,
+            is_world_process_zero: true,
+            log_history: vec![serde_json::json!({"learning_rate": lr, "step": 13})],
+            logging_steps: 1,
+            max_steps: 30,
+            num_input_tokens_seen: 0,
+            num_train_epochs: 3,
+            save_steps: 4,
+            total_flos: 1.234_567_890_123_456_7e15,
+            train_batch_size: 4,
+            trial_name: None,
+            trial_params: None,
+        };
+        st.save(dir.path()).unwrap();
+        let back = TrainerState::load(dir.path()).unwrap();
+        assert_eq!(back.log_history[0]["learning_rate"].as_f64(), Some(lr));
+        assert_eq!(back, st);
+    }
+}
