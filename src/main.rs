@@ -183,7 +183,22 @@ fn main() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     keep_freed_memory_for_reuse();
     spin_less_between_ops();
+    // A write past `ulimit -f` is an error that names its file (EFBIG, as Python reports it),
+    // not a SIGXFSZ that kills a worker mid-checkpoint without a word.
+    // SAFETY: setting a signal's disposition to ignore; no other thread runs yet.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let args = Args::parse();
+    if args.cmd.prints_for_a_pipe() {
+        // `herd events | head`: the reader leaving ends the command quietly, as it ends
+        // grep or cat, instead of a panic in println!. Only commands that just print: the
+        // daemons keep Rust's ignored SIGPIPE, so a closed socket is an error they handle.
+        // SAFETY: restoring the default disposition; no other thread runs yet.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = std::env::var("RUST_LOG").unwrap_or(args.log.clone());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -247,6 +262,18 @@ fn main() {
     if let Err(e) = result {
         eprintln!("error: {}", render_chain(&e));
         std::process::exit(1);
+    }
+}
+
+impl Cmd {
+    /// Commands that print a listing and end, whose output is often piped into head or less.
+    fn prints_for_a_pipe(&self) -> bool {
+        match self {
+            Cmd::Status { watch, .. } => !watch,
+            Cmd::List { .. } | Cmd::Events { .. } | Cmd::Logs { .. } | Cmd::Data { .. } => true,
+            Cmd::FromCommand { .. } => true,
+            _ => false,
+        }
     }
 }
 

@@ -357,3 +357,24 @@ fn a_checkpoint_of_another_kind_of_job_is_not_resumed() {
     );
     assert_eq!(std::fs::read(&adapter).unwrap(), before);
 }
+
+#[test]
+fn a_listing_piped_into_head_ends_quietly() {
+    use std::io::Read;
+    let ws = Workspace::new(1000);
+    ws.job("job.yaml", "out", "");
+    // Far more than a pipe holds (64 KiB), so the printer meets the closed pipe.
+    let mut child = herd()
+        .current_dir(ws.path())
+        .args(["data", "preview", "job.yaml", "-n", "1000", "--tokens"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 64];
+    child.stdout.take().unwrap().read_exact(&mut head).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(out.status.code(), Some(101), "{err}");
+}

@@ -150,12 +150,12 @@ pub fn eta_s(st: &pb::JobStatus, now: f64) -> Option<f64> {
     if st.total_steps == 0 || st.started_unix <= 0.0 || st.step >= st.total_steps {
         return None;
     }
-    // Where the attempt began, as its rank 0 said; without that (a coordinator from before,
-    // or restarted since), the last checkpoint when it is a restart, else 0.
+    // Where the attempt began, as its rank 0 said; without that (its report not in yet, a
+    // coordinator from before or restarted since), the last checkpoint, which a restart or a
+    // preemption (not counted in `restarts`) resumes from; 0 for a job that never saved.
     let base = match st.attempt_start_step {
         Some(s) => s.min(st.step),
-        None if st.restarts > 0 => st.last_checkpoint_step.min(st.step),
-        None => 0,
+        None => st.last_checkpoint_step.min(st.step),
     };
     let done = st.step.saturating_sub(base);
     if done == 0 {
@@ -508,10 +508,12 @@ mod tests {
         s.total_steps = 300;
         s.attempt_start_step = Some(160);
         assert_eq!(eta_s(&s, 110.0), Some(130.0));
-        // A restart whose rank 0 has not said yet: from the last checkpoint, as before.
+        // A restart or a preemption (restarts stays 0) whose rank 0 has not said yet: from
+        // the last checkpoint, not from step 0.
         s.attempt_start_step = None;
-        s.restarts = 1;
         s.last_checkpoint_step = 160;
+        assert_eq!(eta_s(&s, 110.0), Some(130.0));
+        s.restarts = 1;
         assert_eq!(eta_s(&s, 110.0), Some(130.0));
     }
 }

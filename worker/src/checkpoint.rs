@@ -62,9 +62,9 @@ pub fn output_dir_problem(dir: &Path) -> Option<String> {
 /// write (permissions, a read-only mount) stops it before its first step, not at its first
 /// save hours later.
 pub fn probe_writable(output_dir: &Path) -> Result<()> {
-    let why = |e: std::io::Error| Error::Checkpoint {
+    let why = |source: std::io::Error| Error::NotWritable {
         path: output_dir.to_path_buf(),
-        reason: format!("output_dir is not writable ({e}); nothing was trained"),
+        source,
     };
     fs::create_dir_all(output_dir).map_err(why)?;
     let probe = output_dir.join(format!(".herd-write-probe.{}", std::process::id()));
@@ -347,6 +347,14 @@ pub fn rotate(output_dir: &Path, limit: Option<usize>, best: Option<u64>) -> Res
             fs::remove_dir_all(dir).map_err(io_err(dir))?;
             removed.push(*step);
         }
+        if stale {
+            // Not save_total_limit's doing: say why a checkpoint-N folder went away.
+            tracing::warn!(
+                "removed {}: incomplete (no manifest, or files that do not match it) and older \
+                 than the newest complete checkpoint-{newest}",
+                dir.display()
+            );
+        }
     }
     Ok(removed)
 }
@@ -363,6 +371,14 @@ mod tests {
         assert_eq!(fs::read_dir(t.path().join("new/out")).unwrap().count(), 0);
         let e = probe_writable(Path::new("/proc/herd-probe")).unwrap_err();
         assert!(e.to_string().contains("output_dir is not writable"), "{e}");
+        // A permission a restart would meet again fails the job at once; a full disk may pass.
+        let denied = |kind| Error::NotWritable {
+            path: "/out".into(),
+            source: std::io::Error::from(kind),
+        };
+        assert!(denied(std::io::ErrorKind::PermissionDenied).repeats_on_restart());
+        assert!(denied(std::io::ErrorKind::ReadOnlyFilesystem).repeats_on_restart());
+        assert!(!denied(std::io::ErrorKind::StorageFull).repeats_on_restart());
     }
 
     #[test]

@@ -23,6 +23,12 @@ pub enum Error {
     },
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
+    #[error("checkpoint {path}: output_dir is not writable ({source}); nothing was trained")]
+    NotWritable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the data set has {examples} usable examples, fewer than one global batch of {global_batch}")]
     TooFewExamples {
         examples: usize,
@@ -85,6 +91,13 @@ impl Error {
             | Error::NoLabelTokens { .. }
             | Error::Unsupported { .. }
             | Error::NonFiniteLoss { .. } => true,
+            // Found before the first step: permissions or a read-only mount stay as they are
+            // for a restart seconds later (which would spend every restart in as many
+            // seconds); a full disk or a network file system's hiccup may pass.
+            Error::NotWritable { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+            ),
             Error::Tensor(_)
             | Error::Io { .. }
             | Error::Checkpoint { .. }

@@ -237,9 +237,9 @@ impl Core {
             })
             .collect();
         // Rank 0's heartbeats carry every step; the job's step otherwise moves only with the
-        // logged metrics (logging_steps apart).
+        // logged metrics (logging_steps apart). Restarting, it is where the attempt got to.
         let step = match r.state {
-            JobState::Running => job
+            JobState::Running | JobState::Restarting => job
                 .ranks
                 .iter()
                 .find(|rk| rk.rank == 0)

@@ -44,6 +44,9 @@ pub enum Event {
         /// Optimizer steps this run trained (0 when it resumed at the last step).
         steps_trained: u64,
         total_steps: u64,
+        /// The step the final model's weights are at (past total_steps when a checkpoint
+        /// beyond a lowered max_steps was resumed).
+        step: u64,
         /// The log history's final entry (train_runtime, train_loss, ...), which HF Trainer
         /// prints as the run ends; null on ranks other than 0.
         summary: serde_json::Value,
@@ -58,12 +61,19 @@ pub fn finished_line(e: &Event) -> String {
         runtime_s,
         steps_trained,
         total_steps,
+        step,
         ..
     } = e
     else {
         return String::new();
     };
     let out = output_dir.display();
+    if *steps_trained == 0 && step > total_steps {
+        return format!(
+            "nothing left to train: resumed at step {step}, past this job's last step \
+             ({total_steps}); final model (step {step}'s weights) rewritten in {out}"
+        );
+    }
     if *steps_trained == 0 {
         return format!(
             "nothing left to train: resumed at the last step ({total_steps}); final model \
@@ -81,7 +91,7 @@ pub fn finished_line(e: &Event) -> String {
 pub fn saved_line(step: u64, path: &Path, rotated: &[u64], best: Option<&best::Named>) -> String {
     let mut line = format!("saved checkpoint-{step} at {}", path.display());
     if !rotated.is_empty() {
-        line.push_str(&format!(" (removed {rotated:?} per save_total_limit)"));
+        line.push_str(&format!(" (removed {rotated:?})"));
     }
     if let Some(b) = best {
         line.push_str(&format!(
@@ -99,5 +109,36 @@ pub trait Observer {
 impl<F: FnMut(&Event)> Observer for F {
     fn event(&mut self, e: &Event) {
         self(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(steps_trained: u64, total_steps: u64, step: u64) -> Event {
+        Event::Finished {
+            output_dir: "/out".into(),
+            train_loss: 0.0,
+            runtime_s: 0.0,
+            steps_trained,
+            total_steps,
+            step,
+            summary: serde_json::Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_run_with_nothing_left_says_which_step_its_final_model_is() {
+        assert_eq!(
+            finished_line(&finished(0, 20, 20)),
+            "nothing left to train: resumed at the last step (20); final model rewritten in /out"
+        );
+        // max_steps lowered below the checkpoint it resumes: the weights are step 24's.
+        assert_eq!(
+            finished_line(&finished(0, 20, 24)),
+            "nothing left to train: resumed at step 24, past this job's last step (20); final \
+             model (step 24's weights) rewritten in /out"
+        );
     }
 }

@@ -651,6 +651,7 @@ fn run_setup<O: Objective>(
         runtime_s: runtime,
         steps_trained: step - start_step,
         total_steps: plan.total_steps,
+        step,
         summary,
     });
     Ok(Outcome::Completed { steps: step })

@@ -86,8 +86,8 @@ const NOT_COMPARED: &[&str] = &[
     "max_restarts",
 ];
 
-/// Path keys: relative paths resolve against whatever directory the job was started from,
-/// which the checkpoint does not record, so they are compared only when both are absolute.
+/// Path keys, compared as files (see [`same_file`]); `data_path` may be a list of files or of
+/// `{path, weight, format}` entries, compared entry by entry.
 const PATHS: &[&str] = &[
     "model_name_or_path",
     "data_path",
@@ -124,9 +124,9 @@ pub fn changed_since(job: &JobSpec, dir: &Path) -> Vec<String> {
         .into_iter()
         .filter_map(|k| {
             let (a, b) = (then.get(k), now.get(k));
-            let same = match PATHS.contains(&k) {
-                true => same_path(a, b),
-                false => same_value(a, b),
+            let same = match (PATHS.contains(&k), a, b) {
+                (true, Some(a), Some(b)) => same_paths(a, b),
+                _ => same_value(a, b),
             };
             (!same).then(|| format!("{k} {} → {}", show(a), show(b)))
         })
@@ -141,19 +141,44 @@ pub fn changed_since(job: &JobSpec, dir: &Path) -> Vec<String> {
     changed
 }
 
-/// Equal unless both are absolute paths naming different files.
-fn same_path(a: Option<&Value>, b: Option<&Value>) -> bool {
+/// Path values (a string, or lists and maps holding them) naming the same files.
+fn same_paths(a: &Value, b: &Value) -> bool {
     match (a, b) {
-        (Some(Value::String(x)), Some(Value::String(y)))
-            if Path::new(x).is_absolute() && Path::new(y).is_absolute() =>
-        {
-            x == y
-                || matches!(
-                    (Path::new(x).canonicalize(), Path::new(y).canonicalize()),
-                    (Ok(p), Ok(q)) if p == q
-                )
+        (Value::String(x), Value::String(y)) => same_file(x, y),
+        (Value::Sequence(xs), Value::Sequence(ys)) => {
+            xs.len() == ys.len() && xs.iter().zip(ys).all(|(x, y)| same_paths(x, y))
         }
-        _ => true,
+        (Value::Mapping(xm), Value::Mapping(ym)) => {
+            xm.len() == ym.len()
+                && xm
+                    .iter()
+                    .all(|(k, x)| ym.get(k).is_some_and(|y| same_paths(x, y)))
+        }
+        (x, y) => same_value(Some(x), Some(y)),
+    }
+}
+
+/// Whether two spellings name one file. The checkpoint does not record the directory a
+/// relative path was read from, and a coordinator hands its workers absolute paths, so a
+/// relative path is the same as an absolute one that ends with it (`small.json` and
+/// `/data/small.json`): a false "changed" would cry wolf on every resume under a coordinator
+/// of a run begun with `herd train`. Two different relative spellings are different files.
+fn same_file(x: &str, y: &str) -> bool {
+    // `./a/b` is `a/b`: components without the `.`s.
+    let plain = |s: &str| -> std::path::PathBuf {
+        Path::new(s)
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect()
+    };
+    let (p, q) = (plain(x), plain(y));
+    if p == q || matches!((p.canonicalize(), q.canonicalize()), (Ok(a), Ok(b)) if a == b) {
+        return true;
+    }
+    match (p.is_absolute(), q.is_absolute()) {
+        (true, false) => p.ends_with(&q),
+        (false, true) => q.ends_with(&p),
+        _ => false,
     }
 }
 
@@ -226,7 +251,7 @@ mod tests {
     }
 
     #[test]
-    fn paths_are_compared_only_when_both_are_absolute() {
+    fn paths_are_compared_as_the_files_they_name() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("m")).unwrap();
         let saved = job(""); // model_name_or_path: m (relative)
@@ -242,6 +267,31 @@ mod tests {
         assert!(changed_since(&now, dir.path()).is_empty());
         now.model_name_or_path = dir.path().join("other");
         assert_eq!(changed_since(&now, dir.path()).len(), 1);
+        // Relative spellings: another file is a change, and so is another file in a mixture;
+        // an absolute path ending with the relative one is not.
+        let saved = job("");
+        std::fs::write(dir.path().join("training_args.yaml"), saved.to_yaml()).unwrap();
+        let mut now = job("");
+        now.model_name_or_path = "./m".into();
+        assert!(changed_since(&now, dir.path()).is_empty());
+        let other = "model_name_or_path: m\ndata_path: d2\noutput_dir: o\n";
+        let now = JobSpec::from_yaml_str(other, "j").unwrap();
+        assert_eq!(changed_since(&now, dir.path()), ["data_path d → d2"]);
+        let mixture = |a: &str, w: u32| {
+            let text = format!(
+                "model_name_or_path: m\noutput_dir: o\ndata_path:\n  - path: {a}\n    \
+                 weight: {w}\n  - b.json\n"
+            );
+            JobSpec::from_yaml_str(&text, "j").unwrap()
+        };
+        std::fs::write(
+            dir.path().join("training_args.yaml"),
+            mixture("a.json", 2).to_yaml(),
+        )
+        .unwrap();
+        assert!(changed_since(&mixture("/data/a.json", 2), dir.path()).is_empty());
+        assert_eq!(changed_since(&mixture("c.json", 2), dir.path()).len(), 1);
+        assert_eq!(changed_since(&mixture("a.json", 3), dir.path()).len(), 1);
     }
 
     #[test]
