@@ -378,3 +378,29 @@ fn a_listing_piped_into_head_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_ne!(out.status.code(), Some(101), "{err}");
 }
+
+#[test]
+fn a_save_past_the_file_size_limit_is_an_error_naming_the_file() {
+    use std::os::unix::process::ExitStatusExt;
+    let ws = Workspace::new(16);
+    ws.job("job.yaml", "out", "max_steps: 2\nsave_steps: 1\n");
+    // 1 MiB: the demo model's weights (3.6 MB in f32) do not fit.
+    let herd_bin = env!("CARGO_BIN_EXE_herd");
+    let out = std::process::Command::new("bash")
+        .current_dir(ws.path())
+        .args([
+            "-c",
+            &format!("ulimit -f 1024; exec {herd_bin} train job.yaml"),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), None, "killed by a signal: {err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("checkpoint-1") && err.contains("File too large"),
+        "{err}"
+    );
+    // Nothing half-written is left where a resume would look.
+    assert!(!ws.path().join("out/checkpoint-1").exists());
+}
