@@ -68,13 +68,16 @@ pub fn schedule(
     free.sort();
     free.dedup();
     let mut out = ScheduleOutcome::default();
-    let mut blocked_by: Option<&str> = None;
+    // The job first in line that holds the queue, and what it waits for: "2 idle, 2 needed"
+    // alone would read as if this one could start.
+    let mut blocked_by: Option<(&str, String)> = None;
     for job in queued {
-        if let Some(head) = blocked_by {
+        if let Some((head, why)) = &blocked_by {
             out.waiting.push(Waiting {
                 job_id: job.job_id.clone(),
                 reason: format!(
-                    "queued behind {head} (first in line); needs {} idle worker{} ({} idle)",
+                    "queued behind {head} (first in line, {why}); needs {} idle worker{} ({} \
+                     idle)",
                     job.world_size,
                     plural(job.world_size),
                     free.len()
@@ -91,7 +94,10 @@ pub fn schedule(
                     plural(job.draining_ranks)
                 ),
             });
-            blocked_by = Some(&job.job_id);
+            blocked_by = Some((
+                &job.job_id,
+                "its previous attempt's ranks are stopping".into(),
+            ));
             continue;
         }
         if job.world_size == 0 {
@@ -131,7 +137,14 @@ pub fn schedule(
                     free.len()
                 ),
             });
-            blocked_by = Some(&job.job_id);
+            blocked_by = Some((
+                &job.job_id,
+                format!(
+                    "waiting for {} idle worker{}",
+                    job.world_size,
+                    plural(job.world_size)
+                ),
+            ));
         }
     }
     out

@@ -111,10 +111,22 @@ fn waits_with_reason_and_fifo_blocks_later_jobs() {
     assert!(out.placements.is_empty());
     assert_eq!(out.waiting[0].reason, "waiting for 4 idle workers (2 idle)");
     assert_eq!(out.waiting[1].job_id, "j2");
-    assert!(
-        out.waiting[1].reason.contains("behind j1"),
-        "{}",
-        out.waiting[1].reason
+    assert_eq!(
+        out.waiting[1].reason,
+        "queued behind j1 (first in line, waiting for 4 idle workers); needs 1 idle worker (2 \
+         idle)"
+    );
+    // A restarting job whose old ranks still stop holds the line with its reason told.
+    let draining = PendingJob {
+        draining_ranks: 1,
+        ..job("j1", 2)
+    };
+    let out = schedule(&[draining, job("j2", 2)], &ws(&["w-1", "w-2"]), 4);
+    assert!(out.placements.is_empty());
+    assert_eq!(
+        out.waiting[1].reason,
+        "queued behind j1 (first in line, its previous attempt's ranks are stopping); needs 2 \
+         idle workers (2 idle)"
     );
 }
 
