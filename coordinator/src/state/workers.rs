@@ -412,6 +412,20 @@ impl Core {
             DoneKind::FailedRank | DoneKind::Unspecified
                 if current && !running && !req.repeats_on_restart =>
             {
+                // Its log ends with the error; say there what it was.
+                let line = format!(
+                    "rank {} stopped: its attempt had already ended (the job is {}), so the \
+                     error above is the stop, not a failure",
+                    req.rank,
+                    job.rec.state.as_str_name()
+                );
+                self.db.add_log_lines(
+                    &req.job_id,
+                    req.rank,
+                    req.attempt,
+                    &[line],
+                    LOG_LINES_KEPT,
+                )?;
                 DoneKind::Stopped
             }
             k => k,

@@ -196,6 +196,24 @@ async fn failed_rank_stops_the_others_and_restarts_from_checkpoint() {
     assert_eq!((s.state(), s.step), (JobState::Cancelled, 5));
     let states: Vec<&str> = s.ranks.iter().map(|r| r.state.as_str()).collect();
     assert_eq!(states, ["paused", "stopped"]);
+    let logs = j
+        .get_logs(pb::GetLogsRequest {
+            job_id: id.clone(),
+            rank: 1,
+            max_lines: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        logs.lines.last().map(String::as_str),
+        Some(
+            "rank 1 stopped: its attempt had already ended (the job is CANCELLED), so the error \
+             above is the stop, not a failure"
+        ),
+        "{:?}",
+        logs.lines
+    );
     srv.stop().await;
 }
 
