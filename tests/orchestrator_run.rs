@@ -372,3 +372,70 @@ fn a_worker_of_a_loopback_coordinator_listens_on_loopback_by_default() {
     let text = w.log_text();
     assert!(text.contains("(collective 127.0.0.1:"), "{text}");
 }
+
+/// `herd run` says where the job's attempt began, once: resumed from the checkpoint a paused
+/// `herd train` left, with the keys changed since it, as `herd train` says it when it resumes.
+#[test]
+fn herd_run_says_once_where_the_attempt_started_and_what_changed() {
+    let ws = Workspace::new(16);
+    let steps = "max_steps: 4\nsave_steps: 2\n";
+    let first = ws.job("first.yaml", "out", steps);
+    ws.train(&first, &["--until-step", "2"]);
+    let second = ws.job(
+        "second.yaml",
+        "out",
+        &format!("{steps}max_grad_norm: 0.5\n"),
+    );
+    let stderr = ws.run_workers(&second, 1);
+    assert!(stderr.contains("SUCCEEDED"), "{stderr}");
+    let started: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("started: "))
+        .collect();
+    assert_eq!(started.len(), 1, "{stderr}");
+    let out = ws.path().join("out").canonicalize().unwrap();
+    assert!(
+        started[0].starts_with(&format!(
+            "started: attempt 1 at step 2, resumed from {}",
+            out.join("checkpoint-2").display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        started[0].ends_with("; the job changed since: max_grad_norm 1.0 → 0.5"),
+        "{stderr}"
+    );
+}
+
+/// `herd submit --world-size N` says what N does to the job's global batch, as
+/// `herd run --workers N` does, and says nothing when N is the job's own world_size.
+#[test]
+fn submit_at_another_world_size_says_how_the_global_batch_changes() {
+    let ws = Workspace::new(24); // one global batch of 3 ranks
+    let state = ws.path().join("state");
+    let (_coord, addr) = start_coordinator(ws.path(), &state, 0, 10.0);
+    // Each job its own output_dir: a queued job holds its own.
+    let submit = |out: &str, n: &str| {
+        let job = ws.job(
+            &format!("{out}.yaml"),
+            out,
+            "max_steps: 2\ngradient_accumulation_steps: 2\n",
+        );
+        let out = run_ok(&mut client(
+            ws.path(),
+            &addr,
+            &state,
+            &["submit", job.to_str().unwrap(), "--world-size", n],
+        ));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = submit("three", "3");
+    assert!(
+        err.contains(
+            "herd submit: --world-size 3 overrides the job's world_size 1: global batch 8 → 24"
+        ),
+        "{err}"
+    );
+    let err = submit("one", "1");
+    assert!(!err.contains("overrides"), "{err}");
+}

@@ -43,6 +43,20 @@ pub fn job_text(path: &Path, world_size: Option<usize>) -> Result<String> {
     Ok(spec.to_yaml())
 }
 
+/// What `n` ranks instead of the job's `world_size` do to its global batch
+/// (per_device_train_batch_size × world_size × gradient_accumulation_steps), with `flag` the
+/// option that asked for them; None when `n` is the job's own count.
+pub fn world_size_note(asked: &herd_proto::JobSpec, flag: &str, n: usize) -> Option<String> {
+    (n != asked.world_size).then(|| {
+        format!(
+            "{flag} {n} overrides the job's world_size {}: global batch {} → {}",
+            asked.world_size,
+            asked.global_batch_size(),
+            asked.global_batch_size() / asked.world_size.max(1) * n
+        )
+    })
+}
+
 pub async fn submit_text(
     c: &mut Client,
     text: String,
@@ -62,6 +76,13 @@ pub async fn submit_text(
 
 pub fn submit(args: &ClientArgs, job: &Path, world_size: Option<usize>) -> Result<()> {
     let text = job_text(job, world_size)?;
+    // The global batch changes with the rank count; said as `herd run --workers` says it.
+    if let Some(n) = world_size {
+        let asked = herd_proto::JobSpec::from_file(job)?;
+        if let Some(note) = world_size_note(&asked, "--world-size", n) {
+            eprintln!("herd submit: {note}");
+        }
+    }
     runtime()?.block_on(async {
         let mut c = Client::connect(args)?;
         let resp = submit_text(&mut c, text, job).await?;
@@ -193,6 +214,8 @@ pub async fn watch_job(
         None => eprintln!("{line}"),
     };
     let mut last: Option<pb::JobStatus> = None;
+    // The attempt start told last: each attempt's is told once, when its rank 0 has said it.
+    let mut told_start = String::new();
     let mut offline_since: Option<std::time::Instant> = None;
     loop {
         let stream = c
@@ -230,7 +253,7 @@ pub async fn watch_job(
                 Some(Ok(st)) => st,
                 Some(Err(_)) | None => break,
             };
-            report_change(last.as_ref(), &st, &say, json);
+            report_change(last.as_ref(), &st, &say, json, &mut told_start);
             if !first_step_seen && st.step > 0 {
                 first_step_seen = true;
                 if let Some(t0) = started {
@@ -304,6 +327,7 @@ fn report_change(
     st: &pb::JobStatus,
     say: &dyn Fn(String),
     json: bool,
+    told_start: &mut String,
 ) {
     if json {
         println!("{}", status_json(st));
@@ -325,6 +349,14 @@ fn report_change(
         if !(changed_state && *r == st.reason) {
             say(format!("restart: {r}"));
         }
+    }
+    // Where the attempt began (from the model, or resumed from which checkpoint, and the job's
+    // keys changed since it), as `herd train` says it when it starts. Remembered apart from
+    // `prev`, so a status in between without it (a restarted coordinator has forgotten it)
+    // does not make the same line told twice.
+    if !st.attempt_started.is_empty() && st.attempt_started != *told_start {
+        say(format!("started: {}", st.attempt_started));
+        told_start.clone_from(&st.attempt_started);
     }
     if prev.is_some_and(|p| p.last_checkpoint_step != st.last_checkpoint_step)
         && st.last_checkpoint_step > 0

@@ -374,16 +374,14 @@ fn run_rank(
                 .push(format!("rank {} paused at step {s}", a.rank));
         }
         // The coordinator gave the attempt up and this daemon ended its collective: the error
-        // that follows is the stop, not a failure of the rank.
-        Ok(Err((_, false))) if abort.reason().is_some() => {
-            // The error only retells the abort ("... aborted: stop order ..."): say it once.
-            let why = abort.reason().unwrap_or_default();
+        // that follows is the stop, not a failure of the rank. The error already names the
+        // stop order ("... aborted: stop order from the coordinator: ..."): told once.
+        Ok(Err((e, false))) if abort.reason().is_some() => {
             done.kind = pb::DoneKind::Stopped as i32;
-            done.error = why.clone();
-            lines.borrow_mut().push(format!(
-                "rank {} stopped at step {}: {why}",
-                a.rank, done.step
-            ));
+            let line = format!("rank {} stopped at step {}: {e}", a.rank, done.step);
+            tracing::warn!("{line}");
+            lines.borrow_mut().push(line);
+            done.error = e;
         }
         Ok(Err((e, repeats))) => {
             lines.borrow_mut().push(format!("error: {e}"));
