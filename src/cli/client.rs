@@ -235,7 +235,7 @@ pub fn render_status(st: &pb::JobStatus, now: f64) -> String {
                 "  worker lost (last heartbeat {:.0}s ago)",
                 r.heartbeat_age_s
             )),
-            "" | "running" | "worker lost" => {}
+            "" | "running" => {}
             state => out.push_str(&format!("  {state}")),
         }
         out.push('\n');
@@ -485,6 +485,10 @@ mod tests {
             text.contains("step 5  worker lost (last heartbeat 41s ago)\n"),
             "{text}"
         );
+        // The job failed since: the rank that never reported is still told as lost.
+        r.state = JobState::Failed as i32;
+        let text = render_status(&r, 110.0);
+        assert!(text.contains("step 5  worker lost\n"), "{text}");
         let mut q = st();
         q.state = JobState::Queued as i32;
         q.reason = "waiting for 4 idle workers (2 idle)".into();

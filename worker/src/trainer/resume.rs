@@ -160,9 +160,10 @@ fn same_paths(a: &Value, b: &Value) -> bool {
 
 /// Whether two spellings name one file. The checkpoint does not record the directory a
 /// relative path was read from, and a coordinator hands its workers absolute paths, so a
-/// relative path is the same as an absolute one that ends with it (`small.json` and
-/// `/data/small.json`): a false "changed" would cry wolf on every resume under a coordinator
-/// of a run begun with `herd train`. Two different relative spellings are different files.
+/// relative path is the same as another spelling that ends with it, leading `..` aside
+/// (`small.json`, `../small.json` and `/data/small.json`): a false "changed" would cry wolf
+/// on every resume under a coordinator of a run begun with `herd train`, or begun from
+/// another directory. Two absolute paths are compared as they are.
 fn same_file(x: &str, y: &str) -> bool {
     // `./a/b` is `a/b`: components without the `.`s.
     let plain = |s: &str| -> std::path::PathBuf {
@@ -175,11 +176,17 @@ fn same_file(x: &str, y: &str) -> bool {
     if p == q || matches!((p.canonicalize(), q.canonicalize()), (Ok(a), Ok(b)) if a == b) {
         return true;
     }
-    match (p.is_absolute(), q.is_absolute()) {
-        (true, false) => p.ends_with(&q),
-        (false, true) => q.ends_with(&p),
-        _ => false,
+    if p.is_absolute() && q.is_absolute() {
+        return false;
     }
+    // The path below any root and leading `..`s.
+    let below = |p: &Path| -> std::path::PathBuf {
+        p.components()
+            .skip_while(|c| !matches!(c, std::path::Component::Normal(_)))
+            .collect()
+    };
+    let (a, b) = (below(&p), below(&q));
+    !a.as_os_str().is_empty() && !b.as_os_str().is_empty() && (a.ends_with(&b) || b.ends_with(&a))
 }
 
 /// The warning a resumed run prints when its job changed since the checkpoint.
@@ -272,8 +279,10 @@ mod tests {
         let saved = job("");
         std::fs::write(dir.path().join("training_args.yaml"), saved.to_yaml()).unwrap();
         let mut now = job("");
-        now.model_name_or_path = "./m".into();
-        assert!(changed_since(&now, dir.path()).is_empty());
+        for same in ["./m", "../m", "../../runs/m"] {
+            now.model_name_or_path = same.into();
+            assert!(changed_since(&now, dir.path()).is_empty(), "{same}");
+        }
         let other = "model_name_or_path: m\ndata_path: d2\noutput_dir: o\n";
         let now = JobSpec::from_yaml_str(other, "j").unwrap();
         assert_eq!(changed_since(&now, dir.path()), ["data_path d → d2"]);
