@@ -65,10 +65,10 @@ impl CollectiveAbort {
         }
     }
 
-    /// Why the collective was ended, if the daemon ended it.
-    fn reason(&self) -> Option<String> {
+    /// Whether the daemon ended the collective (a stop order).
+    fn ended(&self) -> bool {
         let slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        slot.reason.clone()
+        slot.reason.is_some()
     }
 
     fn attach(&self, ring: RingAborter) {
@@ -376,7 +376,7 @@ fn run_rank(
         // The coordinator gave the attempt up and this daemon ended its collective: the error
         // that follows is the stop, not a failure of the rank. The error already names the
         // stop order ("... aborted: stop order from the coordinator: ..."): told once.
-        Ok(Err((e, false))) if abort.reason().is_some() => {
+        Ok(Err((e, false))) if abort.ended() => {
             done.kind = pb::DoneKind::Stopped as i32;
             let line = format!("rank {} stopped at step {}: {e}", a.rank, done.step);
             tracing::warn!("{line}");
